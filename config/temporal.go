@@ -1,0 +1,93 @@
+package config
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"log/slog"
+	"os"
+
+	"github.com/spf13/pflag"
+	"go.temporal.io/sdk/client"
+	tlog "go.temporal.io/sdk/log"
+)
+
+// Temporal says how to reach the Temporal cluster, dev or production.
+type Temporal struct {
+	Address    string
+	Namespace  string
+	TLS        bool
+	CACert     string
+	ClientCert string
+	ClientKey  string
+	ServerName string
+	APIKey     string
+}
+
+// AddTemporalFlags defines the Temporal connection flags on fs.
+func AddTemporalFlags(fs *pflag.FlagSet, t *Temporal) {
+	fs.StringVar(&t.Address, "temporal-address", "127.0.0.1:7233", "Temporal frontend host:port")
+	Env(fs, "temporal-address", "LLORCH_TEMPORAL_ADDRESS")
+	fs.StringVar(&t.Namespace, "temporal-namespace", "default", "Temporal namespace")
+	Env(fs, "temporal-namespace", "LLORCH_TEMPORAL_NAMESPACE")
+	fs.BoolVar(&t.TLS, "temporal-tls", false, "connect to Temporal over TLS (implied by the other TLS flags and the API key)")
+	Env(fs, "temporal-tls", "LLORCH_TEMPORAL_TLS")
+	fs.StringVar(&t.CACert, "temporal-tls-ca", "", "PEM file of the CA that signed the Temporal server certificate")
+	Env(fs, "temporal-tls-ca", "LLORCH_TEMPORAL_TLS_CA")
+	fs.StringVar(&t.ClientCert, "temporal-tls-cert", "", "PEM client certificate for mTLS")
+	Env(fs, "temporal-tls-cert", "LLORCH_TEMPORAL_TLS_CERT")
+	fs.StringVar(&t.ClientKey, "temporal-tls-key", "", "PEM client key for mTLS")
+	Env(fs, "temporal-tls-key", "LLORCH_TEMPORAL_TLS_KEY")
+	fs.StringVar(&t.ServerName, "temporal-tls-server-name", "", "server name to verify in the Temporal certificate")
+	Env(fs, "temporal-tls-server-name", "LLORCH_TEMPORAL_TLS_SERVER_NAME")
+	fs.StringVar(&t.APIKey, "temporal-api-key", "", "Temporal Cloud API key (sent as a bearer credential over TLS)")
+	Env(fs, "temporal-api-key", "LLORCH_TEMPORAL_API_KEY")
+}
+
+// ClientOptions builds SDK client options; identity names the process in the UI.
+func (t Temporal) ClientOptions(logger *slog.Logger, identity string) (client.Options, error) {
+	opts := client.Options{
+		HostPort:  t.Address,
+		Namespace: t.Namespace,
+		Identity:  identity,
+		Logger:    tlog.NewStructuredLogger(logger.With("component", "temporal-sdk")),
+	}
+	tlsCfg, err := t.tlsConfig()
+	if err != nil {
+		return opts, err
+	}
+	opts.ConnectionOptions.TLS = tlsCfg
+	if t.APIKey != "" {
+		opts.Credentials = client.NewAPIKeyStaticCredentials(t.APIKey)
+	}
+	return opts, nil
+}
+
+func (t Temporal) tlsConfig() (*tls.Config, error) {
+	if !t.TLS && t.CACert == "" && t.ClientCert == "" && t.APIKey == "" {
+		return nil, nil
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: t.ServerName}
+	if t.CACert != "" {
+		pem, err := os.ReadFile(t.CACert)
+		if err != nil {
+			return nil, fmt.Errorf("--temporal-tls-ca: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--temporal-tls-ca: no PEM certificate in %s", t.CACert)
+		}
+		cfg.RootCAs = pool
+	}
+	if (t.ClientCert == "") != (t.ClientKey == "") {
+		return nil, fmt.Errorf("mTLS needs both --temporal-tls-cert and --temporal-tls-key")
+	}
+	if t.ClientCert != "" {
+		pair, err := tls.LoadX509KeyPair(t.ClientCert, t.ClientKey)
+		if err != nil {
+			return nil, fmt.Errorf("--temporal-tls-cert/--temporal-tls-key: %w", err)
+		}
+		cfg.Certificates = []tls.Certificate{pair}
+	}
+	return cfg, nil
+}

@@ -1,0 +1,112 @@
+package node
+
+import (
+	"fmt"
+	"regexp"
+	"strings"
+	"time"
+
+	"go.temporal.io/sdk/temporal"
+)
+
+// ControlTaskQueue is where every workflow runs (DESIGN.md decision 2): a
+// workflow parked on a dead node's queue could never react to that death.
+const ControlTaskQueue = "llorch.control"
+
+// WorkflowType is the registered name of the node lifecycle workflow.
+const WorkflowType = "Node"
+
+// Signal, update and query names of the node workflow.
+const (
+	// SignalRegister carries a Registration; SignalWithStart uses it so that
+	// racing registrations never make two workflows.
+	SignalRegister = "register"
+	// SignalAlive carries an Alive: proof that an agent serves the current
+	// liveness session. Sent once per session, never once per beat.
+	SignalAlive = "alive"
+
+	UpdateDrain      = "drain"
+	UpdateUndrain    = "undrain"
+	UpdateDeregister = "deregister"
+
+	QueryStatus = "status"
+)
+
+// Typed search attributes, so `NodeState="Offline"` lists dead nodes in the UI.
+var (
+	NodeIDKey    = temporal.NewSearchAttributeKeyKeyword("NodeId")
+	NodeStateKey = temporal.NewSearchAttributeKeyKeyword("NodeState")
+)
+
+const workflowIDPrefix = "node:"
+
+// WorkflowID is the readable id of a node's lifecycle workflow.
+func WorkflowID(nodeID string) string { return workflowIDPrefix + nodeID }
+
+// IDFromWorkflowID is the inverse of WorkflowID.
+func IDFromWorkflowID(workflowID string) (string, bool) {
+	id, ok := strings.CutPrefix(workflowID, workflowIDPrefix)
+	return id, ok && id != ""
+}
+
+// TaskQueue is the per-node queue that only host-bound activities use.
+func TaskQueue(nodeID string) string { return "node." + nodeID }
+
+var idPattern = regexp.MustCompile(`^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$`)
+
+// ValidateID checks a node id: it becomes part of workflow ids, task queue
+// names and metric labels, so it is short, lower case and punctuation-safe.
+func ValidateID(id string) error {
+	if !idPattern.MatchString(id) {
+		return fmt.Errorf("node id %q is invalid: use 1-63 characters of a-z, 0-9, '.', '_' or '-', starting and ending with a letter or digit", id)
+	}
+	return nil
+}
+
+// State is a node's lifecycle state. It is derived from facts the workflow
+// holds (registered, connected, draining, left), never stored on its own.
+type State string
+
+const (
+	Registering State = "Registering"
+	Online      State = "Online"
+	Draining    State = "Draining"
+	Offline     State = "Offline"
+	Left        State = "Left"
+)
+
+// States lists every state, in lifecycle order.
+var States = []State{Registering, Online, Draining, Offline, Left}
+
+// ParseState accepts a state name in any case.
+func ParseState(s string) (State, error) {
+	for _, st := range States {
+		if strings.EqualFold(string(st), s) {
+			return st, nil
+		}
+	}
+	return "", fmt.Errorf("unknown node state %q (want one of registering, online, draining, offline, left)", s)
+}
+
+// Agent says how a node proves it is alive.
+type Agent string
+
+const (
+	// AgentWorker is `llorch worker`: its liveness activity runs on the node's
+	// own task queue and heartbeats through Temporal.
+	AgentWorker Agent = "worker"
+	// AgentHTTP is an external agent that registers and heartbeats over REST;
+	// the apiserver records its heartbeats on a liveness activity by id.
+	AgentHTTP Agent = "http"
+)
+
+// Heartbeat bounds. Liveness times out after MissedBeats intervals.
+const (
+	DefaultHeartbeatInterval = time.Second
+	MinHeartbeatInterval     = 100 * time.Millisecond
+	MaxHeartbeatInterval     = time.Minute
+	MissedBeats              = 3
+)
+
+// LivenessTimeout is how long a node may stay silent before it is Offline.
+func LivenessTimeout(interval time.Duration) time.Duration { return MissedBeats * interval }

@@ -1,0 +1,134 @@
+package node
+
+import (
+	"strconv"
+	"time"
+)
+
+// GPU is one device as NVML reports it.
+type GPU struct {
+	Index              int    `json:"index"`
+	UUID               string `json:"uuid"`
+	Name               string `json:"name"`
+	MemoryTotalBytes   uint64 `json:"memory_total_bytes"`
+	MemoryFreeBytes    uint64 `json:"memory_free_bytes"`
+	UtilizationPercent uint32 `json:"utilization_percent"`
+	ComputeCapability  string `json:"compute_capability"`
+}
+
+// Inventory is what a node has, collected when it registers.
+type Inventory struct {
+	MachineID        string    `json:"machine_id,omitempty"`
+	Hostname         string    `json:"hostname,omitempty"`
+	Address          string    `json:"address,omitempty"`
+	GPUs             []GPU     `json:"gpus"`
+	DriverVersion    string    `json:"driver_version,omitempty"`
+	CPUOnly          bool      `json:"cpu_only"`
+	NVMLError        string    `json:"nvml_error,omitempty"`
+	CPUCores         int       `json:"cpu_cores"`
+	MemoryTotalBytes uint64    `json:"memory_total_bytes"`
+	ModelDir         string    `json:"model_dir,omitempty"`
+	DiskFreeBytes    uint64    `json:"disk_free_bytes"`
+	Version          string    `json:"version,omitempty"`
+	CollectedAt      time.Time `json:"collected_at"`
+}
+
+// Summary is the one-line description shown in the Temporal UI.
+func (inv Inventory) Summary(nodeID string) string {
+	if len(inv.GPUs) == 0 {
+		return "node " + nodeID + " · CPU only"
+	}
+	return "node " + nodeID + " · " + strconv.Itoa(len(inv.GPUs)) + "× " + inv.GPUs[0].Name
+}
+
+// PoolSlots is a pool's slot figures as the node sees them.
+type PoolSlots struct {
+	PoolID     string `json:"pool_id"`
+	Ready      bool   `json:"ready"`
+	SlotsTotal int    `json:"slots_total"`
+	SlotsFree  int    `json:"slots_free"`
+}
+
+// GPUUsage is the part of a GPU that changes between beats.
+type GPUUsage struct {
+	Index              int    `json:"index"`
+	MemoryTotalBytes   uint64 `json:"memory_total_bytes"`
+	MemoryFreeBytes    uint64 `json:"memory_free_bytes"`
+	UtilizationPercent uint32 `json:"utilization_percent"`
+}
+
+// Snapshot is what a heartbeat carries. It travels as activity heartbeat
+// details, so it never enters workflow history.
+type Snapshot struct {
+	At            time.Time   `json:"at"`
+	GPUs          []GPUUsage  `json:"gpus"`
+	DiskFreeBytes uint64      `json:"disk_free_bytes"`
+	Pools         []PoolSlots `json:"pools"`
+}
+
+// FreeVRAMBytes sums free memory over all GPUs.
+func (s Snapshot) FreeVRAMBytes() uint64 {
+	var sum uint64
+	for _, g := range s.GPUs {
+		sum += g.MemoryFreeBytes
+	}
+	return sum
+}
+
+// Registration is the payload of SignalRegister.
+type Registration struct {
+	NodeID            string        `json:"node_id"`
+	Agent             Agent         `json:"agent"`
+	Identity          string        `json:"identity"` // worker identity or API caller identity
+	HeartbeatInterval time.Duration `json:"heartbeat_interval"`
+	Inventory         Inventory     `json:"inventory"`
+	Pools             []PoolSlots   `json:"pools"`
+}
+
+// Alive is the payload of SignalAlive.
+type Alive struct {
+	Session  int      `json:"session"`
+	Identity string   `json:"identity"`
+	Snapshot Snapshot `json:"snapshot"`
+}
+
+// Transition is one state change with its reason, kept for the UI and API.
+type Transition struct {
+	From   State     `json:"from"`
+	To     State     `json:"to"`
+	Reason string    `json:"reason"`
+	At     time.Time `json:"at"`
+}
+
+// Status is the node workflow's view of a node (QueryStatus, and the result
+// of a finished workflow).
+type Status struct {
+	NodeID             string        `json:"node_id"`
+	State              State         `json:"state"`
+	Agent              Agent         `json:"agent"`
+	Identity           string        `json:"identity,omitempty"`
+	HeartbeatInterval  time.Duration `json:"heartbeat_interval"`
+	Inventory          Inventory     `json:"inventory"`
+	Draining           bool          `json:"draining"`
+	Connected          bool          `json:"connected"`
+	RegisteredAt       time.Time     `json:"registered_at"`
+	LastSeen           time.Time     `json:"last_seen"`
+	StateSince         time.Time     `json:"state_since"`
+	Session            int           `json:"session"`
+	LivenessActivityID string        `json:"liveness_activity_id,omitempty"`
+	LastSnapshot       Snapshot      `json:"last_snapshot"`
+	Transitions        []Transition  `json:"transitions"`
+	Runs               int           `json:"runs"` // continue-as-new generations so far
+}
+
+// MaxTransitions bounds the transition log carried across continue-as-new.
+const MaxTransitions = 20
+
+// Request is the argument of the drain, undrain and deregister updates.
+type Request struct {
+	Reason   string `json:"reason,omitempty"`
+	Identity string `json:"identity,omitempty"`
+}
+
+// MaxReasonLen bounds a free-text reason.
+const MaxReasonLen = 512

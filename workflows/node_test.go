@@ -1,0 +1,237 @@
+package workflows
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/mock"
+	"github.com/stretchr/testify/require"
+	"github.com/stretchr/testify/suite"
+	enumspb "go.temporal.io/api/enums/v1"
+	"go.temporal.io/sdk/converter"
+	"go.temporal.io/sdk/temporal"
+	"go.temporal.io/sdk/testsuite"
+	"go.temporal.io/sdk/workflow"
+
+	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/node"
+)
+
+type nodeSuite struct {
+	suite.Suite
+	testsuite.WorkflowTestSuite
+	env *testsuite.TestWorkflowEnvironment
+}
+
+func TestNodeWorkflow(t *testing.T) { suite.Run(t, new(nodeSuite)) }
+
+func (s *nodeSuite) SetupTest() {
+	s.env = s.NewTestWorkflowEnvironment()
+	s.env.RegisterWorkflow(Node)
+	s.env.RegisterActivity(&activities.NodeActivities{})
+	s.env.RegisterActivity(&activities.ControlActivities{})
+}
+
+var (
+	na *activities.NodeActivities
+	ca *activities.ControlActivities
+)
+
+func session(n int) interface{} {
+	return mock.MatchedBy(func(in activities.LivenessInput) bool { return in.Session == n })
+}
+
+func heartbeatTimeout() error {
+	return temporal.NewTimeoutError(enumspb.TIMEOUT_TYPE_HEARTBEAT, errors.New("no heartbeat"))
+}
+
+func workerRegistration(id string) node.Registration {
+	return node.Registration{NodeID: id, Agent: node.AgentWorker, Identity: "worker@test", HeartbeatInterval: time.Second,
+		Inventory: node.Inventory{GPUs: []node.GPU{{Index: 0, Name: "NVIDIA H100 80GB HBM3", MemoryTotalBytes: 80 << 30, MemoryFreeBytes: 60 << 30}}}}
+}
+
+// at runs fn at workflow time d after start.
+func (s *nodeSuite) at(d time.Duration, fn func()) { s.env.RegisterDelayedCallback(fn, d) }
+
+func (s *nodeSuite) state() node.State {
+	v, err := s.env.QueryWorkflow(node.QueryStatus)
+	s.Require().NoError(err)
+	var st node.Status
+	s.Require().NoError(v.Get(&st))
+	return st.State
+}
+
+func (s *nodeSuite) expectState(d time.Duration, want node.State) {
+	s.at(d, func() { s.Equal(want, s.state(), "state at %s", d) })
+}
+
+func (s *nodeSuite) update(name string) {
+	s.env.UpdateWorkflow(name, "", &testsuite.TestUpdateCallback{
+		OnReject: func(err error) { s.Fail("update rejected", "%s: %v", name, err) },
+		OnAccept: func() {},
+		OnComplete: func(any, error) {},
+	}, node.Request{Reason: "test", Identity: "token:abcdef"})
+}
+
+// The worker-agent life: Registering -> Online -> Offline (heartbeat
+// timeout) -> Online (probe served) -> Draining -> Online -> Left.
+func (s *nodeSuite) TestWorkerLifecycle() {
+	s.env.OnActivity(na.Liveness, mock.Anything, session(1)).After(10 * time.Second).Return(heartbeatTimeout())
+	s.env.OnActivity(na.Liveness, mock.Anything, session(2)).After(time.Hour).Return(nil)
+	s.env.OnActivity(na.Liveness, mock.Anything, mock.Anything).After(time.Hour).Return(nil)
+
+	s.expectState(500*time.Millisecond, node.Registering)
+	s.at(time.Second, func() { s.env.SignalWorkflow(node.SignalRegister, workerRegistration("gpu-1")) })
+	s.expectState(1500*time.Millisecond, node.Registering)
+	s.at(2*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1, Identity: "worker@test"}) })
+	s.expectState(3*time.Second, node.Online)
+	s.expectState(12*time.Second, node.Offline)
+	// A late alive from the timed-out session must not revive the node.
+	s.at(13*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
+	s.expectState(14*time.Second, node.Offline)
+	s.at(15*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 2}) })
+	s.expectState(16*time.Second, node.Online)
+	s.at(20*time.Second, func() { s.update(node.UpdateDrain) })
+	s.expectState(21*time.Second, node.Draining)
+	s.at(22*time.Second, func() { s.update(node.UpdateUndrain) })
+	s.expectState(23*time.Second, node.Online)
+	s.at(25*time.Second, func() { s.update(node.UpdateDeregister) })
+
+	s.env.ExecuteWorkflow(Node, NodeInput{NodeID: "gpu-1"})
+	s.Require().True(s.env.IsWorkflowCompleted())
+	s.Require().NoError(s.env.GetWorkflowError())
+	var st node.Status
+	s.Require().NoError(s.env.GetWorkflowResult(&st))
+	s.Equal(node.Left, st.State)
+	var path []node.State
+	for _, t := range st.Transitions {
+		path = append(path, t.To)
+	}
+	s.Equal([]node.State{node.Online, node.Offline, node.Online, node.Draining, node.Online, node.Left}, path)
+	s.Contains(st.Transitions[1].Reason, "no heartbeat for 3s")
+}
+
+// Draining is sticky across an outage: a drained node that comes back is
+// Draining, not Online.
+func (s *nodeSuite) TestDrainSurvivesOutage() {
+	s.env.OnActivity(na.Liveness, mock.Anything, session(1)).After(5 * time.Second).Return(heartbeatTimeout())
+	s.env.OnActivity(na.Liveness, mock.Anything, mock.Anything).After(time.Hour).Return(nil)
+
+	s.at(time.Second, func() { s.env.SignalWorkflow(node.SignalRegister, workerRegistration("gpu-2")) })
+	s.at(2*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
+	s.at(3*time.Second, func() { s.update(node.UpdateDrain) })
+	s.expectState(4*time.Second, node.Draining)
+	s.expectState(7*time.Second, node.Offline)
+	s.at(8*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 2}) })
+	s.expectState(9*time.Second, node.Draining)
+	s.at(10*time.Second, func() { s.update(node.UpdateDeregister) })
+	s.env.ExecuteWorkflow(Node, NodeInput{NodeID: "gpu-2"})
+	s.Require().NoError(s.env.GetWorkflowError())
+}
+
+// A worker that is registered but never serves its session goes Offline
+// after one liveness timeout (schedule-to-start), never stays Registering.
+func (s *nodeSuite) TestRegisteredButNeverServed() {
+	s.env.OnActivity(na.Liveness, mock.Anything, session(1)).After(3 * time.Second).
+		Return(temporal.NewTimeoutError(enumspb.TIMEOUT_TYPE_SCHEDULE_TO_START, nil))
+	s.env.OnActivity(na.Liveness, mock.Anything, mock.Anything).After(time.Hour).Return(nil)
+	s.at(time.Second, func() { s.env.SignalWorkflow(node.SignalRegister, workerRegistration("gpu-3")) })
+	s.expectState(2*time.Second, node.Registering)
+	s.expectState(5*time.Second, node.Offline)
+	s.at(6*time.Second, func() { s.update(node.UpdateDeregister) })
+	s.env.ExecuteWorkflow(Node, NodeInput{NodeID: "gpu-3"})
+	s.Require().NoError(s.env.GetWorkflowError())
+}
+
+// A re-registration (restarted worker) replaces the running session.
+func (s *nodeSuite) TestReRegistrationStartsNewSession() {
+	s.env.OnActivity(na.Liveness, mock.Anything, mock.Anything).After(time.Hour).Return(nil)
+	s.at(time.Second, func() { s.env.SignalWorkflow(node.SignalRegister, workerRegistration("gpu-4")) })
+	s.at(2*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
+	s.expectState(3*time.Second, node.Online)
+	s.at(4*time.Second, func() { s.env.SignalWorkflow(node.SignalRegister, workerRegistration("gpu-4")) })
+	s.expectState(5*time.Second, node.Registering)
+	s.at(6*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
+	s.expectState(7*time.Second, node.Registering)
+	s.at(8*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 2}) })
+	s.expectState(9*time.Second, node.Online)
+	s.at(10*time.Second, func() { s.update(node.UpdateDeregister) })
+	s.env.ExecuteWorkflow(Node, NodeInput{NodeID: "gpu-4"})
+	s.Require().NoError(s.env.GetWorkflowError())
+}
+
+// An HTTP agent is Online on registration, Offline when its beats stop, and
+// Online again on its next REST heartbeat (delivered as alive).
+func (s *nodeSuite) TestHTTPAgentLifecycle() {
+	s.env.OnActivity(ca.AwaitHTTPHeartbeats, mock.Anything, session(1)).After(30 * time.Second).Return(heartbeatTimeout())
+	s.env.OnActivity(ca.AwaitHTTPHeartbeats, mock.Anything, mock.Anything).After(time.Hour).Return(nil)
+	reg := node.Registration{NodeID: "ext-1", Agent: node.AgentHTTP, Identity: "token:abcdef", HeartbeatInterval: 10 * time.Second}
+	s.at(time.Second, func() { s.env.SignalWorkflow(node.SignalRegister, reg) })
+	s.expectState(2*time.Second, node.Online)
+	s.expectState(32*time.Second, node.Offline)
+	s.at(40*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
+	s.expectState(41*time.Second, node.Online)
+	s.at(42*time.Second, func() {
+		v, err := s.env.QueryWorkflow(node.QueryStatus)
+		s.Require().NoError(err)
+		var st node.Status
+		s.Require().NoError(v.Get(&st))
+		s.Equal(2, st.Session)
+		s.Equal("liveness-2", st.LivenessActivityID)
+	})
+	s.at(43*time.Second, func() { s.update(node.UpdateDeregister) })
+	s.env.ExecuteWorkflow(Node, NodeInput{NodeID: "ext-1"})
+	s.Require().NoError(s.env.GetWorkflowError())
+}
+
+// Continue-as-new carries the node's state: agent, inventory, drain flag,
+// transitions and the session counter.
+func (s *nodeSuite) TestContinueAsNewCarriesState() {
+	s.env.OnActivity(na.Liveness, mock.Anything, mock.Anything).After(time.Hour).Return(nil)
+	s.at(time.Second, func() { s.env.SignalWorkflow(node.SignalRegister, workerRegistration("gpu-6")) })
+	s.at(2*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
+	s.at(3*time.Second, func() { s.update(node.UpdateDrain) })
+	// The test environment keeps no history: set the length the server would report.
+	s.at(4*time.Second, func() { s.env.SetCurrentHistoryLength(30) })
+	s.at(5*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
+	s.env.ExecuteWorkflow(Node, NodeInput{NodeID: "gpu-6", ContinueAsNewAfterEvents: 25})
+
+	err := s.env.GetWorkflowError()
+	var can *workflow.ContinueAsNewError
+	s.Require().True(errors.As(err, &can), "want continue-as-new, got %v", err)
+	var in NodeInput
+	s.Require().NoError(converter.GetDefaultDataConverter().FromPayloads(can.Input, &in))
+	s.Require().NotNil(in.Carried)
+	s.Equal(node.Draining, in.Carried.State)
+	s.True(in.Carried.Draining)
+	s.Equal(node.AgentWorker, in.Carried.Agent)
+	s.Equal("NVIDIA H100 80GB HBM3", in.Carried.Inventory.GPUs[0].Name)
+	s.Equal(25, in.ContinueAsNewAfterEvents)
+	s.GreaterOrEqual(in.Carried.Session, 1)
+}
+
+func TestWorkflowIDs(t *testing.T) {
+	id, ok := node.IDFromWorkflowID(node.WorkflowID("gpu-7"))
+	require.True(t, ok)
+	require.Equal(t, "gpu-7", id)
+	require.Equal(t, "node.gpu-7", node.TaskQueue("gpu-7"))
+	require.NoError(t, node.ValidateID("gpu-7.rack2_a"))
+	for _, bad := range []string{"", "GPU", "-a", "a/b", "a:b", string(make([]byte, 64))} {
+		require.Error(t, node.ValidateID(bad), bad)
+	}
+}
+
+// The server's suggestion alone triggers continue-as-new.
+func (s *nodeSuite) TestContinueAsNewOnSuggestion() {
+	s.env.OnActivity(na.Liveness, mock.Anything, mock.Anything).After(time.Hour).Return(nil)
+	s.at(time.Second, func() { s.env.SignalWorkflow(node.SignalRegister, workerRegistration("gpu-8")) })
+	s.at(2*time.Second, func() { s.env.SetContinueAsNewSuggested(true) })
+	s.at(3*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
+	s.env.ExecuteWorkflow(Node, NodeInput{NodeID: "gpu-8"})
+	var can *workflow.ContinueAsNewError
+	s.Require().True(errors.As(s.env.GetWorkflowError(), &can))
+	var in NodeInput
+	s.Require().NoError(converter.GetDefaultDataConverter().FromPayloads(can.Input, &in))
+	s.Equal(node.Online, in.Carried.State, "the alive that arrived before the hand-over is applied")
+}
