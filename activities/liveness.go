@@ -50,7 +50,7 @@ type NodeActivities struct {
 // or the workflow cancels it. A dead worker stops beating and the server times
 // the activity out: that is how a node is declared Offline.
 func (a *NodeActivities) Liveness(ctx context.Context, in LivenessInput) error {
-	log := a.Log.With("node_id", in.NodeID, "session", in.Session)
+	log := a.Log.With("session", in.Session)
 	beat := func() node.Snapshot {
 		snap := a.Source.Snapshot()
 		activity.RecordHeartbeat(ctx, snap)
@@ -77,8 +77,10 @@ func (a *NodeActivities) Liveness(ctx context.Context, in LivenessInput) error {
 	for {
 		select {
 		case <-ctx.Done():
+			// Cancelled by the workflow (new session, deregistration) or by
+			// the worker stopping; nobody waits for this result.
 			log.Info("liveness session ended", "reason", context.Cause(ctx))
-			return ctx.Err()
+			return nil
 		case <-lease.C:
 			return nil
 		case <-tick.C:

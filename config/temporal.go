@@ -50,7 +50,7 @@ func (t Temporal) ClientOptions(logger *slog.Logger, identity string) (client.Op
 		HostPort:  t.Address,
 		Namespace: t.Namespace,
 		Identity:  identity,
-		Logger:    tlog.NewStructuredLogger(logger.With("component", "temporal-sdk")),
+		Logger:    tlog.NewStructuredLogger(logger.With("subsystem", "temporal-sdk")),
 	}
 	tlsCfg, err := t.tlsConfig()
 	if err != nil {

@@ -1,0 +1,80 @@
+package apiserver
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+
+	"github.com/gofiber/fiber/v2"
+)
+
+// Stable error codes of the envelope.
+const (
+	CodeInvalidParams = "INVALID_PARAMS"
+	CodeMissingToken  = "MISSING_TOKEN"
+	CodeBadToken      = "BAD_TOKEN"
+	CodeNotFound      = "NOT_FOUND"
+	CodeNodeNotFound  = "NODE_NOT_FOUND"
+	CodeNodeLeft      = "NODE_LEFT"
+	CodeAgentManaged  = "NODE_AGENT_MANAGED"
+	CodeMethod        = "METHOD_NOT_ALLOWED"
+	CodeUnavailable   = "UNAVAILABLE"
+	CodeInternal      = "INTERNAL"
+)
+
+// Envelope is the body of every error response.
+type Envelope struct {
+	Code         string `json:"code"`
+	Message      string `json:"message"`
+	Field        string `json:"field,omitempty"`
+	Retriable    bool   `json:"retriable,omitempty"`
+	RetryAfterMs int64  `json:"retry_after_ms,omitempty"`
+	PolicyLabel  string `json:"policy_label,omitempty"`
+}
+
+// Error is an API error: an HTTP status and its envelope.
+type Error struct {
+	Status int
+	Envelope
+}
+
+func (e *Error) Error() string { return e.Code + ": " + e.Message }
+
+func apiError(status int, code, format string, args ...any) *Error {
+	return &Error{Status: status, Envelope: Envelope{Code: code, Message: fmt.Sprintf(format, args...)}}
+}
+
+func invalidParam(field, format string, args ...any) *Error {
+	e := apiError(fiber.StatusBadRequest, CodeInvalidParams, "%s: %s", field, fmt.Sprintf(format, args...))
+	e.Field = field
+	return e
+}
+
+// errorHandler renders every error, ours or fiber's, as the envelope.
+func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
+	var apiErr *Error
+	var fe *fiber.Error
+	switch {
+	case errors.As(err, &apiErr):
+	case errors.As(err, &fe):
+		code := CodeInternal
+		switch fe.Code {
+		case fiber.StatusNotFound:
+			code = CodeNotFound
+		case fiber.StatusMethodNotAllowed:
+			code = CodeMethod
+		case fiber.StatusBadRequest, fiber.StatusRequestEntityTooLarge, fiber.StatusUnsupportedMediaType:
+			code = CodeInvalidParams
+		}
+		apiErr = apiError(fe.Code, code, "%s", fe.Message)
+	default:
+		apiErr = apiError(fiber.StatusServiceUnavailable, CodeUnavailable, "the control plane could not complete the request: %v", err)
+		apiErr.Retriable, apiErr.RetryAfterMs = true, 1000
+		s.log(c).Error("request failed", "err", err)
+	}
+	if apiErr.RetryAfterMs > 0 {
+		c.Set(fiber.HeaderRetryAfter, strconv.FormatInt((apiErr.RetryAfterMs+999)/1000, 10))
+		c.Set("X-Backoff-Ms", strconv.FormatInt(apiErr.RetryAfterMs, 10))
+	}
+	return c.Status(apiErr.Status).JSON(apiErr.Envelope)
+}

@@ -1,0 +1,106 @@
+package apiserver
+
+import (
+	"context"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.temporal.io/api/workflowservice/v1"
+	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/converter"
+
+	"github.com/llorch/llorch/node"
+)
+
+type metrics struct {
+	requests      *prometheus.CounterVec
+	latency       *prometheus.HistogramVec
+	authFailures  *prometheus.CounterVec
+	registrations *prometheus.CounterVec
+	heartbeats    *prometheus.CounterVec
+	deregistered  *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_api_requests_total", Help: "API requests by route, method and status.",
+		}, []string{"route", "method", "status"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "llorch_api_request_duration_seconds", Help: "API request latency by route.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
+		}, []string{"route", "method"}),
+		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_api_auth_failures_total", Help: "Requests refused by bearer auth, by code.",
+		}, []string{"code"}),
+		registrations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_node_registrations_total", Help: "Node registrations received over REST.",
+		}, []string{"node_id"}),
+		heartbeats: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_node_rest_heartbeats_total", Help: "Node heartbeats received over REST.",
+		}, []string{"node_id"}),
+		deregistered: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_node_deregistrations_total", Help: "Node deregistrations requested over REST.",
+		}, []string{"node_id"}),
+	}
+	reg.MustRegister(m.requests, m.latency, m.authFailures, m.registrations, m.heartbeats, m.deregistered)
+	return m
+}
+
+// nodeStateCollector reports how many nodes are in each state, read from
+// the NodeState search attribute at scrape time (one visibility call).
+type nodeStateCollector struct {
+	temporal  client.Client
+	namespace string
+	desc      *prometheus.Desc
+	up        *prometheus.Desc
+}
+
+func newNodeStateCollector(c client.Client, namespace string) *nodeStateCollector {
+	return &nodeStateCollector{
+		temporal: c, namespace: namespace,
+		desc: prometheus.NewDesc("llorch_nodes", "Nodes by lifecycle state (running node workflows).", []string{"state"}, nil),
+		up:   prometheus.NewDesc("llorch_node_up", "1 when the node is Online or Draining, 0 when Registering or Offline.", []string{"node_id", "state"}, nil),
+	}
+}
+
+func (n *nodeStateCollector) Describe(ch chan<- *prometheus.Desc) { ch <- n.desc; ch <- n.up }
+
+func (n *nodeStateCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	counts := map[node.State]int{}
+	var token []byte
+	for {
+		resp, err := n.temporal.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{
+			Namespace: n.namespace, PageSize: 1000, NextPageToken: token,
+			Query: "WorkflowType = '" + node.WorkflowType + "' AND ExecutionStatus = 'Running'",
+		})
+		if err != nil {
+			ch <- prometheus.NewInvalidMetric(n.desc, err)
+			return
+		}
+		for _, e := range resp.GetExecutions() {
+			id, _ := node.IDFromWorkflowID(e.GetExecution().GetWorkflowId())
+			var state string
+			if p := e.GetSearchAttributes().GetIndexedFields()[node.NodeStateKey.GetName()]; p != nil {
+				_ = converter.GetDefaultDataConverter().FromPayload(p, &state)
+			}
+			st := node.State(state)
+			counts[st]++
+			up := 0.0
+			if st == node.Online || st == node.Draining {
+				up = 1
+			}
+			ch <- prometheus.MustNewConstMetric(n.up, prometheus.GaugeValue, up, id, state)
+		}
+		if token = resp.GetNextPageToken(); len(token) == 0 {
+			break
+		}
+	}
+	for _, st := range node.States {
+		if st != node.Left {
+			ch <- prometheus.MustNewConstMetric(n.desc, prometheus.GaugeValue, float64(counts[st]), string(st))
+		}
+	}
+}

@@ -1,0 +1,361 @@
+package apiserver
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+
+	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/nodeclient"
+)
+
+func (s *Server) nodeRoutes(r fiber.Router) {
+	r.Get("/nodes", s.listNodes)
+	r.Post("/nodes/register", s.registerNode)
+	r.Get("/nodes/:id", s.getNode)
+	r.Delete("/nodes/:id", s.deregisterNode)
+	r.Post("/nodes/:id/heartbeat", s.heartbeatNode)
+	r.Post("/nodes/:id/drain", s.updateNode(node.UpdateDrain))
+	r.Post("/nodes/:id/undrain", s.updateNode(node.UpdateUndrain))
+}
+
+// nodeJSON is a node as the API shows it.
+type nodeJSON struct {
+	NodeID              string            `json:"node_id"`
+	State               node.State        `json:"state"`
+	Agent               node.Agent        `json:"agent,omitempty"`
+	Identity            string            `json:"identity,omitempty"`
+	Draining            bool              `json:"draining"`
+	RegisteredAt        *time.Time        `json:"registered_at,omitempty"`
+	LastSeen            *time.Time        `json:"last_seen,omitempty"`
+	StateSince          *time.Time        `json:"state_since,omitempty"`
+	HeartbeatIntervalMs int64             `json:"heartbeat_interval_ms"`
+	LivenessTimeoutMs   int64             `json:"liveness_timeout_ms"`
+	Inventory           node.Inventory    `json:"inventory"`
+	Live                *liveJSON         `json:"live,omitempty"`
+	Transitions         []node.Transition `json:"transitions"`
+	Workflow            workflowJSON      `json:"workflow"`
+}
+
+type liveJSON struct {
+	Source        string           `json:"source"` // heartbeat | registration
+	At            time.Time        `json:"at"`
+	AgeMs         int64            `json:"age_ms"`
+	FreeVRAMBytes uint64           `json:"free_vram_bytes"`
+	GPUs          []node.GPUUsage  `json:"gpus"`
+	DiskFreeBytes uint64           `json:"disk_free_bytes"`
+	Pools         []node.PoolSlots `json:"pools"`
+}
+
+type workflowJSON struct {
+	ID    string `json:"id"`
+	RunID string `json:"run_id,omitempty"`
+	Runs  int    `json:"continued_as_new"`
+}
+
+func timePtr(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	return &t
+}
+
+func render(v nodeclient.View, now time.Time) nodeJSON {
+	out := nodeJSON{
+		NodeID: v.NodeID, State: v.State, Agent: v.Agent, Identity: v.Identity, Draining: v.Draining,
+		RegisteredAt: timePtr(v.RegisteredAt), StateSince: timePtr(v.StateSince),
+		HeartbeatIntervalMs: v.HeartbeatInterval.Milliseconds(),
+		LivenessTimeoutMs:   node.LivenessTimeout(v.HeartbeatInterval).Milliseconds(),
+		Inventory:           v.Inventory, Transitions: v.Transitions,
+		Workflow: workflowJSON{ID: node.WorkflowID(v.NodeID), RunID: v.RunID, Runs: v.Runs},
+	}
+	if out.Transitions == nil {
+		out.Transitions = []node.Transition{}
+	}
+	if out.Inventory.GPUs == nil {
+		out.Inventory.GPUs = []node.GPU{}
+	}
+	lastSeen := v.LastSeen
+	snap, at, source := v.LastSnapshot, v.LastSnapshot.At, "registration"
+	if v.Live != nil {
+		snap, at, source = *v.Live, v.LastHeartbeat, "heartbeat"
+	}
+	if at.After(lastSeen) {
+		lastSeen = at
+	}
+	out.LastSeen = timePtr(lastSeen)
+	if !at.IsZero() {
+		out.Live = &liveJSON{Source: source, At: at, AgeMs: now.Sub(at).Milliseconds(),
+			FreeVRAMBytes: snap.FreeVRAMBytes(), GPUs: snap.GPUs, DiskFreeBytes: snap.DiskFreeBytes, Pools: snap.Pools}
+		if out.Live.GPUs == nil {
+			out.Live.GPUs = []node.GPUUsage{}
+		}
+		if out.Live.Pools == nil {
+			out.Live.Pools = []node.PoolSlots{}
+		}
+	}
+	return out
+}
+
+func (s *Server) listNodes(c *fiber.Ctx) error {
+	var want node.State
+	if q := c.Query("state"); q != "" {
+		st, err := node.ParseState(q)
+		if err != nil {
+			return invalidParam("state", "%v", err)
+		}
+		want = st
+	}
+	views, err := s.nodes.List(c.UserContext())
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	out := []nodeJSON{}
+	for _, v := range views {
+		if want == "" || v.State == want {
+			out = append(out, render(v, now))
+		}
+	}
+	return c.JSON(fiber.Map{"nodes": out, "count": len(out)})
+}
+
+func nodeID(c *fiber.Ctx) (string, error) {
+	id := c.Params("id")
+	if err := node.ValidateID(id); err != nil {
+		return "", invalidParam("id", "%v", err)
+	}
+	return id, nil
+}
+
+func notFound(id string, err error) error {
+	switch {
+	case errors.Is(err, nodeclient.ErrNotFound):
+		return apiError(fiber.StatusNotFound, CodeNodeNotFound, "node %s is not registered", id)
+	case errors.Is(err, nodeclient.ErrLeft):
+		return apiError(fiber.StatusConflict, CodeNodeLeft, "node %s has left the cluster; register it again to bring it back", id)
+	case errors.Is(err, nodeclient.ErrAgentManaged):
+		return apiError(fiber.StatusConflict, CodeAgentManaged,
+			"node %s is run by an llorch worker, which heartbeats through Temporal; REST heartbeats are for nodes registered over REST", id)
+	}
+	return err
+}
+
+func (s *Server) getNode(c *fiber.Ctx) error {
+	id, err := nodeID(c)
+	if err != nil {
+		return err
+	}
+	v, err := s.nodes.Get(c.UserContext(), id)
+	if err != nil {
+		return notFound(id, err)
+	}
+	return c.JSON(render(v, time.Now()))
+}
+
+// decode reads a JSON body strictly: unknown fields and wrong types are
+// INVALID_PARAMS naming the field. An empty body is allowed when optional.
+func decode(c *fiber.Ctx, dst any, optional bool) error {
+	body := bytes.TrimSpace(c.Body())
+	if len(body) == 0 {
+		if optional {
+			return nil
+		}
+		return invalidParam("body", "a JSON object is required")
+	}
+	if ct := c.Get(fiber.HeaderContentType); ct != "" && !strings.HasPrefix(ct, fiber.MIMEApplicationJSON) {
+		return invalidParam("body", "Content-Type must be application/json, got %q", ct)
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(dst); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		var syntaxErr *json.SyntaxError
+		switch {
+		case errors.As(err, &typeErr):
+			return invalidParam(typeErr.Field, "want %s, got JSON %s", typeErr.Type, typeErr.Value)
+		case errors.As(err, &syntaxErr):
+			return invalidParam("body", "malformed JSON at byte %d: %v", syntaxErr.Offset, err)
+		case strings.HasPrefix(err.Error(), "json: unknown field "):
+			field := strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
+			return invalidParam(field, "unknown field")
+		default:
+			return invalidParam("body", "%v", err)
+		}
+	}
+	if dec.Decode(&struct{}{}) != io.EOF {
+		return invalidParam("body", "trailing data after the JSON object")
+	}
+	return nil
+}
+
+// registerRequest is the body of POST /v2/nodes/register (an external agent).
+type registerRequest struct {
+	NodeID              string           `json:"node_id"`
+	MachineID           string           `json:"machine_id"`
+	Address             string           `json:"address"`
+	GPUs                []node.GPU       `json:"gpus"`
+	DriverVersion       string           `json:"driver_version"`
+	CPUCores            int              `json:"cpu_cores"`
+	MemoryTotalBytes    uint64           `json:"memory_total_bytes"`
+	DiskFreeBytes       uint64           `json:"disk_free_bytes"`
+	Version             string           `json:"version"`
+	HeartbeatIntervalMs int64            `json:"heartbeat_interval_ms"`
+	Pools               []node.PoolSlots `json:"pools"`
+}
+
+func validateGPUs(field string, gpus []node.GPU) error {
+	seen := map[int]bool{}
+	for i, g := range gpus {
+		f := fmt.Sprintf("%s[%d]", field, i)
+		switch {
+		case g.Index < 0 || seen[g.Index]:
+			return invalidParam(f+".index", "must be a unique index >= 0")
+		case g.MemoryFreeBytes > g.MemoryTotalBytes:
+			return invalidParam(f+".memory_free_bytes", "exceeds memory_total_bytes")
+		case g.UtilizationPercent > 100:
+			return invalidParam(f+".utilization_percent", "must be 0-100")
+		case len(g.Name) > 256 || len(g.UUID) > 128:
+			return invalidParam(f, "name or uuid too long")
+		}
+		seen[g.Index] = true
+	}
+	return nil
+}
+
+func validatePools(pools []node.PoolSlots) error {
+	for i, p := range pools {
+		f := fmt.Sprintf("pools[%d]", i)
+		switch {
+		case p.PoolID == "" || len(p.PoolID) > 128:
+			return invalidParam(f+".pool_id", "required, at most 128 characters")
+		case p.SlotsTotal < 0 || p.SlotsFree < 0 || p.SlotsFree > p.SlotsTotal:
+			return invalidParam(f+".slots_free", "must be between 0 and slots_total")
+		}
+	}
+	return nil
+}
+
+func (s *Server) registerNode(c *fiber.Ctx) error {
+	var req registerRequest
+	if err := decode(c, &req, false); err != nil {
+		return err
+	}
+	if err := node.ValidateID(req.NodeID); err != nil {
+		return invalidParam("node_id", "%v", err)
+	}
+	interval := time.Duration(req.HeartbeatIntervalMs) * time.Millisecond
+	if req.HeartbeatIntervalMs == 0 {
+		interval = 10 * time.Second // the original plan's heartbeat
+	}
+	if interval < node.MinHeartbeatInterval || interval > node.MaxHeartbeatInterval {
+		return invalidParam("heartbeat_interval_ms", "must be between %d and %d",
+			node.MinHeartbeatInterval.Milliseconds(), node.MaxHeartbeatInterval.Milliseconds())
+	}
+	if err := validateGPUs("gpus", req.GPUs); err != nil {
+		return err
+	}
+	if err := validatePools(req.Pools); err != nil {
+		return err
+	}
+	if req.CPUCores < 0 {
+		return invalidParam("cpu_cores", "must be >= 0")
+	}
+	inv := node.Inventory{
+		MachineID: req.MachineID, Address: req.Address, GPUs: req.GPUs, DriverVersion: req.DriverVersion,
+		CPUOnly: len(req.GPUs) == 0, CPUCores: req.CPUCores, MemoryTotalBytes: req.MemoryTotalBytes,
+		DiskFreeBytes: req.DiskFreeBytes, Version: req.Version, CollectedAt: time.Now().UTC(),
+	}
+	err := s.nodes.Register(c.UserContext(), node.Registration{
+		NodeID: req.NodeID, Agent: node.AgentHTTP, Identity: identity(c),
+		HeartbeatInterval: interval, Inventory: inv, Pools: req.Pools,
+	})
+	if err != nil {
+		return err
+	}
+	s.metrics.registrations.WithLabelValues(req.NodeID).Inc()
+	s.log(c).Info("node registered over REST", "node_id", req.NodeID, "gpus", len(req.GPUs))
+	return c.Status(fiber.StatusAccepted).JSON(fiber.Map{
+		"node_id":               req.NodeID,
+		"workflow_id":           node.WorkflowID(req.NodeID),
+		"heartbeat_interval_ms": interval.Milliseconds(),
+		"liveness_timeout_ms":   node.LivenessTimeout(interval).Milliseconds(),
+	})
+}
+
+// heartbeatRequest is the body of POST /v2/nodes/{id}/heartbeat.
+type heartbeatRequest struct {
+	GPUs          []node.GPUUsage  `json:"gpus"`
+	DiskFreeBytes uint64           `json:"disk_free_bytes"`
+	Pools         []node.PoolSlots `json:"pools"`
+}
+
+func (s *Server) heartbeatNode(c *fiber.Ctx) error {
+	id, err := nodeID(c)
+	if err != nil {
+		return err
+	}
+	var req heartbeatRequest
+	if err := decode(c, &req, true); err != nil {
+		return err
+	}
+	for i, g := range req.GPUs {
+		if g.MemoryFreeBytes > g.MemoryTotalBytes {
+			return invalidParam(fmt.Sprintf("gpus[%d].memory_free_bytes", i), "exceeds memory_total_bytes")
+		}
+		if g.UtilizationPercent > 100 {
+			return invalidParam(fmt.Sprintf("gpus[%d].utilization_percent", i), "must be 0-100")
+		}
+	}
+	if err := validatePools(req.Pools); err != nil {
+		return err
+	}
+	snap := node.Snapshot{At: time.Now().UTC(), GPUs: req.GPUs, DiskFreeBytes: req.DiskFreeBytes, Pools: req.Pools}
+	st, err := s.nodes.Heartbeat(c.UserContext(), id, identity(c), snap)
+	if err != nil {
+		return notFound(id, err)
+	}
+	s.metrics.heartbeats.WithLabelValues(id).Inc()
+	return c.JSON(fiber.Map{
+		"node_id":         id,
+		"revived":         !st.Connected,
+		"next_beat_in_ms": st.HeartbeatInterval.Milliseconds(),
+	})
+}
+
+type changeRequest struct {
+	Reason string `json:"reason"`
+}
+
+func (s *Server) updateNode(name string) fiber.Handler {
+	return func(c *fiber.Ctx) error {
+		id, err := nodeID(c)
+		if err != nil {
+			return err
+		}
+		var req changeRequest
+		if err := decode(c, &req, true); err != nil {
+			return err
+		}
+		if len(req.Reason) > node.MaxReasonLen {
+			return invalidParam("reason", "at most %d characters", node.MaxReasonLen)
+		}
+		st, err := s.nodes.Update(c.UserContext(), id, name, node.Request{Reason: req.Reason, Identity: identity(c)})
+		if err != nil {
+			return notFound(id, err)
+		}
+		if name == node.UpdateDeregister {
+			s.metrics.deregistered.WithLabelValues(id).Inc()
+		}
+		s.log(c).Info("node "+name, "node_id", id, "state", st.State)
+		return c.JSON(render(nodeclient.View{Status: st}, time.Now()))
+	}
+}
+
+func (s *Server) deregisterNode(c *fiber.Ctx) error { return s.updateNode(node.UpdateDeregister)(c) }

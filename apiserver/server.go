@@ -1,0 +1,168 @@
+package apiserver
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"log/slog"
+	"net"
+	"regexp"
+	"strconv"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/gofiber/fiber/v2/middleware/adaptor"
+	"github.com/google/uuid"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/llorch/llorch/nodeclient"
+)
+
+// Config is what the apiserver needs beyond its dependencies.
+type Config struct {
+	Addr  string
+	Token string
+}
+
+// Server is the REST API.
+type Server struct {
+	app         *fiber.App
+	nodes       *nodeclient.Client
+	logger      *slog.Logger
+	metrics     *metrics
+	tokenDigest []byte
+	identity    string
+	ln          net.Listener
+}
+
+const (
+	localIdentity    = "identity"
+	localCorrelation = "correlation_id"
+	headerCorrID     = "X-Correlation-Id"
+	maxBodyBytes     = 1 << 20
+)
+
+// New builds the server; it does not listen yet.
+func New(cfg Config, nodes *nodeclient.Client, reg *prometheus.Registry, logger *slog.Logger) (*Server, error) {
+	if cfg.Token == "" && !isLoopback(cfg.Addr) {
+		return nil, fmt.Errorf("refusing to listen on %s without a token: set LLORCH_API_TOKEN (or --api-token), or bind a loopback address", cfg.Addr)
+	}
+	s := &Server{nodes: nodes, logger: logger, metrics: newMetrics(reg)}
+	if cfg.Token != "" {
+		sum := sha256.Sum256([]byte(cfg.Token))
+		s.tokenDigest, s.identity = sum[:], TokenIdentity(cfg.Token)
+	} else {
+		logger.Warn("no API token set: the API is open to every local process (loopback only)")
+	}
+	reg.MustRegister(newNodeStateCollector(nodes.Temporal, nodes.Namespace))
+	s.app = fiber.New(fiber.Config{
+		AppName:               "llorch",
+		DisableStartupMessage: true,
+		BodyLimit:             maxBodyBytes,
+		ErrorHandler:          s.errorHandler,
+		ReadTimeout:           30 * time.Second,
+		IdleTimeout:           2 * time.Minute,
+	})
+	s.app.Use(s.correlate)
+	s.app.Get("/health", s.health)
+	s.app.Get("/metrics", adaptor.HTTPHandler(promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})))
+	v2 := s.app.Group("/v2", s.auth)
+	s.nodeRoutes(v2)
+	s.app.Use(func(c *fiber.Ctx) error {
+		return apiError(fiber.StatusNotFound, CodeNotFound, "no route %s %s", c.Method(), c.Path())
+	})
+	return s, nil
+}
+
+// App exposes the fiber app (tests drive it with app.Test).
+func (s *Server) App() *fiber.App { return s.app }
+
+// Listen binds synchronously so a taken port fails start-up at once.
+func (s *Server) Listen(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("apiserver cannot listen on %s: %w (change it with --addr or LLORCH_API_ADDR)", addr, err)
+	}
+	s.ln = ln
+	go func() {
+		if err := s.app.Listener(ln); err != nil {
+			s.logger.Error("apiserver stopped serving", "err", err)
+		}
+	}()
+	s.logger.Info("apiserver listening", "addr", ln.Addr().String())
+	return nil
+}
+
+// Addr is the bound address once listening.
+func (s *Server) Addr() string { return s.ln.Addr().String() }
+
+// Shutdown stops accepting and waits for in-flight requests.
+func (s *Server) Shutdown(ctx context.Context) error { return s.app.ShutdownWithContext(ctx) }
+
+var corrIDPattern = regexp.MustCompile(`^[A-Za-z0-9._:-]{1,128}$`)
+
+// correlate echoes a sane X-Correlation-Id or sets a new one, and records
+// metrics and one log line per request.
+func (s *Server) correlate(c *fiber.Ctx) error {
+	id := c.Get(headerCorrID)
+	if !corrIDPattern.MatchString(id) {
+		id = uuid.NewString()
+	}
+	c.Locals(localCorrelation, id)
+	c.Set(headerCorrID, id)
+	start := time.Now()
+	err := c.Next()
+	if err != nil {
+		if herr := s.errorHandler(c, err); herr != nil {
+			return herr
+		}
+	}
+	route := c.Route().Path
+	if route == "/" || route == "" {
+		route = "unmatched"
+	}
+	status := c.Response().StatusCode()
+	s.metrics.requests.WithLabelValues(route, c.Method(), strconv.Itoa(status)).Inc()
+	s.metrics.latency.WithLabelValues(route, c.Method()).Observe(time.Since(start).Seconds())
+	if route != "/metrics" && route != "/health" {
+		s.log(c).Info("request", "method", c.Method(), "path", c.Path(), "status", status,
+			"duration_ms", time.Since(start).Milliseconds())
+	}
+	return nil
+}
+
+func (s *Server) log(c *fiber.Ctx) *slog.Logger {
+	l := s.logger.With("correlation_id", c.Locals(localCorrelation))
+	if id, ok := c.Locals(localIdentity).(string); ok {
+		l = l.With("identity", id)
+	}
+	return l
+}
+
+func identity(c *fiber.Ctx) string {
+	id, _ := c.Locals(localIdentity).(string)
+	return id
+}
+
+func (s *Server) health(c *fiber.Ctx) error {
+	ctx, cancel := context.WithTimeout(c.UserContext(), 2*time.Second)
+	defer cancel()
+	if _, err := s.nodes.Temporal.CheckHealth(ctx, nil); err != nil {
+		return c.Status(fiber.StatusServiceUnavailable).JSON(fiber.Map{"status": "degraded", "temporal": err.Error()})
+	}
+	return c.JSON(fiber.Map{"status": "ok", "temporal": "ok"})
+}
+
+func isLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+

@@ -1,0 +1,73 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"os"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spf13/cobra"
+	"go.temporal.io/sdk/client"
+	"go.uber.org/fx"
+
+	"github.com/llorch/llorch/apiserver"
+	"github.com/llorch/llorch/config"
+	"github.com/llorch/llorch/nodeclient"
+	"github.com/llorch/llorch/workers"
+)
+
+func apiserverCmd() *cobra.Command {
+	var c common
+	var api apiserver.Config
+	var canAfter int
+	cmd := &cobra.Command{
+		Use:   "apiserver",
+		Short: "serve the REST API and run the control worker (all workflows)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := config.Apply(cmd.Flags(), c.home); err != nil {
+				return err
+			}
+			log, err := c.logger("component", "apiserver", "machine_id", hostname())
+			if err != nil {
+				return err
+			}
+			tc, err := c.dial(log, workers.ClientIdentity("apiserver", "", hostname(), os.Getpid()))
+			if err != nil {
+				return err
+			}
+			defer tc.Close()
+			return runApp(log,
+				fx.Supply(log, api, fx.Annotate(tc, fx.As(new(client.Client)))),
+				fx.Provide(
+					newRegistry,
+					func() *nodeclient.Client {
+						return &nodeclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, ContinueAsNewAfterEvents: canAfter}
+					},
+					func(cfg apiserver.Config, n *nodeclient.Client, reg *prometheus.Registry, l *slog.Logger) (*apiserver.Server, error) {
+						return apiserver.New(cfg, n, reg, l)
+					},
+				),
+				workers.ControlModule,
+				fx.Invoke(func(lc fx.Lifecycle, s *apiserver.Server, n *nodeclient.Client) {
+					lc.Append(fx.Hook{
+						OnStart: func(ctx context.Context) error {
+							apiserver.EnsureSearchAttributes(ctx, tc, c.temporal.Namespace, log)
+							return s.Listen(api.Addr)
+						},
+						OnStop: s.Shutdown,
+					})
+				}),
+			)
+		},
+	}
+	fs := cmd.Flags()
+	c.addFlags(fs)
+	fs.StringVar(&api.Addr, "addr", "127.0.0.1:8080", "REST API listen address")
+	config.Env(fs, "addr", "LLORCH_API_ADDR")
+	fs.StringVar(&api.Token, "api-token", "", "bearer token every /v2 call must present; required to bind a non-loopback address")
+	config.Env(fs, "api-token", "LLORCH_API_TOKEN")
+	fs.IntVar(&canAfter, "node-continue-as-new-events", 0, "continue node workflows as new after this many history events (0: when Temporal suggests)")
+	config.Env(fs, "node-continue-as-new-events", "LLORCH_NODE_CONTINUE_AS_NEW_EVENTS")
+	return cmd
+}

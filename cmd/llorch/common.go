@@ -1,0 +1,120 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"runtime/debug"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/spf13/pflag"
+	"go.temporal.io/sdk/client"
+	"go.uber.org/fx"
+	"go.uber.org/fx/fxevent"
+
+	"github.com/llorch/llorch/config"
+	"github.com/llorch/llorch/logging"
+)
+
+// buildVersion is set with -ldflags "-X main.buildVersion=...".
+var buildVersion = ""
+
+func version() string {
+	if buildVersion != "" {
+		return buildVersion
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return "dev"
+}
+
+// common holds the flags every long-running command shares.
+type common struct {
+	home      string
+	logFormat string
+	logLevel  string
+	temporal  config.Temporal
+	connect   time.Duration
+}
+
+func (c *common) addFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&c.home, "home", config.Home(), "state dir of `llorch dev`; its dev.env supplies defaults (env LLORCH_HOME)")
+	fs.StringVar(&c.logFormat, "log-format", "text", "log format: text or json")
+	config.Env(fs, "log-format", "LLORCH_LOG_FORMAT")
+	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	config.Env(fs, "log-level", "LLORCH_LOG_LEVEL")
+	fs.DurationVar(&c.connect, "temporal-connect-timeout", 60*time.Second, "how long to keep trying to reach Temporal at start")
+	config.Env(fs, "temporal-connect-timeout", "LLORCH_TEMPORAL_CONNECT_TIMEOUT")
+	config.AddTemporalFlags(fs, &c.temporal)
+}
+
+func (c *common) logger(attrs ...any) (*slog.Logger, error) {
+	return logging.New(os.Stderr, c.logFormat, c.logLevel, attrs...)
+}
+
+// dial connects to Temporal, retrying while it starts (compose, systemd and
+// `llorch dev` may start us first).
+func (c *common) dial(log *slog.Logger, identity string) (client.Client, error) {
+	opts, err := c.temporal.ClientOptions(log, identity)
+	if err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(c.connect)
+	for wait := 100 * time.Millisecond; ; wait = min(2*wait, 2*time.Second) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		cl, err := client.DialContext(ctx, opts)
+		cancel()
+		if err == nil {
+			return cl, nil
+		}
+		if time.Now().Add(wait).After(deadline) {
+			return nil, fmt.Errorf("cannot reach Temporal at %s (namespace %s) within %s: %w (set --temporal-address or LLORCH_TEMPORAL_ADDRESS)",
+				c.temporal.Address, c.temporal.Namespace, c.connect, err)
+		}
+		log.Warn("Temporal not reachable yet, retrying", "address", c.temporal.Address, "err", err)
+		time.Sleep(wait)
+	}
+}
+
+func newRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
+}
+
+// runApp starts an fx app, waits for SIGINT/SIGTERM and stops it.
+func runApp(log *slog.Logger, opts ...fx.Option) error {
+	opts = append(opts,
+		fx.WithLogger(func() fxevent.Logger {
+			l := &fxevent.SlogLogger{Logger: log.With("component", "fx")}
+			l.UseLogLevel(slog.LevelDebug)
+			return l
+		}),
+		fx.StartTimeout(30*time.Second), fx.StopTimeout(20*time.Second))
+	app := fx.New(opts...)
+	if err := app.Err(); err != nil {
+		return err
+	}
+	startCtx, cancel := context.WithTimeout(context.Background(), app.StartTimeout())
+	defer cancel()
+	if err := app.Start(startCtx); err != nil {
+		return err
+	}
+	sig := <-app.Wait()
+	log.Info("stopping", "signal", sig.Signal.String())
+	stopCtx, cancelStop := context.WithTimeout(context.Background(), app.StopTimeout())
+	defer cancelStop()
+	return app.Stop(stopCtx)
+}
+
+func hostname() string {
+	h, err := os.Hostname()
+	if err != nil {
+		return "unknown"
+	}
+	return h
+}

@@ -1,0 +1,107 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/NVIDIA/go-nvml/pkg/nvml"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spf13/cobra"
+	"go.uber.org/fx"
+
+	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/config"
+	"github.com/llorch/llorch/inventory"
+	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/nodeclient"
+	"github.com/llorch/llorch/workers"
+)
+
+func workerCmd() *cobra.Command {
+	var c common
+	var (
+		nodeID, machineID, address, modelDir, metricsAddr, nvmlMock string
+		interval                                                    time.Duration
+		canAfter                                                    int
+	)
+	cmd := &cobra.Command{
+		Use:   "worker --node-id ID",
+		Short: "run a node agent: register the node, prove liveness, serve node.<ID> activities",
+		Long: "Runs the node agent for one GPU machine. With no other flags it joins the `llorch dev`\n" +
+			"cluster whose state dir is LLORCH_HOME (default .llorch), so a second node is one command.",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := config.Apply(cmd.Flags(), c.home); err != nil {
+				return err
+			}
+			if nodeID == "" {
+				return fmt.Errorf("--node-id (or LLORCH_NODE_ID) is required")
+			}
+			if err := node.ValidateID(nodeID); err != nil {
+				return fmt.Errorf("--node-id: %w", err)
+			}
+			if interval < node.MinHeartbeatInterval || interval > node.MaxHeartbeatInterval {
+				return fmt.Errorf("--heartbeat-interval %s: must be between %s and %s", interval, node.MinHeartbeatInterval, node.MaxHeartbeatInterval)
+			}
+			if modelDir == "" {
+				modelDir = filepath.Join(c.home, "nodes", nodeID, "models")
+			}
+			log, err := c.logger("component", "worker", "node_id", nodeID)
+			if err != nil {
+				return err
+			}
+			var lib nvml.Interface
+			if nvmlMock != "" {
+				if lib, err = inventory.Mock(nvmlMock); err != nil {
+					return fmt.Errorf("--nvml-mock: %w", err)
+				}
+				log.Warn("using a mock NVML: GPU figures are simulated", "mock", nvmlMock)
+			}
+			host, err := inventory.New(inventory.Options{NVML: lib, ModelDir: modelDir, MachineID: machineID,
+				Address: address, Version: version(), Logger: log})
+			if err != nil {
+				return err
+			}
+			defer host.Shutdown()
+			log = log.With("machine_id", host.Inventory().MachineID)
+			identity := workers.ClientIdentity("worker", nodeID, hostname(), os.Getpid())
+			tc, err := c.dial(log, identity)
+			if err != nil {
+				return err
+			}
+			defer tc.Close()
+			reg := newRegistry()
+			agent := &workers.Agent{
+				NodeID: nodeID, Identity: identity, HeartbeatInterval: interval, Host: host, Log: log,
+				Nodes:   &nodeclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, ContinueAsNewAfterEvents: canAfter},
+				Metrics: activities.NewNodeMetrics(reg),
+			}
+			return runApp(log,
+				fx.Supply(log, agent, reg, fx.Annotate(reg, fx.As(new(prometheus.Registerer)))),
+				fx.Invoke(func(lc fx.Lifecycle) { workers.MetricsServer(lc, metricsAddr, reg, log) }),
+				workers.NodeModule,
+			)
+		},
+	}
+	fs := cmd.Flags()
+	c.addFlags(fs)
+	fs.StringVar(&nodeID, "node-id", "", "stable id of this node (its task queue is node.<id>)")
+	config.Env(fs, "node-id", "LLORCH_NODE_ID")
+	fs.StringVar(&machineID, "machine-id", "", "machine id for logs and inventory (default /etc/machine-id, else hostname)")
+	config.Env(fs, "machine-id", "LLORCH_MACHINE_ID")
+	fs.StringVar(&address, "advertise-address", "", "address other hosts reach this node's engines at")
+	config.Env(fs, "advertise-address", "LLORCH_ADVERTISE_ADDRESS")
+	fs.StringVar(&modelDir, "model-dir", "", "local model catalog dir (default <home>/nodes/<node-id>/models)")
+	config.Env(fs, "model-dir", "LLORCH_MODEL_DIR")
+	fs.StringVar(&metricsAddr, "metrics-addr", "127.0.0.1:0", "listen address of the worker's /metrics (port 0: any free port, logged)")
+	config.Env(fs, "metrics-addr", "LLORCH_METRICS_ADDR")
+	fs.DurationVar(&interval, "heartbeat-interval", node.DefaultHeartbeatInterval, "liveness heartbeat interval; the node is Offline after 3 missed beats")
+	config.Env(fs, "heartbeat-interval", "LLORCH_HEARTBEAT_INTERVAL")
+	fs.StringVar(&nvmlMock, "nvml-mock", "", "simulate GPUs with a go-nvml mock server (dgxa100, dgxh100, dgxh200): demos and tests only")
+	config.Env(fs, "nvml-mock", "LLORCH_NVML_MOCK")
+	fs.IntVar(&canAfter, "node-continue-as-new-events", 0, "continue the node workflow as new after this many history events when this worker starts it (0: when Temporal suggests)")
+	config.Env(fs, "node-continue-as-new-events", "LLORCH_NODE_CONTINUE_AS_NEW_EVENTS")
+	return cmd
+}

@@ -1,0 +1,254 @@
+package nodeclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	enumspb "go.temporal.io/api/enums/v1"
+	"go.temporal.io/api/serviceerror"
+	"go.temporal.io/api/workflowservice/v1"
+	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/converter"
+	"go.temporal.io/sdk/temporal"
+
+	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/workflows"
+)
+
+// Errors callers map to API codes.
+var (
+	ErrNotFound     = errors.New("node not found")
+	ErrLeft         = errors.New("node has left")
+	ErrAgentManaged = errors.New("node is managed by its llorch worker")
+)
+
+// Client performs node registry operations through Temporal.
+type Client struct {
+	Temporal  client.Client
+	Namespace string
+	// ContinueAsNewAfterEvents is passed to workflows this client starts
+	// (0: the server's suggestion decides).
+	ContinueAsNewAfterEvents int
+}
+
+// View is a node as a reader sees it: the workflow's durable status plus the
+// live figures of the latest heartbeat, which never enter history.
+type View struct {
+	node.Status
+	RunID         string
+	Live          *node.Snapshot
+	LastHeartbeat time.Time
+}
+
+// Register starts the node's workflow or signals the running one, in one
+// atomic call: racing registrations never make two workflows.
+func (c *Client) Register(ctx context.Context, reg node.Registration) error {
+	id := reg.NodeID
+	opts := client.StartWorkflowOptions{
+		ID:                    node.WorkflowID(id),
+		TaskQueue:             node.ControlTaskQueue,
+		WorkflowIDReusePolicy: enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
+		TypedSearchAttributes: temporal.NewSearchAttributes(
+			node.NodeIDKey.ValueSet(id), node.NodeStateKey.ValueSet(string(node.Registering))),
+		StaticSummary: reg.Inventory.Summary(id),
+		StaticDetails: inventoryDetails(reg.Inventory),
+	}
+	_, err := c.Temporal.SignalWithStartWorkflow(ctx, opts.ID, node.SignalRegister, reg, opts,
+		workflows.Node, workflows.NodeInput{NodeID: id, ContinueAsNewAfterEvents: c.ContinueAsNewAfterEvents})
+	if err != nil {
+		return fmt.Errorf("register node %s: %w", id, err)
+	}
+	return nil
+}
+
+func inventoryDetails(inv node.Inventory) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "**Machine** %s (%s), llorch %s, %d CPU cores, %.1f GiB RAM\n\n",
+		inv.MachineID, inv.Hostname, inv.Version, inv.CPUCores, float64(inv.MemoryTotalBytes)/(1<<30))
+	if inv.CPUOnly {
+		fmt.Fprintf(&b, "**CPU only**: %s\n\n", inv.NVMLError)
+	}
+	if len(inv.GPUs) > 0 {
+		fmt.Fprintf(&b, "Driver %s\n\n| GPU | name | UUID | VRAM | CC |\n|---|---|---|---|---|\n", inv.DriverVersion)
+		for _, g := range inv.GPUs {
+			fmt.Fprintf(&b, "| %d | %s | %s | %.0f GiB | %s |\n", g.Index, g.Name, g.UUID,
+				float64(g.MemoryTotalBytes)/(1<<30), g.ComputeCapability)
+		}
+	}
+	return b.String()
+}
+
+// Update runs a drain, undrain or deregister update and returns the new status.
+func (c *Client) Update(ctx context.Context, nodeID, name string, req node.Request) (node.Status, error) {
+	h, err := c.Temporal.UpdateWorkflow(ctx, client.UpdateWorkflowOptions{
+		WorkflowID:   node.WorkflowID(nodeID),
+		UpdateName:   name,
+		Args:         []any{req},
+		WaitForStage: client.WorkflowUpdateStageCompleted,
+	})
+	var st node.Status
+	if err == nil {
+		err = h.Get(ctx, &st)
+	}
+	if err != nil {
+		return st, c.mapErr(ctx, nodeID, err)
+	}
+	return st, nil
+}
+
+// mapErr turns "no such workflow" into ErrNotFound or ErrLeft.
+func (c *Client) mapErr(ctx context.Context, nodeID string, err error) error {
+	var notFound *serviceerror.NotFound
+	if !errors.As(err, &notFound) && !strings.Contains(err.Error(), "has left") {
+		return err
+	}
+	if _, derr := c.Temporal.DescribeWorkflowExecution(ctx, node.WorkflowID(nodeID), ""); derr != nil {
+		return ErrNotFound
+	}
+	return ErrLeft
+}
+
+// Get reads one node.
+func (c *Client) Get(ctx context.Context, nodeID string) (View, error) {
+	desc, err := c.Temporal.DescribeWorkflowExecution(ctx, node.WorkflowID(nodeID), "")
+	var notFound *serviceerror.NotFound
+	if errors.As(err, &notFound) {
+		return View{}, ErrNotFound
+	}
+	if err != nil {
+		return View{}, err
+	}
+	info := desc.GetWorkflowExecutionInfo()
+	v := View{RunID: info.GetExecution().GetRunId()}
+	switch info.GetStatus() {
+	case enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING:
+		val, err := c.Temporal.QueryWorkflow(ctx, node.WorkflowID(nodeID), v.RunID, node.QueryStatus)
+		if err != nil {
+			return v, fmt.Errorf("query node %s: %w", nodeID, err)
+		}
+		if err := val.Get(&v.Status); err != nil {
+			return v, err
+		}
+		c.attachLive(&v, desc)
+	case enumspb.WORKFLOW_EXECUTION_STATUS_COMPLETED:
+		if err := c.Temporal.GetWorkflow(ctx, node.WorkflowID(nodeID), v.RunID).Get(ctx, &v.Status); err != nil {
+			return v, err
+		}
+	default:
+		// Terminated or failed by an operator: the node is gone all the same.
+		v.Status = node.Status{NodeID: nodeID, State: node.Left, Transitions: []node.Transition{{
+			To: node.Left, Reason: "workflow " + strings.ToLower(info.GetStatus().String()), At: info.GetCloseTime().AsTime(),
+		}}}
+	}
+	return v, nil
+}
+
+// attachLive reads the latest heartbeat of the liveness session, which is at
+// most one beat old, from the pending activity.
+func (c *Client) attachLive(v *View, desc *workflowservice.DescribeWorkflowExecutionResponse) {
+	for _, pa := range desc.GetPendingActivities() {
+		if pa.GetActivityId() != v.LivenessActivityID || pa.GetState() != enumspb.PENDING_ACTIVITY_STATE_STARTED {
+			continue
+		}
+		if pa.GetLastHeartbeatTime() != nil {
+			v.LastHeartbeat = pa.GetLastHeartbeatTime().AsTime()
+		}
+		if pa.GetHeartbeatDetails() == nil {
+			return
+		}
+		var snap node.Snapshot
+		if err := converter.GetDefaultDataConverter().FromPayloads(pa.GetHeartbeatDetails(), &snap); err == nil {
+			v.Live = &snap
+		}
+	}
+}
+
+// List reads every node the namespace knows, running or left, newest run
+// per node id.
+func (c *Client) List(ctx context.Context) ([]View, error) {
+	seen := map[string]bool{}
+	var ids []string
+	var token []byte
+	for {
+		resp, err := c.Temporal.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{
+			Namespace:     c.Namespace,
+			PageSize:      500,
+			NextPageToken: token,
+			Query:         fmt.Sprintf("WorkflowType = '%s'", node.WorkflowType),
+		})
+		if err != nil {
+			return nil, fmt.Errorf("list node workflows: %w", err)
+		}
+		for _, e := range resp.GetExecutions() {
+			id, ok := node.IDFromWorkflowID(e.GetExecution().GetWorkflowId())
+			if ok && !seen[id] {
+				seen[id] = true
+				ids = append(ids, id)
+			}
+		}
+		if token = resp.GetNextPageToken(); len(token) == 0 {
+			break
+		}
+	}
+	sort.Strings(ids)
+	views := make([]View, len(ids))
+	errs := make([]error, len(ids))
+	sem := make(chan struct{}, 16)
+	var wg sync.WaitGroup
+	for i, id := range ids {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			views[i], errs[i] = c.Get(ctx, id)
+		}()
+	}
+	wg.Wait()
+	out := views[:0]
+	for i, v := range views {
+		switch {
+		case errors.Is(errs[i], ErrNotFound):
+			// Deleted between listing and reading.
+		case errs[i] != nil:
+			return nil, errs[i]
+		default:
+			out = append(out, v)
+		}
+	}
+	return out, nil
+}
+
+// Heartbeat records a REST agent's heartbeat: on the open liveness session
+// by activity id (no history), or as an alive signal when the node was
+// Offline (one event per outage, not per beat).
+func (c *Client) Heartbeat(ctx context.Context, nodeID, identity string, snap node.Snapshot) (node.Status, error) {
+	v, err := c.Get(ctx, nodeID)
+	if err != nil {
+		return node.Status{}, err
+	}
+	switch {
+	case v.State == node.Left:
+		return v.Status, ErrLeft
+	case v.Agent != node.AgentHTTP:
+		return v.Status, ErrAgentManaged
+	}
+	if v.Connected && v.LivenessActivityID != "" {
+		err := c.Temporal.RecordActivityHeartbeatByID(ctx, c.Namespace, node.WorkflowID(nodeID), v.RunID, v.LivenessActivityID, snap)
+		var notFound *serviceerror.NotFound
+		if err == nil || !errors.As(err, &notFound) {
+			return v.Status, err
+		}
+		// The session timed out between our read and this beat: revive below.
+	}
+	err = c.Temporal.SignalWorkflow(ctx, node.WorkflowID(nodeID), v.RunID, node.SignalAlive,
+		node.Alive{Session: v.Session, Identity: identity, Snapshot: snap})
+	if err != nil {
+		return v.Status, c.mapErr(ctx, nodeID, err)
+	}
+	return v.Status, nil
+}

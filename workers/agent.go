@@ -1,0 +1,91 @@
+package workers
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"go.temporal.io/sdk/worker"
+
+	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/nodeclient"
+)
+
+// InventorySource is what the agent needs from the host.
+type InventorySource interface {
+	activities.SnapshotSource
+	Inventory() node.Inventory
+}
+
+// Agent is a node's presence in the cluster: a worker polling node.<id> and
+// the registration of the node workflow.
+type Agent struct {
+	NodeID            string
+	Identity          string
+	HeartbeatInterval time.Duration
+	Nodes             *nodeclient.Client
+	Host              InventorySource
+	Log               *slog.Logger
+	Metrics           *activities.NodeMetrics
+
+	worker worker.Worker
+}
+
+// Start polls the node's queue first, then registers, so the liveness
+// session the registration starts is served at once.
+func (a *Agent) Start(ctx context.Context) error {
+	a.worker = worker.New(a.Nodes.Temporal, node.TaskQueue(a.NodeID), worker.Options{
+		Identity: a.Identity,
+		// Every beat reaches the server: the control plane's view of free
+		// VRAM and slots is then at most one interval old.
+		MaxHeartbeatThrottleInterval:     a.HeartbeatInterval,
+		DefaultHeartbeatThrottleInterval: a.HeartbeatInterval,
+		WorkerStopTimeout:                5 * time.Second,
+	})
+	a.worker.RegisterActivity(&activities.NodeActivities{
+		Client: a.Nodes.Temporal, Source: a.Host, Identity: a.Identity, Log: a.Log, Metrics: a.Metrics,
+	})
+	if err := a.worker.Start(); err != nil {
+		return fmt.Errorf("start worker on %s: %w", node.TaskQueue(a.NodeID), err)
+	}
+	inv := a.Host.Inventory()
+	err := a.Nodes.Register(ctx, node.Registration{
+		NodeID: a.NodeID, Agent: node.AgentWorker, Identity: a.Identity,
+		HeartbeatInterval: a.HeartbeatInterval, Inventory: inv,
+	})
+	if err != nil {
+		a.worker.Stop()
+		return err
+	}
+	a.Log.Info("node registered", "gpus", len(inv.GPUs), "cpu_only", inv.CPUOnly,
+		"workflow_id", node.WorkflowID(a.NodeID), "task_queue", node.TaskQueue(a.NodeID))
+	return nil
+}
+
+// Stop deregisters the node (state Left) before the worker stops, so the
+// control plane learns of a clean shutdown at once instead of by timeout.
+func (a *Agent) Stop(ctx context.Context) error {
+	_, err := a.Nodes.Update(ctx, a.NodeID, node.UpdateDeregister, node.Request{Identity: a.Identity, Reason: "worker shutting down"})
+	switch err {
+	case nil:
+		a.Log.Info("node deregistered")
+	case nodeclient.ErrLeft, nodeclient.ErrNotFound:
+	default:
+		a.Log.Error("deregister failed; the node will be marked Offline by timeout", "err", err)
+	}
+	if a.worker != nil {
+		a.worker.Stop()
+	}
+	return nil
+}
+
+// ClientIdentity names a process in the Temporal UI.
+func ClientIdentity(role, nodeID, hostname string, pid int) string {
+	if nodeID != "" {
+		return fmt.Sprintf("%s:%s@%s/%d", role, nodeID, hostname, pid)
+	}
+	return fmt.Sprintf("%s@%s/%d", role, hostname, pid)
+}
+

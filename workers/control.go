@@ -1,0 +1,20 @@
+package workers
+
+import (
+	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/worker"
+	"go.temporal.io/sdk/workflow"
+
+	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/workflows"
+)
+
+// NewControl is the control worker: every workflow, plus the activities that
+// belong beside them, on the shared control queue.
+func NewControl(c client.Client) worker.Worker {
+	w := worker.New(c, node.ControlTaskQueue, worker.Options{})
+	w.RegisterWorkflowWithOptions(workflows.Node, workflow.RegisterOptions{Name: node.WorkflowType})
+	w.RegisterActivity(&activities.ControlActivities{})
+	return w
+}
