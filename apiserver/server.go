@@ -57,7 +57,10 @@ func New(cfg Config, nodes *nodeclient.Client, reg *prometheus.Registry, logger 
 	}
 	reg.MustRegister(newNodeStateCollector(nodes.Temporal, nodes.Namespace))
 	s.app = fiber.New(fiber.Config{
-		AppName:               "llorch",
+		AppName: "llorch",
+		// Values from the request outlive handlers (metric labels, workflow
+		// arguments, logs): fiber's zero-copy strings would be overwritten.
+		Immutable:             true,
 		DisableStartupMessage: true,
 		BodyLimit:             maxBodyBytes,
 		ErrorHandler:          s.errorHandler,
@@ -165,4 +168,3 @@ func isLoopback(addr string) bool {
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
 }
-

@@ -321,6 +321,7 @@ func (n *nodeWF) onDrain(drain bool) func(workflow.Context, node.Request) (node.
 			verb := map[bool]string{true: "drain", false: "undrain"}[drain]
 			n.setState(ctx, requestReason(verb, r))
 		}
+		n.wake.SendAsync(struct{}{}) // let the main loop consider continue-as-new
 		return n.snapshot(), nil
 	}
 }

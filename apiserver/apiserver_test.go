@@ -1,0 +1,349 @@
+package apiserver_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/apiserver"
+	"github.com/llorch/llorch/inventory"
+	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/nodeclient"
+	"github.com/llorch/llorch/testenv"
+	"github.com/llorch/llorch/workers"
+)
+
+var env *testenv.Env
+
+func TestMain(m *testing.M) { testenv.Main(m, &env) }
+
+const token = "s3cret-token-for-tests"
+
+type api struct {
+	t    *testing.T
+	base string
+	logs *bytes.Buffer
+}
+
+// startAPI runs the apiserver and a control worker in-process against the
+// package's real Temporal server.
+func startAPI(t *testing.T) *api {
+	t.Helper()
+	logs := &bytes.Buffer{}
+	log := slog.New(slog.NewTextHandler(io.MultiWriter(logs, testWriter{t}), nil))
+	w := workers.NewControl(env.Temporal)
+	require.NoError(t, w.Start())
+	t.Cleanup(w.Stop)
+	nodes := &nodeclient.Client{Temporal: env.Temporal, Namespace: env.Namespace}
+	s, err := apiserver.New(apiserver.Config{Addr: "127.0.0.1:0", Token: token}, nodes, prometheus.NewRegistry(), log)
+	require.NoError(t, err)
+	require.NoError(t, s.Listen("127.0.0.1:0"))
+	t.Cleanup(func() { _ = s.Shutdown(context.Background()) })
+	return &api{t: t, base: "http://" + s.Addr(), logs: logs}
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	if testing.Verbose() {
+		w.t.Log(strings.TrimRight(string(p), "\n"))
+	}
+	return len(p), nil
+}
+
+type resp struct {
+	status int
+	header http.Header
+	body   map[string]any
+	raw    string
+}
+
+func (a *api) do(method, path, auth string, body any) resp {
+	a.t.Helper()
+	var rd io.Reader
+	switch b := body.(type) {
+	case nil:
+	case string:
+		rd = strings.NewReader(b)
+	default:
+		buf, err := json.Marshal(b)
+		require.NoError(a.t, err)
+		rd = bytes.NewReader(buf)
+	}
+	req, err := http.NewRequest(method, a.base+path, rd)
+	require.NoError(a.t, err)
+	if auth != "" {
+		req.Header.Set("Authorization", auth)
+	}
+	if rd != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	res, err := http.DefaultClient.Do(req)
+	require.NoError(a.t, err)
+	defer res.Body.Close()
+	raw, _ := io.ReadAll(res.Body)
+	r := resp{status: res.StatusCode, header: res.Header, raw: string(raw)}
+	_ = json.Unmarshal(raw, &r.body)
+	return r
+}
+
+func (a *api) call(method, path string, body any) resp {
+	return a.do(method, path, "Bearer "+token, body)
+}
+
+func requireError(t *testing.T, r resp, status int, code string) {
+	t.Helper()
+	require.Equal(t, status, r.status, r.raw)
+	require.Equal(t, code, r.body["code"], r.raw)
+	require.NotEmpty(t, r.body["message"], r.raw)
+	require.NotEmpty(t, r.header.Get("X-Correlation-Id"))
+}
+
+func (a *api) state(id string) string {
+	r := a.call("GET", "/v2/nodes/"+id, nil)
+	if r.status != 200 {
+		return fmt.Sprintf("HTTP %d %s", r.status, r.raw)
+	}
+	return r.body["state"].(string)
+}
+
+func (a *api) waitState(id string, want node.State, timeout time.Duration) {
+	a.t.Helper()
+	testenv.Eventually(a.t, timeout, "node "+id+" "+string(want), func() (bool, string) {
+		s := a.state(id)
+		return s == string(want), s
+	})
+}
+
+func TestAuth(t *testing.T) {
+	a := startAPI(t)
+	requireError(t, a.do("GET", "/v2/nodes", "", nil), 401, apiserver.CodeMissingToken)
+	requireError(t, a.do("GET", "/v2/nodes", "Bearer nope", nil), 401, apiserver.CodeBadToken)
+	requireError(t, a.do("GET", "/v2/nodes", "Basic "+token, nil), 401, apiserver.CodeBadToken)
+	requireError(t, a.do("GET", "/v2/nodes", "Bearer "+token+"x", nil), 401, apiserver.CodeBadToken)
+	requireError(t, a.do("POST", "/v2/nodes/register", "", map[string]any{"node_id": "x"}), 401, apiserver.CodeMissingToken)
+	require.Equal(t, 200, a.call("GET", "/v2/nodes", nil).status)
+
+	// /health and /metrics are open.
+	require.Equal(t, 200, a.do("GET", "/health", "", nil).status)
+	m := a.do("GET", "/metrics", "", nil)
+	require.Equal(t, 200, m.status)
+	require.Contains(t, m.raw, `llorch_api_auth_failures_total{code="BAD_TOKEN"} 3`)
+	require.Contains(t, m.raw, `llorch_api_auth_failures_total{code="MISSING_TOKEN"} 2`)
+
+	// The token never appears in logs, errors or metrics; its identity does.
+	require.NotContains(t, a.logs.String(), token)
+	require.NotContains(t, m.raw, token)
+	require.Contains(t, a.logs.String(), apiserver.TokenIdentity(token))
+	require.Regexp(t, `^token:[0-9a-f]{6}$`, apiserver.TokenIdentity(token))
+}
+
+func TestRefusesPublicBindWithoutToken(t *testing.T) {
+	nodes := &nodeclient.Client{Temporal: env.Temporal, Namespace: env.Namespace}
+	for _, addr := range []string{"0.0.0.0:8080", ":8080", "10.1.2.3:8080"} {
+		_, err := apiserver.New(apiserver.Config{Addr: addr}, nodes, prometheus.NewRegistry(), slog.Default())
+		require.ErrorContains(t, err, "without a token", addr)
+	}
+	_, err := apiserver.New(apiserver.Config{Addr: "127.0.0.1:0"}, nodes, prometheus.NewRegistry(), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	require.NoError(t, err)
+}
+
+func TestCorrelationID(t *testing.T) {
+	a := startAPI(t)
+	req, _ := http.NewRequest("GET", a.base+"/v2/nodes", nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("X-Correlation-Id", "req-42")
+	res, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	res.Body.Close()
+	require.Equal(t, "req-42", res.Header.Get("X-Correlation-Id"))
+	require.Contains(t, a.logs.String(), "correlation_id=req-42")
+	// An unusable id is replaced, not echoed.
+	req.Header.Set("X-Correlation-Id", "bad id\twith spaces")
+	res, err = http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	res.Body.Close()
+	require.Regexp(t, `^[0-9a-f-]{36}$`, res.Header.Get("X-Correlation-Id"))
+}
+
+func TestBadInput(t *testing.T) {
+	a := startAPI(t)
+	cases := []struct {
+		name, method, path string
+		body               any
+		field              string
+	}{
+		{"empty register", "POST", "/v2/nodes/register", nil, "body"},
+		{"malformed json", "POST", "/v2/nodes/register", `{"node_id":`, "body"},
+		{"unknown field", "POST", "/v2/nodes/register", map[string]any{"node_id": "a1", "colour": "red"}, "colour"},
+		{"wrong type", "POST", "/v2/nodes/register", map[string]any{"node_id": 7}, "node_id"},
+		{"missing id", "POST", "/v2/nodes/register", map[string]any{"machine_id": "m"}, "node_id"},
+		{"bad id", "POST", "/v2/nodes/register", map[string]any{"node_id": "../etc"}, "node_id"},
+		{"interval too short", "POST", "/v2/nodes/register", map[string]any{"node_id": "a1", "heartbeat_interval_ms": 5}, "heartbeat_interval_ms"},
+		{"free above total", "POST", "/v2/nodes/register", map[string]any{"node_id": "a1",
+			"gpus": []map[string]any{{"index": 0, "memory_total_bytes": 10, "memory_free_bytes": 11}}}, "gpus[0].memory_free_bytes"},
+		{"duplicate gpu", "POST", "/v2/nodes/register", map[string]any{"node_id": "a1",
+			"gpus": []map[string]any{{"index": 0}, {"index": 0}}}, "gpus[1].index"},
+		{"bad pool", "POST", "/v2/nodes/register", map[string]any{"node_id": "a1",
+			"pools": []map[string]any{{"pool_id": "p", "slots_total": 1, "slots_free": 2}}}, "pools[0].slots_free"},
+		{"trailing data", "POST", "/v2/nodes/register", `{"node_id":"a1"} {}`, "body"},
+		{"bad id in path", "GET", "/v2/nodes/UPPER", nil, "id"},
+		{"bad state filter", "GET", "/v2/nodes?state=sleeping", nil, "state"},
+		{"long reason", "POST", "/v2/nodes/a1/drain", map[string]any{"reason": strings.Repeat("x", 600)}, "reason"},
+		{"heartbeat util", "POST", "/v2/nodes/a1/heartbeat", map[string]any{"gpus": []map[string]any{{"index": 0, "utilization_percent": 101}}}, "gpus[0].utilization_percent"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r := a.call(c.method, c.path, c.body)
+			requireError(t, r, 400, apiserver.CodeInvalidParams)
+			require.Equal(t, c.field, r.body["field"], r.raw)
+		})
+	}
+	r := a.do("POST", "/v2/nodes/register", "Bearer "+token, nil)
+	requireError(t, r, 400, apiserver.CodeInvalidParams)
+	// Unknown routes and nodes use the envelope too.
+	requireError(t, a.call("GET", "/v2/nope", nil), 404, apiserver.CodeNotFound)
+	for _, p := range []struct{ method, path string }{
+		{"GET", "/v2/nodes/ghost"}, {"DELETE", "/v2/nodes/ghost"}, {"POST", "/v2/nodes/ghost/drain"},
+		{"POST", "/v2/nodes/ghost/undrain"}, {"POST", "/v2/nodes/ghost/heartbeat"},
+	} {
+		requireError(t, a.call(p.method, p.path, nil), 404, apiserver.CodeNodeNotFound)
+	}
+}
+
+// A REST agent: register, heartbeat (live figures fresh), drain, undrain,
+// silence (Offline), heartbeat again (Online), deregister (Left).
+func TestHTTPAgentLifecycle(t *testing.T) {
+	a := startAPI(t)
+	id := "ext-http-1"
+	reg := map[string]any{
+		"node_id": id, "machine_id": "machine-b", "address": "10.0.0.5:9200", "heartbeat_interval_ms": 300,
+		"gpus": []map[string]any{{"index": 0, "uuid": "GPU-1", "name": "NVIDIA H100 80GB HBM3",
+			"memory_total_bytes": 80 << 30, "memory_free_bytes": 70 << 30, "compute_capability": "9.0"}},
+		"pools": []map[string]any{{"pool_id": "pool-a", "ready": true, "slots_total": 4, "slots_free": 4}},
+	}
+	r := a.call("POST", "/v2/nodes/register", reg)
+	require.Equal(t, 202, r.status, r.raw)
+	require.Equal(t, "node:"+id, r.body["workflow_id"])
+	require.EqualValues(t, 900, r.body["liveness_timeout_ms"])
+	a.waitState(id, node.Online, 10*time.Second)
+
+	beat := func(free uint64, slotsFree int) resp {
+		return a.call("POST", "/v2/nodes/"+id+"/heartbeat", map[string]any{
+			"gpus":  []map[string]any{{"index": 0, "memory_total_bytes": 80 << 30, "memory_free_bytes": free}},
+			"pools": []map[string]any{{"pool_id": "pool-a", "ready": true, "slots_total": 4, "slots_free": slotsFree}},
+		})
+	}
+	require.Equal(t, 200, beat(50<<30, 1).status)
+	// The figures the control plane sees follow the heartbeats.
+	testenv.Eventually(t, 5*time.Second, "live figures follow heartbeats", func() (bool, string) {
+		beat(50<<30, 1)
+		r := a.call("GET", "/v2/nodes/"+id, nil)
+		live, _ := r.body["live"].(map[string]any)
+		if live == nil {
+			return false, r.raw
+		}
+		pools := live["pools"].([]any)
+		return live["source"] == "heartbeat" && live["free_vram_bytes"] == float64(50<<30) &&
+			len(pools) == 1 && pools[0].(map[string]any)["slots_free"] == float64(1), r.raw
+	})
+
+	r = a.call("POST", "/v2/nodes/"+id+"/drain", map[string]any{"reason": "maintenance"})
+	require.Equal(t, 200, r.status, r.raw)
+	require.Equal(t, "Draining", r.body["state"])
+	require.True(t, r.body["draining"].(bool))
+	// Drain is idempotent.
+	require.Equal(t, "Draining", a.call("POST", "/v2/nodes/"+id+"/drain", nil).body["state"])
+	r = a.call("GET", "/v2/nodes?state=draining", nil)
+	require.Contains(t, r.raw, id)
+	require.NotContains(t, a.call("GET", "/v2/nodes?state=online", nil).raw, `"node_id":"`+id+`"`)
+	require.Equal(t, "Online", a.call("POST", "/v2/nodes/"+id+"/undrain", nil).body["state"])
+
+	// Silence: no beat for 3 intervals means Offline.
+	a.waitState(id, node.Offline, 10*time.Second)
+	r = a.call("GET", "/v2/nodes/"+id, nil)
+	transitions := r.body["transitions"].([]any)
+	require.Contains(t, transitions[len(transitions)-1].(map[string]any)["reason"], "no heartbeat for 900ms")
+	r = beat(60<<30, 4)
+	require.Equal(t, 200, r.status, r.raw)
+	require.Equal(t, true, r.body["revived"])
+	a.waitState(id, node.Online, 10*time.Second)
+
+	r = a.call("DELETE", "/v2/nodes/"+id, map[string]any{"reason": "decommissioned"})
+	require.Equal(t, 200, r.status, r.raw)
+	require.Equal(t, "Left", r.body["state"])
+	require.Equal(t, "Left", a.state(id))
+	requireError(t, beat(1, 1), 409, apiserver.CodeNodeLeft)
+	requireError(t, a.call("POST", "/v2/nodes/"+id+"/drain", nil), 409, apiserver.CodeNodeLeft)
+	require.Contains(t, a.call("GET", "/v2/nodes?state=left", nil).raw, id)
+
+	// Registering again brings it back as a new run.
+	require.Equal(t, 202, a.call("POST", "/v2/nodes/register", reg).status)
+	a.waitState(id, node.Online, 10*time.Second)
+	require.Equal(t, 200, a.call("DELETE", "/v2/nodes/"+id, nil).status)
+
+	m := a.do("GET", "/metrics", "", nil).raw
+	require.Contains(t, m, `llorch_node_registrations_total{node_id="`+id+`"} 2`)
+	require.Contains(t, m, `llorch_node_deregistrations_total{node_id="`+id+`"} 2`)
+	require.Regexp(t, `llorch_node_rest_heartbeats_total\{node_id="`+id+`"\} \d+`, m)
+}
+
+// A node run by an in-process agent on a mock DGX H100: inventory comes from
+// NVML, REST heartbeats are refused, freshness of the live figures holds.
+func TestWorkerAgentNode(t *testing.T) {
+	a := startAPI(t)
+	lib, err := inventory.Mock("dgxh100")
+	require.NoError(t, err)
+	host, err := inventory.New(inventory.Options{NVML: lib, ModelDir: t.TempDir(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	require.NoError(t, err)
+	id := "agent-api-1"
+	agent := &workers.Agent{
+		NodeID: id, Identity: "worker:" + id, HeartbeatInterval: 200 * time.Millisecond, Host: host,
+		Nodes:   &nodeclient.Client{Temporal: env.Temporal, Namespace: env.Namespace},
+		Log:     slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Metrics: activities.NewNodeMetrics(prometheus.NewRegistry()),
+	}
+	ctx := context.Background()
+	require.NoError(t, agent.Start(ctx))
+	a.waitState(id, node.Online, 10*time.Second)
+
+	r := a.call("GET", "/v2/nodes/"+id, nil)
+	inv := r.body["inventory"].(map[string]any)
+	require.Len(t, inv["gpus"], 8)
+	require.Equal(t, "NVIDIA H100 80GB HBM3", inv["gpus"].([]any)[0].(map[string]any)["name"])
+	testenv.Eventually(t, 5*time.Second, "live figures within 5 s", func() (bool, string) {
+		r := a.call("GET", "/v2/nodes/"+id, nil)
+		live, _ := r.body["live"].(map[string]any)
+		return live != nil && live["source"] == "heartbeat" && live["age_ms"].(float64) < 5000, r.raw
+	})
+	requireError(t, a.call("POST", "/v2/nodes/"+id+"/heartbeat", nil), 409, apiserver.CodeAgentManaged)
+
+	// The one-line summary in the Temporal UI names GPU count and model.
+	desc, err := env.Temporal.DescribeWorkflowExecution(ctx, node.WorkflowID(id), "")
+	require.NoError(t, err)
+	require.NotNil(t, desc.GetExecutionConfig().GetUserMetadata().GetSummary())
+	var summary string
+	require.NoError(t, json.Unmarshal(desc.GetExecutionConfig().GetUserMetadata().GetSummary().GetData(), &summary))
+	require.Equal(t, "node "+id+" · 8× NVIDIA H100 80GB HBM3", summary)
+
+	// Typed search attributes find it by state.
+	testenv.Eventually(t, 10*time.Second, "visible by NodeState", func() (bool, string) {
+		n, err := env.Temporal.CountWorkflow(ctx, countReq(env.Namespace, `NodeState="Online" AND NodeId="`+id+`"`))
+		return err == nil && n.GetCount() == 1, fmt.Sprint(n, err)
+	})
+
+	require.NoError(t, agent.Stop(ctx))
+	require.Equal(t, "Left", a.state(id))
+}
+

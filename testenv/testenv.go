@@ -1,0 +1,242 @@
+package testenv
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/temporal"
+	"go.temporal.io/sdk/testsuite"
+
+	"github.com/llorch/llorch/config"
+	"github.com/llorch/llorch/node"
+)
+
+// Env is the set of real services shared by one test package.
+type Env struct {
+	Temporal     client.Client
+	TemporalAddr string
+	Namespace    string
+	S3           config.S3
+	Dir          string
+
+	dev *testsuite.DevServer
+	s3  *exec.Cmd
+}
+
+// Main starts the services, runs the package's tests and stops them. Use it
+// from TestMain: `func TestMain(m *testing.M) { testenv.Main(m, &env) }`.
+func Main(m *testing.M, env **Env) {
+	e, err := start()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "testenv:", err)
+		os.Exit(1)
+	}
+	*env = e
+	code := m.Run()
+	e.stop()
+	os.Exit(code)
+}
+
+// RepoRoot is the directory holding go.mod.
+func RepoRoot() string {
+	dir, _ := os.Getwd()
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			panic("testenv: no go.mod above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// Tool finds a pinned tool: $LLORCH_<NAME>_BIN, <repo>/bin/<name>, then PATH.
+func Tool(name string) (string, error) {
+	if p := os.Getenv("LLORCH_" + strings.ToUpper(name) + "_BIN"); p != "" {
+		return p, nil
+	}
+	if p := filepath.Join(RepoRoot(), "bin", name); fileExists(p) {
+		return p, nil
+	}
+	if p, err := exec.LookPath(name); err == nil {
+		return p, nil
+	}
+	return "", fmt.Errorf("%s not found in bin/ or PATH: run `just tools` (installs the pinned temporal CLI and versitygw)", name)
+}
+
+func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+func start() (*Env, error) {
+	dir, err := os.MkdirTemp("", "llorch-testenv-")
+	if err != nil {
+		return nil, err
+	}
+	e := &Env{Dir: dir, Namespace: "default"}
+	temporalBin, err := Tool("temporal")
+	if err != nil {
+		return nil, err
+	}
+	log, err := os.Create(filepath.Join(dir, "temporal.log"))
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	e.dev, err = testsuite.StartDevServer(ctx, testsuite.DevServerOptions{
+		ExistingPath: temporalBin,
+		ClientOptions: &client.Options{
+			Namespace: e.Namespace,
+			Logger:    quietLogger{},
+		},
+		LogLevel: "error",
+		SearchAttributes: temporal.NewSearchAttributes(
+			node.NodeIDKey.ValueSet(""), node.NodeStateKey.ValueSet("")),
+		Stdout: log, Stderr: log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("start temporal dev server: %w", err)
+	}
+	e.Temporal = e.dev.Client()
+	e.TemporalAddr = e.dev.FrontendHostPort()
+	if err := e.startS3(); err != nil {
+		e.stop()
+		return nil, err
+	}
+	return e, nil
+}
+
+func (e *Env) startS3() error {
+	bin, err := Tool("versitygw")
+	if err != nil {
+		return err
+	}
+	root := filepath.Join(e.Dir, "s3")
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		return err
+	}
+	port, err := FreePort()
+	if err != nil {
+		return err
+	}
+	e.S3 = config.S3{
+		Endpoint:  fmt.Sprintf("127.0.0.1:%d", port),
+		AccessKey: randomHex(8), SecretKey: randomHex(16),
+		Bucket: "llorch-models", Region: "us-east-1",
+	}
+	var out bytes.Buffer
+	e.s3 = exec.Command(bin, "--port", e.S3.Endpoint, "--access", e.S3.AccessKey, "--secret", e.S3.SecretKey, "--quiet", "posix", root)
+	e.s3.Stdout, e.s3.Stderr = &out, &out
+	if err := e.s3.Start(); err != nil {
+		return fmt.Errorf("start versitygw: %w", err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", e.S3.Endpoint, time.Second)
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("versitygw not listening on %s after 30s: %s", e.S3.Endpoint, out.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (e *Env) stop() {
+	if e.s3 != nil && e.s3.Process != nil {
+		_ = e.s3.Process.Kill()
+		_ = e.s3.Wait()
+	}
+	if e.dev != nil {
+		_ = e.dev.Stop()
+	}
+	_ = os.RemoveAll(e.Dir)
+}
+
+// FreePort asks the kernel for a free loopback port.
+func FreePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+var (
+	buildOnce sync.Once
+	buildPath string
+	buildErr  error
+)
+
+// Llorch builds cmd/llorch once per test binary and returns its path.
+func Llorch(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "llorch-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		buildPath = filepath.Join(dir, "llorch")
+		cmd := exec.Command("go", "build", "-o", buildPath, "./cmd/llorch")
+		cmd.Dir = RepoRoot()
+		cmd.Env = append(os.Environ(), "CGO_CFLAGS=-O2 -g -Wno-deprecated-declarations")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build ./cmd/llorch: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return buildPath
+}
+
+// Eventually polls cond until it holds or timeout passes; the failure
+// message is cond's last description of what it saw.
+func Eventually(t testing.TB, timeout time.Duration, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	var last string
+	for {
+		ok, seen := cond()
+		if ok {
+			return
+		}
+		last = seen
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not true after %s; last seen: %s", what, timeout, last)
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+}
+
+// quietLogger drops the SDK's chatter in tests.
+type quietLogger struct{}
+
+func (quietLogger) Debug(string, ...interface{}) {}
+func (quietLogger) Info(string, ...interface{})  {}
+func (quietLogger) Warn(string, ...interface{})  {}
+func (quietLogger) Error(string, ...interface{}) {}
+
