@@ -402,27 +402,27 @@ func snapshotOf(r node.Registration, now time.Time) node.Snapshot {
 // details.
 func details(s node.Status) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "**State** %s since %s\n\n", s.State, s.StateSince.UTC().Format(time.RFC3339))
+	b.WriteString(fmt.Sprintf("**State** %s since %s\n\n", s.State, s.StateSince.UTC().Format(time.RFC3339)))
 	if !s.LastSeen.IsZero() {
-		fmt.Fprintf(&b, "**Last seen** %s\n\n", s.LastSeen.UTC().Format(time.RFC3339))
+		b.WriteString(fmt.Sprintf("**Last seen** %s\n\n", s.LastSeen.UTC().Format(time.RFC3339)))
 	}
 	var total uint64
 	for _, g := range s.LastSnapshot.GPUs {
 		total += g.MemoryTotalBytes
 	}
 	if len(s.LastSnapshot.GPUs) > 0 {
-		fmt.Fprintf(&b, "**Free VRAM** %.1f of %.1f GiB on %d GPUs (as of %s; live figures are in the heartbeat details of %s)\n\n",
+		b.WriteString(fmt.Sprintf("**Free VRAM** %.1f of %.1f GiB on %d GPUs (as of %s; live figures are in the heartbeat details of %s)\n\n",
 			gib(s.LastSnapshot.FreeVRAMBytes()), gib(total), len(s.LastSnapshot.GPUs),
-			s.LastSnapshot.At.UTC().Format(time.RFC3339), s.LivenessActivityID)
+			s.LastSnapshot.At.UTC().Format(time.RFC3339), s.LivenessActivityID))
 	} else {
 		b.WriteString("**Free VRAM** none (CPU-only node)\n\n")
 	}
 	if s.Agent != "" {
-		fmt.Fprintf(&b, "**Agent** %s `%s`, session %d, heartbeat every %s\n\n", s.Agent, s.Identity, s.Session, s.HeartbeatInterval)
+		b.WriteString(fmt.Sprintf("**Agent** %s `%s`, session %d, heartbeat every %s\n\n", s.Agent, s.Identity, s.Session, s.HeartbeatInterval))
 	}
 	if n := len(s.Transitions); n > 0 {
 		t := s.Transitions[n-1]
-		fmt.Fprintf(&b, "**Last change** %s → %s: %s\n", t.From, t.To, t.Reason)
+		b.WriteString(fmt.Sprintf("**Last change** %s → %s: %s\n", t.From, t.To, t.Reason))
 	}
 	return b.String()
 }

@@ -68,8 +68,8 @@ func (s *nodeSuite) expectState(d time.Duration, want node.State) {
 
 func (s *nodeSuite) update(name string) {
 	s.env.UpdateWorkflow(name, "", &testsuite.TestUpdateCallback{
-		OnReject: func(err error) { s.Fail("update rejected", "%s: %v", name, err) },
-		OnAccept: func() {},
+		OnReject:   func(err error) { s.Fail("update rejected", "%s: %v", name, err) },
+		OnAccept:   func() {},
 		OnComplete: func(any, error) {},
 	}, node.Request{Reason: "test", Identity: "token:abcdef"})
 }
