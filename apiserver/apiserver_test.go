@@ -346,4 +346,3 @@ func TestWorkerAgentNode(t *testing.T) {
 	require.NoError(t, agent.Stop(ctx))
 	require.Equal(t, "Left", a.state(id))
 }
-

@@ -44,7 +44,7 @@ type nodeJSON struct {
 }
 
 type liveJSON struct {
-	Source        string           `json:"source"` // heartbeat | registration
+	Source        string           `json:"source"` // heartbeat (live session) | last_report (registration or alive)
 	At            time.Time        `json:"at"`
 	AgeMs         int64            `json:"age_ms"`
 	FreeVRAMBytes uint64           `json:"free_vram_bytes"`
@@ -82,7 +82,7 @@ func render(v nodeclient.View, now time.Time) nodeJSON {
 		out.Inventory.GPUs = []node.GPU{}
 	}
 	lastSeen := v.LastSeen
-	snap, at, source := v.LastSnapshot, v.LastSnapshot.At, "registration"
+	snap, at, source := v.LastSnapshot, v.LastSnapshot.At, "last_report"
 	if v.Live != nil {
 		snap, at, source = *v.Live, v.LastHeartbeat, "heartbeat"
 	}

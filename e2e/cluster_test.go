@@ -274,6 +274,14 @@ func TestContinueAsNewKeepsState(t *testing.T) {
 	require.Len(t, n["inventory"].(map[string]any)["gpus"], 8)
 	require.NotEmpty(t, n["transitions"])
 	require.Equal(t, "drain by "+apiserver.TokenIdentity(token)+": round", lastTransition(n)["reason"])
+	_, list := c.get("/v2/nodes")
+	seen := 0
+	for _, n := range list["nodes"].([]any) {
+		if n.(map[string]any)["node_id"] == id {
+			seen++
+		}
+	}
+	require.Equal(t, 1, seen, "a node that continued as new is listed once")
 
 	// Liveness works in the new run: kill -> Offline; back -> Draining (sticky).
 	w.signal(t, syscall.SIGKILL)

@@ -179,7 +179,8 @@ func (c *Client) List(ctx context.Context) ([]View, error) {
 			Namespace:     c.Namespace,
 			PageSize:      500,
 			NextPageToken: token,
-			Query:         fmt.Sprintf("WorkflowType = '%s'", node.WorkflowType),
+			// Runs that continued as new are history; their successor lists the node.
+			Query: fmt.Sprintf("WorkflowType = '%s' AND ExecutionStatus != 'ContinuedAsNew'", node.WorkflowType),
 		})
 		if err != nil {
 			return nil, fmt.Errorf("list node workflows: %w", err)

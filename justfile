@@ -1,0 +1,53 @@
+# llorch tasks. `just dev` runs the whole system locally; `just test` runs every test.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+export CGO_CFLAGS := "-O2 -g -Wno-deprecated-declarations"
+export PATH := justfile_directory() + "/bin:" + env_var("PATH")
+
+temporal_version := "v1.5.1"
+versitygw_version := "v1.8.0"
+
+default:
+    @just --list
+
+# Install the pinned temporal CLI and versitygw into ./bin when missing.
+tools:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    mkdir -p bin
+    if [ ! -f bin/.temporal-{{temporal_version}} ] || [ ! -x bin/temporal ]; then
+      echo "installing temporal CLI {{temporal_version}} into ./bin (first time: about 11 minutes)"
+      GOBIN="$PWD/bin" go install github.com/temporalio/cli/cmd/temporal@{{temporal_version}}
+      touch bin/.temporal-{{temporal_version}}
+    fi
+    if [ ! -f bin/.versitygw-{{versitygw_version}} ] || [ ! -x bin/versitygw ]; then
+      echo "installing versitygw {{versitygw_version}} into ./bin (first time: about 2 minutes)"
+      GOBIN="$PWD/bin" go install github.com/versity/versitygw/cmd/versitygw@{{versitygw_version}}
+      touch bin/.versitygw-{{versitygw_version}}
+    fi
+
+# Build the llorch binary into ./bin.
+build:
+    go build -o bin/llorch ./cmd/llorch
+
+# Run the whole system on this machine: Temporal, S3, apiserver, one node worker.
+dev *ARGS: tools build
+    ./bin/llorch dev {{ARGS}}
+
+# Add another node to a running `just dev` cluster.
+worker NODE_ID *ARGS: build
+    ./bin/llorch worker --node-id {{NODE_ID}} {{ARGS}}
+
+# Static checks: go vet and Temporal's workflowcheck.
+lint:
+    go vet ./...
+    go tool workflowcheck ./...
+
+# Every test: static checks, unit, workflow, API, e2e and replay tests.
+test: tools lint
+    go test -count=1 -timeout 30m ./...
+
+# Re-record the workflow histories the replay tests use, from a real run.
+record-histories: tools
+    LLORCH_RECORD_HISTORIES=1 go test -count=1 -run 'TestThreeNodesJoinDieReturnLeave|TestContinueAsNewKeepsState|TestHTTPAgentRecorded' ./e2e
+    go test -count=1 ./replay_tests
