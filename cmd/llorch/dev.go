@@ -1,5 +1,52 @@
 package main
 
-import "github.com/spf13/cobra"
+import (
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
 
-func devCmd() *cobra.Command { return &cobra.Command{Use: "dev"} }
+	"github.com/spf13/cobra"
+
+	"github.com/llorch/llorch/config"
+	"github.com/llorch/llorch/devcluster"
+)
+
+func devCmd() *cobra.Command {
+	var cfg devcluster.Config
+	cmd := &cobra.Command{
+		Use:   "dev",
+		Short: "run the whole system on this machine: Temporal, S3, the apiserver and one worker",
+		Long: "Runs Temporal (dev server), S3 (versitygw), the apiserver and a worker for one local node as\n" +
+			"children of this process, prints the URLs and the API token, and stops them all on Ctrl-C.\n" +
+			"State (Temporal database, S3 data, secrets) lives in --home and survives restarts; its dev.env\n" +
+			"lets `llorch worker --node-id node-2` in another terminal join this cluster.",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			go func() {
+				// After the first signal, restore the default action: a
+				// second Ctrl-C kills llorch dev at once, and the children
+				// follow it through their parent-death signal.
+				<-ctx.Done()
+				stop()
+			}()
+			return devcluster.Run(ctx, cfg, cmd.OutOrStdout())
+		},
+	}
+	fs := cmd.Flags()
+	fs.StringVar(&cfg.Home, "home", config.Home(), "state dir: dev.env, Temporal database, S3 data, model catalogs (env LLORCH_HOME)")
+	fs.StringVar(&cfg.NodeID, "node-id", devcluster.DefaultNodeID(), "id of the local node the dev worker runs")
+	fs.StringVar(&cfg.TemporalBin, "temporal-bin", "", "Temporal CLI binary (default ./bin/temporal, else temporal on PATH)")
+	fs.StringVar(&cfg.VersitygwBin, "versitygw-bin", "", "versitygw binary (default ./bin/versitygw, else versitygw on PATH)")
+	fs.StringVar(&cfg.Bucket, "bucket", devcluster.DefaultBucket, "S3 bucket for models, created if missing")
+	fs.IntVar(&cfg.TemporalPort, "temporal-port", devcluster.DefaultTemporalPort, "Temporal gRPC port")
+	fs.IntVar(&cfg.UIPort, "ui-port", devcluster.DefaultUIPort, "Temporal UI port")
+	fs.IntVar(&cfg.S3Port, "s3-port", devcluster.DefaultS3Port, "S3 port")
+	fs.IntVar(&cfg.APIPort, "api-port", devcluster.DefaultAPIPort, "REST API port (also serves the apiserver /metrics)")
+	fs.IntVar(&cfg.WorkerMetricsPort, "worker-metrics-port", devcluster.DefaultWorkerMetricsPort, "port of the dev worker's /metrics and /health")
+	fs.DurationVar(&cfg.ReadyTimeout, "ready-timeout", 60*time.Second, "how long each part may take to start")
+	fs.DurationVar(&cfg.StopGrace, "stop-grace", 10*time.Second, "how long each part may take to stop after SIGTERM before it is killed")
+	return cmd
+}

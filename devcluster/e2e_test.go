@@ -1,0 +1,317 @@
+package devcluster
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/llorch/config"
+)
+
+// repoRoot walks up from the package dir to go.mod.
+func repoRoot(t *testing.T) string {
+	t.Helper()
+	dir, err := os.Getwd()
+	require.NoError(t, err)
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir
+		}
+		parent := filepath.Dir(dir)
+		require.NotEqual(t, parent, dir, "no go.mod above the test dir")
+		dir = parent
+	}
+}
+
+// TestDevEndToEnd builds llorch and runs `llorch dev` as a user would: waits
+// for "is up", sees its node Online through the REST API with the token from
+// dev.env, stops it with SIGTERM, checks exit 0 and that no process is left,
+// then does it again on the same state dir (new ports) to prove the state is
+// reused: same token, the Temporal database reopened, the node back Online.
+// A third run is SIGKILLed: its children must die with it.
+func TestDevEndToEnd(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end: builds llorch and starts Temporal (-short)")
+	}
+	root := repoRoot(t)
+	temporalBin, vgwBin := filepath.Join(root, "bin", "temporal"), filepath.Join(root, "bin", "versitygw")
+	for _, b := range []string{temporalBin, vgwBin} {
+		if _, err := os.Stat(b); err != nil {
+			t.Skipf("end-to-end needs %s (run `just dev`, or `%s` and `%s` with GOBIN=%s/bin)",
+				b, temporalInstall, versitygwInstall, root)
+		}
+	}
+	tmp := t.TempDir()
+	exe := filepath.Join(tmp, "llorch")
+	build := exec.Command("go", "build", "-o", exe, "./cmd/llorch")
+	build.Dir = root
+	build.Env = append(os.Environ(), "CGO_CFLAGS=-O2 -g -Wno-deprecated-declarations")
+	b, err := build.CombinedOutput()
+	require.NoError(t, err, "go build: %s", b)
+
+	home := filepath.Join(tmp, "home")
+	const nodeID = "e2e-node"
+	t.Cleanup(func() {
+		// Belt and braces for a failed run: nothing of ours may survive the
+		// test. Only processes whose command line names our temp home.
+		for _, p := range processesMentioning(t, home) {
+			if pid, err := strconv.Atoi(strings.SplitN(p, ":", 2)[0]); err == nil {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	})
+
+	var tokens []string
+	for run := 1; run <= 2; run++ {
+		t.Logf("run %d", run)
+		p := freePorts(t, 5)
+		d := startDev(t, exe, tmp, "--home", home, "--node-id", nodeID,
+			"--temporal-bin", temporalBin, "--versitygw-bin", vgwBin,
+			"--temporal-port", strconv.Itoa(p[0]), "--ui-port", strconv.Itoa(p[1]), "--s3-port", strconv.Itoa(p[2]),
+			"--api-port", strconv.Itoa(p[3]), "--worker-metrics-port", strconv.Itoa(p[4]))
+		d.waitUp(t, 4*time.Minute)
+
+		env, err := config.ReadDevEnv(home)
+		require.NoError(t, err)
+		token := env["LLORCH_API_TOKEN"]
+		require.Regexp(t, `^[0-9a-f]{64}$`, token)
+		tokens = append(tokens, token)
+		apiURL := env["LLORCH_API_URL"]
+		require.Equal(t, "http://127.0.0.1:"+strconv.Itoa(p[3]), apiURL)
+
+		waitNodeOnline(t, d, apiURL, token, nodeID, 2*time.Minute)
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", p[4]))
+		require.NoError(t, err)
+		resp.Body.Close()
+		assert.Equal(t, http.StatusOK, resp.StatusCode, "worker metrics on --worker-metrics-port")
+
+		pids := d.childPIDs(t)
+		require.Len(t, pids, 4, "the banner lists temporal, s3, apiserver and worker")
+		require.NoError(t, d.cmd.Process.Signal(syscall.SIGTERM))
+		d.waitExit(t, 2*time.Minute)
+		for tag, pid := range pids {
+			assert.NoError(t, alive(pid), "%s (pid %d) outlived llorch dev", tag, pid)
+		}
+		assert.Empty(t, processesMentioning(t, home), "processes left behind after run %d", run)
+		assert.Contains(t, d.output(), "all stopped")
+	}
+	assert.Equal(t, tokens[0], tokens[1], "the second run reuses the token")
+
+	// A llorch dev killed outright cannot stop its children; their
+	// parent-death signal must.
+	t.Log("run 3: SIGKILL")
+	p := freePorts(t, 5)
+	d := startDev(t, exe, tmp, "--home", home, "--node-id", nodeID,
+		"--temporal-bin", temporalBin, "--versitygw-bin", vgwBin,
+		"--temporal-port", strconv.Itoa(p[0]), "--ui-port", strconv.Itoa(p[1]), "--s3-port", strconv.Itoa(p[2]),
+		"--api-port", strconv.Itoa(p[3]), "--worker-metrics-port", strconv.Itoa(p[4]))
+	d.waitUp(t, 4*time.Minute)
+	pids := d.childPIDs(t)
+	require.NoError(t, d.cmd.Process.Kill())
+	<-d.done
+	require.Eventually(t, func() bool { return len(processesMentioning(t, home)) == 0 }, time.Minute, 50*time.Millisecond,
+		"children outlived a SIGKILLed llorch dev: %v", processesMentioning(t, home))
+	for tag, pid := range pids {
+		assert.NoError(t, alive(pid), "%s (pid %d) outlived a SIGKILLed llorch dev", tag, pid)
+	}
+}
+
+type devProc struct {
+	cmd  *exec.Cmd
+	out  *lockedBuffer
+	up   chan struct{}
+	done chan struct{}
+	err  error
+}
+
+func startDev(t *testing.T, exe, dir string, args ...string) *devProc {
+	t.Helper()
+	cmd := exec.Command(exe, append([]string{"dev"}, args...)...)
+	cmd.Dir = dir // no ./bin here: the binaries come from the flags
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "LLORCH_") {
+			env = append(env, kv)
+		}
+	}
+	cmd.Env = env
+	r, w, err := os.Pipe()
+	require.NoError(t, err)
+	cmd.Stdout, cmd.Stderr = w, w
+	// If the test binary dies, llorch dev dies, and its children with it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	require.NoError(t, cmd.Start())
+	w.Close()
+	d := &devProc{cmd: cmd, out: &lockedBuffer{}, up: make(chan struct{}), done: make(chan struct{})}
+	scanned := make(chan struct{})
+	go func() {
+		defer close(scanned)
+		sc := bufio.NewScanner(r)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		upSeen := false
+		for sc.Scan() {
+			fmt.Fprintln(d.out, sc.Text())
+			if !upSeen && strings.Contains(sc.Text(), "llorch dev is up") {
+				upSeen = true
+				close(d.up)
+			}
+		}
+		_, _ = bufioDrain(r)
+	}()
+	go func() {
+		d.err = cmd.Wait()
+		<-scanned
+		close(d.done)
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-d.done:
+		default:
+			_ = cmd.Process.Kill()
+			<-d.done
+		}
+		if t.Failed() {
+			t.Logf("llorch dev output:\n%s", d.out.String())
+		}
+	})
+	return d
+}
+
+// bufioDrain keeps reading after a too-long line stopped the scanner, so
+// llorch dev never blocks on a full pipe.
+func bufioDrain(r *os.File) (int64, error) {
+	defer r.Close()
+	buf := make([]byte, 32<<10)
+	var n int64
+	for {
+		m, err := r.Read(buf)
+		n += int64(m)
+		if err != nil {
+			return n, err
+		}
+	}
+}
+
+func (d *devProc) output() string { return d.out.String() }
+
+func (d *devProc) waitUp(t *testing.T, timeout time.Duration) {
+	t.Helper()
+	select {
+	case <-d.up:
+	case <-d.done:
+		t.Fatalf("llorch dev exited before it was up: %v", d.err)
+	case <-time.After(timeout):
+		t.Fatalf("llorch dev not up within %s", timeout)
+	}
+}
+
+func (d *devProc) waitExit(t *testing.T, timeout time.Duration) {
+	t.Helper()
+	select {
+	case <-d.done:
+		require.NoError(t, d.err, "llorch dev must exit 0 after SIGTERM")
+	case <-time.After(timeout):
+		t.Fatalf("llorch dev did not exit within %s of SIGTERM", timeout)
+	}
+}
+
+var pidsLine = regexp.MustCompile(`pids: (.*)`)
+
+// childPIDs parses "pids: temporal 1, s3 2, apiserver 3, worker 4".
+func (d *devProc) childPIDs(t *testing.T) map[string]int {
+	t.Helper()
+	m := pidsLine.FindStringSubmatch(d.output())
+	require.NotNil(t, m, "no pids line in the banner")
+	out := map[string]int{}
+	for _, part := range strings.Split(m[1], ", ") {
+		f := strings.Fields(part)
+		require.Len(t, f, 2, part)
+		pid, err := strconv.Atoi(f[1])
+		require.NoError(t, err)
+		out[f[0]] = pid
+	}
+	return out
+}
+
+// alive errors if pid is a live process (a zombie counts as gone).
+func alive(pid int) error {
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return nil
+	}
+	s := string(st)
+	if f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:]); len(f) > 0 && f[0] == "Z" {
+		return nil
+	}
+	return fmt.Errorf("pid %d still running", pid)
+}
+
+func waitNodeOnline(t *testing.T, d *devProc, apiURL, token, nodeID string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	var last string
+	for {
+		state, err := listedState(apiURL, token, nodeID)
+		if err == nil && state == "Online" {
+			return
+		}
+		last = fmt.Sprintf("state %q, err %v", state, err)
+		select {
+		case <-d.done:
+			t.Fatalf("llorch dev exited while waiting for node %s Online (%s): %v", nodeID, last, d.err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node %s not Online in GET /v2/nodes within %s: %s", nodeID, timeout, last)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// listedState finds nodeID in GET /v2/nodes, as a user's curl would.
+func listedState(apiURL, token, nodeID string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, apiURL+"/v2/nodes", nil)
+	if err != nil {
+		return "", err
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("GET /v2/nodes: %s", resp.Status)
+	}
+	var body struct {
+		Nodes []struct {
+			NodeID string `json:"node_id"`
+			State  string `json:"state"`
+		} `json:"nodes"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&body); err != nil {
+		return "", err
+	}
+	for _, n := range body.Nodes {
+		if n.NodeID == nodeID {
+			return n.State, nil
+		}
+	}
+	return "", fmt.Errorf("node %s not listed (%d nodes)", nodeID, len(body.Nodes))
+}

@@ -1,0 +1,112 @@
+package devcluster
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/llorch/llorch/config"
+)
+
+// Keys of dev.env. They are the env names of the matching flags of the other
+// llorch commands, so config.Apply feeds them in as lower-precedence defaults.
+const (
+	envToken      = "LLORCH_API_TOKEN"
+	envTemporal   = "LLORCH_TEMPORAL_ADDRESS"
+	envS3Endpoint = "LLORCH_S3_ENDPOINT"
+	envS3Access   = "LLORCH_S3_ACCESS_KEY"
+	envS3Secret   = "LLORCH_S3_SECRET_KEY"
+	envS3Bucket   = "LLORCH_S3_BUCKET"
+	envAPIURL     = "LLORCH_API_URL"
+)
+
+// State is what a dev cluster keeps across runs.
+type State struct {
+	Home      string // absolute
+	Token     string
+	AccessKey string
+	SecretKey string
+}
+
+// Setup creates the state dir and writes dev.env. Secrets are made on the
+// first run and read back on later ones: a token that changed on every start
+// would break every shell that exported it and every script that uses it.
+// Addresses are rewritten every run, since the ports may have changed.
+func Setup(cfg Config) (State, error) {
+	home, err := filepath.Abs(cfg.Home)
+	if err != nil {
+		return State{}, err
+	}
+	// 0700: the dir holds the S3 data and dev.env, which holds the secrets.
+	if err := os.MkdirAll(home, 0o700); err != nil {
+		return State{}, fmt.Errorf("create state dir: %w", err)
+	}
+	old, err := config.ReadDevEnv(home)
+	if err != nil {
+		return State{}, fmt.Errorf("read %s: %w", config.DevEnvFile(home), err)
+	}
+	st := State{Home: home, Token: old[envToken], AccessKey: old[envS3Access], SecretKey: old[envS3Secret]}
+	for _, s := range []struct {
+		v *string
+		n int
+	}{{&st.Token, 32}, {&st.AccessKey, 10}, {&st.SecretKey, 20}} {
+		if *s.v == "" {
+			if *s.v, err = randomHex(s.n); err != nil {
+				return State{}, err
+			}
+		}
+	}
+	// S3 access keys are conventionally upper case; it also keeps the key
+	// visibly different from the secret in the file.
+	st.AccessKey = strings.ToUpper(st.AccessKey)
+	err = config.WriteDevEnv(home, [][2]string{
+		{envToken, st.Token},
+		{envTemporal, hostPort(cfg.TemporalPort)},
+		{envS3Endpoint, hostPort(cfg.S3Port)},
+		{envS3Access, st.AccessKey},
+		{envS3Secret, st.SecretKey},
+		{envS3Bucket, cfg.Bucket},
+		{envAPIURL, "http://" + hostPort(cfg.APIPort)},
+	})
+	if err != nil {
+		return State{}, fmt.Errorf("write %s: %w", config.DevEnvFile(home), err)
+	}
+	return st, nil
+}
+
+func randomHex(n int) (string, error) {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		return "", fmt.Errorf("generate secret: %w", err)
+	}
+	return hex.EncodeToString(b), nil
+}
+
+func hostPort(p int) string { return "127.0.0.1:" + strconv.Itoa(p) }
+
+// lockHome takes an exclusive lock on the state dir for the life of the
+// process. Two `llorch dev` on one state dir would share one SQLite file and
+// one S3 tree; with non-default ports the port check would not catch that.
+// flock is released by the kernel when the process dies, however it dies, so
+// a stale lock cannot outlive a crash.
+func lockHome(home string) (release func(), err error) {
+	path := filepath.Join(home, "dev.lock")
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		b, _ := os.ReadFile(path)
+		f.Close()
+		return nil, fmt.Errorf("another `llorch dev` (pid %s) is running with state dir %s: stop it, or use another --home",
+			strings.TrimSpace(string(b)), home)
+	}
+	_ = f.Truncate(0)
+	_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	return func() { _ = f.Close() }, nil
+}
