@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -140,6 +141,8 @@ func (e *Env) startS3() error {
 	var out bytes.Buffer
 	e.s3 = exec.Command(bin, "--port", e.S3.Endpoint, "--access", e.S3.AccessKey, "--secret", e.S3.SecretKey, "--quiet", "posix", root)
 	e.s3.Stdout, e.s3.Stderr = &out, &out
+	// A test binary killed by its timeout must not leave the server behind.
+	e.s3.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := e.s3.Start(); err != nil {
 		return fmt.Errorf("start versitygw: %w", err)
 	}

@@ -42,7 +42,7 @@ type common struct {
 }
 
 func (c *common) addFlags(fs *pflag.FlagSet) {
-	fs.StringVar(&c.home, "home", config.Home(), "state dir of `llorch dev`; its dev.env supplies defaults (env LLORCH_HOME)")
+	fs.StringVar(&c.home, "home", config.Home(), "state dir of llorch dev; its dev.env supplies defaults (env LLORCH_HOME)")
 	fs.StringVar(&c.logFormat, "log-format", "text", "log format: text or json")
 	config.Env(fs, "log-format", "LLORCH_LOG_FORMAT")
 	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
