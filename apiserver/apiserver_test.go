@@ -294,8 +294,8 @@ func TestHTTPAgentLifecycle(t *testing.T) {
 	require.Equal(t, 200, a.call("DELETE", "/v2/nodes/"+id, nil).status)
 
 	m := a.do("GET", "/metrics", "", nil).raw
-	require.Contains(t, m, `llorch_node_registrations_total{node_id="`+id+`"} 2`)
-	require.Contains(t, m, `llorch_node_deregistrations_total{node_id="`+id+`"} 2`)
+	require.Contains(t, m, `llorch_node_registrations_total{node_id="`+id+`",via="rest"} 2`)
+	require.Contains(t, m, `llorch_node_deregistrations_total{node_id="`+id+`",via="rest"} 2`)
 	require.Regexp(t, `llorch_node_rest_heartbeats_total\{node_id="`+id+`"\} \d+`, m)
 }
 

@@ -34,14 +34,14 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "llorch_api_auth_failures_total", Help: "Requests refused by bearer auth, by code.",
 		}, []string{"code"}),
 		registrations: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "llorch_node_registrations_total", Help: "Node registrations received over REST.",
-		}, []string{"node_id"}),
+			Name: "llorch_node_registrations_total", Help: "Node registrations, by how they arrived (via=rest|worker).",
+		}, []string{"node_id", "via"}),
 		heartbeats: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_node_rest_heartbeats_total", Help: "Node heartbeats received over REST.",
 		}, []string{"node_id"}),
 		deregistered: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "llorch_node_deregistrations_total", Help: "Node deregistrations requested over REST.",
-		}, []string{"node_id"}),
+			Name: "llorch_node_deregistrations_total", Help: "Node deregistrations, by how they arrived (via=rest|worker).",
+		}, []string{"node_id", "via"}),
 	}
 	reg.MustRegister(m.requests, m.latency, m.authFailures, m.registrations, m.heartbeats, m.deregistered)
 	return m

@@ -279,7 +279,7 @@ func (s *Server) registerNode(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	s.metrics.registrations.WithLabelValues(req.NodeID).Inc()
+	s.metrics.registrations.WithLabelValues(req.NodeID, "rest").Inc()
 	s.log(c).Info("node registered over REST", "node_id", req.NodeID, "gpus", len(req.GPUs))
 	return c.Status(fiber.StatusAccepted).JSON(fiber.Map{
 		"node_id":               req.NodeID,
@@ -351,7 +351,7 @@ func (s *Server) updateNode(name string) fiber.Handler {
 			return notFound(id, err)
 		}
 		if name == node.UpdateDeregister {
-			s.metrics.deregistered.WithLabelValues(id).Inc()
+			s.metrics.deregistered.WithLabelValues(id, "rest").Inc()
 		}
 		s.log(c).Info("node "+name, "node_id", id, "state", st.State)
 		return c.JSON(render(nodeclient.View{Status: st}, time.Now()))

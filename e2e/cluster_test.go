@@ -161,7 +161,10 @@ func (c *cluster) waitState(id string, want node.State, timeout time.Duration) t
 
 func TestThreeNodesJoinDieReturnLeave(t *testing.T) {
 	c := newCluster(t)
-	n1 := c.worker("e2e-n1", "--nvml-mock", "dgxh100")
+	port, err := testenv.FreePort()
+	require.NoError(t, err)
+	metricsAddr := fmt.Sprintf("127.0.0.1:%d", port)
+	n1 := c.worker("e2e-n1", "--nvml-mock", "dgxh100", "--metrics-addr", metricsAddr)
 	n2 := c.worker("e2e-n2")
 	n3 := c.worker("e2e-n3")
 	for _, id := range []string{"e2e-n1", "e2e-n2", "e2e-n3"} {
@@ -178,6 +181,21 @@ func TestThreeNodesJoinDieReturnLeave(t *testing.T) {
 	inv3 := c.node("e2e-n3")["inventory"].(map[string]any)
 	require.Equal(t, true, inv3["cpu_only"], "no NVIDIA driver here: the plain worker is CPU-only")
 	require.NotEmpty(t, inv3["nvml_error"])
+
+	// The worker exports its registration, beats and per-GPU figures.
+	testenv.Eventually(t, 10*time.Second, "worker metrics", func() (bool, string) {
+		res, err := http.Get("http://" + metricsAddr + "/metrics")
+		if err != nil {
+			return false, err.Error()
+		}
+		defer res.Body.Close()
+		raw, _ := io.ReadAll(res.Body)
+		m := string(raw)
+		return strings.Contains(m, `llorch_gpu_memory_total_bytes{gpu="7",node_id="e2e-n1"} 8.589934592e+10`) &&
+			strings.Contains(m, `llorch_gpu_utilization_ratio{gpu="0",node_id="e2e-n1"}`) &&
+			strings.Contains(m, `llorch_node_registrations_total{node_id="e2e-n1",via="worker"} 1`) &&
+			strings.Contains(m, `llorch_node_heartbeats_total{node_id="e2e-n1"}`), m
+	})
 
 	// kill -9: no deregistration, only the missing heartbeats tell.
 	n2.signal(t, syscall.SIGKILL)
