@@ -91,25 +91,16 @@ func (a *NodeActivities) Liveness(ctx context.Context, in LivenessInput) error {
 
 // NodeMetrics are the per-node gauges and counters a worker exports.
 type NodeMetrics struct {
-	Registrations   *prometheus.CounterVec
-	Deregistrations *prometheus.CounterVec
-	Heartbeats      *prometheus.CounterVec
-	GPUMemUsed      *prometheus.GaugeVec
-	GPUMemTotal     *prometheus.GaugeVec
-	GPUUtil         *prometheus.GaugeVec
-	DiskFreeBytes   *prometheus.GaugeVec
+	Heartbeats    *prometheus.CounterVec
+	GPUMemUsed    *prometheus.GaugeVec
+	GPUMemTotal   *prometheus.GaugeVec
+	GPUUtil       *prometheus.GaugeVec
+	DiskFreeBytes *prometheus.GaugeVec
 }
 
 // NewNodeMetrics registers the worker's node metrics on reg.
 func NewNodeMetrics(reg prometheus.Registerer) *NodeMetrics {
 	m := &NodeMetrics{
-		// Same names as the apiserver's REST counters, told apart by via.
-		Registrations: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "llorch_node_registrations_total", Help: "Node registrations, by how they arrived (via=rest|worker).",
-		}, []string{"node_id", "via"}),
-		Deregistrations: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "llorch_node_deregistrations_total", Help: "Node deregistrations, by how they arrived (via=rest|worker).",
-		}, []string{"node_id", "via"}),
 		Heartbeats: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_node_heartbeats_total", Help: "Liveness heartbeats sent by this node.",
 		}, []string{"node_id"}),
@@ -126,7 +117,7 @@ func NewNodeMetrics(reg prometheus.Registerer) *NodeMetrics {
 			Name: "llorch_node_model_disk_free_bytes", Help: "Free bytes on the model dir's file system.",
 		}, []string{"node_id"}),
 	}
-	reg.MustRegister(m.Registrations, m.Deregistrations, m.Heartbeats, m.GPUMemUsed, m.GPUMemTotal, m.GPUUtil, m.DiskFreeBytes)
+	reg.MustRegister(m.Heartbeats, m.GPUMemUsed, m.GPUMemTotal, m.GPUUtil, m.DiskFreeBytes)
 	return m
 }
 

@@ -45,8 +45,9 @@ func startAPI(t *testing.T) *api {
 	w := workers.NewControl(env.Temporal)
 	require.NoError(t, w.Start())
 	t.Cleanup(w.Stop)
-	nodes := &nodeclient.Client{Temporal: env.Temporal, Namespace: env.Namespace}
-	s, err := apiserver.New(apiserver.Config{Addr: "127.0.0.1:0", Token: token}, nodes, prometheus.NewRegistry(), log)
+	reg := prometheus.NewRegistry()
+	nodes := &nodeclient.Client{Temporal: env.Temporal, Namespace: env.Namespace, Via: "rest", Metrics: nodeclient.NewMetrics(reg)}
+	s, err := apiserver.New(apiserver.Config{Addr: "127.0.0.1:0", Token: token}, nodes, reg, log)
 	require.NoError(t, err)
 	require.NoError(t, s.Listen("127.0.0.1:0"))
 	t.Cleanup(func() { _ = s.Shutdown(context.Background()) })

@@ -13,12 +13,10 @@ import (
 )
 
 type metrics struct {
-	requests      *prometheus.CounterVec
-	latency       *prometheus.HistogramVec
-	authFailures  *prometheus.CounterVec
-	registrations *prometheus.CounterVec
-	heartbeats    *prometheus.CounterVec
-	deregistered  *prometheus.CounterVec
+	requests     *prometheus.CounterVec
+	latency      *prometheus.HistogramVec
+	authFailures *prometheus.CounterVec
+	heartbeats   *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -33,17 +31,11 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_api_auth_failures_total", Help: "Requests refused by bearer auth, by code.",
 		}, []string{"code"}),
-		registrations: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "llorch_node_registrations_total", Help: "Node registrations, by how they arrived (via=rest|worker).",
-		}, []string{"node_id", "via"}),
 		heartbeats: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_node_rest_heartbeats_total", Help: "Node heartbeats received over REST.",
 		}, []string{"node_id"}),
-		deregistered: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "llorch_node_deregistrations_total", Help: "Node deregistrations, by how they arrived (via=rest|worker).",
-		}, []string{"node_id", "via"}),
 	}
-	reg.MustRegister(m.requests, m.latency, m.authFailures, m.registrations, m.heartbeats, m.deregistered)
+	reg.MustRegister(m.requests, m.latency, m.authFailures, m.heartbeats)
 	return m
 }
 

@@ -279,7 +279,6 @@ func (s *Server) registerNode(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	s.metrics.registrations.WithLabelValues(req.NodeID, "rest").Inc()
 	s.log(c).Info("node registered over REST", "node_id", req.NodeID, "gpus", len(req.GPUs))
 	return c.Status(fiber.StatusAccepted).JSON(fiber.Map{
 		"node_id":               req.NodeID,
@@ -349,9 +348,6 @@ func (s *Server) updateNode(name string) fiber.Handler {
 		st, err := s.nodes.Update(c.UserContext(), id, name, node.Request{Reason: req.Reason, Identity: identity(c)})
 		if err != nil {
 			return notFound(id, err)
-		}
-		if name == node.UpdateDeregister {
-			s.metrics.deregistered.WithLabelValues(id, "rest").Inc()
 		}
 		s.log(c).Info("node "+name, "node_id", id, "state", st.State)
 		return c.JSON(render(nodeclient.View{Status: st}, time.Now()))

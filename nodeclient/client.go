@@ -34,6 +34,10 @@ type Client struct {
 	// ContinueAsNewAfterEvents is passed to workflows this client starts
 	// (0: the server's suggestion decides).
 	ContinueAsNewAfterEvents int
+	// Via labels this client's metrics: "rest" in the apiserver, "worker"
+	// in the node agent.
+	Via     string
+	Metrics *Metrics
 }
 
 // View is a node as a reader sees it: the workflow's durable status plus the
@@ -62,6 +66,9 @@ func (c *Client) Register(ctx context.Context, reg node.Registration) error {
 		workflows.Node, workflows.NodeInput{NodeID: id, ContinueAsNewAfterEvents: c.ContinueAsNewAfterEvents})
 	if err != nil {
 		return fmt.Errorf("register node %s: %w", id, err)
+	}
+	if c.Metrics != nil {
+		c.Metrics.registrations.WithLabelValues(id, c.Via).Inc()
 	}
 	return nil
 }
@@ -97,6 +104,9 @@ func (c *Client) Update(ctx context.Context, nodeID, name string, req node.Reque
 	}
 	if err != nil {
 		return st, c.mapErr(ctx, nodeID, err)
+	}
+	if name == node.UpdateDeregister && c.Metrics != nil {
+		c.Metrics.deregistrations.WithLabelValues(nodeID, c.Via).Inc()
 	}
 	return st, nil
 }

@@ -59,9 +59,6 @@ func (a *Agent) Start(ctx context.Context) error {
 		a.worker.Stop()
 		return err
 	}
-	if a.Metrics != nil {
-		a.Metrics.Registrations.WithLabelValues(a.NodeID, "worker").Inc()
-	}
 	a.Log.Info("node registered", "gpus", len(inv.GPUs), "cpu_only", inv.CPUOnly,
 		"workflow_id", node.WorkflowID(a.NodeID), "task_queue", node.TaskQueue(a.NodeID))
 	return nil
@@ -73,9 +70,6 @@ func (a *Agent) Stop(ctx context.Context) error {
 	_, err := a.Nodes.Update(ctx, a.NodeID, node.UpdateDeregister, node.Request{Identity: a.Identity, Reason: "worker shutting down"})
 	switch err {
 	case nil:
-		if a.Metrics != nil {
-			a.Metrics.Deregistrations.WithLabelValues(a.NodeID, "worker").Inc()
-		}
 		a.Log.Info("node deregistered")
 	case nodeclient.ErrLeft, nodeclient.ErrNotFound:
 	default:

@@ -41,8 +41,9 @@ func apiserverCmd() *cobra.Command {
 				fx.Supply(log, api, fx.Annotate(tc, fx.As(new(client.Client)))),
 				fx.Provide(
 					newRegistry,
-					func() *nodeclient.Client {
-						return &nodeclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, ContinueAsNewAfterEvents: canAfter}
+					func(reg *prometheus.Registry) *nodeclient.Client {
+						return &nodeclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, ContinueAsNewAfterEvents: canAfter,
+							Via: "rest", Metrics: nodeclient.NewMetrics(reg)}
 					},
 					func(cfg apiserver.Config, n *nodeclient.Client, reg *prometheus.Registry, l *slog.Logger) (*apiserver.Server, error) {
 						return apiserver.New(cfg, n, reg, l)

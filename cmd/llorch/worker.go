@@ -75,7 +75,8 @@ func workerCmd() *cobra.Command {
 			reg := newRegistry()
 			agent := &workers.Agent{
 				NodeID: nodeID, Identity: identity, HeartbeatInterval: interval, Host: host, Log: log,
-				Nodes:   &nodeclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, ContinueAsNewAfterEvents: canAfter},
+				Nodes: &nodeclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, ContinueAsNewAfterEvents: canAfter,
+					Via: "worker", Metrics: nodeclient.NewMetrics(reg)},
 				Metrics: activities.NewNodeMetrics(reg),
 			}
 			return runApp(log,

@@ -1,0 +1,24 @@
+package nodeclient
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// Metrics count registry changes where they are made, so the apiserver
+// (via=rest) and the node agent (via=worker) export the same series.
+type Metrics struct {
+	registrations   *prometheus.CounterVec
+	deregistrations *prometheus.CounterVec
+}
+
+// NewMetrics registers the registry counters on reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		registrations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_node_registrations_total", Help: "Node registrations, by the path they came through (via=rest|worker).",
+		}, []string{"node_id", "via"}),
+		deregistrations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_node_deregistrations_total", Help: "Node deregistrations, by the path they came through (via=rest|worker).",
+		}, []string{"node_id", "via"}),
+	}
+	reg.MustRegister(m.registrations, m.deregistrations)
+	return m
+}
