@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -346,4 +347,34 @@ func TestWorkerAgentNode(t *testing.T) {
 
 	require.NoError(t, agent.Stop(ctx))
 	require.Equal(t, "Left", a.state(id))
+}
+
+// Racing registrations of one node (restarted workers, retries) join one
+// workflow; they never start a second.
+func TestRacingRegistrationsMakeOneWorkflow(t *testing.T) {
+	startAPI(t)
+	nodes := &nodeclient.Client{Temporal: env.Temporal, Namespace: env.Namespace}
+	id := "race-1"
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	errs := make(chan error, 20)
+	for i := 0; i < 20; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- nodes.Register(ctx, node.Registration{NodeID: id, Agent: node.AgentHTTP,
+				Identity: fmt.Sprintf("racer-%d", i), HeartbeatInterval: time.Second})
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+	testenv.Eventually(t, 10*time.Second, "exactly one run of node:"+id, func() (bool, string) {
+		n, err := env.Temporal.CountWorkflow(ctx, countReq(env.Namespace, `WorkflowId="node:`+id+`"`))
+		return err == nil && n.GetCount() == 1, fmt.Sprint(n, err)
+	})
+	_, err := nodes.Update(ctx, id, node.UpdateDeregister, node.Request{})
+	require.NoError(t, err)
 }

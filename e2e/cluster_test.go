@@ -248,6 +248,37 @@ func TestKillDetectionTime(t *testing.T) {
 	require.Less(t, times[rounds-1], 10*time.Second)
 }
 
+// Heartbeats travel as activity heartbeat details: a node beating five
+// times a second adds nothing to its workflow history.
+func TestHeartbeatsDoNotGrowHistory(t *testing.T) {
+	c := newCluster(t)
+	id := "e2e-quiet"
+	w := c.worker(id, "--heartbeat-interval", "200ms")
+	c.waitState(id, node.Online, 60*time.Second)
+	length := func() int64 {
+		d, err := env.Temporal.DescribeWorkflowExecution(context.Background(), node.WorkflowID(id), "")
+		require.NoError(t, err)
+		return d.GetWorkflowExecutionInfo().GetHistoryLength()
+	}
+	liveAt := func() time.Time {
+		live, _ := c.node(id)["live"].(map[string]any)
+		at, _ := live["at"].(string)
+		ts, _ := time.Parse(time.RFC3339Nano, at)
+		return ts
+	}
+	testenv.Eventually(t, 10*time.Second, "first heartbeat recorded", func() (bool, string) {
+		return !liveAt().IsZero(), fmt.Sprint(c.node(id)["live"])
+	})
+	before, first := length(), liveAt()
+	// Wait for at least ten more beats to reach the server.
+	testenv.Eventually(t, 30*time.Second, "ten more heartbeats", func() (bool, string) {
+		return liveAt().Sub(first) >= 2*time.Second, liveAt().String()
+	})
+	require.Equal(t, before, length(), "history grew while the node only heartbeat")
+	w.signal(t, syscall.SIGTERM)
+	c.waitState(id, node.Left, 20*time.Second)
+}
+
 // A network cut (not a crash): the worker process lives on, its link to
 // Temporal is severed, then restored.
 func TestNetworkCut(t *testing.T) {
