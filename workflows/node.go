@@ -26,6 +26,9 @@ type NodeInput struct {
 	ContinueAsNewAfterEvents int
 	// LivenessLease bounds one liveness session; 0 means DefaultLivenessLease.
 	LivenessLease time.Duration
+	// Register is a registration that raced the previous run's
+	// deregistration: the new run starts with it instead of losing it.
+	Register *node.Registration
 }
 
 // DefaultLivenessLease is how long one liveness session lasts before the
@@ -48,6 +51,7 @@ type nodeWF struct {
 	st          node.Status
 	registering bool // registered, liveness not yet confirmed
 	left        bool
+	rejoin      *node.Registration // a registration received after left
 
 	wake           workflow.Channel // handlers nudge the main loop
 	liveness       workflow.Future  // current session; nil when none runs
@@ -76,13 +80,16 @@ func (n *nodeWF) setup(ctx workflow.Context) error {
 	}); err != nil {
 		return err
 	}
-	updates := map[string]func(workflow.Context, node.Request) (node.Status, error){
-		node.UpdateDrain:      n.onDrain(true),
-		node.UpdateUndrain:    n.onDrain(false),
-		node.UpdateDeregister: n.onDeregister,
+	updates := []struct {
+		name    string
+		handler func(workflow.Context, node.Request) (node.Status, error)
+	}{
+		{node.UpdateDrain, n.onDrain(true)},
+		{node.UpdateUndrain, n.onDrain(false)},
+		{node.UpdateDeregister, n.onDeregister},
 	}
-	for _, name := range []string{node.UpdateDrain, node.UpdateUndrain, node.UpdateDeregister} {
-		if err := workflow.SetUpdateHandlerWithOptions(ctx, name, updates[name], workflow.UpdateHandlerOptions{
+	for _, u := range updates {
+		if err := workflow.SetUpdateHandlerWithOptions(ctx, u.name, u.handler, workflow.UpdateHandlerOptions{
 			Validator: n.validateRequest,
 		}); err != nil {
 			return err
@@ -99,7 +106,9 @@ func (n *nodeWF) run(ctx workflow.Context) (node.Status, error) {
 
 	// A carried node with an agent resumes its liveness at once: a worker
 	// agent proves itself again within one timeout or goes Offline.
-	if n.st.Agent != "" && (n.st.Connected || n.registering || n.st.Agent == node.AgentWorker) {
+	if n.in.Register != nil {
+		n.onRegister(ctx, *n.in.Register)
+	} else if n.st.Agent == node.AgentWorker || (n.st.Agent == node.AgentHTTP && n.st.Connected) {
 		n.startLiveness(ctx)
 	}
 	for !n.left {
@@ -127,6 +136,7 @@ func (n *nodeWF) run(ctx workflow.Context) (node.Status, error) {
 			if err := workflow.Await(ctx, func() bool { return workflow.AllHandlersFinished(ctx) }); err != nil {
 				return n.st, err
 			}
+			n.drainSignals(ctx, register, alive) // any that arrived while handlers finished
 			if n.left {
 				break
 			}
@@ -143,6 +153,16 @@ func (n *nodeWF) run(ctx workflow.Context) (node.Status, error) {
 	n.drainSignals(ctx, register, alive)
 	if err := workflow.Await(ctx, func() bool { return workflow.AllHandlersFinished(ctx) }); err != nil {
 		return n.st, err
+	}
+	n.drainSignals(ctx, register, alive)
+	if n.rejoin != nil {
+		// The node registered again while it was leaving (a worker
+		// restarted at that moment): its new life is a fresh run.
+		log.Info("registered again while leaving; starting a new run", "node_id", n.st.NodeID)
+		return n.snapshot(), workflow.NewContinueAsNewError(ctx, Node, NodeInput{
+			NodeID: n.in.NodeID, Register: n.rejoin,
+			ContinueAsNewAfterEvents: n.in.ContinueAsNewAfterEvents, LivenessLease: n.in.LivenessLease,
+		})
 	}
 	return n.snapshot(), nil
 }
@@ -175,6 +195,7 @@ func (n *nodeWF) drainSignals(ctx workflow.Context, register, alive workflow.Rec
 
 func (n *nodeWF) onRegister(ctx workflow.Context, r node.Registration) {
 	if n.left {
+		n.rejoin = &r
 		return
 	}
 	now := workflow.Now(ctx)
