@@ -100,6 +100,10 @@ const (
 	AgentHTTP Agent = "http"
 )
 
+// ErrTypeLeft is the application error type of a request on a node that
+// has left.
+const ErrTypeLeft = "NODE_LEFT"
+
 // Heartbeat bounds. Liveness times out after MissedBeats intervals.
 const (
 	DefaultHeartbeatInterval = time.Second

@@ -114,7 +114,11 @@ func (c *Client) Update(ctx context.Context, nodeID, name string, req node.Reque
 // mapErr turns "no such workflow" into ErrNotFound or ErrLeft.
 func (c *Client) mapErr(ctx context.Context, nodeID string, err error) error {
 	var notFound *serviceerror.NotFound
-	if !errors.As(err, &notFound) && !strings.Contains(err.Error(), "has left") {
+	var appErr *temporal.ApplicationError
+	if errors.As(err, &appErr) && appErr.Type() == node.ErrTypeLeft {
+		return ErrLeft
+	}
+	if !errors.As(err, &notFound) {
 		return err
 	}
 	if _, derr := c.Temporal.DescribeWorkflowExecution(ctx, node.WorkflowID(nodeID), ""); derr != nil {

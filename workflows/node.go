@@ -327,7 +327,7 @@ func (n *nodeWF) stopLiveness() {
 
 func (n *nodeWF) validateRequest(ctx workflow.Context, r node.Request) error {
 	if n.left {
-		return fmt.Errorf("node %s has left", n.st.NodeID)
+		return temporal.NewNonRetryableApplicationError(fmt.Sprintf("node %s has left", n.st.NodeID), node.ErrTypeLeft, nil)
 	}
 	if len(r.Reason) > node.MaxReasonLen {
 		return fmt.Errorf("reason is longer than %d characters", node.MaxReasonLen)
