@@ -210,10 +210,23 @@ type registerRequest struct {
 	Pools               []node.PoolSlots `json:"pools"`
 }
 
-func validateGPUs(field string, gpus []node.GPU) error {
+func validateGPUs(gpus []node.GPU) error {
+	usage := make([]node.GPUUsage, len(gpus))
+	for i, g := range gpus {
+		if len(g.Name) > 256 || len(g.UUID) > 128 {
+			return invalidParam(fmt.Sprintf("gpus[%d]", i), "name or uuid too long")
+		}
+		usage[i] = node.GPUUsage{Index: g.Index, MemoryTotalBytes: g.MemoryTotalBytes,
+			MemoryFreeBytes: g.MemoryFreeBytes, UtilizationPercent: g.UtilizationPercent}
+	}
+	return validateUsage(usage)
+}
+
+// validateUsage checks the figures registrations and heartbeats share.
+func validateUsage(gpus []node.GPUUsage) error {
 	seen := map[int]bool{}
 	for i, g := range gpus {
-		f := fmt.Sprintf("%s[%d]", field, i)
+		f := fmt.Sprintf("gpus[%d]", i)
 		switch {
 		case g.Index < 0 || seen[g.Index]:
 			return invalidParam(f+".index", "must be a unique index >= 0")
@@ -221,8 +234,6 @@ func validateGPUs(field string, gpus []node.GPU) error {
 			return invalidParam(f+".memory_free_bytes", "exceeds memory_total_bytes")
 		case g.UtilizationPercent > 100:
 			return invalidParam(f+".utilization_percent", "must be 0-100")
-		case len(g.Name) > 256 || len(g.UUID) > 128:
-			return invalidParam(f, "name or uuid too long")
 		}
 		seen[g.Index] = true
 	}
@@ -258,7 +269,7 @@ func (s *Server) registerNode(c *fiber.Ctx) error {
 		return invalidParam("heartbeat_interval_ms", "must be between %d and %d",
 			node.MinHeartbeatInterval.Milliseconds(), node.MaxHeartbeatInterval.Milliseconds())
 	}
-	if err := validateGPUs("gpus", req.GPUs); err != nil {
+	if err := validateGPUs(req.GPUs); err != nil {
 		return err
 	}
 	if err := validatePools(req.Pools); err != nil {
@@ -304,13 +315,8 @@ func (s *Server) heartbeatNode(c *fiber.Ctx) error {
 	if err := decode(c, &req, true); err != nil {
 		return err
 	}
-	for i, g := range req.GPUs {
-		if g.MemoryFreeBytes > g.MemoryTotalBytes {
-			return invalidParam(fmt.Sprintf("gpus[%d].memory_free_bytes", i), "exceeds memory_total_bytes")
-		}
-		if g.UtilizationPercent > 100 {
-			return invalidParam(fmt.Sprintf("gpus[%d].utilization_percent", i), "must be 0-100")
-		}
+	if err := validateUsage(req.GPUs); err != nil {
+		return err
 	}
 	if err := validatePools(req.Pools); err != nil {
 		return err

@@ -175,12 +175,8 @@ func (s *supervisor) run(ctx context.Context, st State, temporalBin, vgwBin, exe
 	// node to be Online so the printed curl shows it, but only as a courtesy:
 	// the cluster is usable without it, and the node list says why not.
 	state := s.waitOnline(ctx, apiURL, st.Token)
-	select {
-	case <-ctx.Done():
-		return errInterrupted
-	case <-s.dead:
-		return s.crashErr()
-	default:
+	if err := s.stopped(ctx); err != nil {
+		return err
 	}
 
 	s.banner(st, state)
@@ -244,12 +240,8 @@ func (s *supervisor) start(tag, bin string, args, env []string) (*child, error) 
 func (s *supervisor) waitReady(ctx context.Context, c *child, what string, p probe) error {
 	deadline := time.Now().Add(s.cfg.ReadyTimeout)
 	for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
-		select {
-		case <-ctx.Done():
-			return errInterrupted
-		case <-s.dead:
-			return s.crashErr()
-		default:
+		if err := s.stopped(ctx); err != nil {
+			return err
 		}
 		// A probe in flight ends when a child dies, so a crash is reported
 		// at once, not after the probe's own timeout.
@@ -303,6 +295,19 @@ func (s *supervisor) waitOnline(ctx context.Context, apiURL, token string) strin
 		}
 	}
 	return state
+}
+
+// stopped says why start-up must end now (the user asked, or a child died),
+// or nil to go on.
+func (s *supervisor) stopped(ctx context.Context) error {
+	select {
+	case <-ctx.Done():
+		return errInterrupted
+	case <-s.dead:
+		return s.crashErr()
+	default:
+		return nil
+	}
 }
 
 func (s *supervisor) interrupted(ctx context.Context, err error) error {
