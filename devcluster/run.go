@@ -69,7 +69,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer) (err error) {
 		return fmt.Errorf("create S3 dir: %w", err)
 	}
 
-	s := &supervisor{cfg: cfg, out: &syncWriter{w: out}, sp: newSpawner(), dead: make(chan struct{})}
+	s := &supervisor{cfg: cfg, exe: exe, out: &syncWriter{w: out}, sp: newSpawner(), dead: make(chan struct{})}
 	defer func() {
 		stopErr := s.stopAll()
 		s.sp.close()
@@ -88,6 +88,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer) (err error) {
 
 // supervisor owns the children of one Run.
 type supervisor struct {
+	exe      string // this llorch binary, for the hint on adding a node
 	cfg      Config
 	out      *syncWriter
 	sp       *spawner
@@ -376,11 +377,11 @@ llorch dev is up (state in %s)
   metrics      %s/metrics , worker http://%s/metrics
   %s; pids: %s
 try: curl -H "Authorization: Bearer $%s" %s/v2/nodes
-add a node: llorch worker --node-id node-2%s
+add a node: %s worker --node-id node-2%s
 stop: Ctrl-C
 
 `, home, api, env, envToken, env, hostPort(cfg.UIPort), hostPort(cfg.TemporalPort), hostPort(cfg.S3Port), cfg.Bucket,
-		api, hostPort(cfg.WorkerMetricsPort), nodeLine, strings.Join(pids, ", "), envToken, api, homeHint(home))
+		api, hostPort(cfg.WorkerMetricsPort), nodeLine, strings.Join(pids, ", "), envToken, api, displayPath(s.exe), homeHint(home))
 }
 
 // homeHint is the LLORCH_HOME a second worker needs when the state dir is
@@ -394,4 +395,17 @@ func homeHint(home string) string {
 		abs = home
 	}
 	return " --home " + abs
+}
+
+// displayPath shortens p relative to the working directory when it is below
+// it (./bin/llorch), so the printed command can be pasted as is.
+func displayPath(p string) string {
+	wd, err := os.Getwd()
+	if err != nil {
+		return p
+	}
+	if rel, err := filepath.Rel(wd, p); err == nil && !strings.HasPrefix(rel, "..") {
+		return "./" + rel
+	}
+	return p
 }
