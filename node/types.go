@@ -57,6 +57,15 @@ type GPUUsage struct {
 	UtilizationPercent uint32 `json:"utilization_percent"`
 }
 
+// ModelCopy is a verified model file held in a node's local catalog.
+type ModelCopy struct {
+	ModelID  string    `json:"model_id"`
+	SHA256   string    `json:"sha256"`
+	Size     int64     `json:"size"`
+	StagedAt time.Time `json:"staged_at"`
+	LastUsed time.Time `json:"last_used"`
+}
+
 // Snapshot is what a heartbeat carries. It travels as activity heartbeat
 // details, so it never enters workflow history.
 type Snapshot struct {
@@ -64,6 +73,9 @@ type Snapshot struct {
 	GPUs          []GPUUsage  `json:"gpus"`
 	DiskFreeBytes uint64      `json:"disk_free_bytes"`
 	Pools         []PoolSlots `json:"pools"`
+	// Models is the node's local catalog; ModelBytes their total size.
+	Models     []ModelCopy `json:"models,omitempty"`
+	ModelBytes uint64      `json:"model_bytes,omitempty"`
 }
 
 // FreeVRAMBytes sums free memory over all GPUs.
