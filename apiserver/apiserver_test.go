@@ -19,6 +19,8 @@ import (
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/apiserver"
 	"github.com/llorch/llorch/inventory"
+	"github.com/llorch/llorch/modelclient"
+	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/nodeclient"
 	"github.com/llorch/llorch/testenv"
@@ -43,12 +45,18 @@ func startAPI(t *testing.T) *api {
 	t.Helper()
 	logs := &bytes.Buffer{}
 	log := slog.New(slog.NewTextHandler(io.MultiWriter(logs, testWriter{t}), nil))
-	w := workers.NewControl(env.Temporal)
+	store, err := modelstore.New(env.S3)
+	require.NoError(t, err)
+	require.NoError(t, store.EnsureBucket(context.Background()))
+	w := workers.NewControl(env.Temporal, &activities.CatalogActivities{Store: store})
 	require.NoError(t, w.Start())
 	t.Cleanup(w.Stop)
 	reg := prometheus.NewRegistry()
 	nodes := &nodeclient.Client{Temporal: env.Temporal, Namespace: env.Namespace, Via: "rest", Metrics: nodeclient.NewMetrics(reg)}
-	s, err := apiserver.New(apiserver.Config{Addr: "127.0.0.1:0", Token: token}, nodes, reg, log)
+	s, err := apiserver.New(apiserver.Config{Addr: "127.0.0.1:0", Token: token}, apiserver.Deps{
+		Nodes: nodes, Store: store, Registry: reg, Logger: log,
+		Models: &modelclient.Client{Temporal: env.Temporal, Namespace: env.Namespace, Nodes: nodes},
+	})
 	require.NoError(t, err)
 	require.NoError(t, s.Listen("127.0.0.1:0"))
 	t.Cleanup(func() { _ = s.Shutdown(context.Background()) })
@@ -154,10 +162,11 @@ func TestAuth(t *testing.T) {
 func TestRefusesPublicBindWithoutToken(t *testing.T) {
 	nodes := &nodeclient.Client{Temporal: env.Temporal, Namespace: env.Namespace}
 	for _, addr := range []string{"0.0.0.0:8080", ":8080", "10.1.2.3:8080"} {
-		_, err := apiserver.New(apiserver.Config{Addr: addr}, nodes, prometheus.NewRegistry(), slog.Default())
+		_, err := apiserver.New(apiserver.Config{Addr: addr}, apiserver.Deps{Nodes: nodes, Registry: prometheus.NewRegistry(), Logger: slog.Default()})
 		require.ErrorContains(t, err, "without a token", addr)
 	}
-	_, err := apiserver.New(apiserver.Config{Addr: "127.0.0.1:0"}, nodes, prometheus.NewRegistry(), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	_, err := apiserver.New(apiserver.Config{Addr: "127.0.0.1:0"}, apiserver.Deps{Nodes: nodes, Registry: prometheus.NewRegistry(),
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	require.NoError(t, err)
 }
 

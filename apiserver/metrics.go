@@ -13,10 +13,11 @@ import (
 )
 
 type metrics struct {
-	requests     *prometheus.CounterVec
-	latency      *prometheus.HistogramVec
-	authFailures *prometheus.CounterVec
-	heartbeats   *prometheus.CounterVec
+	requests       *prometheus.CounterVec
+	latency        *prometheus.HistogramVec
+	authFailures   *prometheus.CounterVec
+	catalogChanges *prometheus.CounterVec
+	heartbeats     *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -35,7 +36,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "llorch_node_rest_heartbeats_total", Help: "Node heartbeats received over REST.",
 		}, []string{"node_id"}),
 	}
-	reg.MustRegister(m.requests, m.latency, m.authFailures, m.heartbeats)
+	m.catalogChanges = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "llorch_catalog_changes_total", Help: "Catalog changes made through the API, by operation.",
+	}, []string{"op"})
+	reg.MustRegister(m.catalogChanges, m.requests, m.latency, m.authFailures, m.heartbeats)
 	return m
 }
 

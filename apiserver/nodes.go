@@ -162,6 +162,12 @@ func (s *Server) getNode(c *fiber.Ctx) error {
 // decode reads a JSON body strictly: unknown fields and wrong types are
 // INVALID_PARAMS naming the field. An empty body is allowed when optional.
 func decode(c *fiber.Ctx, dst any, optional bool) error {
+	// Bodies stream (for model uploads): bound a JSON body before reading it.
+	if n := c.Request().Header.ContentLength(); n > maxBodyBytes {
+		return apiError(fiber.StatusRequestEntityTooLarge, CodeInvalidParams, "body of %d bytes exceeds %d", n, maxBodyBytes)
+	} else if n == -1 {
+		return apiError(fiber.StatusLengthRequired, CodeInvalidParams, "a JSON body needs a Content-Length")
+	}
 	body := bytes.TrimSpace(c.Body())
 	if len(body) == 0 {
 		if optional {

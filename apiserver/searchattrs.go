@@ -4,20 +4,19 @@ import (
 	"context"
 	"log/slog"
 
+	"github.com/llorch/llorch/searchattrs"
 	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/api/operatorservice/v1"
 	"go.temporal.io/sdk/client"
-
-	"github.com/llorch/llorch/node"
 )
 
 // EnsureSearchAttributes registers llorch's typed search attributes when the
 // namespace lacks them. Managed clusters may forbid it; then it only warns,
 // since the operator must add them (see README).
 func EnsureSearchAttributes(ctx context.Context, c client.Client, namespace string, log *slog.Logger) {
-	want := map[string]enumspb.IndexedValueType{
-		node.NodeIDKey.GetName():    enumspb.INDEXED_VALUE_TYPE_KEYWORD,
-		node.NodeStateKey.GetName(): enumspb.INDEXED_VALUE_TYPE_KEYWORD,
+	want := map[string]enumspb.IndexedValueType{}
+	for _, k := range searchattrs.All {
+		want[k.GetName()] = enumspb.INDEXED_VALUE_TYPE_KEYWORD
 	}
 	have, err := c.OperatorService().ListSearchAttributes(ctx, &operatorservice.ListSearchAttributesRequest{Namespace: namespace})
 	if err != nil {
@@ -35,7 +34,7 @@ func EnsureSearchAttributes(ctx context.Context, c client.Client, namespace stri
 	if _, err := c.OperatorService().AddSearchAttributes(ctx, &operatorservice.AddSearchAttributesRequest{
 		Namespace: namespace, SearchAttributes: want,
 	}); err != nil {
-		log.Warn("cannot add search attributes; add NodeId and NodeState (Keyword) to the namespace", "err", err)
+		log.Warn("cannot add search attributes; add NodeId, NodeState and ModelId (Keyword) to the namespace", "err", err)
 		return
 	}
 	log.Info("registered search attributes", "namespace", namespace)

@@ -16,6 +16,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/llorch/llorch/modelclient"
+	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/nodeclient"
 )
 
@@ -25,9 +27,19 @@ type Config struct {
 	Token string
 }
 
+// Deps are the clients the API works through.
+type Deps struct {
+	Nodes    *nodeclient.Client
+	Models   *modelclient.Client
+	Store    *modelstore.Store // nil: catalog routes answer UNAVAILABLE
+	Registry *prometheus.Registry
+	Logger   *slog.Logger
+}
+
 // Server is the REST API.
 type Server struct {
 	app         *fiber.App
+	deps        Deps
 	nodes       *nodeclient.Client
 	logger      *slog.Logger
 	metrics     *metrics
@@ -44,11 +56,12 @@ const (
 )
 
 // New builds the server; it does not listen yet.
-func New(cfg Config, nodes *nodeclient.Client, reg *prometheus.Registry, logger *slog.Logger) (*Server, error) {
+func New(cfg Config, d Deps) (*Server, error) {
+	nodes, reg, logger := d.Nodes, d.Registry, d.Logger
 	if cfg.Token == "" && !isLoopback(cfg.Addr) {
 		return nil, fmt.Errorf("refusing to listen on %s without a token: set LLORCH_API_TOKEN (or --api-token), or bind a loopback address", cfg.Addr)
 	}
-	s := &Server{nodes: nodes, logger: logger, metrics: newMetrics(reg)}
+	s := &Server{deps: d, nodes: nodes, logger: logger, metrics: newMetrics(reg)}
 	if cfg.Token != "" {
 		sum := sha256.Sum256([]byte(cfg.Token))
 		s.tokenDigest, s.identity = sum[:], TokenIdentity(cfg.Token)
@@ -63,15 +76,20 @@ func New(cfg Config, nodes *nodeclient.Client, reg *prometheus.Registry, logger 
 		Immutable:             true,
 		DisableStartupMessage: true,
 		BodyLimit:             maxBodyBytes,
-		ErrorHandler:          s.errorHandler,
-		ReadTimeout:           30 * time.Second,
-		IdleTimeout:           2 * time.Minute,
+		// Model uploads stream to S3; JSON bodies are still bounded by
+		// decode (maxBodyBytes).
+		StreamRequestBody: true,
+		ErrorHandler:      s.errorHandler,
+		ReadTimeout:       30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
 	})
 	s.app.Use(s.correlate)
 	s.app.Get("/health", s.health)
 	s.app.Get("/metrics", adaptor.HTTPHandler(promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})))
 	v2 := s.app.Group("/v2", s.auth)
 	s.nodeRoutes(v2)
+	s.stagingRoutes(v2)
+	s.catalogRoutes(v2)
 	s.app.Use(func(c *fiber.Ctx) error {
 		return apiError(fiber.StatusNotFound, CodeNotFound, "no route %s %s", c.Method(), c.Path())
 	})

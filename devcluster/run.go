@@ -14,6 +14,7 @@ import (
 
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/searchattrs"
 )
 
 // errInterrupted marks a start-up cut short by the user; Run then stops what
@@ -108,7 +109,7 @@ func (s *supervisor) run(ctx context.Context, st State, temporalBin, vgwBin, exe
 	apiURL := "http://" + apiAddr
 
 	// Temporal and S3 do not depend on each other: start both, then wait.
-	temporal, err := s.start("temporal", temporalBin, []string{
+	args := []string{
 		"server", "start-dev",
 		"--ip", "127.0.0.1", "--port", strconv.Itoa(cfg.TemporalPort), "--ui-port", strconv.Itoa(cfg.UIPort),
 		"--db-filename", filepath.Join(st.Home, "temporal.db"),
@@ -117,13 +118,15 @@ func (s *supervisor) run(ctx context.Context, st State, temporalBin, vgwBin, exe
 		"--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=off",
 		"--log-level", "warn",
 		"--namespace", "default",
-		// The CLI applies these only when it creates the namespace, i.e. on
-		// the first run with a new database; on later runs they are ignored,
-		// not an error (checked with CLI v1.5.1). The apiserver adds any
-		// that are missing through the operator API at its start.
-		"--search-attribute", node.NodeIDKey.GetName() + "=Keyword",
-		"--search-attribute", node.NodeStateKey.GetName() + "=Keyword",
-	}, childEnv())
+	}
+	// The CLI applies these only when it creates the namespace, i.e. on
+	// the first run with a new database; on later runs they are ignored,
+	// not an error (checked with CLI v1.5.1). The apiserver adds any that
+	// are missing through the operator API at its start.
+	for _, k := range searchattrs.All {
+		args = append(args, "--search-attribute", k.GetName()+"=Keyword")
+	}
+	temporal, err := s.start("temporal", temporalBin, args, childEnv())
 	if err != nil {
 		return err
 	}

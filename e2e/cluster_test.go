@@ -22,6 +22,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/llorch/llorch/apiserver"
+	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/testenv"
 )
@@ -95,7 +96,11 @@ func newCluster(t *testing.T, apiArgs ...string) *cluster {
 	port, err := testenv.FreePort()
 	require.NoError(t, err)
 	c := &cluster{t: t, home: t.TempDir(), api: fmt.Sprintf("127.0.0.1:%d", port)}
-	args := append([]string{"apiserver", "--addr", c.api, "--temporal-address", env.TemporalAddr, "--home", c.home}, apiArgs...)
+	store, err := modelstore.New(env.S3)
+	require.NoError(t, err)
+	require.NoError(t, store.EnsureBucket(context.Background()))
+	args := append([]string{"apiserver", "--addr", c.api, "--temporal-address", env.TemporalAddr, "--home", c.home}, s3Flags(env.S3.Endpoint)...)
+	args = append(args, apiArgs...)
 	api := start(t, "apiserver", args...)
 	testenv.Eventually(t, 60*time.Second, "apiserver healthy", func() (bool, string) {
 		res, err := http.Get("http://" + c.api + "/health")
@@ -110,8 +115,15 @@ func newCluster(t *testing.T, apiArgs ...string) *cluster {
 
 func (c *cluster) worker(id string, extra ...string) *proc {
 	args := append([]string{"worker", "--node-id", id, "--temporal-address", env.TemporalAddr, "--home", c.home,
-		"--metrics-addr", "127.0.0.1:0", "--heartbeat-interval", "1s"}, extra...)
-	return start(c.t, "worker "+id, args...)
+		"--metrics-addr", "127.0.0.1:0", "--heartbeat-interval", "1s"}, s3Flags(env.S3.Endpoint)...)
+	return start(c.t, "worker "+id, append(args, extra...)...)
+}
+
+// s3Flags point a process at the test bucket (through endpoint, which may
+// be a proxy).
+func s3Flags(endpoint string) []string {
+	return []string{"--s3-endpoint", endpoint, "--s3-access-key", env.S3.AccessKey,
+		"--s3-secret-key", env.S3.SecretKey, "--s3-bucket", env.S3.Bucket}
 }
 
 func (c *cluster) get(path string) (int, map[string]any) {
@@ -218,8 +230,8 @@ func TestThreeNodesJoinDieReturnLeave(t *testing.T) {
 	n2.signal(t, syscall.SIGTERM)
 	c.waitState("e2e-n1", node.Left, 10*time.Second)
 	c.waitState("e2e-n2", node.Left, 10*time.Second)
-	recordHistory(t, "e2e-n2", "node-worker-killed-restarted-left")
-	recordHistory(t, "e2e-n1", "node-worker-online-left")
+	recordHistory(t, node.WorkflowID("e2e-n2"), "node-worker-killed-restarted-left")
+	recordHistory(t, node.WorkflowID("e2e-n1"), "node-worker-online-left")
 }
 
 func lastTransition(n map[string]any) map[string]any {
@@ -337,7 +349,7 @@ func TestContinueAsNewKeepsState(t *testing.T) {
 	c.waitState(id, node.Offline, 10*time.Second)
 	w = c.worker(id, "--nvml-mock", "dgxa100", "--node-continue-as-new-events", "40")
 	c.waitState(id, node.Draining, 30*time.Second)
-	recordRun(t, id, first, "node-worker-continued-as-new")
+	recordRun(t, node.WorkflowID(id), first, "node-worker-continued-as-new")
 	w.signal(t, syscall.SIGTERM)
 	c.waitState(id, node.Left, 20*time.Second)
 }
@@ -358,19 +370,19 @@ func TestHTTPAgentRecorded(t *testing.T) {
 	require.NoError(t, err)
 	res.Body.Close()
 	require.Equal(t, 200, res.StatusCode)
-	recordHistory(t, id, "node-http-agent")
+	recordHistory(t, node.WorkflowID(id), "node-http-agent")
 }
 
 // recordHistory saves the latest run's history for the replay tests when
 // LLORCH_RECORD_HISTORIES=1 (see `just record-histories`).
-func recordHistory(t *testing.T, nodeID, name string) { recordRun(t, nodeID, "", name) }
+func recordHistory(t *testing.T, workflowID, name string) { recordRun(t, workflowID, "", name) }
 
-func recordRun(t *testing.T, nodeID, runID, name string) {
+func recordRun(t *testing.T, workflowID, runID, name string) {
 	if os.Getenv("LLORCH_RECORD_HISTORIES") != "1" {
 		return
 	}
 	ctx := context.Background()
-	it := env.Temporal.GetWorkflowHistory(ctx, node.WorkflowID(nodeID), runID, false, 0)
+	it := env.Temporal.GetWorkflowHistory(ctx, workflowID, runID, false, 0)
 	h := &historypb.History{}
 	for it.HasNext() {
 		e, err := it.Next()
@@ -381,5 +393,5 @@ func recordRun(t *testing.T, nodeID, runID, name string) {
 	require.NoError(t, err)
 	path := filepath.Join(testenv.RepoRoot(), "replay_tests", "testdata", name+".json")
 	require.NoError(t, os.WriteFile(path, raw, 0o644))
-	t.Logf("recorded %d events of %s to %s", len(h.Events), node.WorkflowID(nodeID), path)
+	t.Logf("recorded %d events of %s to %s", len(h.Events), workflowID, path)
 }

@@ -31,6 +31,19 @@ type Inventory struct {
 	DiskFreeBytes    uint64    `json:"disk_free_bytes"`
 	Version          string    `json:"version,omitempty"`
 	CollectedAt      time.Time `json:"collected_at"`
+	// GC is the node's disk policy for its model catalog.
+	GC GCPolicy `json:"gc"`
+}
+
+// GCPolicy bounds the disk a node's models may use. Usage is the bytes of
+// the local catalog (verified files and partial downloads); the budget is
+// BudgetBytes, or usage plus free space when 0. GC starts above
+// HighWatermark x budget and evicts down to LowWatermark x budget.
+type GCPolicy struct {
+	BudgetBytes   int64         `json:"budget_bytes"`
+	HighWatermark float64       `json:"high_watermark"`
+	LowWatermark  float64       `json:"low_watermark"`
+	PartialMaxAge time.Duration `json:"partial_max_age"`
 }
 
 // Summary is the one-line description shown in the Temporal UI.

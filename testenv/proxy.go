@@ -1,9 +1,10 @@
 package testenv
 
 import (
-	"io"
 	"net"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // Proxy is a TCP proxy whose link can be cut and restored: a network
@@ -16,7 +17,16 @@ type Proxy struct {
 	mu    sync.Mutex
 	cut   bool
 	conns map[net.Conn]struct{}
+
+	// Down counts bytes sent from the target back to clients.
+	Down atomic.Int64
+	// rate limits each direction to this many bytes per second (0: none).
+	rate atomic.Int64
 }
+
+// SetRate slows the link to bytesPerSec in each direction (0: full speed),
+// so a test can act in the middle of a transfer.
+func (p *Proxy) SetRate(bytesPerSec int64) { p.rate.Store(bytesPerSec) }
 
 // NewProxy listens on a free loopback port and forwards to target.
 func NewProxy(target string) (*Proxy, error) {
@@ -49,13 +59,30 @@ func (p *Proxy) accept() {
 		}
 		p.conns[c], p.conns[up] = struct{}{}, struct{}{}
 		p.mu.Unlock()
-		go p.pipe(c, up)
-		go p.pipe(up, c)
+		go p.pipe(c, up, &p.Down)
+		go p.pipe(up, c, nil)
 	}
 }
 
-func (p *Proxy) pipe(dst, src net.Conn) {
-	_, _ = io.Copy(dst, src)
+func (p *Proxy) pipe(dst, src net.Conn, count *atomic.Int64) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				break
+			}
+			if count != nil {
+				count.Add(int64(n))
+			}
+			if r := p.rate.Load(); r > 0 {
+				time.Sleep(time.Duration(int64(n) * int64(time.Second) / r))
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
 	dst.Close()
 	src.Close()
 	p.mu.Lock()

@@ -21,7 +21,7 @@ import (
 	"go.temporal.io/sdk/testsuite"
 
 	"github.com/llorch/llorch/config"
-	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/searchattrs"
 )
 
 // Env is the set of real services shared by one test package.
@@ -103,10 +103,9 @@ func start() (*Env, error) {
 			Namespace: e.Namespace,
 			Logger:    quietLogger{},
 		},
-		LogLevel: "error",
-		SearchAttributes: temporal.NewSearchAttributes(
-			node.NodeIDKey.ValueSet(""), node.NodeStateKey.ValueSet("")),
-		Stdout: log, Stderr: log,
+		LogLevel:         "error",
+		SearchAttributes: searchAttributes(),
+		Stdout:           log, Stderr: log,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("start temporal dev server: %w", err)
@@ -169,6 +168,16 @@ func (e *Env) stop() {
 		_ = e.dev.Stop()
 	}
 	_ = os.RemoveAll(e.Dir)
+}
+
+// searchAttributes registers the keys llorch's workflows use (only their
+// names and types matter here).
+func searchAttributes() temporal.SearchAttributes {
+	var updates []temporal.SearchAttributeUpdate
+	for _, k := range searchattrs.All {
+		updates = append(updates, k.ValueSet(""))
+	}
+	return temporal.NewSearchAttributes(updates...)
 }
 
 // FreePort asks the kernel for a free loopback port.
@@ -242,4 +251,3 @@ func (quietLogger) Debug(string, ...interface{}) {}
 func (quietLogger) Info(string, ...interface{})  {}
 func (quietLogger) Warn(string, ...interface{})  {}
 func (quietLogger) Error(string, ...interface{}) {}
-

@@ -9,6 +9,8 @@ import (
 	"go.temporal.io/sdk/worker"
 
 	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/modelclient"
+	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/nodeclient"
 )
@@ -29,6 +31,14 @@ type Agent struct {
 	Host              InventorySource
 	Log               *slog.Logger
 	Metrics           *activities.NodeMetrics
+	// Activities beyond liveness this node serves (staging, GC); nil ones
+	// are not registered.
+	Staging *activities.StagingActivities
+	GC      *activities.GCActivities
+	// GCPolicy is reported at registration; GCEvery > 0 schedules GC.
+	GCPolicy node.GCPolicy
+	GCEvery  time.Duration
+	Models   *modelclient.Client
 
 	worker worker.Worker
 }
@@ -47,10 +57,17 @@ func (a *Agent) Start(ctx context.Context) error {
 	a.worker.RegisterActivity(&activities.NodeActivities{
 		Client: a.Nodes.Temporal, Source: a.Host, Identity: a.Identity, Log: a.Log, Metrics: a.Metrics,
 	})
+	if a.Staging != nil {
+		a.worker.RegisterActivity(a.Staging)
+	}
+	if a.GC != nil {
+		a.worker.RegisterActivity(a.GC)
+	}
 	if err := a.worker.Start(); err != nil {
 		return fmt.Errorf("start worker on %s: %w", node.TaskQueue(a.NodeID), err)
 	}
 	inv := a.Host.Inventory()
+	inv.GC = a.GCPolicy
 	err := a.Nodes.Register(ctx, node.Registration{
 		NodeID: a.NodeID, Agent: node.AgentWorker, Identity: a.Identity,
 		HeartbeatInterval: a.HeartbeatInterval, Inventory: inv,
@@ -58,6 +75,11 @@ func (a *Agent) Start(ctx context.Context) error {
 	if err != nil {
 		a.worker.Stop()
 		return err
+	}
+	if a.Models != nil && a.GCEvery > 0 {
+		if err := a.Models.ScheduleGC(ctx, a.NodeID, a.GCPolicy, a.GCEvery); err != nil {
+			a.Log.Warn("cannot schedule GC; run it with POST /v2/nodes/{id}/gc", "err", err)
+		}
 	}
 	a.Log.Info("node registered", "gpus", len(inv.GPUs), "cpu_only", inv.CPUOnly,
 		"workflow_id", node.WorkflowID(a.NodeID), "task_queue", node.TaskQueue(a.NodeID))
@@ -75,6 +97,11 @@ func (a *Agent) Stop(ctx context.Context) error {
 	default:
 		a.Log.Error("deregister failed; the node will be marked Offline by timeout", "err", err)
 	}
+	if a.Models != nil && a.GCEvery > 0 {
+		if err := a.Models.UnscheduleGC(ctx, a.NodeID); err != nil {
+			a.Log.Warn("cannot delete the GC schedule", "err", err)
+		}
+	}
 	if a.worker != nil {
 		a.worker.Stop()
 	}
@@ -87,4 +114,27 @@ func ClientIdentity(role, nodeID, hostname string, pid int) string {
 		return fmt.Sprintf("%s:%s@%s/%d", role, nodeID, hostname, pid)
 	}
 	return fmt.Sprintf("%s@%s/%d", role, hostname, pid)
+}
+
+// HostWithModels adds the local model catalog to a host's snapshots, so
+// each heartbeat tells the control plane what the node holds.
+type HostWithModels struct {
+	InventorySource
+	Local *modelstore.LocalCatalog
+	Log   *slog.Logger
+}
+
+// Snapshot is the host's figures plus the verified models on disk.
+func (h HostWithModels) Snapshot() node.Snapshot {
+	snap := h.InventorySource.Snapshot()
+	copies, err := h.Local.Copies()
+	if err != nil {
+		h.Log.Warn("cannot list the local model catalog", "err", err)
+		return snap
+	}
+	snap.Models = copies
+	for _, c := range copies {
+		snap.ModelBytes += uint64(c.Size)
+	}
+	return snap
 }

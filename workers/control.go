@@ -6,15 +6,21 @@ import (
 	"go.temporal.io/sdk/workflow"
 
 	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/workflows"
 )
 
 // NewControl is the control worker: every workflow, plus the activities that
 // belong beside them, on the shared control queue.
-func NewControl(c client.Client) worker.Worker {
+func NewControl(c client.Client, catalog *activities.CatalogActivities) worker.Worker {
 	w := worker.New(c, node.ControlTaskQueue, worker.Options{})
 	w.RegisterWorkflowWithOptions(workflows.Node, workflow.RegisterOptions{Name: node.WorkflowType})
+	w.RegisterWorkflowWithOptions(workflows.Stage, workflow.RegisterOptions{Name: model.StageWorkflowType})
+	w.RegisterWorkflowWithOptions(workflows.GC, workflow.RegisterOptions{Name: model.GCWorkflowType})
 	w.RegisterActivity(&activities.ControlActivities{})
+	if catalog != nil {
+		w.RegisterActivity(catalog)
+	}
 	return w
 }

@@ -13,12 +13,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.temporal.io/sdk/client"
 	"go.uber.org/fx"
+
+	"github.com/llorch/llorch/activities"
 )
 
 // ControlModule runs the control worker for the life of the fx app.
 var ControlModule = fx.Module("control-worker",
-	fx.Invoke(func(lc fx.Lifecycle, c client.Client, log *slog.Logger) {
-		w := NewControl(c)
+	fx.Invoke(func(lc fx.Lifecycle, c client.Client, catalog *activities.CatalogActivities, log *slog.Logger) {
+		w := NewControl(c, catalog)
 		lc.Append(fx.Hook{
 			OnStart: func(context.Context) error {
 				if err := w.Start(); err != nil {

@@ -2,16 +2,16 @@ package main
 
 import (
 	"context"
-	"log/slog"
 	"os"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	"go.temporal.io/sdk/client"
 	"go.uber.org/fx"
 
+	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/apiserver"
 	"github.com/llorch/llorch/config"
+	"github.com/llorch/llorch/modelclient"
 	"github.com/llorch/llorch/nodeclient"
 	"github.com/llorch/llorch/workers"
 )
@@ -20,6 +20,7 @@ func apiserverCmd() *cobra.Command {
 	var c common
 	var api apiserver.Config
 	var canAfter int
+	var s3 config.S3
 	cmd := &cobra.Command{
 		Use:   "apiserver",
 		Short: "serve the REST API and run the control worker (all workflows)",
@@ -37,26 +38,30 @@ func apiserverCmd() *cobra.Command {
 				return err
 			}
 			defer tc.Close()
+			reg := newRegistry()
+			nodes := &nodeclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, ContinueAsNewAfterEvents: canAfter,
+				Via: "rest", Metrics: nodeclient.NewMetrics(reg)}
+			store, err := openStore(s3, log)
+			if err != nil {
+				return err
+			}
+			srv, err := apiserver.New(api, apiserver.Deps{
+				Nodes: nodes, Store: store, Registry: reg, Logger: log,
+				Models: &modelclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, Nodes: nodes},
+			})
+			if err != nil {
+				return err
+			}
 			return runApp(log,
-				fx.Supply(log, api, fx.Annotate(tc, fx.As(new(client.Client)))),
-				fx.Provide(
-					newRegistry,
-					func(reg *prometheus.Registry) *nodeclient.Client {
-						return &nodeclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, ContinueAsNewAfterEvents: canAfter,
-							Via: "rest", Metrics: nodeclient.NewMetrics(reg)}
-					},
-					func(cfg apiserver.Config, n *nodeclient.Client, reg *prometheus.Registry, l *slog.Logger) (*apiserver.Server, error) {
-						return apiserver.New(cfg, n, reg, l)
-					},
-				),
+				fx.Supply(log, &activities.CatalogActivities{Store: store}, fx.Annotate(tc, fx.As(new(client.Client)))),
 				workers.ControlModule,
-				fx.Invoke(func(lc fx.Lifecycle, s *apiserver.Server, n *nodeclient.Client) {
+				fx.Invoke(func(lc fx.Lifecycle) {
 					lc.Append(fx.Hook{
 						OnStart: func(ctx context.Context) error {
 							apiserver.EnsureSearchAttributes(ctx, tc, c.temporal.Namespace, log)
-							return s.Listen(api.Addr)
+							return srv.Listen(api.Addr)
 						},
-						OnStop: s.Shutdown,
+						OnStop: srv.Shutdown,
 					})
 				}),
 			)
@@ -70,5 +75,6 @@ func apiserverCmd() *cobra.Command {
 	config.Env(fs, "api-token", "LLORCH_API_TOKEN")
 	fs.IntVar(&canAfter, "node-continue-as-new-events", 0, "continue node workflows as new after this many history events (0: when Temporal suggests)")
 	config.Env(fs, "node-continue-as-new-events", "LLORCH_NODE_CONTINUE_AS_NEW_EVENTS")
+	config.AddS3Flags(fs, &s3)
 	return cmd
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/logging"
+	"github.com/llorch/llorch/modelstore"
 )
 
 // buildVersion is set with -ldflags "-X main.buildVersion=...".
@@ -117,4 +118,14 @@ func hostname() string {
 		return "unknown"
 	}
 	return h
+}
+
+// openStore connects to the model bucket; without S3 credentials there is
+// no catalog, which the catalog routes then say.
+func openStore(cfg config.S3, log *slog.Logger) (*modelstore.Store, error) {
+	if cfg.AccessKey == "" {
+		log.Warn("no S3 credentials (--s3-access-key): the model catalog and staging are unavailable")
+		return nil, nil
+	}
+	return modelstore.New(cfg)
 }

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
+	"github.com/dustin/go-humanize"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	"go.uber.org/fx"
@@ -14,6 +15,8 @@ import (
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/inventory"
+	"github.com/llorch/llorch/modelclient"
+	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/nodeclient"
 	"github.com/llorch/llorch/workers"
@@ -25,6 +28,10 @@ func workerCmd() *cobra.Command {
 		nodeID, machineID, address, modelDir, metricsAddr, nvmlMock string
 		interval                                                    time.Duration
 		canAfter                                                    int
+		s3                                                          config.S3
+		gcPolicy                                                    node.GCPolicy
+		gcBudget, diskMargin                                        string
+		gcEvery                                                     time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "worker --node-id ID",
@@ -52,6 +59,25 @@ func workerCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if gcPolicy.BudgetBytes, err = parseBytes("--gc-budget", gcBudget); err != nil {
+				return err
+			}
+			margin, err := parseBytes("--disk-margin", diskMargin)
+			if err != nil {
+				return err
+			}
+			if !(0 < gcPolicy.LowWatermark && gcPolicy.LowWatermark < gcPolicy.HighWatermark && gcPolicy.HighWatermark <= 1) {
+				return fmt.Errorf("--gc-low-watermark %.2f and --gc-high-watermark %.2f: want 0 < low < high <= 1",
+					gcPolicy.LowWatermark, gcPolicy.HighWatermark)
+			}
+			local, err := modelstore.NewLocalCatalog(modelDir)
+			if err != nil {
+				return fmt.Errorf("--model-dir: %w", err)
+			}
+			store, err := openStore(s3, log)
+			if err != nil {
+				return err
+			}
 			var lib nvml.Interface
 			if nvmlMock != "" {
 				if lib, err = inventory.Mock(nvmlMock); err != nil {
@@ -73,11 +99,20 @@ func workerCmd() *cobra.Command {
 			}
 			defer tc.Close()
 			reg := newRegistry()
+			nodes := &nodeclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, ContinueAsNewAfterEvents: canAfter,
+				Via: "worker", Metrics: nodeclient.NewMetrics(reg)}
 			agent := &workers.Agent{
-				NodeID: nodeID, Identity: identity, HeartbeatInterval: interval, Host: host, Log: log,
-				Nodes: &nodeclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, ContinueAsNewAfterEvents: canAfter,
-					Via: "worker", Metrics: nodeclient.NewMetrics(reg)},
-				Metrics: activities.NewNodeMetrics(reg),
+				NodeID: nodeID, Identity: identity, HeartbeatInterval: interval, Log: log,
+				Host:     workers.HostWithModels{InventorySource: host, Local: local, Log: log},
+				Nodes:    nodes,
+				Metrics:  activities.NewNodeMetrics(reg),
+				GC:       &activities.GCActivities{Local: local, Log: log, Metrics: activities.NewGCMetrics(reg)},
+				Models:   &modelclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, Nodes: nodes},
+				GCPolicy: gcPolicy, GCEvery: gcEvery,
+			}
+			if store != nil {
+				agent.Staging = &activities.StagingActivities{Store: store, Local: local, Client: tc, Log: log,
+					Metrics: activities.NewStagingMetrics(reg), DiskMargin: margin}
 			}
 			return runApp(log,
 				fx.Supply(log, agent, reg, fx.Annotate(reg, fx.As(new(prometheus.Registerer)))),
@@ -104,5 +139,27 @@ func workerCmd() *cobra.Command {
 	config.Env(fs, "nvml-mock", "LLORCH_NVML_MOCK")
 	fs.IntVar(&canAfter, "node-continue-as-new-events", 0, "continue the node workflow as new after this many history events when this worker starts it (0: when Temporal suggests)")
 	config.Env(fs, "node-continue-as-new-events", "LLORCH_NODE_CONTINUE_AS_NEW_EVENTS")
+	config.AddS3Flags(fs, &s3)
+	fs.StringVar(&gcBudget, "gc-budget", "0", "disk budget for this node's models, e.g. 500GiB (0: what the model dir's file system allows)")
+	config.Env(fs, "gc-budget", "LLORCH_GC_BUDGET")
+	fs.Float64Var(&gcPolicy.HighWatermark, "gc-high-watermark", 0.9, "GC evicts least recently used models above this fraction of the budget")
+	config.Env(fs, "gc-high-watermark", "LLORCH_GC_HIGH_WATERMARK")
+	fs.Float64Var(&gcPolicy.LowWatermark, "gc-low-watermark", 0.75, "... down to this fraction of the budget")
+	config.Env(fs, "gc-low-watermark", "LLORCH_GC_LOW_WATERMARK")
+	fs.DurationVar(&gcPolicy.PartialMaxAge, "gc-partial-max-age", 24*time.Hour, "GC removes partial downloads untouched for this long")
+	config.Env(fs, "gc-partial-max-age", "LLORCH_GC_PARTIAL_MAX_AGE")
+	fs.DurationVar(&gcEvery, "gc-interval", 15*time.Minute, "how often the GC schedule runs on this node (0: no schedule)")
+	config.Env(fs, "gc-interval", "LLORCH_GC_INTERVAL")
+	fs.StringVar(&diskMargin, "disk-margin", "1GiB", "free space staging keeps beyond a model's size")
+	config.Env(fs, "disk-margin", "LLORCH_DISK_MARGIN")
 	return cmd
+}
+
+// parseBytes reads a size such as 500GiB, 1.5TB or 0.
+func parseBytes(flag, v string) (int64, error) {
+	n, err := humanize.ParseBytes(v)
+	if err != nil {
+		return 0, fmt.Errorf("%s %q: want a size such as 500GiB", flag, v)
+	}
+	return int64(n), nil
 }

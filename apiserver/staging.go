@@ -1,0 +1,109 @@
+package apiserver
+
+import (
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+
+	"github.com/llorch/llorch/model"
+	"github.com/llorch/llorch/modelstore"
+	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/nodeclient"
+)
+
+func (s *Server) stagingRoutes(r fiber.Router) {
+	r.Post("/nodes/:id/models/:model_id", s.stageModel)
+	r.Get("/nodes/:id/models", s.nodeModels)
+	r.Post("/nodes/:id/gc", s.runGC)
+}
+
+// liveNode reads a node that can take work on its disk.
+func (s *Server) liveNode(c *fiber.Ctx) (nodeclient.View, error) {
+	id, err := nodeID(c)
+	if err != nil {
+		return nodeclient.View{}, err
+	}
+	v, err := s.deps.Nodes.Get(c.UserContext(), id)
+	if err != nil {
+		return v, notFound(id, err)
+	}
+	if v.State == node.Left {
+		return v, notFound(id, nodeclient.ErrLeft)
+	}
+	return v, nil
+}
+
+// stageModel starts, or joins, the staging of a catalog model onto a node.
+func (s *Server) stageModel(c *fiber.Ctx) error {
+	v, err := s.liveNode(c)
+	if err != nil {
+		return err
+	}
+	mid := c.Params("model_id")
+	if err := model.ValidateID(mid); err != nil {
+		return invalidParam("model_id", "%v", err)
+	}
+	e, err := s.entry(c.UserContext(), mid)
+	if err != nil {
+		return err
+	}
+	if e.Lifecycle != model.Active {
+		return apiError(fiber.StatusConflict, CodeModelRetired, "model %s is %s: only Active models are staged", mid, e.Lifecycle)
+	}
+	st, err := s.deps.Models.Stage(c.UserContext(), v.NodeID, e)
+	if err != nil {
+		return err
+	}
+	s.log(c).Info("staging requested", "node_id", v.NodeID, "model_id", mid, "workflow_id", st.WorkflowID, "run_id", st.RunID)
+	return c.Status(fiber.StatusAccepted).JSON(fiber.Map{
+		"node_id": v.NodeID, "model_id": mid, "sha256": e.SHA256, "size": e.Size,
+		"workflow_id": st.WorkflowID, "run_id": st.RunID,
+		"status_url": "/v2/nodes/" + v.NodeID + "/models",
+	})
+}
+
+func (s *Server) nodeModels(c *fiber.Ctx) error {
+	id, err := nodeID(c)
+	if err != nil {
+		return err
+	}
+	models, err := s.deps.Models.NodeModels(c.UserContext(), id)
+	if err != nil {
+		return notFound(id, err)
+	}
+	return c.JSON(fiber.Map{"node_id": id, "models": models, "at": time.Now().UTC()})
+}
+
+// runGC runs the node's GC now (or plans it, with ?dry_run=true) and returns
+// what it deleted or would delete.
+func (s *Server) runGC(c *fiber.Ctx) error {
+	v, err := s.liveNode(c)
+	if err != nil {
+		return err
+	}
+	dry := false
+	if q := c.Query("dry_run"); q != "" {
+		switch q {
+		case "true", "1":
+			dry = true
+		case "false", "0":
+		default:
+			return invalidParam("dry_run", "want true or false, got %q", q)
+		}
+	}
+	if v.State != node.Online && v.State != node.Draining {
+		return apiError(fiber.StatusConflict, "NODE_NOT_ONLINE", "node %s is %s: GC runs on the node itself", v.NodeID, v.State)
+	}
+	res, err := s.deps.Models.RunGC(c.UserContext(), v.NodeID, v.Inventory.GC, dry, nil)
+	if err != nil {
+		return err
+	}
+	evicted := res.Evicted
+	if dry {
+		evicted = res.Plan.Evictions
+	}
+	if evicted == nil {
+		evicted = []modelstore.Eviction{}
+	}
+	return c.JSON(fiber.Map{"node_id": v.NodeID, "dry_run": dry, "plan": res.Plan, "evicted": evicted})
+}
