@@ -67,6 +67,8 @@ type GCActivities struct {
 	InUse   func() map[string]bool
 	Log     *slog.Logger
 	Metrics *GCMetrics
+	// Catalog, when set, refreshes the catalog-bytes gauge after a deletion.
+	Catalog *StagingMetrics
 }
 
 // PlanGC reads the local catalog and decides what to evict.
@@ -124,6 +126,9 @@ func (a *GCActivities) Evict(ctx context.Context, in EvictInput) error {
 	a.Log.Info("evicted", "node_id", in.NodeID, "kind", e.Kind, "model_id", e.ModelID, "sha256", e.SHA256[:12],
 		"bytes", e.Bytes, "reason", e.Reason, "detail", e.Detail)
 	a.Metrics.observe(in.NodeID, e)
+	if a.Catalog != nil {
+		_ = a.Catalog.ObserveCatalog(in.NodeID, a.Local)
+	}
 	return nil
 }
 

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -169,4 +170,176 @@ func hashFile(t *testing.T, path string) (string, string, int64) {
 	n, err := io.Copy(h, f)
 	require.NoError(t, err)
 	return path, hex.EncodeToString(h.Sum(nil)), n
+}
+
+// An object altered after registration fails its staging cleanly with
+// CHECKSUM_MISMATCH; a node without room fails the preflight with DISK_FULL.
+// Neither leaves a file in the node's catalog.
+func TestStagingFailuresAreClean(t *testing.T) {
+	c := newCluster(t)
+	id, full := "e2e-check", "e2e-full"
+	w := c.worker(id)
+	wf := c.worker(full, "--disk-margin", "1000TB")
+	c.waitState(id, node.Online, 60*time.Second)
+	c.waitState(full, node.Online, 60*time.Second)
+
+	path, sha, _ := tinyModel(t, modelstore.TinyOptions{Seed: 11})
+	c.push("altered", path)
+	other, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 12})
+	store, err := modelstore.New(env.S3)
+	require.NoError(t, err)
+	f, err := os.Open(other)
+	require.NoError(t, err)
+	_, err = store.Upload(context.Background(), f, -1, model.DefaultKey("altered"), nil)
+	f.Close()
+	require.NoError(t, err)
+
+	status, body := c.send("POST", "/v2/nodes/"+id+"/models/altered", "")
+	require.Equal(t, 202, status, body)
+	m := c.waitModel(id, sha, "failed", 60*time.Second)
+	require.Equal(t, model.ErrChecksumMismatch, m["code"], m)
+	require.Contains(t, m["reason"], sha, "the reason names the expected digest")
+	entries, err := os.ReadDir(filepath.Join(c.home, "nodes", id, "models"))
+	require.NoError(t, err)
+	for _, e := range entries {
+		require.False(t, strings.HasPrefix(e.Name(), sha), "a corrupt file never enters the catalog: %s", e.Name())
+	}
+	partials, _ := os.ReadDir(filepath.Join(c.home, "nodes", id, "models", ".partial"))
+	require.Empty(t, partials)
+	recordHistory(t, model.StageWorkflowID(id, sha), "stage-checksum-mismatch")
+
+	// verify finds the altered object too.
+	status, body = c.send("POST", "/v2/catalog/models/altered/verify", "")
+	require.Equal(t, 409, status, body)
+	require.Equal(t, model.ErrChecksumMismatch, body["code"])
+
+	path2, sha2, _ := tinyModel(t, modelstore.TinyOptions{Seed: 13})
+	c.push("roomy", path2)
+	status, body = c.send("POST", "/v2/nodes/"+full+"/models/roomy", "")
+	require.Equal(t, 202, status, body)
+	m = c.waitModel(full, sha2, "failed", 60*time.Second)
+	require.Equal(t, model.ErrDiskFull, m["code"], m)
+	require.Contains(t, m["reason"], "free")
+
+	w.signal(t, syscall.SIGTERM)
+	wf.signal(t, syscall.SIGTERM)
+	c.waitState(id, node.Left, 20*time.Second)
+	c.waitState(full, node.Left, 20*time.Second)
+}
+
+// GC honours the watermarks (LRU down to the low one), evicts Retired
+// models, records every deletion, and its dry run deletes nothing.
+func TestGC(t *testing.T) {
+	c := newCluster(t)
+	id := "e2e-gc"
+	// Three models of 568,832 bytes; a 1.6 MB budget: three are above the
+	// high watermark (0.9 x 1.6 MB), two are below the low one (0.75 x 1.6 MB).
+	w := c.worker(id, "--gc-budget", "1.6MB", "--gc-high-watermark", "0.9", "--gc-low-watermark", "0.75", "--gc-interval", "0")
+	c.waitState(id, node.Online, 60*time.Second)
+	var shas []string
+	for i, name := range []string{"gc-a", "gc-b", "gc-c"} {
+		path, sha, size := tinyModel(t, modelstore.TinyOptions{Seed: int64(100 + i)})
+		require.Less(t, size, int64(600_000))
+		c.push(name, path)
+		status, body := c.send("POST", "/v2/nodes/"+id+"/models/"+name, "")
+		require.Equal(t, 202, status, body)
+		c.waitModel(id, sha, "ready", 60*time.Second)
+		shas = append(shas, sha)
+	}
+
+	status, plan := c.send("POST", "/v2/nodes/"+id+"/gc?dry_run=true", "")
+	require.Equal(t, 200, status, plan)
+	evicted := plan["evicted"].([]any)
+	require.Len(t, evicted, 1, plan)
+	first := evicted[0].(map[string]any)
+	require.Equal(t, "gc-a", first["model_id"], "the least recently used goes first")
+	require.Equal(t, "lru", first["reason"])
+	require.Equal(t, "ready", c.nodeModel(id, shas[0])["state"], "a dry run deletes nothing")
+
+	status, res := c.send("POST", "/v2/nodes/"+id+"/gc", "")
+	require.Equal(t, 200, status, res)
+	require.Len(t, res["evicted"].([]any), 1)
+	_, err := os.Stat(filepath.Join(c.home, "nodes", id, "models", shas[0]+".gguf"))
+	require.True(t, os.IsNotExist(err), "gc-a's file is gone")
+	testenv.Eventually(t, 10*time.Second, "gc-a no longer reported", func() (bool, string) {
+		m := c.nodeModel(id, shas[0])
+		return m["state"] != "ready", fmt.Sprint(m)
+	})
+	recordHistory(t, model.GCWorkflowID(id), "gc-lru-eviction")
+
+	// Retire gc-c: it goes even though usage is under the watermarks now.
+	status, body := c.send("POST", "/v2/catalog/models/gc-c/state", `{"state":"Retired"}`)
+	require.Equal(t, 200, status, body)
+	status, res = c.send("POST", "/v2/nodes/"+id+"/gc", "")
+	require.Equal(t, 200, status, res)
+	ev := res["evicted"].([]any)
+	require.Len(t, ev, 1, res)
+	require.Equal(t, "retired", ev[0].(map[string]any)["reason"])
+	require.Equal(t, "ready", c.nodeModel(id, shas[1])["state"], "gc-b is kept: under the watermark and Active")
+	status, body = c.send("POST", "/v2/nodes/"+id+"/models/gc-c", "")
+	require.Equal(t, 409, status, body)
+	require.Equal(t, "MODEL_RETIRED", body["code"])
+
+	w.signal(t, syscall.SIGTERM)
+	c.waitState(id, node.Left, 20*time.Second)
+}
+
+// The models CLI against a running cluster: gen-tiny, push (then the same
+// again: a no-op; other content: refused without --replace), ls, rm.
+func TestModelsCLI(t *testing.T) {
+	c := newCluster(t)
+	bin := testenv.Llorch(t)
+	dir := t.TempDir()
+	run := func(args ...string) (string, error) {
+		cmd := exec.Command(bin, append(args, "--home", c.home)...)
+		cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"),
+			"LLORCH_API_URL=http://" + c.api, "LLORCH_API_TOKEN=" + token,
+			"LLORCH_S3_ENDPOINT=" + env.S3.Endpoint, "LLORCH_S3_ACCESS_KEY=" + env.S3.AccessKey,
+			"LLORCH_S3_SECRET_KEY=" + env.S3.SecretKey, "LLORCH_S3_BUCKET=" + env.S3.Bucket}
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	runNoHome := func(args ...string) (string, error) {
+		out, err := exec.Command(bin, args...).CombinedOutput()
+		return string(out), err
+	}
+	a, b := filepath.Join(dir, "a.gguf"), filepath.Join(dir, "b.gguf")
+	out, err := runNoHome("models", "gen-tiny", "--out", a, "--seed", "5")
+	require.NoError(t, err, out)
+	_, shaA, _ := hashFile(t, a)
+	require.Contains(t, out, shaA)
+	out, err = runNoHome("models", "gen-tiny", "--out", b, "--seed", "6")
+	require.NoError(t, err, out)
+
+	out, err = run("models", "push", a, "--id", "cli-tiny")
+	require.NoError(t, err, out)
+	require.Contains(t, out, shaA)
+	out, err = run("models", "push", a, "--id", "cli-tiny")
+	require.NoError(t, err, out)
+	require.Contains(t, out, "nothing to do")
+	out, err = run("models", "push", b, "--id", "cli-tiny")
+	require.Error(t, err, out)
+	require.Contains(t, out, "--replace")
+	out, err = run("models", "push", b, "--id", "cli-tiny", "--replace")
+	require.NoError(t, err, out)
+	_, shaB, _ := hashFile(t, b)
+	_, entry := c.get("/v2/catalog/models/cli-tiny")
+	require.Equal(t, shaB, entry["sha256"])
+	require.Equal(t, "llama", entry["metadata"].(map[string]any)["architecture"])
+
+	out, err = run("models", "ls")
+	require.NoError(t, err, out)
+	require.Contains(t, out, "cli-tiny")
+	out, err = run("models", "rm", "cli-tiny")
+	require.NoError(t, err, out)
+	status, _ := c.get("/v2/catalog/models/cli-tiny")
+	require.Equal(t, 404, status)
+
+	// Not a model: refused, and nothing registered.
+	junk := filepath.Join(dir, "junk.gguf")
+	require.NoError(t, os.WriteFile(junk, []byte("PK\x03\x04 this is a zip"), 0o644))
+	out, err = run("models", "push", junk, "--id", "junk")
+	require.Error(t, err, out)
+	status, _ = c.get("/v2/catalog/models/junk")
+	require.Equal(t, 404, status)
 }

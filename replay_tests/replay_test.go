@@ -11,6 +11,7 @@ import (
 	"go.temporal.io/sdk/worker"
 	"go.temporal.io/sdk/workflow"
 
+	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/workflows"
 )
@@ -18,7 +19,9 @@ import (
 // workflowTypes maps each recorded workflow type to its code; every type
 // llorch registers must have at least one history here.
 var workflowTypes = map[string]any{
-	node.WorkflowType: workflows.Node,
+	node.WorkflowType:       workflows.Node,
+	model.StageWorkflowType: workflows.Stage,
+	model.GCWorkflowType:    workflows.GC,
 }
 
 func TestReplayRecordedHistories(t *testing.T) {

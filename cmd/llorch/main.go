@@ -16,7 +16,7 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(apiserverCmd(), workerCmd(), devCmd(), versionCmd())
+	root.AddCommand(apiserverCmd(), workerCmd(), devCmd(), modelsCmd(), versionCmd())
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "llorch:", err)
 		os.Exit(1)

@@ -99,6 +99,7 @@ func workerCmd() *cobra.Command {
 			}
 			defer tc.Close()
 			reg := newRegistry()
+			stagingMetrics := activities.NewStagingMetrics(reg)
 			nodes := &nodeclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, ContinueAsNewAfterEvents: canAfter,
 				Via: "worker", Metrics: nodeclient.NewMetrics(reg)}
 			agent := &workers.Agent{
@@ -106,13 +107,13 @@ func workerCmd() *cobra.Command {
 				Host:     workers.HostWithModels{InventorySource: host, Local: local, Log: log},
 				Nodes:    nodes,
 				Metrics:  activities.NewNodeMetrics(reg),
-				GC:       &activities.GCActivities{Local: local, Log: log, Metrics: activities.NewGCMetrics(reg)},
+				GC:       &activities.GCActivities{Local: local, Log: log, Metrics: activities.NewGCMetrics(reg), Catalog: stagingMetrics},
 				Models:   &modelclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, Nodes: nodes},
 				GCPolicy: gcPolicy, GCEvery: gcEvery,
 			}
 			if store != nil {
 				agent.Staging = &activities.StagingActivities{Store: store, Local: local, Client: tc, Log: log,
-					Metrics: activities.NewStagingMetrics(reg), DiskMargin: margin}
+					Metrics: stagingMetrics, DiskMargin: margin}
 			}
 			return runApp(log,
 				fx.Supply(log, agent, reg, fx.Annotate(reg, fx.As(new(prometheus.Registerer)))),
