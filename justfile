@@ -47,6 +47,10 @@ lint:
 test: tools lint
     go test -count=1 -timeout 30m ./...
 
+# Benchmarks against baselines in the same run (staging vs bare FGetObject).
+bench: tools
+    go test -run '^$' -bench . -benchtime 3x ./bench
+
 # Re-record the workflow histories the replay tests use, from a real run.
 record-histories: tools
     LLORCH_RECORD_HISTORIES=1 go test -count=1 -run 'TestThreeNodesJoinDieReturnLeave|TestContinueAsNewKeepsState|TestHTTPAgentRecorded|TestStagingJoinsAndResumes|TestStagingFailuresAreClean|TestGC' ./e2e
