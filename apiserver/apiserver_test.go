@@ -8,6 +8,8 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -386,4 +388,107 @@ func TestRacingRegistrationsMakeOneWorkflow(t *testing.T) {
 	})
 	_, err := nodes.Update(ctx, id, node.UpdateDeregister, node.Request{})
 	require.NoError(t, err)
+}
+
+// The catalog API end to end on a real bucket: registration by key and by
+// upload, no-op and refusal of other content, validation of ids and keys,
+// lifecycle, verify, delete.
+func TestCatalogAPI(t *testing.T) {
+	a := startAPI(t)
+	ctx := context.Background()
+	store, err := modelstore.New(env.S3)
+	require.NoError(t, err)
+	dir := t.TempDir()
+	put := func(key string, seed int64) string {
+		path := filepath.Join(dir, key[strings.LastIndex(key, "/")+1:])
+		require.NoError(t, modelstore.WriteTinyFile(path, modelstore.TinyOptions{Seed: seed}))
+		f, err := os.Open(path)
+		require.NoError(t, err)
+		defer f.Close()
+		sha, err := store.Upload(ctx, f, -1, key, nil)
+		require.NoError(t, err)
+		return sha
+	}
+	shaA := put("models/api-a.gguf", 1)
+
+	for _, c := range []struct {
+		body  any
+		field string
+	}{
+		{map[string]any{"id": "../x", "key": "models/a.gguf"}, "id"},
+		{map[string]any{"id": "ok", "key": "/etc/passwd"}, "key"},
+		{map[string]any{"id": "ok", "key": "models/../catalog/x.json"}, "key"},
+		{map[string]any{"id": "ok", "key": "catalog/ok.json"}, "key"},
+		{map[string]any{"id": "ok", "key": strings.Repeat("k", 600)}, "key"},
+		{map[string]any{"id": strings.Repeat("a", 200)}, "id"},
+		{map[string]any{"id": "ok", "sha256": "xyz"}, "sha256"},
+		{map[string]any{"id": "ok", "colour": 1}, "colour"},
+	} {
+		r := a.call("POST", "/v2/catalog/models", c.body)
+		requireError(t, r, 400, apiserver.CodeInvalidParams)
+		require.Equal(t, c.field, r.body["field"], r.raw)
+	}
+	requireError(t, a.call("POST", "/v2/catalog/models", map[string]any{"id": "missing", "key": "models/none.gguf"}), 404, apiserver.CodeObjectNotFound)
+	_, err = store.Upload(ctx, strings.NewReader("PK\x03\x04 not a model at all"), -1, "models/zip.gguf", nil)
+	require.NoError(t, err)
+	r := a.call("POST", "/v2/catalog/models", map[string]any{"id": "zip", "key": "models/zip.gguf"})
+	requireError(t, r, 400, apiserver.CodeNotGGUF)
+	require.Contains(t, r.body["message"], "not a GGUF")
+	requireError(t, a.call("GET", "/v2/catalog/models/zip", nil), 404, apiserver.CodeModelNotFound)
+
+	r = a.call("POST", "/v2/catalog/models", map[string]any{"id": "api-a", "key": "models/api-a.gguf", "sha256": shaA})
+	require.Equal(t, 201, r.status, r.raw)
+	require.Equal(t, shaA, r.body["sha256"])
+	meta := r.body["metadata"].(map[string]any)
+	require.Equal(t, "llama", meta["architecture"])
+	require.Greater(t, meta["estimated_vram_bytes"], float64(0))
+	// Same content again: a no-op. A wrong digest: refused.
+	r = a.call("POST", "/v2/catalog/models", map[string]any{"id": "api-a", "key": "models/api-a.gguf"})
+	require.Equal(t, 200, r.status, r.raw)
+	require.Equal(t, "true", r.header.Get("X-Llorch-Unchanged"))
+	requireError(t, a.call("POST", "/v2/catalog/models", map[string]any{"id": "api-b", "key": "models/api-a.gguf"}), 409, apiserver.CodeKeyInUse)
+
+	// Upload through the API: other content under an existing id is refused
+	// without replace and leaves the registered object untouched.
+	other := filepath.Join(dir, "other.gguf")
+	require.NoError(t, modelstore.WriteTinyFile(other, modelstore.TinyOptions{Seed: 2}))
+	body, err := os.ReadFile(other)
+	require.NoError(t, err)
+	upload := func(q string) resp {
+		req, _ := http.NewRequest("POST", a.base+"/v2/catalog/models?"+q, bytes.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+token)
+		req.Header.Set("Content-Type", "application/octet-stream")
+		res, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		defer res.Body.Close()
+		raw, _ := io.ReadAll(res.Body)
+		out := resp{status: res.StatusCode, header: res.Header, raw: string(raw)}
+		_ = json.Unmarshal(raw, &out.body)
+		return out
+	}
+	requireError(t, upload("id=api-a&key=models/api-a.gguf"), 409, apiserver.CodeModelExists)
+	sha, _, err := store.HashObject(ctx, "models/api-a.gguf")
+	require.NoError(t, err)
+	require.Equal(t, shaA, sha, "a refused upload never overwrites the registered object")
+	r = upload("id=api-up&key=models/api-up.gguf")
+	require.Equal(t, 201, r.status, r.raw)
+	r = upload("id=api-a&key=models/api-a.gguf&replace=true")
+	require.Equal(t, 201, r.status, r.raw)
+	require.NotEqual(t, shaA, r.body["sha256"])
+
+	// Lifecycle, verify, list, delete.
+	requireError(t, a.call("POST", "/v2/catalog/models/api-a/state", map[string]any{"state": "Sleeping"}), 400, apiserver.CodeInvalidParams)
+	require.Equal(t, "Retired", a.call("POST", "/v2/catalog/models/api-a/state", map[string]any{"state": "retired"}).body["lifecycle"])
+	require.Equal(t, 200, a.call("POST", "/v2/catalog/models/api-up/verify", nil).status)
+	list := a.call("GET", "/v2/catalog/models", nil)
+	require.EqualValues(t, 2, list.body["count"], list.raw)
+	require.Equal(t, 204, a.call("DELETE", "/v2/catalog/models/api-up", nil).status)
+	requireError(t, a.call("DELETE", "/v2/catalog/models/api-up", nil), 404, apiserver.CodeModelNotFound)
+	_, err = store.Stat(ctx, "models/api-up.gguf")
+	require.ErrorIs(t, err, modelstore.ErrObjectMissing)
+
+	// Staging and GC validation.
+	requireError(t, a.call("POST", "/v2/nodes/ghost/models/api-a", nil), 404, apiserver.CodeNodeNotFound)
+	requireError(t, a.call("POST", "/v2/nodes/ghost/gc", nil), 404, apiserver.CodeNodeNotFound)
+	requireError(t, a.call("POST", "/v2/nodes/ghost/models/..%2Fx", nil), 400, apiserver.CodeInvalidParams)
 }

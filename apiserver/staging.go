@@ -35,13 +35,13 @@ func (s *Server) liveNode(c *fiber.Ctx) (nodeclient.View, error) {
 
 // stageModel starts, or joins, the staging of a catalog model onto a node.
 func (s *Server) stageModel(c *fiber.Ctx) error {
-	v, err := s.liveNode(c)
-	if err != nil {
-		return err
-	}
 	mid := c.Params("model_id")
 	if err := model.ValidateID(mid); err != nil {
 		return invalidParam("model_id", "%v", err)
+	}
+	v, err := s.liveNode(c)
+	if err != nil {
+		return err
 	}
 	e, err := s.entry(c.UserContext(), mid)
 	if err != nil {
