@@ -66,17 +66,23 @@ func (s *Server) entry(ctx context.Context, id string) (model.Entry, error) {
 	return e, err
 }
 
-func (s *Server) listModels(c *fiber.Ctx) error {
+// entries lists the catalog (never nil).
+func (s *Server) entries(ctx context.Context) ([]model.Entry, error) {
 	st, err := s.store()
 	if err != nil {
-		return err
+		return nil, err
 	}
-	entries, err := st.ListEntries(c.UserContext())
-	if err != nil {
-		return err
-	}
+	entries, err := st.ListEntries(ctx)
 	if entries == nil {
 		entries = []model.Entry{}
+	}
+	return entries, err
+}
+
+func (s *Server) listModels(c *fiber.Ctx) error {
+	entries, err := s.entries(c.UserContext())
+	if err != nil {
+		return err
 	}
 	return c.JSON(fiber.Map{"models": entries, "count": len(entries)})
 }
@@ -238,7 +244,7 @@ func (s *Server) sameOrExists(c *fiber.Ctx, existing model.Entry, sha string) er
 }
 
 func (s *Server) checkKeyFree(ctx context.Context, id, key string) error {
-	entries, err := s.deps.Store.ListEntries(ctx)
+	entries, err := s.entries(ctx)
 	if err != nil {
 		return err
 	}
@@ -338,11 +344,7 @@ func (s *Server) verifyModel(c *fiber.Ctx) error {
 // verified copy; per node, what it holds and its disk. Read from the nodes'
 // latest heartbeats.
 func (s *Server) availability(c *fiber.Ctx) error {
-	st, err := s.store()
-	if err != nil {
-		return err
-	}
-	entries, err := st.ListEntries(c.UserContext())
+	entries, err := s.entries(c.UserContext())
 	if err != nil {
 		return err
 	}

@@ -30,13 +30,7 @@ func tinyModel(t *testing.T, o modelstore.TinyOptions) (string, string, int64) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "model.gguf")
 	require.NoError(t, modelstore.WriteTinyFile(path, o))
-	f, err := os.Open(path)
-	require.NoError(t, err)
-	defer f.Close()
-	h := sha256.New()
-	n, err := io.Copy(h, f)
-	require.NoError(t, err)
-	return path, hex.EncodeToString(h.Sum(nil)), n
+	return hashFile(t, path)
 }
 
 // push uploads a model file and registers it through the API.
