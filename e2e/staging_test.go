@@ -176,12 +176,16 @@ func TestStagingFailuresAreClean(t *testing.T) {
 	wf := c.worker(full, "--disk-margin", "1000TB")
 	c.waitState(id, node.Online, 60*time.Second)
 	c.waitState(full, node.Online, 60*time.Second)
+	// Each node has its GC schedule while it is a member.
+	desc, err := env.Temporal.ScheduleClient().GetHandle(context.Background(), model.GCWorkflowID(id)).Describe(context.Background())
+	require.NoError(t, err)
+	require.Equal(t, 15*time.Minute, desc.Schedule.Spec.Intervals[0].Every)
 
 	path, sha, _ := tinyModel(t, modelstore.TinyOptions{Seed: 11})
-	c.push("altered", path)
-	other, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 12})
 	store, err := modelstore.New(env.S3)
 	require.NoError(t, err)
+	c.push("altered", path)
+	other, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 12})
 	f, err := os.Open(other)
 	require.NoError(t, err)
 	_, err = store.Upload(context.Background(), f, -1, model.DefaultKey("altered"), nil)
@@ -219,6 +223,9 @@ func TestStagingFailuresAreClean(t *testing.T) {
 	wf.signal(t, syscall.SIGTERM)
 	c.waitState(id, node.Left, 20*time.Second)
 	c.waitState(full, node.Left, 20*time.Second)
+	require.Equal(t, 0, w.wait(t, 30*time.Second))
+	_, err = env.Temporal.ScheduleClient().GetHandle(context.Background(), model.GCWorkflowID(id)).Describe(context.Background())
+	require.Error(t, err, "a node that left has no GC schedule")
 }
 
 // GC honours the watermarks (LRU down to the low one), evicts Retired
