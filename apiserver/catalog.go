@@ -106,6 +106,9 @@ type registerModelRequest struct {
 	SHA256  string `json:"sha256"`
 	Size    int64  `json:"size"`
 	Replace bool   `json:"replace"`
+	// SourceKey, when set, holds the content: it is checked there and
+	// copied to Key only once accepted (replacing a model in place).
+	SourceKey string `json:"source_key"`
 }
 
 // registerModel adds a model to the catalog: a JSON body names an object
@@ -141,6 +144,11 @@ func (s *Server) registerModel(c *fiber.Ctx) error {
 	if req.Size < 0 {
 		return invalidParam("size", "must be >= 0")
 	}
+	if req.SourceKey != "" {
+		if err := model.ValidateKey(req.SourceKey); err != nil {
+			return invalidParam("source_key", "%v", err)
+		}
+	}
 	ctx := c.UserContext()
 	existing, err := st.GetEntry(ctx, req.ID)
 	exists := err == nil
@@ -152,6 +160,10 @@ func (s *Server) registerModel(c *fiber.Ctx) error {
 	}
 
 	key := req.Key
+	if req.SourceKey != "" && !upload {
+		key = req.SourceKey
+		defer func() { _ = st.Client.RemoveObject(context.WithoutCancel(ctx), st.Bucket, key, removeOpts) }()
+	}
 	if upload {
 		// The body goes to a scratch key first: a registered model's object
 		// is never overwritten before the upload is known to be allowed and
@@ -186,7 +198,7 @@ func (s *Server) registerModel(c *fiber.Ctx) error {
 	if exists && !req.Replace {
 		return s.sameOrExists(c, existing, sha)
 	}
-	if upload {
+	if key != req.Key {
 		if _, err := st.Client.ComposeObject(ctx, minio.CopyDestOptions{Bucket: st.Bucket, Object: req.Key},
 			minio.CopySrcOptions{Bucket: st.Bucket, Object: key}); err != nil {
 			return err

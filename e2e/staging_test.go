@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/minio/minio-go/v7"
 	"github.com/stretchr/testify/require"
 
 	"github.com/llorch/llorch/model"
@@ -327,6 +328,14 @@ func TestModelsCLI(t *testing.T) {
 	_, entry := c.get("/v2/catalog/models/cli-tiny")
 	require.Equal(t, shaB, entry["sha256"])
 	require.Equal(t, "llama", entry["metadata"].(map[string]any)["architecture"])
+	// The replacement went through a scratch key, copied into place once
+	// accepted; nothing is left there.
+	store, err := modelstore.New(env.S3)
+	require.NoError(t, err)
+	for obj := range store.Client.ListObjects(context.Background(), store.Bucket, minio.ListObjectsOptions{Prefix: "uploads/", Recursive: true}) {
+		require.NoError(t, obj.Err)
+		t.Errorf("left behind: %s", obj.Key)
+	}
 
 	out, err = run("models", "ls")
 	require.NoError(t, err, out)

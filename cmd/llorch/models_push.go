@@ -169,32 +169,39 @@ func (p *modelPusher) push(ctx context.Context, file string) error {
 	if err := store.EnsureBucket(ctx); err != nil {
 		return err
 	}
-	uploaded, err := p.upload(ctx, store, file, sha, size)
+	// Replacing a model in place: upload beside it and let the apiserver
+	// copy it over the old object only once it accepted the new content, so
+	// a refused push never leaves the catalog naming changed bytes.
+	uploadKey := p.key
+	if found && existing.Key == p.key {
+		uploadKey = "uploads/" + p.id + "-" + sha[:16] + ".gguf"
+	}
+	uploaded, err := p.upload(ctx, store, file, uploadKey, sha, size)
 	if err != nil {
 		return err
 	}
 
 	rctx, cancel := context.WithTimeout(ctx, p.regTimeout)
 	defer cancel()
-	e, err := p.api.registerModel(rctx, modelRegisterRequest{ID: p.id, Key: p.key, SHA256: sha, Size: size, Replace: p.replace})
+	req := modelRegisterRequest{ID: p.id, Key: p.key, SHA256: sha, Size: size, Replace: p.replace}
+	if uploadKey != p.key {
+		req.SourceKey = uploadKey
+	}
+	e, err := p.api.registerModel(rctx, req)
 	if err != nil {
-		where := fmt.Sprintf("s3://%s/%s", store.Bucket, p.key)
+		where := fmt.Sprintf("s3://%s/%s", store.Bucket, uploadKey)
 		var ae *catalogAPIError
 		refused := errors.As(err, &ae) && ae.Status >= 400 && ae.Status < 500 // final: not GGUF, checksum, conflict
-		inPlace := found && existing.Key == p.key
 		switch {
-		case refused && uploaded && !inPlace:
+		case refused && uploaded:
 			// Remove what this push wrote.
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 			defer cancel()
-			if rmErr := store.Remove(cctx, p.key); rmErr != nil {
+			if rmErr := store.Remove(cctx, uploadKey); rmErr != nil {
 				fmt.Fprintf(p.errOut, "registration refused; removing %s failed: %v\n", where, rmErr)
 			} else {
 				fmt.Fprintf(p.errOut, "registration refused: removed %s\n", where)
 			}
-		case refused && uploaded:
-			fmt.Fprintf(p.errOut, "warning: registration refused, and the upload replaced %s in place: the catalog still names sha256 %s for model %s; push its old file again or remove it (llorch models rm %s)\n",
-				where, existing.SHA256, p.id, p.id)
 		case !refused:
 			fmt.Fprintf(p.errOut, "the file is uploaded to %s but not registered; the same push again registers it without uploading again\n", where)
 		}
@@ -223,9 +230,9 @@ func (p *modelPusher) checkKeyFree(ctx context.Context) error {
 // and the sha256 recorded with the object: a push whose registration failed).
 // The digest computed while sending must equal the pre-hash, or the file
 // changed during the upload and the object is deleted.
-func (p *modelPusher) upload(ctx context.Context, store *modelstore.Store, file, sha string, size int64) (uploaded bool, err error) {
-	where := fmt.Sprintf("s3://%s/%s", store.Bucket, p.key)
-	if info, err := store.Stat(ctx, p.key); err == nil && info.Size == size && info.UserMetadata["Sha256"] == sha {
+func (p *modelPusher) upload(ctx context.Context, store *modelstore.Store, file, key, sha string, size int64) (uploaded bool, err error) {
+	where := fmt.Sprintf("s3://%s/%s", store.Bucket, key)
+	if info, err := store.Stat(ctx, key); err == nil && info.Size == size && info.UserMetadata["Sha256"] == sha {
 		fmt.Fprintf(p.errOut, "%s already holds this content (size and recorded sha256 match): not uploading again\n", where)
 		return false, nil
 	} else if err != nil && !errors.Is(err, modelstore.ErrObjectMissing) {
@@ -238,7 +245,7 @@ func (p *modelPusher) upload(ctx context.Context, store *modelstore.Store, file,
 	defer fh.Close()
 	bar := p.bar(size, "uploading")
 	start := time.Now()
-	sent, err := store.Upload(ctx, fh, size, p.key, bar, modelstore.UserMetadata(map[string]string{"sha256": sha}))
+	sent, err := store.Upload(ctx, fh, size, key, bar, modelstore.UserMetadata(map[string]string{"sha256": sha}))
 	_ = bar.Finish()
 	if err != nil {
 		return false, err
@@ -249,7 +256,7 @@ func (p *modelPusher) upload(ctx context.Context, store *modelstore.Store, file,
 	if sent != sha {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()
-		rmErr := store.Remove(cctx, p.key)
+		rmErr := store.Remove(cctx, key)
 		if rmErr != nil {
 			return false, fmt.Errorf("%s changed during the upload (sha256 %s before, %s sent), and deleting %s failed: %v",
 				file, sha, sent, where, rmErr)
@@ -430,6 +437,9 @@ type modelRegisterRequest struct {
 	SHA256  string `json:"sha256"`
 	Size    int64  `json:"size"`
 	Replace bool   `json:"replace"`
+	// SourceKey is where the new content was uploaded when it replaces
+	// a model in place; the apiserver copies it to Key once accepted.
+	SourceKey string `json:"source_key,omitempty"`
 }
 
 // modelList is the body of GET /v2/catalog/models.
