@@ -239,6 +239,21 @@ func lastTransition(n map[string]any) map[string]any {
 	return tr[len(tr)-1].(map[string]any)
 }
 
+// A SIGTERM that lands while the worker is still starting still ends in a
+// clean deregistration, not in the default action killing it.
+func TestSIGTERMDuringStart(t *testing.T) {
+	c := newCluster(t)
+	id := "e2e-early"
+	w := c.worker(id)
+	testenv.Eventually(t, 60*time.Second, "node known", func() (bool, string) {
+		s := c.state(id)
+		return s != "", s
+	})
+	w.signal(t, syscall.SIGTERM)
+	require.Equal(t, 0, w.wait(t, 30*time.Second))
+	c.waitState(id, node.Left, 10*time.Second)
+}
+
 // Detection time of a kill -9, over several kills: the figure the closing
 // note of the node-lifecycle issue reports.
 func TestKillDetectionTime(t *testing.T) {

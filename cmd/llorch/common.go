@@ -87,6 +87,10 @@ func newRegistry() *prometheus.Registry {
 	return reg
 }
 
+// stopSignals receives SIGINT and SIGTERM from the moment the process
+// starts (see main).
+var stopSignals = make(chan os.Signal, 1)
+
 // runApp starts an fx app, waits for SIGINT/SIGTERM and stops it.
 func runApp(log *slog.Logger, opts ...fx.Option) error {
 	opts = append(opts,
@@ -105,8 +109,11 @@ func runApp(log *slog.Logger, opts ...fx.Option) error {
 	if err := app.Start(startCtx); err != nil {
 		return err
 	}
-	sig := <-app.Wait()
-	log.Info("stopping", "signal", sig.Signal.String())
+	// stopSignals, not app.Wait: a SIGTERM that arrived while we were still
+	// starting is kept there, and still ends in a clean stop (a worker
+	// deregisters) instead of the default action killing the process.
+	sig := <-stopSignals
+	log.Info("stopping", "signal", sig.String())
 	stopCtx, cancelStop := context.WithTimeout(context.Background(), app.StopTimeout())
 	defer cancelStop()
 	return app.Stop(stopCtx)

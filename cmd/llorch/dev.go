@@ -23,6 +23,7 @@ func devCmd() *cobra.Command {
 			"lets `llorch worker --node-id node-2` in another terminal join this cluster.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			signal.Stop(stopSignals) // dev handles its signals itself, below
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			go func() {

@@ -5,11 +5,14 @@ package main
 import (
 	"fmt"
 	"os"
+	"os/signal"
+	"syscall"
 
 	"github.com/spf13/cobra"
 )
 
 func main() {
+	signal.Notify(stopSignals, syscall.SIGINT, syscall.SIGTERM)
 	root := &cobra.Command{
 		Use:           "llorch",
 		Short:         "llama.cpp inference across many GPU machines, on Temporal",
