@@ -70,7 +70,14 @@ func start(t *testing.T, name string, args ...string) *proc {
 		<-p.done
 		if t.Failed() {
 			out := p.out.String()
-			t.Logf("--- output of %s (last 4 KiB) ---\n%s", name, out[max(0, len(out)-4096):])
+			var problems []string
+			for _, line := range strings.Split(out, "\n") {
+				if strings.Contains(line, "level=ERROR") || strings.Contains(line, "level=WARN") || strings.Contains(line, "panic") {
+					problems = append(problems, line)
+				}
+			}
+			t.Logf("--- %s: warnings and errors ---\n%s\n--- %s: last 4 KiB ---\n%s", name,
+				strings.Join(problems, "\n"), name, out[max(0, len(out)-4096):])
 		}
 	})
 	return p

@@ -92,15 +92,31 @@ func inventoryDetails(inv node.Inventory) string {
 
 // Update runs a drain, undrain or deregister update and returns the new status.
 func (c *Client) Update(ctx context.Context, nodeID, name string, req node.Request) (node.Status, error) {
-	h, err := c.Temporal.UpdateWorkflow(ctx, client.UpdateWorkflowOptions{
-		WorkflowID:   node.WorkflowID(nodeID),
-		UpdateName:   name,
-		Args:         []any{req},
-		WaitForStage: client.WorkflowUpdateStageCompleted,
-	})
 	var st node.Status
-	if err == nil {
-		err = h.Get(ctx, &st)
+	var err error
+	// The server aborts an update whose workflow task failed, typically
+	// because a signal (a liveness session's alive) arrived while it was
+	// processed, and answers WorkflowNotReady: retry that, briefly.
+	for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
+		var h client.WorkflowUpdateHandle
+		h, err = c.Temporal.UpdateWorkflow(ctx, client.UpdateWorkflowOptions{
+			WorkflowID:   node.WorkflowID(nodeID),
+			UpdateName:   name,
+			Args:         []any{req},
+			WaitForStage: client.WorkflowUpdateStageCompleted,
+		})
+		if err == nil {
+			err = h.Get(ctx, &st)
+		}
+		var notReady *serviceerror.WorkflowNotReady
+		if !errors.As(err, &notReady) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return st, err
+		case <-time.After(wait):
+		}
 	}
 	if err != nil {
 		return st, c.mapErr(ctx, nodeID, err)
