@@ -57,7 +57,7 @@ func PlanGC(copies []node.ModelCopy, partials []PartialFile, p node.GCPolicy, fr
 	if budget <= 0 {
 		budget = usage + int64(free)
 	}
-	plan := GCPlan{UsageBytes: usage, BudgetBytes: budget,
+	plan := GCPlan{UsageBytes: usage, BudgetBytes: budget, Evictions: []Eviction{}, KeptInUse: []string{},
 		HighBytes: int64(p.HighWatermark * float64(budget)), LowBytes: int64(p.LowWatermark * float64(budget))}
 	after := usage
 	evict := func(e Eviction) {
