@@ -365,7 +365,7 @@ func TestWorkerAgentNode(t *testing.T) {
 func TestRacingRegistrationsMakeOneWorkflow(t *testing.T) {
 	startAPI(t)
 	nodes := &nodeclient.Client{Temporal: env.Temporal, Namespace: env.Namespace}
-	id := "race-1"
+	id := fmt.Sprintf("race-%d", time.Now().UnixNano()%1e9) // fresh on every -count
 	ctx := context.Background()
 	var wg sync.WaitGroup
 	errs := make(chan error, 20)
@@ -408,6 +408,12 @@ func TestCatalogAPI(t *testing.T) {
 		sha, err := store.Upload(ctx, f, -1, key, nil)
 		require.NoError(t, err)
 		return sha
+	}
+	// Start from an empty catalog, so the test holds on a re-run (-count).
+	old, err := store.ListEntries(ctx)
+	require.NoError(t, err)
+	for _, e := range old {
+		require.NoError(t, store.DeleteEntry(ctx, e.ID))
 	}
 	shaA := put("models/api-a.gguf", 1)
 
