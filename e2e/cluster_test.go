@@ -106,6 +106,13 @@ func newCluster(t *testing.T, apiArgs ...string) *cluster {
 	store, err := modelstore.New(env.S3)
 	require.NoError(t, err)
 	require.NoError(t, store.EnsureBucket(context.Background()))
+	// Every test starts from an empty catalog (tests here run one at a
+	// time), so they hold on a re-run against the same services.
+	entries, err := store.ListEntries(context.Background())
+	require.NoError(t, err)
+	for _, e := range entries {
+		require.NoError(t, store.DeleteEntry(context.Background(), e.ID))
+	}
 	args := append([]string{"apiserver", "--addr", c.api, "--temporal-address", env.TemporalAddr, "--home", c.home}, s3Flags(env.S3.Endpoint)...)
 	args = append(args, apiArgs...)
 	api := start(t, "apiserver", args...)
@@ -252,9 +259,9 @@ func TestSIGTERMDuringStart(t *testing.T) {
 	c := newCluster(t)
 	id := "e2e-early"
 	w := c.worker(id)
-	testenv.Eventually(t, 60*time.Second, "node known", func() (bool, string) {
+	testenv.Eventually(t, 60*time.Second, "node registered by this worker", func() (bool, string) {
 		s := c.state(id)
-		return s != "", s
+		return s != "" && s != string(node.Left), s // Left: a previous run's
 	})
 	w.signal(t, syscall.SIGTERM)
 	require.Equal(t, 0, w.wait(t, 30*time.Second))
