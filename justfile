@@ -6,11 +6,12 @@ export PATH := justfile_directory() + "/bin:" + env_var("PATH")
 
 temporal_version := "v1.5.1"
 versitygw_version := "v1.8.0"
+llama_npm_version := "3.21.1"
 
 default:
     @just --list
 
-# Install the pinned temporal CLI and versitygw into ./bin when missing.
+# Install the pinned temporal CLI, versitygw and libllama (./bin/llama) when missing.
 tools:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -24,6 +25,20 @@ tools:
       echo "installing versitygw {{versitygw_version}} into ./bin (first time: about 2 minutes)"
       GOBIN="$PWD/bin" go install github.com/versity/versitygw/cmd/versitygw@{{versitygw_version}}
       touch bin/.versitygw-{{versitygw_version}}
+    fi
+    # libllama for `llorch engine`: node-llama-cpp's prebuilt CPU build, driven by yzma (purego).
+    if [ ! -f bin/.llama-npm-{{llama_npm_version}} ] || [ ! -e bin/llama/libllama.so ]; then
+      echo "installing @node-llama-cpp/linux-x64@{{llama_npm_version}} (libllama) into ./bin/llama"
+      npm install --silent --no-audit --no-fund --no-save --prefix bin/llama-npm @node-llama-cpp/linux-x64@{{llama_npm_version}} >/dev/null
+      rm -rf bin/llama && mkdir -p bin/llama
+      # Every library beside each other: libllama finds libggml via $ORIGIN, and
+      # ggml loads its CPU variants (libggml-cpu-*.so) from the same directory.
+      for f in bin/llama-npm/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/*.so; do
+        ln -s "../llama-npm/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/$(basename "$f")" bin/llama/
+      done
+      ln -s libllama.v0.4.0.so bin/llama/libllama.so
+      ln -s libggml.v0.4.0.so bin/llama/libggml.so
+      touch bin/.llama-npm-{{llama_npm_version}}
     fi
 
 # Build the llorch binary into ./bin.

@@ -19,7 +19,7 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(apiserverCmd(), workerCmd(), devCmd(), modelsCmd(), versionCmd())
+	root.AddCommand(apiserverCmd(), workerCmd(), devCmd(), modelsCmd(), engineCmd(), versionCmd())
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "llorch:", err)
 		os.Exit(1)

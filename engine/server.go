@@ -1,0 +1,311 @@
+package engine
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"runtime"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hybridgroup/yzma/pkg/llama"
+)
+
+// BuildInfo is what /props reports as build_info: this host, not a llama.cpp build.
+const BuildInfo = "llorch-engine (libllama via node-llama-cpp 3.21.1)"
+
+// Options configure one engine host; the flag names follow llama-server's.
+type Options struct {
+	ModelPath string
+	Host      string // default 127.0.0.1
+	Port      int    // 0 picks a free port (see Server.Addr)
+	CtxSize   int    // total context, split across slots; 0: the model's trained context
+	Parallel  int    // slots; default 1
+	Threads   int    // decode threads; default: CPUs
+	Alias     string // model name in /v1/models and chat responses; default: the file name
+	Seed      int64  // default seed of requests that send none; -1: random
+	LibDir    string // see LibDir
+	Logger    *slog.Logger
+}
+
+// Server is a running engine host. Start binds it and answers 503 until Load
+// has loaded the model.
+type Server struct {
+	opts    Options
+	log     *slog.Logger
+	ln      net.Listener
+	http    *http.Server
+	baseCtx context.Context
+	cancel  context.CancelFunc
+
+	mu        sync.Mutex
+	ready     atomic.Bool
+	closed    bool
+	model     llama.Model
+	vocab     llama.Vocab
+	tmpl      string
+	slots     []*slot
+	free      chan *slot
+	slotCtx   int
+	nCtxTrain int
+
+	nextTask         atomic.Int64
+	processing       atomic.Int64
+	deferred         atomic.Int64
+	tokensPredicted  atomic.Int64
+	promptTokens     atomic.Int64
+	predictedMicros  atomic.Int64
+	promptMicros     atomic.Int64
+	requestsFinished atomic.Int64
+}
+
+// Start loads libllama, binds the listener and serves: /health answers 503
+// "Loading model" until Load succeeds, as llama-server does, so a supervisor
+// can watch the load. A missing libllama or a taken port fails here at once.
+func Start(o Options) (*Server, error) {
+	if o.ModelPath == "" {
+		return nil, errors.New("no model: pass --model PATH")
+	}
+	if o.Host == "" {
+		o.Host = "127.0.0.1"
+	}
+	if o.Parallel <= 0 {
+		o.Parallel = 1
+	}
+	if o.Threads <= 0 {
+		o.Threads = runtime.NumCPU()
+	}
+	if o.Alias == "" {
+		o.Alias = o.ModelPath
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	dir, err := LibDir(o.LibDir)
+	if err != nil {
+		return nil, err
+	}
+	if err := loadLibrary(dir); err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", net.JoinHostPort(o.Host, strconv.Itoa(o.Port)))
+	if err != nil {
+		return nil, fmt.Errorf("cannot listen on %s:%d: %w", o.Host, o.Port, err)
+	}
+	s := &Server{opts: o, log: o.Logger, ln: ln}
+	s.baseCtx, s.cancel = context.WithCancel(context.Background())
+	s.http = &http.Server{
+		Handler:           s.routes(),
+		ReadHeaderTimeout: 10 * time.Second,
+		BaseContext:       func(net.Listener) context.Context { return s.baseCtx },
+	}
+	go func() {
+		if err := s.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error("engine HTTP server stopped", "err", err)
+		}
+	}()
+	return s, nil
+}
+
+// Addr is the bound host:port.
+func (s *Server) Addr() string { return s.ln.Addr().String() }
+
+// URL is the base URL of the server.
+func (s *Server) URL() string { return "http://" + s.Addr() }
+
+// Load loads the model and creates the slots; /health turns 200 after it. A
+// missing or corrupt file fails within milliseconds with the path in the error.
+func (s *Server) Load() error {
+	path := s.opts.ModelPath
+	if err := checkGGUF(path); err != nil {
+		return err
+	}
+	t0 := time.Now()
+	mp := llama.ModelDefaultParams()
+	mp.NGpuLayers = 0 // the CPU build has no GPU backend
+	model, err := llama.ModelLoadFromFile(path, mp)
+	if err != nil {
+		return fmt.Errorf("llama.cpp cannot load model %s: %w (is it a complete GGUF file of a supported architecture?)", path, err)
+	}
+	nCtx := s.opts.CtxSize
+	if nCtx <= 0 {
+		nCtx = int(llama.ModelNCtxTrain(model))
+	}
+	perSlot := nCtx / s.opts.Parallel
+	if perSlot < 16 {
+		llama.ModelFree(model)
+		return fmt.Errorf("context of %d tokens split over %d slots leaves %d per slot: too small (need 16)", nCtx, s.opts.Parallel, perSlot)
+	}
+	var slots []*slot
+	for i := range s.opts.Parallel {
+		cp := llama.ContextDefaultParams()
+		cp.NCtx = uint32(perSlot)
+		cp.NBatch = uint32(min(perSlot, 512))
+		cp.NUbatch = cp.NBatch
+		cp.NSeqMax = 1
+		cp.NThreads = int32(s.opts.Threads)
+		cp.NThreadsBatch = int32(s.opts.Threads)
+		lctx, err := llama.InitFromModel(model, cp)
+		if err != nil {
+			for _, sl := range slots {
+				llama.Free(sl.ctx)
+			}
+			llama.ModelFree(model)
+			return fmt.Errorf("creating llama context %d for %s (n_ctx %d): %w", i, path, perSlot, err)
+		}
+		slots = append(slots, &slot{id: i, ctx: lctx, vocab: llama.ModelGetVocab(model), nCtx: int(llama.NCtx(lctx))})
+	}
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		for _, sl := range slots {
+			llama.Free(sl.ctx)
+		}
+		llama.ModelFree(model)
+		return errors.New("engine closed while loading")
+	}
+	s.model, s.vocab, s.slots, s.slotCtx = model, llama.ModelGetVocab(model), slots, slots[0].nCtx
+	s.tmpl = llama.ModelChatTemplate(model, "")
+	s.nCtxTrain = int(llama.ModelNCtxTrain(model))
+	s.free = make(chan *slot, len(slots))
+	for _, sl := range slots {
+		s.free <- sl
+	}
+	s.ready.Store(true)
+	s.log.Info("model loaded", "model", path, "slots", len(slots), "n_ctx_slot", s.slotCtx,
+		"threads", s.opts.Threads, "took", time.Since(t0).Round(time.Millisecond), "url", s.URL())
+	return nil
+}
+
+// checkGGUF fails fast, with the path, on a file that cannot be a model.
+func checkGGUF(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("cannot open model: %w", err)
+	}
+	defer f.Close()
+	var magic [4]byte
+	if _, err := io.ReadFull(f, magic[:]); err != nil || string(magic[:]) != "GGUF" {
+		return fmt.Errorf("model %s is not a GGUF file (it does not start with the GGUF magic)", path)
+	}
+	var version uint32
+	if err := binary.Read(f, binary.LittleEndian, &version); err != nil || version < 2 || version > 3 {
+		return fmt.Errorf("model %s: unsupported or truncated GGUF header (version %d)", path, version)
+	}
+	return nil
+}
+
+// Close stops serving, cancels running generations, and frees the model once
+// every slot is idle again.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	s.mu.Unlock()
+	s.cancel()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err := s.http.Shutdown(ctx)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ready.Load() {
+		// Handlers have returned (or Shutdown timed out): take every slot back
+		// so no generation still uses a context being freed.
+		for range s.slots {
+			select {
+			case <-s.free:
+			case <-ctx.Done():
+				return errors.New("engine close: a generation did not stop within 5s")
+			}
+		}
+		for _, sl := range s.slots {
+			llama.Free(sl.ctx)
+		}
+		llama.ModelFree(s.model)
+		s.ready.Store(false)
+	}
+	return err
+}
+
+// acquire waits for a free slot, as llama-server defers a request while all
+// slots are busy.
+func (s *Server) acquire(ctx context.Context) (*slot, error) {
+	select {
+	case sl := <-s.free:
+		return sl, nil
+	default:
+	}
+	s.deferred.Add(1)
+	defer s.deferred.Add(-1)
+	select {
+	case sl := <-s.free:
+		return sl, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func (s *Server) release(sl *slot) {
+	sl.busy.Store(false)
+	sl.taskID.Store(-1)
+	s.free <- sl
+}
+
+// run takes a slot and generates, keeping the metrics.
+func (s *Server) run(ctx context.Context, prompt string, p sampling, emit func(string) error) (outcome, error) {
+	sl, err := s.acquire(ctx)
+	if err != nil {
+		return outcome{}, err
+	}
+	sl.busy.Store(true)
+	sl.taskID.Store(s.nextTask.Add(1))
+	s.processing.Add(1)
+	defer func() {
+		s.processing.Add(-1)
+		s.release(sl)
+	}()
+	out, err := sl.generate(ctx, prompt, p, emit)
+	s.tokensPredicted.Add(int64(out.Predicted))
+	s.promptTokens.Add(int64(out.Evaluated))
+	s.promptMicros.Add(int64(out.PromptMs * 1000))
+	s.predictedMicros.Add(int64(out.PredictedMs * 1000))
+	if err == nil {
+		s.requestsFinished.Add(1)
+		s.log.Debug("completion", "slot", sl.id, "prompt_tokens", out.Evaluated, "predicted", out.Predicted,
+			"stop_type", out.StopType, "predicted_per_second", perSecond(out.Predicted, out.PredictedMs))
+	}
+	return out, err
+}
+
+func perSecond(n int, ms float64) float64 {
+	if ms <= 0 {
+		return 0
+	}
+	return float64(n) * 1000 / ms
+}
+
+// writeSSE writes one `data: ` event and flushes it; the error says the
+// client is gone.
+func writeSSE(w http.ResponseWriter, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	if _, err := fmt.Fprintf(w, "data: %s\n\n", b); err != nil {
+		return err
+	}
+	return http.NewResponseController(w).Flush()
+}

@@ -1,0 +1,225 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"time"
+	"unicode/utf8"
+
+	"github.com/hybridgroup/yzma/pkg/llama"
+)
+
+// Stop reasons, spelled as llama-server's stop_type.
+const (
+	StopLimit = "limit"
+	StopEOS   = "eos"
+	StopWord  = "word"
+)
+
+// sampling is one request's generation settings, after defaults.
+type sampling struct {
+	NPredict    int
+	Temperature float64
+	TopK        int
+	TopP        float64
+	Seed        int64
+	Stop        []string
+}
+
+// outcome is what a finished generation reports.
+type outcome struct {
+	Content      string
+	Predicted    int
+	Evaluated    int
+	StopType     string
+	StoppingWord string
+	PromptMs     float64
+	PredictedMs  float64
+}
+
+// requestError is a client error (HTTP 400), like llama-server's
+// invalid_request_error.
+type requestError struct{ msg string }
+
+func (e *requestError) Error() string { return e.msg }
+
+// slot is one llama context: one generation at a time.
+type slot struct {
+	id     int
+	ctx    llama.Context
+	vocab  llama.Vocab
+	nCtx   int
+	busy   atomic.Bool
+	taskID atomic.Int64
+}
+
+// generate runs one completion on the slot. emit gets text as it becomes
+// final (whole UTF-8 characters, never part of a stop word); an emit error
+// (the client went away) or ctx ending stops generation.
+func (s *slot) generate(ctx context.Context, prompt string, p sampling, emit func(string) error) (outcome, error) {
+	var out outcome
+	mem, err := llama.GetMemory(s.ctx)
+	if err != nil {
+		return out, err
+	}
+	// Each request starts from an empty cache: no prompt reuse, but no state
+	// leaks from one client to the next either.
+	if err := llama.MemoryClear(mem, true); err != nil {
+		return out, err
+	}
+
+	tokens := llama.Tokenize(s.vocab, prompt, true, true)
+	if len(tokens) == 0 {
+		return out, &requestError{"the prompt is empty"}
+	}
+	if len(tokens) >= s.nCtx {
+		return out, &requestError{fmt.Sprintf("the request exceeds the available context size (%d tokens), try increasing it: the prompt has %d tokens", s.nCtx, len(tokens))}
+	}
+	out.Evaluated = len(tokens)
+
+	chain := llama.SamplerChainInit(llama.SamplerChainDefaultParams())
+	defer llama.SamplerFree(chain)
+	if p.Temperature <= 0 {
+		llama.SamplerChainAdd(chain, llama.SamplerInitGreedy())
+	} else {
+		if p.TopK > 0 {
+			llama.SamplerChainAdd(chain, llama.SamplerInitTopK(int32(p.TopK)))
+		}
+		if p.TopP < 1 {
+			llama.SamplerChainAdd(chain, llama.SamplerInitTopP(float32(p.TopP), 1))
+		}
+		llama.SamplerChainAdd(chain, llama.SamplerInitTemp(float32(p.Temperature)))
+		seed := uint32(llama.DefaultSeed) // llama.cpp draws a random seed for this value
+		if p.Seed >= 0 {
+			seed = uint32(p.Seed)
+		}
+		llama.SamplerChainAdd(chain, llama.SamplerInitDist(seed))
+	}
+
+	start := time.Now()
+	batchSize := int(llama.NBatch(s.ctx))
+	for i := 0; i < len(tokens); i += batchSize {
+		if ctx.Err() != nil {
+			return out, ctx.Err()
+		}
+		end := min(i+batchSize, len(tokens))
+		if rc, err := llama.Decode(s.ctx, llama.BatchGetOne(tokens[i:end])); err != nil || rc != 0 {
+			return out, fmt.Errorf("decoding the prompt: llama_decode returned %d (%v)", rc, err)
+		}
+	}
+	genStart := time.Now()
+	out.PromptMs = float64(genStart.Sub(start).Microseconds()) / 1000
+
+	var (
+		text     []byte // everything generated so far
+		sent     int    // bytes of text already handed to emit
+		piece    = make([]byte, 256)
+		nPast    = len(tokens)
+		maxStop  int
+		tokenBuf = []llama.Token{0}
+	)
+	for _, w := range p.Stop {
+		maxStop = max(maxStop, len(w))
+	}
+	out.StopType = StopLimit
+	for p.NPredict < 0 || out.Predicted < p.NPredict {
+		if nPast >= s.nCtx {
+			break // context full: llama-server would shift; we stop at the limit
+		}
+		if err := ctx.Err(); err != nil {
+			return out, err
+		}
+		tok := llama.SamplerSample(chain, s.ctx, -1)
+		out.Predicted++
+		if llama.VocabIsEOG(s.vocab, tok) {
+			out.StopType = StopEOS
+			break
+		}
+		n := llama.TokenToPiece(s.vocab, tok, piece, 0, false)
+		if n < 0 {
+			piece = make([]byte, -n)
+			n = llama.TokenToPiece(s.vocab, tok, piece, 0, false)
+		}
+		text = append(text, piece[:max(n, 0)]...)
+
+		if maxStop > 0 {
+			if at, word := findStop(text[sent:], p.Stop); at >= 0 {
+				text = text[:sent+at]
+				out.StopType, out.StoppingWord = StopWord, word
+				break
+			}
+		}
+		// Hold back a possible start of a stop word and a split UTF-8
+		// character: neither may reach the client yet.
+		ready := len(text) - partialStop(text, p.Stop)
+		ready = sent + completeUTF8(text[sent:ready])
+		if ready > sent {
+			if err := emit(string(text[sent:ready])); err != nil {
+				return out, err
+			}
+			sent = ready
+		}
+
+		tokenBuf[0] = tok
+		if rc, err := llama.Decode(s.ctx, llama.BatchGetOne(tokenBuf)); err != nil || rc != 0 {
+			return out, fmt.Errorf("decoding token %d: llama_decode returned %d (%v)", out.Predicted, rc, err)
+		}
+		nPast++
+	}
+	if sent < len(text) {
+		if err := emit(string(text[sent:])); err != nil {
+			return out, err
+		}
+	}
+	out.Content = strings.ToValidUTF8(string(text), "\uFFFD")
+	out.PredictedMs = float64(time.Since(genStart).Microseconds()) / 1000
+	return out, nil
+}
+
+// findStop returns the earliest position of any stop word in b, and the word.
+func findStop(b []byte, stops []string) (int, string) {
+	at, word := -1, ""
+	for _, w := range stops {
+		if w == "" {
+			continue
+		}
+		if i := strings.Index(string(b), w); i >= 0 && (at < 0 || i < at) {
+			at, word = i, w
+		}
+	}
+	return at, word
+}
+
+// partialStop is the length of the longest suffix of b that begins a stop word.
+func partialStop(b []byte, stops []string) int {
+	best := 0
+	for _, w := range stops {
+		for l := min(len(w)-1, len(b)); l > best; l-- {
+			if strings.HasSuffix(string(b), w[:l]) {
+				best = l
+				break
+			}
+		}
+	}
+	return best
+}
+
+// completeUTF8 is the length of b without a trailing, still incomplete
+// multi-byte character.
+func completeUTF8(b []byte) int {
+	for i := len(b) - 1; i >= 0 && i >= len(b)-utf8.UTFMax; i-- {
+		c := b[i]
+		if c < utf8.RuneSelf {
+			return len(b)
+		}
+		if utf8.RuneStart(c) {
+			if utf8.FullRune(b[i:]) {
+				return len(b)
+			}
+			return i
+		}
+	}
+	return len(b)
+}
