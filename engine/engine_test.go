@@ -5,8 +5,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"os/exec"
 	"os"
 	"path/filepath"
 	"strings"
@@ -444,4 +447,50 @@ func TestClientDisconnectCancels(t *testing.T) {
 	assert.Less(t, predicted, nCtx/2, "generation stopped early, not at the context limit")
 	c := complete(t, s, `{"prompt":"b","n_predict":4,"temperature":0}`)
 	assert.Equal(t, 4, c.TokensPredicted)
+}
+
+// With LLORCH_LLAMA_SERVER naming a llama-server binary, greedy decoding of
+// the built-in engine must give llama-server's tokens on the same model.
+func TestGreedyMatchesLlamaServer(t *testing.T) {
+	bin := os.Getenv("LLORCH_LLAMA_SERVER")
+	if bin == "" {
+		t.Skip("SKIP (visible on purpose): LLORCH_LLAMA_SERVER is not set, so the built-in engine is not compared with llama-server")
+	}
+	model := tinyModel(t)
+	ours := loadedEngine(t, engine.Options{})
+	port := freePort(t)
+	cmd := exec.Command(bin, "-m", model, "--host", "127.0.0.1", "--port", fmt.Sprint(port), "-c", "256", "-np", "1", "-t", "1", "--no-webui")
+	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	theirs := fmt.Sprintf("http://127.0.0.1:%d", port)
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		res, err := client.Get(theirs + "/health")
+		if err == nil {
+			res.Body.Close()
+			if res.StatusCode == 200 {
+				break
+			}
+		}
+		require.True(t, time.Now().Before(deadline), "llama-server not healthy within 60s")
+		time.Sleep(50 * time.Millisecond)
+	}
+	body := `{"prompt":"the","n_predict":24,"temperature":0,"seed":1}`
+	get := func(base string) string {
+		res, err := client.Post(base+"/completion", "application/json", strings.NewReader(body))
+		require.NoError(t, err)
+		defer res.Body.Close()
+		var out struct{ Content string }
+		require.NoError(t, json.NewDecoder(res.Body).Decode(&out))
+		return out.Content
+	}
+	require.Equal(t, get(theirs), get(ours.URL()))
+}
+
+func freePort(t *testing.T) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
 }
