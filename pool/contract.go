@@ -1,0 +1,141 @@
+package pool
+
+import (
+	"fmt"
+	"path/filepath"
+	"regexp"
+	"time"
+
+	"go.temporal.io/sdk/temporal"
+)
+
+// WorkflowType is the registered name of the pool workflow.
+const WorkflowType = "Pool"
+
+// WorkflowID is the readable id of a pool's workflow.
+func WorkflowID(nodeID, poolID string) string { return "pool:" + nodeID + ":" + poolID }
+
+// PoolIDKey finds a pool's workflow by pool id.
+var PoolIDKey = temporal.NewSearchAttributeKeyKeyword("PoolId")
+
+var idPattern = regexp.MustCompile(`^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$`)
+
+// ValidateID checks a pool id (unique in the cluster).
+func ValidateID(id string) error {
+	if !idPattern.MatchString(id) {
+		return fmt.Errorf("pool id %q is invalid: use 1-63 characters of a-z, 0-9, '.', '_' or '-', starting and ending with a letter or digit", id)
+	}
+	return nil
+}
+
+// Engine is the kind of llama.cpp process a pool runs.
+type Engine string
+
+const (
+	Builtin     Engine = "builtin"      // llorch engine (libllama)
+	LlamaServer Engine = "llama-server" // llama.cpp's own server
+)
+
+// State of a pool.
+type State string
+
+const (
+	Starting State = "Starting" // staging, preflight, engine loading
+	Ready    State = "Ready"    // engine answers /health 200
+	Unready  State = "Unready"  // engine down; restarting with backoff
+	Draining State = "Draining" // no new work; stopping
+	Stopped  State = "Stopped"  // drained; the workflow has ended
+	Failed   State = "Failed"   // circuit open after repeated failures
+)
+
+// Spec is what a pool runs, and where.
+type Spec struct {
+	PoolID     string `json:"pool_id"`
+	NodeID     string `json:"node_id"`
+	ModelID    string `json:"model_id"`
+	Engine     Engine `json:"engine"`
+	DeviceMask string `json:"device_mask"` // CUDA_VISIBLE_DEVICES, e.g. "0,1"; "" = none (CPU)
+	CtxSize    int    `json:"ctx"`
+	Slots      int    `json:"slots"`
+	NGPULayers int    `json:"n_gpu_layers"`
+}
+
+// HandoffModel is the model part of a handoff record.
+type HandoffModel struct {
+	ID     string `json:"id"`
+	Path   string `json:"path"`
+	SHA256 string `json:"sha256"`
+}
+
+// Handoff is what the node writes to <runtime>/engines/<pool>.json once the
+// engine answers /health 200 (DESIGN.md decision 8). Nothing off the node
+// reads the file; the pool workflow gets the same record.
+type Handoff struct {
+	Engine        Engine       `json:"engine"`
+	EngineVersion string       `json:"engine_version"`
+	URL           string       `json:"url"`
+	PoolID        string       `json:"pool_id"`
+	ReplicaID     string       `json:"replica_id"`
+	Model         HandoffModel `json:"model"`
+	DeviceMask    string       `json:"device_mask"`
+	Slots         int          `json:"slots"`
+	PID           int          `json:"pid"`
+	StartedAt     time.Time    `json:"started_at"`
+	Epoch         int64        `json:"epoch"`
+}
+
+// HandoffPath is where a pool's handoff file lives on its node.
+func HandoffPath(runtimeDir, poolID string) string {
+	return filepath.Join(runtimeDir, "engines", poolID+".json")
+}
+
+// Health is a pool as a reader sees it.
+type Health struct {
+	PoolID        string    `json:"pool_id"`
+	NodeID        string    `json:"node_id"`
+	ModelID       string    `json:"model_id"`
+	State         State     `json:"state"`
+	Live          bool      `json:"live"`
+	Ready         bool      `json:"ready"`
+	Draining      bool      `json:"draining"`
+	SlotsTotal    int       `json:"slots_total"`
+	SlotsFree     int       `json:"slots_free"`
+	LastError     string    `json:"last_error,omitempty"`
+	Engine        Engine    `json:"engine"`
+	EngineVersion string    `json:"engine_version,omitempty"`
+	URL           string    `json:"url,omitempty"`
+	PID           int       `json:"pid,omitempty"`
+	Epoch         int64     `json:"epoch"`
+	Restarts      int       `json:"restarts"`
+	ReadyAt       time.Time `json:"ready_at,omitempty"`
+	StateSince    time.Time `json:"state_since"`
+}
+
+// Workflow messages.
+const (
+	QueryHealth = "health"
+	UpdateDrain = "drain"
+)
+
+// DrainRequest is the argument of the drain update.
+type DrainRequest struct {
+	DeadlineMs int64  `json:"deadline_ms"`
+	Identity   string `json:"identity,omitempty"`
+}
+
+// Error types of pool failures.
+const (
+	ErrInsufficientVRAM = "INSUFFICIENT_VRAM"
+	ErrInsufficientRAM  = "INSUFFICIENT_RAM"
+	ErrEngineStart      = "ENGINE_START_FAILED"
+	ErrModelNotStaged   = "MODEL_NOT_STAGED"
+)
+
+// Supervision: restart backoff 1 s doubling to 60 s with jitter; the circuit
+// opens after MaxConsecutiveFailures; a run StableAfter long resets it.
+const (
+	BackoffInitial         = time.Second
+	BackoffMax             = 60 * time.Second
+	MaxConsecutiveFailures = 5
+	StableAfter            = 5 * time.Minute
+)
