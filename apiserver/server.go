@@ -19,6 +19,7 @@ import (
 	"github.com/llorch/llorch/modelclient"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/nodeclient"
+	"github.com/llorch/llorch/poolclient"
 )
 
 // Config is what the apiserver needs beyond its dependencies.
@@ -31,6 +32,7 @@ type Config struct {
 type Deps struct {
 	Nodes    *nodeclient.Client
 	Models   *modelclient.Client
+	Pools    *poolclient.Client
 	Store    *modelstore.Store // nil: catalog routes answer UNAVAILABLE
 	Registry *prometheus.Registry
 	Logger   *slog.Logger
@@ -90,6 +92,7 @@ func New(cfg Config, d Deps) (*Server, error) {
 	s.nodeRoutes(v2)
 	s.stagingRoutes(v2)
 	s.catalogRoutes(v2)
+	s.poolRoutes(v2)
 	s.app.Use(func(c *fiber.Ctx) error {
 		return apiError(fiber.StatusNotFound, CodeNotFound, "no route %s %s", c.Method(), c.Path())
 	})

@@ -61,6 +61,12 @@ func ParseLifecycle(s string) (Lifecycle, error) {
 	return "", fmt.Errorf("unknown state %q (want Active or Retired)", s)
 }
 
+// StageRequest asks for one model on one node: the staging workflow's input.
+type StageRequest struct {
+	NodeID string
+	Entry  Entry
+}
+
 // Metadata is what the GGUF header says about a model.
 type Metadata struct {
 	Architecture  string `json:"architecture"`

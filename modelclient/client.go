@@ -14,6 +14,7 @@ import (
 	"go.temporal.io/sdk/converter"
 	"go.temporal.io/sdk/temporal"
 
+	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/nodeclient"
@@ -36,20 +37,11 @@ type Staging struct {
 // Stage starts the staging of e onto nodeID, or joins the one running: one
 // download per (node, digest), however many ask.
 func (c *Client) Stage(ctx context.Context, nodeID string, e model.Entry) (Staging, error) {
-	id := model.StageWorkflowID(nodeID, e.SHA256)
-	run, err := c.Temporal.ExecuteWorkflow(ctx, client.StartWorkflowOptions{
-		ID:                       id,
-		TaskQueue:                node.ControlTaskQueue,
-		WorkflowIDConflictPolicy: enumspb.WORKFLOW_ID_CONFLICT_POLICY_USE_EXISTING,
-		WorkflowIDReusePolicy:    enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
-		TypedSearchAttributes: temporal.NewSearchAttributes(
-			node.NodeIDKey.ValueSet(nodeID), model.ModelIDKey.ValueSet(e.ID)),
-		StaticSummary: fmt.Sprintf("stage %s (%s) onto %s", e.ID, e.SHA256[:12], nodeID),
-	}, model.StageWorkflowType, workflows.StageInput{NodeID: nodeID, Entry: e})
+	run, err := activities.StartStaging(ctx, c.Temporal, nodeID, e)
 	if err != nil {
 		return Staging{}, fmt.Errorf("stage %s onto %s: %w", e.ID, nodeID, err)
 	}
-	return Staging{WorkflowID: id, RunID: run.GetRunID()}, nil
+	return Staging{WorkflowID: run.GetID(), RunID: run.GetRunID()}, nil
 }
 
 // NodeModel is one model on (or on its way to) a node.

@@ -13,6 +13,7 @@ import (
 
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/pool"
 	"github.com/llorch/llorch/workflows"
 )
 
@@ -22,6 +23,7 @@ var workflowTypes = map[string]any{
 	node.WorkflowType:       workflows.Node,
 	model.StageWorkflowType: workflows.Stage,
 	model.GCWorkflowType:    workflows.GC,
+	pool.WorkflowType:       workflows.Pool,
 }
 
 func TestReplayRecordedHistories(t *testing.T) {

@@ -8,7 +8,8 @@ import (
 
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/pool"
 )
 
 // All are the search attributes a namespace must have for llorch.
-var All = []temporal.SearchAttributeKeyKeyword{node.NodeIDKey, node.NodeStateKey, model.ModelIDKey}
+var All = []temporal.SearchAttributeKeyKeyword{node.NodeIDKey, node.NodeStateKey, model.ModelIDKey, pool.PoolIDKey}

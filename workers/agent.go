@@ -35,6 +35,7 @@ type Agent struct {
 	// are not registered.
 	Staging *activities.StagingActivities
 	GC      *activities.GCActivities
+	Engines *activities.EngineActivities
 	// GCPolicy is reported at registration; GCEvery > 0 schedules GC.
 	GCPolicy node.GCPolicy
 	GCEvery  time.Duration
@@ -62,6 +63,9 @@ func (a *Agent) Start(ctx context.Context) error {
 	}
 	if a.GC != nil {
 		a.worker.RegisterActivity(a.GC)
+	}
+	if a.Engines != nil {
+		a.worker.RegisterActivity(a.Engines)
 	}
 	if err := a.worker.Start(); err != nil {
 		return fmt.Errorf("start worker on %s: %w", node.TaskQueue(a.NodeID), err)

@@ -7,6 +7,7 @@ import (
 
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/model"
+	"github.com/llorch/llorch/pool"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/workflows"
 )
@@ -18,6 +19,8 @@ func NewControl(c client.Client, catalog *activities.CatalogActivities) worker.W
 	w.RegisterWorkflowWithOptions(workflows.Node, workflow.RegisterOptions{Name: node.WorkflowType})
 	w.RegisterWorkflowWithOptions(workflows.Stage, workflow.RegisterOptions{Name: model.StageWorkflowType})
 	w.RegisterWorkflowWithOptions(workflows.GC, workflow.RegisterOptions{Name: model.GCWorkflowType})
+	w.RegisterWorkflowWithOptions(workflows.Pool, workflow.RegisterOptions{Name: pool.WorkflowType})
+	w.RegisterActivity(&activities.StagingControl{Client: c})
 	w.RegisterActivity(&activities.ControlActivities{})
 	if catalog != nil {
 		w.RegisterActivity(catalog)

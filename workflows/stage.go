@@ -13,10 +13,7 @@ import (
 )
 
 // StageInput asks for one model on one node.
-type StageInput struct {
-	NodeID string
-	Entry  model.Entry
-}
+type StageInput = model.StageRequest
 
 // StageStatus is what the progress query returns while a staging runs.
 type StageStatus struct {

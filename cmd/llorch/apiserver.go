@@ -13,6 +13,7 @@ import (
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/modelclient"
 	"github.com/llorch/llorch/nodeclient"
+	"github.com/llorch/llorch/poolclient"
 	"github.com/llorch/llorch/workers"
 )
 
@@ -48,6 +49,7 @@ func apiserverCmd() *cobra.Command {
 			srv, err := apiserver.New(api, apiserver.Deps{
 				Nodes: nodes, Store: store, Registry: reg, Logger: log,
 				Models: &modelclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, Nodes: nodes},
+				Pools:  &poolclient.Client{Temporal: tc, Namespace: c.temporal.Namespace},
 			})
 			if err != nil {
 				return err

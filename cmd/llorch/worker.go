@@ -14,6 +14,7 @@ import (
 
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/config"
+	"github.com/llorch/llorch/engine"
 	"github.com/llorch/llorch/inventory"
 	"github.com/llorch/llorch/modelclient"
 	"github.com/llorch/llorch/modelstore"
@@ -32,6 +33,8 @@ func workerCmd() *cobra.Command {
 		gcPolicy                                                    node.GCPolicy
 		gcBudget, diskMargin                                        string
 		gcEvery                                                     time.Duration
+		runtimeDir, libDir, llamaServer                             string
+		engineThreads                                               int
 	)
 	cmd := &cobra.Command{
 		Use:   "worker --node-id ID",
@@ -111,6 +114,20 @@ func workerCmd() *cobra.Command {
 				Models:   &modelclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, Nodes: nodes},
 				GCPolicy: gcPolicy, GCEvery: gcEvery,
 			}
+			if runtimeDir == "" {
+				runtimeDir = filepath.Join(c.home, "nodes", nodeID, "runtime")
+			}
+			exe, err := os.Executable()
+			if err != nil {
+				return err
+			}
+			if dir, err := engine.LibDir(libDir); err == nil {
+				libDir = dir
+			} else {
+				log.Warn("libllama not found: built-in engines cannot start on this node (run `just tools` or set --llama-lib-dir)", "err", err)
+			}
+			agent.Engines = &activities.EngineActivities{NodeID: nodeID, RuntimeDir: runtimeDir, Local: local, Host: host,
+				LlorchBin: exe, LlamaServerBin: llamaServer, LibDir: libDir, Threads: engineThreads, Log: log}
 			if store != nil {
 				agent.Staging = &activities.StagingActivities{Store: store, Local: local, Client: tc, Log: log,
 					Metrics: stagingMetrics, DiskMargin: margin}
@@ -153,6 +170,14 @@ func workerCmd() *cobra.Command {
 	config.Env(fs, "gc-interval", "LLORCH_GC_INTERVAL")
 	fs.StringVar(&diskMargin, "disk-margin", "1GiB", "free space staging keeps beyond a model's size")
 	config.Env(fs, "disk-margin", "LLORCH_DISK_MARGIN")
+	fs.StringVar(&runtimeDir, "runtime-dir", "", "engine handoff files and logs (default <home>/nodes/<node-id>/runtime)")
+	config.Env(fs, "runtime-dir", "LLORCH_RUNTIME_DIR")
+	fs.StringVar(&libDir, "llama-lib-dir", "", "libllama for built-in engines (default ./bin/llama)")
+	config.Env(fs, "llama-lib-dir", "LLORCH_LLAMA_LIB_DIR")
+	fs.StringVar(&llamaServer, "llama-server", "", "llama-server binary for pools with engine llama-server")
+	config.Env(fs, "llama-server", "LLORCH_LLAMA_SERVER")
+	fs.IntVar(&engineThreads, "engine-threads", 1, "decode threads per engine")
+	config.Env(fs, "engine-threads", "LLORCH_ENGINE_THREADS")
 	return cmd
 }
 

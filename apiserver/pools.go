@@ -1,0 +1,178 @@
+package apiserver
+
+import (
+	"errors"
+
+	"github.com/gofiber/fiber/v2"
+
+	"github.com/llorch/llorch/model"
+	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/poolclient"
+)
+
+// Pool error codes.
+const (
+	CodePoolNotFound = "POOL_NOT_FOUND"
+	CodePoolExists   = "POOL_EXISTS"
+	CodePoolEnded    = "POOL_ENDED"
+	CodeNoNode       = "NO_NODE_AVAILABLE"
+)
+
+func (s *Server) poolRoutes(r fiber.Router) {
+	r.Post("/pools", s.createPool)
+	r.Get("/pools", s.listPools)
+	r.Get("/pools/:id/health", s.poolHealth)
+	r.Post("/pools/:id/drain", s.drainPool)
+}
+
+type createPoolRequest struct {
+	PoolID     string `json:"pool_id"`
+	ModelID    string `json:"model_id"`
+	NodeID     string `json:"node_id"`
+	Engine     string `json:"engine"`
+	DeviceMask string `json:"device_mask"`
+	Ctx        int    `json:"ctx"`
+	Slots      int    `json:"slots"`
+	NGPULayers int    `json:"n_gpu_layers"`
+}
+
+func (s *Server) createPool(c *fiber.Ctx) error {
+	var req createPoolRequest
+	if err := decode(c, &req, false); err != nil {
+		return err
+	}
+	if err := pool.ValidateID(req.PoolID); err != nil {
+		return invalidParam("pool_id", "%v", err)
+	}
+	if err := model.ValidateID(req.ModelID); err != nil {
+		return invalidParam("model_id", "%v", err)
+	}
+	engine := pool.Engine(req.Engine)
+	switch engine {
+	case "":
+		engine = pool.Builtin
+	case pool.Builtin, pool.LlamaServer:
+	default:
+		return invalidParam("engine", "want builtin or llama-server, got %q", req.Engine)
+	}
+	if req.Slots == 0 {
+		req.Slots = 1
+	}
+	if req.Slots < 1 || req.Slots > 256 {
+		return invalidParam("slots", "must be 1-256")
+	}
+	if req.Ctx < 0 || req.NGPULayers < -1 {
+		return invalidParam("ctx", "ctx must be >= 0 and n_gpu_layers >= -1")
+	}
+	e, err := s.entry(c.UserContext(), req.ModelID)
+	if err != nil {
+		return err
+	}
+	if e.Lifecycle != model.Active {
+		return apiError(fiber.StatusConflict, CodeModelRetired, "model %s is %s", e.ID, e.Lifecycle)
+	}
+	nodeID := req.NodeID
+	if nodeID != "" {
+		if err := node.ValidateID(nodeID); err != nil {
+			return invalidParam("node_id", "%v", err)
+		}
+		v, err := s.deps.Nodes.Get(c.UserContext(), nodeID)
+		if err != nil {
+			return notFound(nodeID, err)
+		}
+		if v.State != node.Online {
+			return apiError(fiber.StatusConflict, "NODE_NOT_ONLINE", "node %s is %s: pools start on Online nodes", nodeID, v.State)
+		}
+	} else {
+		// No node named: the Online node with the most free disk for models.
+		views, err := s.deps.Nodes.List(c.UserContext())
+		if err != nil {
+			return err
+		}
+		var best uint64
+		for _, v := range views {
+			snap := v.LastSnapshot
+			if v.Live != nil {
+				snap = *v.Live
+			}
+			if v.State == node.Online && (nodeID == "" || snap.DiskFreeBytes > best) {
+				nodeID, best = v.NodeID, snap.DiskFreeBytes
+			}
+		}
+		if nodeID == "" {
+			return apiError(fiber.StatusServiceUnavailable, CodeNoNode, "no Online node to place pool %s on", req.PoolID)
+		}
+	}
+	spec := pool.Spec{PoolID: req.PoolID, NodeID: nodeID, ModelID: req.ModelID, Engine: engine,
+		DeviceMask: req.DeviceMask, CtxSize: req.Ctx, Slots: req.Slots, NGPULayers: req.NGPULayers}
+	run, err := s.deps.Pools.Create(c.UserContext(), spec)
+	if errors.Is(err, poolclient.ErrExists) {
+		return apiError(fiber.StatusConflict, CodePoolExists, "pool %s exists", req.PoolID)
+	}
+	if err != nil {
+		return err
+	}
+	s.log(c).Info("pool created", "pool_id", spec.PoolID, "node_id", nodeID, "model_id", spec.ModelID)
+	return c.Status(fiber.StatusAccepted).JSON(fiber.Map{"pool": spec, "workflow_id": pool.WorkflowID(nodeID, spec.PoolID), "run_id": run,
+		"health_url": "/v2/pools/" + spec.PoolID + "/health"})
+}
+
+func (s *Server) listPools(c *fiber.Ctx) error {
+	pools, err := s.deps.Pools.List(c.UserContext())
+	if err != nil {
+		return err
+	}
+	return c.JSON(fiber.Map{"pools": pools, "count": len(pools)})
+}
+
+func poolID(c *fiber.Ctx) (string, error) {
+	id := c.Params("id")
+	if err := pool.ValidateID(id); err != nil {
+		return "", invalidParam("id", "%v", err)
+	}
+	return id, nil
+}
+
+func poolErr(id string, err error) error {
+	switch {
+	case errors.Is(err, poolclient.ErrNotFound):
+		return apiError(fiber.StatusNotFound, CodePoolNotFound, "pool %s does not exist", id)
+	case errors.Is(err, poolclient.ErrEnded):
+		return apiError(fiber.StatusConflict, CodePoolEnded, "pool %s has ended", id)
+	}
+	return err
+}
+
+func (s *Server) poolHealth(c *fiber.Ctx) error {
+	id, err := poolID(c)
+	if err != nil {
+		return err
+	}
+	h, err := s.deps.Pools.Health(c.UserContext(), id)
+	if err != nil {
+		return poolErr(id, err)
+	}
+	return c.JSON(h)
+}
+
+func (s *Server) drainPool(c *fiber.Ctx) error {
+	id, err := poolID(c)
+	if err != nil {
+		return err
+	}
+	var req pool.DrainRequest
+	if err := decode(c, &req, true); err != nil {
+		return err
+	}
+	if req.DeadlineMs < 0 {
+		return invalidParam("deadline_ms", "must be >= 0")
+	}
+	req.Identity = identity(c)
+	h, err := s.deps.Pools.Drain(c.UserContext(), id, req)
+	if err != nil {
+		return poolErr(id, err)
+	}
+	s.log(c).Info("pool drained", "pool_id", id, "state", h.State)
+	return c.JSON(h)
+}

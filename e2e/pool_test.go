@@ -1,0 +1,88 @@
+package e2e
+
+import (
+	"fmt"
+	"net/http"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/llorch/modelstore"
+	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/testenv"
+)
+
+func (c *cluster) poolHealth(id string) map[string]any {
+	_, h := c.get("/v2/pools/" + id + "/health")
+	return h
+}
+
+func (c *cluster) waitPool(id string, want pool.State, timeout time.Duration) map[string]any {
+	c.t.Helper()
+	var h map[string]any
+	testenv.Eventually(c.t, timeout, "pool "+id+" "+string(want), func() (bool, string) {
+		h = c.poolHealth(id)
+		return h["state"] == string(want), fmt.Sprint(h)
+	})
+	return h
+}
+
+// A pool on a worker node: the model is staged on the way, the built-in
+// engine starts and serves; a killed engine is restarted; a drain stops it
+// and leaves no process and no handoff file.
+func TestPoolLifecycle(t *testing.T) {
+	c := newCluster(t)
+	id := "e2e-pool"
+	w := c.worker(id)
+	c.waitState(id, node.Online, 60*time.Second)
+	path, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 21})
+	c.push("pool-tiny", path)
+
+	status, body := c.send("POST", "/v2/pools", `{"pool_id":"p1","model_id":"pool-tiny","node_id":"`+id+`","slots":2}`)
+	require.Equal(t, 202, status, body)
+	h := c.waitPool("p1", pool.Ready, 90*time.Second)
+	require.Equal(t, true, h["ready"])
+	require.EqualValues(t, 2, h["slots_total"])
+	url := h["url"].(string)
+	res, err := http.Post(url+"/completion", "application/json", strings.NewReader(`{"prompt":"the","n_predict":8,"temperature":0}`))
+	require.NoError(t, err)
+	res.Body.Close()
+	require.Equal(t, 200, res.StatusCode)
+	handoff := pool.HandoffPath(c.home+"/nodes/"+id+"/runtime", "p1")
+	require.FileExists(t, handoff)
+
+	// Kill the engine: the pool goes Unready, then Ready again on a new epoch.
+	pid := int(h["pid"].(float64))
+	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
+	testenv.Eventually(t, 60*time.Second, "engine restarted", func() (bool, string) {
+		h = c.poolHealth("p1")
+		return h["state"] == string(pool.Ready) && h["epoch"].(float64) >= 2, fmt.Sprint(h)
+	})
+	require.EqualValues(t, 1, h["restarts"])
+	require.Contains(t, h["last_error"], "exited")
+
+	// Drain: Stopped, engine gone, handoff removed.
+	newPID := int(h["pid"].(float64))
+	status, body = c.send("POST", "/v2/pools/p1/drain", `{"deadline_ms":5000}`)
+	require.Equal(t, 200, status, body)
+	require.Equal(t, string(pool.Stopped), body["state"])
+	testenv.Eventually(t, 10*time.Second, "engine process gone", func() (bool, string) {
+		return syscall.Kill(newPID, 0) != nil, fmt.Sprint(newPID)
+	})
+	_, err = os.Stat(handoff)
+	require.True(t, os.IsNotExist(err), "handoff removed")
+	recordHistory(t, pool.WorkflowID(id, "p1"), "pool-ready-restarted-drained")
+
+	status, body = c.send("POST", "/v2/pools", `{"pool_id":"p1","model_id":"nope","node_id":"`+id+`"}`)
+	require.Equal(t, 404, status, body)
+	status, body = c.send("GET", "/v2/pools/ghost/health", "")
+	require.Equal(t, 404, status, body)
+	require.Equal(t, "POOL_NOT_FOUND", body["code"])
+	w.signal(t, syscall.SIGTERM)
+	c.waitState(id, node.Left, 20*time.Second)
+}

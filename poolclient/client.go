@@ -1,0 +1,138 @@
+// Package poolclient is the client side of pools: create, find, read and
+// drain pool workflows.
+package poolclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	enumspb "go.temporal.io/api/enums/v1"
+	"go.temporal.io/api/serviceerror"
+	"go.temporal.io/api/workflowservice/v1"
+	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/temporal"
+
+	"github.com/llorch/llorch/model"
+	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/workflows"
+)
+
+// Errors callers map to API codes.
+var (
+	ErrNotFound = errors.New("pool not found")
+	ErrExists   = errors.New("pool exists")
+	ErrEnded    = errors.New("pool has ended")
+)
+
+// Client operates pools through Temporal.
+type Client struct {
+	Temporal  client.Client
+	Namespace string
+}
+
+// Create starts a pool's workflow; a pool id is unique in the cluster.
+func (c *Client) Create(ctx context.Context, s pool.Spec) (string, error) {
+	if _, running, err := c.find(ctx, s.PoolID); err == nil && running {
+		return "", ErrExists
+	}
+	id := pool.WorkflowID(s.NodeID, s.PoolID)
+	run, err := c.Temporal.ExecuteWorkflow(ctx, client.StartWorkflowOptions{
+		ID:                       id,
+		TaskQueue:                node.ControlTaskQueue,
+		WorkflowIDConflictPolicy: enumspb.WORKFLOW_ID_CONFLICT_POLICY_FAIL,
+		WorkflowIDReusePolicy:    enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
+		TypedSearchAttributes: temporal.NewSearchAttributes(pool.PoolIDKey.ValueSet(s.PoolID),
+			node.NodeIDKey.ValueSet(s.NodeID), model.ModelIDKey.ValueSet(s.ModelID)),
+		StaticSummary: fmt.Sprintf("pool %s: %s on node %s (%s engine)", s.PoolID, s.ModelID, s.NodeID, s.Engine),
+	}, pool.WorkflowType, workflows.PoolInput{Spec: s})
+	var started *serviceerror.WorkflowExecutionAlreadyStarted
+	if errors.As(err, &started) {
+		return "", ErrExists
+	}
+	if err != nil {
+		return "", err
+	}
+	return run.GetRunID(), nil
+}
+
+// find locates the newest workflow of a pool id.
+func (c *Client) find(ctx context.Context, poolID string) (execution, bool, error) {
+	resp, err := c.Temporal.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{
+		Namespace: c.Namespace, PageSize: 1,
+		Query: fmt.Sprintf("WorkflowType = '%s' AND PoolId = '%s'", pool.WorkflowType, poolID),
+	})
+	if err != nil {
+		return execution{}, false, err
+	}
+	if len(resp.GetExecutions()) == 0 {
+		return execution{}, false, ErrNotFound
+	}
+	e := resp.GetExecutions()[0]
+	return execution{id: e.GetExecution().GetWorkflowId(), run: e.GetExecution().GetRunId()},
+		e.GetStatus() == enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING, nil
+}
+
+type execution struct{ id, run string }
+
+// Health reads one pool: by query while it runs, its result once ended.
+func (c *Client) Health(ctx context.Context, poolID string) (pool.Health, error) {
+	e, running, err := c.find(ctx, poolID)
+	if err != nil {
+		return pool.Health{}, err
+	}
+	var h pool.Health
+	if running {
+		v, err := c.Temporal.QueryWorkflow(ctx, e.id, e.run, pool.QueryHealth)
+		if err != nil {
+			return h, err
+		}
+		return h, v.Get(&h)
+	}
+	err = c.Temporal.GetWorkflow(ctx, e.id, e.run).Get(ctx, &h)
+	return h, err
+}
+
+// List reads every running pool.
+func (c *Client) List(ctx context.Context) ([]pool.Health, error) {
+	resp, err := c.Temporal.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{
+		Namespace: c.Namespace, PageSize: 1000,
+		Query: fmt.Sprintf("WorkflowType = '%s' AND ExecutionStatus = 'Running'", pool.WorkflowType),
+	})
+	if err != nil {
+		return nil, err
+	}
+	out := []pool.Health{}
+	for _, e := range resp.GetExecutions() {
+		v, err := c.Temporal.QueryWorkflow(ctx, e.GetExecution().GetWorkflowId(), e.GetExecution().GetRunId(), pool.QueryHealth)
+		if err != nil {
+			continue // ended between list and query
+		}
+		var h pool.Health
+		if v.Get(&h) == nil {
+			out = append(out, h)
+		}
+	}
+	return out, nil
+}
+
+// Drain stops a pool and returns its final health.
+func (c *Client) Drain(ctx context.Context, poolID string, r pool.DrainRequest) (pool.Health, error) {
+	e, running, err := c.find(ctx, poolID)
+	if err != nil {
+		return pool.Health{}, err
+	}
+	if !running {
+		return pool.Health{}, ErrEnded
+	}
+	h, err := c.Temporal.UpdateWorkflow(ctx, client.UpdateWorkflowOptions{
+		WorkflowID: e.id, RunID: e.run, UpdateName: pool.UpdateDrain, Args: []any{r},
+		WaitForStage: client.WorkflowUpdateStageCompleted,
+	})
+	var out pool.Health
+	if err == nil {
+		err = h.Get(ctx, &out)
+	}
+	return out, err
+}
