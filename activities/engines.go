@@ -287,6 +287,7 @@ func (a *EngineActivities) StartEngine(ctx context.Context, in StartInput) (pool
 	}
 
 	var p *engineProc
+	var healthyAt time.Time
 	for attempt := 1; ; attempt++ {
 		p, err = a.spawn(spec, path, in.Epoch)
 		if err != nil {
@@ -294,6 +295,7 @@ func (a *EngineActivities) StartEngine(ctx context.Context, in StartInput) (pool
 		}
 		err = a.waitHealthy(ctx, p)
 		if err == nil {
+			healthyAt = time.Now().UTC()
 			break
 		}
 		a.kill(p)
@@ -329,6 +331,7 @@ func (a *EngineActivities) StartEngine(ctx context.Context, in StartInput) (pool
 		Slots:         slots,
 		PID:           p.pid,
 		StartedAt:     p.started,
+		HealthyAt:     healthyAt,
 		Epoch:         in.Epoch,
 	}
 	if err := writeJSONAtomic(pool.HandoffPath(a.RuntimeDir, spec.PoolID), h); err != nil {

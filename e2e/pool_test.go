@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"os"
@@ -46,10 +47,21 @@ func TestPoolLifecycle(t *testing.T) {
 	status, body := c.send("POST", "/v2/pools", `{"pool_id":"p1","model_id":"pool-tiny","node_id":"`+id+`","slots":2}`)
 	require.Equal(t, 202, status, body)
 	h := c.waitPool("p1", pool.Ready, 90*time.Second)
+	seenReady := time.Now().UTC()
+	// Handoff latency: engine's first /health 200 to Ready seen through the
+	// API (polled every 25 ms, so this over-counts by up to one poll).
+	raw, err := os.ReadFile(pool.HandoffPath(c.home+"/nodes/"+id+"/runtime", "p1"))
+	require.NoError(t, err)
+	var hf pool.Handoff
+	require.NoError(t, json.Unmarshal(raw, &hf))
+	latency := seenReady.Sub(hf.HealthyAt)
+	t.Logf("handoff latency (first /health 200 -> Ready through the API): %s", latency)
+	require.Less(t, latency, 2*time.Second, "aim is 500 ms; the bound is loose for loaded CI machines")
 	require.Equal(t, true, h["ready"])
 	require.EqualValues(t, 2, h["slots_total"])
 	url := h["url"].(string)
-	res, err := http.Post(url+"/completion", "application/json", strings.NewReader(`{"prompt":"the","n_predict":8,"temperature":0}`))
+	var res *http.Response
+	res, err = http.Post(url+"/completion", "application/json", strings.NewReader(`{"prompt":"the","n_predict":8,"temperature":0}`))
 	require.NoError(t, err)
 	res.Body.Close()
 	require.Equal(t, 200, res.StatusCode)

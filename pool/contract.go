@@ -81,6 +81,7 @@ type Handoff struct {
 	Slots         int          `json:"slots"`
 	PID           int          `json:"pid"`
 	StartedAt     time.Time    `json:"started_at"`
+	HealthyAt     time.Time    `json:"healthy_at"` // the engine's first /health 200
 	Epoch         int64        `json:"epoch"`
 }
 
