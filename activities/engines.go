@@ -1,7 +1,6 @@
 package activities
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -24,6 +23,7 @@ import (
 	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/temporal"
 
+	"github.com/llorch/llorch/inventory"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
@@ -176,7 +176,7 @@ func (a *EngineActivities) Preflight(ctx context.Context, in PreflightInput) err
 	if in.Spec.DeviceMask != "" && in.Spec.NGPULayers != 0 {
 		return a.checkVRAM(in.Spec, md.EstimatedVRAMBytes)
 	}
-	free, err := memAvailable()
+	free, err := inventory.MemInfo("MemAvailable")
 	if err != nil {
 		return fmt.Errorf("node %s: read free memory: %w", a.NodeID, err)
 	}
@@ -239,30 +239,6 @@ func (a *EngineActivities) modelPath(spec pool.Spec, sha string) (string, error)
 			pool.ErrModelNotStaged, nil)
 	}
 	return a.Local.Path(sha), nil
-}
-
-// memAvailable is MemAvailable of /proc/meminfo in bytes.
-func memAvailable() (uint64, error) {
-	f, err := os.Open("/proc/meminfo")
-	if err != nil {
-		return 0, err
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) >= 2 && fields[0] == "MemAvailable:" {
-			kb, err := strconv.ParseUint(fields[1], 10, 64)
-			if err != nil {
-				return 0, err
-			}
-			return kb * 1024, nil
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return 0, err
-	}
-	return 0, errors.New("MemAvailable not found in /proc/meminfo")
 }
 
 // StartEngine fences any earlier engine of the pool on this node, spawns the

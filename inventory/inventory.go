@@ -154,7 +154,7 @@ func (c *Collector) Inventory() node.Inventory {
 	if h, err := os.Hostname(); err == nil {
 		inv.Hostname = h
 	}
-	if total, err := memTotal(); err != nil {
+	if total, err := MemInfo("MemTotal"); err != nil {
 		c.log.Debug("inventory: reading RAM total", "error", err)
 	} else {
 		inv.MemoryTotalBytes = total
@@ -288,7 +288,9 @@ func (c *Collector) diskFree() uint64 {
 	return uint64(st.Bavail) * uint64(st.Bsize)
 }
 
-func memTotal() (uint64, error) {
+// MemInfo reads one field of /proc/meminfo (e.g. "MemTotal",
+// "MemAvailable") in bytes.
+func MemInfo(field string) (uint64, error) {
 	f, err := os.Open("/proc/meminfo")
 	if err != nil {
 		return 0, err
@@ -298,12 +300,12 @@ func memTotal() (uint64, error) {
 	for sc.Scan() {
 		// "MemTotal:       16318412 kB"
 		fields := strings.Fields(sc.Text())
-		if len(fields) < 2 || fields[0] != "MemTotal:" {
+		if len(fields) < 2 || fields[0] != field+":" {
 			continue
 		}
 		n, err := strconv.ParseUint(fields[1], 10, 64)
 		if err != nil {
-			return 0, fmt.Errorf("MemTotal: %w", err)
+			return 0, fmt.Errorf("%s: %w", field, err)
 		}
 		if len(fields) > 2 && fields[2] == "kB" {
 			n *= 1024
@@ -313,7 +315,7 @@ func memTotal() (uint64, error) {
 	if err := sc.Err(); err != nil {
 		return 0, err
 	}
-	return 0, errors.New("MemTotal not found in /proc/meminfo")
+	return 0, fmt.Errorf("%s not found in /proc/meminfo", field)
 }
 
 // defaultMachineID prefers /etc/machine-id because it survives hostname
