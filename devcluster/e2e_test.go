@@ -104,9 +104,11 @@ func TestDevEndToEnd(t *testing.T) {
 		require.NoError(t, d.cmd.Process.Signal(syscall.SIGTERM))
 		d.waitExit(t, 2*time.Minute)
 		for tag, pid := range pids {
-			assert.NoError(t, alive(pid), "%s (pid %d) outlived llorch dev", tag, pid)
+			assert.Eventually(t, func() bool { return alive(pid) == nil }, 30*time.Second, 50*time.Millisecond,
+				"%s (pid %d) outlived llorch dev", tag, pid)
 		}
-		assert.Empty(t, processesMentioning(t, home), "processes left behind after run %d", run)
+		assert.Eventually(t, func() bool { return len(processesMentioning(t, home)) == 0 }, 30*time.Second, 50*time.Millisecond,
+			"processes left behind after run %d: %v", run, processesMentioning(t, home))
 		assert.Contains(t, d.output(), "all stopped")
 	}
 	assert.Equal(t, tokens[0], tokens[1], "the second run reuses the token")
