@@ -106,7 +106,7 @@ func TestStagingJoinsAndResumes(t *testing.T) {
 	require.Equal(t, sha, entry["sha256"])
 	t.Logf("model: %d bytes", size)
 	// Slow the node's link to S3 so the download lasts long enough to kill.
-	proxy.SetRate(size / 4)
+	proxy.SetRate(size / 20) // about 20 s: every request below lands while it runs
 
 	var wg sync.WaitGroup
 	runs := make(chan string, 5)
