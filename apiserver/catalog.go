@@ -87,12 +87,17 @@ func (s *Server) listModels(c *fiber.Ctx) error {
 	return c.JSON(fiber.Map{"models": entries, "count": len(entries)})
 }
 
-func (s *Server) getModel(c *fiber.Ctx) error {
+// entryParam reads the :id route parameter and its catalog entry.
+func (s *Server) entryParam(c *fiber.Ctx) (model.Entry, error) {
 	id, err := modelID(c)
 	if err != nil {
-		return err
+		return model.Entry{}, err
 	}
-	e, err := s.entry(c.UserContext(), id)
+	return s.entry(c.UserContext(), id)
+}
+
+func (s *Server) getModel(c *fiber.Ctx) error {
+	e, err := s.entryParam(c)
 	if err != nil {
 		return err
 	}
@@ -269,14 +274,11 @@ func (s *Server) checkKeyFree(ctx context.Context, id, key string) error {
 }
 
 func (s *Server) deleteModel(c *fiber.Ctx) error {
-	id, err := modelID(c)
+	e, err := s.entryParam(c)
 	if err != nil {
 		return err
 	}
-	e, err := s.entry(c.UserContext(), id)
-	if err != nil {
-		return err
-	}
+	id := e.ID
 	st := s.deps.Store
 	if err := st.DeleteEntry(c.UserContext(), id); err != nil {
 		return err
@@ -326,14 +328,11 @@ func (s *Server) setModelState(c *fiber.Ctx) error {
 // verifyModel hashes the object again: bit rot or an overwritten object is
 // found here, before a node downloads it.
 func (s *Server) verifyModel(c *fiber.Ctx) error {
-	id, err := modelID(c)
+	e, err := s.entryParam(c)
 	if err != nil {
 		return err
 	}
-	e, err := s.entry(c.UserContext(), id)
-	if err != nil {
-		return err
-	}
+	id := e.ID
 	sha, size, err := s.deps.Store.HashObject(c.UserContext(), e.Key)
 	if errors.Is(err, modelstore.ErrObjectMissing) {
 		return apiError(fiber.StatusNotFound, CodeObjectNotFound, "model %s: no object %s in bucket %s", id, e.Key, s.deps.Store.Bucket)
