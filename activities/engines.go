@@ -27,6 +27,7 @@ import (
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Environment variables that mark an engine process as a pool's, so fencing
@@ -66,7 +67,8 @@ type EngineActivities struct {
 	LlorchBin      string // the builtin engine is `LlorchBin engine ...`
 	LlamaServerBin string // "" = llama-server is not installed
 	LibDir         string // --lib-dir of the builtin engine
-	Threads        int    // -t; 0 = 1
+	Metrics        *EngineMetrics
+	Threads        int // -t; 0 = 1
 	Log            *slog.Logger
 
 	mu    sync.Mutex
@@ -315,6 +317,7 @@ func (a *EngineActivities) StartEngine(ctx context.Context, in StartInput) (pool
 		a.forget(p)
 		return pool.Handoff{}, fmt.Errorf("node %s: pool %s: write handoff: %w", a.NodeID, spec.PoolID, err)
 	}
+	a.Metrics.ready(a.NodeID, spec.PoolID, healthyAt.Sub(p.started))
 	a.log().Info("engine ready", "pool", spec.PoolID, "epoch", in.Epoch, "url", p.url, "pid", p.pid,
 		"load_ms", time.Since(p.started).Milliseconds())
 	return h, nil
@@ -609,6 +612,12 @@ func writeJSONAtomic(path string, v any) error {
 // Supervise watches the engine until it exits, stops answering /health, or
 // the workflow cancels the activity (drain, stop), which stops the engine.
 func (a *EngineActivities) Supervise(ctx context.Context, in SuperviseInput) (SuperviseResult, error) {
+	res, err := a.supervise(ctx, in)
+	a.Metrics.ended(a.NodeID, in.PoolID, res)
+	return res, err
+}
+
+func (a *EngineActivities) supervise(ctx context.Context, in SuperviseInput) (SuperviseResult, error) {
 	p := a.lookup(in.PoolID, in.Epoch, in.PID)
 	if p == nil {
 		return SuperviseResult{Exited: true, ExitCode: -1, Reason: "engine is not running on this worker (worker restarted)",
@@ -667,6 +676,7 @@ func (a *EngineActivities) Supervise(ctx context.Context, in SuperviseInput) (Su
 			live.SlotsTotal, live.SlotsFree = slotCounts(ctx, client, url)
 		}
 		activity.RecordHeartbeat(ctx, live)
+		a.Metrics.live(a.NodeID, in.PoolID, live)
 		select {
 		case <-ctx.Done():
 		case <-p.done:
@@ -852,4 +862,71 @@ func isPoolEngine(pid int, poolID string) bool {
 		}
 	}
 	return false
+}
+
+// EngineMetrics are a node's pool and engine figures.
+type EngineMetrics struct {
+	Ready      *prometheus.GaugeVec
+	Exits      *prometheus.CounterVec
+	Handoff    *prometheus.HistogramVec
+	SlotsTotal *prometheus.GaugeVec
+	SlotsFree  *prometheus.GaugeVec
+}
+
+// NewEngineMetrics registers the engine metrics on reg.
+func NewEngineMetrics(reg prometheus.Registerer) *EngineMetrics {
+	m := &EngineMetrics{
+		Ready: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "llorch_pool_ready", Help: "1 while the pool's engine on this node is ready.",
+		}, []string{"node_id", "pool_id"}),
+		Exits: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_engine_exits_total", Help: "Engine runs that ended, by reason (exited, health, stopped, gone).",
+		}, []string{"node_id", "pool_id", "reason"}),
+		Handoff: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "llorch_engine_handoff_seconds", Help: "Engine spawn to first /health 200 and handoff written.",
+			Buckets: prometheus.ExponentialBuckets(0.01, 2, 14),
+		}, []string{"node_id"}),
+		SlotsTotal: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "llorch_pool_slots_total", Help: "Slots of the pool's engine.",
+		}, []string{"node_id", "pool_id"}),
+		SlotsFree: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "llorch_pool_slots_free", Help: "Idle slots of the pool's engine.",
+		}, []string{"node_id", "pool_id"}),
+	}
+	reg.MustRegister(m.Ready, m.Exits, m.Handoff, m.SlotsTotal, m.SlotsFree)
+	return m
+}
+
+func (m *EngineMetrics) ready(nodeID, poolID string, load time.Duration) {
+	if m == nil {
+		return
+	}
+	m.Ready.WithLabelValues(nodeID, poolID).Set(1)
+	m.Handoff.WithLabelValues(nodeID).Observe(load.Seconds())
+}
+
+func (m *EngineMetrics) live(nodeID, poolID string, l EngineLive) {
+	if m == nil {
+		return
+	}
+	m.SlotsTotal.WithLabelValues(nodeID, poolID).Set(float64(l.SlotsTotal))
+	m.SlotsFree.WithLabelValues(nodeID, poolID).Set(float64(l.SlotsFree))
+}
+
+func (m *EngineMetrics) ended(nodeID, poolID string, r SuperviseResult) {
+	if m == nil {
+		return
+	}
+	reason := "gone" // not running on this worker any more
+	switch {
+	case r.Reason == "stopped":
+		reason = "stopped"
+	case strings.HasPrefix(r.Reason, "health check failed"):
+		reason = "health"
+	case r.Exited && r.ExitCode != -1:
+		reason = "exited"
+	}
+	m.Exits.WithLabelValues(nodeID, poolID, reason).Inc()
+	m.Ready.WithLabelValues(nodeID, poolID).Set(0)
+	m.SlotsFree.WithLabelValues(nodeID, poolID).Set(0)
 }

@@ -3,6 +3,7 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"strings"
@@ -39,7 +40,10 @@ func (c *cluster) waitPool(id string, want pool.State, timeout time.Duration) ma
 func TestPoolLifecycle(t *testing.T) {
 	c := newCluster(t)
 	id := "e2e-pool"
-	w := c.worker(id)
+	port, err := testenv.FreePort()
+	require.NoError(t, err)
+	metricsURL := fmt.Sprintf("http://127.0.0.1:%d/metrics", port)
+	w := c.worker(id, "--metrics-addr", fmt.Sprintf("127.0.0.1:%d", port))
 	c.waitState(id, node.Online, 60*time.Second)
 	path, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 21})
 	c.push("pool-tiny", path)
@@ -68,6 +72,15 @@ func TestPoolLifecycle(t *testing.T) {
 	handoff := pool.HandoffPath(c.home+"/nodes/"+id+"/runtime", "p1")
 	require.FileExists(t, handoff)
 
+	metrics := func() string {
+		res, err := http.Get(metricsURL)
+		require.NoError(t, err)
+		defer res.Body.Close()
+		b, _ := io.ReadAll(res.Body)
+		return string(b)
+	}
+	require.Contains(t, metrics(), `llorch_pool_ready{node_id="e2e-pool",pool_id="p1"} 1`)
+
 	// Kill the engine: the pool goes Unready, then Ready again on a new epoch.
 	pid := int(h["pid"].(float64))
 	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
@@ -77,6 +90,10 @@ func TestPoolLifecycle(t *testing.T) {
 	})
 	require.EqualValues(t, 1, h["restarts"])
 	require.Contains(t, h["last_error"], "exited")
+	testenv.Eventually(t, 10*time.Second, "engine exit counted", func() (bool, string) {
+		m := metrics()
+		return strings.Contains(m, `llorch_engine_exits_total{node_id="e2e-pool",pool_id="p1",reason="exited"} 1`), m
+	})
 
 	// Drain: Stopped, engine gone, handoff removed.
 	newPID := int(h["pid"].(float64))

@@ -127,7 +127,8 @@ func workerCmd() *cobra.Command {
 				log.Warn("libllama not found: built-in engines cannot start on this node (run `just tools` or set --llama-lib-dir)", "err", err)
 			}
 			agent.Engines = &activities.EngineActivities{NodeID: nodeID, RuntimeDir: runtimeDir, Local: local, Host: host,
-				LlorchBin: exe, LlamaServerBin: llamaServer, LibDir: libDir, Threads: engineThreads, Log: log}
+				LlorchBin: exe, LlamaServerBin: llamaServer, LibDir: libDir, Threads: engineThreads, Log: log,
+				Metrics: activities.NewEngineMetrics(reg)}
 			if store != nil {
 				agent.Staging = &activities.StagingActivities{Store: store, Local: local, Client: tc, Log: log,
 					Metrics: stagingMetrics, DiskMargin: margin}
