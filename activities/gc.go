@@ -2,6 +2,7 @@ package activities
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.temporal.io/sdk/temporal"
+	"golang.org/x/sys/unix"
 
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/modelstore"
@@ -111,7 +113,11 @@ func (a *GCActivities) Evict(ctx context.Context, in EvictInput) error {
 		return temporal.NewNonRetryableApplicationError(err.Error(), "INVALID", nil)
 	}
 	if e.Kind == "partial" {
-		if err := os.Remove(a.Local.PartialPath(e.SHA256)); err != nil && !os.IsNotExist(err) {
+		if err := removeUnlockedPartial(a.Local.PartialPath(e.SHA256)); err != nil {
+			if errors.Is(err, unix.EWOULDBLOCK) {
+				return temporal.NewNonRetryableApplicationError(
+					fmt.Sprintf("partial download %s on node %s is being written; not evicted", e.SHA256[:12], in.NodeID), ErrInUse, nil)
+			}
 			return err
 		}
 	} else {
@@ -185,4 +191,24 @@ func (a *CatalogActivities) Digests(ctx context.Context) (CatalogDigests, error)
 		}
 	}
 	return d, nil
+}
+
+// removeUnlockedPartial deletes a partial download unless a staging holds
+// its lock (the download activity locks the file while it writes).
+func removeUnlockedPartial(path string) error {
+	f, err := os.Open(path)
+	if os.IsNotExist(err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		return err
+	}
+	if err := os.Remove(path); err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	return nil
 }
