@@ -691,6 +691,46 @@ func (a *EngineActivities) supervise(ctx context.Context, in SuperviseInput) (Su
 	return SuperviseResult{Reason: "stopped", UptimeMs: time.Since(p.started).Milliseconds()}, nil
 }
 
+// DrainInput lets a pool's in-flight generations finish before it stops.
+type DrainInput struct {
+	PoolID   string
+	URL      string
+	Deadline time.Duration
+}
+
+// DrainResult says whether the engine went idle in time.
+type DrainResult struct {
+	Idle     bool  `json:"idle"`
+	Busy     int   `json:"busy_at_deadline"`
+	WaitedMs int64 `json:"waited_ms"`
+}
+
+// DrainEngine waits until no slot of the engine is processing, or the
+// deadline passes; the caller then stops the engine. An engine that does not
+// answer counts as idle: there is nothing left to wait for.
+func (a *EngineActivities) DrainEngine(ctx context.Context, in DrainInput) (DrainResult, error) {
+	client := &http.Client{Timeout: superviseHTTP}
+	start := time.Now()
+	deadline := start.Add(in.Deadline)
+	for {
+		total, free := slotCounts(ctx, client, in.URL)
+		busy := total - free
+		if busy == 0 {
+			return DrainResult{Idle: true, WaitedMs: time.Since(start).Milliseconds()}, nil
+		}
+		if time.Now().After(deadline) {
+			a.log().Info("drain deadline passed with generations in flight", "pool", in.PoolID, "busy", busy)
+			return DrainResult{Busy: busy, WaitedMs: time.Since(start).Milliseconds()}, nil
+		}
+		activity.RecordHeartbeat(ctx, busy)
+		select {
+		case <-ctx.Done():
+			return DrainResult{Busy: busy, WaitedMs: time.Since(start).Milliseconds()}, ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
 func slotCounts(ctx context.Context, client *http.Client, url string) (total, free int) {
 	code, b, err := httpGet(ctx, client, url+"/slots")
 	if err != nil || code != http.StatusOK {

@@ -115,3 +115,62 @@ func TestPoolLifecycle(t *testing.T) {
 	w.signal(t, syscall.SIGTERM)
 	c.waitState(id, node.Left, 20*time.Second)
 }
+
+// Drain with a generation in flight: the drain waits for it (up to its
+// deadline), the client gets its whole answer, then the engine stops.
+func TestPoolDrainWaitsForInFlight(t *testing.T) {
+	c := newCluster(t)
+	id := "e2e-drain"
+	w := c.worker(id)
+	c.waitState(id, node.Online, 60*time.Second)
+	path, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 31})
+	c.push("drain-tiny", path)
+	status, body := c.send("POST", "/v2/pools", `{"pool_id":"d1","model_id":"drain-tiny","node_id":"`+id+`","ctx":8192}`)
+	require.Equal(t, 202, status, body)
+	h := c.waitPool("d1", pool.Ready, 90*time.Second)
+	url := h["url"].(string)
+
+	type answer struct {
+		status int
+		tokens float64
+		err    error
+	}
+	done := make(chan answer, 1)
+	go func() {
+		res, err := http.Post(url+"/completion", "application/json",
+			strings.NewReader(`{"prompt":"the","n_predict":3000,"temperature":0}`))
+		if err != nil {
+			done <- answer{err: err}
+			return
+		}
+		defer res.Body.Close()
+		var out struct {
+			TokensPredicted float64 `json:"tokens_predicted"`
+		}
+		err = json.NewDecoder(res.Body).Decode(&out)
+		done <- answer{status: res.StatusCode, tokens: out.TokensPredicted, err: err}
+	}()
+	testenv.Eventually(t, 30*time.Second, "generation in flight", func() (bool, string) {
+		res, err := http.Get(url + "/slots")
+		if err != nil {
+			return false, err.Error()
+		}
+		defer res.Body.Close()
+		b, _ := io.ReadAll(res.Body)
+		return strings.Contains(string(b), `"is_processing":true`), string(b)
+	})
+	status, body = c.send("POST", "/v2/pools/d1/drain", `{"deadline_ms":60000}`)
+	require.Equal(t, 200, status, body)
+	require.Equal(t, string(pool.Stopped), body["state"])
+	select {
+	case a := <-done:
+		require.NoError(t, a.err)
+		require.Equal(t, 200, a.status)
+		require.EqualValues(t, 3000, a.tokens, "the in-flight generation finished before the engine stopped")
+	case <-time.After(30 * time.Second):
+		t.Fatal("the in-flight generation never answered")
+	}
+	recordHistory(t, pool.WorkflowID(id, "d1"), "pool-drain-waits-for-in-flight")
+	w.signal(t, syscall.SIGTERM)
+	c.waitState(id, node.Left, 20*time.Second)
+}

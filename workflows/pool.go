@@ -56,12 +56,14 @@ type poolWF struct {
 	spec     pool.Spec
 	h        pool.Health
 	draining bool
+	deadline time.Duration // drain: how long in-flight generations may run
 	wake     workflow.Channel
 }
 
 func (p *poolWF) onDrain(ctx workflow.Context, r pool.DrainRequest) (pool.Health, error) {
 	if !p.draining {
 		p.draining = true
+		p.deadline = time.Duration(r.DeadlineMs) * time.Millisecond
 		p.h.Draining = true
 		p.set(ctx, pool.Draining, "")
 		p.wake.SendAsync(struct{}{})
@@ -173,6 +175,21 @@ func (p *poolWF) supervise(ctx workflow.Context, ea *activities.EngineActivities
 	sel.AddFuture(f, func(f workflow.Future) { err = f.Get(ctx, &res) })
 	sel.AddReceive(p.wake, func(c workflow.ReceiveChannel, _ bool) {
 		c.Receive(ctx, nil)
+		// Runs recorded before drains waited for in-flight work replay as
+		// they ran.
+		v := workflow.GetVersion(ctx, "drain-waits-for-in-flight", workflow.DefaultVersion, 1)
+		if v >= 1 && p.deadline > 0 {
+			// Let in-flight generations finish, up to the deadline.
+			var dr activities.DrainResult
+			_ = workflow.ExecuteActivity(p.onNode(ctx, workflow.ActivityOptions{
+				StartToCloseTimeout: p.deadline + 30*time.Second, HeartbeatTimeout: 10 * time.Second,
+				RetryPolicy: &temporal.RetryPolicy{MaximumAttempts: 1},
+				Summary:     fmt.Sprintf("drain %s: wait up to %s for in-flight generations", p.spec.PoolID, p.deadline),
+			}), ea.DrainEngine, activities.DrainInput{PoolID: p.spec.PoolID, URL: h.URL, Deadline: p.deadline}).Get(ctx, &dr)
+			if dr.Busy > 0 {
+				p.h.LastError = fmt.Sprintf("drain deadline %s passed with %d generations in flight", p.deadline, dr.Busy)
+			}
+		}
 		cancel()
 		_ = f.Get(ctx, &res) // waits: the supervisor stops the engine
 	})

@@ -73,6 +73,9 @@ func TestPoolStartFailuresFail(t *testing.T) {
 func TestPoolDrain(t *testing.T) {
 	env, ea := poolEnv(t)
 	env.OnActivity(ea.StartEngine, mock.Anything, mock.Anything).Return(pool.Handoff{URL: "http://127.0.0.1:1", PID: 7, Epoch: 1, Slots: 2}, nil)
+	env.OnActivity(ea.DrainEngine, mock.Anything, mock.MatchedBy(func(in activities.DrainInput) bool {
+		return in.Deadline == time.Second && in.URL == "http://127.0.0.1:1"
+	})).After(300*time.Millisecond).Return(activities.DrainResult{Idle: true, WaitedMs: 300}, nil)
 	// A supervisor that would run for an hour; the drain cancels it.
 	env.OnActivity(ea.Supervise, mock.Anything, mock.Anything).After(time.Hour).Return(activities.SuperviseResult{Reason: "stopped"}, nil)
 	var drained pool.Health
