@@ -174,3 +174,39 @@ func TestPoolDrainWaitsForInFlight(t *testing.T) {
 	w.signal(t, syscall.SIGTERM)
 	c.waitState(id, node.Left, 20*time.Second)
 }
+
+// Kill the worker, not the engine: the engine dies with it (no orphan
+// llama.cpp), the pool is Unready with NODE_OFFLINE, and when the worker
+// comes back the pool is Ready again on a new epoch.
+func TestPoolSurvivesWorkerKill(t *testing.T) {
+	c := newCluster(t)
+	id := "e2e-wkill"
+	w := c.worker(id)
+	c.waitState(id, node.Online, 60*time.Second)
+	path, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 41})
+	c.push("wkill-tiny", path)
+	status, body := c.send("POST", "/v2/pools", `{"pool_id":"k1","model_id":"wkill-tiny","node_id":"`+id+`"}`)
+	require.Equal(t, 202, status, body)
+	h := c.waitPool("k1", pool.Ready, 90*time.Second)
+	enginePID := int(h["pid"].(float64))
+
+	w.signal(t, syscall.SIGKILL)
+	w.wait(t, 10*time.Second)
+	testenv.Eventually(t, 10*time.Second, "engine died with its worker", func() (bool, string) {
+		return syscall.Kill(enginePID, 0) != nil, fmt.Sprint(enginePID)
+	})
+	h = c.waitPool("k1", pool.Unready, 60*time.Second)
+	require.Contains(t, h["last_error"], "NODE_OFFLINE")
+
+	w = c.worker(id)
+	testenv.Eventually(t, 90*time.Second, "pool Ready again", func() (bool, string) {
+		h = c.poolHealth("k1")
+		return h["state"] == string(pool.Ready) && h["epoch"].(float64) >= 2, fmt.Sprint(h)
+	})
+	require.NotEqual(t, enginePID, int(h["pid"].(float64)))
+	require.EqualValues(t, 1, h["restarts"], "a lost node does not count toward the circuit but is a restart")
+	status, body = c.send("POST", "/v2/pools/k1/drain", `{}`)
+	require.Equal(t, 200, status, body)
+	w.signal(t, syscall.SIGTERM)
+	c.waitState(id, node.Left, 20*time.Second)
+}
