@@ -29,6 +29,16 @@ RUN --mount=type=cache,target=/go/pkg/mod \
     go build -trimpath -ldflags "-s -w -X main.buildVersion=${VERSION}" -o /out/llorch ./cmd/llorch \
  && /out/llorch version
 
+# libllama for the built-in engine (`llorch engine`): node-llama-cpp's
+# prebuilt CPU libraries, the same pin as `just tools`.
+FROM node:20-bookworm-slim AS llama
+ARG LLAMA_NPM_VERSION=3.21.1
+RUN npm install --silent --no-audit --no-fund --prefix /opt/llama-npm @node-llama-cpp/linux-x64@${LLAMA_NPM_VERSION} \
+ && mkdir -p /opt/llama \
+ && cp /opt/llama-npm/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/*.so /opt/llama/ \
+ && ln -s libllama.v0.4.0.so /opt/llama/libllama.so \
+ && ln -s libggml.v0.4.0.so /opt/llama/libggml.so
+
 # Same Debian release as the build stage: the binary links glibc dynamically
 # (cgo), and NVML is loaded with dlopen.
 FROM debian:bookworm-slim
@@ -36,8 +46,9 @@ ARG VERSION=dev
 LABEL org.opencontainers.image.title="llorch" \
       org.opencontainers.image.description="llama.cpp inference across GPU machines, on Temporal" \
       org.opencontainers.image.version="${VERSION}"
+# libffi8 and libgomp1: yzma calls libllama through libffi; ggml uses OpenMP.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates libffi8 libgomp1 \
  && rm -rf /var/lib/apt/lists/*
 # A fixed uid/gid so volumes and host bind mounts can be chowned to match.
 # /var/lib/llorch is LLORCH_HOME: state dir and, on workers, the default
@@ -47,8 +58,10 @@ RUN groupadd --system --gid 10001 llorch \
       --shell /usr/sbin/nologin llorch \
  && install -d -o llorch -g llorch -m 0750 /var/lib/llorch
 COPY --from=build /out/llorch /usr/local/bin/llorch
+COPY --from=llama /opt/llama /opt/llama
 ENV LLORCH_HOME=/var/lib/llorch \
-    LLORCH_LOG_FORMAT=json
+    LLORCH_LOG_FORMAT=json \
+    LLORCH_LLAMA_LIB_DIR=/opt/llama
 WORKDIR /var/lib/llorch
 USER 10001:10001
 # 8080: apiserver REST API, /health, /metrics. 9200: a worker's /metrics and
