@@ -3,7 +3,6 @@ package activities_test
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -24,7 +23,6 @@ import (
 	"go.temporal.io/sdk/worker"
 
 	"github.com/llorch/llorch/activities"
-	"github.com/llorch/llorch/engine"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
@@ -64,20 +62,9 @@ func tinyGGUF(t *testing.T) []byte {
 	return b
 }
 
-// requireEngineLib fails (never skips) without libllama.
-func requireEngineLib(t *testing.T) string {
-	t.Helper()
-	dir, err := engine.LibDir("")
-	if errors.Is(err, engine.ErrNoLibrary) {
-		t.Fatalf("libllama is not installed: run `just tools` (it fills ./bin/llama), or set %s: %v", engine.LibDirEnv, err)
-	}
-	require.NoError(t, err)
-	return dir
-}
-
 func newEngineFixture(t *testing.T) *engineFixture {
 	t.Helper()
-	lib := requireEngineLib(t)
+	lib := testenv.LlamaLib(t)
 	local, err := modelstore.NewLocalCatalog(filepath.Join(t.TempDir(), "models"))
 	require.NoError(t, err)
 	sha := commitModel(t, local, "tiny", tinyGGUF(t))

@@ -34,6 +34,17 @@ func (c *cluster) waitPool(id string, want pool.State, timeout time.Duration) ma
 	return h
 }
 
+// readyPool pushes a generated model, creates a pool of it on nodeID (extra
+// JSON fields in extra, e.g. `,"slots":2`) and waits for it to be Ready.
+func (c *cluster) readyPool(nodeID, poolID, modelID string, seed int64, extra string) map[string]any {
+	c.t.Helper()
+	path, _, _ := tinyModel(c.t, modelstore.TinyOptions{Seed: seed})
+	c.push(modelID, path)
+	status, body := c.send("POST", "/v2/pools", `{"pool_id":"`+poolID+`","model_id":"`+modelID+`","node_id":"`+nodeID+`"`+extra+`}`)
+	require.Equal(c.t, 202, status, body)
+	return c.waitPool(poolID, pool.Ready, 90*time.Second)
+}
+
 // A pool on a worker node: the model is staged on the way, the built-in
 // engine starts and serves; a killed engine is restarted; a drain stops it
 // and leaves no process and no handoff file.
@@ -45,12 +56,7 @@ func TestPoolLifecycle(t *testing.T) {
 	metricsURL := fmt.Sprintf("http://127.0.0.1:%d/metrics", port)
 	w := c.worker(id, "--metrics-addr", fmt.Sprintf("127.0.0.1:%d", port))
 	c.waitState(id, node.Online, 60*time.Second)
-	path, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 21})
-	c.push("pool-tiny", path)
-
-	status, body := c.send("POST", "/v2/pools", `{"pool_id":"p1","model_id":"pool-tiny","node_id":"`+id+`","slots":2}`)
-	require.Equal(t, 202, status, body)
-	h := c.waitPool("p1", pool.Ready, 90*time.Second)
+	h := c.readyPool(id, "p1", "pool-tiny", 21, `,"slots":2`)
 	seenReady := time.Now().UTC()
 	// Handoff latency: engine's first /health 200 to Ready seen through the
 	// API (polled every 25 ms, so this over-counts by up to one poll).
@@ -97,7 +103,7 @@ func TestPoolLifecycle(t *testing.T) {
 
 	// Drain: Stopped, engine gone, handoff removed.
 	newPID := int(h["pid"].(float64))
-	status, body = c.send("POST", "/v2/pools/p1/drain", `{"deadline_ms":5000}`)
+	status, body := c.send("POST", "/v2/pools/p1/drain", `{"deadline_ms":5000}`)
 	require.Equal(t, 200, status, body)
 	require.Equal(t, string(pool.Stopped), body["state"])
 	testenv.Eventually(t, 10*time.Second, "engine process gone", func() (bool, string) {
@@ -123,11 +129,7 @@ func TestPoolDrainWaitsForInFlight(t *testing.T) {
 	id := "e2e-drain"
 	w := c.worker(id)
 	c.waitState(id, node.Online, 60*time.Second)
-	path, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 31})
-	c.push("drain-tiny", path)
-	status, body := c.send("POST", "/v2/pools", `{"pool_id":"d1","model_id":"drain-tiny","node_id":"`+id+`","ctx":8192}`)
-	require.Equal(t, 202, status, body)
-	h := c.waitPool("d1", pool.Ready, 90*time.Second)
+	h := c.readyPool(id, "d1", "drain-tiny", 31, `,"ctx":8192`)
 	url := h["url"].(string)
 
 	type answer struct {
@@ -159,7 +161,7 @@ func TestPoolDrainWaitsForInFlight(t *testing.T) {
 		b, _ := io.ReadAll(res.Body)
 		return strings.Contains(string(b), `"is_processing":true`), string(b)
 	})
-	status, body = c.send("POST", "/v2/pools/d1/drain", `{"deadline_ms":60000}`)
+	status, body := c.send("POST", "/v2/pools/d1/drain", `{"deadline_ms":60000}`)
 	require.Equal(t, 200, status, body)
 	require.Equal(t, string(pool.Stopped), body["state"])
 	select {
@@ -183,11 +185,7 @@ func TestPoolSurvivesWorkerKill(t *testing.T) {
 	id := "e2e-wkill"
 	w := c.worker(id)
 	c.waitState(id, node.Online, 60*time.Second)
-	path, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 41})
-	c.push("wkill-tiny", path)
-	status, body := c.send("POST", "/v2/pools", `{"pool_id":"k1","model_id":"wkill-tiny","node_id":"`+id+`"}`)
-	require.Equal(t, 202, status, body)
-	h := c.waitPool("k1", pool.Ready, 90*time.Second)
+	h := c.readyPool(id, "k1", "wkill-tiny", 41, "")
 	enginePID := int(h["pid"].(float64))
 
 	w.signal(t, syscall.SIGKILL)
@@ -205,7 +203,7 @@ func TestPoolSurvivesWorkerKill(t *testing.T) {
 	})
 	require.NotEqual(t, enginePID, int(h["pid"].(float64)))
 	require.EqualValues(t, 1, h["restarts"], "a lost node does not count toward the circuit but is a restart")
-	status, body = c.send("POST", "/v2/pools/k1/drain", `{}`)
+	status, body := c.send("POST", "/v2/pools/k1/drain", `{}`)
 	require.Equal(t, 200, status, body)
 	w.signal(t, syscall.SIGTERM)
 	c.waitState(id, node.Left, 20*time.Second)

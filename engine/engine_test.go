@@ -4,13 +4,12 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
-	"os/exec"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -23,6 +22,7 @@ import (
 
 	"github.com/llorch/llorch/engine"
 	"github.com/llorch/llorch/modelstore"
+	"github.com/llorch/llorch/testenv"
 )
 
 var (
@@ -47,20 +47,9 @@ func tinyModel(t *testing.T) string {
 	return modelPath
 }
 
-// requireLib fails (never skips) without libllama: CI installs it with `just tools`.
-func requireLib(t *testing.T) string {
-	t.Helper()
-	dir, err := engine.LibDir("")
-	if errors.Is(err, engine.ErrNoLibrary) {
-		t.Fatalf("libllama is not installed: run `just tools` (it fills ./bin/llama), or set %s: %v", engine.LibDirEnv, err)
-	}
-	require.NoError(t, err)
-	return dir
-}
-
 func startEngine(t *testing.T, o engine.Options) *engine.Server {
 	t.Helper()
-	o.LibDir = requireLib(t)
+	o.LibDir = testenv.LlamaLib(t)
 	if o.ModelPath == "" {
 		o.ModelPath = tinyModel(t)
 	}
@@ -361,7 +350,7 @@ func TestCorruptModelFailsFast(t *testing.T) {
 func TestPortTaken(t *testing.T) {
 	s := startEngine(t, engine.Options{})
 	_, port, _ := strings.Cut(s.Addr(), ":")
-	_, err := engine.Start(engine.Options{ModelPath: tinyModel(t), Port: atoi(t, port), LibDir: requireLib(t)})
+	_, err := engine.Start(engine.Options{ModelPath: tinyModel(t), Port: atoi(t, port), LibDir: testenv.LlamaLib(t)})
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "cannot listen")
 }

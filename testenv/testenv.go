@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -21,6 +22,7 @@ import (
 	"go.temporal.io/sdk/testsuite"
 
 	"github.com/llorch/llorch/config"
+	"github.com/llorch/llorch/engine"
 	"github.com/llorch/llorch/searchattrs"
 )
 
@@ -251,3 +253,17 @@ func (quietLogger) Debug(string, ...interface{}) {}
 func (quietLogger) Info(string, ...interface{})  {}
 func (quietLogger) Warn(string, ...interface{})  {}
 func (quietLogger) Error(string, ...interface{}) {}
+
+// LlamaLib is the libllama dir for engine tests. It fails, never skips,
+// without one: CI installs it with `just tools`.
+func LlamaLib(t testing.TB) string {
+	t.Helper()
+	dir, err := engine.LibDir("")
+	if errors.Is(err, engine.ErrNoLibrary) {
+		t.Fatalf("libllama is not installed: run `just tools` (it fills ./bin/llama), or set %s: %v", engine.LibDirEnv, err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
