@@ -170,7 +170,8 @@ func startDev(t *testing.T, exe, dir string, args ...string) *devProc {
 		upSeen := false
 		for sc.Scan() {
 			fmt.Fprintln(d.out, sc.Text())
-			if !upSeen && strings.Contains(sc.Text(), "llorch dev is up") {
+			// The banner's last line: the pids line before it is in d.out.
+			if !upSeen && strings.Contains(sc.Text(), "stop: Ctrl-C") {
 				upSeen = true
 				close(d.up)
 			}
