@@ -272,6 +272,21 @@ func TestHTTPAgentLifecycle(t *testing.T) {
 			len(pools) == 1 && pools[0].(map[string]any)["slots_free"] == float64(1), r.raw
 	})
 
+	// Keep the node beating while drain is checked: a stall of 900 ms on a
+	// loaded machine would otherwise make it Offline mid-check.
+	stopBeats := make(chan struct{})
+	beatsDone := make(chan struct{})
+	go func() {
+		defer close(beatsDone)
+		for {
+			select {
+			case <-stopBeats:
+				return
+			case <-time.After(100 * time.Millisecond):
+				beat(50<<30, 1)
+			}
+		}
+	}()
 	r = a.call("POST", "/v2/nodes/"+id+"/drain", map[string]any{"reason": "maintenance"})
 	require.Equal(t, 200, r.status, r.raw)
 	require.Equal(t, "Draining", r.body["state"])
@@ -282,6 +297,8 @@ func TestHTTPAgentLifecycle(t *testing.T) {
 	require.Contains(t, r.raw, id)
 	require.NotContains(t, a.call("GET", "/v2/nodes?state=online", nil).raw, `"node_id":"`+id+`"`)
 	require.Equal(t, "Online", a.call("POST", "/v2/nodes/"+id+"/undrain", nil).body["state"])
+	close(stopBeats)
+	<-beatsDone
 
 	// Silence: no beat for 3 intervals means Offline.
 	a.waitState(id, node.Offline, 10*time.Second)
