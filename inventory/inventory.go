@@ -291,7 +291,12 @@ func (c *Collector) diskFree() uint64 {
 // MemInfo reads one field of /proc/meminfo (e.g. "MemTotal",
 // "MemAvailable") in bytes.
 func MemInfo(field string) (uint64, error) {
-	f, err := os.Open("/proc/meminfo")
+	return procStatusField("/proc/meminfo", field)
+}
+
+// procStatusField reads one "Name:   123 kB" line of a /proc file in bytes.
+func procStatusField(path, field string) (uint64, error) {
+	f, err := os.Open(path)
 	if err != nil {
 		return 0, err
 	}
@@ -315,7 +320,7 @@ func MemInfo(field string) (uint64, error) {
 	if err := sc.Err(); err != nil {
 		return 0, err
 	}
-	return 0, fmt.Errorf("%s not found in /proc/meminfo", field)
+	return 0, fmt.Errorf("%s not found in %s", field, path)
 }
 
 // defaultMachineID prefers /etc/machine-id because it survives hostname
@@ -328,4 +333,33 @@ func defaultMachineID() string {
 	}
 	h, _ := os.Hostname()
 	return h
+}
+
+// ProcessGPUMemory is the GPU memory a process holds, summed over every GPU
+// (NVML's compute processes). It is 0 on CPU-only nodes and where the driver
+// does not report per-process figures.
+func (c *Collector) ProcessGPUMemory(pid int) uint64 {
+	var used uint64
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if !c.active {
+		return 0
+	}
+	c.eachDevice(func(i int, d nvml.Device) {
+		procs, ok := query(c, i, "compute processes", d.GetComputeRunningProcesses)
+		if !ok {
+			return
+		}
+		for _, p := range procs {
+			if int(p.Pid) == pid {
+				used += p.UsedGpuMemory
+			}
+		}
+	})
+	return used
+}
+
+// ProcessRSS is a process's resident memory in bytes, from /proc.
+func ProcessRSS(pid int) (uint64, error) {
+	return procStatusField(fmt.Sprintf("/proc/%d/status", pid), "VmRSS")
 }

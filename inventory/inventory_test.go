@@ -266,3 +266,23 @@ func TestShutdownAndConcurrentUse(t *testing.T) {
 	require.Empty(t, c.Snapshot().GPUs)
 	require.Empty(t, c.Inventory().GPUs)
 }
+
+func TestProcessMemory(t *testing.T) {
+	srv := h100(t)
+	for i, used := range []uint64{3 * gib, 0, 5 * gib} {
+		dev := srv.Devices[i].(*server.Device)
+		procs := []nvml.ProcessInfo{{Pid: 4242, UsedGpuMemory: used}, {Pid: 7, UsedGpuMemory: gib}}
+		dev.GetComputeRunningProcessesFunc = func() ([]nvml.ProcessInfo, nvml.Return) { return procs, nvml.SUCCESS }
+	}
+	c, err := New(Options{NVML: srv, ModelDir: t.TempDir(), Logger: quietLogger()})
+	require.NoError(t, err)
+	t.Cleanup(c.Shutdown)
+	require.Equal(t, 8*gib, c.ProcessGPUMemory(4242), "summed over GPUs; GPUs without the figure are skipped")
+	require.Zero(t, c.ProcessGPUMemory(999))
+
+	rss, err := ProcessRSS(os.Getpid())
+	require.NoError(t, err)
+	require.Greater(t, rss, uint64(1<<20), "this test binary holds more than 1 MiB")
+	_, err = ProcessRSS(1 << 30)
+	require.Error(t, err)
+}
