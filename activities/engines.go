@@ -1,7 +1,6 @@
 package activities
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -12,7 +11,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -23,18 +21,11 @@ import (
 	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/temporal"
 
+	"github.com/llorch/llorch/engine"
 	"github.com/llorch/llorch/inventory"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
-	"github.com/prometheus/client_golang/prometheus"
-)
-
-// Environment variables that mark an engine process as a pool's, so fencing
-// can recognise it from /proc/<pid>/environ without trusting a bare pid.
-const (
-	EnvPoolID    = "LLORCH_POOL_ID"
-	EnvPoolEpoch = "LLORCH_POOL_EPOCH"
 )
 
 // Engine process timings.
@@ -52,6 +43,7 @@ const (
 type EngineHost interface {
 	Snapshot() node.Snapshot
 	Inventory() node.Inventory
+	ProcessGPUMemory(pid int) uint64
 }
 
 // EngineActivities start, supervise and stop a node's llama.cpp engines.
@@ -59,8 +51,8 @@ type EngineHost interface {
 // engines this worker started.
 type EngineActivities struct {
 	NodeID string
-	// RuntimeDir holds engines/<pool>.json (handoff), engines/<pool>.pid and
-	// engines/<pool>.log.
+	// RuntimeDir holds engines/<pool>.json (the handoff of the serving
+	// engine) and per epoch engines/<pool>@<epoch>.log and .lease.
 	RuntimeDir     string
 	Local          *modelstore.LocalCatalog
 	Host           EngineHost
@@ -69,34 +61,14 @@ type EngineActivities struct {
 	LibDir         string // --lib-dir of the builtin engine
 	Metrics        *EngineMetrics
 	Threads        int // -t; 0 = 1
-	Log            *slog.Logger
+	// OrphanTimeout: how long a built-in engine outlives its supervisor (a
+	// dead worker) before it exits; a worker back within it adopts the
+	// engine. 0 = one minute.
+	OrphanTimeout time.Duration
+	Log           *slog.Logger
 
 	mu    sync.Mutex
-	procs map[string]*engineProc // by pool id
-}
-
-// engineProc is an engine this worker started. done closes once cmd.Wait
-// has returned; exitCode and exitedAt are set before.
-type engineProc struct {
-	poolID   string
-	epoch    int64
-	pid      int
-	url      string
-	logPath  string
-	started  time.Time
-	cmd      *exec.Cmd
-	done     chan struct{}
-	exitCode int
-	exitedAt time.Time
-}
-
-func (p *engineProc) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
+	procs map[procKey]*engineProc
 }
 
 // PreflightInput asks whether the node can hold a pool's engine now.
@@ -110,38 +82,9 @@ type StartInput struct {
 	Spec   pool.Spec
 	SHA256 string
 	Epoch  int64
-}
-
-// SuperviseInput names the engine StartEngine returned.
-type SuperviseInput struct {
-	PoolID string
-	Epoch  int64
-	URL    string
-	PID    int
-}
-
-// SuperviseResult is why supervision ended.
-type SuperviseResult struct {
-	Exited   bool
-	ExitCode int
-	Reason   string
-	LogTail  string
-	UptimeMs int64
-}
-
-// EngineLive is the heartbeat detail of Supervise.
-type EngineLive struct {
-	At         time.Time
-	SlotsTotal int
-	SlotsFree  int
-	Healthy    bool
-}
-
-// StopInput stops a pool's engine; Epoch 0 stops any epoch, otherwise an
-// engine of a newer epoch is left alone.
-type StopInput struct {
-	PoolID string
-	Epoch  int64
+	// Keep is an epoch left running (a reload's serving engine, stopped
+	// once the new one is ready); every other engine of the pool is fenced.
+	Keep int64
 }
 
 func (a *EngineActivities) log() *slog.Logger {
@@ -149,14 +92,6 @@ func (a *EngineActivities) log() *slog.Logger {
 		return slog.Default()
 	}
 	return a.Log
-}
-
-func (a *EngineActivities) enginesDir() string { return filepath.Join(a.RuntimeDir, "engines") }
-func (a *EngineActivities) logPath(poolID string) string {
-	return filepath.Join(a.enginesDir(), poolID+".log")
-}
-func (a *EngineActivities) pidPath(poolID string) string {
-	return filepath.Join(a.enginesDir(), poolID+".pid")
 }
 
 // Preflight checks that the model is staged and that the node has the memory
@@ -255,8 +190,8 @@ func (a *EngineActivities) StartEngine(ctx context.Context, in StartInput) (pool
 	if err != nil {
 		return pool.Handoff{}, err
 	}
-	// Fencing: one engine per pool per node, whatever its epoch.
-	a.stopPool(spec.PoolID, 0)
+	// Fencing: one engine per pool per node (two while a reload switches).
+	a.stopPool(spec.PoolID, func(e int64) bool { return in.Keep == 0 || e != in.Keep })
 	if err := os.MkdirAll(a.enginesDir(), 0o755); err != nil {
 		return pool.Handoff{}, fmt.Errorf("node %s: %w", a.NodeID, err)
 	}
@@ -312,6 +247,9 @@ func (a *EngineActivities) StartEngine(ctx context.Context, in StartInput) (pool
 		HealthyAt:     healthyAt,
 		Epoch:         in.Epoch,
 	}
+	a.pruneLogs(spec.PoolID, in.Epoch)
+	// The handoff names the serving engine: on a reload, writing it is the
+	// switch.
 	if err := writeJSONAtomic(pool.HandoffPath(a.RuntimeDir, spec.PoolID), h); err != nil {
 		a.kill(p)
 		a.forget(p)
@@ -328,13 +266,6 @@ func engineKind(e pool.Engine) pool.Engine {
 		return pool.Builtin
 	}
 	return e
-}
-
-// pidRecord is engines/<pool>.pid: written at spawn, before the handoff, so
-// an engine that never got healthy can still be fenced.
-type pidRecord struct {
-	PID   int   `json:"pid"`
-	Epoch int64 `json:"epoch"`
 }
 
 // spawn starts the engine process and its reaper.
@@ -358,6 +289,7 @@ func (a *EngineActivities) spawn(spec pool.Spec, modelPath string, epoch int64) 
 	}
 	var bin string
 	var args []string
+	detached := false
 	switch engineKind(spec.Engine) {
 	case pool.Builtin:
 		if a.LlorchBin == "" {
@@ -369,6 +301,14 @@ func (a *EngineActivities) spawn(spec pool.Spec, modelPath string, epoch int64) 
 		if a.LibDir != "" {
 			args = append(args, "--lib-dir", a.LibDir)
 		}
+		// It outlives a worker restart (the new worker adopts it), not a
+		// worker that stays away.
+		lease := a.leasePath(spec.PoolID, epoch)
+		if err := engine.TouchLease(lease); err != nil {
+			return nil, fmt.Errorf("node %s: engine lease: %w", a.NodeID, err)
+		}
+		args = append(args, "--supervisor-lease", lease, "--supervisor-timeout", a.orphanTimeout().String())
+		detached = true
 	case pool.LlamaServer:
 		if a.LlamaServerBin == "" {
 			return nil, temporal.NewNonRetryableApplicationError(
@@ -381,7 +321,7 @@ func (a *EngineActivities) spawn(spec pool.Spec, modelPath string, epoch int64) 
 			fmt.Sprintf("node %s: pool %s: unknown engine %q", a.NodeID, spec.PoolID, spec.Engine), pool.ErrEngineStart, nil)
 	}
 
-	logPath := a.logPath(spec.PoolID)
+	logPath := a.logPath(spec.PoolID, epoch)
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("node %s: engine log: %w", a.NodeID, err)
@@ -389,10 +329,15 @@ func (a *EngineActivities) spawn(spec pool.Spec, modelPath string, epoch int64) 
 	defer logf.Close()
 
 	cmd := exec.Command(bin, args...)
-	cmd.Env = engineEnv(os.Environ(), spec.DeviceMask, spec.PoolID, epoch)
+	cmd.Env = engineEnv(os.Environ(), a.NodeID, spec.DeviceMask, spec.PoolID, epoch)
 	cmd.Stdout = logf
 	cmd.Stderr = logf
+	// Built-in engines run in their own session and end by their lease;
+	// llama-server cannot watch one, so it dies with its worker.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if detached {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	}
 	if err := startLocked(cmd); err != nil {
 		return nil, temporal.NewNonRetryableApplicationError(
 			fmt.Sprintf("node %s: pool %s: start %s: %v", a.NodeID, spec.PoolID, bin, err), pool.ErrEngineStart, err)
@@ -414,15 +359,7 @@ func (a *EngineActivities) spawn(spec pool.Spec, modelPath string, epoch int64) 
 		close(p.done)
 		a.log().Info("engine exited", "pool", p.poolID, "epoch", p.epoch, "pid", p.pid, "code", p.exitCode)
 	}()
-	a.mu.Lock()
-	if a.procs == nil {
-		a.procs = map[string]*engineProc{}
-	}
-	a.procs[spec.PoolID] = p
-	a.mu.Unlock()
-	if err := writeJSONAtomic(a.pidPath(spec.PoolID), pidRecord{PID: p.pid, Epoch: epoch}); err != nil {
-		a.log().Warn("cannot write engine pid file", "pool", spec.PoolID, "err", err)
-	}
+	a.register(p)
 	a.log().Info("engine started", "pool", spec.PoolID, "epoch", epoch, "pid", p.pid, "url", p.url, "bin", bin)
 	return p, nil
 }
@@ -457,18 +394,19 @@ func startLocked(cmd *exec.Cmd) error {
 
 // engineEnv is the worker's environment with the GPU mask and the pool
 // marker replaced.
-func engineEnv(base []string, mask, poolID string, epoch int64) []string {
+func engineEnv(base []string, nodeID, mask, poolID string, epoch int64) []string {
 	env := make([]string, 0, len(base)+3)
 	for _, kv := range base {
 		k, _, _ := strings.Cut(kv, "=")
 		switch k {
-		case "CUDA_VISIBLE_DEVICES", EnvPoolID, EnvPoolEpoch:
+		case "CUDA_VISIBLE_DEVICES", EnvNodeID, EnvPoolID, EnvPoolEpoch:
 			continue
 		}
 		env = append(env, kv)
 	}
 	return append(env,
 		"CUDA_VISIBLE_DEVICES="+mask,
+		EnvNodeID+"="+nodeID,
 		EnvPoolID+"="+poolID,
 		EnvPoolEpoch+"="+strconv.FormatInt(epoch, 10))
 }
@@ -519,6 +457,7 @@ func (a *EngineActivities) waitHealthy(ctx context.Context, p *engineProc) error
 		}
 		if time.Since(lastBeat) >= time.Second {
 			activity.RecordHeartbeat(ctx, "loading")
+			_ = engine.TouchLease(a.leasePath(p.poolID, p.epoch)) // a long load is supervised too
 			lastBeat = time.Now()
 		}
 		if code, _, err := httpGet(ctx, client, p.url+"/health"); err == nil && code == http.StatusOK {
@@ -609,364 +548,19 @@ func writeJSONAtomic(path string, v any) error {
 	return err
 }
 
-// Supervise watches the engine until it exits, stops answering /health, or
-// the workflow cancels the activity (drain, stop), which stops the engine.
-func (a *EngineActivities) Supervise(ctx context.Context, in SuperviseInput) (SuperviseResult, error) {
-	res, err := a.supervise(ctx, in)
-	a.Metrics.ended(a.NodeID, in.PoolID, res)
-	return res, err
-}
-
-func (a *EngineActivities) supervise(ctx context.Context, in SuperviseInput) (SuperviseResult, error) {
-	p := a.lookup(in.PoolID, in.Epoch, in.PID)
-	if p == nil {
-		return SuperviseResult{Exited: true, ExitCode: -1, Reason: "engine is not running on this worker (worker restarted)",
-			LogTail: logTail(a.logPath(in.PoolID), engineLogTailLines)}, nil
+func (a *EngineActivities) orphanTimeout() time.Duration {
+	if a.OrphanTimeout <= 0 {
+		return time.Minute
 	}
-	url := in.URL
-	if url == "" {
-		url = p.url
-	}
-	client := &http.Client{Timeout: superviseHTTP}
-	tick := time.NewTicker(superviseInterval)
-	defer tick.Stop()
-	failures := 0
-	var lastErr string
-	for {
-		if p.exited() {
-			return SuperviseResult{Exited: true, ExitCode: p.exitCode, Reason: exitReason(p),
-				LogTail: logTail(p.logPath, engineLogTailLines), UptimeMs: p.exitedAt.Sub(p.started).Milliseconds()}, nil
-		}
-		if a.lookup(in.PoolID, in.Epoch, in.PID) == nil {
-			return SuperviseResult{Exited: true, ExitCode: -1, Reason: fmt.Sprintf("engine epoch %d was replaced on this worker", in.Epoch),
-				UptimeMs: time.Since(p.started).Milliseconds()}, nil
-		}
-		live := EngineLive{At: time.Now().UTC()}
-		code, _, err := httpGet(ctx, client, url+"/health")
-		if ctx.Err() != nil {
-			break
-		}
-		switch {
-		case err != nil:
-			failures++
-			lastErr = err.Error()
-		case code != http.StatusOK:
-			failures++
-			lastErr = fmt.Sprintf("/health answered %d", code)
-		default:
-			failures = 0
-			live.Healthy = true
-		}
-		if failures >= superviseMaxFailed {
-			if p.exited() { // it died while we asked: report the exit
-				continue
-			}
-			a.kill(p)
-			a.forget(p)
-			code := -1
-			if p.exited() {
-				code = p.exitCode
-			}
-			return SuperviseResult{Exited: true, ExitCode: code,
-				Reason:   fmt.Sprintf("health check failed %d times: %s", failures, lastErr),
-				LogTail:  logTail(p.logPath, engineLogTailLines),
-				UptimeMs: time.Since(p.started).Milliseconds()}, nil
-		}
-		if live.Healthy {
-			live.SlotsTotal, live.SlotsFree = slotCounts(ctx, client, url)
-		}
-		activity.RecordHeartbeat(ctx, live)
-		a.Metrics.live(a.NodeID, in.PoolID, live)
-		select {
-		case <-ctx.Done():
-		case <-p.done:
-			continue
-		case <-tick.C:
-			continue
-		}
-		break
-	}
-	// Cancelled: the workflow drains or stops the pool.
-	a.stopPool(in.PoolID, in.Epoch)
-	return SuperviseResult{Reason: "stopped", UptimeMs: time.Since(p.started).Milliseconds()}, nil
+	return a.OrphanTimeout
 }
 
-// DrainInput lets a pool's in-flight generations finish before it stops.
-type DrainInput struct {
-	PoolID   string
-	URL      string
-	Deadline time.Duration
-}
-
-// DrainResult says whether the engine went idle in time.
-type DrainResult struct {
-	Idle     bool  `json:"idle"`
-	Busy     int   `json:"busy_at_deadline"`
-	WaitedMs int64 `json:"waited_ms"`
-}
-
-// DrainEngine waits until no slot of the engine is processing, or the
-// deadline passes; the caller then stops the engine. An engine that does not
-// answer counts as idle: there is nothing left to wait for.
-func (a *EngineActivities) DrainEngine(ctx context.Context, in DrainInput) (DrainResult, error) {
-	client := &http.Client{Timeout: superviseHTTP}
-	start := time.Now()
-	deadline := start.Add(in.Deadline)
-	for {
-		total, free := slotCounts(ctx, client, in.URL)
-		busy := total - free
-		if busy == 0 {
-			return DrainResult{Idle: true, WaitedMs: time.Since(start).Milliseconds()}, nil
-		}
-		if time.Now().After(deadline) {
-			a.log().Info("drain deadline passed with generations in flight", "pool", in.PoolID, "busy", busy)
-			return DrainResult{Busy: busy, WaitedMs: time.Since(start).Milliseconds()}, nil
-		}
-		activity.RecordHeartbeat(ctx, busy)
-		select {
-		case <-ctx.Done():
-			return DrainResult{Busy: busy, WaitedMs: time.Since(start).Milliseconds()}, ctx.Err()
-		case <-time.After(50 * time.Millisecond):
+// pruneLogs keeps the logs of the pool's last few epochs.
+func (a *EngineActivities) pruneLogs(poolID string, epoch int64) {
+	const keep = 4
+	for e := epoch - keep; e > 0; e-- {
+		if os.Remove(a.logPath(poolID, e)) != nil {
+			break // older ones went earlier
 		}
 	}
-}
-
-func slotCounts(ctx context.Context, client *http.Client, url string) (total, free int) {
-	code, b, err := httpGet(ctx, client, url+"/slots")
-	if err != nil || code != http.StatusOK {
-		return 0, 0
-	}
-	var slots []struct {
-		ID           int  `json:"id"`
-		IsProcessing bool `json:"is_processing"`
-	}
-	if json.Unmarshal(b, &slots) != nil {
-		return 0, 0
-	}
-	for _, s := range slots {
-		total++
-		if !s.IsProcessing {
-			free++
-		}
-	}
-	return total, free
-}
-
-// lookup is the engine of pool at epoch (and pid, when given) this worker runs.
-func (a *EngineActivities) lookup(poolID string, epoch int64, pid int) *engineProc {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	p := a.procs[poolID]
-	if p == nil || p.epoch != epoch || (pid != 0 && p.pid != pid) {
-		return nil
-	}
-	return p
-}
-
-// forget drops p from the map if it is still the pool's engine.
-func (a *EngineActivities) forget(p *engineProc) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.procs[p.poolID] == p {
-		delete(a.procs, p.poolID)
-	}
-}
-
-// StopEngine stops the pool's engine and removes its handoff file. It is
-// idempotent; an engine of an epoch newer than in.Epoch is left running.
-func (a *EngineActivities) StopEngine(ctx context.Context, in StopInput) error {
-	a.stopPool(in.PoolID, in.Epoch)
-	return nil
-}
-
-// stopPool stops every engine of the pool with epoch <= maxEpoch (0: any):
-// the one in the map and those recorded in the handoff and pid files (left
-// by an earlier worker), then removes those files.
-func (a *EngineActivities) stopPool(poolID string, maxEpoch int64) {
-	covers := func(epoch int64) bool { return maxEpoch == 0 || epoch <= maxEpoch }
-	a.mu.Lock()
-	p := a.procs[poolID]
-	a.mu.Unlock()
-	if p != nil && covers(p.epoch) {
-		a.kill(p)
-		a.forget(p)
-	}
-	var h pool.Handoff
-	hpath := pool.HandoffPath(a.RuntimeDir, poolID)
-	hok := readJSON(hpath, &h) == nil
-	var rec pidRecord
-	ppath := a.pidPath(poolID)
-	pok := readJSON(ppath, &rec) == nil
-	if hok && covers(h.Epoch) {
-		a.killForeign(poolID, h.PID)
-		os.Remove(hpath)
-	} else if !hok {
-		os.Remove(hpath) // unreadable: stale
-	}
-	if pok && covers(rec.Epoch) {
-		a.killForeign(poolID, rec.PID)
-		os.Remove(ppath)
-	} else if !pok {
-		os.Remove(ppath)
-	}
-}
-
-func readJSON(path string, v any) error {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return err
-	}
-	return json.Unmarshal(b, v)
-}
-
-// kill stops an engine this worker started: SIGTERM to its process group,
-// engineStopGrace, then SIGKILL; it returns once the reaper saw it exit.
-func (a *EngineActivities) kill(p *engineProc) {
-	if p.exited() {
-		return
-	}
-	_ = syscall.Kill(-p.pid, syscall.SIGTERM)
-	select {
-	case <-p.done:
-		return
-	case <-time.After(engineStopGrace):
-	}
-	a.log().Warn("engine ignored SIGTERM; killing", "pool", p.poolID, "pid", p.pid)
-	_ = syscall.Kill(-p.pid, syscall.SIGKILL)
-	select {
-	case <-p.done:
-	case <-time.After(engineStopGrace):
-		a.log().Error("engine did not exit after SIGKILL", "pool", p.poolID, "pid", p.pid)
-	}
-}
-
-// killForeign stops a pid recorded on disk, but only if /proc says it is an
-// engine of poolID: a reused pid is never killed.
-func (a *EngineActivities) killForeign(poolID string, pid int) {
-	if pid <= 0 {
-		return
-	}
-	a.mu.Lock()
-	for _, p := range a.procs {
-		if p.pid == pid && !p.exited() {
-			a.mu.Unlock()
-			a.kill(p)
-			a.forget(p)
-			return
-		}
-	}
-	a.mu.Unlock()
-	if !isPoolEngine(pid, poolID) {
-		return
-	}
-	a.log().Info("fencing engine of an earlier worker", "pool", poolID, "pid", pid)
-	_ = syscall.Kill(-pid, syscall.SIGTERM)
-	_ = syscall.Kill(pid, syscall.SIGTERM)
-	if waitGone(pid, poolID, engineStopGrace) {
-		return
-	}
-	_ = syscall.Kill(-pid, syscall.SIGKILL)
-	_ = syscall.Kill(pid, syscall.SIGKILL)
-	waitGone(pid, poolID, engineStopGrace)
-}
-
-func waitGone(pid int, poolID string, d time.Duration) bool {
-	deadline := time.Now().Add(d)
-	for time.Now().Before(deadline) {
-		if !isPoolEngine(pid, poolID) {
-			return true
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return !isPoolEngine(pid, poolID)
-}
-
-// isPoolEngine says whether pid is a live (not zombie) process whose
-// environment marks it as an engine of poolID.
-func isPoolEngine(pid int, poolID string) bool {
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	if i := bytes.LastIndexByte(stat, ')'); i >= 0 && i+2 < len(stat) && stat[i+2] == 'Z' {
-		return false
-	}
-	env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
-	if err != nil {
-		return false
-	}
-	want := EnvPoolID + "=" + poolID
-	for _, kv := range bytes.Split(env, []byte{0}) {
-		if string(kv) == want {
-			return true
-		}
-	}
-	return false
-}
-
-// EngineMetrics are a node's pool and engine figures.
-type EngineMetrics struct {
-	Ready      *prometheus.GaugeVec
-	Exits      *prometheus.CounterVec
-	Handoff    *prometheus.HistogramVec
-	SlotsTotal *prometheus.GaugeVec
-	SlotsFree  *prometheus.GaugeVec
-}
-
-// NewEngineMetrics registers the engine metrics on reg.
-func NewEngineMetrics(reg prometheus.Registerer) *EngineMetrics {
-	m := &EngineMetrics{
-		Ready: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "llorch_pool_ready", Help: "1 while the pool's engine on this node is ready.",
-		}, []string{"node_id", "pool_id"}),
-		Exits: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "llorch_engine_exits_total", Help: "Engine runs that ended, by reason (exited, health, stopped, gone).",
-		}, []string{"node_id", "pool_id", "reason"}),
-		Handoff: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "llorch_engine_handoff_seconds", Help: "Engine spawn to first /health 200 and handoff written.",
-			Buckets: prometheus.ExponentialBuckets(0.01, 2, 14),
-		}, []string{"node_id"}),
-		SlotsTotal: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "llorch_pool_slots_total", Help: "Slots of the pool's engine.",
-		}, []string{"node_id", "pool_id"}),
-		SlotsFree: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "llorch_pool_slots_free", Help: "Idle slots of the pool's engine.",
-		}, []string{"node_id", "pool_id"}),
-	}
-	reg.MustRegister(m.Ready, m.Exits, m.Handoff, m.SlotsTotal, m.SlotsFree)
-	return m
-}
-
-func (m *EngineMetrics) ready(nodeID, poolID string, load time.Duration) {
-	if m == nil {
-		return
-	}
-	m.Ready.WithLabelValues(nodeID, poolID).Set(1)
-	m.Handoff.WithLabelValues(nodeID).Observe(load.Seconds())
-}
-
-func (m *EngineMetrics) live(nodeID, poolID string, l EngineLive) {
-	if m == nil {
-		return
-	}
-	m.SlotsTotal.WithLabelValues(nodeID, poolID).Set(float64(l.SlotsTotal))
-	m.SlotsFree.WithLabelValues(nodeID, poolID).Set(float64(l.SlotsFree))
-}
-
-func (m *EngineMetrics) ended(nodeID, poolID string, r SuperviseResult) {
-	if m == nil {
-		return
-	}
-	reason := "gone" // not running on this worker any more
-	switch {
-	case r.Reason == "stopped":
-		reason = "stopped"
-	case strings.HasPrefix(r.Reason, "health check failed"):
-		reason = "health"
-	case r.Exited && r.ExitCode != -1:
-		reason = "exited"
-	}
-	m.Exits.WithLabelValues(nodeID, poolID, reason).Inc()
-	m.Ready.WithLabelValues(nodeID, poolID).Set(0)
-	m.SlotsFree.WithLabelValues(nodeID, poolID).Set(0)
 }

@@ -37,6 +37,7 @@ type fakeHost struct {
 
 func (h fakeHost) Snapshot() node.Snapshot   { return h.snap }
 func (h fakeHost) Inventory() node.Inventory { return h.inv }
+func (h fakeHost) ProcessGPUMemory(int) uint64 { return 0 }
 
 type engineFixture struct {
 	acts  *activities.EngineActivities
@@ -258,6 +259,81 @@ func TestEngineFencesEngineOfEarlierWorker(t *testing.T) {
 	assert.True(t, alive(h2.PID))
 }
 
+// A reload starts the new epoch beside the serving one (Keep); the handoff
+// switches to the new engine once it is healthy; stopping the old epoch
+// leaves the new one serving.
+func TestEngineStartKeepsServingEpoch(t *testing.T) {
+	f := newEngineFixture(t)
+	spec := f.spec(t)
+	h1 := f.start(t, spec, 1)
+	v, err := f.exec(t, f.acts.StartEngine, activities.StartInput{Spec: spec, SHA256: f.sha, Epoch: 2, Keep: 1})
+	require.NoError(t, err)
+	var h2 pool.Handoff
+	v.get(t, &h2)
+	t.Cleanup(func() { killPid(h2.PID) })
+	assert.True(t, alive(h1.PID), "the serving engine is kept")
+	assert.True(t, alive(h2.PID))
+	var onDisk pool.Handoff
+	require.NoError(t, json.Unmarshal(mustRead(t, pool.HandoffPath(f.acts.RuntimeDir, spec.PoolID)), &onDisk))
+	assert.Equal(t, int64(2), onDisk.Epoch, "the handoff names the new engine")
+	require.NoError(t, f.acts.StopEngine(context.Background(), activities.StopInput{PoolID: spec.PoolID, Epoch: 1}))
+	assert.False(t, alive(h1.PID))
+	assert.True(t, alive(h2.PID))
+	assert.FileExists(t, pool.HandoffPath(f.acts.RuntimeDir, spec.PoolID), "the new engine's handoff stays")
+}
+
+// A worker that restarts adopts the engine of the epoch its pool still
+// owns: it supervises it like its own, sees it exit, and the engine's
+// listing in /proc names pool and epoch.
+func TestEngineAdoptedByFreshWorker(t *testing.T) {
+	f := newEngineFixture(t)
+	spec := f.spec(t)
+	h := f.start(t, spec, 3)
+	a := f.acts
+	fresh := &activities.EngineActivities{
+		NodeID: a.NodeID, RuntimeDir: a.RuntimeDir, Local: a.Local, Host: a.Host,
+		LlorchBin: a.LlorchBin, LibDir: a.LibDir, Threads: 1, Log: a.Log,
+	}
+	require.Contains(t, activities.LiveEngines(fresh), activities.LiveEngine{PoolID: spec.PoolID, Epoch: 3, PID: h.PID})
+	wrong := h
+	wrong.Epoch = 2
+	require.Error(t, activities.Adopt(fresh, wrong), "an epoch the process does not carry")
+	other := &activities.EngineActivities{NodeID: "node-other", RuntimeDir: a.RuntimeDir}
+	require.Error(t, activities.Adopt(other, h), "another node's engine")
+	require.NoError(t, activities.Adopt(fresh, h))
+
+	f2 := &engineFixture{acts: fresh, local: f.local, sha: f.sha}
+	var once sync.Once
+	v, err := f2.exec(t, fresh.Supervise, activities.SuperviseInput{PoolID: spec.PoolID, Epoch: 3, URL: h.URL, PID: h.PID},
+		func(aenv *testsuite.TestActivityEnvironment) {
+			aenv.SetOnActivityHeartbeatListener(func(_ *activity.Info, d converter.EncodedValues) {
+				var live activities.EngineLive
+				if d.Get(&live) == nil && live.Healthy && live.RSSBytes > 0 {
+					once.Do(func() { _ = syscall.Kill(h.PID, syscall.SIGKILL) })
+				}
+			})
+		})
+	require.NoError(t, err)
+	var res activities.SuperviseResult
+	v.get(t, &res)
+	assert.True(t, res.Exited)
+	assert.Equal(t, -1, res.ExitCode, "an adopted engine's exit code is unknown")
+	assert.False(t, alive(h.PID))
+}
+
+// With no supervisor renewing its lease (its worker died and never came
+// back), a built-in engine exits by itself: no orphan.
+func TestEngineExitsWhenLeaseLapses(t *testing.T) {
+	f := newEngineFixture(t)
+	f.acts.OrphanTimeout = 3 * time.Second
+	spec := f.spec(t)
+	h := f.start(t, spec, 1)
+	testenv.Eventually(t, time.Minute, "engine exits once its lease lapses", func() (bool, string) {
+		return !alive(h.PID), fmt.Sprint(h.PID)
+	})
+	assert.Contains(t, string(mustRead(t, filepath.Join(f.acts.RuntimeDir, "engines", spec.PoolID+"@1.log"))), "no supervisor for")
+}
+
 func mustRead(t *testing.T, p string) []byte {
 	t.Helper()
 	b, err := os.ReadFile(p)
@@ -360,7 +436,7 @@ func TestEngineStartCorruptModelFails(t *testing.T) {
 	assert.True(t, app.NonRetryable())
 	assert.Contains(t, app.Error(), "engine exited with code")
 	assert.Contains(t, app.Error(), "last log lines")
-	logTail := mustRead(t, filepath.Join(f.acts.RuntimeDir, "engines", spec.PoolID+".log"))
+	logTail := mustRead(t, filepath.Join(f.acts.RuntimeDir, "engines", spec.PoolID+"@1.log"))
 	require.NotEmpty(t, logTail)
 	lines := strings.Split(strings.TrimSpace(string(logTail)), "\n")
 	assert.Contains(t, app.Error(), lines[len(lines)-1], "message carries the log tail")

@@ -1,11 +1,13 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -23,6 +25,9 @@ var llamaServerShorthands = map[string]string{
 	"-ngl": "--n-gpu-layers",
 }
 
+// exitLeaseLapsed is the exit code of an engine whose supervisor lease lapsed.
+const exitLeaseLapsed = 75
+
 // engineCmd runs the built-in engine host: llama-server's HTTP API over
 // libllama, for CPU nodes, dev and CI (DESIGN decision 7).
 func engineCmd() *cobra.Command {
@@ -31,6 +36,8 @@ func engineCmd() *cobra.Command {
 		logFormat string
 		logLevel  string
 		ngl       int
+		lease     string
+		leaseTTL  time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "engine --model PATH [--host H] [--port N] [-c N] [-np N] [-t N] [-a ALIAS]",
@@ -78,6 +85,14 @@ func engineCmd() *cobra.Command {
 			defer srv.Close()
 			log.Info("engine listening, loading model", "url", srv.URL(), "model", o.ModelPath)
 
+			// A supervised engine outlives a worker restart, not a worker
+			// that never returns.
+			lapsed := make(<-chan error)
+			if lease != "" {
+				lctx, stop := context.WithCancel(context.Background())
+				defer stop()
+				lapsed = engine.WatchLease(lctx, lease, leaseTTL)
+			}
 			sigs := make(chan os.Signal, 1)
 			signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 			defer signal.Stop(sigs)
@@ -92,10 +107,20 @@ func engineCmd() *cobra.Command {
 				// The load cannot be interrupted inside libllama; leave without it.
 				log.Info("stopping while loading", "signal", sig.String())
 				os.Exit(0)
+			case err := <-lapsed:
+				log.Warn("stopping while loading", "reason", err.Error())
+				os.Exit(exitLeaseLapsed)
 			}
-			sig := <-sigs
-			log.Info("stopping", "signal", sig.String())
-			return srv.Close()
+			select {
+			case sig := <-sigs:
+				log.Info("stopping", "signal", sig.String())
+				return srv.Close()
+			case err := <-lapsed:
+				log.Warn("stopping: orphaned", "reason", err.Error())
+				_ = srv.Close()
+				os.Exit(exitLeaseLapsed)
+				return nil
+			}
 		},
 	}
 	fs := cmd.Flags()
@@ -112,6 +137,8 @@ func engineCmd() *cobra.Command {
 	fs.IntVar(&ngl, "n-gpu-layers", 0, "accepted for llama-server compatibility (-ngl); ignored: CPU only")
 	fs.Bool("metrics", true, "accepted for llama-server compatibility; /metrics is always on")
 	fs.Bool("no-ui", true, "accepted for llama-server compatibility; there is no UI")
+	fs.StringVar(&lease, "supervisor-lease", "", "llorch: exit when this file's mtime is older than --supervisor-timeout (the worker renews it)")
+	fs.DurationVar(&leaseTTL, "supervisor-timeout", time.Minute, "llorch: how long the engine runs without its supervisor")
 	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	config.Env(fs, "log-format", "LLORCH_LOG_FORMAT")
 	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")

@@ -1,0 +1,221 @@
+package activities
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"time"
+
+	"go.temporal.io/sdk/activity"
+
+	"github.com/llorch/llorch/engine"
+	"github.com/llorch/llorch/inventory"
+)
+
+// SuperviseInput names the engine StartEngine returned (or the pool
+// workflow adopted).
+type SuperviseInput struct {
+	PoolID string
+	Epoch  int64
+	URL    string
+	PID    int
+}
+
+// SuperviseResult is why supervision ended.
+type SuperviseResult struct {
+	Exited   bool
+	ExitCode int
+	Reason   string
+	LogTail  string
+	UptimeMs int64
+}
+
+// EngineLive is the heartbeat detail of Supervise.
+type EngineLive struct {
+	At         time.Time
+	SlotsTotal int
+	SlotsFree  int
+	Healthy    bool
+	RSSBytes   uint64 // resident memory of the engine process
+	VRAMBytes  uint64 // GPU memory it holds (NVML), 0 on CPU-only nodes
+}
+
+// Supervise watches the engine until it exits, stops answering /health, or
+// the workflow cancels the activity (drain, stop), which stops the engine.
+// Each beat renews the engine's supervisor lease.
+func (a *EngineActivities) Supervise(ctx context.Context, in SuperviseInput) (SuperviseResult, error) {
+	res, err := a.supervise(ctx, in)
+	a.Metrics.ended(a.NodeID, in.PoolID, res)
+	return res, err
+}
+
+func (a *EngineActivities) supervise(ctx context.Context, in SuperviseInput) (SuperviseResult, error) {
+	p := a.lookup(in.PoolID, in.Epoch, in.PID)
+	if p == nil {
+		return SuperviseResult{Exited: true, ExitCode: -1, Reason: "engine is not running on this worker (worker restarted)",
+			LogTail: logTail(a.logPath(in.PoolID, in.Epoch), engineLogTailLines)}, nil
+	}
+	url := in.URL
+	if url == "" {
+		url = p.url
+	}
+	lease := a.leasePath(in.PoolID, in.Epoch)
+	client := &http.Client{Timeout: superviseHTTP}
+	tick := time.NewTicker(superviseInterval)
+	defer tick.Stop()
+	failures := 0
+	var lastErr string
+	for {
+		if err := engine.TouchLease(lease); err != nil {
+			a.log().Warn("cannot renew engine lease", "pool", in.PoolID, "err", err)
+		}
+		if p.exited() {
+			return SuperviseResult{Exited: true, ExitCode: p.exitCode, Reason: exitReason(p),
+				LogTail: logTail(p.logPath, engineLogTailLines), UptimeMs: p.exitedAt.Sub(p.started).Milliseconds()}, nil
+		}
+		if a.lookup(in.PoolID, in.Epoch, in.PID) == nil {
+			return SuperviseResult{Exited: true, ExitCode: -1, Reason: fmt.Sprintf("engine epoch %d was stopped on this worker", in.Epoch),
+				UptimeMs: time.Since(p.started).Milliseconds()}, nil
+		}
+		live := EngineLive{At: time.Now().UTC()}
+		code, _, err := httpGet(ctx, client, url+"/health")
+		if ctx.Err() != nil {
+			break
+		}
+		switch {
+		case err != nil:
+			failures++
+			lastErr = err.Error()
+		case code != http.StatusOK:
+			failures++
+			lastErr = fmt.Sprintf("/health answered %d", code)
+		default:
+			failures = 0
+			live.Healthy = true
+		}
+		if failures >= superviseMaxFailed {
+			if p.exited() { // it died while we asked: report the exit
+				continue
+			}
+			a.kill(p)
+			a.forget(p)
+			code := -1
+			if p.exited() {
+				code = p.exitCode
+			}
+			return SuperviseResult{Exited: true, ExitCode: code,
+				Reason:   fmt.Sprintf("health check failed %d times: %s", failures, lastErr),
+				LogTail:  logTail(p.logPath, engineLogTailLines),
+				UptimeMs: time.Since(p.started).Milliseconds()}, nil
+		}
+		if live.Healthy {
+			live.SlotsTotal, live.SlotsFree = slotCounts(ctx, client, url)
+		}
+		live.RSSBytes, _ = inventory.ProcessRSS(p.pid)
+		if a.Host != nil {
+			live.VRAMBytes = a.Host.ProcessGPUMemory(p.pid)
+		}
+		activity.RecordHeartbeat(ctx, live)
+		a.Metrics.live(a.NodeID, in.PoolID, live)
+		select {
+		case <-ctx.Done():
+		case <-p.done:
+			continue
+		case <-tick.C:
+			continue
+		}
+		break
+	}
+	// Cancelled: the workflow drains, reloads or stops the pool.
+	a.stopPool(in.PoolID, func(e int64) bool { return e == in.Epoch })
+	return SuperviseResult{Reason: "stopped", UptimeMs: time.Since(p.started).Milliseconds()}, nil
+}
+
+// DrainInput lets a pool's in-flight generations finish before it stops.
+type DrainInput struct {
+	PoolID   string
+	URL      string
+	Deadline time.Duration
+}
+
+// DrainResult says whether the engine went idle in time.
+type DrainResult struct {
+	Idle     bool  `json:"idle"`
+	Busy     int   `json:"busy_at_deadline"`
+	WaitedMs int64 `json:"waited_ms"`
+}
+
+// DrainEngine waits until no slot of the engine is processing, or the
+// deadline passes; the caller then stops the engine. An engine that does not
+// answer counts as idle: there is nothing left to wait for.
+func (a *EngineActivities) DrainEngine(ctx context.Context, in DrainInput) (DrainResult, error) {
+	client := &http.Client{Timeout: superviseHTTP}
+	start := time.Now()
+	deadline := start.Add(in.Deadline)
+	for {
+		total, free := slotCounts(ctx, client, in.URL)
+		busy := total - free
+		if busy == 0 {
+			return DrainResult{Idle: true, WaitedMs: time.Since(start).Milliseconds()}, nil
+		}
+		if time.Now().After(deadline) {
+			a.log().Info("drain deadline passed with generations in flight", "pool", in.PoolID, "busy", busy)
+			return DrainResult{Busy: busy, WaitedMs: time.Since(start).Milliseconds()}, nil
+		}
+		activity.RecordHeartbeat(ctx, busy)
+		select {
+		case <-ctx.Done():
+			return DrainResult{Busy: busy, WaitedMs: time.Since(start).Milliseconds()}, ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func slotCounts(ctx context.Context, client *http.Client, url string) (total, free int) {
+	code, b, err := httpGet(ctx, client, url+"/slots")
+	if err != nil || code != http.StatusOK {
+		return 0, 0
+	}
+	var slots []struct {
+		ID           int  `json:"id"`
+		IsProcessing bool `json:"is_processing"`
+	}
+	if json.Unmarshal(b, &slots) != nil {
+		return 0, 0
+	}
+	for _, s := range slots {
+		total++
+		if !s.IsProcessing {
+			free++
+		}
+	}
+	return total, free
+}
+
+// StopInput stops a pool's engines: Epoch 0 every epoch, otherwise that
+// epoch only.
+type StopInput struct {
+	PoolID string
+	Epoch  int64
+}
+
+// StopEngine stops the pool's engine (and removes its handoff file). It is
+// idempotent.
+func (a *EngineActivities) StopEngine(ctx context.Context, in StopInput) error {
+	if in.Epoch == 0 {
+		a.stopPool(in.PoolID, nil)
+	} else {
+		a.stopPool(in.PoolID, func(e int64) bool { return e == in.Epoch })
+	}
+	return nil
+}
+
+func readJSON(path string, v any) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(b, v)
+}
