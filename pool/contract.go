@@ -110,13 +110,65 @@ type Health struct {
 	Restarts      int       `json:"restarts"`
 	ReadyAt       time.Time `json:"ready_at,omitempty"`
 	StateSince    time.Time `json:"state_since"`
+	// Reload is the pool's current or last reload.
+	Reload *ReloadStatus `json:"reload,omitempty"`
 }
+
+// Reload modes.
+const (
+	// SideBySide: the new engine starts beside the serving one, which keeps
+	// serving until the new one is ready.
+	SideBySide = "side-by-side"
+	// DrainFirst: the node has no room for both; the serving engine is
+	// drained and stopped first.
+	DrainFirst = "drain-first"
+	// Replace: no engine was serving; the next start uses the new model.
+	Replace = "replace"
+)
+
+// ReloadStatus follows one reload.
+type ReloadStatus struct {
+	FromModel  string    `json:"from_model"`
+	ToModel    string    `json:"to_model"`
+	Mode       string    `json:"mode,omitempty"`
+	Step       string    `json:"step"` // queued, staging, preflight, starting, draining, done, failed
+	Error      string    `json:"error,omitempty"`
+	Epoch      int64     `json:"epoch,omitempty"` // of the new engine
+	StartedAt  time.Time `json:"started_at"`
+	FinishedAt time.Time `json:"finished_at,omitempty"`
+}
+
+// Finished says whether the reload has ended, either way.
+func (r *ReloadStatus) Finished() bool { return r == nil || r.Step == "done" || r.Step == "failed" }
 
 // Workflow messages.
 const (
-	QueryHealth = "health"
-	UpdateDrain = "drain"
+	QueryHealth   = "health"
+	UpdateDrain   = "drain"
+	UpdateReload  = "reload"
+	UpdateHandoff = "handoff"
 )
+
+// ReloadRequest is the argument of the reload update.
+type ReloadRequest struct {
+	ModelID    string `json:"model_id"`
+	DeadlineMs int64  `json:"deadline_ms"` // drain-first: how long in-flight work may run
+	Identity   string `json:"identity,omitempty"`
+}
+
+// HandoffEvent is a node's word on an engine's handoff file: a fresh one
+// (the readiness event), or one a restarted worker found (Adopt).
+type HandoffEvent struct {
+	Handoff Handoff `json:"handoff"`
+	Adopt   bool    `json:"adopt"`
+}
+
+// HandoffReply says whether the pool owns that engine; the node stops it
+// if not (fencing).
+type HandoffReply struct {
+	Accept bool   `json:"accept"`
+	Reason string `json:"reason,omitempty"`
+}
 
 // DrainRequest is the argument of the drain update.
 type DrainRequest struct {
@@ -130,6 +182,9 @@ const (
 	ErrInsufficientRAM  = "INSUFFICIENT_RAM"
 	ErrEngineStart      = "ENGINE_START_FAILED"
 	ErrModelNotStaged   = "MODEL_NOT_STAGED"
+	ErrEnded            = "POOL_ENDED"
+	ErrDraining         = "POOL_DRAINING"
+	ErrReloadInProgress = "RELOAD_IN_PROGRESS"
 )
 
 // Supervision: restart backoff 1 s doubling to 60 s with jitter; the circuit

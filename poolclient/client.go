@@ -61,7 +61,8 @@ func (c *Client) Create(ctx context.Context, s pool.Spec) (string, error) {
 func (c *Client) find(ctx context.Context, poolID string) (execution, bool, error) {
 	resp, err := c.Temporal.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{
 		Namespace: c.Namespace, PageSize: 1,
-		Query: fmt.Sprintf("WorkflowType = '%s' AND PoolId = '%s'", pool.WorkflowType, poolID),
+		// A run that continued as new is history; its successor is the pool.
+		Query: fmt.Sprintf("WorkflowType = '%s' AND PoolId = '%s' AND ExecutionStatus != 'ContinuedAsNew'", pool.WorkflowType, poolID),
 	})
 	if err != nil {
 		return execution{}, false, err
