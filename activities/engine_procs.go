@@ -17,7 +17,7 @@ import (
 // pool's, so fencing and adoption recognise it from /proc/<pid>/environ
 // without trusting a bare pid.
 const (
-	EnvNodeID    = "LLORCH_NODE_ID"
+	EnvNodeID    = "LLORCH_ENGINE_NODE"
 	EnvPoolID    = "LLORCH_POOL_ID"
 	EnvPoolEpoch = "LLORCH_POOL_EPOCH"
 )
@@ -274,4 +274,10 @@ func (a *EngineActivities) logPath(poolID string, epoch int64) string {
 }
 func (a *EngineActivities) leasePath(poolID string, epoch int64) string {
 	return a.enginePath(poolID, epoch, "lease")
+}
+
+// Fence stops a's engines of poolID at epoch (and the handoff, if it names
+// that epoch): the pool does not own them.
+func Fence(a *EngineActivities, poolID string, epoch int64) {
+	a.stopPool(poolID, func(e int64) bool { return e == epoch })
 }

@@ -2,6 +2,7 @@ package apiserver
 
 import (
 	"errors"
+	"time"
 
 	"github.com/gofiber/fiber/v2"
 
@@ -17,13 +18,19 @@ const (
 	CodePoolExists   = "POOL_EXISTS"
 	CodePoolEnded    = "POOL_ENDED"
 	CodeNoNode       = "NO_NODE_AVAILABLE"
+	CodePoolBusy     = "POOL_BUSY"
+	CodeReloadFailed = "RELOAD_FAILED"
 )
+
+// reloadWait is how long a reload request waits for its mode to be known.
+const reloadWait = 30 * time.Second
 
 func (s *Server) poolRoutes(r fiber.Router) {
 	r.Post("/pools", s.createPool)
 	r.Get("/pools", s.listPools)
 	r.Get("/pools/:id/health", s.poolHealth)
 	r.Post("/pools/:id/drain", s.drainPool)
+	r.Post("/pools/:id/reload", s.reloadPool)
 }
 
 type createPoolRequest struct {
@@ -140,6 +147,8 @@ func poolErr(id string, err error) error {
 		return apiError(fiber.StatusNotFound, CodePoolNotFound, "pool %s does not exist", id)
 	case errors.Is(err, poolclient.ErrEnded):
 		return apiError(fiber.StatusConflict, CodePoolEnded, "pool %s has ended", id)
+	case errors.Is(err, poolclient.ErrBusy):
+		return apiError(fiber.StatusConflict, CodePoolBusy, "%v", err)
 	}
 	return err
 }
@@ -175,4 +184,61 @@ func (s *Server) drainPool(c *fiber.Ctx) error {
 	}
 	s.log(c).Info("pool drained", "pool_id", id, "state", h.State)
 	return c.JSON(h)
+}
+
+type reloadRequest struct {
+	ModelID    string `json:"model_id"`
+	DeadlineMs int64  `json:"deadline_ms"`
+}
+
+// reloadPool switches a pool to another model. It answers 202 once the mode
+// is known: side-by-side (the old engine serves until the new one is
+// ready, and keeps serving if it fails) or drain-first (no room for both:
+// the old engine is drained first); the switch is followed in the pool's
+// health (reload).
+func (s *Server) reloadPool(c *fiber.Ctx) error {
+	id, err := poolID(c)
+	if err != nil {
+		return err
+	}
+	var req reloadRequest
+	if err := decode(c, &req, false); err != nil {
+		return err
+	}
+	if err := model.ValidateID(req.ModelID); err != nil {
+		return invalidParam("model_id", "%v", err)
+	}
+	if req.DeadlineMs < 0 || req.DeadlineMs > int64(time.Hour/time.Millisecond) {
+		return invalidParam("deadline_ms", "must be 0-3600000")
+	}
+	e, err := s.entry(c.UserContext(), req.ModelID)
+	if err != nil {
+		return err
+	}
+	if e.Lifecycle != model.Active {
+		return apiError(fiber.StatusConflict, CodeModelRetired, "model %s is %s", e.ID, e.Lifecycle)
+	}
+	st, err := s.deps.Pools.Reload(c.UserContext(), id,
+		pool.ReloadRequest{ModelID: req.ModelID, DeadlineMs: req.DeadlineMs, Identity: identity(c)}, reloadWait)
+	if err != nil {
+		return poolErr(id, err)
+	}
+	msg := ""
+	switch {
+	case st.Step == "failed":
+		msg = "reload failed: " + st.Error
+	case st.Mode == pool.SideBySide:
+		msg = "the new engine starts beside the serving one, which serves until the switch"
+	case st.Mode == pool.DrainFirst:
+		msg = "no room for both engines on node: draining the serving engine first, then starting the new one"
+	case st.Mode == pool.Replace:
+		msg = "no engine was serving: the next start uses the new model"
+	default:
+		msg = "reload in progress (" + st.Step + "): follow it in the pool's health"
+	}
+	s.log(c).Info("pool reload", "pool_id", id, "model_id", req.ModelID, "mode", st.Mode, "step", st.Step, "error", st.Error)
+	if st.Step == "failed" {
+		return apiError(fiber.StatusConflict, CodeReloadFailed, "pool %s: %s; it keeps its model %s", id, msg, st.FromModel)
+	}
+	return c.Status(fiber.StatusAccepted).JSON(fiber.Map{"reload": st, "message": msg, "health_url": "/v2/pools/" + id + "/health"})
 }

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -46,8 +47,12 @@ type syncBuffer struct {
 	b  bytes.Buffer
 }
 
-func (s *syncBuffer) Write(p []byte) (int, error) { s.mu.Lock(); defer s.mu.Unlock(); return s.b.Write(p) }
-func (s *syncBuffer) String() string              { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
 
 type cluster struct {
 	t    *testing.T
@@ -103,6 +108,9 @@ func newCluster(t *testing.T, apiArgs ...string) *cluster {
 	port, err := testenv.FreePort()
 	require.NoError(t, err)
 	c := &cluster{t: t, home: t.TempDir(), api: fmt.Sprintf("127.0.0.1:%d", port)}
+	// Engines outlive a killed worker for their lease; none outlives the
+	// test (this runs after the workers' own cleanups).
+	t.Cleanup(func() { killEnginesUnder(c.home) })
 	store, err := modelstore.New(env.S3)
 	require.NoError(t, err)
 	require.NoError(t, store.EnsureBucket(context.Background()))
@@ -423,4 +431,19 @@ func recordRun(t *testing.T, workflowID, runID, name string) {
 	path := filepath.Join(testenv.RepoRoot(), "replay_tests", "testdata", name+".json")
 	require.NoError(t, os.WriteFile(path, raw, 0o644))
 	t.Logf("recorded %d events of %s to %s", len(h.Events), workflowID, path)
+}
+
+// killEnginesUnder SIGKILLs every process whose command line names dir.
+func killEnginesUnder(dir string) {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err == nil && strings.Contains(string(cmdline), dir) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
 }

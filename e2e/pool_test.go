@@ -1,11 +1,15 @@
 package e2e
 
 import (
+	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -13,6 +17,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
@@ -177,34 +182,213 @@ func TestPoolDrainWaitsForInFlight(t *testing.T) {
 	c.waitState(id, node.Left, 20*time.Second)
 }
 
-// Kill the worker, not the engine: the engine dies with it (no orphan
-// llama.cpp), the pool is Unready with NODE_OFFLINE, and when the worker
-// comes back the pool is Ready again on a new epoch.
-func TestPoolSurvivesWorkerKill(t *testing.T) {
+// Kill the worker, not the engine. The built-in engine keeps serving; the
+// restarted worker finds it and its pool adopts it (same pid, same epoch, no
+// restart). Killed again and back only after the pool gave the node up
+// (NODE_OFFLINE), the worker finds one engine for the pool in the end:
+// adopted, or fenced and replaced. Killed a third time and not restarted,
+// the engine exits once its supervisor lease lapses: no orphan.
+func TestPoolEngineAdoptedFencedOrphaned(t *testing.T) {
 	c := newCluster(t)
 	id := "e2e-wkill"
-	w := c.worker(id)
+	orphan := []string{"--engine-orphan-timeout", "10s"}
+	w := c.worker(id, orphan...)
 	c.waitState(id, node.Online, 60*time.Second)
 	h := c.readyPool(id, "k1", "wkill-tiny", 41, "")
 	enginePID := int(h["pid"].(float64))
+	url := h["url"].(string)
 
+	// 1. Adopted.
 	w.signal(t, syscall.SIGKILL)
 	w.wait(t, 10*time.Second)
-	testenv.Eventually(t, 10*time.Second, "engine died with its worker", func() (bool, string) {
-		return syscall.Kill(enginePID, 0) != nil, fmt.Sprint(enginePID)
+	require.True(t, engineAlive(enginePID), "the engine outlives its worker")
+	killedAt := time.Now()
+	w = c.worker(id, orphan...)
+	testenv.Eventually(t, 60*time.Second, "pool adopts the running engine", func() (bool, string) {
+		h = c.poolHealth("k1")
+		return h["state"] == string(pool.Ready) && int(h["pid"].(float64)) == enginePID && strings.Contains(w.out.String(), "engine adopted"), fmt.Sprint(h)
 	})
+	t.Logf("worker killed -> engine adopted by the restarted worker: %s", time.Since(killedAt))
+	require.EqualValues(t, 1, h["epoch"])
+	require.EqualValues(t, 0, h["restarts"], "adopted, not restarted")
+	res, err := http.Post(url+"/completion", "application/json", strings.NewReader(`{"prompt":"the","n_predict":4}`))
+	require.NoError(t, err)
+	res.Body.Close()
+	require.Equal(t, 200, res.StatusCode)
+	// The new worker supervises it: a killed engine is restarted.
+	require.NoError(t, syscall.Kill(enginePID, syscall.SIGKILL))
+	testenv.Eventually(t, 60*time.Second, "adopted engine's exit seen, engine restarted", func() (bool, string) {
+		h = c.poolHealth("k1")
+		return h["state"] == string(pool.Ready) && h["epoch"].(float64) == 2, fmt.Sprint(h)
+	})
+	enginePID = int(h["pid"].(float64))
+
+	// 2. Back after the pool gave the node up: adopted or fenced, one engine.
+	w.signal(t, syscall.SIGKILL)
+	w.wait(t, 10*time.Second)
 	h = c.waitPool("k1", pool.Unready, 60*time.Second)
 	require.Contains(t, h["last_error"], "NODE_OFFLINE")
-
-	w = c.worker(id)
+	w = c.worker(id, orphan...)
 	testenv.Eventually(t, 90*time.Second, "pool Ready again", func() (bool, string) {
 		h = c.poolHealth("k1")
-		return h["state"] == string(pool.Ready) && h["epoch"].(float64) >= 2, fmt.Sprint(h)
+		return h["state"] == string(pool.Ready), fmt.Sprint(h)
 	})
-	require.NotEqual(t, enginePID, int(h["pid"].(float64)))
-	require.EqualValues(t, 1, h["restarts"], "a lost node does not count toward the circuit but is a restart")
-	status, body := c.send("POST", "/v2/pools/k1/drain", `{}`)
+	pids := poolEnginePIDs(t, "k1")
+	require.Equal(t, []int{int(h["pid"].(float64))}, pids, "exactly the pool's engine runs")
+	if h["epoch"].(float64) != 2 {
+		require.False(t, engineAlive(enginePID), "the engine of epoch 2 was fenced")
+	}
+	t.Logf("after NODE_OFFLINE: epoch %v (2 = adopted, more = fenced and restarted)", h["epoch"])
+	recordHistory(t, pool.WorkflowID(id, "k1"), "pool-adopted-after-worker-kill")
+
+	// 3. Never back: the engine exits by its lease.
+	enginePID = int(h["pid"].(float64))
+	w.signal(t, syscall.SIGKILL)
+	w.wait(t, 10*time.Second)
+	testenv.Eventually(t, 90*time.Second, "orphaned engine exits", func() (bool, string) {
+		return !engineAlive(enginePID), fmt.Sprint(enginePID)
+	})
+	require.Empty(t, poolEnginePIDs(t, "k1"), "no orphaned engine")
+}
+
+// Reload: the new model's engine starts beside the old one, which serves
+// until the switch and is then stopped; a reload to a model whose engine
+// cannot start leaves the serving engine alone.
+func TestPoolReload(t *testing.T) {
+	c := newCluster(t)
+	id := "e2e-reload"
+	w := c.worker(id)
+	c.waitState(id, node.Online, 60*time.Second)
+	h := c.readyPool(id, "r1", "reload-a", 51, "")
+	oldPID := int(h["pid"].(float64))
+	path, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 52})
+	c.push("reload-b", path)
+
+	status, body := c.send("POST", "/v2/pools/r1/reload", `{"model_id":"reload-b"}`)
+	require.Equal(t, 202, status, body)
+	reload := body["reload"].(map[string]any)
+	require.Equal(t, pool.SideBySide, reload["mode"])
+	require.Equal(t, "reload-a", reload["from_model"])
+	testenv.Eventually(t, 90*time.Second, "reload done", func() (bool, string) {
+		h = c.poolHealth("r1")
+		r, _ := h["reload"].(map[string]any)
+		return r != nil && r["step"] == "done" && h["state"] == string(pool.Ready), fmt.Sprint(h)
+	})
+	require.Equal(t, "reload-b", h["model_id"])
+	require.EqualValues(t, 2, h["epoch"])
+	require.EqualValues(t, 0, h["restarts"])
+	testenv.Eventually(t, 30*time.Second, "old engine stopped", func() (bool, string) {
+		return !engineAlive(oldPID), fmt.Sprint(oldPID)
+	})
+	var hf pool.Handoff
+	require.NoError(t, json.Unmarshal(mustReadFile(t, pool.HandoffPath(c.home+"/nodes/"+id+"/runtime", "r1")), &hf))
+	require.Equal(t, "reload-b", hf.Model.ID)
+	res, err := http.Post(h["url"].(string)+"/completion", "application/json", strings.NewReader(`{"prompt":"the","n_predict":4}`))
+	require.NoError(t, err)
+	res.Body.Close()
+	require.Equal(t, 200, res.StatusCode)
+
+	// A model llama.cpp cannot load: the reload fails, the engine serving
+	// reload-b goes on.
+	bad := filepath.Join(t.TempDir(), "bad.gguf")
+	require.NoError(t, os.WriteFile(bad, wrongShapes(t, path), 0o644))
+	c.push("reload-bad", bad)
+	servingPID := int(h["pid"].(float64))
+	status, body = c.send("POST", "/v2/pools/r1/reload", `{"model_id":"reload-bad"}`)
+	if status == 202 { // the mode is known before the engine fails
+		testenv.Eventually(t, 90*time.Second, "reload failed", func() (bool, string) {
+			h = c.poolHealth("r1")
+			r, _ := h["reload"].(map[string]any)
+			return r != nil && r["step"] == "failed", fmt.Sprint(h)
+		})
+	} else {
+		require.Equal(t, 409, status, body)
+		require.Equal(t, "RELOAD_FAILED", body["code"])
+		h = c.poolHealth("r1")
+	}
+	require.Contains(t, h["reload"].(map[string]any)["error"], "the old engine keeps serving")
+	require.Equal(t, string(pool.Ready), h["state"])
+	require.Equal(t, "reload-b", h["model_id"])
+	require.Equal(t, servingPID, int(h["pid"].(float64)))
+	require.True(t, engineAlive(servingPID))
+
+	// Bad requests.
+	for _, tc := range []struct {
+		path, body, code string
+		status           int
+	}{
+		{"/v2/pools/r1/reload", `{"model_id":"../etc"}`, "INVALID_PARAMS", 400},
+		{"/v2/pools/r1/reload", `{"model_id":"reload-b","deadline_ms":-1}`, "INVALID_PARAMS", 400},
+		{"/v2/pools/r1/reload", `{"model_id":"nope"}`, "MODEL_NOT_FOUND", 404},
+		{"/v2/pools/ghost/reload", `{"model_id":"reload-b"}`, "POOL_NOT_FOUND", 404},
+	} {
+		status, body := c.send("POST", tc.path, tc.body)
+		require.Equal(t, tc.status, status, "%s %s: %v", tc.path, tc.body, body)
+		require.Equal(t, tc.code, body["code"], body)
+	}
+	recordHistory(t, pool.WorkflowID(id, "r1"), "pool-reloaded")
+	status, body = c.send("POST", "/v2/pools/r1/drain", `{}`)
 	require.Equal(t, 200, status, body)
 	w.signal(t, syscall.SIGTERM)
 	c.waitState(id, node.Left, 20*time.Second)
+}
+
+func mustReadFile(t *testing.T, p string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	require.NoError(t, err)
+	return b
+}
+
+// engineAlive says whether pid is a running (not zombie) process.
+func engineAlive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
+}
+
+// poolEnginePIDs are the live engine processes of a pool (any node).
+func poolEnginePIDs(t *testing.T, poolID string) []int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc")
+	require.NoError(t, err)
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || !engineAlive(pid) {
+			continue
+		}
+		env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+		if err != nil {
+			continue
+		}
+		for _, kv := range strings.Split(string(env), "\x00") {
+			if kv == activities.EnvPoolID+"="+poolID {
+				out = append(out, pid)
+			}
+		}
+	}
+	return out
+}
+
+// wrongShapes is a model file whose header and metadata are valid GGUF
+// (the catalog accepts it) but whose llama.embedding_length disagrees with
+// its tensors' shapes, so llama.cpp refuses to load it.
+func wrongShapes(t *testing.T, path string) []byte {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	require.NoError(t, err)
+	key := []byte("llama.embedding_length")
+	i := bytes.Index(data, key)
+	require.Positive(t, i)
+	i += len(key)
+	const ggufUint32 = 4
+	require.EqualValues(t, ggufUint32, binary.LittleEndian.Uint32(data[i:]))
+	v := binary.LittleEndian.Uint32(data[i+4:])
+	binary.LittleEndian.PutUint32(data[i+4:], 2*v)
+	return data
 }

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/api/serviceerror"
@@ -136,4 +137,72 @@ func (c *Client) Drain(ctx context.Context, poolID string, r pool.DrainRequest) 
 		err = h.Get(ctx, &out)
 	}
 	return out, err
+}
+
+// ErrBusy is a reload refused because the pool drains or already reloads;
+// the error's text says which.
+var ErrBusy = errors.New("pool is busy")
+
+// Reload switches a pool to another model. It returns once the mode is
+// known (side by side, or drain first) or the reload failed before that; if
+// that takes longer than wait (a large model staging), it returns the
+// reload as far as it got, Step saying where.
+func (c *Client) Reload(ctx context.Context, poolID string, r pool.ReloadRequest, wait time.Duration) (pool.ReloadStatus, error) {
+	e, running, err := c.find(ctx, poolID)
+	if err != nil {
+		return pool.ReloadStatus{}, err
+	}
+	if !running {
+		return pool.ReloadStatus{}, ErrEnded
+	}
+	h, err := c.Temporal.UpdateWorkflow(ctx, client.UpdateWorkflowOptions{
+		WorkflowID: e.id, RunID: e.run, UpdateName: pool.UpdateReload, Args: []any{r},
+		WaitForStage: client.WorkflowUpdateStageAccepted,
+	})
+	if err != nil {
+		return pool.ReloadStatus{}, rejection(err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	var st pool.ReloadStatus
+	err = h.Get(wctx, &st)
+	if err != nil && wctx.Err() != nil && ctx.Err() == nil {
+		health, herr := c.Health(ctx, poolID)
+		if herr == nil && health.Reload != nil {
+			return *health.Reload, nil
+		}
+	}
+	return st, err
+}
+
+// rejection maps an update's validator errors to ErrEnded and ErrBusy.
+func rejection(err error) error {
+	var app *temporal.ApplicationError
+	if errors.As(err, &app) {
+		switch app.Type() {
+		case pool.ErrEnded:
+			return ErrEnded
+		case pool.ErrDraining, pool.ErrReloadInProgress:
+			return fmt.Errorf("%w: %s", ErrBusy, app.Message())
+		}
+	}
+	return err
+}
+
+// Handoff tells a pool of an engine its node found (see pool.HandoffEvent).
+// ErrNotFound and ErrEnded say the pool is gone: the engine is nobody's.
+func (c *Client) Handoff(ctx context.Context, nodeID string, ev pool.HandoffEvent) (pool.HandoffReply, error) {
+	h, err := c.Temporal.UpdateWorkflow(ctx, client.UpdateWorkflowOptions{
+		WorkflowID: pool.WorkflowID(nodeID, ev.Handoff.PoolID), UpdateName: pool.UpdateHandoff, Args: []any{ev},
+		WaitForStage: client.WorkflowUpdateStageCompleted,
+	})
+	var reply pool.HandoffReply
+	if err == nil {
+		err = h.Get(ctx, &reply)
+	}
+	var nf *serviceerror.NotFound
+	if errors.As(err, &nf) {
+		return reply, ErrNotFound
+	}
+	return reply, rejection(err)
 }

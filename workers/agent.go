@@ -13,6 +13,7 @@ import (
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/nodeclient"
+	"github.com/llorch/llorch/poolclient"
 )
 
 // InventorySource is what the agent needs from the host.
@@ -40,8 +41,12 @@ type Agent struct {
 	GCPolicy node.GCPolicy
 	GCEvery  time.Duration
 	Models   *modelclient.Client
+	// Pools receive the node's handoff events (readiness, adoption).
+	Pools *poolclient.Client
 
-	worker worker.Worker
+	worker      worker.Worker
+	stopWatcher context.CancelFunc
+	watcherDone chan struct{}
 }
 
 // Start polls the node's queue first, then registers, so the liveness
@@ -87,6 +92,18 @@ func (a *Agent) Start(ctx context.Context) error {
 	}
 	a.Log.Info("node registered", "gpus", len(inv.GPUs), "cpu_only", inv.CPUOnly,
 		"workflow_id", node.WorkflowID(a.NodeID), "task_queue", node.TaskQueue(a.NodeID))
+	if a.Engines != nil && a.Pools != nil {
+		// After polling starts: an adopted engine's supervisor runs here.
+		wctx, cancel := context.WithCancel(context.Background())
+		a.stopWatcher, a.watcherDone = cancel, make(chan struct{})
+		w := &HandoffWatcher{NodeID: a.NodeID, Engines: a.Engines, Pools: a.Pools, Log: a.Log}
+		go func() {
+			defer close(a.watcherDone)
+			if err := w.Run(wctx); err != nil {
+				a.Log.Error("handoff watcher stopped", "err", err)
+			}
+		}()
+	}
 	return nil
 }
 
@@ -105,6 +122,10 @@ func (a *Agent) Stop(ctx context.Context) error {
 		if err := a.Models.UnscheduleGC(ctx, a.NodeID); err != nil {
 			a.Log.Warn("cannot delete the GC schedule", "err", err)
 		}
+	}
+	if a.stopWatcher != nil {
+		a.stopWatcher()
+		<-a.watcherDone
 	}
 	if a.worker != nil {
 		a.worker.Stop()

@@ -7,8 +7,8 @@ import (
 
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/model"
-	"github.com/llorch/llorch/pool"
 	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/pool"
 	"github.com/llorch/llorch/workflows"
 )
 

@@ -20,6 +20,7 @@ import (
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/nodeclient"
+	"github.com/llorch/llorch/poolclient"
 	"github.com/llorch/llorch/workers"
 )
 
@@ -32,7 +33,7 @@ func workerCmd() *cobra.Command {
 		s3                                                          config.S3
 		gcPolicy                                                    node.GCPolicy
 		gcBudget, diskMargin                                        string
-		gcEvery                                                     time.Duration
+		gcEvery, orphanTimeout                                      time.Duration
 		runtimeDir, libDir, llamaServer                             string
 		engineThreads                                               int
 	)
@@ -112,6 +113,7 @@ func workerCmd() *cobra.Command {
 				Metrics:  activities.NewNodeMetrics(reg),
 				GC:       &activities.GCActivities{Local: local, Log: log, Metrics: activities.NewGCMetrics(reg), Catalog: stagingMetrics},
 				Models:   &modelclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, Nodes: nodes},
+				Pools:    &poolclient.Client{Temporal: tc, Namespace: c.temporal.Namespace},
 				GCPolicy: gcPolicy, GCEvery: gcEvery,
 			}
 			if runtimeDir == "" {
@@ -128,7 +130,8 @@ func workerCmd() *cobra.Command {
 			}
 			agent.Engines = &activities.EngineActivities{NodeID: nodeID, RuntimeDir: runtimeDir, Local: local, Host: host,
 				LlorchBin: exe, LlamaServerBin: llamaServer, LibDir: libDir, Threads: engineThreads, Log: log,
-				Metrics: activities.NewEngineMetrics(reg)}
+				OrphanTimeout: orphanTimeout,
+				Metrics:       activities.NewEngineMetrics(reg)}
 			if store != nil {
 				agent.Staging = &activities.StagingActivities{Store: store, Local: local, Client: tc, Log: log,
 					Metrics: stagingMetrics, DiskMargin: margin}
@@ -179,6 +182,9 @@ func workerCmd() *cobra.Command {
 	config.Env(fs, "llama-server", "LLORCH_LLAMA_SERVER")
 	fs.IntVar(&engineThreads, "engine-threads", 1, "decode threads per engine")
 	config.Env(fs, "engine-threads", "LLORCH_ENGINE_THREADS")
+	fs.DurationVar(&orphanTimeout, "engine-orphan-timeout", time.Minute,
+		"how long a built-in engine outlives its worker; a worker back within it adopts the engine instead of restarting it")
+	config.Env(fs, "engine-orphan-timeout", "LLORCH_ENGINE_ORPHAN_TIMEOUT")
 	return cmd
 }
 

@@ -1,0 +1,122 @@
+package workers
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+
+	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/poolclient"
+)
+
+// HandoffWatcher is the node side of engine handoff (DESIGN.md decision 8).
+// It watches <runtime>/engines/ and turns each handoff file an engine's
+// start writes into its pool's readiness event. When the worker starts, it
+// first reports the engines an earlier worker left running: the pool adopts
+// the one of its serving epoch; any other is fenced (stopped) here.
+type HandoffWatcher struct {
+	NodeID  string
+	Engines *activities.EngineActivities
+	Pools   *poolclient.Client
+	Log     *slog.Logger
+}
+
+const handoffUpdateTimeout = 15 * time.Second
+
+// Run watches until ctx ends.
+func (w *HandoffWatcher) Run(ctx context.Context) error {
+	dir := filepath.Join(w.Engines.RuntimeDir, "engines")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	fw, err := fsnotify.NewWatcher()
+	if err != nil {
+		return err
+	}
+	defer fw.Close()
+	if err := fw.Add(dir); err != nil {
+		return err
+	}
+	w.recover(ctx)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-fw.Errors:
+			w.Log.Warn("handoff watcher", "err", err)
+		case ev := <-fw.Events:
+			// The start writes <pool>.json.tmp and renames it: a Create.
+			if ev.Op&(fsnotify.Create|fsnotify.Write) == 0 || !strings.HasSuffix(ev.Name, ".json") {
+				continue
+			}
+			var h pool.Handoff
+			if readHandoff(ev.Name, &h) != nil || h.PoolID == "" {
+				continue
+			}
+			go w.report(ctx, h, false)
+		}
+	}
+}
+
+// recover reports every engine of this node still running from an earlier
+// worker; one no handoff names (it never became ready) is fenced at once.
+func (w *HandoffWatcher) recover(ctx context.Context) {
+	for _, e := range activities.LiveEngines(w.Engines) {
+		var h pool.Handoff
+		err := readHandoff(pool.HandoffPath(w.Engines.RuntimeDir, e.PoolID), &h)
+		if err != nil || h.Epoch != e.Epoch || h.PID != e.PID {
+			w.Log.Info("fencing an engine no handoff names", "pool", e.PoolID, "epoch", e.Epoch, "pid", e.PID)
+			activities.Fence(w.Engines, e.PoolID, e.Epoch)
+			continue
+		}
+		if err := activities.Adopt(w.Engines, h); err != nil {
+			w.Log.Warn("cannot adopt engine", "pool", e.PoolID, "err", err)
+			activities.Fence(w.Engines, e.PoolID, e.Epoch)
+			continue
+		}
+		w.report(ctx, h, true)
+	}
+}
+
+// report sends one handoff to its pool and fences the engine if the pool
+// does not own it. A pool that cannot be reached keeps its engine: it
+// exits by its lease if nobody supervises it.
+func (w *HandoffWatcher) report(ctx context.Context, h pool.Handoff, adopt bool) {
+	uctx, cancel := context.WithTimeout(ctx, handoffUpdateTimeout)
+	defer cancel()
+	log := w.Log.With("pool", h.PoolID, "epoch", h.Epoch, "pid", h.PID, "adopt", adopt)
+	reply, err := w.Pools.Handoff(uctx, w.NodeID, pool.HandoffEvent{Handoff: h, Adopt: adopt})
+	switch {
+	case err == nil && reply.Accept:
+		if adopt {
+			log.Info("engine adopted by its pool")
+		} else {
+			log.Info("handoff reported: pool ready", "url", h.URL)
+		}
+	case err == nil, errors.Is(err, poolclient.ErrNotFound), errors.Is(err, poolclient.ErrEnded):
+		reason := reply.Reason
+		if err != nil {
+			reason = err.Error()
+		}
+		log.Info("fencing engine its pool does not own", "reason", reason)
+		activities.Fence(w.Engines, h.PoolID, h.Epoch)
+	default:
+		log.Warn("cannot report handoff to its pool", "err", err)
+	}
+}
+
+func readHandoff(path string, h *pool.Handoff) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(b, h)
+}
