@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -91,6 +92,16 @@ func TestPoolLifecycle(t *testing.T) {
 		return string(b)
 	}
 	require.Contains(t, metrics(), `llorch_pool_ready{node_id="e2e-pool",pool_id="p1"} 1`)
+	// Memory per pool: the engine's resident memory, from the supervisor's beats.
+	rss := regexp.MustCompile(`llorch_pool_memory_bytes\{kind="ram",node_id="e2e-pool",pool_id="p1"\} ([0-9.e+]+)`)
+	testenv.Eventually(t, 10*time.Second, "engine memory exported", func() (bool, string) {
+		m := rss.FindStringSubmatch(metrics())
+		if m == nil {
+			return false, "no sample"
+		}
+		v, err := strconv.ParseFloat(m[1], 64)
+		return err == nil && v > 1<<20, m[0]
+	})
 
 	// Kill the engine: the pool goes Unready, then Ready again on a new epoch.
 	pid := int(h["pid"].(float64))
