@@ -68,7 +68,7 @@ func (m *EngineMetrics) ended(nodeID, poolID string, r SuperviseResult) {
 	}
 	reason := "gone" // not running on this worker any more
 	switch {
-	case r.Reason == "stopped":
+	case r.Reason == "stopped" || r.WorkerStopped:
 		reason = "stopped"
 	case strings.HasPrefix(r.Reason, "health check failed"):
 		reason = "health"

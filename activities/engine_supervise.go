@@ -30,6 +30,9 @@ type SuperviseResult struct {
 	Reason   string
 	LogTail  string
 	UptimeMs int64
+	// WorkerStopped: the worker shut down (SIGTERM) and stopped the engine
+	// with it; the node leaves, the engine did not fail.
+	WorkerStopped bool `json:",omitempty"`
 }
 
 // EngineLive is the heartbeat detail of Supervise.
@@ -121,6 +124,10 @@ func (a *EngineActivities) supervise(ctx context.Context, in SuperviseInput) (Su
 		a.Metrics.live(a.NodeID, in.PoolID, live)
 		select {
 		case <-ctx.Done():
+		case <-activity.GetWorkerStopChannel(ctx):
+			// A graceful stop: the node leaves and takes its engines along.
+			a.stopPool(in.PoolID, func(e int64) bool { return e == in.Epoch })
+			return SuperviseResult{Reason: "worker stopped", WorkerStopped: true, UptimeMs: time.Since(p.started).Milliseconds()}, nil
 		case <-p.done:
 			continue
 		case <-tick.C:

@@ -338,10 +338,15 @@ func TestPoolReload(t *testing.T) {
 		require.Equal(t, tc.code, body["code"], body)
 	}
 	recordHistory(t, pool.WorkflowID(id, "r1"), "pool-reloaded")
-	status, body = c.send("POST", "/v2/pools/r1/drain", `{}`)
-	require.Equal(t, 200, status, body)
+
+	// SIGTERM: the node leaves and takes its engine along; the pool says so
+	// and keeps its failure budget.
 	w.signal(t, syscall.SIGTERM)
+	require.Zero(t, w.wait(t, 30*time.Second))
 	c.waitState(id, node.Left, 20*time.Second)
+	require.False(t, engineAlive(servingPID), "a worker that shuts down stops its engines")
+	h = c.waitPool("r1", pool.Unready, 30*time.Second)
+	require.Contains(t, h["last_error"], "NODE_LEFT")
 }
 
 func mustReadFile(t *testing.T, p string) []byte {

@@ -131,7 +131,10 @@ type poolWF struct {
 	reloadCh workflow.Channel
 }
 
-var errSwitched = errors.New("supervision moves to another engine")
+var (
+	errSwitched = errors.New("supervision moves to another engine")
+	errNodeLeft = errors.New("node left")
+)
 
 func (p *poolWF) onDrain(ctx workflow.Context, r pool.DrainRequest) (pool.Health, error) {
 	if !p.draining {
@@ -261,6 +264,9 @@ func (p *poolWF) run(ctx workflow.Context) error {
 			if errors.Is(err, errSwitched) {
 				continue
 			}
+			if err == nil && res.WorkerStopped {
+				err = errNodeLeft
+			}
 			if err == nil {
 				err = errors.New(res.Reason + lastLines(res.LogTail))
 				if time.Duration(res.UptimeMs)*time.Millisecond >= pool.StableAfter {
@@ -273,9 +279,12 @@ func (p *poolWF) run(ctx workflow.Context) error {
 		}
 		p.h.SlotsFree = 0
 		reason := err.Error()
-		if nodeLost(err) {
+		switch {
+		case nodeLost(err):
 			reason = "NODE_OFFLINE: lost contact with node " + p.spec.NodeID + " (" + reason + ")"
-		} else {
+		case errors.Is(err, errNodeLeft):
+			reason = "NODE_LEFT: the worker of node " + p.spec.NodeID + " shut down and stopped the engine"
+		default:
 			p.failures++
 		}
 		if p.failures >= pool.MaxConsecutiveFailures {
