@@ -98,6 +98,7 @@ type completion struct {
 	TokensPredicted int     `json:"tokens_predicted"`
 	TokensEvaluated int     `json:"tokens_evaluated"`
 	Error           *apiErr `json:"error"`
+	Tokens          []int32 `json:"tokens"`
 	Timings         struct {
 		PromptMs           float64 `json:"prompt_ms"`
 		PredictedMs        float64 `json:"predicted_ms"`
@@ -482,4 +483,54 @@ func freePort(t *testing.T) int {
 	require.NoError(t, err)
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
+}
+
+// A generation resumed from its prompt's tokens plus the tokens it had
+// produced continues exactly as the uninterrupted one (what a task moved to
+// another node relies on); return_tokens reports the sampled ids.
+func TestTokenPromptResumesExactly(t *testing.T) {
+	s := loadedEngine(t, engine.Options{ModelPath: tinyModel(t), CtxSize: 512, Parallel: 1, Threads: 1})
+	code, b := post(t, s.URL()+"/tokenize", `{"content":"Once upon a time","add_special":true}`)
+	require.Equal(t, 200, code, string(b))
+	var tok struct{ Tokens []int32 }
+	require.NoError(t, json.Unmarshal(b, &tok))
+	require.NotEmpty(t, tok.Tokens)
+
+	parts, last := stream(t, s, `{"prompt":"Once upon a time","n_predict":40,"temperature":0,"return_tokens":true,"stream":true}`)
+	var all []int32
+	var text string
+	for _, p := range append(parts, last) {
+		all = append(all, p.Tokens...)
+		text += p.Content
+	}
+	require.Len(t, all, last.TokensPredicted, "every sampled token is reported once")
+	full := complete(t, s, `{"prompt":"Once upon a time","n_predict":40,"temperature":0}`)
+	require.Equal(t, full.Content, text)
+
+	for _, k := range []int{1, 17, 39} {
+		prompt, _ := json.Marshal(append(append([]int32{}, tok.Tokens...), all[:k]...))
+		rest := complete(t, s, `{"prompt":`+string(prompt)+`,"n_predict":`+itoa(40-k)+`,"temperature":0,"return_tokens":true}`)
+		require.Equal(t, all[k:], rest.Tokens, "resumed after %d tokens", k)
+	}
+
+	code, b = post(t, s.URL()+"/completion", `{"prompt":[1,99999999],"n_predict":1}`)
+	require.Equal(t, 400, code, string(b))
+	require.Contains(t, string(b), "outside the vocabulary")
+}
+
+// logit_bias false bans a token: greedy decoding then picks another.
+func TestLogitBiasBansToken(t *testing.T) {
+	s := loadedEngine(t, engine.Options{ModelPath: tinyModel(t), CtxSize: 256, Parallel: 1, Threads: 1})
+	first := complete(t, s, `{"prompt":"Hello","n_predict":1,"temperature":0,"return_tokens":true}`)
+	require.Len(t, first.Tokens, 1)
+	banned := complete(t, s, `{"prompt":"Hello","n_predict":1,"temperature":0,"return_tokens":true,"logit_bias":[[`+itoa(int(first.Tokens[0]))+`,false]]}`)
+	require.NotEqual(t, first.Tokens, banned.Tokens)
+	asMap := complete(t, s, `{"prompt":"Hello","n_predict":1,"temperature":0,"return_tokens":true,"logit_bias":{"`+itoa(int(first.Tokens[0]))+`":-100}}`)
+	require.Equal(t, banned.Tokens, asMap.Tokens)
+	code, b := post(t, s.URL()+"/completion", `{"prompt":"Hello","logit_bias":[[1,"x"]]}`)
+	require.Equal(t, 400, code, string(b))
+
+	code, b = post(t, s.URL()+"/apply-template", `{"messages":[{"role":"user","content":"hi"}]}`)
+	require.Equal(t, 200, code, string(b))
+	require.Contains(t, string(b), "hi")
 }

@@ -5,8 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"path/filepath"
+	"strconv"
+
+	"github.com/hybridgroup/yzma/pkg/llama"
 )
 
 // Error types as llama-server names them.
@@ -28,6 +32,8 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("GET /models", s.loaded(s.handleModels))
 	mux.HandleFunc("POST /completion", s.loaded(s.handleCompletion))
 	mux.HandleFunc("POST /completions", s.loaded(s.handleCompletion))
+	mux.HandleFunc("POST /tokenize", s.loaded(s.handleTokenize))
+	mux.HandleFunc("POST /apply-template", s.loaded(s.handleApplyTemplate))
 	mux.HandleFunc("POST /v1/chat/completions", s.loaded(s.handleChat))
 	mux.HandleFunc("POST /chat/completions", s.loaded(s.handleChat))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
@@ -127,14 +133,126 @@ func (s *Server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 
 // completionRequest is llama-server's /completion body, the fields we honour.
 type completionRequest struct {
-	Prompt      *string  `json:"prompt"`
-	NPredict    int      `json:"n_predict"`
-	Temperature float64  `json:"temperature"`
-	TopK        int      `json:"top_k"`
-	TopP        float64  `json:"top_p"`
-	Seed        int64    `json:"seed"`
-	Stop        []string `json:"stop"`
-	Stream      bool     `json:"stream"`
+	Prompt       json.RawMessage `json:"prompt"` // a string, or an array of token ids
+	NPredict     int             `json:"n_predict"`
+	Temperature  float64         `json:"temperature"`
+	TopK         int             `json:"top_k"`
+	TopP         float64         `json:"top_p"`
+	Seed         int64           `json:"seed"`
+	Stop         []string        `json:"stop"`
+	Stream       bool            `json:"stream"`
+	ReturnTokens bool            `json:"return_tokens"`
+	LogitBias    json.RawMessage `json:"logit_bias"`
+}
+
+// parsePrompt reads llama-server's prompt: a string or an array of token ids.
+func parsePrompt(raw json.RawMessage) (promptInput, error) {
+	if len(raw) == 0 || string(raw) == "null" {
+		return promptInput{}, errors.New("\"prompt\" must be provided")
+	}
+	var text string
+	if json.Unmarshal(raw, &text) == nil {
+		return promptInput{Text: text}, nil
+	}
+	var ids []int32
+	if err := json.Unmarshal(raw, &ids); err != nil {
+		return promptInput{}, errors.New("\"prompt\" must be a string or an array of token ids")
+	}
+	toks := make([]llama.Token, len(ids))
+	for i, id := range ids {
+		toks[i] = llama.Token(id)
+	}
+	return promptInput{Tokens: toks}, nil
+}
+
+// parseLogitBias reads llama-server's logit_bias: [[token, bias|false], ...]
+// or OpenAI's {"token": bias}; false bans the token.
+func parseLogitBias(raw json.RawMessage) ([]llama.LogitBias, error) {
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil, nil
+	}
+	bias := func(tok int32, v json.RawMessage) (llama.LogitBias, error) {
+		var f float64
+		if json.Unmarshal(v, &f) == nil {
+			return llama.LogitBias{Token: llama.Token(tok), Bias: float32(f)}, nil
+		}
+		var b bool
+		if json.Unmarshal(v, &b) == nil && !b {
+			return llama.LogitBias{Token: llama.Token(tok), Bias: float32(math.Inf(-1))}, nil
+		}
+		return llama.LogitBias{}, fmt.Errorf("\"logit_bias\": the bias of token %d must be a number or false", tok)
+	}
+	var out []llama.LogitBias
+	var pairs [][]json.RawMessage
+	if json.Unmarshal(raw, &pairs) == nil {
+		for _, pr := range pairs {
+			var tok int32
+			if len(pr) != 2 || json.Unmarshal(pr[0], &tok) != nil {
+				return nil, errors.New("\"logit_bias\" must be [[token_id, bias], ...] or {\"token_id\": bias}")
+			}
+			b, err := bias(tok, pr[1])
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, b)
+		}
+		return out, nil
+	}
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return nil, errors.New("\"logit_bias\" must be [[token_id, bias], ...] or {\"token_id\": bias}")
+	}
+	for k, v := range m {
+		tok, err := strconv.ParseInt(k, 10, 32)
+		if err != nil {
+			return nil, fmt.Errorf("\"logit_bias\": key %q is not a token id", k)
+		}
+		b, err := bias(int32(tok), v)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, b)
+	}
+	return out, nil
+}
+
+func tokenIDs(toks []llama.Token) []int32 {
+	ids := make([]int32, len(toks))
+	for i, t := range toks {
+		ids[i] = int32(t)
+	}
+	return ids
+}
+
+// handleTokenize is llama-server's /tokenize {content, add_special}.
+func (s *Server) handleTokenize(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Content    string `json:"content"`
+		AddSpecial bool   `json:"add_special"`
+	}
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"tokens": tokenIDs(llama.Tokenize(s.vocab, req.Content, req.AddSpecial, true))})
+}
+
+// handleApplyTemplate is llama-server's /apply-template {messages}: the
+// prompt /v1/chat/completions would generate from.
+func (s *Server) handleApplyTemplate(w http.ResponseWriter, r *http.Request) {
+	var req chatRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	msgs := make([]chatMessage, 0, len(req.Messages))
+	for _, m := range req.Messages {
+		msgs = append(msgs, chatMessage{Role: m.Role, Content: m.Content})
+	}
+	prompt, err := applyTemplate(s.tmpl, msgs)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, errInvalidRequest, err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"prompt": prompt})
 }
 
 // decodeBody reads JSON into v. Malformed JSON is a 500, as in llama-server
@@ -216,11 +334,17 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 	if !decodeBody(w, r, &req) {
 		return
 	}
-	if req.Prompt == nil {
-		writeError(w, http.StatusBadRequest, errInvalidRequest, "\"prompt\" must be provided")
+	prompt, err := parsePrompt(req.Prompt)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, errInvalidRequest, err.Error())
 		return
 	}
-	p := sampling{NPredict: req.NPredict, Temperature: req.Temperature, TopK: req.TopK, TopP: req.TopP, Seed: req.Seed, Stop: req.Stop}
+	bias, err := parseLogitBias(req.LogitBias)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, errInvalidRequest, err.Error())
+		return
+	}
+	p := sampling{NPredict: req.NPredict, Temperature: req.Temperature, TopK: req.TopK, TopP: req.TopP, Seed: req.Seed, Stop: req.Stop, LogitBias: bias}
 	if err := p.check(); err != nil {
 		writeError(w, http.StatusBadRequest, errInvalidRequest, err.Error())
 		return
@@ -233,12 +357,17 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	if !req.Stream {
-		o, err := s.run(r.Context(), *req.Prompt, p, func(string) error { return nil })
+		var all []llama.Token
+		o, err := s.run(r.Context(), prompt, p, func(_ string, toks []llama.Token) error { all = append(all, toks...); return nil })
 		if err != nil {
 			s.generationError(w, r, err, false)
 			return
 		}
-		writeJSON(w, http.StatusOK, final(o, o.Content))
+		body := final(o, o.Content)
+		if req.ReturnTokens {
+			body["tokens"] = tokenIDs(all)
+		}
+		writeJSON(w, http.StatusOK, body)
 		return
 	}
 	// Headers go out with the first event, so an error found before it (a
@@ -252,9 +381,16 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 			w.WriteHeader(http.StatusOK)
 		}
 	}
-	o, err := s.run(r.Context(), *req.Prompt, p, func(text string) error {
+	o, err := s.run(r.Context(), prompt, p, func(text string, toks []llama.Token) error {
+		if text == "" && !req.ReturnTokens {
+			return nil
+		}
 		start()
-		return writeSSE(w, map[string]any{"content": text, "stop": false})
+		ev := map[string]any{"content": text, "stop": false}
+		if req.ReturnTokens {
+			ev["tokens"] = tokenIDs(toks)
+		}
+		return writeSSE(w, ev)
 	})
 	if err != nil {
 		s.generationError(w, r, err, started)
@@ -356,7 +492,7 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		return map[string]any{"prompt_tokens": o.Evaluated, "completion_tokens": o.Predicted, "total_tokens": o.Evaluated + o.Predicted}
 	}
 	if !req.Stream {
-		o, err := s.run(r.Context(), prompt, p, func(string) error { return nil })
+		o, err := s.run(r.Context(), promptInput{Text: prompt}, p, func(string, []llama.Token) error { return nil })
 		if err != nil {
 			s.generationError(w, r, err, false)
 			return
@@ -388,7 +524,10 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusOK)
 		return writeSSE(w, chunk(map[string]any{"role": "assistant", "content": nil}, nil))
 	}
-	o, err := s.run(r.Context(), prompt, p, func(text string) error {
+	o, err := s.run(r.Context(), promptInput{Text: prompt}, p, func(text string, _ []llama.Token) error {
+		if text == "" {
+			return nil
+		}
 		if err := start(); err != nil {
 			return err
 		}

@@ -26,6 +26,15 @@ type sampling struct {
 	TopP        float64
 	Seed        int64
 	Stop        []string
+	LogitBias   []llama.LogitBias
+}
+
+// promptInput is text to tokenize, or tokens as they are (llama-server's
+// token-array prompt; a continued generation sends its prompt's and its
+// already produced tokens, so it resumes exactly where it stopped).
+type promptInput struct {
+	Text   string
+	Tokens []llama.Token
 }
 
 // outcome is what a finished generation reports.
@@ -56,9 +65,10 @@ type slot struct {
 }
 
 // generate runs one completion on the slot. emit gets text as it becomes
-// final (whole UTF-8 characters, never part of a stop word); an emit error
-// (the client went away) or ctx ending stops generation.
-func (s *slot) generate(ctx context.Context, prompt string, p sampling, emit func(string) error) (outcome, error) {
+// final (whole UTF-8 characters, never part of a stop word) and the tokens
+// sampled since its last call; an emit error (the client went away) or ctx
+// ending stops generation.
+func (s *slot) generate(ctx context.Context, in promptInput, p sampling, emit func(string, []llama.Token) error) (outcome, error) {
 	var out outcome
 	mem, err := llama.GetMemory(s.ctx)
 	if err != nil {
@@ -70,7 +80,16 @@ func (s *slot) generate(ctx context.Context, prompt string, p sampling, emit fun
 		return out, err
 	}
 
-	tokens := llama.Tokenize(s.vocab, prompt, true, true)
+	tokens := in.Tokens
+	if tokens == nil {
+		tokens = llama.Tokenize(s.vocab, in.Text, true, true)
+	}
+	nVocab := llama.VocabNTokens(s.vocab)
+	for _, t := range tokens {
+		if t < 0 || int32(t) >= nVocab {
+			return out, &requestError{fmt.Sprintf("the prompt has token %d, outside the vocabulary (0-%d)", t, nVocab-1)}
+		}
+	}
 	if len(tokens) == 0 {
 		return out, &requestError{"the prompt is empty"}
 	}
@@ -81,6 +100,9 @@ func (s *slot) generate(ctx context.Context, prompt string, p sampling, emit fun
 
 	chain := llama.SamplerChainInit(llama.SamplerChainDefaultParams())
 	defer llama.SamplerFree(chain)
+	if len(p.LogitBias) > 0 {
+		llama.SamplerChainAdd(chain, llama.SamplerInitLogitBias(nVocab, int32(len(p.LogitBias)), &p.LogitBias[0]))
+	}
 	if p.Temperature <= 0 {
 		llama.SamplerChainAdd(chain, llama.SamplerInitGreedy())
 	} else {
@@ -119,6 +141,7 @@ func (s *slot) generate(ctx context.Context, prompt string, p sampling, emit fun
 		nPast    = len(tokens)
 		maxStop  int
 		tokenBuf = []llama.Token{0}
+		pending  []llama.Token // sampled, not yet handed to emit
 	)
 	for _, w := range p.Stop {
 		maxStop = max(maxStop, len(w))
@@ -133,6 +156,7 @@ func (s *slot) generate(ctx context.Context, prompt string, p sampling, emit fun
 		}
 		tok := llama.SamplerSample(chain, s.ctx, -1)
 		out.Predicted++
+		pending = append(pending, tok)
 		if llama.VocabIsEOG(s.vocab, tok) {
 			out.StopType = StopEOS
 			break
@@ -156,10 +180,10 @@ func (s *slot) generate(ctx context.Context, prompt string, p sampling, emit fun
 		ready := len(text) - partialStop(text, p.Stop)
 		ready = sent + completeUTF8(text[sent:ready])
 		if ready > sent {
-			if err := emit(string(text[sent:ready])); err != nil {
+			if err := emit(string(text[sent:ready]), pending); err != nil {
 				return out, err
 			}
-			sent = ready
+			sent, pending = ready, nil
 		}
 
 		tokenBuf[0] = tok
@@ -168,8 +192,8 @@ func (s *slot) generate(ctx context.Context, prompt string, p sampling, emit fun
 		}
 		nPast++
 	}
-	if sent < len(text) {
-		if err := emit(string(text[sent:])); err != nil {
+	if sent < len(text) || len(pending) > 0 {
+		if err := emit(string(text[sent:]), pending); err != nil {
 			return out, err
 		}
 	}
