@@ -50,7 +50,7 @@ func startAPI(t *testing.T) *api {
 	store, err := modelstore.New(env.S3)
 	require.NoError(t, err)
 	require.NoError(t, store.EnsureBucket(context.Background()))
-	w := workers.NewControl(env.Temporal, &activities.CatalogActivities{Store: store})
+	w := workers.NewControl(env.Temporal, &activities.CatalogActivities{Store: store}, nil)
 	require.NoError(t, w.Start())
 	t.Cleanup(w.Stop)
 	reg := prometheus.NewRegistry()

@@ -20,28 +20,40 @@ import (
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/nodeclient"
 	"github.com/llorch/llorch/poolclient"
+	"github.com/llorch/llorch/scheduler"
+	"github.com/llorch/llorch/tokenstream"
 )
 
 // Config is what the apiserver needs beyond its dependencies.
 type Config struct {
 	Addr  string
 	Token string
+	// AdvertiseURL is where nodes push token streams to this apiserver
+	// (default http://<the bound address>).
+	AdvertiseURL string
 }
 
 // Deps are the clients the API works through.
 type Deps struct {
-	Nodes    *nodeclient.Client
-	Models   *modelclient.Client
-	Pools    *poolclient.Client
-	Store    *modelstore.Store // nil: catalog routes answer UNAVAILABLE
-	Registry *prometheus.Registry
-	Logger   *slog.Logger
+	Nodes  *nodeclient.Client
+	Models *modelclient.Client
+	Pools  *poolclient.Client
+	Store  *modelstore.Store // nil: catalog routes answer UNAVAILABLE
+	// Scheduler and Hub serve tasks; nil: the task routes are absent.
+	Scheduler *scheduler.Scheduler
+	Hub       *tokenstream.Hub
+	Registry  *prometheus.Registry
+	Logger    *slog.Logger
 }
 
 // Server is the REST API.
 type Server struct {
 	app         *fiber.App
+	cfg         Config
 	deps        Deps
+	hub         *tokenstream.Hub
+	streamKey   []byte
+	sessions    sessionTable
 	nodes       *nodeclient.Client
 	logger      *slog.Logger
 	metrics     *metrics
@@ -63,7 +75,7 @@ func New(cfg Config, d Deps) (*Server, error) {
 	if cfg.Token == "" && !isLoopback(cfg.Addr) {
 		return nil, fmt.Errorf("refusing to listen on %s without a token: set LLORCH_API_TOKEN (or --api-token), or bind a loopback address", cfg.Addr)
 	}
-	s := &Server{deps: d, nodes: nodes, logger: logger, metrics: newMetrics(reg)}
+	s := &Server{cfg: cfg, deps: d, nodes: nodes, logger: logger, metrics: newMetrics(reg), hub: d.Hub, streamKey: streamKeyFor(cfg.Token)}
 	if cfg.Token != "" {
 		sum := sha256.Sum256([]byte(cfg.Token))
 		s.tokenDigest, s.identity = sum[:], TokenIdentity(cfg.Token)
@@ -93,6 +105,11 @@ func New(cfg Config, d Deps) (*Server, error) {
 	s.stagingRoutes(v2)
 	s.catalogRoutes(v2)
 	s.poolRoutes(v2)
+	if d.Scheduler != nil && d.Hub != nil {
+		s.taskRoutes(v2)
+		s.openAIRoutes()
+		s.app.Post(tokenstream.PushPath(":id"), s.pushEvents)
+	}
 	s.app.Use(func(c *fiber.Ctx) error {
 		return apiError(fiber.StatusNotFound, CodeNotFound, "no route %s %s", c.Method(), c.Path())
 	})

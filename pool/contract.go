@@ -100,6 +100,7 @@ type Health struct {
 	Ready         bool      `json:"ready"`
 	Draining      bool      `json:"draining"`
 	SlotsTotal    int       `json:"slots_total"`
+	CtxSize       int       `json:"ctx,omitempty"` // total context of the engine (0: the model's)
 	SlotsFree     int       `json:"slots_free"`
 	LastError     string    `json:"last_error,omitempty"`
 	Engine        Engine    `json:"engine"`

@@ -37,6 +37,8 @@ type Agent struct {
 	Staging *activities.StagingActivities
 	GC      *activities.GCActivities
 	Engines *activities.EngineActivities
+	// Generate runs tasks' generations on this node's engines.
+	Generate *activities.GenerateActivities
 	// GCPolicy is reported at registration; GCEvery > 0 schedules GC.
 	GCPolicy node.GCPolicy
 	GCEvery  time.Duration
@@ -71,6 +73,9 @@ func (a *Agent) Start(ctx context.Context) error {
 	}
 	if a.Engines != nil {
 		a.worker.RegisterActivity(a.Engines)
+	}
+	if a.Generate != nil {
+		a.worker.RegisterActivity(a.Generate)
 	}
 	if err := a.worker.Start(); err != nil {
 		return fmt.Errorf("start worker on %s: %w", node.TaskQueue(a.NodeID), err)

@@ -9,17 +9,24 @@ import (
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/scheduler"
+	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/workflows"
 )
 
 // NewControl is the control worker: every workflow, plus the activities that
 // belong beside them, on the shared control queue.
-func NewControl(c client.Client, catalog *activities.CatalogActivities) worker.Worker {
+// tasks may be nil (no task workflows are served then).
+func NewControl(c client.Client, catalog *activities.CatalogActivities, tasks *scheduler.TaskControl) worker.Worker {
 	w := worker.New(c, node.ControlTaskQueue, worker.Options{})
 	w.RegisterWorkflowWithOptions(workflows.Node, workflow.RegisterOptions{Name: node.WorkflowType})
 	w.RegisterWorkflowWithOptions(workflows.Stage, workflow.RegisterOptions{Name: model.StageWorkflowType})
 	w.RegisterWorkflowWithOptions(workflows.GC, workflow.RegisterOptions{Name: model.GCWorkflowType})
 	w.RegisterWorkflowWithOptions(workflows.Pool, workflow.RegisterOptions{Name: pool.WorkflowType})
+	if tasks != nil {
+		w.RegisterWorkflowWithOptions(workflows.Task, workflow.RegisterOptions{Name: task.WorkflowType})
+		w.RegisterActivity(tasks)
+	}
 	w.RegisterActivity(&activities.StagingControl{Client: c})
 	w.RegisterActivity(&activities.ControlActivities{})
 	if catalog != nil {

@@ -15,12 +15,13 @@ import (
 	"go.uber.org/fx"
 
 	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/scheduler"
 )
 
 // ControlModule runs the control worker for the life of the fx app.
 var ControlModule = fx.Module("control-worker",
-	fx.Invoke(func(lc fx.Lifecycle, c client.Client, catalog *activities.CatalogActivities, log *slog.Logger) {
-		w := NewControl(c, catalog)
+	fx.Invoke(func(lc fx.Lifecycle, c client.Client, catalog *activities.CatalogActivities, tasks *scheduler.TaskControl, log *slog.Logger) {
+		w := NewControl(c, catalog, tasks)
 		lc.Append(fx.Hook{
 			OnStart: func(context.Context) error {
 				if err := w.Start(); err != nil {

@@ -14,13 +14,15 @@ import (
 	"github.com/llorch/llorch/modelclient"
 	"github.com/llorch/llorch/nodeclient"
 	"github.com/llorch/llorch/poolclient"
+	"github.com/llorch/llorch/scheduler"
+	"github.com/llorch/llorch/tokenstream"
 	"github.com/llorch/llorch/workers"
 )
 
 func apiserverCmd() *cobra.Command {
 	var c common
 	var api apiserver.Config
-	var canAfter int
+	var canAfter, queueCap int
 	var s3 config.S3
 	cmd := &cobra.Command{
 		Use:   "apiserver",
@@ -46,17 +48,29 @@ func apiserverCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			hub := &tokenstream.Hub{}
+			sched := &scheduler.Scheduler{Capacity: queueCap, Log: log, Metrics: scheduler.NewMetrics(reg)}
 			srv, err := apiserver.New(api, apiserver.Deps{
-				Nodes: nodes, Store: store, Registry: reg, Logger: log,
+				Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub,
 				Models: &modelclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, Nodes: nodes},
 				Pools:  &poolclient.Client{Temporal: tc, Namespace: c.temporal.Namespace},
 			})
 			if err != nil {
 				return err
 			}
+			sched.Source = srv.Candidates
+			schedCtx, stopSched := context.WithCancel(context.Background())
+			defer stopSched()
 			return runApp(log,
-				fx.Supply(log, &activities.CatalogActivities{Store: store}, fx.Annotate(tc, fx.As(new(client.Client)))),
+				fx.Supply(log, &activities.CatalogActivities{Store: store}, fx.Annotate(tc, fx.As(new(client.Client))),
+					&scheduler.TaskControl{S: sched, Hub: hub, Metrics: sched.Metrics}),
 				workers.ControlModule,
+				fx.Invoke(func(lc fx.Lifecycle) {
+					lc.Append(fx.Hook{
+						OnStart: func(context.Context) error { go sched.Run(schedCtx); return nil },
+						OnStop:  func(context.Context) error { stopSched(); return nil },
+					})
+				}),
 				fx.Invoke(func(lc fx.Lifecycle) {
 					lc.Append(fx.Hook{
 						OnStart: func(ctx context.Context) error {
@@ -73,6 +87,10 @@ func apiserverCmd() *cobra.Command {
 	c.addFlags(fs)
 	fs.StringVar(&api.Addr, "addr", "127.0.0.1:8080", "REST API listen address")
 	config.Env(fs, "addr", "LLORCH_API_ADDR")
+	fs.StringVar(&api.AdvertiseURL, "advertise-url", "", "URL nodes push token streams to (default http://<addr>)")
+	config.Env(fs, "advertise-url", "LLORCH_ADVERTISE_URL")
+	fs.IntVar(&queueCap, "queue-capacity", 1024, "tasks that may wait per priority (interactive, batch); more get 429 ADMISSION_REJECT")
+	config.Env(fs, "queue-capacity", "LLORCH_QUEUE_CAPACITY")
 	fs.StringVar(&api.Token, "api-token", "", "bearer token every /v2 call must present; required to bind a non-loopback address")
 	config.Env(fs, "api-token", "LLORCH_API_TOKEN")
 	fs.IntVar(&canAfter, "node-continue-as-new-events", 0, "continue node workflows as new after this many history events (0: when Temporal suggests)")

@@ -132,6 +132,7 @@ func workerCmd() *cobra.Command {
 				LlorchBin: exe, LlamaServerBin: llamaServer, LibDir: libDir, Threads: engineThreads, Log: log,
 				OrphanTimeout: orphanTimeout,
 				Metrics:       activities.NewEngineMetrics(reg)}
+			agent.Generate = &activities.GenerateActivities{NodeID: nodeID, Log: log, Metrics: activities.NewTaskMetrics(reg)}
 			if store != nil {
 				agent.Staging = &activities.StagingActivities{Store: store, Local: local, Client: tc, Log: log,
 					Metrics: stagingMetrics, DiskMargin: margin}

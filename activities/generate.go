@@ -1,0 +1,256 @@
+package activities
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"go.temporal.io/sdk/activity"
+	"go.temporal.io/sdk/temporal"
+
+	"github.com/llorch/llorch/task"
+	"github.com/llorch/llorch/tokenstream"
+)
+
+// GenerateActivities run generations on the node, next to its engines.
+type GenerateActivities struct {
+	NodeID  string
+	Log     *slog.Logger
+	Metrics *TaskMetrics
+	// Client talks to the engines and pushes tokens; nil: a default.
+	Client *http.Client
+}
+
+// GenerateInput is one generation of a task on one pool; Resume holds the
+// tokens an earlier generation of the task produced (on a lost node).
+type GenerateInput struct {
+	Request task.Request
+	Where   task.Where
+	Resume  task.Progress
+}
+
+func (g *GenerateActivities) client() *http.Client {
+	if g.Client != nil {
+		return g.Client
+	}
+	return http.DefaultClient
+}
+
+// engineChunk is one event of the engine's /completion stream.
+type engineChunk struct {
+	Content         string  `json:"content"`
+	Tokens          []int32 `json:"tokens"`
+	Stop            bool    `json:"stop"`
+	StopType        string  `json:"stop_type"`
+	TokensEvaluated int     `json:"tokens_evaluated"`
+	Timings         struct {
+		PredictedMs float64 `json:"predicted_ms"`
+	} `json:"timings"`
+	Error *struct {
+		Code    int    `json:"code"`
+		Message string `json:"message"`
+	} `json:"error"`
+}
+
+// Generate streams a completion from the pool's engine. Each token goes to
+// the task's sink out of band and into the activity's heartbeat (so a lost
+// node's tokens are not lost); the result is the whole generation.
+func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (task.Result, error) {
+	req := in.Request
+	log := g.log().With("task_id", req.TaskID, "pool", in.Where.PoolID, "correlation_id", req.CorrelationID)
+	push := tokenstream.NewPusher(req.Sink, req.TaskID, nil)
+	defer func() {
+		if err := push.Close(5 * time.Second); err != nil {
+			log.Warn("token stream: events not delivered", "err", err)
+		}
+	}()
+	prog := task.Progress{Tokens: append([]int32(nil), in.Resume.Tokens...), Pieces: append([]string(nil), in.Resume.Pieces...)}
+	resumed := len(prog.Tokens)
+	push.Send(task.Event{Type: "started", NodeID: in.Where.NodeID, PoolID: in.Where.PoolID})
+	if resumed > 0 {
+		push.Send(task.Event{Type: "metrics", Metrics: map[string]any{
+			"resumed_at_token": resumed, "node_id": in.Where.NodeID, "pool_id": in.Where.PoolID}})
+	}
+
+	var mu sync.Mutex
+	beat := func() {
+		mu.Lock()
+		p := task.Progress{Tokens: append([]int32(nil), prog.Tokens...), Pieces: append([]string(nil), prog.Pieces...)}
+		mu.Unlock()
+		activity.RecordHeartbeat(ctx, p)
+	}
+	hbCtx, stopBeats := context.WithCancel(ctx)
+	defer stopBeats()
+	go func() {
+		t := time.NewTicker(500 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-hbCtx.Done():
+				return
+			case <-t.C:
+				beat()
+			}
+		}
+	}()
+
+	promptToks, err := g.promptTokens(ctx, in)
+	if err != nil {
+		return task.Result{}, err
+	}
+	res := task.Result{TokensIn: len(promptToks)}
+	nPredict := req.Params.MaxTokens - resumed
+	if nPredict <= 0 {
+		res.Tokens, res.Pieces, res.StopType = prog.Tokens, prog.Pieces, "limit"
+		push.Send(task.Event{Type: "end", TokensOut: len(prog.Tokens), TokensIn: res.TokensIn, StopType: res.StopType})
+		return res, nil
+	}
+	body := map[string]any{
+		"prompt": append(promptToks, prog.Tokens...), "n_predict": nPredict,
+		"temperature": req.Params.Temperature, "top_k": req.Params.TopK, "top_p": req.Params.TopP,
+		"seed": req.Params.Seed, "stop": req.Params.Stop, "stream": true, "return_tokens": true,
+	}
+	start := time.Now()
+	resp, err := g.post(ctx, in.Where.URL+"/completion", body)
+	if err != nil {
+		return task.Result{}, g.engineErr(ctx, in, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		return task.Result{}, temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("engine %s answered %d: %s", in.Where.URL, resp.StatusCode, b), task.ErrEngine, nil)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 4<<20)
+	first := true
+	for sc.Scan() {
+		line := sc.Bytes()
+		if !bytes.HasPrefix(line, []byte("data: ")) {
+			continue
+		}
+		var ch engineChunk
+		if err := json.Unmarshal(line[6:], &ch); err != nil {
+			return task.Result{}, fmt.Errorf("engine %s: bad stream event: %w", in.Where.URL, err)
+		}
+		if ch.Error != nil {
+			return task.Result{}, temporal.NewNonRetryableApplicationError(
+				fmt.Sprintf("engine %s: %s", in.Where.URL, ch.Error.Message), task.ErrEngine, nil)
+		}
+		if len(ch.Tokens) > 0 && first {
+			res.FirstTokenMs = time.Since(start).Milliseconds()
+			g.Metrics.firstToken(time.Since(start))
+			first = false
+		}
+		mu.Lock()
+		for j, tok := range ch.Tokens {
+			piece := ""
+			if j == len(ch.Tokens)-1 {
+				piece = ch.Content
+			}
+			i := len(prog.Tokens)
+			prog.Tokens = append(prog.Tokens, tok)
+			prog.Pieces = append(prog.Pieces, piece)
+			push.Send(task.Event{Type: "token", I: i, T: piece, Tok: tok})
+		}
+		mu.Unlock()
+		if ch.Stop {
+			res.StopType = ch.StopType
+			res.DecodeMs = int64(ch.Timings.PredictedMs)
+			break
+		}
+	}
+	if err := sc.Err(); err != nil || res.StopType == "" {
+		if err == nil {
+			err = io.ErrUnexpectedEOF
+		}
+		return task.Result{}, g.engineErr(ctx, in, err)
+	}
+	mu.Lock()
+	res.Tokens, res.Pieces = prog.Tokens, prog.Pieces
+	mu.Unlock()
+	g.Metrics.generated(len(promptToks), len(res.Tokens)-resumed, time.Duration(res.DecodeMs)*time.Millisecond)
+	push.Send(task.Event{Type: "end", TokensOut: len(res.Tokens), DecodeTimeMs: res.DecodeMs, TokensIn: res.TokensIn, StopType: res.StopType})
+	beat()
+	log.Info("generation done", "tokens_in", res.TokensIn, "tokens_out", len(res.Tokens), "resumed", resumed,
+		"first_token_ms", res.FirstTokenMs, "decode_ms", res.DecodeMs)
+	return res, nil
+}
+
+// promptTokens renders chat messages with the engine's template and
+// tokenizes the prompt there, so a resumed generation sends exactly the
+// same token ids as the first one.
+func (g *GenerateActivities) promptTokens(ctx context.Context, in GenerateInput) ([]int32, error) {
+	prompt := in.Request.Prompt
+	if len(in.Request.Messages) > 0 {
+		var out struct {
+			Prompt string `json:"prompt"`
+		}
+		if err := g.call(ctx, in.Where.URL+"/apply-template", map[string]any{"messages": in.Request.Messages}, &out); err != nil {
+			return nil, g.engineErr(ctx, in, err)
+		}
+		prompt = out.Prompt
+	}
+	var out struct {
+		Tokens []int32 `json:"tokens"`
+	}
+	if err := g.call(ctx, in.Where.URL+"/tokenize", map[string]any{"content": prompt, "add_special": true}, &out); err != nil {
+		return nil, g.engineErr(ctx, in, err)
+	}
+	return out.Tokens, nil
+}
+
+func (g *GenerateActivities) post(ctx context.Context, url string, body any) (*http.Response, error) {
+	b, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(b))
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	return g.client().Do(req)
+}
+
+func (g *GenerateActivities) call(ctx context.Context, url string, body, out any) error {
+	resp, err := g.post(ctx, url, body)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s answered %d: %s", url, resp.StatusCode, strings.TrimSpace(string(b)))
+	}
+	return json.Unmarshal(b, out)
+}
+
+// engineErr: a canceled task stays canceled; an engine that cannot be
+// reached or broke off is retriable elsewhere (the workflow decides).
+func (g *GenerateActivities) engineErr(ctx context.Context, in GenerateInput, err error) error {
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	var app *temporal.ApplicationError
+	if errors.As(err, &app) {
+		return err
+	}
+	return temporal.NewApplicationError(fmt.Sprintf("node %s: engine of pool %s: %v", g.NodeID, in.Where.PoolID, err), task.ErrWorkerReset)
+}
+
+func (g *GenerateActivities) log() *slog.Logger {
+	if g.Log == nil {
+		return slog.Default()
+	}
+	return g.Log.With("node_id", g.NodeID)
+}

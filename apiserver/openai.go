@@ -1,0 +1,360 @@
+package apiserver
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+
+	"github.com/llorch/llorch/model"
+	"github.com/llorch/llorch/task"
+	"github.com/llorch/llorch/tokenstream"
+)
+
+// openAIRoutes serve the OpenAI-compatible API: errors in OpenAI's shape,
+// the same tasks underneath. A client that leaves a stream cancels its task.
+func (s *Server) openAIRoutes() {
+	v1 := s.app.Group("/v1", func(c *fiber.Ctx) error {
+		if err := s.auth(c); err != nil {
+			return s.openAIError(c, err)
+		}
+		return nil
+	})
+	v1.Post("/chat/completions", s.chatCompletions)
+	v1.Post("/completions", s.completions)
+	v1.Get("/models", s.openAIModels)
+}
+
+// openAIError renders any error as {"error":{message,type,param,code}}.
+func (s *Server) openAIError(c *fiber.Ctx, err error) error {
+	status, typ, code, param, msg := fiber.StatusInternalServerError, "server_error", "", "", err.Error()
+	var e *Error
+	var fe *fiber.Error
+	switch {
+	case errors.As(err, &e):
+		status, msg, param = e.Status, e.Message, e.Field
+		code = strings.ToLower(e.Code)
+		switch {
+		case e.Code == CodeModelNotFound:
+			typ = "invalid_request_error"
+		case e.Code == CodeMissingToken || e.Code == CodeBadToken:
+			typ, code = "invalid_request_error", "invalid_api_key"
+		case e.Code == CodeAdmission:
+			typ, code = "requests", "rate_limit_exceeded"
+		case status < 500:
+			typ = "invalid_request_error"
+		}
+		if e.Code == CodeInvalidParams {
+			code = ""
+		}
+	case errors.As(err, &fe):
+		status, msg = fe.Code, fe.Message
+		if status < 500 {
+			typ = "invalid_request_error"
+		}
+	}
+	body := fiber.Map{"message": msg, "type": typ, "param": nil, "code": nil}
+	if param != "" {
+		body["param"] = param
+	}
+	if code != "" {
+		body["code"] = code
+	}
+	if status >= 500 {
+		s.log(c).Error("request failed", "err", err)
+	}
+	return c.Status(status).JSON(fiber.Map{"error": body})
+}
+
+// decodeLoose reads a JSON body, leaving fields it does not know alone
+// (OpenAI clients send many); wrong types still name the field.
+func decodeLoose(c *fiber.Ctx, dst any) error {
+	if n := c.Request().Header.ContentLength(); n > maxBodyBytes {
+		return apiError(fiber.StatusRequestEntityTooLarge, CodeInvalidParams, "body of %d bytes exceeds %d", n, maxBodyBytes)
+	}
+	body := bytes.TrimSpace(c.Body())
+	if len(body) == 0 {
+		return invalidParam("body", "a JSON object is required")
+	}
+	if err := json.Unmarshal(body, dst); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) {
+			return invalidParam(typeErr.Field, "want %s, got JSON %s", typeErr.Type, typeErr.Value)
+		}
+		return invalidParam("body", "%v", err)
+	}
+	return nil
+}
+
+// openAIMessage takes content as a string or an array of text parts.
+type openAIMessage struct {
+	Role    string          `json:"role"`
+	Content json.RawMessage `json:"content"`
+}
+
+func (m openAIMessage) text(i int) (string, error) {
+	var s string
+	if json.Unmarshal(m.Content, &s) == nil {
+		return s, nil
+	}
+	var parts []struct {
+		Type string `json:"type"`
+		Text string `json:"text"`
+	}
+	if err := json.Unmarshal(m.Content, &parts); err != nil {
+		return "", invalidParam(fmt.Sprintf("messages[%d].content", i), "want a string or an array of text parts")
+	}
+	var b strings.Builder
+	for _, p := range parts {
+		if p.Type != "text" {
+			return "", invalidParam(fmt.Sprintf("messages[%d].content", i), "only text parts are supported, got %q", p.Type)
+		}
+		b.WriteString(p.Text)
+	}
+	return b.String(), nil
+}
+
+// stopField takes OpenAI's string or array of strings.
+type stopField []string
+
+func (l *stopField) UnmarshalJSON(b []byte) error {
+	var one string
+	if json.Unmarshal(b, &one) == nil {
+		*l = []string{one}
+		return nil
+	}
+	var many []string
+	if err := json.Unmarshal(b, &many); err != nil {
+		return &json.UnmarshalTypeError{Value: "value", Field: "stop", Type: nil}
+	}
+	*l = many
+	return nil
+}
+
+type openAIRequest struct {
+	Model               string          `json:"model"`
+	Messages            []openAIMessage `json:"messages"`
+	Prompt              json.RawMessage `json:"prompt"`
+	MaxTokens           *int            `json:"max_tokens"`
+	MaxCompletionTokens *int            `json:"max_completion_tokens"`
+	Temperature         *float64        `json:"temperature"`
+	TopP                *float64        `json:"top_p"`
+	Seed                *int64          `json:"seed"`
+	Stop                stopField       `json:"stop"`
+	N                   *int            `json:"n"`
+	Stream              bool            `json:"stream"`
+	StreamOptions       *struct {
+		IncludeUsage bool `json:"include_usage"`
+	} `json:"stream_options"`
+}
+
+func (s *Server) openAITask(c *fiber.Ctx, chat bool) (task.Request, openAIRequest, error) {
+	var r openAIRequest
+	if err := decodeLoose(c, &r); err != nil {
+		return task.Request{}, r, err
+	}
+	if r.Model == "" {
+		return task.Request{}, r, invalidParam("model", "is required")
+	}
+	if r.N != nil && *r.N != 1 {
+		return task.Request{}, r, invalidParam("n", "only n=1 is supported")
+	}
+	in := taskInput{model: r.Model, maxTokens: r.MaxTokens, temperature: r.Temperature, topP: r.TopP, seed: r.Seed,
+		params: task.Params{Stop: r.Stop}}
+	if r.MaxCompletionTokens != nil {
+		in.maxTokens = r.MaxCompletionTokens
+	}
+	if chat {
+		if len(r.Messages) == 0 {
+			return task.Request{}, r, invalidParam("messages", "a non-empty array is required")
+		}
+		for i, m := range r.Messages {
+			text, err := m.text(i)
+			if err != nil {
+				return task.Request{}, r, err
+			}
+			in.messages = append(in.messages, task.Message{Role: m.Role, Content: text})
+		}
+	} else {
+		var p string
+		if err := json.Unmarshal(r.Prompt, &p); err != nil {
+			return task.Request{}, r, invalidParam("prompt", "want a string")
+		}
+		in.prompt = &p
+	}
+	// OpenAI's defaults: temperature 1, top_p 1, no top-k.
+	one, zeroK := 1.0, 0
+	if in.temperature == nil {
+		in.temperature = &one
+	}
+	if in.topP == nil {
+		in.topP = &one
+	}
+	in.topK = &zeroK
+	field := "max_tokens"
+	if r.MaxCompletionTokens != nil {
+		field = "max_completion_tokens"
+	}
+	req, _, err := s.buildTask(c, in, field)
+	if err != nil {
+		var e *Error
+		if errors.As(err, &e) && e.Code == CodeModelNotFound {
+			e.Code, e.Message = "MODEL_NOT_FOUND", fmt.Sprintf("The model `%s` does not exist", r.Model)
+		}
+		return req, r, err
+	}
+	if _, err := s.submit(c, req); err != nil {
+		return req, r, err
+	}
+	return req, r, nil
+}
+
+func (s *Server) chatCompletions(c *fiber.Ctx) error { return s.openAIComplete(c, true) }
+func (s *Server) completions(c *fiber.Ctx) error     { return s.openAIComplete(c, false) }
+
+func finishReason(stopType string) string {
+	if stopType == "limit" {
+		return "length"
+	}
+	return "stop"
+}
+
+func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
+	req, r, err := s.openAITask(c, chat)
+	if err != nil {
+		return err
+	}
+	id, object := "cmpl-"+req.TaskID, "text_completion"
+	if chat {
+		id, object = "chatcmpl-"+req.TaskID, "chat.completion"
+	}
+	created := time.Now().Unix()
+	if !r.Stream {
+		var st task.Status
+		if err := s.nodes.Temporal.GetWorkflow(c.UserContext(), task.WorkflowID(req.TaskID), "").Get(c.UserContext(), &st); err != nil {
+			return err
+		}
+		if st.State != task.Completed {
+			return taskFailure(st)
+		}
+		choice := fiber.Map{"index": 0, "finish_reason": finishReason(st.StopType), "logprobs": nil}
+		if chat {
+			choice["message"] = fiber.Map{"role": "assistant", "content": st.Text}
+		} else {
+			choice["text"] = st.Text
+		}
+		return c.JSON(fiber.Map{"id": id, "object": object, "created": created, "model": req.ModelID,
+			"choices": []any{choice}, "usage": usage(st.TokensIn, st.TokensOut)})
+	}
+	includeUsage := r.StreamOptions != nil && r.StreamOptions.IncludeUsage
+	stream := s.hub.Stream(req.TaskID)
+	c.Set(fiber.HeaderContentType, "text/event-stream")
+	c.Set(fiber.HeaderCacheControl, "no-cache")
+	c.Set("X-Accel-Buffering", "no")
+	log := s.log(c).With("task_id", req.TaskID)
+	chunkObject := "text_completion"
+	if chat {
+		chunkObject = "chat.completion.chunk"
+	}
+	chunk := func(delta fiber.Map, text string, finish any) fiber.Map {
+		ch := fiber.Map{"index": 0, "finish_reason": finish, "logprobs": nil}
+		if chat {
+			ch["delta"] = delta
+		} else {
+			ch["text"] = text
+		}
+		return fiber.Map{"id": id, "object": chunkObject, "created": created, "model": req.ModelID, "choices": []any{ch}}
+	}
+	c.Context().SetBodyStreamWriter(func(w *bufio.Writer) {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		go s.follow(ctx, req.TaskID, stream)
+		if chat {
+			_, _ = w.Write(sseData(chunk(fiber.Map{"role": "assistant", "content": ""}, "", nil)))
+		}
+		err := writeStream(w, stream, tokenstream.Cursor{}, func(ev task.Event) []byte {
+			switch ev.Type {
+			case "token":
+				if ev.T == "" {
+					return nil
+				}
+				return sseData(chunk(fiber.Map{"content": ev.T}, ev.T, nil))
+			case "end":
+				out := sseData(chunk(fiber.Map{}, "", finishReason(ev.StopType)))
+				if includeUsage {
+					u := chunk(nil, "", nil)
+					u["choices"] = []any{}
+					u["usage"] = usage(ev.TokensIn, ev.TokensOut)
+					out = append(out, sseData(u)...)
+				}
+				return append(out, "data: [DONE]\n\n"...)
+			case "error":
+				e := ev.Error
+				out := sseData(fiber.Map{"error": fiber.Map{"message": e.Message, "type": "server_error", "code": strings.ToLower(e.Code), "param": nil}})
+				return append(out, "data: [DONE]\n\n"...)
+			}
+			return nil
+		})
+		if err != nil {
+			// The client left: as OpenAI clients expect, that cancels the task.
+			cctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer ccancel()
+			if cerr := s.cancel(cctx, req.TaskID, "client disconnected"); cerr != nil {
+				log.Debug("cancel after disconnect", "err", cerr)
+			} else {
+				log.Info("client left the stream: task canceled")
+			}
+		}
+	})
+	return nil
+}
+
+func sseData(v any) []byte {
+	b, _ := json.Marshal(v)
+	return append(append([]byte("data: "), b...), "\n\n"...)
+}
+
+func usage(in, out int) fiber.Map {
+	return fiber.Map{"prompt_tokens": in, "completion_tokens": out, "total_tokens": in + out}
+}
+
+// taskFailure is a failed task as an API error.
+func taskFailure(st task.Status) error {
+	e := st.Error
+	if e == nil {
+		e = &task.Error{Code: "INTERNAL", Message: "task ended " + string(st.State)}
+	}
+	status := fiber.StatusInternalServerError
+	switch e.Code {
+	case task.ErrPoolUnavailable, task.ErrWorkerReset:
+		status = fiber.StatusServiceUnavailable
+	case task.ErrDeadline:
+		status = fiber.StatusGatewayTimeout
+	case task.ErrCanceled:
+		status = 499
+	}
+	ae := apiError(status, e.Code, "%s", e.Message)
+	ae.Retriable, ae.RetryAfterMs = e.Retriable, e.RetryAfterMs
+	return ae
+}
+
+func (s *Server) openAIModels(c *fiber.Ctx) error {
+	entries, err := s.entries(c.UserContext())
+	if err != nil {
+		return err
+	}
+	data := []fiber.Map{}
+	for _, e := range entries {
+		if e.Lifecycle != model.Active {
+			continue
+		}
+		data = append(data, fiber.Map{"id": e.ID, "object": "model", "created": e.CreatedAt.Unix(), "owned_by": "llorch"})
+	}
+	return c.JSON(fiber.Map{"object": "list", "data": data})
+}

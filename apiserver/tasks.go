@@ -1,0 +1,592 @@
+package apiserver
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	enumspb "go.temporal.io/api/enums/v1"
+	"go.temporal.io/api/serviceerror"
+	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/temporal"
+
+	"github.com/llorch/llorch/model"
+	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/placement"
+	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/scheduler"
+	"github.com/llorch/llorch/task"
+	"github.com/llorch/llorch/tokenstream"
+)
+
+// Task error codes.
+const (
+	CodeTaskNotFound    = "TASK_NOT_FOUND"
+	CodeTaskExists      = "TASK_EXISTS"
+	CodeTaskEnded       = "TASK_ENDED"
+	CodeAdmission       = task.ErrAdmissionReject
+	CodePoolUnavailable = task.ErrPoolUnavailable
+	CodeModelDeprecated = task.ErrModelDeprecated
+)
+
+// Bounds of a task request.
+const (
+	maxPromptBytes  = 256 << 10
+	maxMessages     = 256
+	defaultMaxToken = 256
+	keepAlive       = 15 * time.Second
+)
+
+func (s *Server) taskRoutes(r fiber.Router) {
+	r.Post("/tasks", s.createTask)
+	r.Get("/tasks/:id", s.getTask)
+	r.Get("/tasks/:id/events", s.taskEvents)
+	r.Post("/tasks/:id/cancel", s.cancelTask)
+	r.Get("/sessions/:id", s.getSession)
+	r.Delete("/sessions/:id", s.deleteSession)
+}
+
+// taskRequest is the body of POST /v2/tasks (the original plan's fields).
+type taskRequest struct {
+	TaskID      string          `json:"task_id"`
+	SessionID   string          `json:"session_id"`
+	ModelRef    string          `json:"model_ref"`
+	Model       string          `json:"model"`
+	Prompt      *string         `json:"prompt"`
+	Messages    []task.Message  `json:"messages"`
+	MaxTokens   *int            `json:"max_tokens"`
+	DeadlineMs  *int64          `json:"deadline_ms"`
+	Priority    string          `json:"priority"`
+	Seed        *int64          `json:"seed"`
+	Temperature *float64        `json:"temperature"`
+	TopK        *int            `json:"top_k"`
+	TopP        *float64        `json:"top_p"`
+	Stop        []string        `json:"stop"`
+	Determinism string          `json:"determinism"`
+	Placement   *task.Placement `json:"placement"`
+}
+
+// newTask validates a request into the workflow's input. field names the
+// JSON field each check is about, in the caller's API's spelling.
+type taskInput struct {
+	id, session, model string
+	prompt             *string
+	messages           []task.Message
+	maxTokens          *int
+	deadlineMs         *int64
+	priority           string
+	params             task.Params
+	placement          task.Placement
+	temperature        *float64
+	topK               *int
+	topP               *float64
+	seed               *int64
+}
+
+func (s *Server) buildTask(c *fiber.Ctx, in taskInput, maxTokensField string) (task.Request, model.Entry, error) {
+	var req task.Request
+	if in.id == "" {
+		in.id = newTaskID()
+	} else if err := task.ValidateID(in.id); err != nil {
+		return req, model.Entry{}, invalidParam("task_id", "%v", err)
+	}
+	if err := model.ValidateID(in.model); err != nil {
+		return req, model.Entry{}, invalidParam("model", "%v", err)
+	}
+	switch {
+	case in.prompt != nil && len(in.messages) > 0:
+		return req, model.Entry{}, invalidParam("prompt", "send prompt or messages, not both")
+	case in.prompt == nil && len(in.messages) == 0:
+		return req, model.Entry{}, invalidParam("prompt", "a prompt or messages is required")
+	case in.prompt != nil && (len(*in.prompt) == 0 || len(*in.prompt) > maxPromptBytes):
+		return req, model.Entry{}, invalidParam("prompt", "must be 1-%d bytes", maxPromptBytes)
+	case len(in.messages) > maxMessages:
+		return req, model.Entry{}, invalidParam("messages", "at most %d messages", maxMessages)
+	}
+	total := 0
+	for i, m := range in.messages {
+		switch m.Role {
+		case "system", "user", "assistant", "developer":
+		default:
+			return req, model.Entry{}, invalidParam(fmt.Sprintf("messages[%d].role", i), "want system, user, assistant or developer, got %q", m.Role)
+		}
+		total += len(m.Content)
+	}
+	if total > maxPromptBytes {
+		return req, model.Entry{}, invalidParam("messages", "contents exceed %d bytes", maxPromptBytes)
+	}
+	p := task.Params{MaxTokens: defaultMaxToken, Temperature: 0.8, TopK: 40, TopP: 0.95, Seed: -1}
+	if in.temperature != nil {
+		if *in.temperature < 0 || *in.temperature > 2 {
+			return req, model.Entry{}, invalidParam("temperature", "must be 0-2")
+		}
+		p.Temperature = *in.temperature
+	}
+	if in.topK != nil {
+		if *in.topK < 0 {
+			return req, model.Entry{}, invalidParam("top_k", "must be >= 0")
+		}
+		p.TopK = *in.topK
+	}
+	if in.topP != nil {
+		if *in.topP <= 0 || *in.topP > 1 {
+			return req, model.Entry{}, invalidParam("top_p", "must be in (0, 1]")
+		}
+		p.TopP = *in.topP
+	}
+	if in.seed != nil {
+		if *in.seed < -1 || *in.seed > 1<<32-1 {
+			return req, model.Entry{}, invalidParam("seed", "must be -1 (random) or 0-4294967295")
+		}
+		p.Seed = *in.seed
+	}
+	if len(in.params.Stop) > 4 {
+		return req, model.Entry{}, invalidParam("stop", "at most 4 stop sequences")
+	}
+	for _, st := range in.params.Stop {
+		if st == "" || len(st) > 64 {
+			return req, model.Entry{}, invalidParam("stop", "each stop sequence must be 1-64 bytes")
+		}
+	}
+	p.Stop = in.params.Stop
+	prio := task.Priority(in.priority)
+	switch prio {
+	case "":
+		prio = task.Interactive
+	case task.Interactive, task.Batch:
+	default:
+		return req, model.Entry{}, invalidParam("priority", "want interactive or batch, got %q", in.priority)
+	}
+	var deadline time.Duration
+	if in.deadlineMs != nil {
+		if *in.deadlineMs <= 0 || *in.deadlineMs > int64(24*time.Hour/time.Millisecond) {
+			return req, model.Entry{}, invalidParam("deadline_ms", "must be > 0 and at most 86400000")
+		}
+		deadline = time.Duration(*in.deadlineMs) * time.Millisecond
+	}
+	pl := in.placement
+	switch pl.Mode {
+	case "", "auto", "prefer":
+	case "pin":
+		if pl.PinPoolID == "" {
+			return req, model.Entry{}, invalidParam("placement.pin_pool_id", "required with mode pin")
+		}
+	default:
+		return req, model.Entry{}, invalidParam("placement.mode", "want auto, pin or prefer, got %q", pl.Mode)
+	}
+	for _, id := range append(append([]string{pl.PinPoolID}, pl.PreferPools...), pl.AvoidPools...) {
+		if id != "" {
+			if err := pool.ValidateID(id); err != nil {
+				return req, model.Entry{}, invalidParam("placement", "%v", err)
+			}
+		}
+	}
+	if pl.NodeID != "" {
+		if err := node.ValidateID(pl.NodeID); err != nil {
+			return req, model.Entry{}, invalidParam("placement.node_id", "%v", err)
+		}
+	}
+	if in.session != "" {
+		if err := task.ValidateID(in.session); err != nil {
+			return req, model.Entry{}, invalidParam("session_id", "%v", err)
+		}
+	}
+
+	e, err := s.entry(c.UserContext(), in.model)
+	if err != nil {
+		return req, e, err
+	}
+	if e.Lifecycle != model.Active {
+		return req, e, apiError(fiber.StatusGone, CodeModelDeprecated, "model %s is %s: it takes no new tasks", e.ID, e.Lifecycle)
+	}
+	// A slot of the model's roomiest pool bounds a generation; without
+	// pools of known size, the model's trained context does.
+	ctxLen := s.deps.Scheduler.MaxContext(e.ID)
+	if ctxLen == 0 {
+		ctxLen = int(e.Metadata.ContextLength)
+	}
+	if in.maxTokens != nil {
+		if *in.maxTokens < 1 || (ctxLen > 0 && *in.maxTokens > ctxLen) {
+			return req, e, invalidParam(maxTokensField, "must be 1-%d (the model's context)", max(ctxLen, 1))
+		}
+		p.MaxTokens = *in.maxTokens
+	} else if ctxLen > 0 {
+		p.MaxTokens = min(p.MaxTokens, ctxLen)
+	}
+	req = task.Request{TaskID: in.id, SessionID: in.session, ModelID: e.ID, Messages: in.messages, Params: p,
+		Priority: prio, Deadline: deadline, Placement: pl, CorrelationID: correlationID(c), EnqueuedAt: time.Now().UTC(),
+		Sink: task.Sink{URL: s.sinkURL(), Token: tokenstream.SinkToken(s.streamKey, in.id)}}
+	if in.prompt != nil {
+		req.Prompt = *in.prompt
+	}
+	return req, e, nil
+}
+
+func correlationID(c *fiber.Ctx) string {
+	id, _ := c.Locals(localCorrelation).(string)
+	return id
+}
+
+func newTaskID() string {
+	b := make([]byte, 12)
+	_, _ = rand.Read(b)
+	return "t-" + hex.EncodeToString(b)
+}
+
+// submit admits a task and starts its workflow.
+func (s *Server) submit(c *fiber.Ctx, req task.Request) (adm scheduler.Admission, err error) {
+	pr := placement.Request{ModelID: req.ModelID, Placement: req.Placement}
+	err = s.deps.Scheduler.Servable(pr)
+	if err != nil {
+		// The snapshot may predate a pool just created: look again.
+		s.deps.Scheduler.RefreshNow(c.UserContext())
+		err = s.deps.Scheduler.Servable(pr)
+	}
+	if err != nil {
+		s.deps.Scheduler.Metrics.Reject("pool_unavailable")
+		e := apiError(fiber.StatusServiceUnavailable, CodePoolUnavailable, "no pool can serve model %s: %v; create one with POST /v2/pools", req.ModelID, err)
+		e.Retriable, e.RetryAfterMs = true, 5000
+		c.Set(fiber.HeaderRetryAfter, "5")
+		return scheduler.Admission{}, e
+	}
+	if err := s.sessions.check(req.SessionID); err != nil {
+		return scheduler.Admission{}, err
+	}
+	adm, err = s.deps.Scheduler.Admit(req.TaskID, req.Priority, pr, req.EnqueuedAt)
+	if errors.Is(err, scheduler.ErrQueueFull) {
+		backoff := s.deps.Scheduler.Backoff()
+		e := apiError(fiber.StatusTooManyRequests, CodeAdmission, "the %s queue is full; retry after %d ms", req.Priority, backoff.Milliseconds())
+		e.Retriable, e.RetryAfterMs, e.PolicyLabel = true, backoff.Milliseconds(), "reject"
+		c.Set(fiber.HeaderRetryAfter, strconv.Itoa(max(1, int(backoff.Round(time.Second)/time.Second))))
+		c.Set("X-Backoff-Ms", strconv.FormatInt(backoff.Milliseconds(), 10))
+		return adm, e
+	}
+	if err != nil {
+		return adm, err
+	}
+	_, err = s.nodes.Temporal.ExecuteWorkflow(c.UserContext(), client.StartWorkflowOptions{
+		ID:                       task.WorkflowID(req.TaskID),
+		TaskQueue:                node.ControlTaskQueue,
+		WorkflowIDConflictPolicy: enumspb.WORKFLOW_ID_CONFLICT_POLICY_FAIL,
+		WorkflowIDReusePolicy:    enumspb.WORKFLOW_ID_REUSE_POLICY_REJECT_DUPLICATE,
+		// A task id is used once: a second submission is an error, not
+		// the first task's handle.
+		WorkflowExecutionErrorWhenAlreadyStarted: true,
+		Memo:                                     map[string]any{"correlation_id": req.CorrelationID},
+		TypedSearchAttributes:                    temporal.NewSearchAttributes(model.ModelIDKey.ValueSet(req.ModelID)),
+		StaticSummary:                            fmt.Sprintf("task %s: %s, %s priority", req.TaskID, req.ModelID, req.Priority),
+	}, task.WorkflowType, req)
+	if err != nil {
+		s.deps.Scheduler.Forget(req.TaskID)
+		var started *serviceerror.WorkflowExecutionAlreadyStarted
+		if errors.As(err, &started) {
+			return adm, apiError(fiber.StatusConflict, CodeTaskExists, "task %s exists", req.TaskID)
+		}
+		return adm, err
+	}
+	_ = s.sessions.turn(req.SessionID, req.TaskID, req.ModelID)
+	s.hub.Stream(req.TaskID) // the stream exists before its first event
+	s.log(c).Info("task admitted", "task_id", req.TaskID, "model_id", req.ModelID, "priority", req.Priority,
+		"queue_position", adm.Position, "session_id", req.SessionID)
+	return adm, nil
+}
+
+func (s *Server) createTask(c *fiber.Ctx) error {
+	var r taskRequest
+	if err := decode(c, &r, false); err != nil {
+		return err
+	}
+	m := r.ModelRef
+	if m == "" {
+		m = r.Model
+	}
+	in := taskInput{id: r.TaskID, session: r.SessionID, model: m, prompt: r.Prompt, messages: r.Messages,
+		maxTokens: r.MaxTokens, deadlineMs: r.DeadlineMs, priority: r.Priority, params: task.Params{Stop: r.Stop},
+		temperature: r.Temperature, topK: r.TopK, topP: r.TopP, seed: r.Seed}
+	if r.Placement != nil {
+		in.placement = *r.Placement
+	}
+	switch r.Determinism {
+	case "", "best_effort":
+	case "strict": // greedy decoding: the same tokens on any pool, and after a move
+		zero := 0.0
+		in.temperature = &zero
+	default:
+		return invalidParam("determinism", "want strict or best_effort, got %q", r.Determinism)
+	}
+	req, _, err := s.buildTask(c, in, "max_tokens")
+	if err != nil {
+		return err
+	}
+	adm, err := s.submit(c, req)
+	if err != nil {
+		return err
+	}
+	body := fiber.Map{"task_id": req.TaskID, "queue_position": adm.Position, "workflow_id": task.WorkflowID(req.TaskID),
+		"streams": fiber.Map{"sse": "/v2/tasks/" + req.TaskID + "/events"}}
+	if adm.PredictedStartMs >= 0 {
+		body["predicted_start_ms"] = adm.PredictedStartMs
+	} else {
+		body["predicted_start_ms"] = nil
+	}
+	return c.Status(fiber.StatusAccepted).JSON(body)
+}
+
+func taskID(c *fiber.Ctx) (string, error) {
+	id := c.Params("id")
+	if err := task.ValidateID(id); err != nil {
+		return "", invalidParam("id", "%v", err)
+	}
+	return id, nil
+}
+
+// status reads a task: its query while it runs, its result once ended.
+func (s *Server) status(ctx context.Context, id string) (task.Status, bool, error) {
+	var st task.Status
+	d, err := s.nodes.Temporal.DescribeWorkflowExecution(ctx, task.WorkflowID(id), "")
+	var nf *serviceerror.NotFound
+	if errors.As(err, &nf) {
+		return st, false, apiError(fiber.StatusNotFound, CodeTaskNotFound, "task %s does not exist", id)
+	}
+	if err != nil {
+		return st, false, err
+	}
+	running := d.GetWorkflowExecutionInfo().GetStatus() == enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING
+	if running {
+		v, err := s.nodes.Temporal.QueryWorkflow(ctx, task.WorkflowID(id), "", task.QueryStatus)
+		if err == nil {
+			err = v.Get(&st)
+		}
+		return st, true, err
+	}
+	err = s.nodes.Temporal.GetWorkflow(ctx, task.WorkflowID(id), "").Get(ctx, &st)
+	return st, false, err
+}
+
+func (s *Server) getTask(c *fiber.Ctx) error {
+	id, err := taskID(c)
+	if err != nil {
+		return err
+	}
+	st, _, err := s.status(c.UserContext(), id)
+	if err != nil {
+		return err
+	}
+	st.Pieces = nil
+	return c.JSON(st)
+}
+
+// cancelTask ends a task. The stream is closed first, so no token reaches
+// a client after the 204, then the workflow stops the generation.
+func (s *Server) cancelTask(c *fiber.Ctx) error {
+	id, err := taskID(c)
+	if err != nil {
+		return err
+	}
+	if err := s.cancel(c.UserContext(), id, "by "+identity(c)); err != nil {
+		return err
+	}
+	return c.SendStatus(fiber.StatusNoContent)
+}
+
+func (s *Server) cancel(ctx context.Context, id, reason string) error {
+	st, running, err := s.status(ctx, id)
+	if err != nil {
+		return err
+	}
+	if st.State == task.Canceled {
+		return nil // again: the same answer
+	}
+	if !running {
+		return apiError(fiber.StatusConflict, CodeTaskEnded, "task %s has ended (%s)", id, st.State)
+	}
+	s.hub.Stream(id).Finish(task.Event{Type: "error", Error: &task.Error{Code: task.ErrCanceled, Message: "canceled " + reason}})
+	if err := s.nodes.Temporal.SignalWorkflow(ctx, task.WorkflowID(id), "", task.SignalCancel, reason); err != nil {
+		var nf *serviceerror.NotFound
+		if !errors.As(err, &nf) {
+			return err
+		}
+	}
+	return nil
+}
+
+// follow ends a task's stream from its workflow's result once it closes:
+// the tokens the stream lacks (an apiserver that restarted mid-stream) and
+// end, or the error. It returns when the workflow closes or ctx ends.
+func (s *Server) follow(ctx context.Context, id string, st *tokenstream.Stream) {
+	var res task.Status
+	err := s.nodes.Temporal.GetWorkflow(ctx, task.WorkflowID(id), "").Get(ctx, &res)
+	if ctx.Err() != nil {
+		return
+	}
+	if err != nil {
+		st.Finish(task.Event{Type: "error", Error: &task.Error{Code: "INTERNAL", Message: err.Error()}})
+		return
+	}
+	finishFromStatus(st, res)
+}
+
+func finishFromStatus(st *tokenstream.Stream, res task.Status) {
+	if res.State != task.Completed {
+		e := res.Error
+		if e == nil {
+			e = &task.Error{Code: "INTERNAL", Message: "task ended " + string(res.State)}
+		}
+		st.Finish(task.Event{Type: "error", Error: e})
+		return
+	}
+	var evs []task.Event
+	if res.Where != nil {
+		evs = append(evs, task.Event{Type: "started", NodeID: res.Where.NodeID, PoolID: res.Where.PoolID})
+	}
+	for i := st.Tokens(); i < len(res.Pieces); i++ {
+		evs = append(evs, task.Event{Type: "token", I: i, T: res.Pieces[i]})
+	}
+	evs = append(evs, task.Event{Type: "end", TokensOut: res.TokensOut, DecodeTimeMs: res.DecodeMs, TokensIn: res.TokensIn, StopType: res.StopType})
+	_, _ = st.Push(evs)
+}
+
+// taskEvents is the /v2 SSE stream: started, token*, metrics, then end or
+// error; `: keep-alive` while idle; resumable with Last-Event-ID (the last
+// token index seen). A client that goes away does not cancel the task.
+func (s *Server) taskEvents(c *fiber.Ctx) error {
+	id, err := taskID(c)
+	if err != nil {
+		return err
+	}
+	if _, _, err := s.status(c.UserContext(), id); err != nil {
+		return err
+	}
+	cur := tokenstream.Cursor{}
+	if last := c.Get("Last-Event-ID"); last != "" {
+		n, err := strconv.Atoi(last)
+		if err != nil || n < -1 {
+			return invalidParam("Last-Event-ID", "want the index of the last token received")
+		}
+		cur = tokenstream.Cursor{Started: true, Next: n + 1}
+	}
+	stream := s.hub.Stream(id)
+	c.Set(fiber.HeaderContentType, "text/event-stream")
+	c.Set(fiber.HeaderCacheControl, "no-cache")
+	c.Set("X-Accel-Buffering", "no")
+	log := s.log(c).With("task_id", id)
+	c.Context().SetBodyStreamWriter(func(w *bufio.Writer) {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		go s.follow(ctx, id, stream)
+		_ = writeStream(w, stream, cur, func(ev task.Event) []byte { return sseV2(ev) })
+		log.Debug("event stream closed")
+	})
+	return nil
+}
+
+// writeStream copies a stream's events to w from cur, with keep-alives,
+// until the final event or a failed write (the client left).
+func writeStream(w *bufio.Writer, st *tokenstream.Stream, cur tokenstream.Cursor, render func(task.Event) []byte) error {
+	for {
+		evs, next, changed := st.Read(cur)
+		cur = next
+		for _, ev := range evs {
+			if b := render(ev); b != nil {
+				if _, err := w.Write(b); err != nil {
+					return err
+				}
+			}
+		}
+		if err := w.Flush(); err != nil {
+			return err
+		}
+		if cur.Done {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-time.After(keepAlive):
+			if _, err := w.WriteString(": keep-alive\n\n"); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func sseV2(ev task.Event) []byte {
+	var data any
+	id := ""
+	switch ev.Type {
+	case "started":
+		data = map[string]any{"node_id": ev.NodeID, "pool_id": ev.PoolID}
+	case "token":
+		data = map[string]any{"t": ev.T, "i": ev.I}
+		id = strconv.Itoa(ev.I)
+	case "metrics":
+		data = ev.Metrics
+	case "end":
+		data = map[string]any{"tokens_out": ev.TokensOut, "decode_time_ms": ev.DecodeTimeMs}
+	case "error":
+		data = ev.Error
+	default:
+		return nil
+	}
+	b, _ := json.Marshal(data)
+	var sb strings.Builder
+	if id != "" {
+		sb.WriteString("id: " + id + "\n")
+	}
+	sb.WriteString("event: " + ev.Type + "\ndata: ")
+	sb.Write(b)
+	sb.WriteString("\n\n")
+	return []byte(sb.String())
+}
+
+// pushEvents receives a node's batch of a task's events.
+func (s *Server) pushEvents(c *fiber.Ctx) error {
+	id, err := taskID(c)
+	if err != nil {
+		return err
+	}
+	tok := strings.TrimPrefix(c.Get(fiber.HeaderAuthorization), "Bearer ")
+	if !tokenstream.CheckSinkToken(s.streamKey, id, tok) {
+		return apiError(fiber.StatusUnauthorized, CodeBadToken, "stream token not accepted for task %s", id)
+	}
+	var body tokenstream.PushBody
+	if err := json.Unmarshal(c.Body(), &body); err != nil {
+		return invalidParam("body", "%v", err)
+	}
+	have, err := s.hub.Stream(id).Push(body.Events)
+	if errors.Is(err, tokenstream.ErrGap) {
+		return c.Status(fiber.StatusConflict).JSON(tokenstream.PushReply{Have: have})
+	}
+	return c.JSON(tokenstream.PushReply{Have: have})
+}
+
+// sinkURL is where nodes push events to this apiserver.
+func (s *Server) sinkURL() string {
+	if s.cfg.AdvertiseURL != "" {
+		return strings.TrimRight(s.cfg.AdvertiseURL, "/")
+	}
+	if s.ln != nil {
+		return "http://" + s.ln.Addr().String()
+	}
+	return "http://" + s.cfg.Addr
+}
+
+// streamKeyFor derives the key of stream tokens from the API token (so it
+// survives a restart), or a random one when there is none.
+func streamKeyFor(apiToken string) []byte {
+	if apiToken == "" {
+		b := make([]byte, 32)
+		_, _ = rand.Read(b)
+		return b
+	}
+	sum := sha256.Sum256([]byte("llorch token stream\x00" + apiToken))
+	return sum[:]
+}

@@ -1,0 +1,134 @@
+// Package placement chooses the pool a task runs on. It is a pure function
+// of a snapshot of pools, so equal inputs give equal choices and it is
+// cheap enough to run on every dispatch (see the benchmark).
+package placement
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+
+	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/task"
+)
+
+// Candidate is a pool as placement sees it.
+type Candidate struct {
+	PoolID     string
+	NodeID     string
+	ModelID    string
+	URL        string
+	Epoch      int64
+	State      pool.State
+	Draining   bool
+	NodeOnline bool
+	SlotsTotal int
+	CtxPerSlot int    // tokens a slot holds (0: unknown, the model's)
+	SlotsBusy  int    // granted by this scheduler
+	FreeVRAM   uint64 // the node's, from its last heartbeat
+}
+
+// Request is what a task asks of placement.
+type Request struct {
+	ModelID   string
+	Placement task.Placement
+	Exclude   []string // pools the task must leave (it was lost there)
+}
+
+var (
+	// ErrNoPool: no pool could serve the task now or later (none holds the
+	// model, or placement rules exclude every one).
+	ErrNoPool = errors.New("no pool serves the model")
+	// ErrBusy: pools could serve it but none has a free slot now.
+	ErrBusy = errors.New("every pool that can serve the task is busy")
+)
+
+func (c *Candidate) free() int { return c.SlotsTotal - c.SlotsBusy }
+
+// may says whether c could serve r at all (now or once it is ready).
+func may(c *Candidate, r *Request) bool {
+	if c.ModelID != r.ModelID || !c.NodeOnline || c.Draining {
+		return false
+	}
+	switch c.State {
+	case pool.Ready, pool.Starting, pool.Unready:
+	default:
+		return false
+	}
+	p := &r.Placement
+	if p.NodeID != "" && c.NodeID != p.NodeID {
+		return false
+	}
+	return !slices.Contains(p.AvoidPools, c.PoolID) && !slices.Contains(r.Exclude, c.PoolID)
+}
+
+func now(c *Candidate) bool { return c.State == pool.Ready && c.free() > 0 }
+
+// better orders by most free VRAM, then fewest busy slots, then pool id.
+func better(a, b *Candidate) bool {
+	if a.FreeVRAM != b.FreeVRAM {
+		return a.FreeVRAM > b.FreeVRAM
+	}
+	if a.SlotsBusy != b.SlotsBusy {
+		return a.SlotsBusy < b.SlotsBusy
+	}
+	return a.PoolID < b.PoolID
+}
+
+// Choose picks the pool for r among cands. A pinned pool that cannot serve
+// is an error, never a silent fallback; preferred pools come first and,
+// unless allow_fallback is false, others after them.
+func Choose(cands []Candidate, r Request) (*Candidate, error) {
+	p := r.Placement
+	if p.Mode == "pin" || p.PinPoolID != "" {
+		for i := range cands {
+			c := &cands[i]
+			if c.PoolID != p.PinPoolID {
+				continue
+			}
+			if !may(c, &r) {
+				return nil, fmt.Errorf("%w: pinned pool %s cannot serve model %s (state %s, draining %v, node online %v)",
+					ErrNoPool, c.PoolID, r.ModelID, c.State, c.Draining, c.NodeOnline)
+			}
+			if c.State != pool.Ready {
+				return nil, fmt.Errorf("%w: pinned pool %s is %s", ErrNoPool, c.PoolID, c.State)
+			}
+			if c.free() <= 0 {
+				return nil, ErrBusy
+			}
+			return c, nil
+		}
+		return nil, fmt.Errorf("%w: pinned pool %s does not exist", ErrNoPool, p.PinPoolID)
+	}
+	var best, bestPreferred *Candidate
+	servable := false
+	for i := range cands {
+		c := &cands[i]
+		if !may(c, &r) {
+			continue
+		}
+		servable = true
+		if !now(c) {
+			continue
+		}
+		if slices.Contains(p.PreferPools, c.PoolID) && (bestPreferred == nil || better(c, bestPreferred)) {
+			bestPreferred = c
+		}
+		if best == nil || better(c, best) {
+			best = c
+		}
+	}
+	if bestPreferred != nil {
+		return bestPreferred, nil
+	}
+	if len(p.PreferPools) > 0 && p.AllowFallback != nil && !*p.AllowFallback {
+		best = nil
+	}
+	switch {
+	case best != nil:
+		return best, nil
+	case servable:
+		return nil, ErrBusy
+	}
+	return nil, fmt.Errorf("%w: %s", ErrNoPool, r.ModelID)
+}

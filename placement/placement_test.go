@@ -1,0 +1,80 @@
+package placement
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/task"
+)
+
+func cand(id, node string, vram uint64, busy int) Candidate {
+	return Candidate{PoolID: id, NodeID: node, ModelID: "m", State: pool.Ready, NodeOnline: true, SlotsTotal: 2, SlotsBusy: busy, FreeVRAM: vram}
+}
+
+func TestChoose(t *testing.T) {
+	no := false
+	cands := []Candidate{cand("a", "n1", 10, 0), cand("b", "n2", 20, 1), cand("c", "n3", 20, 0), cand("d", "n4", 30, 2)}
+	pick := func(r Request) string {
+		c, err := Choose(cands, r)
+		if err != nil {
+			return err.Error()
+		}
+		return c.PoolID
+	}
+	require.Equal(t, "c", pick(Request{ModelID: "m"}), "most VRAM among free (d is full), then fewest busy")
+	require.Equal(t, "b", pick(Request{ModelID: "m", Placement: task.Placement{AvoidPools: []string{"c"}}}))
+	require.Equal(t, "a", pick(Request{ModelID: "m", Placement: task.Placement{NodeID: "n1"}}))
+	require.Equal(t, "a", pick(Request{ModelID: "m", Placement: task.Placement{Mode: "prefer", PreferPools: []string{"a"}}}))
+	require.Equal(t, "c", pick(Request{ModelID: "m", Placement: task.Placement{Mode: "prefer", PreferPools: []string{"d"}}}), "preferred is full: fallback")
+	_, err := Choose(cands, Request{ModelID: "m", Placement: task.Placement{PreferPools: []string{"d"}, AllowFallback: &no}})
+	require.ErrorIs(t, err, ErrBusy)
+	require.Equal(t, "b", pick(Request{ModelID: "m", Placement: task.Placement{Mode: "pin", PinPoolID: "b"}}))
+	_, err = Choose(cands, Request{ModelID: "m", Placement: task.Placement{Mode: "pin", PinPoolID: "d"}})
+	require.ErrorIs(t, err, ErrBusy, "a full pinned pool is waited for")
+	_, err = Choose(cands, Request{ModelID: "m", Placement: task.Placement{Mode: "pin", PinPoolID: "zz"}})
+	require.ErrorIs(t, err, ErrNoPool)
+	_, err = Choose(cands, Request{ModelID: "other"})
+	require.ErrorIs(t, err, ErrNoPool)
+	_, err = Choose(cands, Request{ModelID: "m", Exclude: []string{"a", "b", "c", "d"}})
+	require.ErrorIs(t, err, ErrNoPool)
+
+	// A pinned pool that is not ready is an error, never a fallback.
+	starting := append([]Candidate{}, cands...)
+	starting[1].State = pool.Starting
+	_, err = Choose(starting, Request{ModelID: "m", Placement: task.Placement{Mode: "pin", PinPoolID: "b"}})
+	require.ErrorIs(t, err, ErrNoPool)
+	// Draining pools and pools on nodes that are not Online get nothing.
+	gone := []Candidate{cand("a", "n1", 10, 0), cand("b", "n2", 10, 0)}
+	gone[0].Draining, gone[1].NodeOnline = true, false
+	_, err = Choose(gone, Request{ModelID: "m"})
+	require.ErrorIs(t, err, ErrNoPool)
+	// A pool still starting makes the task wait, not fail.
+	gone[1].NodeOnline, gone[1].State = true, pool.Starting
+	_, err = Choose(gone, Request{ModelID: "m"})
+	require.True(t, errors.Is(err, ErrBusy), err)
+}
+
+// BenchmarkChoose1000Nodes places one task among 1000 nodes of 2 pools each.
+func BenchmarkChoose1000Nodes(b *testing.B) {
+	cands := make([]Candidate, 0, 2000)
+	for n := range 1000 {
+		for p := range 2 {
+			c := cand(fmt.Sprintf("pool-%d-%d", n, p), fmt.Sprintf("node-%d", n), uint64((n*7919)%1000)<<30, (n+p)%3)
+			if n%10 == 0 {
+				c.ModelID = "other"
+			}
+			cands = append(cands, c)
+		}
+	}
+	r := Request{ModelID: "m", Placement: task.Placement{AvoidPools: []string{"pool-1-0"}}}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := Choose(cands, r); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

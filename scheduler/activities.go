@@ -1,0 +1,104 @@
+package scheduler
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"go.temporal.io/sdk/activity"
+	"go.temporal.io/sdk/temporal"
+
+	"github.com/llorch/llorch/placement"
+	"github.com/llorch/llorch/task"
+	"github.com/llorch/llorch/tokenstream"
+)
+
+// TaskControl are the task workflow's steps on the control queue, served
+// by the apiserver that holds the scheduler and the token hub.
+type TaskControl struct {
+	S       *Scheduler
+	Hub     *tokenstream.Hub
+	Metrics *Metrics
+}
+
+// PlaceInput asks for a slot.
+type PlaceInput struct {
+	TaskID     string
+	ModelID    string
+	Priority   task.Priority
+	Placement  task.Placement
+	Exclude    []string
+	EnqueuedAt time.Time
+}
+
+// Place waits for a slot, heartbeating; a restarted apiserver's scheduler
+// gets the task back when the activity is retried after the heartbeat
+// timeout. No pool able to serve the task is a non-retryable
+// POOL_UNAVAILABLE.
+func (a *TaskControl) Place(ctx context.Context, in PlaceInput) (task.Where, error) {
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-wctx.Done():
+				return
+			case <-t.C:
+				activity.RecordHeartbeat(ctx)
+			}
+		}
+	}()
+	where, err := a.S.Wait(wctx, in.TaskID, in.Priority,
+		placement.Request{ModelID: in.ModelID, Placement: in.Placement, Exclude: in.Exclude}, in.EnqueuedAt)
+	if errors.Is(err, placement.ErrNoPool) {
+		return where, temporal.NewNonRetryableApplicationError(err.Error(), task.ErrPoolUnavailable, nil)
+	}
+	return where, err
+}
+
+// ReleaseInput returns a slot.
+type ReleaseInput struct {
+	TaskID string
+	PoolID string
+	BusyMs int64
+}
+
+// Release returns a task's slot (idempotent; nothing after a restart).
+func (a *TaskControl) Release(_ context.Context, in ReleaseInput) error {
+	if in.PoolID == "" {
+		a.S.Forget(in.TaskID)
+		return nil
+	}
+	a.S.Release(in.TaskID, in.PoolID, time.Duration(in.BusyMs)*time.Millisecond)
+	return nil
+}
+
+// StreamProgress is what the apiserver's stream holds of a task: the tokens
+// its clients have seen, from which a generation moved off a lost node
+// resumes.
+func (a *TaskControl) StreamProgress(_ context.Context, taskID string) (task.Progress, error) {
+	if a.Hub == nil {
+		return task.Progress{}, nil
+	}
+	s := a.Hub.Peek(taskID)
+	if s == nil {
+		return task.Progress{}, nil
+	}
+	return s.Progress(), nil
+}
+
+// FinishInput is a task's outcome.
+type FinishInput struct {
+	TaskID string
+	State  task.State
+	Code   string
+}
+
+// Finished counts a task's outcome and forgets any ticket it left.
+func (a *TaskControl) Finished(_ context.Context, in FinishInput) error {
+	a.S.Forget(in.TaskID)
+	a.Metrics.finished(in.State, in.Code)
+	return nil
+}

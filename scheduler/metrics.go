@@ -1,0 +1,73 @@
+package scheduler
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/llorch/llorch/task"
+)
+
+// Metrics are the admission and placement figures. No task ids as labels.
+type Metrics struct {
+	Enqueued  *prometheus.CounterVec
+	Rejected  *prometheus.CounterVec
+	Placement *prometheus.CounterVec
+	Depth     *prometheus.GaugeVec
+	Finished  *prometheus.CounterVec
+}
+
+// NewMetrics registers the scheduler's metrics on reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		Enqueued: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_tasks_enqueued_total", Help: "Tasks admitted to the queue, by priority.",
+		}, []string{"priority"}),
+		Rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_tasks_rejected_total", Help: "Tasks refused at admission, by reason.",
+		}, []string{"reason"}),
+		Placement: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_placement_decisions_total", Help: "Placement decisions by outcome (placed, no_pool).",
+		}, []string{"outcome"}),
+		Depth: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "llorch_queue_depth", Help: "Tasks waiting for a slot, by priority.",
+		}, []string{"priority"}),
+	}
+	m.Finished = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "llorch_tasks_finished_total", Help: "Tasks that ended, by state (Completed, Failed, Canceled) and error code.",
+	}, []string{"state", "code"})
+	reg.MustRegister(m.Enqueued, m.Rejected, m.Placement, m.Depth, m.Finished)
+	return m
+}
+
+func (m *Metrics) enqueued(p task.Priority) {
+	if m != nil {
+		m.Enqueued.WithLabelValues(string(p)).Inc()
+	}
+}
+
+func (m *Metrics) rejected(reason string) {
+	if m != nil {
+		m.Rejected.WithLabelValues(reason).Inc()
+	}
+}
+
+func (m *Metrics) placed(outcome string) {
+	if m != nil {
+		m.Placement.WithLabelValues(outcome).Inc()
+	}
+}
+
+func (m *Metrics) depth(p task.Priority, n int) {
+	if m != nil {
+		m.Depth.WithLabelValues(string(p)).Set(float64(n))
+	}
+}
+
+// Rejected counts a refusal decided outside the scheduler (an invalid or
+// unservable request).
+func (m *Metrics) Reject(reason string) { m.rejected(reason) }
+
+func (m *Metrics) finished(s task.State, code string) {
+	if m != nil {
+		m.Finished.WithLabelValues(string(s), code).Inc()
+	}
+}

@@ -1,0 +1,355 @@
+// Package scheduler admits tasks and hands them pool slots: a bounded queue
+// per priority (interactive before batch, FIFO within each), a cached
+// snapshot of pools refreshed in the background, and slot grants counted
+// here. It lives in the apiserver beside the control worker; the truth of
+// which tasks exist is in Temporal (each task is a workflow), so a
+// restarted apiserver rebuilds its queue as the tasks' Place activities are
+// retried.
+package scheduler
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/llorch/llorch/placement"
+	"github.com/llorch/llorch/task"
+)
+
+// ErrQueueFull rejects a task at admission.
+var ErrQueueFull = errors.New("admission queue full")
+
+// Source lists the pools placement may use.
+type Source func(ctx context.Context) ([]placement.Candidate, error)
+
+// Scheduler is the admission queue and the slot ledger.
+type Scheduler struct {
+	Source   Source
+	Capacity int           // per priority; 0 = 1024
+	Refresh  time.Duration // pool snapshot period; 0 = 500 ms
+	Log      *slog.Logger
+	Metrics  *Metrics
+
+	mu      sync.Mutex
+	cands   []placement.Candidate
+	fresh   bool
+	grants  map[string]int // pool id -> slots granted
+	queues  map[task.Priority][]*ticket
+	tickets map[string]*ticket
+	// Observed service: EWMA of seconds a granted slot stays busy.
+	service float64
+	kick    chan struct{}
+}
+
+type ticket struct {
+	id       string
+	req      placement.Request
+	prio     task.Priority
+	enqueued time.Time
+	where    *placement.Candidate
+	err      error
+	done     chan struct{}
+}
+
+func (s *Scheduler) init() {
+	if s.grants == nil {
+		s.grants = map[string]int{}
+		s.queues = map[task.Priority][]*ticket{}
+		s.tickets = map[string]*ticket{}
+		s.kick = make(chan struct{}, 1)
+	}
+}
+
+func (s *Scheduler) capacity() int {
+	if s.Capacity <= 0 {
+		return 1024
+	}
+	return s.Capacity
+}
+
+// Admission is what a newly admitted task is told.
+type Admission struct {
+	Position         int   // tasks ahead of it (0: placed at once)
+	PredictedStartMs int64 // from the observed service time; -1: no observation yet
+}
+
+// Admit queues a task, or refuses it when its priority's queue is full.
+// Tasks that can be placed at once are granted a slot here.
+func (s *Scheduler) Admit(id string, prio task.Priority, req placement.Request, at time.Time) (Admission, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.init()
+	if t := s.tickets[id]; t != nil {
+		return s.admission(t), nil
+	}
+	if len(s.queues[prio]) >= s.capacity() {
+		s.Metrics.rejected("queue_full")
+		return Admission{}, ErrQueueFull
+	}
+	t := &ticket{id: id, req: req, prio: prio, enqueued: at, done: make(chan struct{})}
+	s.tickets[id] = t
+	s.queues[prio] = insertFIFO(s.queues[prio], t)
+	s.Metrics.enqueued(prio)
+	s.dispatch()
+	return s.admission(t), nil
+}
+
+// insertFIFO keeps a queue ordered by enqueue time (a ticket re-admitted
+// after an apiserver restart goes back to its place).
+func insertFIFO(q []*ticket, t *ticket) []*ticket {
+	i := len(q)
+	for i > 0 && q[i-1].enqueued.After(t.enqueued) {
+		i--
+	}
+	q = append(q, nil)
+	copy(q[i+1:], q[i:])
+	q[i] = t
+	return q
+}
+
+func (s *Scheduler) admission(t *ticket) Admission {
+	if t.where != nil {
+		return Admission{}
+	}
+	pos := 0
+	if t.prio == task.Batch {
+		pos += len(s.queues[task.Interactive])
+	}
+	for _, o := range s.queues[t.prio] {
+		if o == t {
+			break
+		}
+		pos++
+	}
+	slots := 0
+	for _, c := range s.cands {
+		if c.ModelID == t.req.ModelID {
+			slots += c.SlotsTotal
+		}
+	}
+	if s.service == 0 || slots == 0 {
+		return Admission{Position: pos, PredictedStartMs: -1}
+	}
+	// Every slot of the model frees once per service time.
+	waves := float64(pos/slots + 1)
+	return Admission{Position: pos, PredictedStartMs: int64(waves * s.service * 1000)}
+}
+
+// Wait blocks until the task has a slot (or cannot get one: ErrNoPool).
+// The task is admitted if it is not queued (after an apiserver restart);
+// a re-admission never counts against the queue's bound.
+func (s *Scheduler) Wait(ctx context.Context, id string, prio task.Priority, req placement.Request, at time.Time) (task.Where, error) {
+	s.mu.Lock()
+	s.init()
+	t := s.tickets[id]
+	if t == nil || t.err != nil || (t.where == nil && !sameExclude(t.req.Exclude, req.Exclude)) {
+		if t != nil {
+			s.remove(t)
+		}
+		t = &ticket{id: id, req: req, prio: prio, enqueued: at, done: make(chan struct{})}
+		s.tickets[id] = t
+		s.queues[prio] = insertFIFO(s.queues[prio], t)
+		s.dispatch()
+	}
+	s.mu.Unlock()
+	select {
+	case <-t.done:
+	case <-ctx.Done():
+		s.mu.Lock()
+		s.remove(t)
+		s.mu.Unlock()
+		return task.Where{}, ctx.Err()
+	}
+	if t.err != nil {
+		return task.Where{}, t.err
+	}
+	return task.Where{NodeID: t.where.NodeID, PoolID: t.where.PoolID, URL: t.where.URL, Epoch: t.where.Epoch}, nil
+}
+
+func sameExclude(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// Release returns a task's slot; busy is how long it was held.
+func (s *Scheduler) Release(id, poolID string, busy time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.init()
+	if t := s.tickets[id]; t != nil && t.where != nil && t.where.PoolID == poolID {
+		delete(s.tickets, id)
+		if s.grants[poolID] > 0 {
+			s.grants[poolID]--
+		}
+		if busy > 0 {
+			sec := busy.Seconds()
+			if s.service == 0 {
+				s.service = sec
+			} else {
+				s.service = 0.8*s.service + 0.2*sec
+			}
+		}
+	}
+	s.dispatch()
+}
+
+// Forget drops a task that ended without a grant (canceled while queued).
+func (s *Scheduler) Forget(id string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.init()
+	if t := s.tickets[id]; t != nil && t.where == nil {
+		s.remove(t)
+	}
+}
+
+// remove takes t out of its queue and the index. Called with s.mu held.
+func (s *Scheduler) remove(t *ticket) {
+	q := s.queues[t.prio]
+	for i, o := range q {
+		if o == t {
+			s.queues[t.prio] = append(q[:i], q[i+1:]...)
+			break
+		}
+	}
+	if s.tickets[t.id] == t {
+		delete(s.tickets, t.id)
+	}
+}
+
+// dispatch grants slots to queued tasks: interactive first, FIFO within
+// each priority; a task that must wait does not hold up those behind it
+// that can run elsewhere. Called with s.mu held.
+func (s *Scheduler) dispatch() {
+	if !s.fresh {
+		return // no snapshot yet: Run dispatches after the first refresh
+	}
+	for i := range s.cands {
+		s.cands[i].SlotsBusy = s.grants[s.cands[i].PoolID]
+	}
+	for _, prio := range []task.Priority{task.Interactive, task.Batch} {
+		q := s.queues[prio]
+		kept := q[:0]
+		for _, t := range q {
+			c, err := placement.Choose(s.cands, t.req)
+			switch {
+			case err == nil:
+				cc := *c
+				t.where = &cc
+				s.grants[c.PoolID]++
+				c.SlotsBusy++
+				s.Metrics.placed("placed")
+				close(t.done)
+			case errors.Is(err, placement.ErrBusy):
+				kept = append(kept, t)
+			default:
+				t.err = err
+				delete(s.tickets, t.id)
+				s.Metrics.placed("no_pool")
+				close(t.done)
+			}
+		}
+		for i := len(kept); i < len(q); i++ {
+			q[i] = nil
+		}
+		s.queues[prio] = kept
+		s.Metrics.depth(prio, len(kept))
+	}
+}
+
+// Run refreshes the pool snapshot and dispatches until ctx ends.
+func (s *Scheduler) Run(ctx context.Context) {
+	s.mu.Lock()
+	s.init()
+	kick := s.kick
+	s.mu.Unlock()
+	period := s.Refresh
+	if period <= 0 {
+		period = 500 * time.Millisecond
+	}
+	tick := time.NewTicker(period)
+	defer tick.Stop()
+	for {
+		s.RefreshNow(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		case <-kick:
+		}
+	}
+}
+
+// RefreshNow reads the pools once and dispatches.
+func (s *Scheduler) RefreshNow(ctx context.Context) {
+	cands, err := s.Source(ctx)
+	if err != nil {
+		if s.Log != nil && ctx.Err() == nil {
+			s.Log.Warn("scheduler: cannot list pools", "err", err)
+		}
+		return
+	}
+	s.mu.Lock()
+	s.cands, s.fresh = cands, true
+	s.dispatch()
+	s.mu.Unlock()
+}
+
+// Kick asks for a refresh now (a pool changed).
+func (s *Scheduler) Kick() {
+	s.mu.Lock()
+	s.init()
+	s.mu.Unlock()
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Servable says whether any pool (ready or coming up) could serve req.
+func (s *Scheduler) Servable(req placement.Request) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.fresh {
+		return nil // unknown yet: queue it
+	}
+	_, err := placement.Choose(s.cands, req)
+	if errors.Is(err, placement.ErrBusy) {
+		return nil
+	}
+	return err
+}
+
+// MaxContext is the largest per-slot context among the pools of a model
+// (0: none known).
+func (s *Scheduler) MaxContext(modelID string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, c := range s.cands {
+		if c.ModelID == modelID {
+			n = max(n, c.CtxPerSlot)
+		}
+	}
+	return n
+}
+
+// Backoff is how long a refused client should wait: one observed service
+// time, or a second before any was observed.
+func (s *Scheduler) Backoff() time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.service == 0 {
+		return time.Second
+	}
+	return max(100*time.Millisecond, time.Duration(s.service*float64(time.Second)))
+}

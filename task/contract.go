@@ -1,0 +1,198 @@
+// Package task is the contract of inference tasks: ids, requests, events
+// and results shared by the API, the task workflow and the node's
+// generation activity.
+package task
+
+import (
+	"fmt"
+	"regexp"
+	"time"
+)
+
+// WorkflowType is the registered name of the task workflow.
+const WorkflowType = "Task"
+
+// WorkflowID is the readable id of a task's workflow.
+func WorkflowID(taskID string) string { return "task:" + taskID }
+
+var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+
+// ValidateID checks a client-chosen task id.
+func ValidateID(id string) error {
+	if !idPattern.MatchString(id) {
+		return fmt.Errorf("task id %q is invalid: use 1-128 characters of A-Z, a-z, 0-9, '.', '_' or '-', starting with a letter or digit", id)
+	}
+	return nil
+}
+
+// Priority orders the admission queue: interactive before batch.
+type Priority string
+
+const (
+	Interactive Priority = "interactive"
+	Batch       Priority = "batch"
+)
+
+// Placement says where a task may run (the original plan's placement object).
+type Placement struct {
+	Mode          string   `json:"mode,omitempty"` // auto (default), pin, prefer
+	PinPoolID     string   `json:"pin_pool_id,omitempty"`
+	PreferPools   []string `json:"prefer_pools,omitempty"`
+	AvoidPools    []string `json:"avoid_pools,omitempty"`
+	NodeID        string   `json:"node_id,omitempty"`
+	AllowFallback *bool    `json:"allow_fallback,omitempty"` // prefer: may run elsewhere (default true)
+}
+
+// Message is one chat message.
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+// Params are the sampling settings, as the engine takes them.
+type Params struct {
+	MaxTokens   int      `json:"max_tokens"`
+	Temperature float64  `json:"temperature"`
+	TopK        int      `json:"top_k"`
+	TopP        float64  `json:"top_p"`
+	Seed        int64    `json:"seed"`
+	Stop        []string `json:"stop,omitempty"`
+}
+
+// Request is a task as admitted: the workflow's input.
+type Request struct {
+	TaskID        string        `json:"task_id"`
+	SessionID     string        `json:"session_id,omitempty"`
+	ModelID       string        `json:"model_id"`
+	Prompt        string        `json:"prompt,omitempty"`
+	Messages      []Message     `json:"messages,omitempty"`
+	Params        Params        `json:"params"`
+	Priority      Priority      `json:"priority"`
+	Deadline      time.Duration `json:"deadline"` // 0: none
+	Placement     Placement     `json:"placement"`
+	CorrelationID string        `json:"correlation_id,omitempty"`
+	EnqueuedAt    time.Time     `json:"enqueued_at"`
+	// Sink is where the node pushes the task's events (the apiserver that
+	// admitted it), and the credential it pushes with.
+	Sink Sink `json:"sink"`
+}
+
+// Sink is the token stream's receiving end.
+type Sink struct {
+	URL   string `json:"url"`
+	Token string `json:"token,omitempty"`
+}
+
+// Where is the pool a task runs on.
+type Where struct {
+	NodeID string `json:"node_id"`
+	PoolID string `json:"pool_id"`
+	URL    string `json:"url"`
+	Epoch  int64  `json:"epoch"`
+}
+
+// State of a task.
+type State string
+
+const (
+	Queued    State = "Queued"
+	Running   State = "Running"
+	Completed State = "Completed"
+	Failed    State = "Failed"
+	Canceled  State = "Canceled"
+)
+
+// Migration records a generation moved off a lost node.
+type Migration struct {
+	From    Where     `json:"from"`
+	To      Where     `json:"to,omitempty"`
+	AtToken int       `json:"at_token"`
+	Reason  string    `json:"reason"`
+	At      time.Time `json:"at"`
+}
+
+// Status is a task as a reader sees it.
+type Status struct {
+	TaskID        string      `json:"task_id"`
+	State         State       `json:"state"`
+	ModelID       string      `json:"model_id"`
+	Where         *Where      `json:"where,omitempty"`
+	Text          string      `json:"text,omitempty"`
+	Pieces        []string    `json:"pieces,omitempty"` // token texts, to replay a finished stream
+	TokensIn      int         `json:"tokens_in"`
+	TokensOut     int         `json:"tokens_out"`
+	StopType      string      `json:"stop_type,omitempty"`
+	QueueMs       int64       `json:"queue_ms"`
+	FirstTokenMs  int64       `json:"first_token_ms,omitempty"`
+	DecodeMs      int64       `json:"decode_ms,omitempty"`
+	Migrations    []Migration `json:"migrations,omitempty"`
+	Error         *Error      `json:"error,omitempty"`
+	CorrelationID string      `json:"correlation_id,omitempty"`
+	SubmittedAt   time.Time   `json:"submitted_at"`
+	FinishedAt    time.Time   `json:"finished_at,omitempty"`
+}
+
+// Error is a task's failure, as the error event and the API carry it.
+type Error struct {
+	Code         string `json:"code"`
+	Message      string `json:"message"`
+	Retriable    bool   `json:"retriable"`
+	RetryAfterMs int64  `json:"retry_after_ms,omitempty"`
+}
+
+// Error codes of tasks.
+const (
+	ErrPoolUnavailable = "POOL_UNAVAILABLE"
+	ErrWorkerReset     = "WORKER_RESET"
+	ErrDeadline        = "DEADLINE_EXCEEDED"
+	ErrCanceled        = "CANCELED"
+	ErrEngine          = "ENGINE_ERROR"
+	ErrInvalid         = "INVALID_PARAMS"
+	ErrAdmissionReject = "ADMISSION_REJECT"
+	ErrModelDeprecated = "MODEL_DEPRECATED"
+)
+
+// Workflow messages.
+const (
+	QueryStatus  = "status"
+	SignalCancel = "cancel"
+)
+
+// Result is what one generation on one node produced.
+type Result struct {
+	Tokens       []int32  `json:"tokens"` // every token produced, resumed ones included
+	Pieces       []string `json:"pieces"` // text per token, in order
+	TokensIn     int      `json:"tokens_in"`
+	StopType     string   `json:"stop_type"`
+	FirstTokenMs int64    `json:"first_token_ms"`
+	DecodeMs     int64    `json:"decode_ms"`
+}
+
+// Progress is the generation activity's heartbeat: what it has produced.
+type Progress struct {
+	Tokens []int32  `json:"tokens"`
+	Pieces []string `json:"pieces"`
+}
+
+// Event is one event of a task's stream, as the node pushes it and as SSE
+// carries it (type is the SSE event name).
+type Event struct {
+	Type string `json:"type"` // started, token, metrics, end, error
+	// token: index, text, and the engine's token id (a resumed generation
+	// continues from the ids the client has seen)
+	I   int    `json:"i"`
+	T   string `json:"t"`
+	Tok int32  `json:"tok"`
+	// started
+	NodeID string `json:"node_id,omitempty"`
+	PoolID string `json:"pool_id,omitempty"`
+	// end
+	TokensOut    int    `json:"tokens_out,omitempty"`
+	DecodeTimeMs int64  `json:"decode_time_ms,omitempty"`
+	TokensIn     int    `json:"tokens_in,omitempty"`
+	StopType     string `json:"stop_type,omitempty"` // limit, eos, word`
+	// metrics
+	Metrics map[string]any `json:"metrics,omitempty"`
+	// error
+	Error *Error `json:"error,omitempty"`
+}

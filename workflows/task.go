@@ -1,0 +1,261 @@
+package workflows
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"go.temporal.io/sdk/temporal"
+	"go.temporal.io/sdk/workflow"
+
+	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/scheduler"
+	"github.com/llorch/llorch/task"
+)
+
+// Generation timings of a task.
+const (
+	// taskHeartbeat: a generating node silent this long is lost; the task
+	// moves to another pool.
+	taskHeartbeat = 5 * time.Second
+	taskMaxTime   = 24 * time.Hour
+	// maxMigrations bounds how often one task moves off lost nodes.
+	maxMigrations = 3
+)
+
+// Task runs one inference task: a slot from the scheduler, the generation on
+// that pool's node (tokens travel out of band, never through this
+// history), and, when the node is lost mid-stream, the rest of the
+// generation on another pool from the tokens already produced. It records
+// the outcome: text, token counts, timings, migrations.
+func Task(ctx workflow.Context, req task.Request) (task.Status, error) {
+	t := &taskWF{req: req, cancel: workflow.GetSignalChannel(ctx, task.SignalCancel)}
+	t.st = task.Status{TaskID: req.TaskID, State: task.Queued, ModelID: req.ModelID,
+		CorrelationID: req.CorrelationID, SubmittedAt: workflow.Now(ctx)}
+	if err := workflow.SetQueryHandler(ctx, task.QueryStatus, func() (task.Status, error) { return t.st, nil }); err != nil {
+		return t.st, err
+	}
+	t.details(ctx)
+
+	gctx, stop := workflow.WithCancel(ctx)
+	var runErr error
+	finished := workflow.NewBufferedChannel(ctx, 1)
+	workflow.Go(gctx, func(c workflow.Context) {
+		runErr = t.run(c)
+		finished.SendAsync(true)
+	})
+	ended := false
+	sel := workflow.NewSelector(ctx)
+	sel.AddReceive(finished, func(c workflow.ReceiveChannel, _ bool) { c.Receive(ctx, nil); ended = true })
+	sel.AddReceive(t.cancel, func(c workflow.ReceiveChannel, _ bool) {
+		var reason string
+		c.Receive(ctx, &reason)
+		t.fail(task.Canceled, &task.Error{Code: task.ErrCanceled, Message: "canceled" + suffix(reason)})
+	})
+	if req.Deadline > 0 {
+		left := req.Deadline - workflow.Now(ctx).Sub(req.EnqueuedAt)
+		sel.AddFuture(workflow.NewTimer(gctx, max(left, time.Millisecond)), func(workflow.Future) {
+			t.fail(task.Failed, &task.Error{Code: task.ErrDeadline,
+				Message: fmt.Sprintf("deadline of %s passed after %d tokens", req.Deadline, len(t.prog.Tokens))})
+		})
+	}
+	sel.Select(ctx)
+	if !ended {
+		stop() // cancels the generation on the node; the run then returns
+		finished.Receive(ctx, nil)
+	}
+	if t.st.Error == nil && runErr != nil {
+		t.fail(task.Failed, asTaskError(runErr))
+	}
+	t.st.FinishedAt = workflow.Now(ctx)
+	t.details(ctx)
+	var tc *scheduler.TaskControl
+	_ = workflow.ExecuteActivity(t.control(ctx, time.Minute), tc.Finished,
+		scheduler.FinishInput{TaskID: req.TaskID, State: t.st.State, Code: errCode(t.st.Error)}).Get(ctx, nil)
+	return t.st, nil
+}
+
+type taskWF struct {
+	req    task.Request
+	st     task.Status
+	prog   task.Progress
+	cancel workflow.ReceiveChannel
+}
+
+func (t *taskWF) control(ctx workflow.Context, timeout time.Duration) workflow.Context {
+	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+		TaskQueue: node.ControlTaskQueue, StartToCloseTimeout: timeout,
+		RetryPolicy: &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 10 * time.Second},
+	})
+}
+
+func (t *taskWF) fail(s task.State, e *task.Error) {
+	if t.st.Error == nil && t.st.State != task.Completed {
+		t.st.State, t.st.Error = s, e
+	}
+}
+
+func (t *taskWF) run(ctx workflow.Context) error {
+	var tc *scheduler.TaskControl
+	var ga *activities.GenerateActivities
+	var exclude []string
+	for {
+		// A slot. The scheduler lives in the apiserver: a restarted one is
+		// back for the retried activity after the heartbeat timeout.
+		pctx := workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+			TaskQueue: node.ControlTaskQueue, StartToCloseTimeout: taskMaxTime, HeartbeatTimeout: 10 * time.Second,
+			RetryPolicy: &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 5 * time.Second,
+				NonRetryableErrorTypes: []string{task.ErrPoolUnavailable}},
+			Summary: "wait for a slot of a pool serving " + t.req.ModelID,
+		})
+		var where task.Where
+		err := workflow.ExecuteActivity(pctx, tc.Place, scheduler.PlaceInput{TaskID: t.req.TaskID, ModelID: t.req.ModelID,
+			Priority: t.req.Priority, Placement: t.req.Placement, Exclude: exclude, EnqueuedAt: t.req.EnqueuedAt}).Get(ctx, &where)
+		if err != nil {
+			if len(t.st.Migrations) > 0 && isType(err, task.ErrPoolUnavailable) {
+				return &taskError{task.Error{Code: task.ErrWorkerReset, Retriable: true, RetryAfterMs: 1000,
+					Message: fmt.Sprintf("the node generating this task was lost after %d tokens and no other pool can continue it", len(t.prog.Tokens))}}
+			}
+			return err
+		}
+		if len(t.st.Migrations) > 0 {
+			t.st.Migrations[len(t.st.Migrations)-1].To = where
+		} else {
+			t.st.QueueMs = workflow.Now(ctx).Sub(t.req.EnqueuedAt).Milliseconds()
+		}
+		t.st.State, t.st.Where = task.Running, &where
+		t.details(ctx)
+
+		began := workflow.Now(ctx)
+		gctx := workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+			TaskQueue: node.TaskQueue(where.NodeID), StartToCloseTimeout: taskMaxTime,
+			ScheduleToStartTimeout: time.Minute, HeartbeatTimeout: taskHeartbeat,
+			RetryPolicy:         &temporal.RetryPolicy{MaximumAttempts: 1},
+			WaitForCancellation: true,
+			Summary:             fmt.Sprintf("generate on %s/%s from token %d", where.NodeID, where.PoolID, len(t.prog.Tokens)),
+		})
+		var res task.Result
+		err = workflow.ExecuteActivity(gctx, ga.Generate, activities.GenerateInput{Request: t.req, Where: where, Resume: t.prog}).Get(ctx, &res)
+		// The slot goes back whatever happened (on a context that a cancel
+		// does not stop).
+		rctx, _ := workflow.NewDisconnectedContext(ctx)
+		_ = workflow.ExecuteActivity(t.control(rctx, time.Minute), tc.Release, scheduler.ReleaseInput{
+			TaskID: t.req.TaskID, PoolID: where.PoolID, BusyMs: workflow.Now(ctx).Sub(began).Milliseconds()}).Get(rctx, nil)
+		if err == nil {
+			t.done(res)
+			return nil
+		}
+		if ctx.Err() != nil || !lostNode(err) {
+			return err
+		}
+		// The node is lost: continue from what was produced, elsewhere.
+		t.recoverProgress(ctx, err)
+		if len(t.st.Migrations) >= maxMigrations {
+			return &taskError{task.Error{Code: task.ErrWorkerReset, Retriable: true, RetryAfterMs: 1000,
+				Message: fmt.Sprintf("lost %d nodes while generating; giving up", len(t.st.Migrations))}}
+		}
+		t.st.Migrations = append(t.st.Migrations, task.Migration{From: where, AtToken: len(t.prog.Tokens),
+			Reason: err.Error(), At: workflow.Now(ctx)})
+		exclude = append(exclude, where.PoolID)
+		t.st.State = task.Queued
+		workflow.GetLogger(ctx).Warn("generating node lost; moving the task", "task_id", t.req.TaskID,
+			"node_id", where.NodeID, "pool_id", where.PoolID, "at_token", len(t.prog.Tokens), "correlation_id", t.req.CorrelationID)
+	}
+}
+
+// recoverProgress takes the longer of the lost generation's last heartbeat
+// and what the apiserver's stream holds (what clients have seen).
+func (t *taskWF) recoverProgress(ctx workflow.Context, err error) {
+	var timeout *temporal.TimeoutError
+	if errors.As(err, &timeout) && timeout.HasLastHeartbeatDetails() {
+		var p task.Progress
+		if timeout.LastHeartbeatDetails(&p) == nil && len(p.Tokens) > len(t.prog.Tokens) {
+			t.prog = p
+		}
+	}
+	var tc *scheduler.TaskControl
+	var p task.Progress
+	if workflow.ExecuteActivity(t.control(ctx, 30*time.Second), tc.StreamProgress, t.req.TaskID).Get(ctx, &p) == nil &&
+		len(p.Tokens) > len(t.prog.Tokens) && len(p.Tokens) == len(p.Pieces) {
+		t.prog = p
+	}
+}
+
+func (t *taskWF) done(res task.Result) {
+	t.prog = task.Progress{Tokens: res.Tokens, Pieces: res.Pieces}
+	t.st.State = task.Completed
+	t.st.Text = strings.Join(res.Pieces, "")
+	t.st.Pieces = res.Pieces
+	t.st.TokensIn, t.st.TokensOut = res.TokensIn, len(res.Tokens)
+	t.st.StopType = res.StopType
+	if len(t.st.Migrations) == 0 {
+		t.st.FirstTokenMs = res.FirstTokenMs
+	}
+	t.st.DecodeMs += res.DecodeMs
+}
+
+func (t *taskWF) details(ctx workflow.Context) {
+	where := "-"
+	if w := t.st.Where; w != nil {
+		where = w.NodeID + "/" + w.PoolID
+	}
+	errText := ""
+	if e := t.st.Error; e != nil {
+		errText = "\n\n" + e.Code + ": " + e.Message
+	}
+	workflow.SetCurrentDetails(ctx, fmt.Sprintf("**%s** task %s, model %s, on %s\n\ntokens in %d, out %d, migrations %d%s",
+		t.st.State, t.req.TaskID, t.req.ModelID, where, t.st.TokensIn, t.st.TokensOut, len(t.st.Migrations), errText))
+}
+
+// lostNode: the generating node went silent, or its engine broke off.
+func lostNode(err error) bool {
+	var timeout *temporal.TimeoutError
+	if errors.As(err, &timeout) {
+		return timeout.TimeoutType() != 0
+	}
+	return isType(err, task.ErrWorkerReset)
+}
+
+func isType(err error, typ string) bool {
+	var app *temporal.ApplicationError
+	return errors.As(err, &app) && app.Type() == typ
+}
+
+// taskError is a failure with its API shape.
+type taskError struct{ e task.Error }
+
+func (e *taskError) Error() string { return e.e.Code + ": " + e.e.Message }
+
+func asTaskError(err error) *task.Error {
+	var te *taskError
+	if errors.As(err, &te) {
+		return &te.e
+	}
+	var app *temporal.ApplicationError
+	if errors.As(err, &app) {
+		code := app.Type()
+		retriable := code == task.ErrPoolUnavailable || code == task.ErrWorkerReset
+		e := &task.Error{Code: code, Message: app.Message(), Retriable: retriable}
+		if retriable {
+			e.RetryAfterMs = 1000
+		}
+		return e
+	}
+	return &task.Error{Code: task.ErrEngine, Message: err.Error()}
+}
+
+func errCode(e *task.Error) string {
+	if e == nil {
+		return ""
+	}
+	return e.Code
+}
+
+func suffix(reason string) string {
+	if reason == "" {
+		return ""
+	}
+	return ": " + reason
+}
