@@ -148,7 +148,7 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (ta
 		}
 		if len(ch.Tokens) > 0 && first {
 			res.FirstTokenMs = time.Since(start).Milliseconds()
-			g.Metrics.firstToken(time.Since(start))
+			g.Metrics.firstToken(g.NodeID, time.Since(start))
 			first = false
 		}
 		mu.Lock()
@@ -178,7 +178,7 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (ta
 	mu.Lock()
 	res.Tokens, res.Pieces = prog.Tokens, prog.Pieces
 	mu.Unlock()
-	g.Metrics.generated(len(promptToks), len(res.Tokens)-resumed, time.Duration(res.DecodeMs)*time.Millisecond)
+	g.Metrics.generated(g.NodeID, len(promptToks), len(res.Tokens)-resumed, time.Duration(res.DecodeMs)*time.Millisecond)
 	push.Send(task.Event{Type: "end", TokensOut: len(res.Tokens), DecodeTimeMs: res.DecodeMs, TokensIn: res.TokensIn, StopType: res.StopType})
 	beat()
 	log.Info("generation done", "tokens_in", res.TokensIn, "tokens_out", len(res.Tokens), "resumed", resumed,
