@@ -35,8 +35,8 @@ type fakeHost struct {
 	inv  node.Inventory
 }
 
-func (h fakeHost) Snapshot() node.Snapshot   { return h.snap }
-func (h fakeHost) Inventory() node.Inventory { return h.inv }
+func (h fakeHost) Snapshot() node.Snapshot     { return h.snap }
+func (h fakeHost) Inventory() node.Inventory   { return h.inv }
 func (h fakeHost) ProcessGPUMemory(int) uint64 { return 0 }
 
 type engineFixture struct {

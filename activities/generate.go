@@ -119,6 +119,12 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (ta
 		"temperature": req.Params.Temperature, "top_k": req.Params.TopK, "top_p": req.Params.TopP,
 		"seed": req.Params.Seed, "stop": req.Params.Stop, "stream": true, "return_tokens": true,
 	}
+	if resumed > 0 {
+		// The built-in engine decodes the produced tokens one by one, as
+		// they were generated: greedy output then continues exactly.
+		// llama-server ignores the field.
+		body["resume_at"] = len(promptToks)
+	}
 	start := time.Now()
 	resp, err := g.post(ctx, in.Where.URL+"/completion", body)
 	if err != nil {

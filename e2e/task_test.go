@@ -15,7 +15,9 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/pool"
 	"github.com/llorch/llorch/testenv"
 )
 
@@ -242,4 +244,91 @@ func TestTasksV2(t *testing.T) {
 	require.Equal(t, "TASK_NOT_FOUND", body["code"])
 	w.signal(t, syscall.SIGTERM)
 	c.waitState(id, node.Left, 20*time.Second)
+}
+
+// slowModel is big enough to generate at a few hundred tokens per second
+// on one thread, so a node can be killed mid-stream.
+func slowModel(t *testing.T) string {
+	path, _, _ := tinyModel(t, modelstore.TinyOptions{Embd: 512, Layers: 8, Context: 4096, Seed: 71})
+	return path
+}
+
+// Kill -9 of the generating node's worker and engine mid-stream: the task
+// goes on on the other node's pool from the tokens already produced; the
+// stream has no gap and no duplicate and its text equals an uninterrupted
+// greedy run. With no other pool left, the client gets WORKER_RESET.
+func TestTaskMovesOffLostNode(t *testing.T) {
+	c := newCluster(t)
+	w1, w2 := c.worker("e2e-mig-1"), c.worker("e2e-mig-2")
+	c.waitState("e2e-mig-1", node.Online, 60*time.Second)
+	c.waitState("e2e-mig-2", node.Online, 60*time.Second)
+	c.push("mig-model", slowModel(t))
+	for _, p := range [][2]string{{"e2e-mig-1", "mp1"}, {"e2e-mig-2", "mp2"}} {
+		status, body := c.send("POST", "/v2/pools", `{"pool_id":"`+p[1]+`","model_id":"mig-model","node_id":"`+p[0]+`","ctx":4096}`)
+		require.Equal(t, 202, status, body)
+	}
+	h1 := c.waitPool("mp1", pool.Ready, 120*time.Second)
+	h2 := c.waitPool("mp2", pool.Ready, 120*time.Second)
+	const n = 1200
+	want := greedy(t, h2["url"].(string), "Once upon a time", n)
+
+	status, body := c.submit(`{"task_id":"t-mig","model_ref":"mig-model","prompt":"Once upon a time","max_tokens":1200,
+		"determinism":"strict","placement":{"mode":"prefer","prefer_pools":["mp1"]}}`)
+	require.Equal(t, 202, status, body)
+	ch, stop := c.events("t-mig", "")
+	defer stop()
+	var evs []sseEvent
+	for ev := range ch {
+		evs = append(evs, ev)
+		if ev.Name == "token" && ev.Data["i"].(float64) == 100 {
+			break
+		}
+	}
+	require.Equal(t, "mp1", evs[0].Data["pool_id"], "the task started on the preferred pool")
+	killedAt := time.Now()
+	w1.signal(t, syscall.SIGKILL)
+	require.NoError(t, syscall.Kill(int(h1["pid"].(float64)), syscall.SIGKILL))
+	rest, _ := collect(t, ch, 120*time.Second)
+	t.Logf("node lost after 100 tokens; stream complete %s after the kill", time.Since(killedAt))
+	evs = append(evs, rest...)
+	got := checkOrder(t, evs, 0)
+	require.Equal(t, n, got)
+	var text strings.Builder
+	for _, ev := range evs {
+		if ev.Name == "token" {
+			text.WriteString(ev.Data["t"].(string))
+		}
+	}
+	require.Equal(t, want, text.String(), "the moved generation equals an uninterrupted greedy run")
+	var rec map[string]any
+	testenv.Eventually(t, 30*time.Second, "task recorded", func() (bool, string) {
+		_, rec = c.get("/v2/tasks/t-mig")
+		return rec["state"] == "Completed", fmt.Sprint(rec)
+	})
+	migs := rec["migrations"].([]any)
+	require.Len(t, migs, 1)
+	m := migs[0].(map[string]any)
+	require.Equal(t, "mp1", m["from"].(map[string]any)["pool_id"])
+	require.Equal(t, "mp2", m["to"].(map[string]any)["pool_id"])
+	require.GreaterOrEqual(t, m["at_token"].(float64), float64(100))
+	require.Equal(t, want, rec["text"])
+	recordHistory(t, "task:t-mig", "task-moved-off-lost-node")
+
+	// No other pool: WORKER_RESET, retriable.
+	status, body = c.submit(`{"task_id":"t-reset","model_ref":"mig-model","prompt":"the","max_tokens":1200,"determinism":"strict"}`)
+	require.Equal(t, 202, status, body)
+	ch2, stop2 := c.events("t-reset", "")
+	defer stop2()
+	for ev := range ch2 {
+		if ev.Name == "token" && ev.Data["i"].(float64) == 50 {
+			break
+		}
+	}
+	w2.signal(t, syscall.SIGKILL)
+	require.NoError(t, syscall.Kill(int(h2["pid"].(float64)), syscall.SIGKILL))
+	evs, _ = collect(t, ch2, 120*time.Second)
+	last := evs[len(evs)-1]
+	require.Equal(t, "error", last.Name, "%v", last.Data)
+	require.Equal(t, "WORKER_RESET", last.Data["code"])
+	require.Equal(t, true, last.Data["retriable"])
 }

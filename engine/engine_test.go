@@ -509,7 +509,7 @@ func TestTokenPromptResumesExactly(t *testing.T) {
 
 	for _, k := range []int{1, 17, 39} {
 		prompt, _ := json.Marshal(append(append([]int32{}, tok.Tokens...), all[:k]...))
-		rest := complete(t, s, `{"prompt":`+string(prompt)+`,"n_predict":`+itoa(40-k)+`,"temperature":0,"return_tokens":true}`)
+		rest := complete(t, s, `{"prompt":`+string(prompt)+`,"n_predict":`+itoa(40-k)+`,"temperature":0,"return_tokens":true,"resume_at":`+itoa(len(tok.Tokens))+`}`)
 		require.Equal(t, all[k:], rest.Tokens, "resumed after %d tokens", k)
 	}
 

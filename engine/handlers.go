@@ -142,7 +142,9 @@ type completionRequest struct {
 	Stop         []string        `json:"stop"`
 	Stream       bool            `json:"stream"`
 	ReturnTokens bool            `json:"return_tokens"`
-	LogitBias    json.RawMessage `json:"logit_bias"`
+	// ResumeAt is llorch's: see promptInput.ResumeAt.
+	ResumeAt  int             `json:"resume_at"`
+	LogitBias json.RawMessage `json:"logit_bias"`
 }
 
 // parsePrompt reads llama-server's prompt: a string or an array of token ids.
@@ -339,6 +341,7 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, errInvalidRequest, err.Error())
 		return
 	}
+	prompt.ResumeAt = req.ResumeAt
 	bias, err := parseLogitBias(req.LogitBias)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, errInvalidRequest, err.Error())

@@ -35,6 +35,12 @@ type sampling struct {
 type promptInput struct {
 	Text   string
 	Tokens []llama.Token
+	// ResumeAt (with Tokens): the tokens from this index on were generated
+	// before; they are decoded one at a time, as they were when sampled, so
+	// the cache and the next logits are bit for bit the uninterrupted
+	// run's (a batched decode rounds differently and greedy output can
+	// drift).
+	ResumeAt int
 }
 
 // outcome is what a finished generation reports.
@@ -122,14 +128,22 @@ func (s *slot) generate(ctx context.Context, in promptInput, p sampling, emit fu
 
 	start := time.Now()
 	batchSize := int(llama.NBatch(s.ctx))
-	for i := 0; i < len(tokens); i += batchSize {
+	resumeAt := len(tokens)
+	if in.ResumeAt > 0 && in.ResumeAt < len(tokens) {
+		resumeAt = in.ResumeAt
+	}
+	for i := 0; i < len(tokens); {
 		if ctx.Err() != nil {
 			return out, ctx.Err()
 		}
-		end := min(i+batchSize, len(tokens))
+		end := min(i+batchSize, resumeAt)
+		if i >= resumeAt {
+			end = i + 1
+		}
 		if rc, err := llama.Decode(s.ctx, llama.BatchGetOne(tokens[i:end])); err != nil || rc != 0 {
 			return out, fmt.Errorf("decoding the prompt: llama_decode returned %d (%v)", rc, err)
 		}
+		i = end
 	}
 	genStart := time.Now()
 	out.PromptMs = float64(genStart.Sub(start).Microseconds()) / 1000
