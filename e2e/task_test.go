@@ -332,3 +332,5 @@ func TestTaskMovesOffLostNode(t *testing.T) {
 	require.Equal(t, "WORKER_RESET", last.Data["code"])
 	require.Equal(t, true, last.Data["retriable"])
 }
+
+func jsonDecode(res *http.Response, v any) error { return json.NewDecoder(res.Body).Decode(v) }

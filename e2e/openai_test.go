@@ -1,0 +1,136 @@
+package e2e
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/openai/openai-go/v3"
+	"github.com/openai/openai-go/v3/option"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/testenv"
+)
+
+// The OpenAI-compatible API read by OpenAI's own Go SDK: models, chat
+// completions (plain and streamed with usage), completions, errors in
+// OpenAI's shape; a client leaving a stream cancels its task.
+func TestOpenAICompatible(t *testing.T) {
+	c := newCluster(t)
+	id := "e2e-openai"
+	w := c.worker(id)
+	c.waitState(id, node.Online, 60*time.Second)
+	h := c.readyPool(id, "op1", "oai-tiny", 81, `,"slots":2,"ctx":8192`)
+	ctx := context.Background()
+	cl := openai.NewClient(option.WithBaseURL("http://"+c.api+"/v1/"), option.WithAPIKey(token), option.WithMaxRetries(0))
+
+	models, err := cl.Models.List(ctx)
+	require.NoError(t, err)
+	var ids []string
+	for _, m := range models.Data {
+		ids = append(ids, m.ID)
+	}
+	require.Contains(t, ids, "oai-tiny")
+
+	params := openai.ChatCompletionNewParams{
+		Model:       "oai-tiny",
+		Messages:    []openai.ChatCompletionMessageParamUnion{openai.SystemMessage("be brief"), openai.UserMessage("Hello there")},
+		MaxTokens:   openai.Int(24),
+		Temperature: openai.Float(0),
+	}
+	resp, err := cl.Chat.Completions.New(ctx, params)
+	require.NoError(t, err)
+	require.Len(t, resp.Choices, 1)
+	whole := resp.Choices[0].Message.Content
+	require.NotEmpty(t, whole)
+	require.Equal(t, "length", string(resp.Choices[0].FinishReason))
+	require.EqualValues(t, 24, resp.Usage.CompletionTokens)
+	require.Positive(t, resp.Usage.PromptTokens)
+
+	// The same request streamed: the same text, usage at the end.
+	params.StreamOptions = openai.ChatCompletionStreamOptionsParam{IncludeUsage: openai.Bool(true)}
+	stream := cl.Chat.Completions.NewStreaming(ctx, params)
+	acc := openai.ChatCompletionAccumulator{}
+	chunks := 0
+	for stream.Next() {
+		acc.AddChunk(stream.Current())
+		chunks++
+	}
+	require.NoError(t, stream.Err())
+	require.Greater(t, chunks, 3)
+	require.Equal(t, whole, acc.Choices[0].Message.Content, "streamed text equals the plain answer (greedy)")
+	require.EqualValues(t, 24, acc.Usage.CompletionTokens)
+
+	// Chat goes through the engine's template: same as asking it directly.
+	engine := openai.NewClient(option.WithBaseURL(h["url"].(string)+"/v1/"), option.WithMaxRetries(0))
+	params.StreamOptions = openai.ChatCompletionStreamOptionsParam{}
+	direct, err := engine.Chat.Completions.New(ctx, params)
+	require.NoError(t, err)
+	require.Equal(t, direct.Choices[0].Message.Content, whole)
+
+	comp, err := cl.Completions.New(ctx, openai.CompletionNewParams{
+		Model: "oai-tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("Once upon a time")},
+		MaxTokens: openai.Int(16), Temperature: openai.Float(0),
+	})
+	require.NoError(t, err)
+	require.Equal(t, greedy(t, h["url"].(string), "Once upon a time", 16), comp.Choices[0].Text)
+
+	// Errors in OpenAI's shape.
+	_, err = cl.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "nope",
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("hi")}})
+	var apiErr *openai.Error
+	require.True(t, errors.As(err, &apiErr), "%v", err)
+	require.Equal(t, 404, apiErr.StatusCode)
+	require.Equal(t, "model_not_found", apiErr.Code)
+	_, err = cl.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "oai-tiny",
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("hi")}, Temperature: openai.Float(7)})
+	require.True(t, errors.As(err, &apiErr), "%v", err)
+	require.Equal(t, 400, apiErr.StatusCode)
+	require.Equal(t, "temperature", apiErr.Param)
+	require.Equal(t, "invalid_request_error", apiErr.Type)
+	bad := openai.NewClient(option.WithBaseURL("http://"+c.api+"/v1/"), option.WithAPIKey("wrong"), option.WithMaxRetries(0))
+	_, err = bad.Models.List(ctx)
+	require.True(t, errors.As(err, &apiErr), "%v", err)
+	require.Equal(t, 401, apiErr.StatusCode)
+
+	// Leaving a stream cancels the task.
+	sctx, cancel := context.WithCancel(ctx)
+	long := cl.Chat.Completions.NewStreaming(sctx, openai.ChatCompletionNewParams{Model: "oai-tiny",
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("go on")}, MaxTokens: openai.Int(3000)})
+	for i := 0; i < 5 && long.Next(); i++ {
+	}
+	taskID := strings.TrimPrefix(long.Current().ID, "chatcmpl-")
+	require.NotEmpty(t, taskID)
+	cancel()
+	long.Close()
+	testenv.Eventually(t, 60*time.Second, "task canceled after the client left", func() (bool, string) {
+		_, rec := c.get("/v2/tasks/" + taskID)
+		return rec["state"] == "Canceled", fmt.Sprint(rec)
+	})
+	res, err := http.Get(h["url"].(string) + "/slots")
+	require.NoError(t, err)
+	res.Body.Close()
+	testenv.Eventually(t, 30*time.Second, "engine slot freed", func() (bool, string) {
+		res, err := http.Get(h["url"].(string) + "/slots")
+		if err != nil {
+			return false, err.Error()
+		}
+		defer res.Body.Close()
+		var slots []map[string]any
+		_ = jsonDecode(res, &slots)
+		for _, s := range slots {
+			if s["is_processing"] == true {
+				return false, fmt.Sprint(slots)
+			}
+		}
+		return true, ""
+	})
+	w.signal(t, syscall.SIGTERM)
+	c.waitState(id, node.Left, 20*time.Second)
+}
