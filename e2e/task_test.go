@@ -334,3 +334,94 @@ func TestTaskMovesOffLostNode(t *testing.T) {
 }
 
 func jsonDecode(res *http.Response, v any) error { return json.NewDecoder(res.Body).Decode(v) }
+
+// Admission and placement: a full queue answers 429 with Retry-After and
+// X-Backoff-Ms; interactive tasks go before batch ones queued earlier;
+// pin and avoid; a deadline ends a running task with DEADLINE_EXCEEDED.
+func TestAdmissionPriorityPlacementDeadline(t *testing.T) {
+	c := newCluster(t, "--queue-capacity", "1")
+	id := "e2e-admit"
+	w := c.worker(id)
+	c.waitState(id, node.Online, 60*time.Second)
+	c.push("adm-model", slowModel(t))
+	status, body := c.send("POST", "/v2/pools", `{"pool_id":"ap1","model_id":"adm-model","node_id":"`+id+`","ctx":4096,"slots":1}`)
+	require.Equal(t, 202, status, body)
+	c.waitPool("ap1", pool.Ready, 120*time.Second)
+
+	task := func(id, prio string, n int) string {
+		return fmt.Sprintf(`{"task_id":%q,"model_ref":"adm-model","prompt":"the","max_tokens":%d,"priority":%q,"determinism":"strict"}`, id, n, prio)
+	}
+	status, body = c.submit(task("t-a", "interactive", 800))
+	require.Equal(t, 202, status, body)
+	ch, stop := c.events("t-a", "")
+	defer stop()
+	for ev := range ch { // A holds the only slot
+		if ev.Name == "token" {
+			break
+		}
+	}
+	status, body = c.submit(task("t-d", "batch", 8))
+	require.Equal(t, 202, status, body)
+	status, body = c.submit(task("t-b", "interactive", 8))
+	require.Equal(t, 202, status, body)
+	require.EqualValues(t, 0, body["queue_position"])
+
+	req, _ := http.NewRequest("POST", "http://"+c.api+"/v2/tasks", strings.NewReader(task("t-c", "interactive", 8)))
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Content-Type", "application/json")
+	res, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	var rej map[string]any
+	require.NoError(t, jsonDecode(res, &rej))
+	res.Body.Close()
+	require.Equal(t, 429, res.StatusCode, rej)
+	require.Equal(t, "ADMISSION_REJECT", rej["code"])
+	require.Equal(t, true, rej["retriable"])
+	require.NotEmpty(t, res.Header.Get("Retry-After"))
+	backoff, err := strconv.Atoi(res.Header.Get("X-Backoff-Ms"))
+	require.NoError(t, err)
+	require.Positive(t, backoff)
+	status, rec := c.get("/v2/tasks/t-c")
+	require.Equal(t, 404, status, "a refused task leaves nothing behind: %v", rec)
+
+	finished := func(id string) time.Time {
+		var rec map[string]any
+		testenv.Eventually(t, 90*time.Second, id+" completed", func() (bool, string) {
+			_, rec = c.get("/v2/tasks/" + id)
+			return rec["state"] == "Completed", fmt.Sprint(rec)
+		})
+		at, err := time.Parse(time.RFC3339Nano, rec["finished_at"].(string))
+		require.NoError(t, err)
+		return at
+	}
+	a, b, d := finished("t-a"), finished("t-b"), finished("t-d")
+	require.True(t, a.Before(b) && b.Before(d), "interactive B ran before batch D, queued earlier: a %s b %s d %s", a, b, d)
+
+	// Placement rules.
+	status, body = c.submit(`{"model_ref":"adm-model","prompt":"x","max_tokens":2,"placement":{"avoid_pools":["ap1"]}}`)
+	require.Equal(t, 503, status, body)
+	require.Equal(t, "POOL_UNAVAILABLE", body["code"])
+	status, body = c.submit(`{"task_id":"t-pin","model_ref":"adm-model","prompt":"x","max_tokens":2,"placement":{"mode":"pin","pin_pool_id":"ap1"}}`)
+	require.Equal(t, 202, status, body)
+	finished("t-pin")
+	_, rec = c.get("/v2/tasks/t-pin")
+	require.Equal(t, "ap1", rec["where"].(map[string]any)["pool_id"])
+
+	// A deadline ends a running task.
+	status, body = c.submit(`{"task_id":"t-late","model_ref":"adm-model","prompt":"x","max_tokens":3000,"deadline_ms":1500}`)
+	require.Equal(t, 202, status, body)
+	ch, stop = c.events("t-late", "")
+	defer stop()
+	evs, _ := collect(t, ch, 60*time.Second)
+	last := evs[len(evs)-1]
+	require.Equal(t, "error", last.Name)
+	require.Equal(t, "DEADLINE_EXCEEDED", last.Data["code"])
+	testenv.Eventually(t, 30*time.Second, "late task failed", func() (bool, string) {
+		_, rec = c.get("/v2/tasks/t-late")
+		return rec["state"] == "Failed", fmt.Sprint(rec)
+	})
+	recordHistory(t, "task:t-late", "task-deadline")
+	recordHistory(t, "task:t-b", "task-completed")
+	w.signal(t, syscall.SIGTERM)
+	c.waitState(id, node.Left, 20*time.Second)
+}
