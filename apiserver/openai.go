@@ -278,7 +278,7 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 		if chat {
 			_, _ = w.Write(sseData(chunk(fiber.Map{"role": "assistant", "content": ""}, "", nil)))
 		}
-		err := writeStream(w, stream, tokenstream.Cursor{}, func(ev task.Event) []byte {
+		err := s.writeStream(w, stream, tokenstream.Cursor{}, func(ev task.Event) []byte {
 			switch ev.Type {
 			case "token":
 				if ev.T == "" {
@@ -301,7 +301,7 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 			}
 			return nil
 		})
-		if err != nil {
+		if err != nil && !errors.Is(err, errShuttingDown) {
 			// The client left: as OpenAI clients expect, that cancels the task.
 			cctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer ccancel()

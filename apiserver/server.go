@@ -8,6 +8,7 @@ import (
 	"net"
 	"regexp"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -54,6 +55,8 @@ type Server struct {
 	hub         *tokenstream.Hub
 	streamKey   []byte
 	sessions    sessionTable
+	closing     chan struct{} // closed at shutdown: event streams end
+	closeOnce   sync.Once
 	nodes       *nodeclient.Client
 	logger      *slog.Logger
 	metrics     *metrics
@@ -75,7 +78,8 @@ func New(cfg Config, d Deps) (*Server, error) {
 	if cfg.Token == "" && !isLoopback(cfg.Addr) {
 		return nil, fmt.Errorf("refusing to listen on %s without a token: set LLORCH_API_TOKEN (or --api-token), or bind a loopback address", cfg.Addr)
 	}
-	s := &Server{cfg: cfg, deps: d, nodes: nodes, logger: logger, metrics: newMetrics(reg), hub: d.Hub, streamKey: streamKeyFor(cfg.Token)}
+	s := &Server{cfg: cfg, deps: d, nodes: nodes, logger: logger, metrics: newMetrics(reg), hub: d.Hub, streamKey: streamKeyFor(cfg.Token),
+		closing: make(chan struct{})}
 	if cfg.Token != "" {
 		sum := sha256.Sum256([]byte(cfg.Token))
 		s.tokenDigest, s.identity = sum[:], TokenIdentity(cfg.Token)
@@ -139,7 +143,12 @@ func (s *Server) Listen(addr string) error {
 func (s *Server) Addr() string { return s.ln.Addr().String() }
 
 // Shutdown stops accepting and waits for in-flight requests.
-func (s *Server) Shutdown(ctx context.Context) error { return s.app.ShutdownWithContext(ctx) }
+// Open event streams end first (their clients reconnect with
+// Last-Event-ID to another or the restarted apiserver).
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.closeOnce.Do(func() { close(s.closing) })
+	return s.app.ShutdownWithContext(ctx)
+}
 
 var corrIDPattern = regexp.MustCompile(`^[A-Za-z0-9._:-]{1,128}$`)
 

@@ -28,6 +28,8 @@ import (
 	"github.com/llorch/llorch/tokenstream"
 )
 
+var errShuttingDown = errors.New("apiserver shutting down")
+
 // Task error codes.
 const (
 	CodeTaskNotFound    = "TASK_NOT_FOUND"
@@ -483,7 +485,7 @@ func (s *Server) taskEvents(c *fiber.Ctx) error {
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		go s.follow(ctx, id, stream)
-		_ = writeStream(w, stream, cur, func(ev task.Event) []byte { return sseV2(ev) })
+		_ = s.writeStream(w, stream, cur, func(ev task.Event) []byte { return sseV2(ev) })
 		log.Debug("event stream closed")
 	})
 	return nil
@@ -491,7 +493,7 @@ func (s *Server) taskEvents(c *fiber.Ctx) error {
 
 // writeStream copies a stream's events to w from cur, with keep-alives,
 // until the final event or a failed write (the client left).
-func writeStream(w *bufio.Writer, st *tokenstream.Stream, cur tokenstream.Cursor, render func(task.Event) []byte) error {
+func (s *Server) writeStream(w *bufio.Writer, st *tokenstream.Stream, cur tokenstream.Cursor, render func(task.Event) []byte) error {
 	for {
 		evs, next, changed := st.Read(cur)
 		cur = next
@@ -510,6 +512,8 @@ func writeStream(w *bufio.Writer, st *tokenstream.Stream, cur tokenstream.Cursor
 		}
 		select {
 		case <-changed:
+		case <-s.closing:
+			return errShuttingDown
 		case <-time.After(keepAlive):
 			if _, err := w.WriteString(": keep-alive\n\n"); err != nil {
 				return err

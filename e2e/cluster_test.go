@@ -55,10 +55,12 @@ func (s *syncBuffer) Write(p []byte) (int, error) {
 func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
 
 type cluster struct {
-	t    *testing.T
-	bin  string
-	home string
-	api  string
+	t       *testing.T
+	bin     string
+	home    string
+	api     string
+	apiArgs []string
+	apiProc *proc
 }
 
 func start(t *testing.T, name string, args ...string) *proc {
@@ -121,10 +123,18 @@ func newCluster(t *testing.T, apiArgs ...string) *cluster {
 	for _, e := range entries {
 		require.NoError(t, store.DeleteEntry(context.Background(), e.ID))
 	}
-	args := append([]string{"apiserver", "--addr", c.api, "--temporal-address", env.TemporalAddr, "--home", c.home}, s3Flags(env.S3.Endpoint)...)
-	args = append(args, apiArgs...)
-	api := start(t, "apiserver", args...)
-	testenv.Eventually(t, 60*time.Second, "apiserver healthy", func() (bool, string) {
+	c.apiArgs = append([]string{"apiserver", "--addr", c.api, "--temporal-address", env.TemporalAddr, "--home", c.home}, s3Flags(env.S3.Endpoint)...)
+	c.apiArgs = append(c.apiArgs, apiArgs...)
+	c.startAPI()
+	return c
+}
+
+// startAPI starts the apiserver (again) and waits until it is healthy.
+func (c *cluster) startAPI() {
+	c.t.Helper()
+	api := start(c.t, "apiserver", c.apiArgs...)
+	c.apiProc = api
+	testenv.Eventually(c.t, 60*time.Second, "apiserver healthy", func() (bool, string) {
 		res, err := http.Get("http://" + c.api + "/health")
 		if err != nil {
 			return false, err.Error() + "\n" + api.out.String()
@@ -132,7 +142,6 @@ func newCluster(t *testing.T, apiArgs ...string) *cluster {
 		res.Body.Close()
 		return res.StatusCode == 200, res.Status
 	})
-	return c
 }
 
 func (c *cluster) worker(id string, extra ...string) *proc {

@@ -425,3 +425,69 @@ func TestAdmissionPriorityPlacementDeadline(t *testing.T) {
 	w.signal(t, syscall.SIGTERM)
 	c.waitState(id, node.Left, 20*time.Second)
 }
+
+// SIGTERM of the apiserver mid-stream, then a restart on the same address:
+// the generation goes on on the node; the client reconnects with
+// Last-Event-ID and gets the rest, and a client that comes back only after
+// the task finished gets the rest from the recorded result.
+func TestAPIServerRestartMidStream(t *testing.T) {
+	c := newCluster(t)
+	id := "e2e-apirestart"
+	c.worker(id)
+	c.waitState(id, node.Online, 60*time.Second)
+	c.push("rs-model", slowModel(t))
+	status, body := c.send("POST", "/v2/pools", `{"pool_id":"rp1","model_id":"rs-model","node_id":"`+id+`","ctx":4096,"slots":2}`)
+	require.Equal(t, 202, status, body)
+	h := c.waitPool("rp1", pool.Ready, 120*time.Second)
+	const n = 1000
+	want := greedy(t, h["url"].(string), "Once upon a time", n)
+
+	for _, tc := range []struct {
+		name     string
+		waitDone bool // reconnect only once the task has finished
+	}{{"t-rs-live", false}, {"t-rs-done", true}} {
+		status, body := c.submit(`{"task_id":"` + tc.name + `","model_ref":"rs-model","prompt":"Once upon a time","max_tokens":1000,"determinism":"strict"}`)
+		require.Equal(t, 202, status, body)
+		ch, stop := c.events(tc.name, "")
+		var first []sseEvent
+		for ev := range ch {
+			first = append(first, ev)
+			if ev.Name == "token" && ev.Data["i"].(float64) == 50 {
+				break
+			}
+		}
+		stop()
+		c.apiProc.signal(t, syscall.SIGTERM)
+		require.Zero(t, c.apiProc.wait(t, 30*time.Second), "apiserver exits 0 on SIGTERM with a stream open")
+		if tc.waitDone {
+			// The node finishes while no apiserver runs; its events go nowhere.
+			testenv.Eventually(t, 60*time.Second, "engine idle", func() (bool, string) {
+				res, err := http.Get(h["url"].(string) + "/slots")
+				if err != nil {
+					return false, err.Error()
+				}
+				defer res.Body.Close()
+				var slots []map[string]any
+				_ = jsonDecode(res, &slots)
+				return len(slots) > 0 && slots[0]["is_processing"] == false && slots[1]["is_processing"] == false, fmt.Sprint(slots)
+			})
+		}
+		c.startAPI()
+		last := first[len(first)-1].ID
+		ch, stop = c.events(tc.name, last)
+		rest, _ := collect(t, ch, 120*time.Second)
+		stop()
+		checkOrder(t, append(first, rest...), 0)
+		var text strings.Builder
+		for _, ev := range append(first, rest...) {
+			if ev.Name == "token" {
+				text.WriteString(ev.Data["t"].(string))
+			}
+		}
+		require.Equal(t, want, text.String(), tc.name)
+		testenv.Eventually(t, 30*time.Second, "task recorded", func() (bool, string) {
+			_, rec := c.get("/v2/tasks/" + tc.name)
+			return rec["state"] == "Completed", fmt.Sprint(rec)
+		})
+	}
+}
