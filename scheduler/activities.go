@@ -52,8 +52,11 @@ func (a *TaskControl) Place(ctx context.Context, in PlaceInput) (task.Where, err
 	}()
 	where, err := a.S.Wait(wctx, in.TaskID, in.Priority,
 		placement.Request{ModelID: in.ModelID, Placement: in.Placement, Exclude: in.Exclude}, in.EnqueuedAt)
-	if errors.Is(err, placement.ErrNoPool) {
+	switch {
+	case errors.Is(err, placement.ErrNoPool):
 		return where, temporal.NewNonRetryableApplicationError(err.Error(), task.ErrPoolUnavailable, nil)
+	case errors.Is(err, ErrDropped):
+		return where, temporal.NewNonRetryableApplicationError(err.Error(), task.ErrAdmissionReject, nil)
 	}
 	return where, err
 }

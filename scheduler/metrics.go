@@ -13,6 +13,7 @@ type Metrics struct {
 	Placement *prometheus.CounterVec
 	Depth     *prometheus.GaugeVec
 	Finished  *prometheus.CounterVec
+	Started   *prometheus.CounterVec
 }
 
 // NewMetrics registers the scheduler's metrics on reg.
@@ -34,13 +35,22 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m.Finished = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "llorch_tasks_finished_total", Help: "Tasks that ended, by state (Completed, Failed, Canceled) and error code.",
 	}, []string{"state", "code"})
-	reg.MustRegister(m.Enqueued, m.Rejected, m.Placement, m.Depth, m.Finished)
+	m.Started = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "llorch_tasks_started_total", Help: "Tasks given a slot, by priority.",
+	}, []string{"priority"})
+	reg.MustRegister(m.Enqueued, m.Rejected, m.Placement, m.Depth, m.Finished, m.Started)
 	return m
 }
 
 func (m *Metrics) enqueued(p task.Priority) {
 	if m != nil {
 		m.Enqueued.WithLabelValues(string(p)).Inc()
+	}
+}
+
+func (m *Metrics) started(p task.Priority) {
+	if m != nil {
+		m.Started.WithLabelValues(string(p)).Inc()
 	}
 }
 

@@ -21,6 +21,15 @@ import (
 // ErrQueueFull rejects a task at admission.
 var ErrQueueFull = errors.New("admission queue full")
 
+// ErrDropped fails a queued task evicted by a newer one (policy drop-lru).
+var ErrDropped = errors.New("dropped from a full queue for a newer task (policy drop-lru)")
+
+// Admission policies when a priority's queue is full.
+const (
+	Reject  = "reject"   // refuse the new task (429)
+	DropLRU = "drop-lru" // fail the longest-waiting task and take the new one
+)
+
 // Source lists the pools placement may use.
 type Source func(ctx context.Context) ([]placement.Candidate, error)
 
@@ -28,6 +37,7 @@ type Source func(ctx context.Context) ([]placement.Candidate, error)
 type Scheduler struct {
 	Source   Source
 	Capacity int           // per priority; 0 = 1024
+	Policy   string        // Reject (default) or DropLRU
 	Refresh  time.Duration // pool snapshot period; 0 = 500 ms
 	Log      *slog.Logger
 	Metrics  *Metrics
@@ -38,6 +48,7 @@ type Scheduler struct {
 	grants  map[string]int // pool id -> slots granted
 	queues  map[task.Priority][]*ticket
 	tickets map[string]*ticket
+	dropped map[string]bool
 	// Observed service: EWMA of seconds a granted slot stays busy.
 	service float64
 	kick    chan struct{}
@@ -58,6 +69,7 @@ func (s *Scheduler) init() {
 		s.grants = map[string]int{}
 		s.queues = map[task.Priority][]*ticket{}
 		s.tickets = map[string]*ticket{}
+		s.dropped = map[string]bool{}
 		s.kick = make(chan struct{}, 1)
 	}
 }
@@ -85,8 +97,16 @@ func (s *Scheduler) Admit(id string, prio task.Priority, req placement.Request, 
 		return s.admission(t), nil
 	}
 	if len(s.queues[prio]) >= s.capacity() {
-		s.Metrics.rejected("queue_full")
-		return Admission{}, ErrQueueFull
+		if s.Policy != DropLRU || len(s.queues[prio]) == 0 {
+			s.Metrics.rejected("queue_full")
+			return Admission{}, ErrQueueFull
+		}
+		old := s.queues[prio][0]
+		s.remove(old)
+		old.err = ErrDropped
+		s.dropped[old.id] = true
+		close(old.done)
+		s.Metrics.rejected("dropped")
 	}
 	t := &ticket{id: id, req: req, prio: prio, enqueued: at, done: make(chan struct{})}
 	s.tickets[id] = t
@@ -143,6 +163,10 @@ func (s *Scheduler) admission(t *ticket) Admission {
 func (s *Scheduler) Wait(ctx context.Context, id string, prio task.Priority, req placement.Request, at time.Time) (task.Where, error) {
 	s.mu.Lock()
 	s.init()
+	if s.dropped[id] {
+		s.mu.Unlock()
+		return task.Where{}, ErrDropped
+	}
 	t := s.tickets[id]
 	if t == nil || t.err != nil || (t.where == nil && !sameExclude(t.req.Exclude, req.Exclude)) {
 		if t != nil {
@@ -210,6 +234,7 @@ func (s *Scheduler) Forget(id string) {
 	if t := s.tickets[id]; t != nil && t.where == nil {
 		s.remove(t)
 	}
+	delete(s.dropped, id)
 }
 
 // remove takes t out of its queue and the index. Called with s.mu held.
@@ -248,6 +273,7 @@ func (s *Scheduler) dispatch() {
 				s.grants[c.PoolID]++
 				c.SlotsBusy++
 				s.Metrics.placed("placed")
+				s.Metrics.started(prio)
 				close(t.done)
 			case errors.Is(err, placement.ErrBusy):
 				kept = append(kept, t)
@@ -299,6 +325,7 @@ func (s *Scheduler) RefreshNow(ctx context.Context) {
 		return
 	}
 	s.mu.Lock()
+	s.init()
 	s.cands, s.fresh = cands, true
 	s.dispatch()
 	s.mu.Unlock()

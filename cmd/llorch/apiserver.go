@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 
 	"github.com/spf13/cobra"
@@ -23,6 +24,7 @@ func apiserverCmd() *cobra.Command {
 	var c common
 	var api apiserver.Config
 	var canAfter, queueCap int
+	var policy string
 	var s3 config.S3
 	cmd := &cobra.Command{
 		Use:   "apiserver",
@@ -49,7 +51,10 @@ func apiserverCmd() *cobra.Command {
 				return err
 			}
 			hub := &tokenstream.Hub{}
-			sched := &scheduler.Scheduler{Capacity: queueCap, Log: log, Metrics: scheduler.NewMetrics(reg)}
+			if policy != scheduler.Reject && policy != scheduler.DropLRU {
+				return fmt.Errorf("--admission-policy: want %s or %s, got %q", scheduler.Reject, scheduler.DropLRU, policy)
+			}
+			sched := &scheduler.Scheduler{Capacity: queueCap, Policy: policy, Log: log, Metrics: scheduler.NewMetrics(reg)}
 			srv, err := apiserver.New(api, apiserver.Deps{
 				Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub,
 				Models: &modelclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, Nodes: nodes},
@@ -91,6 +96,8 @@ func apiserverCmd() *cobra.Command {
 	config.Env(fs, "advertise-url", "LLORCH_ADVERTISE_URL")
 	fs.IntVar(&queueCap, "queue-capacity", 1024, "tasks that may wait per priority (interactive, batch); more get 429 ADMISSION_REJECT")
 	config.Env(fs, "queue-capacity", "LLORCH_QUEUE_CAPACITY")
+	fs.StringVar(&policy, "admission-policy", scheduler.Reject, "when a queue is full: reject (429 ADMISSION_REJECT) or drop-lru (fail the longest-waiting task instead)")
+	config.Env(fs, "admission-policy", "LLORCH_ADMISSION_POLICY")
 	fs.StringVar(&api.Token, "api-token", "", "bearer token every /v2 call must present; required to bind a non-loopback address")
 	config.Env(fs, "api-token", "LLORCH_API_TOKEN")
 	fs.IntVar(&canAfter, "node-continue-as-new-events", 0, "continue node workflows as new after this many history events (0: when Temporal suggests)")
