@@ -178,6 +178,12 @@ func decode(c *fiber.Ctx, dst any, optional bool) error {
 	if ct := c.Get(fiber.HeaderContentType); ct != "" && !strings.HasPrefix(ct, fiber.MIMEApplicationJSON) {
 		return invalidParam("body", "Content-Type must be application/json, got %q", ct)
 	}
+	return decodeStrict(body, dst)
+}
+
+// decodeStrict reads one JSON object into dst: unknown fields, wrong types
+// and trailing data are INVALID_PARAMS naming the field.
+func decodeStrict(body []byte, dst any) error {
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(dst); err != nil {
@@ -185,11 +191,18 @@ func decode(c *fiber.Ctx, dst any, optional bool) error {
 		var syntaxErr *json.SyntaxError
 		switch {
 		case errors.As(err, &typeErr):
-			return invalidParam(typeErr.Field, "want %s, got JSON %s", typeErr.Type, typeErr.Value)
+			field := typeErr.Field
+			if field == "" {
+				field = "body" // the body itself is not an object
+			}
+			return invalidParam(field, "want %s, got JSON %s", typeErr.Type, typeErr.Value)
 		case errors.As(err, &syntaxErr):
 			return invalidParam("body", "malformed JSON at byte %d: %v", syntaxErr.Offset, err)
 		case strings.HasPrefix(err.Error(), "json: unknown field "):
 			field := strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
+			if field == "" {
+				return invalidParam("body", `unknown field ""`)
+			}
 			return invalidParam(field, "unknown field")
 		default:
 			return invalidParam("body", "%v", err)

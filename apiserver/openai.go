@@ -78,14 +78,21 @@ func decodeLoose(c *fiber.Ctx, dst any) error {
 	if n := c.Request().Header.ContentLength(); n > maxBodyBytes {
 		return apiError(fiber.StatusRequestEntityTooLarge, CodeInvalidParams, "body of %d bytes exceeds %d", n, maxBodyBytes)
 	}
-	body := bytes.TrimSpace(c.Body())
+	return decodeLooseBytes(bytes.TrimSpace(c.Body()), dst)
+}
+
+func decodeLooseBytes(body []byte, dst any) error {
 	if len(body) == 0 {
 		return invalidParam("body", "a JSON object is required")
 	}
 	if err := json.Unmarshal(body, dst); err != nil {
 		var typeErr *json.UnmarshalTypeError
 		if errors.As(err, &typeErr) {
-			return invalidParam(typeErr.Field, "want %s, got JSON %s", typeErr.Type, typeErr.Value)
+			field := typeErr.Field
+			if field == "" {
+				field = "body" // the body itself is not an object
+			}
+			return invalidParam(field, "want %s, got JSON %s", typeErr.Type, typeErr.Value)
 		}
 		return invalidParam("body", "%v", err)
 	}
@@ -154,37 +161,35 @@ type openAIRequest struct {
 	} `json:"stream_options"`
 }
 
-func (s *Server) openAITask(c *fiber.Ctx, chat bool) (task.Request, openAIRequest, error) {
-	var r openAIRequest
-	if err := decodeLoose(c, &r); err != nil {
-		return task.Request{}, r, err
-	}
+// input maps an OpenAI request onto a task; field names the max-tokens
+// field the client used.
+func (r openAIRequest) input(chat bool) (in taskInput, field string, err error) {
 	if r.Model == "" {
-		return task.Request{}, r, invalidParam("model", "is required")
+		return in, "", invalidParam("model", "is required")
 	}
 	if r.N != nil && *r.N != 1 {
-		return task.Request{}, r, invalidParam("n", "only n=1 is supported")
+		return in, "", invalidParam("n", "only n=1 is supported")
 	}
-	in := taskInput{model: r.Model, maxTokens: r.MaxTokens, temperature: r.Temperature, topP: r.TopP, seed: r.Seed,
+	in = taskInput{model: r.Model, maxTokens: r.MaxTokens, temperature: r.Temperature, topP: r.TopP, seed: r.Seed,
 		params: task.Params{Stop: r.Stop}}
 	if r.MaxCompletionTokens != nil {
 		in.maxTokens = r.MaxCompletionTokens
 	}
 	if chat {
 		if len(r.Messages) == 0 {
-			return task.Request{}, r, invalidParam("messages", "a non-empty array is required")
+			return in, "", invalidParam("messages", "a non-empty array is required")
 		}
 		for i, m := range r.Messages {
 			text, err := m.text(i)
 			if err != nil {
-				return task.Request{}, r, err
+				return in, "", err
 			}
 			in.messages = append(in.messages, task.Message{Role: m.Role, Content: text})
 		}
 	} else {
 		var p string
 		if err := json.Unmarshal(r.Prompt, &p); err != nil {
-			return task.Request{}, r, invalidParam("prompt", "want a string")
+			return in, "", invalidParam("prompt", "want a string")
 		}
 		in.prompt = &p
 	}
@@ -197,9 +202,21 @@ func (s *Server) openAITask(c *fiber.Ctx, chat bool) (task.Request, openAIReques
 		in.topP = &one
 	}
 	in.topK = &zeroK
-	field := "max_tokens"
+	field = "max_tokens"
 	if r.MaxCompletionTokens != nil {
 		field = "max_completion_tokens"
+	}
+	return in, field, nil
+}
+
+func (s *Server) openAITask(c *fiber.Ctx, chat bool) (task.Request, openAIRequest, error) {
+	var r openAIRequest
+	if err := decodeLoose(c, &r); err != nil {
+		return task.Request{}, r, err
+	}
+	in, field, err := r.input(chat)
+	if err != nil {
+		return task.Request{}, r, err
 	}
 	req, _, err := s.buildTask(c, in, field)
 	if err != nil {

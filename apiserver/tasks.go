@@ -94,69 +94,70 @@ type taskInput struct {
 	seed               *int64
 }
 
-func (s *Server) buildTask(c *fiber.Ctx, in taskInput, maxTokensField string) (task.Request, model.Entry, error) {
+// parseTask checks everything about a task request that needs no lookup.
+func parseTask(in taskInput, maxTokensField string) (task.Request, error) {
 	var req task.Request
 	if in.id == "" {
 		in.id = newTaskID()
 	} else if err := task.ValidateID(in.id); err != nil {
-		return req, model.Entry{}, invalidParam("task_id", "%v", err)
+		return req, invalidParam("task_id", "%v", err)
 	}
 	if err := model.ValidateID(in.model); err != nil {
-		return req, model.Entry{}, invalidParam("model", "%v", err)
+		return req, invalidParam("model", "%v", err)
 	}
 	switch {
 	case in.prompt != nil && len(in.messages) > 0:
-		return req, model.Entry{}, invalidParam("prompt", "send prompt or messages, not both")
+		return req, invalidParam("prompt", "send prompt or messages, not both")
 	case in.prompt == nil && len(in.messages) == 0:
-		return req, model.Entry{}, invalidParam("prompt", "a prompt or messages is required")
+		return req, invalidParam("prompt", "a prompt or messages is required")
 	case in.prompt != nil && (len(*in.prompt) == 0 || len(*in.prompt) > maxPromptBytes):
-		return req, model.Entry{}, invalidParam("prompt", "must be 1-%d bytes", maxPromptBytes)
+		return req, invalidParam("prompt", "must be 1-%d bytes", maxPromptBytes)
 	case len(in.messages) > maxMessages:
-		return req, model.Entry{}, invalidParam("messages", "at most %d messages", maxMessages)
+		return req, invalidParam("messages", "at most %d messages", maxMessages)
 	}
 	total := 0
 	for i, m := range in.messages {
 		switch m.Role {
 		case "system", "user", "assistant", "developer":
 		default:
-			return req, model.Entry{}, invalidParam(fmt.Sprintf("messages[%d].role", i), "want system, user, assistant or developer, got %q", m.Role)
+			return req, invalidParam(fmt.Sprintf("messages[%d].role", i), "want system, user, assistant or developer, got %q", m.Role)
 		}
 		total += len(m.Content)
 	}
 	if total > maxPromptBytes {
-		return req, model.Entry{}, invalidParam("messages", "contents exceed %d bytes", maxPromptBytes)
+		return req, invalidParam("messages", "contents exceed %d bytes", maxPromptBytes)
 	}
 	p := task.Params{MaxTokens: defaultMaxToken, Temperature: 0.8, TopK: 40, TopP: 0.95, Seed: -1}
 	if in.temperature != nil {
 		if *in.temperature < 0 || *in.temperature > 2 {
-			return req, model.Entry{}, invalidParam("temperature", "must be 0-2")
+			return req, invalidParam("temperature", "must be 0-2")
 		}
 		p.Temperature = *in.temperature
 	}
 	if in.topK != nil {
 		if *in.topK < 0 {
-			return req, model.Entry{}, invalidParam("top_k", "must be >= 0")
+			return req, invalidParam("top_k", "must be >= 0")
 		}
 		p.TopK = *in.topK
 	}
 	if in.topP != nil {
 		if *in.topP <= 0 || *in.topP > 1 {
-			return req, model.Entry{}, invalidParam("top_p", "must be in (0, 1]")
+			return req, invalidParam("top_p", "must be in (0, 1]")
 		}
 		p.TopP = *in.topP
 	}
 	if in.seed != nil {
 		if *in.seed < -1 || *in.seed > 1<<32-1 {
-			return req, model.Entry{}, invalidParam("seed", "must be -1 (random) or 0-4294967295")
+			return req, invalidParam("seed", "must be -1 (random) or 0-4294967295")
 		}
 		p.Seed = *in.seed
 	}
 	if len(in.params.Stop) > 4 {
-		return req, model.Entry{}, invalidParam("stop", "at most 4 stop sequences")
+		return req, invalidParam("stop", "at most 4 stop sequences")
 	}
 	for _, st := range in.params.Stop {
 		if st == "" || len(st) > 64 {
-			return req, model.Entry{}, invalidParam("stop", "each stop sequence must be 1-64 bytes")
+			return req, invalidParam("stop", "each stop sequence must be 1-64 bytes")
 		}
 	}
 	p.Stop = in.params.Stop
@@ -166,12 +167,12 @@ func (s *Server) buildTask(c *fiber.Ctx, in taskInput, maxTokensField string) (t
 		prio = task.Interactive
 	case task.Interactive, task.Batch:
 	default:
-		return req, model.Entry{}, invalidParam("priority", "want interactive or batch, got %q", in.priority)
+		return req, invalidParam("priority", "want interactive or batch, got %q", in.priority)
 	}
 	var deadline time.Duration
 	if in.deadlineMs != nil {
 		if *in.deadlineMs <= 0 || *in.deadlineMs > int64(24*time.Hour/time.Millisecond) {
-			return req, model.Entry{}, invalidParam("deadline_ms", "must be > 0 and at most 86400000")
+			return req, invalidParam("deadline_ms", "must be > 0 and at most 86400000")
 		}
 		deadline = time.Duration(*in.deadlineMs) * time.Millisecond
 	}
@@ -180,29 +181,45 @@ func (s *Server) buildTask(c *fiber.Ctx, in taskInput, maxTokensField string) (t
 	case "", "auto", "prefer":
 	case "pin":
 		if pl.PinPoolID == "" {
-			return req, model.Entry{}, invalidParam("placement.pin_pool_id", "required with mode pin")
+			return req, invalidParam("placement.pin_pool_id", "required with mode pin")
 		}
 	default:
-		return req, model.Entry{}, invalidParam("placement.mode", "want auto, pin or prefer, got %q", pl.Mode)
+		return req, invalidParam("placement.mode", "want auto, pin or prefer, got %q", pl.Mode)
 	}
 	for _, id := range append(append([]string{pl.PinPoolID}, pl.PreferPools...), pl.AvoidPools...) {
 		if id != "" {
 			if err := pool.ValidateID(id); err != nil {
-				return req, model.Entry{}, invalidParam("placement", "%v", err)
+				return req, invalidParam("placement", "%v", err)
 			}
 		}
 	}
 	if pl.NodeID != "" {
 		if err := node.ValidateID(pl.NodeID); err != nil {
-			return req, model.Entry{}, invalidParam("placement.node_id", "%v", err)
+			return req, invalidParam("placement.node_id", "%v", err)
 		}
 	}
 	if in.session != "" {
 		if err := task.ValidateID(in.session); err != nil {
-			return req, model.Entry{}, invalidParam("session_id", "%v", err)
+			return req, invalidParam("session_id", "%v", err)
 		}
 	}
 
+	if in.maxTokens != nil && *in.maxTokens < 1 {
+		return req, invalidParam(maxTokensField, "must be at least 1")
+	}
+	req = task.Request{TaskID: in.id, SessionID: in.session, ModelID: in.model, Messages: in.messages, Params: p,
+		Priority: prio, Deadline: deadline, Placement: pl}
+	if in.prompt != nil {
+		req.Prompt = *in.prompt
+	}
+	return req, nil
+}
+
+func (s *Server) buildTask(c *fiber.Ctx, in taskInput, maxTokensField string) (task.Request, model.Entry, error) {
+	req, err := parseTask(in, maxTokensField)
+	if err != nil {
+		return req, model.Entry{}, err
+	}
 	e, err := s.entry(c.UserContext(), in.model)
 	if err != nil {
 		return req, e, err
@@ -217,19 +234,15 @@ func (s *Server) buildTask(c *fiber.Ctx, in taskInput, maxTokensField string) (t
 		ctxLen = int(e.Metadata.ContextLength)
 	}
 	if in.maxTokens != nil {
-		if *in.maxTokens < 1 || (ctxLen > 0 && *in.maxTokens > ctxLen) {
-			return req, e, invalidParam(maxTokensField, "must be 1-%d (the model's context)", max(ctxLen, 1))
+		if ctxLen > 0 && *in.maxTokens > ctxLen {
+			return req, e, invalidParam(maxTokensField, "must be 1-%d (the model's context)", ctxLen)
 		}
-		p.MaxTokens = *in.maxTokens
+		req.Params.MaxTokens = *in.maxTokens
 	} else if ctxLen > 0 {
-		p.MaxTokens = min(p.MaxTokens, ctxLen)
+		req.Params.MaxTokens = min(req.Params.MaxTokens, ctxLen)
 	}
-	req = task.Request{TaskID: in.id, SessionID: in.session, ModelID: e.ID, Messages: in.messages, Params: p,
-		Priority: prio, Deadline: deadline, Placement: pl, CorrelationID: correlationID(c), EnqueuedAt: time.Now().UTC(),
-		Sink: task.Sink{URL: s.sinkURL(), Token: tokenstream.SinkToken(s.streamKey, in.id)}}
-	if in.prompt != nil {
-		req.Prompt = *in.prompt
-	}
+	req.ModelID, req.CorrelationID, req.EnqueuedAt = e.ID, correlationID(c), time.Now().UTC()
+	req.Sink = task.Sink{URL: s.sinkURL(), Token: tokenstream.SinkToken(s.streamKey, req.TaskID)}
 	return req, e, nil
 }
 
@@ -307,23 +320,9 @@ func (s *Server) createTask(c *fiber.Ctx) error {
 	if err := decode(c, &r, false); err != nil {
 		return err
 	}
-	m := r.ModelRef
-	if m == "" {
-		m = r.Model
-	}
-	in := taskInput{id: r.TaskID, session: r.SessionID, model: m, prompt: r.Prompt, messages: r.Messages,
-		maxTokens: r.MaxTokens, deadlineMs: r.DeadlineMs, priority: r.Priority, params: task.Params{Stop: r.Stop},
-		temperature: r.Temperature, topK: r.TopK, topP: r.TopP, seed: r.Seed}
-	if r.Placement != nil {
-		in.placement = *r.Placement
-	}
-	switch r.Determinism {
-	case "", "best_effort":
-	case "strict": // greedy decoding: the same tokens on any pool, and after a move
-		zero := 0.0
-		in.temperature = &zero
-	default:
-		return invalidParam("determinism", "want strict or best_effort, got %q", r.Determinism)
+	in, err := r.input()
+	if err != nil {
+		return err
 	}
 	req, _, err := s.buildTask(c, in, "max_tokens")
 	if err != nil {
@@ -341,6 +340,28 @@ func (s *Server) createTask(c *fiber.Ctx) error {
 		body["predicted_start_ms"] = nil
 	}
 	return c.Status(fiber.StatusAccepted).JSON(body)
+}
+
+func (r taskRequest) input() (taskInput, error) {
+	m := r.ModelRef
+	if m == "" {
+		m = r.Model
+	}
+	in := taskInput{id: r.TaskID, session: r.SessionID, model: m, prompt: r.Prompt, messages: r.Messages,
+		maxTokens: r.MaxTokens, deadlineMs: r.DeadlineMs, priority: r.Priority, params: task.Params{Stop: r.Stop},
+		temperature: r.Temperature, topK: r.TopK, topP: r.TopP, seed: r.Seed}
+	if r.Placement != nil {
+		in.placement = *r.Placement
+	}
+	switch r.Determinism {
+	case "", "best_effort":
+	case "strict": // greedy decoding: the same tokens on any pool, and after a move
+		zero := 0.0
+		in.temperature = &zero
+	default:
+		return in, invalidParam("determinism", "want strict or best_effort, got %q", r.Determinism)
+	}
+	return in, nil
 }
 
 func taskID(c *fiber.Ctx) (string, error) {

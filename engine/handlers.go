@@ -176,6 +176,9 @@ func parseLogitBias(raw json.RawMessage) ([]llama.LogitBias, error) {
 	bias := func(tok int32, v json.RawMessage) (llama.LogitBias, error) {
 		var f float64
 		if json.Unmarshal(v, &f) == nil {
+			if math.IsInf(float64(float32(f)), 0) {
+				return llama.LogitBias{}, fmt.Errorf("\"logit_bias\": the bias of token %d is out of range", tok)
+			}
 			return llama.LogitBias{Token: llama.Token(tok), Bias: float32(f)}, nil
 		}
 		var b bool
