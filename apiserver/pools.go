@@ -1,6 +1,7 @@
 package apiserver
 
 import (
+	"context"
 	"errors"
 	"time"
 
@@ -92,20 +93,8 @@ func (s *Server) createPool(c *fiber.Ctx) error {
 			return apiError(fiber.StatusConflict, "NODE_NOT_ONLINE", "node %s is %s: pools start on Online nodes", nodeID, v.State)
 		}
 	} else {
-		// No node named: the Online node with the most free disk for models.
-		views, err := s.deps.Nodes.List(c.UserContext())
-		if err != nil {
+		if nodeID, err = s.pickNode(c.UserContext()); err != nil {
 			return err
-		}
-		var best uint64
-		for _, v := range views {
-			snap := v.LastSnapshot
-			if v.Live != nil {
-				snap = *v.Live
-			}
-			if v.State == node.Online && (nodeID == "" || snap.DiskFreeBytes > best) {
-				nodeID, best = v.NodeID, snap.DiskFreeBytes
-			}
 		}
 		if nodeID == "" {
 			return apiError(fiber.StatusServiceUnavailable, CodeNoNode, "no Online node to place pool %s on", req.PoolID)
@@ -123,6 +112,25 @@ func (s *Server) createPool(c *fiber.Ctx) error {
 	s.log(c).Info("pool created", "pool_id", spec.PoolID, "node_id", nodeID, "model_id", spec.ModelID)
 	return c.Status(fiber.StatusAccepted).JSON(fiber.Map{"pool": spec, "workflow_id": pool.WorkflowID(nodeID, spec.PoolID), "run_id": run,
 		"health_url": "/v2/pools/" + spec.PoolID + "/health"})
+}
+
+// pickNode is the Online node with the most free disk for models ("": none).
+func (s *Server) pickNode(ctx context.Context) (string, error) {
+	views, err := s.deps.Nodes.List(ctx)
+	if err != nil {
+		return "", err
+	}
+	nodeID, best := "", uint64(0)
+	for _, v := range views {
+		snap := v.LastSnapshot
+		if v.Live != nil {
+			snap = *v.Live
+		}
+		if v.State == node.Online && (nodeID == "" || snap.DiskFreeBytes > best) {
+			nodeID, best = v.NodeID, snap.DiskFreeBytes
+		}
+	}
+	return nodeID, nil
 }
 
 func (s *Server) listPools(c *fiber.Ctx) error {

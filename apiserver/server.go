@@ -32,6 +32,11 @@ type Config struct {
 	// AdvertiseURL is where nodes push token streams to this apiserver
 	// (default http://<the bound address>).
 	AdvertiseURL string
+	// AutoPools: a task for a model no pool serves starts one (AutoPoolSlots
+	// slots, AutoPoolCtx context) on the Online node with most free disk.
+	AutoPools     bool
+	AutoPoolSlots int
+	AutoPoolCtx   int
 }
 
 // Deps are the clients the API works through.

@@ -23,6 +23,7 @@ import (
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/placement"
 	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/poolclient"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/tokenstream"
@@ -266,6 +267,13 @@ func (s *Server) submit(c *fiber.Ctx, req task.Request) (adm scheduler.Admission
 		s.deps.Scheduler.RefreshNow(c.UserContext())
 		err = s.deps.Scheduler.Servable(pr)
 	}
+	var prepared *pool.Spec
+	if err != nil && s.cfg.AutoPools && req.Placement.Mode != "pin" && req.Placement.PinPoolID == "" {
+		if prepared, err = s.autoPool(c, req); err == nil {
+			s.deps.Scheduler.RefreshNow(c.UserContext())
+			err = s.deps.Scheduler.Servable(pr)
+		}
+	}
 	if err != nil {
 		s.deps.Scheduler.Metrics.Reject("pool_unavailable")
 		e := apiError(fiber.StatusServiceUnavailable, CodePoolUnavailable, "no pool can serve model %s: %v; create one with POST /v2/pools", req.ModelID, err)
@@ -309,10 +317,50 @@ func (s *Server) submit(c *fiber.Ctx, req task.Request) (adm scheduler.Admission
 		return adm, err
 	}
 	_ = s.sessions.turn(req.SessionID, req.TaskID, req.ModelID)
-	s.hub.Stream(req.TaskID) // the stream exists before its first event
+	st := s.hub.Stream(req.TaskID) // the stream exists before its first event
+	if prepared != nil {
+		_, _ = st.Push([]task.Event{{Type: "metrics", Metrics: map[string]any{
+			"preparing": "starting pool " + prepared.PoolID + " for model " + prepared.ModelID + " on node " + prepared.NodeID,
+			"pool_id":   prepared.PoolID, "node_id": prepared.NodeID}}})
+	}
 	s.log(c).Info("task admitted", "task_id", req.TaskID, "model_id", req.ModelID, "priority", req.Priority,
 		"queue_position", adm.Position, "session_id", req.SessionID)
 	return adm, nil
+}
+
+// autoPool starts a pool for a model no pool serves (policy --auto-pools).
+func (s *Server) autoPool(c *fiber.Ctx, req task.Request) (*pool.Spec, error) {
+	nodeID := req.Placement.NodeID
+	if nodeID == "" {
+		var err error
+		if nodeID, err = s.pickNode(c.UserContext()); err != nil || nodeID == "" {
+			return nil, fmt.Errorf("no Online node to start a pool for %s on", req.ModelID)
+		}
+	}
+	spec := pool.Spec{PoolID: autoPoolID(req.ModelID, nodeID), NodeID: nodeID, ModelID: req.ModelID, Engine: pool.Builtin,
+		Slots: max(s.cfg.AutoPoolSlots, 1), CtxSize: s.cfg.AutoPoolCtx}
+	if _, err := s.deps.Pools.Create(c.UserContext(), spec); err != nil && !errors.Is(err, poolclient.ErrExists) {
+		return nil, err
+	}
+	s.log(c).Info("pool started for a task", "pool_id", spec.PoolID, "node_id", nodeID, "model_id", req.ModelID, "task_id", req.TaskID)
+	return &spec, nil
+}
+
+// autoPoolID names a pool started for a model: auto-<model>-<node>, made
+// a valid pool id.
+func autoPoolID(modelID, nodeID string) string {
+	b := []byte(strings.ToLower("auto-" + modelID + "-" + nodeID))
+	for i, ch := range b {
+		if !(ch >= 'a' && ch <= 'z' || ch >= '0' && ch <= '9' || ch == '.' || ch == '_' || ch == '-') {
+			b[i] = '-'
+		}
+	}
+	if len(b) > 63 {
+		sum := sha256.Sum256(b)
+		b = append(b[:54], '-')
+		b = append(b, hex.EncodeToString(sum[:4])...)
+	}
+	return strings.TrimRight(string(b), "-._")
 }
 
 func (s *Server) createTask(c *fiber.Ctx) error {

@@ -159,7 +159,8 @@ func (s *supervisor) run(ctx context.Context, st State, temporalBin, vgwBin, exe
 
 	common := []string{"--home", st.Home, "--temporal-address", temporalAddr, "--temporal-namespace", "default"}
 	// The token goes in the environment, not on the command line (ps).
-	api, err := s.start("apiserver", exe, append([]string{"apiserver", "--addr", apiAddr}, common...),
+	// A task for a pushed model starts its pool: one command to a first answer.
+	api, err := s.start("apiserver", exe, append([]string{"apiserver", "--addr", apiAddr, "--auto-pools"}, common...),
 		childEnv(envToken+"="+st.Token))
 	if err != nil {
 		return err

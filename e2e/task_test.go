@@ -491,3 +491,35 @@ func TestAPIServerRestartMidStream(t *testing.T) {
 		})
 	}
 }
+
+// With --auto-pools a task for a model no pool serves starts a pool on an
+// Online node; the stream shows the preparation (metrics events) and then
+// the answer.
+func TestTaskStartsPool(t *testing.T) {
+	c := newCluster(t, "--auto-pools", "--auto-pool-ctx", "2048")
+	id := "e2e-autopool"
+	c.worker(id)
+	c.waitState(id, node.Online, 60*time.Second)
+	path, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 91})
+	c.push("auto-tiny", path)
+	status, body := c.submit(`{"task_id":"t-auto","model_ref":"auto-tiny","prompt":"the","max_tokens":16,"determinism":"strict"}`)
+	require.Equal(t, 202, status, body)
+	ch, stop := c.events("t-auto", "")
+	defer stop()
+	evs, _ := collect(t, ch, 120*time.Second)
+	var metrics []map[string]any
+	var rest []sseEvent
+	for _, ev := range evs {
+		if ev.Name == "metrics" {
+			metrics = append(metrics, ev.Data)
+		} else {
+			rest = append(rest, ev)
+		}
+	}
+	require.NotEmpty(t, metrics)
+	require.Contains(t, metrics[0]["preparing"], "starting pool auto-auto-tiny-e2e-autopool")
+	checkOrder(t, rest, 0)
+	require.Equal(t, "auto-auto-tiny-e2e-autopool", rest[0].Data["pool_id"])
+	h := c.poolHealth("auto-auto-tiny-e2e-autopool")
+	require.Equal(t, "Ready", h["state"])
+}

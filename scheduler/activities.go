@@ -3,6 +3,7 @@ package scheduler
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"go.temporal.io/sdk/activity"
@@ -41,12 +42,14 @@ func (a *TaskControl) Place(ctx context.Context, in PlaceInput) (task.Where, err
 	go func() {
 		t := time.NewTicker(time.Second)
 		defer t.Stop()
+		last := ""
 		for {
 			select {
 			case <-wctx.Done():
 				return
 			case <-t.C:
 				activity.RecordHeartbeat(ctx)
+				last = a.reportWaiting(in.TaskID, last)
 			}
 		}
 	}()
@@ -59,6 +62,26 @@ func (a *TaskControl) Place(ctx context.Context, in PlaceInput) (task.Where, err
 		return where, temporal.NewNonRetryableApplicationError(err.Error(), task.ErrAdmissionReject, nil)
 	}
 	return where, err
+}
+
+// reportWaiting tells a queued task's stream where it stands (a metrics
+// event) when that changed: its place in line and the state of its
+// model's pools, so a client watches a pool being prepared.
+func (a *TaskControl) reportWaiting(taskID, last string) string {
+	if a.Hub == nil {
+		return last
+	}
+	pos, pools, ok := a.S.Waiting(taskID)
+	if !ok {
+		return last
+	}
+	key := fmt.Sprint(pos, pools)
+	if key == last {
+		return last
+	}
+	_, _ = a.Hub.Stream(taskID).Push([]task.Event{{Type: "metrics", Metrics: map[string]any{
+		"waiting": true, "queue_position": pos, "pools": pools}}})
+	return key
 }
 
 // ReleaseInput returns a slot.

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/llorch/llorch/placement"
+	"github.com/llorch/llorch/pool"
 	"github.com/llorch/llorch/task"
 )
 
@@ -368,6 +369,30 @@ func (s *Scheduler) MaxContext(modelID string) int {
 		}
 	}
 	return n
+}
+
+// PoolState is a pool as a waiting task's client sees it.
+type PoolState struct {
+	PoolID string     `json:"pool_id"`
+	NodeID string     `json:"node_id"`
+	State  pool.State `json:"state"`
+}
+
+// Waiting says where a queued task stands: its place in line and the pools
+// of its model (a pool being started shows its progress here).
+func (s *Scheduler) Waiting(id string) (position int, pools []PoolState, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	t := s.tickets[id]
+	if t == nil || t.where != nil {
+		return 0, nil, false
+	}
+	for _, c := range s.cands {
+		if c.ModelID == t.req.ModelID {
+			pools = append(pools, PoolState{PoolID: c.PoolID, NodeID: c.NodeID, State: c.State})
+		}
+	}
+	return s.admission(t).Position, pools, true
 }
 
 // Backoff is how long a refused client should wait: one observed service
