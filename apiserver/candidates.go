@@ -9,8 +9,10 @@ import (
 
 // Candidates is the scheduler's view of the cluster: every running pool,
 // with its node's state and free VRAM from the node's latest heartbeat.
+// A pool whose query failed keeps its last known figures until it is read
+// again or ends.
 func (s *Server) Candidates(ctx context.Context) ([]placement.Candidate, error) {
-	pools, err := s.deps.Pools.List(ctx)
+	pools, unread, err := s.deps.Pools.ListPartial(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -28,11 +30,23 @@ func (s *Server) Candidates(ctx context.Context) ([]placement.Candidate, error) 
 		}
 		vram[v.NodeID] = snap.FreeVRAMBytes()
 	}
-	out := make([]placement.Candidate, 0, len(pools))
+	out := make([]placement.Candidate, 0, len(pools)+len(unread))
 	for _, h := range pools {
 		out = append(out, placement.Candidate{PoolID: h.PoolID, NodeID: h.NodeID, ModelID: h.ModelID, URL: h.URL,
 			Epoch: h.Epoch, State: h.State, Draining: h.Draining, NodeOnline: online[h.NodeID],
 			SlotsTotal: h.SlotsTotal, CtxPerSlot: h.CtxSize / max(h.SlotsTotal, 1), FreeVRAM: vram[h.NodeID]})
+	}
+	s.candMu.Lock()
+	defer s.candMu.Unlock()
+	for _, id := range unread {
+		if c, ok := s.lastCands[id]; ok {
+			c.NodeOnline = online[c.NodeID]
+			out = append(out, c)
+		}
+	}
+	s.lastCands = make(map[string]placement.Candidate, len(out))
+	for _, c := range out {
+		s.lastCands[c.PoolID] = c
 	}
 	return out, nil
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/llorch/llorch/modelclient"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/nodeclient"
+	"github.com/llorch/llorch/placement"
 	"github.com/llorch/llorch/poolclient"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/tokenstream"
@@ -62,6 +63,8 @@ type Server struct {
 	sessions    sessionTable
 	closing     chan struct{} // closed at shutdown: event streams end
 	closeOnce   sync.Once
+	candMu      sync.Mutex
+	lastCands   map[string]placement.Candidate // the scheduler's last read, by pool id
 	nodes       *nodeclient.Client
 	logger      *slog.Logger
 	metrics     *metrics

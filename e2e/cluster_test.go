@@ -20,6 +20,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 	historypb "go.temporal.io/api/history/v1"
+	"go.temporal.io/api/workflowservice/v1"
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/llorch/llorch/apiserver"
@@ -113,6 +114,9 @@ func newCluster(t *testing.T, apiArgs ...string) *cluster {
 	// Engines outlive a killed worker for their lease; none outlives the
 	// test (this runs after the workers' own cleanups).
 	t.Cleanup(func() { killEnginesUnder(c.home) })
+	// Pools and tasks a test leaves running would keep the shared server's
+	// control workers busy in later tests.
+	t.Cleanup(func() { terminateRunning(t, "Pool", "Task") })
 	store, err := modelstore.New(env.S3)
 	require.NoError(t, err)
 	require.NoError(t, store.EnsureBucket(context.Background()))
@@ -440,6 +444,22 @@ func recordRun(t *testing.T, workflowID, runID, name string) {
 	path := filepath.Join(testenv.RepoRoot(), "replay_tests", "testdata", name+".json")
 	require.NoError(t, os.WriteFile(path, raw, 0o644))
 	t.Logf("recorded %d events of %s to %s", len(h.Events), workflowID, path)
+}
+
+// terminateRunning ends every running workflow of the given types.
+func terminateRunning(t *testing.T, types ...string) {
+	ctx := context.Background()
+	for _, typ := range types {
+		resp, err := env.Temporal.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{
+			Query: fmt.Sprintf("WorkflowType = '%s' AND ExecutionStatus = 'Running'", typ), PageSize: 1000})
+		if err != nil {
+			t.Logf("cleanup: list %s workflows: %v", typ, err)
+			continue
+		}
+		for _, e := range resp.GetExecutions() {
+			_ = env.Temporal.TerminateWorkflow(ctx, e.GetExecution().GetWorkflowId(), e.GetExecution().GetRunId(), "test over")
+		}
+	}
 }
 
 // killEnginesUnder SIGKILLs every process whose command line names dir.

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	enumspb "go.temporal.io/api/enums/v1"
@@ -98,25 +99,46 @@ func (c *Client) Health(ctx context.Context, poolID string) (pool.Health, error)
 
 // List reads every running pool.
 func (c *Client) List(ctx context.Context) ([]pool.Health, error) {
+	pools, _, err := c.ListPartial(ctx)
+	return pools, err
+}
+
+// ListPartial reads every running pool; unread names the pools (by pool
+// id) whose query failed, which a caller may take from an earlier read.
+func (c *Client) ListPartial(ctx context.Context) (pools []pool.Health, unread []string, err error) {
 	resp, err := c.Temporal.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{
 		Namespace: c.Namespace, PageSize: 1000,
 		Query: fmt.Sprintf("WorkflowType = '%s' AND ExecutionStatus = 'Running'", pool.WorkflowType),
 	})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	out := []pool.Health{}
 	for _, e := range resp.GetExecutions() {
 		v, err := c.Temporal.QueryWorkflow(ctx, e.GetExecution().GetWorkflowId(), e.GetExecution().GetRunId(), pool.QueryHealth)
-		if err != nil {
-			continue // ended between list and query
-		}
 		var h pool.Health
-		if v.Get(&h) == nil {
-			out = append(out, h)
+		if err == nil {
+			err = v.Get(&h)
 		}
+		if err != nil {
+			// Ended between list and query, or the query failed.
+			if id, ok := poolIDOf(e.GetExecution().GetWorkflowId()); ok {
+				unread = append(unread, id)
+			}
+			continue
+		}
+		out = append(out, h)
 	}
-	return out, nil
+	return out, unread, nil
+}
+
+// poolIDOf reads the pool id out of pool:<node>:<pool>.
+func poolIDOf(workflowID string) (string, bool) {
+	i := strings.LastIndexByte(workflowID, ':')
+	if !strings.HasPrefix(workflowID, "pool:") || i < 0 {
+		return "", false
+	}
+	return workflowID[i+1:], true
 }
 
 // Drain stops a pool and returns its final health.

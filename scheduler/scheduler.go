@@ -19,6 +19,10 @@ import (
 	"github.com/llorch/llorch/task"
 )
 
+// noPoolGrace is how long a queued task waits for a pool to (re)appear
+// before it fails with no pool.
+const noPoolGrace = 3 * time.Second
+
 // ErrQueueFull rejects a task at admission.
 var ErrQueueFull = errors.New("admission queue full")
 
@@ -56,6 +60,7 @@ type Scheduler struct {
 }
 
 type ticket struct {
+	noPool   time.Time // since when no pool could serve it ("" while one could)
 	id       string
 	req      placement.Request
 	prio     task.Priority
@@ -277,8 +282,19 @@ func (s *Scheduler) dispatch() {
 				s.Metrics.started(prio)
 				close(t.done)
 			case errors.Is(err, placement.ErrBusy):
+				t.noPool = time.Time{}
 				kept = append(kept, t)
 			default:
+				// A pool may be missing from one snapshot (a query that
+				// failed, a pool being replaced): fail only after a grace.
+				now := time.Now()
+				if t.noPool.IsZero() {
+					t.noPool = now
+				}
+				if now.Sub(t.noPool) < noPoolGrace {
+					kept = append(kept, t)
+					continue
+				}
 				t.err = err
 				delete(s.tickets, t.id)
 				s.Metrics.placed("no_pool")

@@ -114,11 +114,16 @@ func TestDropLRU(t *testing.T) {
 }
 
 func TestNoPoolAndCancel(t *testing.T) {
-	s := &Scheduler{Source: func(context.Context) ([]placement.Candidate, error) { return nil, nil }}
+	s := &Scheduler{Source: func(context.Context) ([]placement.Candidate, error) { return nil, nil }, Refresh: 50 * time.Millisecond}
 	s.RefreshNow(context.Background())
 	require.ErrorIs(t, s.Servable(req), placement.ErrNoPool)
+	rctx, stopRun := context.WithCancel(context.Background())
+	defer stopRun()
+	go s.Run(rctx)
+	began := time.Now()
 	_, err := s.Wait(context.Background(), "x", task.Interactive, req, time.Now())
 	require.ErrorIs(t, err, placement.ErrNoPool)
+	require.GreaterOrEqual(t, time.Since(began), noPoolGrace, "a missing pool gets a grace to reappear")
 
 	// A pool still starting: the task waits; its context ends the wait.
 	s = &Scheduler{Source: oneSlot(false)}
