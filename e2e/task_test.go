@@ -211,6 +211,7 @@ func TestTasksV2(t *testing.T) {
 	})
 	status, _ = c.send("POST", "/v2/tasks/t-cancel/cancel", "")
 	require.Equal(t, 204, status, "cancel is idempotent")
+	recordHistory(t, "task:t-cancel", "task-canceled")
 	status, body = c.send("POST", "/v2/tasks/t-one/cancel", "")
 	require.Equal(t, 409, status, body)
 	require.Equal(t, "TASK_ENDED", body["code"])
@@ -489,6 +490,7 @@ func TestAPIServerRestartMidStream(t *testing.T) {
 			_, rec := c.get("/v2/tasks/" + tc.name)
 			return rec["state"] == "Completed", fmt.Sprint(rec)
 		})
+		recordHistory(t, "task:"+tc.name, "task-apiserver-restarted-"+strings.TrimPrefix(tc.name, "t-rs-"))
 	}
 }
 

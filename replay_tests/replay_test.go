@@ -14,6 +14,7 @@ import (
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/workflows"
 )
 
@@ -24,6 +25,7 @@ var workflowTypes = map[string]any{
 	model.StageWorkflowType: workflows.Stage,
 	model.GCWorkflowType:    workflows.GC,
 	pool.WorkflowType:       workflows.Pool,
+	task.WorkflowType:       workflows.Task,
 }
 
 func TestReplayRecordedHistories(t *testing.T) {
