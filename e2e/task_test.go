@@ -243,6 +243,25 @@ func TestTasksV2(t *testing.T) {
 	status, body = c.get("/v2/tasks/ghost")
 	require.Equal(t, 404, status, body)
 	require.Equal(t, "TASK_NOT_FOUND", body["code"])
+
+	// Sessions: metadata of up to 8 turns.
+	for i := range 8 {
+		status, body := c.submit(fmt.Sprintf(`{"session_id":"s-1","model_ref":"task-tiny","prompt":"turn %d","max_tokens":2}`, i))
+		require.Equal(t, 202, status, body)
+	}
+	status, body = c.submit(`{"session_id":"s-1","model_ref":"task-tiny","prompt":"one more","max_tokens":2}`)
+	require.Equal(t, 409, status, body)
+	require.Equal(t, "SESSION_TURN_LIMIT", body["code"])
+	status, body = c.get("/v2/sessions/s-1")
+	require.Equal(t, 200, status, body)
+	require.EqualValues(t, 8, body["turns"])
+	require.Len(t, body["task_ids"], 8)
+	require.Positive(t, body["ttl_ms"])
+	status, _ = c.send("DELETE", "/v2/sessions/s-1", "")
+	require.Equal(t, 204, status)
+	status, body = c.get("/v2/sessions/s-1")
+	require.Equal(t, 404, status, body)
+	require.Equal(t, "SESSION_NOT_FOUND", body["code"])
 	w.signal(t, syscall.SIGTERM)
 	c.waitState(id, node.Left, 20*time.Second)
 }
@@ -524,4 +543,11 @@ func TestTaskStartsPool(t *testing.T) {
 	require.Equal(t, "auto-auto-tiny-e2e-autopool", rest[0].Data["pool_id"])
 	h := c.poolHealth("auto-auto-tiny-e2e-autopool")
 	require.Equal(t, "Ready", h["state"])
+
+	// A Retired model takes no new tasks.
+	status, body = c.send("POST", "/v2/catalog/models/auto-tiny/state", `{"state":"Retired"}`)
+	require.Equal(t, 200, status, body)
+	status, body = c.submit(`{"model_ref":"auto-tiny","prompt":"the","max_tokens":4}`)
+	require.Equal(t, 410, status, body)
+	require.Equal(t, "MODEL_DEPRECATED", body["code"])
 }
