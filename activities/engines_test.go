@@ -132,20 +132,9 @@ func (f *engineFixture) start(t *testing.T, spec pool.Spec, epoch int64) pool.Ha
 
 // killPid is the last resort of a cleanup: SIGKILL pid if it still runs an engine.
 func killPid(pid int) {
-	if pid > 0 && alive(pid) {
+	if pid > 0 && testenv.Alive(pid) {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
-}
-
-// alive says whether pid is a running (not zombie) process.
-func alive(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
 }
 
 func httpStatus(t *testing.T, url string) int {
@@ -205,7 +194,7 @@ func TestEngineStartServesAndFencesOlderEpoch(t *testing.T) {
 	assert.Equal(t, 2, h.Slots)
 	assert.Equal(t, int64(1), h.Epoch)
 	assert.False(t, h.StartedAt.IsZero())
-	assert.True(t, alive(h.PID), "engine runs after the activity returned")
+	assert.True(t, testenv.Alive(h.PID), "engine runs after the activity returned")
 	assert.Equal(t, http.StatusOK, httpStatus(t, h.URL+"/health"))
 
 	res, err := http.Post(h.URL+"/completion", "application/json",
@@ -225,9 +214,9 @@ func TestEngineStartServesAndFencesOlderEpoch(t *testing.T) {
 	assert.Equal(t, h, onDisk)
 
 	h2 := f.start(t, spec, 2)
-	assert.False(t, alive(h.PID), "epoch 1 engine fenced")
+	assert.False(t, testenv.Alive(h.PID), "epoch 1 engine fenced")
 	assert.NotEqual(t, h.URL, h2.URL)
-	assert.True(t, alive(h2.PID))
+	assert.True(t, testenv.Alive(h2.PID))
 	assert.Equal(t, http.StatusOK, httpStatus(t, h2.URL+"/health"))
 	require.NoError(t, json.Unmarshal(mustRead(t, pool.HandoffPath(f.acts.RuntimeDir, spec.PoolID)), &onDisk))
 	assert.Equal(t, int64(2), onDisk.Epoch)
@@ -235,9 +224,9 @@ func TestEngineStartServesAndFencesOlderEpoch(t *testing.T) {
 
 	// A stop of the older epoch leaves the newer engine alone.
 	require.NoError(t, f.acts.StopEngine(context.Background(), activities.StopInput{PoolID: spec.PoolID, Epoch: 1}))
-	assert.True(t, alive(h2.PID))
+	assert.True(t, testenv.Alive(h2.PID))
 	require.NoError(t, f.acts.StopEngine(context.Background(), activities.StopInput{PoolID: spec.PoolID, Epoch: 2}))
-	assert.False(t, alive(h2.PID))
+	assert.False(t, testenv.Alive(h2.PID))
 	assert.NoFileExists(t, pool.HandoffPath(f.acts.RuntimeDir, spec.PoolID))
 	require.NoError(t, f.acts.StopEngine(context.Background(), activities.StopInput{PoolID: spec.PoolID, Epoch: 2}), "idempotent")
 }
@@ -255,8 +244,8 @@ func TestEngineFencesEngineOfEarlierWorker(t *testing.T) {
 	f2 := &engineFixture{acts: fresh, local: f.local, sha: f.sha}
 	t.Cleanup(func() { _ = fresh.StopEngine(context.Background(), activities.StopInput{PoolID: spec.PoolID}) })
 	h2 := f2.start(t, spec, 2)
-	assert.False(t, alive(h.PID), "engine of the earlier worker fenced")
-	assert.True(t, alive(h2.PID))
+	assert.False(t, testenv.Alive(h.PID), "engine of the earlier worker fenced")
+	assert.True(t, testenv.Alive(h2.PID))
 }
 
 // A reload starts the new epoch beside the serving one (Keep); the handoff
@@ -271,14 +260,14 @@ func TestEngineStartKeepsServingEpoch(t *testing.T) {
 	var h2 pool.Handoff
 	v.get(t, &h2)
 	t.Cleanup(func() { killPid(h2.PID) })
-	assert.True(t, alive(h1.PID), "the serving engine is kept")
-	assert.True(t, alive(h2.PID))
+	assert.True(t, testenv.Alive(h1.PID), "the serving engine is kept")
+	assert.True(t, testenv.Alive(h2.PID))
 	var onDisk pool.Handoff
 	require.NoError(t, json.Unmarshal(mustRead(t, pool.HandoffPath(f.acts.RuntimeDir, spec.PoolID)), &onDisk))
 	assert.Equal(t, int64(2), onDisk.Epoch, "the handoff names the new engine")
 	require.NoError(t, f.acts.StopEngine(context.Background(), activities.StopInput{PoolID: spec.PoolID, Epoch: 1}))
-	assert.False(t, alive(h1.PID))
-	assert.True(t, alive(h2.PID))
+	assert.False(t, testenv.Alive(h1.PID))
+	assert.True(t, testenv.Alive(h2.PID))
 	assert.FileExists(t, pool.HandoffPath(f.acts.RuntimeDir, spec.PoolID), "the new engine's handoff stays")
 }
 
@@ -318,7 +307,7 @@ func TestEngineAdoptedByFreshWorker(t *testing.T) {
 	v.get(t, &res)
 	assert.True(t, res.Exited)
 	assert.Equal(t, -1, res.ExitCode, "an adopted engine's exit code is unknown")
-	assert.False(t, alive(h.PID))
+	assert.False(t, testenv.Alive(h.PID))
 }
 
 // With no supervisor renewing its lease (its worker died and never came
@@ -329,7 +318,7 @@ func TestEngineExitsWhenLeaseLapses(t *testing.T) {
 	spec := f.spec(t)
 	h := f.start(t, spec, 1)
 	testenv.Eventually(t, time.Minute, "engine exits once its lease lapses", func() (bool, string) {
-		return !alive(h.PID), fmt.Sprint(h.PID)
+		return !testenv.Alive(h.PID), fmt.Sprint(h.PID)
 	})
 	assert.Contains(t, string(mustRead(t, filepath.Join(f.acts.RuntimeDir, "engines", spec.PoolID+"@1.log"))), "no supervisor for")
 }
@@ -392,7 +381,7 @@ func TestSuperviseKillsEngineThatStopsAnswering(t *testing.T) {
 	assert.True(t, res.Exited)
 	assert.Contains(t, res.Reason, "health check failed 3 times")
 	assert.Equal(t, 128+int(syscall.SIGKILL), res.ExitCode, "SIGTERM cannot reach a stopped process: SIGKILL after the grace")
-	assert.False(t, alive(h.PID))
+	assert.False(t, testenv.Alive(h.PID))
 }
 
 func TestSuperviseCancelStopsEngine(t *testing.T) {
@@ -419,7 +408,7 @@ func TestSuperviseCancelStopsEngine(t *testing.T) {
 	case <-time.After(time.Minute):
 		t.Fatal("Supervise did not return after its context was cancelled")
 	}
-	assert.False(t, alive(h.PID), "engine stopped")
+	assert.False(t, testenv.Alive(h.PID), "engine stopped")
 	assert.NoFileExists(t, pool.HandoffPath(f.acts.RuntimeDir, spec.PoolID))
 }
 
@@ -466,7 +455,7 @@ func enginePids(t *testing.T, poolID string) []int {
 			continue
 		}
 		env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
-		if err != nil || !alive(pid) {
+		if err != nil || !testenv.Alive(pid) {
 			continue
 		}
 		for _, kv := range strings.Split(string(env), "\x00") {

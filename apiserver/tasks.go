@@ -270,7 +270,6 @@ func (s *Server) submit(c *fiber.Ctx, req task.Request) (adm scheduler.Admission
 	var prepared *pool.Spec
 	if err != nil && s.cfg.AutoPools && req.Placement.Mode != "pin" && req.Placement.PinPoolID == "" {
 		if prepared, err = s.autoPool(c, req); err == nil {
-			s.deps.Scheduler.RefreshNow(c.UserContext())
 			err = s.deps.Scheduler.Servable(pr)
 		}
 	}
@@ -342,6 +341,8 @@ func (s *Server) autoPool(c *fiber.Ctx, req task.Request) (*pool.Spec, error) {
 	if _, err := s.deps.Pools.Create(c.UserContext(), spec); err != nil && !errors.Is(err, poolclient.ErrExists) {
 		return nil, err
 	}
+	s.deps.Scheduler.Announce(placement.Candidate{PoolID: spec.PoolID, NodeID: nodeID, ModelID: spec.ModelID,
+		State: pool.Starting, NodeOnline: true, SlotsTotal: spec.Slots, CtxPerSlot: spec.CtxSize / spec.Slots})
 	s.log(c).Info("pool started for a task", "pool_id", spec.PoolID, "node_id", nodeID, "model_id", req.ModelID, "task_id", req.TaskID)
 	return &spec, nil
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"strings"
 	"syscall"
 	"testing"
@@ -113,24 +112,7 @@ func TestOpenAICompatible(t *testing.T) {
 		_, rec := c.get("/v2/tasks/" + taskID)
 		return rec["state"] == "Canceled", fmt.Sprint(rec)
 	})
-	res, err := http.Get(h["url"].(string) + "/slots")
-	require.NoError(t, err)
-	res.Body.Close()
-	testenv.Eventually(t, 30*time.Second, "engine slot freed", func() (bool, string) {
-		res, err := http.Get(h["url"].(string) + "/slots")
-		if err != nil {
-			return false, err.Error()
-		}
-		defer res.Body.Close()
-		var slots []map[string]any
-		_ = jsonDecode(res, &slots)
-		for _, s := range slots {
-			if s["is_processing"] == true {
-				return false, fmt.Sprint(slots)
-			}
-		}
-		return true, ""
-	})
+	testenv.Eventually(t, 30*time.Second, "engine slot freed", func() (bool, string) { return engineIdle(h["url"].(string)) })
 	w.signal(t, syscall.SIGTERM)
 	c.waitState(id, node.Left, 20*time.Second)
 }

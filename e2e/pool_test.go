@@ -212,7 +212,7 @@ func TestPoolEngineAdoptedFencedOrphaned(t *testing.T) {
 	// 1. Adopted.
 	w.signal(t, syscall.SIGKILL)
 	w.wait(t, 10*time.Second)
-	require.True(t, engineAlive(enginePID), "the engine outlives its worker")
+	require.True(t, testenv.Alive(enginePID), "the engine outlives its worker")
 	killedAt := time.Now()
 	w = c.worker(id, orphan...)
 	testenv.Eventually(t, 60*time.Second, "pool adopts the running engine", func() (bool, string) {
@@ -247,7 +247,7 @@ func TestPoolEngineAdoptedFencedOrphaned(t *testing.T) {
 	pids := poolEnginePIDs(t, "k1")
 	require.Equal(t, []int{int(h["pid"].(float64))}, pids, "exactly the pool's engine runs")
 	if h["epoch"].(float64) != 2 {
-		require.False(t, engineAlive(enginePID), "the engine of epoch 2 was fenced")
+		require.False(t, testenv.Alive(enginePID), "the engine of epoch 2 was fenced")
 	}
 	t.Logf("after NODE_OFFLINE: epoch %v (2 = adopted, more = fenced and restarted)", h["epoch"])
 	recordHistory(t, pool.WorkflowID(id, "k1"), "pool-adopted-after-worker-kill")
@@ -257,7 +257,7 @@ func TestPoolEngineAdoptedFencedOrphaned(t *testing.T) {
 	w.signal(t, syscall.SIGKILL)
 	w.wait(t, 10*time.Second)
 	testenv.Eventually(t, 90*time.Second, "orphaned engine exits", func() (bool, string) {
-		return !engineAlive(enginePID), fmt.Sprint(enginePID)
+		return !testenv.Alive(enginePID), fmt.Sprint(enginePID)
 	})
 	require.Empty(t, poolEnginePIDs(t, "k1"), "no orphaned engine")
 }
@@ -289,7 +289,7 @@ func TestPoolReload(t *testing.T) {
 	require.EqualValues(t, 2, h["epoch"])
 	require.EqualValues(t, 0, h["restarts"])
 	testenv.Eventually(t, 30*time.Second, "old engine stopped", func() (bool, string) {
-		return !engineAlive(oldPID), fmt.Sprint(oldPID)
+		return !testenv.Alive(oldPID), fmt.Sprint(oldPID)
 	})
 	var hf pool.Handoff
 	require.NoError(t, json.Unmarshal(mustReadFile(t, pool.HandoffPath(c.home+"/nodes/"+id+"/runtime", "r1")), &hf))
@@ -321,7 +321,7 @@ func TestPoolReload(t *testing.T) {
 	require.Equal(t, string(pool.Ready), h["state"])
 	require.Equal(t, "reload-b", h["model_id"])
 	require.Equal(t, servingPID, int(h["pid"].(float64)))
-	require.True(t, engineAlive(servingPID))
+	require.True(t, testenv.Alive(servingPID))
 
 	// Bad requests.
 	for _, tc := range []struct {
@@ -344,7 +344,7 @@ func TestPoolReload(t *testing.T) {
 	w.signal(t, syscall.SIGTERM)
 	require.Zero(t, w.wait(t, 30*time.Second))
 	c.waitState(id, node.Left, 20*time.Second)
-	require.False(t, engineAlive(servingPID), "a worker that shuts down stops its engines")
+	require.False(t, testenv.Alive(servingPID), "a worker that shuts down stops its engines")
 	h = c.waitPool("r1", pool.Unready, 30*time.Second)
 	require.Contains(t, h["last_error"], "NODE_LEFT")
 }
@@ -356,17 +356,6 @@ func mustReadFile(t *testing.T, p string) []byte {
 	return b
 }
 
-// engineAlive says whether pid is a running (not zombie) process.
-func engineAlive(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
-}
-
 // poolEnginePIDs are the live engine processes of a pool (any node).
 func poolEnginePIDs(t *testing.T, poolID string) []int {
 	t.Helper()
@@ -375,7 +364,7 @@ func poolEnginePIDs(t *testing.T, poolID string) []int {
 	var out []int
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
-		if err != nil || !engineAlive(pid) {
+		if err != nil || !testenv.Alive(pid) {
 			continue
 		}
 		env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))

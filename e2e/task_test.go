@@ -355,6 +355,25 @@ func TestTaskMovesOffLostNode(t *testing.T) {
 
 func jsonDecode(res *http.Response, v any) error { return json.NewDecoder(res.Body).Decode(v) }
 
+// engineIdle says whether no slot of the engine at url is processing.
+func engineIdle(url string) (bool, string) {
+	res, err := http.Get(url + "/slots")
+	if err != nil {
+		return false, err.Error()
+	}
+	defer res.Body.Close()
+	var slots []map[string]any
+	if err := jsonDecode(res, &slots); err != nil || len(slots) == 0 {
+		return false, fmt.Sprint(slots, err)
+	}
+	for _, s := range slots {
+		if s["is_processing"] != false {
+			return false, fmt.Sprint(slots)
+		}
+	}
+	return true, ""
+}
+
 // Admission and placement: a full queue answers 429 with Retry-After and
 // X-Backoff-Ms; interactive tasks go before batch ones queued earlier;
 // pin and avoid; a deadline ends a running task with DEADLINE_EXCEEDED.
@@ -481,16 +500,7 @@ func TestAPIServerRestartMidStream(t *testing.T) {
 		require.Zero(t, c.apiProc.wait(t, 30*time.Second), "apiserver exits 0 on SIGTERM with a stream open")
 		if tc.waitDone {
 			// The node finishes while no apiserver runs; its events go nowhere.
-			testenv.Eventually(t, 60*time.Second, "engine idle", func() (bool, string) {
-				res, err := http.Get(h["url"].(string) + "/slots")
-				if err != nil {
-					return false, err.Error()
-				}
-				defer res.Body.Close()
-				var slots []map[string]any
-				_ = jsonDecode(res, &slots)
-				return len(slots) > 0 && slots[0]["is_processing"] == false && slots[1]["is_processing"] == false, fmt.Sprint(slots)
-			})
+			testenv.Eventually(t, 60*time.Second, "engine idle", func() (bool, string) { return engineIdle(h["url"].(string)) })
 		}
 		c.startAPI()
 		last := first[len(first)-1].ID

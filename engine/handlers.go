@@ -248,11 +248,7 @@ func (s *Server) handleApplyTemplate(w http.ResponseWriter, r *http.Request) {
 	if !decodeBody(w, r, &req) {
 		return
 	}
-	msgs := make([]chatMessage, 0, len(req.Messages))
-	for _, m := range req.Messages {
-		msgs = append(msgs, chatMessage{Role: m.Role, Content: m.Content})
-	}
-	prompt, err := applyTemplate(s.tmpl, msgs)
+	prompt, err := s.chatPrompt(req)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, errInvalidRequest, err.Error())
 		return
@@ -426,6 +422,15 @@ type chatRequest struct {
 	} `json:"stream_options"`
 }
 
+// chatPrompt renders a chat request's messages with the model's template.
+func (s *Server) chatPrompt(req chatRequest) (string, error) {
+	msgs := make([]chatMessage, 0, len(req.Messages))
+	for _, m := range req.Messages {
+		msgs = append(msgs, chatMessage{Role: m.Role, Content: m.Content})
+	}
+	return applyTemplate(s.tmpl, msgs)
+}
+
 // stopList accepts OpenAI's string or array of strings.
 type stopList []string
 
@@ -482,11 +487,7 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, errInvalidRequest, err.Error())
 		return
 	}
-	msgs := make([]chatMessage, 0, len(req.Messages))
-	for _, m := range req.Messages {
-		msgs = append(msgs, chatMessage{Role: m.Role, Content: m.Content})
-	}
-	prompt, err := applyTemplate(s.tmpl, msgs)
+	prompt, err := s.chatPrompt(req)
 	if err != nil {
 		writeError(w, http.StatusInternalServerError, errServer, err.Error())
 		return

@@ -54,6 +54,9 @@ type Scheduler struct {
 	queues  map[task.Priority][]*ticket
 	tickets map[string]*ticket
 	dropped map[string]bool
+	// announced are pools just created that a read may not show yet
+	// (visibility lags): kept in the snapshot until a read has them.
+	announced map[string]announcement
 	// Observed service: EWMA of seconds a granted slot stays busy.
 	service float64
 	kick    chan struct{}
@@ -76,6 +79,7 @@ func (s *Scheduler) init() {
 		s.queues = map[task.Priority][]*ticket{}
 		s.tickets = map[string]*ticket{}
 		s.dropped = map[string]bool{}
+		s.announced = map[string]announcement{}
 		s.kick = make(chan struct{}, 1)
 	}
 }
@@ -343,9 +347,45 @@ func (s *Scheduler) RefreshNow(ctx context.Context) {
 	}
 	s.mu.Lock()
 	s.init()
+	seen := map[string]bool{}
+	for _, c := range cands {
+		seen[c.PoolID] = true
+	}
+	for id, a := range s.announced {
+		switch {
+		case seen[id] || time.Since(a.at) > announceTTL:
+			delete(s.announced, id)
+		default:
+			cands = append(cands, a.c)
+		}
+	}
 	s.cands, s.fresh = cands, true
 	s.dispatch()
 	s.mu.Unlock()
+}
+
+type announcement struct {
+	c  placement.Candidate
+	at time.Time
+}
+
+// announceTTL bounds how long an announced pool stands in for a read.
+const announceTTL = 30 * time.Second
+
+// Announce adds a pool just created (state Starting) to the snapshot at
+// once, so tasks for it wait instead of failing while reads lag.
+func (s *Scheduler) Announce(c placement.Candidate) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.init()
+	s.announced[c.PoolID] = announcement{c: c, at: time.Now()}
+	for _, o := range s.cands {
+		if o.PoolID == c.PoolID {
+			return
+		}
+	}
+	s.cands = append(s.cands, c)
+	s.fresh = true
 }
 
 // Kick asks for a refresh now (a pool changed).

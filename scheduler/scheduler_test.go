@@ -137,3 +137,25 @@ func TestNoPoolAndCancel(t *testing.T) {
 	require.Empty(t, s.tickets, "a wait that ended leaves no ticket")
 	s.mu.Unlock()
 }
+
+// A pool just created stands in the snapshot before reads show it.
+func TestAnnouncedPool(t *testing.T) {
+	reads := 0
+	s := &Scheduler{Source: func(context.Context) ([]placement.Candidate, error) {
+		reads++
+		if reads < 3 {
+			return nil, nil // visibility lags
+		}
+		return oneSlot(true)(context.Background())
+	}}
+	s.RefreshNow(context.Background())
+	require.ErrorIs(t, s.Servable(req), placement.ErrNoPool)
+	s.Announce(placement.Candidate{PoolID: "p", NodeID: "n", ModelID: "m", State: pool.Starting, NodeOnline: true, SlotsTotal: 1})
+	require.NoError(t, s.Servable(req), "announced: the task may wait for it")
+	s.RefreshNow(context.Background()) // still not read: the announcement stays
+	require.NoError(t, s.Servable(req))
+	s.RefreshNow(context.Background()) // read now: Ready, placeable
+	where, err := s.Wait(context.Background(), "a", task.Interactive, req, time.Now())
+	require.NoError(t, err)
+	require.Equal(t, "http://e", where.URL)
+}

@@ -267,3 +267,14 @@ func LlamaLib(t testing.TB) string {
 	}
 	return dir
 }
+
+// Alive says whether pid is a running process (a zombie counts as gone).
+func Alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
+}
