@@ -13,7 +13,9 @@ import (
 	"github.com/llorch/llorch/task"
 )
 
-func tok(i int) task.Event { return task.Event{Type: "token", I: i, T: string(rune('a' + i%26)), Tok: int32(i)} }
+func tok(i int) task.Event {
+	return task.Event{Type: "token", I: i, T: string(rune('a' + i%26)), Tok: int32(i)}
+}
 
 func TestStreamDedupesAndDetectsGaps(t *testing.T) {
 	var h Hub
