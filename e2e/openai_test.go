@@ -98,9 +98,11 @@ func TestOpenAICompatible(t *testing.T) {
 	require.True(t, errors.As(err, &apiErr), "%v", err)
 	require.Equal(t, 401, apiErr.StatusCode)
 
-	// Leaving a stream cancels the task.
+	// Leaving a stream cancels the task (a slower model: it is surely still
+	// generating).
+	slow := c.slowPool(id, "op-slow", "oai-slow")
 	sctx, cancel := context.WithCancel(ctx)
-	long := cl.Chat.Completions.NewStreaming(sctx, openai.ChatCompletionNewParams{Model: "oai-tiny",
+	long := cl.Chat.Completions.NewStreaming(sctx, openai.ChatCompletionNewParams{Model: "oai-slow",
 		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("go on")}, MaxTokens: openai.Int(3000)})
 	for i := 0; i < 5 && long.Next(); i++ {
 	}
@@ -112,7 +114,7 @@ func TestOpenAICompatible(t *testing.T) {
 		_, rec := c.get("/v2/tasks/" + taskID)
 		return rec["state"] == "Canceled", fmt.Sprint(rec)
 	})
-	testenv.Eventually(t, 30*time.Second, "engine slot freed", func() (bool, string) { return engineIdle(h["url"].(string)) })
+	testenv.Eventually(t, 30*time.Second, "engine slot freed", func() (bool, string) { return engineIdle(slow["url"].(string)) })
 	w.signal(t, syscall.SIGTERM)
 	c.waitState(id, node.Left, 20*time.Second)
 }

@@ -175,8 +175,10 @@ func TestTasksV2(t *testing.T) {
 	checkOrder(t, evs, 10)
 	require.True(t, strings.HasSuffix(text, rest))
 
-	// Cancel mid-stream: 204, then an error event and nothing after it.
-	status, body = c.submit(`{"task_id":"t-cancel","model_ref":"task-tiny","prompt":"the","max_tokens":3000,"temperature":0.7,"seed":3}`)
+	// Cancel mid-stream: 204, then an error event and nothing after it. A
+	// slower model, so the generation is surely still running.
+	c.slowPool(id, "tp-slow", "task-slow")
+	status, body = c.submit(`{"task_id":"t-cancel","model_ref":"task-slow","prompt":"the","max_tokens":3000,"temperature":0.7,"seed":3}`)
 	require.Equal(t, 202, status, body)
 	ch, stop = c.events("t-cancel", "")
 	defer stop()
@@ -264,6 +266,15 @@ func TestTasksV2(t *testing.T) {
 	require.Equal(t, "SESSION_NOT_FOUND", body["code"])
 	w.signal(t, syscall.SIGTERM)
 	c.waitState(id, node.Left, 20*time.Second)
+}
+
+// slowPool makes a Ready pool of the slow model on nodeID.
+func (c *cluster) slowPool(nodeID, poolID, modelID string) map[string]any {
+	c.t.Helper()
+	c.push(modelID, slowModel(c.t))
+	status, body := c.send("POST", "/v2/pools", `{"pool_id":"`+poolID+`","model_id":"`+modelID+`","node_id":"`+nodeID+`","ctx":4096}`)
+	require.Equal(c.t, 202, status, body)
+	return c.waitPool(poolID, pool.Ready, 120*time.Second)
 }
 
 // slowModel is big enough to generate at a few hundred tokens per second
