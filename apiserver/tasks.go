@@ -303,6 +303,9 @@ func (s *Server) submit(c *fiber.Ctx, req task.Request) (adm scheduler.Admission
 		// A task id is used once: a second submission is an error, not
 		// the first task's handle.
 		WorkflowExecutionErrorWhenAlreadyStarted: true,
+		// This process runs the control worker: its first workflow task
+		// comes back with the start, no dispatch round trip.
+		EnableEagerStart: true,
 		Memo:                                     map[string]any{"correlation_id": req.CorrelationID},
 		TypedSearchAttributes:                    temporal.NewSearchAttributes(model.ModelIDKey.ValueSet(req.ModelID)),
 		StaticSummary:                            fmt.Sprintf("task %s: %s, %s priority", req.TaskID, req.ModelID, req.Priority),
@@ -535,8 +538,17 @@ func (s *Server) taskEvents(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	if _, _, err := s.status(c.UserContext(), id); err != nil {
-		return err
+	// A stream this apiserver holds is a task it admitted; any other must
+	// exist (a describe, not a query: no workflow task round trip).
+	if s.hub.Peek(id) == nil {
+		_, err := s.nodes.Temporal.DescribeWorkflowExecution(c.UserContext(), task.WorkflowID(id), "")
+		var nf *serviceerror.NotFound
+		if errors.As(err, &nf) {
+			return apiError(fiber.StatusNotFound, CodeTaskNotFound, "task %s does not exist", id)
+		}
+		if err != nil {
+			return err
+		}
 	}
 	cur := tokenstream.Cursor{}
 	if last := c.Get("Last-Event-ID"); last != "" {
@@ -638,6 +650,11 @@ func (s *Server) pushEvents(c *fiber.Ctx) error {
 	have, err := s.hub.Stream(id).Push(body.Events)
 	if errors.Is(err, tokenstream.ErrGap) {
 		return c.Status(fiber.StatusConflict).JSON(tokenstream.PushReply{Have: have})
+	}
+	for _, ev := range body.Events {
+		if ev.Type == "end" {
+			s.deps.Scheduler.Finished(id) // the slot is free now
+		}
 	}
 	return c.JSON(tokenstream.PushReply{Have: have})
 }

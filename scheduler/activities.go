@@ -84,6 +84,19 @@ func (a *TaskControl) reportWaiting(taskID, last string) string {
 	return key
 }
 
+// Granted is the answer of TryPlace.
+type Granted struct {
+	Where task.Where
+	OK    bool
+}
+
+// TryPlace (a local activity: no server round trip) returns the slot the
+// task was granted at admission, if any; else the workflow waits in Place.
+func (a *TaskControl) TryPlace(_ context.Context, taskID string) (Granted, error) {
+	w, ok := a.S.Granted(taskID)
+	return Granted{Where: w, OK: ok}, nil
+}
+
 // ReleaseInput returns a slot.
 type ReleaseInput struct {
 	TaskID string

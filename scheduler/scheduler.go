@@ -64,6 +64,7 @@ type Scheduler struct {
 
 type ticket struct {
 	noPool   time.Time // since when no pool could serve it ("" while one could)
+	granted  time.Time
 	id       string
 	req      placement.Request
 	prio     task.Priority
@@ -214,6 +215,29 @@ func sameExclude(a, b []string) bool {
 	return true
 }
 
+// Granted is the slot a task already holds (admission placed it at once).
+func (s *Scheduler) Granted(id string) (task.Where, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	t := s.tickets[id]
+	if t == nil || t.where == nil {
+		return task.Where{}, false
+	}
+	return task.Where{NodeID: t.where.NodeID, PoolID: t.where.PoolID, URL: t.where.URL, Epoch: t.where.Epoch}, true
+}
+
+// Finished returns the slot of a task whose generation ended (its stream
+// got end), without waiting for the workflow's Release: the next task
+// need not wait for a workflow round trip.
+func (s *Scheduler) Finished(id string) {
+	s.mu.Lock()
+	t := s.tickets[id]
+	s.mu.Unlock()
+	if t != nil && t.where != nil {
+		s.Release(id, t.where.PoolID, time.Since(t.granted))
+	}
+}
+
 // Release returns a task's slot; busy is how long it was held.
 func (s *Scheduler) Release(id, poolID string, busy time.Duration) {
 	s.mu.Lock()
@@ -279,7 +303,7 @@ func (s *Scheduler) dispatch() {
 			switch {
 			case err == nil:
 				cc := *c
-				t.where = &cc
+				t.where, t.granted = &cc, time.Now()
 				s.grants[c.PoolID]++
 				c.SlotsBusy++
 				s.Metrics.placed("placed")

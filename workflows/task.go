@@ -111,8 +111,23 @@ func (t *taskWF) run(ctx workflow.Context) error {
 			Summary: "wait for a slot of a pool serving " + t.req.ModelID,
 		})
 		var where task.Where
-		err := workflow.ExecuteActivity(pctx, tc.Place, scheduler.PlaceInput{TaskID: t.req.TaskID, ModelID: t.req.ModelID,
-			Priority: t.req.Priority, Placement: t.req.Placement, Exclude: exclude, EnqueuedAt: t.req.EnqueuedAt}).Get(ctx, &where)
+		var err error
+		var g scheduler.Granted
+		// Most tasks were given a slot at admission: a local activity reads
+		// it without a server round trip (tasks recorded before replay as
+		// they ran).
+		if len(exclude) == 0 && workflow.GetVersion(ctx, "try-place-locally", workflow.DefaultVersion, 1) >= 1 {
+			lctx := workflow.WithLocalActivityOptions(ctx, workflow.LocalActivityOptions{StartToCloseTimeout: 5 * time.Second})
+			if workflow.ExecuteLocalActivity(lctx, tc.TryPlace, t.req.TaskID).Get(ctx, &g) != nil {
+				g.OK = false
+			}
+		}
+		if g.OK {
+			where = g.Where
+		} else {
+			err = workflow.ExecuteActivity(pctx, tc.Place, scheduler.PlaceInput{TaskID: t.req.TaskID, ModelID: t.req.ModelID,
+				Priority: t.req.Priority, Placement: t.req.Placement, Exclude: exclude, EnqueuedAt: t.req.EnqueuedAt}).Get(ctx, &where)
+		}
 		if err != nil {
 			if len(t.st.Migrations) > 0 && isType(err, task.ErrPoolUnavailable) {
 				return &taskError{task.Error{Code: task.ErrWorkerReset, Retriable: true, RetryAfterMs: 1000,

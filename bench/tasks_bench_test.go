@@ -1,0 +1,322 @@
+package bench
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/worker"
+	"go.temporal.io/sdk/workflow"
+
+	"github.com/llorch/llorch/model"
+	"github.com/llorch/llorch/modelstore"
+	"github.com/llorch/llorch/testenv"
+)
+
+const benchToken = "bench-token-0123456789abcdef0123456789abcdef"
+
+// benchCluster is an apiserver and one worker with a Ready pool of a
+// generated model: what a task goes through.
+type benchCluster struct {
+	api, engine string
+	submits     samples // POST /v2/tasks round trips
+}
+
+var clusters atomic.Int32
+
+func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody string) *benchCluster {
+	b.Helper()
+	// Go runs a benchmark once with b.N = 1 first: each run its own pool.
+	poolID := fmt.Sprintf("bench-pool-%d-%d", os.Getpid(), clusters.Add(1))
+	ctx := context.Background()
+	bin := testenv.Llorch(b)
+	home := b.TempDir()
+	port, err := testenv.FreePort()
+	require.NoError(b, err)
+	c := &benchCluster{api: fmt.Sprintf("127.0.0.1:%d", port)}
+	s3 := []string{"--temporal-address", env.TemporalAddr, "--home", home, "--s3-endpoint", env.S3.Endpoint,
+		"--s3-access-key", env.S3.AccessKey, "--s3-secret-key", env.S3.SecretKey, "--s3-bucket", env.S3.Bucket}
+	run := func(args ...string) {
+		cmd := exec.Command(bin, args...)
+		cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + benchToken, "LLORCH_LOG_LEVEL=warn"}
+		cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
+		require.NoError(b, cmd.Start())
+		b.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	}
+	run(append([]string{"apiserver", "--addr", c.api}, s3...)...)
+	run(append([]string{"worker", "--node-id", "bench-node", "--metrics-addr", "127.0.0.1:0"}, s3...)...)
+
+	store, err := modelstore.New(env.S3)
+	require.NoError(b, err)
+	require.NoError(b, store.EnsureBucket(ctx))
+	path := filepath.Join(b.TempDir(), "model.gguf")
+	require.NoError(b, modelstore.WriteTinyFile(path, modelOpts))
+	f, err := os.Open(path)
+	require.NoError(b, err)
+	_, err = store.Upload(ctx, f, -1, model.DefaultKey("bench-model"), nil)
+	f.Close()
+	require.NoError(b, err)
+	testenv.Eventually(b, time.Minute, "apiserver and node up", func() (bool, string) {
+		code, body := c.call("GET", "/v2/nodes/bench-node", "")
+		return code == 200 && strings.Contains(body, `"Online"`), body
+	})
+	code, body := c.call("POST", "/v2/catalog/models", `{"id":"bench-model","key":"`+model.DefaultKey("bench-model")+`","replace":true}`)
+	require.Contains(b, []int{200, 201}, code, body)
+	b.Cleanup(func() { c.call("POST", "/v2/pools/"+poolID+"/drain", "{}") })
+	code, body = c.call("POST", "/v2/pools", `{"pool_id":"`+poolID+`","model_id":"bench-model","node_id":"bench-node"`+poolBody+`}`)
+	require.Equal(b, 202, code, body)
+	testenv.Eventually(b, 2*time.Minute, "pool ready", func() (bool, string) {
+		_, body := c.call("GET", "/v2/pools/"+poolID+"/health", "")
+		var h struct {
+			State, URL string
+		}
+		_ = json.Unmarshal([]byte(body), &h)
+		c.engine = h.URL
+		return h.State == "Ready", body
+	})
+	return c
+}
+
+func (c *benchCluster) call(method, path, body string) (int, string) {
+	req, _ := http.NewRequest(method, "http://"+c.api+path, strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+benchToken)
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer res.Body.Close()
+	b, _ := io.ReadAll(res.Body)
+	return res.StatusCode, string(b)
+}
+
+// stream posts and reads an SSE response, returning the time to the first
+// line that isFirst accepts and to the end of the stream, and how many
+// lines isToken accepted.
+func stream(req *http.Request, start time.Time, isFirst, isToken func(string) bool) (first, total time.Duration, tokens int, err error) {
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	defer res.Body.Close()
+	if res.StatusCode != 200 {
+		b, _ := io.ReadAll(res.Body)
+		return 0, 0, 0, fmt.Errorf("HTTP %d: %s", res.StatusCode, b)
+	}
+	sc := bufio.NewScanner(res.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if first == 0 && isFirst(line) {
+			first = time.Since(start)
+		}
+		if isToken(line) {
+			tokens++
+		}
+	}
+	return first, time.Since(start), tokens, sc.Err()
+}
+
+func post(url, body string, auth bool) *http.Request {
+	req, _ := http.NewRequest("POST", url, strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	if auth {
+		req.Header.Set("Authorization", "Bearer "+benchToken)
+	}
+	return req
+}
+
+// direct streams from the engine itself: the baseline.
+func (c *benchCluster) direct(n int) (time.Duration, time.Duration, int, error) {
+	body := fmt.Sprintf(`{"prompt":"Once upon a time","n_predict":%d,"temperature":0,"stream":true}`, n)
+	isTok := func(l string) bool {
+		return strings.HasPrefix(l, `data: {"content":`) && !strings.Contains(l, `"stop":true`)
+	}
+	return stream(post(c.engine+"/completion", body, false), time.Now(), isTok, isTok)
+}
+
+// v2 submits a task and reads its events: TTFT counts both requests.
+func (c *benchCluster) v2(n int) (time.Duration, time.Duration, int, error) {
+	start := time.Now()
+	code, body := c.call("POST", "/v2/tasks", fmt.Sprintf(`{"model_ref":"bench-model","prompt":"Once upon a time","max_tokens":%d,"determinism":"strict"}`, n))
+	if code != 202 {
+		return 0, 0, 0, fmt.Errorf("submit: %d %s", code, body)
+	}
+	c.submits = append(c.submits, time.Since(start))
+	var r struct {
+		TaskID string `json:"task_id"`
+	}
+	_ = json.Unmarshal([]byte(body), &r)
+	req, _ := http.NewRequest("GET", "http://"+c.api+"/v2/tasks/"+r.TaskID+"/events", nil)
+	req.Header.Set("Authorization", "Bearer "+benchToken)
+	isTok := func(l string) bool { return l == "event: token" }
+	return stream(req, start, isTok, isTok)
+}
+
+// v1 streams an OpenAI chat completion.
+func (c *benchCluster) v1(n int) (time.Duration, time.Duration, int, error) {
+	body := fmt.Sprintf(`{"model":"bench-model","prompt":"Once upon a time","max_tokens":%d,"temperature":0,"stream":true}`, n)
+	isTok := func(l string) bool {
+		return strings.HasPrefix(l, "data: {") && strings.Contains(l, `"text":"`) && !strings.Contains(l, `"text":""`)
+	}
+	return stream(post("http://"+c.api+"/v1/completions", body, true), time.Now(), isTok, isTok)
+}
+
+type samples []time.Duration
+
+func (s samples) pct(p float64) time.Duration {
+	if len(s) == 0 {
+		return 0
+	}
+	c := slices.Clone(s)
+	slices.Sort(c)
+	return c[min(len(c)-1, int(p*float64(len(c))))]
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// emptyWF and oneActivityWF are the floor of the Temporal server itself.
+func emptyWF(workflow.Context) error { return nil }
+
+func noop(context.Context) error { return nil }
+
+func oneActivityWF(ctx workflow.Context) error {
+	ctx = workflow.WithActivityOptions(ctx, workflow.ActivityOptions{StartToCloseTimeout: time.Minute})
+	return workflow.ExecuteActivity(ctx, noop).Get(ctx, nil)
+}
+
+func temporalFloor(b *testing.B, n int) (empty, one samples) {
+	ctx := context.Background()
+	w := worker.New(env.Temporal, "bench-floor", worker.Options{})
+	w.RegisterWorkflow(emptyWF)
+	w.RegisterWorkflow(oneActivityWF)
+	w.RegisterActivity(noop)
+	require.NoError(b, w.Start())
+	defer w.Stop()
+	for i := 0; i < n; i++ {
+		for j, wf := range []any{emptyWF, oneActivityWF} {
+			start := time.Now()
+			run, err := env.Temporal.ExecuteWorkflow(ctx, client.StartWorkflowOptions{TaskQueue: "bench-floor"}, wf)
+			require.NoError(b, err)
+			require.NoError(b, run.Get(ctx, nil))
+			switch {
+			case i == 0: // warm-up
+			case j == 0:
+				empty = append(empty, time.Since(start))
+			default:
+				one = append(one, time.Since(start))
+			}
+		}
+	}
+	return empty, one
+}
+
+// BenchmarkTimeToFirstToken: each iteration is one request straight to
+// the engine, one /v2 task (submit + SSE) and one /v1 streamed completion,
+// in turn; it reports p50/p99 of each, the overhead over direct, and the
+// Temporal server's own floor (an empty workflow, one with one activity).
+// `just bench` runs 200 iterations.
+func BenchmarkTimeToFirstToken(b *testing.B) {
+	c := startCluster(b, modelstore.TinyOptions{Seed: 5}, `,"slots":2,"ctx":4096`)
+	for range 3 { // warm-up
+		_, _, _, _ = c.direct(4)
+		_, _, _, _ = c.v2(4)
+		_, _, _, _ = c.v1(4)
+	}
+	var direct, v2, v1 samples
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for _, m := range []struct {
+			fn  func(int) (time.Duration, time.Duration, int, error)
+			out *samples
+		}{{c.direct, &direct}, {c.v2, &v2}, {c.v1, &v1}} {
+			first, _, _, err := m.fn(8)
+			require.NoError(b, err)
+			*m.out = append(*m.out, first)
+		}
+	}
+	b.StopTimer()
+	empty, one := temporalFloor(b, min(b.N, 50)+1)
+	report(b, "ttft", map[string]any{
+		"samples":           b.N,
+		"direct_p50_ms":     ms(direct.pct(0.5)),
+		"direct_p99_ms":     ms(direct.pct(0.99)),
+		"v2_p50_ms":         ms(v2.pct(0.5)),
+		"v2_p99_ms":         ms(v2.pct(0.99)),
+		"v1_p50_ms":         ms(v1.pct(0.5)),
+		"v1_p99_ms":         ms(v1.pct(0.99)),
+		"v2_overhead_p50":   ms(v2.pct(0.5) - direct.pct(0.5)),
+		"v2_submit_p50_ms":  ms(c.submits.pct(0.5)),
+		"v1_overhead_p50":   ms(v1.pct(0.5) - direct.pct(0.5)),
+		"temporal_empty_wf": ms(empty.pct(0.5)),
+		"temporal_1act_wf":  ms(one.pct(0.5)),
+	})
+	b.ReportMetric(ms(v2.pct(0.5)-direct.pct(0.5)), "v2-overhead-p50-ms")
+	b.ReportMetric(ms(v1.pct(0.5)-direct.pct(0.5)), "v1-overhead-p50-ms")
+}
+
+// BenchmarkStreamingThroughput: 256-token generations, tokens per second
+// from the first token to the end, through llorch (/v2 SSE) over direct.
+func BenchmarkStreamingThroughput(b *testing.B) {
+	c := startCluster(b, modelstore.TinyOptions{Embd: 256, Layers: 4, Context: 4096, Seed: 6}, `,"slots":1,"ctx":4096`)
+	_, _, _, _ = c.direct(16)
+	_, _, _, _ = c.v2(16)
+	var dRate, lRate []float64
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for _, m := range []struct {
+			fn   func(int) (time.Duration, time.Duration, int, error)
+			rate *[]float64
+		}{{c.direct, &dRate}, {c.v2, &lRate}} {
+			first, total, toks, err := m.fn(256)
+			require.NoError(b, err)
+			require.Equal(b, 256, toks)
+			*m.rate = append(*m.rate, float64(toks-1)/(total-first).Seconds())
+		}
+	}
+	b.StopTimer()
+	med := func(x []float64) float64 { c := slices.Clone(x); slices.Sort(c); return c[len(c)/2] }
+	report(b, "throughput", map[string]any{"samples": b.N, "direct_tok_s": med(dRate), "llorch_tok_s": med(lRate),
+		"ratio": med(lRate) / med(dRate)})
+	b.ReportMetric(med(lRate)/med(dRate), "throughput-ratio")
+}
+
+// report prints one result and adds it to bench/out/results.json.
+func report(b *testing.B, name string, r map[string]any) {
+	keys := make([]string, 0, len(r))
+	for k := range r {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	var buf bytes.Buffer
+	fmt.Fprintf(&buf, "\n%s\n", name)
+	for _, k := range keys {
+		fmt.Fprintf(&buf, "  %-20s %v\n", k, r[k])
+	}
+	b.Log(buf.String())
+	out := filepath.Join(testenv.RepoRoot(), "bench", "out", "results.json")
+	all := map[string]any{}
+	if raw, err := os.ReadFile(out); err == nil {
+		_ = json.Unmarshal(raw, &all)
+	}
+	r["at"] = time.Now().UTC().Format(time.RFC3339)
+	all[name] = r
+	raw, _ := json.MarshalIndent(all, "", "  ")
+	_ = os.MkdirAll(filepath.Dir(out), 0o755)
+	_ = os.WriteFile(out, raw, 0o644)
+}
