@@ -64,7 +64,11 @@ test: tools lint
 
 # Benchmarks against baselines in the same run (staging vs bare FGetObject).
 bench: tools
-    go test -run '^$' -bench . -benchtime 3x ./bench
+    go test -run '^$' -bench 'TimeToFirstToken' -benchtime 200x ./bench
+    go test -run '^$' -bench 'StreamingThroughput' -benchtime 20x ./bench
+    go test -run '^$' -bench 'Staging' -benchtime 3x ./bench
+    go test -run '^$' -bench . ./placement
+    @echo "results: bench/out/results.json"
 
 # Re-record the workflow histories the replay tests use, from a real run.
 record-histories: tools
