@@ -92,7 +92,14 @@ func (p *Pusher) Close(wait time.Duration) error {
 func (p *Pusher) loop() {
 	defer close(p.done)
 	backoff := 20 * time.Millisecond
+	var lastPost time.Time
 	for {
+		// Right after a post, give a small batch a moment to grow: it
+		// bounds requests to one per minGap under a fast stream, while the
+		// first event of a quiet stream still goes at once.
+		if wait := minGap - time.Since(lastPost); wait > 0 && p.pending() < batchEnough {
+			time.Sleep(wait)
+		}
 		p.mu.Lock()
 		batch := append([]task.Event(nil), p.events[p.sent:]...)
 		closed := p.closed
@@ -104,6 +111,7 @@ func (p *Pusher) loop() {
 			<-p.wake
 			continue
 		}
+		lastPost = time.Now()
 		restart, err := p.post(batch)
 		p.mu.Lock()
 		switch {
@@ -125,6 +133,18 @@ func (p *Pusher) loop() {
 		}
 		backoff = min(2*backoff, time.Second)
 	}
+}
+
+// Batching: at most one request per minGap unless batchEnough events wait.
+const (
+	minGap      = 2 * time.Millisecond
+	batchEnough = 32
+)
+
+func (p *Pusher) pending() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.events) - p.sent
 }
 
 func (p *Pusher) post(batch []task.Event) (restart bool, err error) {
