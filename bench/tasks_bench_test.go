@@ -38,10 +38,14 @@ type benchCluster struct {
 
 var clusters atomic.Int32
 
-func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody string) *benchCluster {
+// startCluster runs an apiserver and nodes workers (each its own process
+// and node id), each with a Ready pool of the model.
+func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody string, nodes int) *benchCluster {
 	b.Helper()
-	// Go runs a benchmark once with b.N = 1 first: each run its own pool.
-	poolID := fmt.Sprintf("bench-pool-%d-%d", os.Getpid(), clusters.Add(1))
+	// Go runs a benchmark once with b.N = 1 first: each run its own pools.
+	run := clusters.Add(1)
+	nodeID := func(i int) string { return fmt.Sprintf("bench-node-%d", i) }
+	poolID := func(i int) string { return fmt.Sprintf("bench-pool-%d-%d-%d", os.Getpid(), run, i) }
 	ctx := context.Background()
 	bin := testenv.Llorch(b)
 	home := b.TempDir()
@@ -50,15 +54,17 @@ func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody strin
 	c := &benchCluster{api: fmt.Sprintf("127.0.0.1:%d", port)}
 	s3 := []string{"--temporal-address", env.TemporalAddr, "--home", home, "--s3-endpoint", env.S3.Endpoint,
 		"--s3-access-key", env.S3.AccessKey, "--s3-secret-key", env.S3.SecretKey, "--s3-bucket", env.S3.Bucket}
-	run := func(args ...string) {
+	spawn := func(args ...string) {
 		cmd := exec.Command(bin, args...)
 		cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + benchToken, "LLORCH_LOG_LEVEL=warn"}
 		cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
 		require.NoError(b, cmd.Start())
 		b.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	}
-	run(append([]string{"apiserver", "--addr", c.api}, s3...)...)
-	run(append([]string{"worker", "--node-id", "bench-node", "--metrics-addr", "127.0.0.1:0"}, s3...)...)
+	spawn(append([]string{"apiserver", "--addr", c.api}, s3...)...)
+	for i := range nodes {
+		spawn(append([]string{"worker", "--node-id", nodeID(i), "--metrics-addr", "127.0.0.1:0"}, s3...)...)
+	}
 
 	store, err := modelstore.New(env.S3)
 	require.NoError(b, err)
@@ -70,24 +76,32 @@ func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody strin
 	_, err = store.Upload(ctx, f, -1, model.DefaultKey("bench-model"), nil)
 	f.Close()
 	require.NoError(b, err)
-	testenv.Eventually(b, time.Minute, "apiserver and node up", func() (bool, string) {
-		code, body := c.call("GET", "/v2/nodes/bench-node", "")
-		return code == 200 && strings.Contains(body, `"Online"`), body
-	})
+	for i := range nodes {
+		testenv.Eventually(b, 2*time.Minute, "apiserver and node up", func() (bool, string) {
+			code, body := c.call("GET", "/v2/nodes/"+nodeID(i), "")
+			return code == 200 && strings.Contains(body, `"Online"`), body
+		})
+	}
 	code, body := c.call("POST", "/v2/catalog/models", `{"id":"bench-model","key":"`+model.DefaultKey("bench-model")+`","replace":true}`)
 	require.Contains(b, []int{200, 201}, code, body)
-	b.Cleanup(func() { c.call("POST", "/v2/pools/"+poolID+"/drain", "{}") })
-	code, body = c.call("POST", "/v2/pools", `{"pool_id":"`+poolID+`","model_id":"bench-model","node_id":"bench-node"`+poolBody+`}`)
-	require.Equal(b, 202, code, body)
-	testenv.Eventually(b, 2*time.Minute, "pool ready", func() (bool, string) {
-		_, body := c.call("GET", "/v2/pools/"+poolID+"/health", "")
-		var h struct {
-			State, URL string
-		}
-		_ = json.Unmarshal([]byte(body), &h)
-		c.engine = h.URL
-		return h.State == "Ready", body
-	})
+	for i := range nodes {
+		b.Cleanup(func() { c.call("POST", "/v2/pools/"+poolID(i)+"/drain", "{}") })
+		code, body = c.call("POST", "/v2/pools", `{"pool_id":"`+poolID(i)+`","model_id":"bench-model","node_id":"`+nodeID(i)+`"`+poolBody+`}`)
+		require.Equal(b, 202, code, body)
+	}
+	for i := range nodes {
+		testenv.Eventually(b, 3*time.Minute, "pool ready", func() (bool, string) {
+			_, body := c.call("GET", "/v2/pools/"+poolID(i)+"/health", "")
+			var h struct {
+				State, URL string
+			}
+			_ = json.Unmarshal([]byte(body), &h)
+			if i == 0 {
+				c.engine = h.URL
+			}
+			return h.State == "Ready", body
+		})
+	}
 	return c
 }
 
@@ -232,7 +246,7 @@ func temporalFloor(b *testing.B, n int) (empty, one samples) {
 // Temporal server's own floor (an empty workflow, one with one activity).
 // `just bench` runs 200 iterations.
 func BenchmarkTimeToFirstToken(b *testing.B) {
-	c := startCluster(b, modelstore.TinyOptions{Seed: 5}, `,"slots":2,"ctx":4096`)
+	c := startCluster(b, modelstore.TinyOptions{Seed: 5}, `,"slots":2,"ctx":4096`, 1)
 	for range 3 { // warm-up
 		_, _, _, _ = c.direct(4)
 		_, _, _, _ = c.v2(4)
@@ -273,7 +287,7 @@ func BenchmarkTimeToFirstToken(b *testing.B) {
 // BenchmarkStreamingThroughput: 256-token generations, tokens per second
 // from the first token to the end, through llorch (/v2 SSE) over direct.
 func BenchmarkStreamingThroughput(b *testing.B) {
-	c := startCluster(b, modelstore.TinyOptions{Embd: 256, Layers: 4, Context: 4096, Seed: 6}, `,"slots":1,"ctx":4096`)
+	c := startCluster(b, modelstore.TinyOptions{Embd: 256, Layers: 4, Context: 4096, Seed: 6}, `,"slots":1,"ctx":4096`, 1)
 	_, _, _, _ = c.direct(16)
 	_, _, _, _ = c.v2(16)
 	var dRate, lRate []float64
@@ -294,6 +308,76 @@ func BenchmarkStreamingThroughput(b *testing.B) {
 	report(b, "throughput", map[string]any{"samples": b.N, "direct_tok_s": med(dRate), "llorch_tok_s": med(lRate),
 		"ratio": med(lRate) / med(dRate)})
 	b.ReportMetric(med(lRate)/med(dRate), "throughput-ratio")
+}
+
+// BenchmarkConcurrency: 200 streaming tasks at once over 10 node workers
+// (each its own process and node id, one 2-slot pool each): completed,
+// failed, lost (must be 0), end-to-end p50/p99 and tasks/s, beside the bare
+// one-activity workflow rate with the same concurrency on the same server.
+func BenchmarkConcurrency(b *testing.B) {
+	const tasks, nodes = 200, 10
+	c := startCluster(b, modelstore.TinyOptions{Seed: 7}, `,"slots":2,"ctx":2048`, nodes)
+	var e2e samples
+	completed, failed, lost := 0, 0, 0
+	var wall time.Duration
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		type outcome struct {
+			total time.Duration
+			toks  int
+			err   error
+		}
+		out := make(chan outcome, tasks)
+		start := time.Now()
+		for range tasks {
+			go func() {
+				_, total, toks, err := c.v2(32)
+				out <- outcome{total, toks, err}
+			}()
+		}
+		for range tasks {
+			o := <-out
+			switch {
+			case o.err == nil && o.toks == 32:
+				completed++
+				e2e = append(e2e, o.total)
+			case o.err == nil:
+				failed++ // the stream ended with an error event
+			default:
+				lost++
+			}
+		}
+		wall += time.Since(start)
+	}
+	b.StopTimer()
+	// The floor: the same number of one-activity workflows at once.
+	w := worker.New(env.Temporal, "bench-floor-conc", worker.Options{})
+	w.RegisterWorkflow(oneActivityWF)
+	w.RegisterActivity(noop)
+	require.NoError(b, w.Start())
+	defer w.Stop()
+	start := time.Now()
+	runs := make(chan error, tasks)
+	for range tasks {
+		go func() {
+			run, err := env.Temporal.ExecuteWorkflow(context.Background(), client.StartWorkflowOptions{TaskQueue: "bench-floor-conc"}, oneActivityWF)
+			if err == nil {
+				err = run.Get(context.Background(), nil)
+			}
+			runs <- err
+		}()
+	}
+	for range tasks {
+		require.NoError(b, <-runs)
+	}
+	floorRate := float64(tasks) / time.Since(start).Seconds()
+	rate := float64(completed) / wall.Seconds()
+	report(b, "concurrency", map[string]any{"tasks": tasks * b.N, "nodes": nodes, "completed": completed, "failed": failed,
+		"lost": lost, "e2e_p50_ms": ms(e2e.pct(0.5)), "e2e_p99_ms": ms(e2e.pct(0.99)), "tasks_per_s": rate,
+		"bare_1act_wf_per_s": floorRate, "throughput_ratio": rate / floorRate})
+	b.ReportMetric(float64(lost), "lost")
+	b.ReportMetric(rate/floorRate, "task-throughput-ratio")
+	require.Zero(b, lost, "no task is lost")
 }
 
 // report prints one result and adds it to bench/out/results.json.

@@ -72,8 +72,7 @@ func Task(ctx workflow.Context, req task.Request) (task.Status, error) {
 	t.st.FinishedAt = workflow.Now(ctx)
 	t.details(ctx)
 	var tc *scheduler.TaskControl
-	_ = workflow.ExecuteActivity(t.control(ctx, time.Minute), tc.Finished,
-		scheduler.FinishInput{TaskID: req.TaskID, State: t.st.State, Code: errCode(t.st.Error)}).Get(ctx, nil)
+	_ = t.controlStep(ctx, tc.Finished, scheduler.FinishInput{TaskID: req.TaskID, State: t.st.State, Code: errCode(t.st.Error)})
 	return t.st, nil
 }
 
@@ -89,6 +88,18 @@ func (t *taskWF) control(ctx workflow.Context, timeout time.Duration) workflow.C
 		TaskQueue: node.ControlTaskQueue, StartToCloseTimeout: timeout,
 		RetryPolicy: &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 10 * time.Second},
 	})
+}
+
+// controlStep runs a short step of the apiserver's (Release, Finished): a
+// local activity, no server round trip, for tasks started since
+// "control-steps-local"; tasks recorded before replay as they ran.
+func (t *taskWF) controlStep(ctx workflow.Context, fn, arg any) error {
+	if workflow.GetVersion(ctx, "control-steps-local", workflow.DefaultVersion, 1) >= 1 {
+		lctx := workflow.WithLocalActivityOptions(ctx, workflow.LocalActivityOptions{StartToCloseTimeout: 10 * time.Second,
+			RetryPolicy: &temporal.RetryPolicy{InitialInterval: time.Second, MaximumAttempts: 5}})
+		return workflow.ExecuteLocalActivity(lctx, fn, arg).Get(ctx, nil)
+	}
+	return workflow.ExecuteActivity(t.control(ctx, time.Minute), fn, arg).Get(ctx, nil)
 }
 
 func (t *taskWF) fail(s task.State, e *task.Error) {
@@ -156,8 +167,8 @@ func (t *taskWF) run(ctx workflow.Context) error {
 		// The slot goes back whatever happened (on a context that a cancel
 		// does not stop).
 		rctx, _ := workflow.NewDisconnectedContext(ctx)
-		_ = workflow.ExecuteActivity(t.control(rctx, time.Minute), tc.Release, scheduler.ReleaseInput{
-			TaskID: t.req.TaskID, PoolID: where.PoolID, BusyMs: workflow.Now(ctx).Sub(began).Milliseconds()}).Get(rctx, nil)
+		_ = t.controlStep(rctx, tc.Release, scheduler.ReleaseInput{
+			TaskID: t.req.TaskID, PoolID: where.PoolID, BusyMs: workflow.Now(ctx).Sub(began).Milliseconds()})
 		if err == nil {
 			t.done(res)
 			return nil
