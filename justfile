@@ -71,6 +71,10 @@ bench: tools
     go test -run '^$' -bench . ./placement
     @echo "results: bench/out/results.json"
 
+# The failure suite (scenarios beyond the e2e tests CI runs).
+chaos: tools
+    LLORCH_CHAOS=1 go test -count=1 -timeout 20m -v ./chaos
+
 # Re-record the workflow histories the replay tests use, from a real run.
 record-histories: tools
     LLORCH_RECORD_HISTORIES=1 go test -count=1 -run 'TestThreeNodesJoinDieReturnLeave|TestContinueAsNewKeepsState|TestHTTPAgentRecorded|TestStagingJoinsAndResumes|TestStagingFailuresAreClean|TestGC|TestPoolLifecycle|TestPoolDrainWaitsForInFlight|TestPoolReload|TestPoolEngineAdoptedFencedOrphaned|TestTasksV2|TestTaskMovesOffLostNode|TestAdmissionPriorityPlacementDeadline|TestAPIServerRestartMidStream' ./e2e

@@ -362,6 +362,7 @@ func TestTaskMovesOffLostNode(t *testing.T) {
 	require.Equal(t, "error", last.Name, "%v", last.Data)
 	require.Equal(t, "WORKER_RESET", last.Data["code"])
 	require.Equal(t, true, last.Data["retriable"])
+	recordHistory(t, "task:t-reset", "task-worker-reset")
 }
 
 func jsonDecode(res *http.Response, v any) error { return json.NewDecoder(res.Body).Decode(v) }

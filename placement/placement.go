@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"time"
 
 	"github.com/llorch/llorch/pool"
 	"github.com/llorch/llorch/task"
@@ -33,6 +34,9 @@ type Request struct {
 	ModelID   string
 	Placement task.Placement
 	Exclude   []string // pools the task must leave (it was lost there)
+	// NoPoolGrace: how long the task may wait for a pool to (re)appear
+	// before it fails with no pool (0: the scheduler's default).
+	NoPoolGrace time.Duration
 }
 
 var (

@@ -30,6 +30,9 @@ type PlaceInput struct {
 	Placement  task.Placement
 	Exclude    []string
 	EnqueuedAt time.Time
+	// NoPoolGrace: wait this long for a pool to come (back) before
+	// failing with POOL_UNAVAILABLE (0: a few seconds).
+	NoPoolGrace time.Duration
 }
 
 // Place waits for a slot, heartbeating; a restarted apiserver's scheduler
@@ -54,7 +57,7 @@ func (a *TaskControl) Place(ctx context.Context, in PlaceInput) (task.Where, err
 		}
 	}()
 	where, err := a.S.Wait(wctx, in.TaskID, in.Priority,
-		placement.Request{ModelID: in.ModelID, Placement: in.Placement, Exclude: in.Exclude}, in.EnqueuedAt)
+		placement.Request{ModelID: in.ModelID, Placement: in.Placement, Exclude: in.Exclude, NoPoolGrace: in.NoPoolGrace}, in.EnqueuedAt)
 	switch {
 	case errors.Is(err, placement.ErrNoPool):
 		return where, temporal.NewNonRetryableApplicationError(err.Error(), task.ErrPoolUnavailable, nil)

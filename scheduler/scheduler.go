@@ -319,7 +319,11 @@ func (s *Scheduler) dispatch() {
 				if t.noPool.IsZero() {
 					t.noPool = now
 				}
-				if now.Sub(t.noPool) < noPoolGrace {
+				grace := noPoolGrace
+				if t.req.NoPoolGrace > 0 {
+					grace = t.req.NoPoolGrace
+				}
+				if now.Sub(t.noPool) < grace {
 					kept = append(kept, t)
 					continue
 				}

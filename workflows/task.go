@@ -23,6 +23,9 @@ const (
 	taskMaxTime   = 24 * time.Hour
 	// maxMigrations bounds how often one task moves off lost nodes.
 	maxMigrations = 3
+	// lostPoolGrace: with no other pool, how long a moved task waits for
+	// the lost one to come back before it fails with WORKER_RESET.
+	lostPoolGrace = 45 * time.Second
 )
 
 // Task runs one inference task: a slot from the scheduler, the generation on
@@ -138,6 +141,16 @@ func (t *taskWF) run(ctx workflow.Context) error {
 		} else {
 			err = workflow.ExecuteActivity(pctx, tc.Place, scheduler.PlaceInput{TaskID: t.req.TaskID, ModelID: t.req.ModelID,
 				Priority: t.req.Priority, Placement: t.req.Placement, Exclude: exclude, EnqueuedAt: t.req.EnqueuedAt}).Get(ctx, &where)
+		}
+		// No other pool: the lost one may come back (a Temporal outage or a
+		// network blip looks like a lost node too). Wait for any pool, the
+		// lost one included, for a while before giving up (tasks recorded
+		// before this replay as they ran).
+		if err != nil && len(exclude) > 0 && isType(err, task.ErrPoolUnavailable) &&
+			workflow.GetVersion(ctx, "lost-pool-may-return", workflow.DefaultVersion, 1) >= 1 {
+			err = workflow.ExecuteActivity(pctx, tc.Place, scheduler.PlaceInput{TaskID: t.req.TaskID, ModelID: t.req.ModelID,
+				Priority: t.req.Priority, Placement: t.req.Placement, EnqueuedAt: t.req.EnqueuedAt,
+				NoPoolGrace: lostPoolGrace}).Get(ctx, &where)
 		}
 		if err != nil {
 			if len(t.st.Migrations) > 0 && isType(err, task.ErrPoolUnavailable) {
