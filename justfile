@@ -67,6 +67,7 @@ bench: tools
     go test -run '^$' -bench 'TimeToFirstToken' -benchtime 200x ./bench
     go test -run '^$' -bench 'StreamingThroughput' -benchtime 20x ./bench
     go test -run '^$' -bench 'Concurrency' -benchtime 1x -timeout 20m ./bench
+    go test -run '^$' -bench 'DetectionAndHandoff' -benchtime 10x -timeout 20m ./bench
     go test -run '^$' -bench 'Staging' -benchtime 3x ./bench
     go test -run '^$' -bench . ./placement
     @echo "results: bench/out/results.json"

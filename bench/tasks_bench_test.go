@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -33,7 +34,11 @@ const benchToken = "bench-token-0123456789abcdef0123456789abcdef"
 // generated model: what a task goes through.
 type benchCluster struct {
 	api, engine string
+	home        string
 	submits     samples // POST /v2/tasks round trips
+	workers     []*exec.Cmd
+	spawn       func(args ...string) *exec.Cmd
+	workerArgs  [][]string
 }
 
 var clusters atomic.Int32
@@ -51,19 +56,22 @@ func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody strin
 	home := b.TempDir()
 	port, err := testenv.FreePort()
 	require.NoError(b, err)
-	c := &benchCluster{api: fmt.Sprintf("127.0.0.1:%d", port)}
+	c := &benchCluster{api: fmt.Sprintf("127.0.0.1:%d", port), home: home}
 	s3 := []string{"--temporal-address", env.TemporalAddr, "--home", home, "--s3-endpoint", env.S3.Endpoint,
 		"--s3-access-key", env.S3.AccessKey, "--s3-secret-key", env.S3.SecretKey, "--s3-bucket", env.S3.Bucket}
-	spawn := func(args ...string) {
+	c.spawn = func(args ...string) *exec.Cmd {
 		cmd := exec.Command(bin, args...)
 		cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + benchToken, "LLORCH_LOG_LEVEL=warn"}
 		cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
 		require.NoError(b, cmd.Start())
 		b.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+		return cmd
 	}
-	spawn(append([]string{"apiserver", "--addr", c.api}, s3...)...)
+	c.spawn(append([]string{"apiserver", "--addr", c.api}, s3...)...)
 	for i := range nodes {
-		spawn(append([]string{"worker", "--node-id", nodeID(i), "--metrics-addr", "127.0.0.1:0"}, s3...)...)
+		args := append([]string{"worker", "--node-id", nodeID(i), "--metrics-addr", "127.0.0.1:0", "--heartbeat-interval", "1s"}, s3...)
+		c.workerArgs = append(c.workerArgs, args)
+		c.workers = append(c.workers, c.spawn(args...))
 	}
 
 	store, err := modelstore.New(env.S3)
@@ -378,6 +386,72 @@ func BenchmarkConcurrency(b *testing.B) {
 	b.ReportMetric(float64(lost), "lost")
 	b.ReportMetric(rate/floorRate, "task-throughput-ratio")
 	require.Zero(b, lost, "no task is lost")
+}
+
+// BenchmarkDetectionAndHandoff: each iteration kills the worker with
+// SIGKILL and times its node's Offline through the API (heartbeat 1 s, so
+// the bound is 3 s plus a poll), restarts it, then kills the engine and
+// times the new engine's first /health 200 to Ready through the API.
+func BenchmarkDetectionAndHandoff(b *testing.B) {
+	c := startCluster(b, modelstore.TinyOptions{Seed: 9}, `,"slots":1`, 1)
+	var detect, handoff samples
+	get := func(path string) map[string]any {
+		_, body := c.call("GET", path, "")
+		var m map[string]any
+		_ = json.Unmarshal([]byte(body), &m)
+		return m
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		_ = c.workers[0].Process.Kill()
+		killed := time.Now()
+		_ = c.workers[0].Wait()
+		for get("/v2/nodes/bench-node-0")["state"] != "Offline" {
+			require.Less(b, time.Since(killed), time.Minute, "node never Offline")
+			time.Sleep(10 * time.Millisecond)
+		}
+		detect = append(detect, time.Since(killed))
+		c.workers[0] = c.spawn(c.workerArgs[0]...)
+		// The restarted worker adopts or restarts the engine; then kill the
+		// engine and time the handoff of its successor.
+		var h map[string]any
+		for {
+			h = get("/v2/pools")
+			pools, _ := h["pools"].([]any)
+			if len(pools) == 1 && pools[0].(map[string]any)["state"] == "Ready" {
+				h = pools[0].(map[string]any)
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		epoch := h["epoch"].(float64)
+		_ = syscall.Kill(int(h["pid"].(float64)), syscall.SIGKILL)
+		var seen time.Time
+		for {
+			pools, _ := get("/v2/pools")["pools"].([]any)
+			if len(pools) == 1 {
+				p := pools[0].(map[string]any)
+				if p["state"] == "Ready" && p["epoch"].(float64) > epoch {
+					seen = time.Now()
+					break
+				}
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		raw, err := os.ReadFile(filepath.Join(c.home, "nodes", "bench-node-0", "runtime", "engines", h["pool_id"].(string)+".json"))
+		require.NoError(b, err)
+		var hf struct {
+			HealthyAt time.Time `json:"healthy_at"`
+		}
+		require.NoError(b, json.Unmarshal(raw, &hf))
+		handoff = append(handoff, seen.Sub(hf.HealthyAt))
+	}
+	b.StopTimer()
+	report(b, "detection_handoff", map[string]any{"trials": b.N,
+		"detection_p50_s": detect.pct(0.5).Seconds(), "detection_max_s": slices.Max(detect).Seconds(),
+		"handoff_p50_ms": ms(handoff.pct(0.5)), "handoff_p99_ms": ms(handoff.pct(0.99))})
+	b.ReportMetric(detect.pct(0.5).Seconds(), "detection-p50-s")
+	b.ReportMetric(ms(handoff.pct(0.5)), "handoff-p50-ms")
 }
 
 // report prints one result and adds it to bench/out/results.json.
