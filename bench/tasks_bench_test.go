@@ -425,6 +425,8 @@ func BenchmarkDetectionAndHandoff(b *testing.B) {
 			time.Sleep(10 * time.Millisecond)
 		}
 		epoch := h["epoch"].(float64)
+		b.Logf("trial %d: offline after %s, pool Ready again %s after the kill (epoch %v, restarts %v)",
+			i, detect[len(detect)-1].Round(time.Millisecond), time.Since(killed).Round(time.Millisecond), h["epoch"], h["restarts"])
 		_ = syscall.Kill(int(h["pid"].(float64)), syscall.SIGKILL)
 		var seen time.Time
 		for {
