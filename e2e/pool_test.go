@@ -234,6 +234,21 @@ func TestPoolEngineAdoptedFencedOrphaned(t *testing.T) {
 	})
 	enginePID = int(h["pid"].(float64))
 
+	// 1b. Worker and engine both killed; the restarted worker tells the
+	// pool at once (no wait for the supervisor's 15 s heartbeat timeout).
+	w.signal(t, syscall.SIGKILL)
+	w.wait(t, 10*time.Second)
+	require.NoError(t, syscall.Kill(enginePID, syscall.SIGKILL))
+	gone := time.Now()
+	w = c.worker(id, orphan...)
+	testenv.Eventually(t, 60*time.Second, "pool restarted its dead engine", func() (bool, string) {
+		h = c.poolHealth("k1")
+		return h["state"] == string(pool.Ready) && h["epoch"].(float64) == 3, fmt.Sprint(h)
+	})
+	t.Logf("engine died with its worker down: Ready again %s after the worker restart", time.Since(gone).Round(time.Millisecond))
+	require.Less(t, time.Since(gone), 12*time.Second, "faster than the supervisor's 15 s heartbeat timeout")
+	enginePID = int(h["pid"].(float64))
+
 	// 2. Back after the pool gave the node up: adopted or fenced, one engine.
 	w.signal(t, syscall.SIGKILL)
 	w.wait(t, 10*time.Second)
@@ -246,10 +261,10 @@ func TestPoolEngineAdoptedFencedOrphaned(t *testing.T) {
 	})
 	pids := poolEnginePIDs(t, "k1")
 	require.Equal(t, []int{int(h["pid"].(float64))}, pids, "exactly the pool's engine runs")
-	if h["epoch"].(float64) != 2 {
-		require.False(t, testenv.Alive(enginePID), "the engine of epoch 2 was fenced")
+	if h["epoch"].(float64) != 3 {
+		require.False(t, testenv.Alive(enginePID), "the engine of epoch 3 was fenced")
 	}
-	t.Logf("after NODE_OFFLINE: epoch %v (2 = adopted, more = fenced and restarted)", h["epoch"])
+	t.Logf("after NODE_OFFLINE: epoch %v (3 = adopted, more = fenced and restarted)", h["epoch"])
 	recordHistory(t, pool.WorkflowID(id, "k1"), "pool-adopted-after-worker-kill")
 
 	// 3. Never back: the engine exits by its lease.

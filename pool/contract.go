@@ -162,6 +162,10 @@ type ReloadRequest struct {
 type HandoffEvent struct {
 	Handoff Handoff `json:"handoff"`
 	Adopt   bool    `json:"adopt"`
+	// Gone (with Adopt): the engine this handoff names no longer runs; it
+	// died while its worker was down. The pool restarts it at once rather
+	// than waiting for its supervisor's heartbeat timeout.
+	Gone bool `json:"gone,omitempty"`
 }
 
 // HandoffReply says whether the pool owns that engine; the node stops it

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -69,7 +70,9 @@ func (w *HandoffWatcher) Run(ctx context.Context) error {
 // recover reports every engine of this node still running from an earlier
 // worker; one no handoff names (it never became ready) is fenced at once.
 func (w *HandoffWatcher) recover(ctx context.Context) {
+	live := map[string]bool{}
 	for _, e := range activities.LiveEngines(w.Engines) {
+		live[fmt.Sprintf("%s@%d/%d", e.PoolID, e.Epoch, e.PID)] = true
 		var h pool.Handoff
 		err := readHandoff(pool.HandoffPath(w.Engines.RuntimeDir, e.PoolID), &h)
 		if err != nil || h.Epoch != e.Epoch || h.PID != e.PID {
@@ -83,6 +86,23 @@ func (w *HandoffWatcher) recover(ctx context.Context) {
 			continue
 		}
 		w.report(ctx, h, true)
+	}
+	// Handoffs whose engine died while no worker watched: their pools
+	// restart them now instead of after the supervisor's timeout.
+	files, _ := filepath.Glob(filepath.Join(w.Engines.RuntimeDir, "engines", "*.json"))
+	for _, f := range files {
+		var h pool.Handoff
+		if readHandoff(f, &h) != nil || h.PoolID == "" || live[fmt.Sprintf("%s@%d/%d", h.PoolID, h.Epoch, h.PID)] {
+			continue
+		}
+		uctx, cancel := context.WithTimeout(ctx, handoffUpdateTimeout)
+		reply, err := w.Pools.Handoff(uctx, w.NodeID, pool.HandoffEvent{Handoff: h, Adopt: true, Gone: true})
+		cancel()
+		if errors.Is(err, poolclient.ErrNotFound) || errors.Is(err, poolclient.ErrEnded) {
+			_ = os.Remove(f) // nobody's; a pool that restarts replaces the file itself
+		}
+		w.Log.Info("engine gone while the worker was down", "pool", h.PoolID, "epoch", h.Epoch, "pid", h.PID,
+			"restarted", err == nil && reply.Accept)
 	}
 }
 

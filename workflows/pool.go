@@ -125,7 +125,9 @@ type poolWF struct {
 	canEvents int
 	// next is an engine to supervise without starting one: adopted from a
 	// restarted worker, or the new engine of a reload.
-	next     *pool.Handoff
+	next *pool.Handoff
+	// gone: a restarted worker found the serving engine dead; restart now.
+	gone     bool
 	wake     workflow.Channel // drain
 	adoptCh  workflow.Channel
 	reloadCh workflow.Channel
@@ -158,6 +160,13 @@ func (p *poolWF) onHandoff(ctx workflow.Context, ev pool.HandoffEvent) (pool.Han
 	switch {
 	case p.draining:
 		return pool.HandoffReply{Reason: "pool is draining"}, nil
+	case ev.Gone:
+		if h.Epoch != p.h.Epoch || p.next != nil || p.starting != 0 || !p.h.Reload.Finished() || p.gone {
+			return pool.HandoffReply{Reason: fmt.Sprintf("epoch %d is not the serving epoch (%d)", h.Epoch, p.h.Epoch)}, nil
+		}
+		p.gone = true
+		p.adoptCh.SendAsync(struct{}{})
+		return pool.HandoffReply{Accept: true}, nil
 	case ev.Adopt && h.Epoch == p.h.Epoch && p.next == nil && p.h.Reload.Finished():
 		p.next = &h
 		p.adoptCh.SendAsync(struct{}{})
@@ -262,6 +271,7 @@ func (p *poolWF) run(ctx workflow.Context) error {
 				break
 			}
 			if errors.Is(err, errSwitched) {
+				p.restartGone(ctx)
 				continue
 			}
 			if err == nil && res.WorkerStopped {
@@ -301,7 +311,10 @@ func (p *poolWF) run(ctx workflow.Context) error {
 		sel := workflow.NewSelector(ctx)
 		sel.AddFuture(timer, func(workflow.Future) {})
 		sel.AddReceive(p.wake, func(c workflow.ReceiveChannel, _ bool) { c.Receive(ctx, nil) })
-		sel.AddReceive(p.adoptCh, func(c workflow.ReceiveChannel, _ bool) { c.Receive(ctx, nil) })
+		sel.AddReceive(p.adoptCh, func(c workflow.ReceiveChannel, _ bool) {
+			c.Receive(ctx, nil)
+			p.gone = false // down already: the start below is the restart
+		})
 		sel.AddReceive(p.reloadCh, func(c workflow.ReceiveChannel, _ bool) {
 			var r pool.ReloadRequest
 			c.Receive(ctx, &r)
@@ -311,6 +324,18 @@ func (p *poolWF) run(ctx workflow.Context) error {
 	}
 	p.set(ctx, pool.Stopped, "")
 	return nil
+}
+
+// restartGone marks the restart of an engine that died while its worker
+// was down (reported by the restarted worker).
+func (p *poolWF) restartGone(ctx workflow.Context) {
+	if !p.gone {
+		return
+	}
+	p.gone = false
+	p.h.Restarts++
+	p.h.SlotsFree = 0
+	p.set(ctx, pool.Unready, "ENGINE_GONE: the engine of epoch "+fmt.Sprint(p.h.Epoch)+" died while the worker of node "+p.spec.NodeID+" was down")
 }
 
 // continueAsNew bounds the history; it runs only while no engine runs, so
