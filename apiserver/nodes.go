@@ -181,6 +181,16 @@ func decode(c *fiber.Ctx, dst any, optional bool) error {
 	return decodeStrict(body, dst)
 }
 
+// typeErrorParam names the field a JSON value of the wrong type was for
+// ("body" when the body itself is not an object).
+func typeErrorParam(e *json.UnmarshalTypeError) *Error {
+	field := e.Field
+	if field == "" {
+		field = "body"
+	}
+	return invalidParam(field, "want %s, got JSON %s", e.Type, e.Value)
+}
+
 // decodeStrict reads one JSON object into dst: unknown fields, wrong types
 // and trailing data are INVALID_PARAMS naming the field.
 func decodeStrict(body []byte, dst any) error {
@@ -191,11 +201,7 @@ func decodeStrict(body []byte, dst any) error {
 		var syntaxErr *json.SyntaxError
 		switch {
 		case errors.As(err, &typeErr):
-			field := typeErr.Field
-			if field == "" {
-				field = "body" // the body itself is not an object
-			}
-			return invalidParam(field, "want %s, got JSON %s", typeErr.Type, typeErr.Value)
+			return typeErrorParam(typeErr)
 		case errors.As(err, &syntaxErr):
 			return invalidParam("body", "malformed JSON at byte %d: %v", syntaxErr.Offset, err)
 		case strings.HasPrefix(err.Error(), "json: unknown field "):

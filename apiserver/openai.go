@@ -88,11 +88,7 @@ func decodeLooseBytes(body []byte, dst any) error {
 	if err := json.Unmarshal(body, dst); err != nil {
 		var typeErr *json.UnmarshalTypeError
 		if errors.As(err, &typeErr) {
-			field := typeErr.Field
-			if field == "" {
-				field = "body" // the body itself is not an object
-			}
-			return invalidParam(field, "want %s, got JSON %s", typeErr.Type, typeErr.Value)
+			return typeErrorParam(typeErr)
 		}
 		return invalidParam("body", "%v", err)
 	}

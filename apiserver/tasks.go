@@ -305,10 +305,10 @@ func (s *Server) submit(c *fiber.Ctx, req task.Request) (adm scheduler.Admission
 		WorkflowExecutionErrorWhenAlreadyStarted: true,
 		// This process runs the control worker: its first workflow task
 		// comes back with the start, no dispatch round trip.
-		EnableEagerStart: true,
-		Memo:                                     map[string]any{"correlation_id": req.CorrelationID},
-		TypedSearchAttributes:                    temporal.NewSearchAttributes(model.ModelIDKey.ValueSet(req.ModelID)),
-		StaticSummary:                            fmt.Sprintf("task %s: %s, %s priority", req.TaskID, req.ModelID, req.Priority),
+		EnableEagerStart:      true,
+		Memo:                  map[string]any{"correlation_id": req.CorrelationID},
+		TypedSearchAttributes: temporal.NewSearchAttributes(model.ModelIDKey.ValueSet(req.ModelID)),
+		StaticSummary:         fmt.Sprintf("task %s: %s, %s priority", req.TaskID, req.ModelID, req.Priority),
 	}, task.WorkflowType, req)
 	if err != nil {
 		s.deps.Scheduler.Forget(req.TaskID)

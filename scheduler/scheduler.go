@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -179,7 +180,7 @@ func (s *Scheduler) Wait(ctx context.Context, id string, prio task.Priority, req
 		return task.Where{}, ErrDropped
 	}
 	t := s.tickets[id]
-	if t == nil || t.err != nil || (t.where == nil && !sameExclude(t.req.Exclude, req.Exclude)) {
+	if t == nil || t.err != nil || (t.where == nil && !slices.Equal(t.req.Exclude, req.Exclude)) {
 		if t != nil {
 			s.remove(t)
 		}
@@ -201,18 +202,6 @@ func (s *Scheduler) Wait(ctx context.Context, id string, prio task.Priority, req
 		return task.Where{}, t.err
 	}
 	return task.Where{NodeID: t.where.NodeID, PoolID: t.where.PoolID, URL: t.where.URL, Epoch: t.where.Epoch}, nil
-}
-
-func sameExclude(a, b []string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // Granted is the slot a task already holds (admission placed it at once).
