@@ -30,6 +30,7 @@ type Hub struct {
 
 	mu      sync.Mutex
 	streams map[string]*Stream
+	swept   time.Time // last gc
 }
 
 // Stream is one task's events: started, tokens by index, metrics, and the
@@ -60,12 +61,18 @@ func (h *Hub) Stream(taskID string) *Stream {
 	return s
 }
 
-// gc drops streams finished longer than Keep ago. Called with h.mu held.
+// gc drops streams finished longer than Keep ago. It sweeps at most once
+// per tenth of Keep: Stream is on the path of every push and reader.
+// Called with h.mu held.
 func (h *Hub) gc() {
 	keep := h.Keep
 	if keep <= 0 {
 		keep = 10 * time.Minute
 	}
+	if time.Since(h.swept) < keep/10 {
+		return
+	}
+	h.swept = time.Now()
 	for id, s := range h.streams {
 		s.mu.Lock()
 		old := s.final != nil && time.Since(s.finished) > keep
