@@ -15,7 +15,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -126,7 +125,7 @@ func TestTemporalRestartWithTasksInFlight(t *testing.T) {
 	a := api{t: t, addr: "127.0.0.1:" + strconv.Itoa(port(t))}
 	start(t, "apiserver", bin, append([]string{"apiserver", "--addr", a.addr}, common...)...)
 	start(t, "worker", bin, append([]string{"worker", "--node-id", "chaos-1", "--metrics-addr", "127.0.0.1:0"}, common...)...)
-	t.Cleanup(func() { killUnder(dir) })
+	t.Cleanup(func() { testenv.KillMentioning(dir) })
 
 	store, err := modelstore.New(env.S3)
 	require.NoError(t, err)
@@ -177,18 +176,4 @@ func TestTemporalRestartWithTasksInFlight(t *testing.T) {
 		require.EqualValues(t, 600, s["tokens_out"])
 	}
 	t.Logf("temporal restart: %d of %d tasks completed whole, %s after the kill", tasks, tasks, time.Since(killedAt).Round(time.Millisecond))
-}
-
-// killUnder SIGKILLs every process whose command line names dir.
-func killUnder(dir string) {
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil && strings.Contains(string(b), dir) {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-		}
-	}
 }

@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -113,7 +112,7 @@ func newCluster(t *testing.T, apiArgs ...string) *cluster {
 	c := &cluster{t: t, home: t.TempDir(), api: fmt.Sprintf("127.0.0.1:%d", port)}
 	// Engines outlive a killed worker for their lease; none outlives the
 	// test (this runs after the workers' own cleanups).
-	t.Cleanup(func() { killEnginesUnder(c.home) })
+	t.Cleanup(func() { testenv.KillMentioning(c.home) })
 	// Pools and tasks a test leaves running would keep the shared server's
 	// control workers busy in later tests.
 	t.Cleanup(func() { terminateRunning(t, "Pool", "Task") })
@@ -458,21 +457,6 @@ func terminateRunning(t *testing.T, types ...string) {
 		}
 		for _, e := range resp.GetExecutions() {
 			_ = env.Temporal.TerminateWorkflow(ctx, e.GetExecution().GetWorkflowId(), e.GetExecution().GetRunId(), "test over")
-		}
-	}
-}
-
-// killEnginesUnder SIGKILLs every process whose command line names dir.
-func killEnginesUnder(dir string) {
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		if err == nil && strings.Contains(string(cmdline), dir) {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}
 }
