@@ -60,7 +60,6 @@ type Scheduler struct {
 	announced map[string]announcement
 	// Observed service: EWMA of seconds a granted slot stays busy.
 	service float64
-	kick    chan struct{}
 }
 
 type ticket struct {
@@ -82,7 +81,6 @@ func (s *Scheduler) init() {
 		s.tickets = map[string]*ticket{}
 		s.dropped = map[string]bool{}
 		s.announced = map[string]announcement{}
-		s.kick = make(chan struct{}, 1)
 	}
 }
 
@@ -332,10 +330,6 @@ func (s *Scheduler) dispatch() {
 
 // Run refreshes the pool snapshot and dispatches until ctx ends.
 func (s *Scheduler) Run(ctx context.Context) {
-	s.mu.Lock()
-	s.init()
-	kick := s.kick
-	s.mu.Unlock()
 	period := s.Refresh
 	if period <= 0 {
 		period = 500 * time.Millisecond
@@ -348,7 +342,6 @@ func (s *Scheduler) Run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
-		case <-kick:
 		}
 	}
 }
@@ -403,17 +396,6 @@ func (s *Scheduler) Announce(c placement.Candidate) {
 	}
 	s.cands = append(s.cands, c)
 	s.fresh = true
-}
-
-// Kick asks for a refresh now (a pool changed).
-func (s *Scheduler) Kick() {
-	s.mu.Lock()
-	s.init()
-	s.mu.Unlock()
-	select {
-	case s.kick <- struct{}{}:
-	default:
-	}
 }
 
 // Servable says whether any pool (ready or coming up) could serve req.

@@ -147,7 +147,6 @@ const (
 	ErrDeadline        = "DEADLINE_EXCEEDED"
 	ErrCanceled        = "CANCELED"
 	ErrEngine          = "ENGINE_ERROR"
-	ErrInvalid         = "INVALID_PARAMS"
 	ErrAdmissionReject = "ADMISSION_REJECT"
 	ErrModelDeprecated = "MODEL_DEPRECATED"
 )

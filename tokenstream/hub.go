@@ -83,13 +83,6 @@ func (h *Hub) gc() {
 	}
 }
 
-// Len is the number of streams held.
-func (h *Hub) Len() int {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return len(h.streams)
-}
-
 func (s *Stream) notify() {
 	close(s.changed)
 	s.changed = make(chan struct{})
