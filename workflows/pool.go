@@ -368,11 +368,8 @@ func (p *poolWF) start(ctx workflow.Context, ea *activities.EngineActivities) (p
 	defer func() { p.starting = 0 }()
 	sctx, cancel := workflow.WithCancel(ctx)
 	defer cancel()
-	f := workflow.ExecuteActivity(p.onNode(sctx, workflow.ActivityOptions{
-		StartToCloseTimeout: 10 * time.Minute, HeartbeatTimeout: 30 * time.Second,
-		RetryPolicy: &temporal.RetryPolicy{MaximumAttempts: 1},
-		Summary:     fmt.Sprintf("start %s engine for %s, epoch %d", p.spec.Engine, p.spec.PoolID, p.h.Epoch),
-	}), ea.StartEngine, activities.StartInput{Spec: p.spec, SHA256: p.entry.SHA256, Epoch: p.h.Epoch})
+	f := workflow.ExecuteActivity(p.onNode(sctx, startOptions(
+		fmt.Sprintf("start %s engine for %s, epoch %d", p.spec.Engine, p.spec.PoolID, p.h.Epoch))), ea.StartEngine, activities.StartInput{Spec: p.spec, SHA256: p.entry.SHA256, Epoch: p.h.Epoch})
 	var h pool.Handoff
 	var err error
 	sel := workflow.NewSelector(ctx)
@@ -383,6 +380,13 @@ func (p *poolWF) start(ctx workflow.Context, ea *activities.EngineActivities) (p
 	})
 	sel.Select(ctx)
 	return h, err
+}
+
+// startOptions are StartEngine's: one try (the pool's loop is the retry,
+// with its backoff and circuit), heartbeating while the model loads.
+func startOptions(summary string) workflow.ActivityOptions {
+	return workflow.ActivityOptions{StartToCloseTimeout: 10 * time.Minute, HeartbeatTimeout: 30 * time.Second,
+		RetryPolicy: &temporal.RetryPolicy{MaximumAttempts: 1}, Summary: summary}
 }
 
 func (p *poolWF) ready(ctx workflow.Context, h pool.Handoff) {
@@ -490,11 +494,7 @@ func (p *poolWF) reloadLive(ctx workflow.Context, ea *activities.EngineActivitie
 	}
 
 	st.Epoch = p.newEpoch()
-	startOpts := workflow.ActivityOptions{
-		StartToCloseTimeout: 10 * time.Minute, HeartbeatTimeout: 30 * time.Second,
-		RetryPolicy: &temporal.RetryPolicy{MaximumAttempts: 1},
-		Summary:     fmt.Sprintf("reload %s: start %s engine for %s, epoch %d", p.spec.PoolID, entry.ID, p.spec.PoolID, st.Epoch),
-	}
+	startOpts := startOptions(fmt.Sprintf("reload %s: start %s engine for %s, epoch %d", p.spec.PoolID, entry.ID, p.spec.PoolID, st.Epoch))
 	in := activities.StartInput{Spec: spec, SHA256: entry.SHA256, Epoch: st.Epoch, Keep: cur.Epoch}
 	if st.Mode == pool.DrainFirst {
 		st.Step = "draining"
