@@ -7,6 +7,8 @@ export PATH := justfile_directory() + "/bin:" + env_var("PATH")
 temporal_version := "v1.5.1"
 versitygw_version := "v1.8.0"
 llama_npm_version := "3.21.1"
+# The e2e tests that are failure scenarios too (`just chaos` reruns them).
+chaos_e2e := "TestTaskMovesOffLostNode|TestPoolLifecycle|TestPoolEngineAdoptedFencedOrphaned|TestAPIServerRestartMidStream|TestNetworkCut|TestStagingJoinsAndResumes|TestStagingFailuresAreClean"
 
 default:
     @just --list
@@ -58,9 +60,10 @@ lint:
     go vet ./...
     go tool workflowcheck ./...
 
-# Every test: static checks, unit, workflow, API, e2e and replay tests.
+# Every test: static checks, unit, workflow, API, e2e, replay, then the chaos scenarios once.
 test: tools lint
     go test -count=1 -timeout 30m ./...
+    LLORCH_CHAOS=1 go test -count=1 -timeout 20m ./chaos
 
 # Benchmarks against baselines in the same run (staging vs bare FGetObject).
 bench: tools
@@ -72,9 +75,19 @@ bench: tools
     go test -run '^$' -bench . ./placement
     @echo "results: bench/out/results.json"
 
-# The failure suite (scenarios beyond the e2e tests CI runs).
-chaos: tools
-    LLORCH_CHAOS=1 go test -count=1 -timeout 20m -v ./chaos
+# (The e2e failure scenarios, then the chaos package, TRIALS times each.)
+# The failure suite, with its summary table: scenario, trials, passed, time to recover.
+chaos TRIALS="1": tools
+    #!/usr/bin/env bash
+    set -uo pipefail
+    mkdir -p bench/out
+    export LLORCH_CHAOS_REPORT="$PWD/bench/out/chaos.jsonl"
+    rm -f "$LLORCH_CHAOS_REPORT"
+    go test -count={{TRIALS}} -timeout 90m -v -run '^({{chaos_e2e}})$' ./e2e
+    e2e=$?
+    LLORCH_CHAOS=1 go test -count={{TRIALS}} -timeout 90m -v ./chaos
+    chaos=$?
+    exit $(( e2e != 0 || chaos != 0 ))
 
 # Re-record the workflow histories the replay tests use, from a real run.
 record-histories: tools

@@ -79,7 +79,8 @@ func (a *StagingControl) EnsureStaged(ctx context.Context, req model.StageReques
 	err = run.Get(ctx, &res)
 	var appErr *temporal.ApplicationError
 	if errors.As(err, &appErr) {
-		return res, temporal.NewNonRetryableApplicationError(appErr.Error(), appErr.Type(), err)
+		// The staging's own words: its wrapping would repeat them.
+		return res, temporal.NewNonRetryableApplicationError(appErr.Message(), appErr.Type(), nil)
 	}
 	return res, err
 }

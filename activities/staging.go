@@ -214,6 +214,7 @@ func (s *staging) run() (StageResult, string, error) {
 
 	s.resumePoint()
 	if reason, err := s.preflight(); err != nil {
+		s.discardPartial() // the stage fails for good: nothing will resume from it
 		return StageResult{}, reason, err
 	}
 	if err := s.openPartial(); err != nil {
@@ -373,6 +374,19 @@ func (s *staging) openPartial() error {
 	return nil
 }
 
+// discardPartial deletes the partial, unless an earlier attempt that timed
+// out still writes it (it holds the lock).
+func (s *staging) discardPartial() {
+	f, err := os.OpenFile(s.a.Local.PartialPath(s.in.Entry.SHA256), os.O_RDWR, 0)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	if unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil {
+		_ = s.a.Local.RemovePartial(s.in.Entry.SHA256)
+	}
+}
+
 // download fetches from the resume point to the end, checkpointing as it goes.
 func (s *staging) download() error {
 	e := s.in.Entry
@@ -412,7 +426,7 @@ func (s *staging) download() error {
 				wg.Wait()
 				ahead.release(c.b)
 				if werr != nil {
-					return s.wrap("write the partial file", werr)
+					return s.writeErr("write the partial file", werr)
 				}
 				// Start writeback now rather than all at once in the next
 				// fsync: the disk works while the network does.
@@ -446,7 +460,7 @@ func (s *staging) download() error {
 // the resume point and, past each progress step, tells the workflow.
 func (s *staging) checkpoint() error {
 	if err := s.file.Sync(); err != nil {
-		return s.wrap("fsync the partial file", err)
+		return s.writeErr("fsync the partial file", err)
 	}
 	state, err := s.hash.(encoding.BinaryMarshaler).MarshalBinary()
 	if err != nil {
@@ -511,6 +525,20 @@ func (s *staging) readErr(err error) error {
 func isNoSuchKey(err error) bool {
 	r := minio.ToErrorResponse(err)
 	return r.Code == minio.NoSuchKey || r.StatusCode == http.StatusNotFound && r.Code != minio.NoSuchBucket
+}
+
+// writeErr turns a full disk into DISK_FULL, final like the preflight's: a
+// retry would only fill the disk again (the partial is deleted, which frees
+// what it held). Other write errors are retried.
+func (s *staging) writeErr(what string, err error) error {
+	if !errors.Is(err, unix.ENOSPC) && !errors.Is(err, unix.EDQUOT) {
+		return s.wrap(what, err)
+	}
+	free, _ := s.a.freeBytes()
+	return temporal.NewNonRetryableApplicationError(
+		fmt.Sprintf("node %s: disk full in %s while staging model %s (sha256 %s, %d bytes): %d bytes written, %d to go, %d bytes free",
+			s.in.NodeID, s.a.Local.Dir, s.in.Entry.ID, s.in.Entry.SHA256, s.in.Entry.Size, s.offset, s.in.Entry.Size-s.offset, free),
+		model.ErrDiskFull, err)
 }
 
 func (s *staging) objectMissing(err error) error {

@@ -362,6 +362,9 @@ func TestStageModelDiskFull(t *testing.T) {
 	e := f.put(t, data)
 	f.acts.DiskMargin = 4096
 	f.acts.FreeBytes = func() (uint64, error) { return 1000, nil }
+	// A partial left by an earlier attempt goes too: nothing resumes it.
+	require.NoError(t, os.MkdirAll(filepath.Dir(f.local.PartialPath(e.SHA256)), 0o755))
+	require.NoError(t, os.WriteFile(f.local.PartialPath(e.SHA256), data[:4096], 0o644))
 
 	_, err := f.stage(t, activities.StageInput{NodeID: "node-a", Entry: e})
 	app := applicationError(t, err, model.ErrDiskFull)

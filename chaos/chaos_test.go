@@ -13,7 +13,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -22,7 +21,6 @@ import (
 
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/modelstore"
-	"github.com/llorch/llorch/searchattrs"
 	"github.com/llorch/llorch/testenv"
 )
 
@@ -33,7 +31,33 @@ func TestMain(m *testing.M) {
 		fmt.Println("chaos: skipped (run `just chaos`, or set LLORCH_CHAOS=1)")
 		os.Exit(0)
 	}
-	testenv.Main(m, &env)
+	// Trials go to the report `just chaos` names (with the e2e scenarios
+	// it ran before), else to one of this run's own.
+	report := os.Getenv(testenv.ReportEnv)
+	if report == "" {
+		f, err := os.CreateTemp("", "llorch-chaos-*.jsonl")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		f.Close()
+		report = f.Name()
+		defer os.Remove(report)
+		os.Setenv(testenv.ReportEnv, report)
+	}
+	code := testenv.Run(m, &env)
+	table, ok, err := testenv.Summary(report)
+	switch {
+	case err != nil:
+		fmt.Println("chaos summary:", err)
+	default:
+		fmt.Printf("\nchaos summary (%s):\n%s", report, table)
+	}
+	if code == 0 && !ok {
+		fmt.Println("chaos: a recorded trial failed")
+		code = 1
+	}
+	os.Exit(code)
 }
 
 const token = "chaos-token-0123456789abcdef0123456789abcdef"
@@ -102,78 +126,54 @@ func port(t *testing.T) int {
 	return p
 }
 
-// Restart of the Temporal server (file database) with tasks in flight:
-// every task still completes, whole; no engine process is left behind.
-func TestTemporalRestartWithTasksInFlight(t *testing.T) {
-	temporalBin, err := testenv.Tool("temporal")
-	require.NoError(t, err)
-	dir := t.TempDir()
-	tport := port(t)
-	args := []string{"server", "start-dev", "--ip", "127.0.0.1", "--port", strconv.Itoa(tport), "--headless",
-		"--db-filename", filepath.Join(dir, "temporal.db"),
-		"--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=off",
-		"--log-level", "error", "--namespace", "default"}
-	for _, k := range searchattrs.All {
-		args = append(args, "--search-attribute", k.GetName()+"=Keyword")
-	}
-	temporal := start(t, "temporal", temporalBin, args...)
-	taddr := "127.0.0.1:" + strconv.Itoa(tport)
-
-	bin := testenv.Llorch(t)
-	common := []string{"--temporal-address", taddr, "--home", filepath.Join(dir, "home"),
-		"--s3-endpoint", env.S3.Endpoint, "--s3-access-key", env.S3.AccessKey, "--s3-secret-key", env.S3.SecretKey, "--s3-bucket", env.S3.Bucket}
-	a := api{t: t, addr: "127.0.0.1:" + strconv.Itoa(port(t))}
-	start(t, "apiserver", bin, append([]string{"apiserver", "--addr", a.addr}, common...)...)
-	start(t, "worker", bin, append([]string{"worker", "--node-id", "chaos-1", "--metrics-addr", "127.0.0.1:0"}, common...)...)
-	t.Cleanup(func() { testenv.KillMentioning(dir) })
-
+// pushModel uploads a generated model and registers it as id.
+func pushModel(t *testing.T, a api, id string, opts modelstore.TinyOptions) (sha string, size int64) {
+	t.Helper()
 	store, err := modelstore.New(env.S3)
 	require.NoError(t, err)
 	require.NoError(t, store.EnsureBucket(context.Background()))
-	path := filepath.Join(t.TempDir(), "m.gguf")
-	require.NoError(t, modelstore.WriteTinyFile(path, modelstore.TinyOptions{Embd: 512, Layers: 8, Context: 4096, Seed: 3}))
+	path := filepath.Join(t.TempDir(), id+".gguf")
+	require.NoError(t, modelstore.WriteTinyFile(path, opts))
 	f, err := os.Open(path)
 	require.NoError(t, err)
-	_, err = store.Upload(context.Background(), f, -1, model.DefaultKey("chaos-model"), nil)
+	_, err = store.Upload(context.Background(), f, -1, model.DefaultKey(id), nil)
 	f.Close()
 	require.NoError(t, err)
-	testenv.Eventually(t, 2*time.Minute, "node online", func() (bool, string) {
-		code, body := a.call("GET", "/v2/nodes/chaos-1", "")
-		return code == 200 && body["state"] == "Online", fmt.Sprint(body)
-	})
-	code, body := a.call("POST", "/v2/catalog/models", `{"id":"chaos-model","key":"`+model.DefaultKey("chaos-model")+`","replace":true}`)
+	code, body := a.call("POST", "/v2/catalog/models", `{"id":"`+id+`","key":"`+model.DefaultKey(id)+`","replace":true}`)
 	require.Contains(t, []int{200, 201}, code, body)
-	code, body = a.call("POST", "/v2/pools", `{"pool_id":"cp1","model_id":"chaos-model","node_id":"chaos-1","ctx":4096,"slots":2}`)
-	require.Equal(t, 202, code, body)
-	testenv.Eventually(t, 2*time.Minute, "pool ready", func() (bool, string) {
-		_, h := a.call("GET", "/v2/pools/cp1/health", "")
-		return h["state"] == "Ready", fmt.Sprint(h)
-	})
+	return body["sha256"].(string), int64(body["size"].(float64))
+}
 
-	const tasks = 6
-	for i := range tasks {
-		code, body := a.call("POST", "/v2/tasks", fmt.Sprintf(`{"task_id":"c-%d","model_ref":"chaos-model","prompt":"the","max_tokens":600,"determinism":"strict"}`, i))
-		require.Equal(t, 202, code, body)
-	}
-	testenv.Eventually(t, time.Minute, "tasks running", func() (bool, string) {
-		_, s := a.call("GET", "/v2/tasks/c-0", "")
-		return s["state"] == "Running", fmt.Sprint(s)
+func (a api) waitNode(id, state string, timeout time.Duration) time.Duration {
+	a.t.Helper()
+	began := time.Now()
+	testenv.Eventually(a.t, timeout, "node "+id+" "+state, func() (bool, string) {
+		_, body := a.call("GET", "/v2/nodes/"+id, "")
+		return body["state"] == state, fmt.Sprint(body)
 	})
-	// Kill the server outright, keep it down a moment, start it again on
-	// the same database and port.
-	killedAt := time.Now()
-	temporal.kill()
-	time.Sleep(3 * time.Second) // the outage itself, not a wait for a condition
-	temporal.start()
+	return time.Since(began)
+}
 
-	for i := range tasks {
-		var s map[string]any
-		testenv.Eventually(t, 5*time.Minute, fmt.Sprintf("task c-%d completed", i), func() (bool, string) {
-			_, s = a.call("GET", fmt.Sprintf("/v2/tasks/c-%d", i), "")
-			return s["state"] == "Completed" || s["state"] == "Failed", fmt.Sprint(s)
-		})
-		require.Equal(t, "Completed", s["state"], "task c-%d: %v", i, s)
-		require.EqualValues(t, 600, s["tokens_out"])
-	}
-	t.Logf("temporal restart: %d of %d tasks completed whole, %s after the kill", tasks, tasks, time.Since(killedAt).Round(time.Millisecond))
+// pool creates a pool and waits until it is Ready.
+func (a api) pool(poolID, modelID, nodeID string, slots int) map[string]any {
+	a.t.Helper()
+	code, body := a.call("POST", "/v2/pools", fmt.Sprintf(`{"pool_id":%q,"model_id":%q,"node_id":%q,"ctx":4096,"slots":%d}`, poolID, modelID, nodeID, slots))
+	require.Equal(a.t, 202, code, body)
+	return a.waitPool(poolID, time.Minute*2, func(h map[string]any) bool { return h["state"] == "Ready" })
+}
+
+func (a api) waitPool(poolID string, timeout time.Duration, cond func(map[string]any) bool) map[string]any {
+	a.t.Helper()
+	var h map[string]any
+	testenv.Eventually(a.t, timeout, "pool "+poolID, func() (bool, string) {
+		_, h = a.call("GET", "/v2/pools/"+poolID+"/health", "")
+		return cond(h), fmt.Sprint(h)
+	})
+	return h
+}
+
+// s3Flags point a process at the test bucket through endpoint.
+func s3Flags(endpoint string) []string {
+	return []string{"--s3-endpoint", endpoint, "--s3-access-key", env.S3.AccessKey,
+		"--s3-secret-key", env.S3.SecretKey, "--s3-bucket", env.S3.Bucket}
 }

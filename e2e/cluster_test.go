@@ -351,12 +351,14 @@ func TestNetworkCut(t *testing.T) {
 		"--metrics-addr", "127.0.0.1:0", "--heartbeat-interval", "1s"}
 	w := start(t, "worker e2e-cut", args...)
 	c.waitState("e2e-cut", node.Online, 60*time.Second)
+	trial := testenv.NewTrial(t, "network cut between a worker and Temporal (proxy)")
 	proxy.Cut()
 	d := c.waitState("e2e-cut", node.Offline, 10*time.Second)
 	t.Logf("network cut detected after %s", d)
 	proxy.Restore()
 	d = c.waitState("e2e-cut", node.Online, 60*time.Second)
 	t.Logf("back Online %s after the link was restored", d)
+	trial.Recovered(d, "node Online after the link is back")
 	w.signal(t, syscall.SIGTERM)
 	c.waitState("e2e-cut", node.Left, 20*time.Second)
 }

@@ -18,7 +18,6 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
@@ -104,12 +103,15 @@ func TestPoolLifecycle(t *testing.T) {
 	})
 
 	// Kill the engine: the pool goes Unready, then Ready again on a new epoch.
+	trial := testenv.NewTrial(t, "kill -9 of an engine")
 	pid := int(h["pid"].(float64))
 	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
+	killed := time.Now()
 	testenv.Eventually(t, 60*time.Second, "engine restarted", func() (bool, string) {
 		h = c.poolHealth("p1")
 		return h["state"] == string(pool.Ready) && h["epoch"].(float64) >= 2, fmt.Sprint(h)
 	})
+	trial.Recovered(time.Since(killed), "pool Ready on a new epoch")
 	require.EqualValues(t, 1, h["restarts"])
 	require.Contains(t, h["last_error"], "exited")
 	testenv.Eventually(t, 10*time.Second, "engine exit counted", func() (bool, string) {
@@ -210,6 +212,7 @@ func TestPoolEngineAdoptedFencedOrphaned(t *testing.T) {
 	url := h["url"].(string)
 
 	// 1. Adopted.
+	trial := testenv.NewTrial(t, "kill -9 of a worker, engine alive")
 	w.signal(t, syscall.SIGKILL)
 	w.wait(t, 10*time.Second)
 	require.True(t, testenv.Alive(enginePID), "the engine outlives its worker")
@@ -220,6 +223,7 @@ func TestPoolEngineAdoptedFencedOrphaned(t *testing.T) {
 		return h["state"] == string(pool.Ready) && int(h["pid"].(float64)) == enginePID && strings.Contains(w.out.String(), "engine adopted"), fmt.Sprint(h)
 	})
 	t.Logf("worker killed -> engine adopted by the restarted worker: %s", time.Since(killedAt))
+	trial.Recovered(time.Since(killedAt), "engine adopted by the restarted worker (restart included)")
 	require.EqualValues(t, 1, h["epoch"])
 	require.EqualValues(t, 0, h["restarts"], "adopted, not restarted")
 	res, err := http.Post(url+"/completion", "application/json", strings.NewReader(`{"prompt":"the","n_predict":4}`))
@@ -259,7 +263,7 @@ func TestPoolEngineAdoptedFencedOrphaned(t *testing.T) {
 		h = c.poolHealth("k1")
 		return h["state"] == string(pool.Ready), fmt.Sprint(h)
 	})
-	pids := poolEnginePIDs(t, "k1")
+	pids := testenv.EnginePIDs("k1")
 	require.Equal(t, []int{int(h["pid"].(float64))}, pids, "exactly the pool's engine runs")
 	if h["epoch"].(float64) != 3 {
 		require.False(t, testenv.Alive(enginePID), "the engine of epoch 3 was fenced")
@@ -274,7 +278,7 @@ func TestPoolEngineAdoptedFencedOrphaned(t *testing.T) {
 	testenv.Eventually(t, 90*time.Second, "orphaned engine exits", func() (bool, string) {
 		return !testenv.Alive(enginePID), fmt.Sprint(enginePID)
 	})
-	require.Empty(t, poolEnginePIDs(t, "k1"), "no orphaned engine")
+	require.Empty(t, testenv.EnginePIDs("k1"), "no orphaned engine")
 }
 
 // Reload: the new model's engine starts beside the old one, which serves
@@ -372,29 +376,6 @@ func mustReadFile(t *testing.T, p string) []byte {
 }
 
 // poolEnginePIDs are the live engine processes of a pool (any node).
-func poolEnginePIDs(t *testing.T, poolID string) []int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc")
-	require.NoError(t, err)
-	var out []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || !testenv.Alive(pid) {
-			continue
-		}
-		env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
-		if err != nil {
-			continue
-		}
-		for _, kv := range strings.Split(string(env), "\x00") {
-			if kv == activities.EnvPoolID+"="+poolID {
-				out = append(out, pid)
-			}
-		}
-	}
-	return out
-}
-
 // wrongShapes is a model file whose header and metadata are valid GGUF
 // (the catalog accepts it) but whose llama.embedding_length disagrees with
 // its tensors' shapes, so llama.cpp refuses to load it.

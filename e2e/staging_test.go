@@ -133,6 +133,8 @@ func TestStagingJoinsAndResumes(t *testing.T) {
 	})
 	m := c.nodeModel(id, sha)
 	require.Equal(t, "staging", m["state"], m)
+	trial := testenv.NewTrial(t, "kill -9 of a worker mid-download")
+	killed := time.Now()
 	w.signal(t, syscall.SIGKILL)
 	w.wait(t, 10*time.Second)
 	proxy.SetRate(0)
@@ -141,6 +143,7 @@ func TestStagingJoinsAndResumes(t *testing.T) {
 	moved := proxy.Down.Load()
 	t.Logf("object %d bytes; moved over the link %d bytes (%.2fx) with one kill -9 mid-download", size, moved, float64(moved)/float64(size))
 	require.Less(t, float64(moved), 1.2*float64(size))
+	trial.Recovered(time.Since(killed), fmt.Sprintf("model ready and verified; %.2fx the bytes moved", float64(moved)/float64(size)))
 
 	// The file on the node is the verified model.
 	local := filepath.Join(c.home, "nodes", id, "models", sha+".gguf")
@@ -193,9 +196,12 @@ func TestStagingFailuresAreClean(t *testing.T) {
 	f.Close()
 	require.NoError(t, err)
 
+	trial := testenv.NewTrial(t, "object corrupted after registration")
 	status, body := c.send("POST", "/v2/nodes/"+id+"/models/altered", "")
 	require.Equal(t, 202, status, body)
+	asked := time.Now()
 	m := c.waitModel(id, sha, "failed", 60*time.Second)
+	trial.Recovered(time.Since(asked), "CHECKSUM_MISMATCH reached the client, nothing staged")
 	require.Equal(t, model.ErrChecksumMismatch, m["code"], m)
 	require.Contains(t, m["reason"], sha, "the reason names the expected digest")
 	entries, err := os.ReadDir(filepath.Join(c.home, "nodes", id, "models"))

@@ -1,14 +1,11 @@
 package e2e
 
 import (
-	"bufio"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -21,111 +18,18 @@ import (
 	"github.com/llorch/llorch/testenv"
 )
 
-// sseEvent is one server-sent event.
-type sseEvent struct {
-	ID, Name string
-	Data     map[string]any
-}
+type sseEvent = testenv.Event
 
-// events follows a task's /v2 stream; it delivers each event on the channel
-// and closes it at the end of the stream.
+// events follows a task's /v2 stream.
 func (c *cluster) events(taskID string, lastID string) (<-chan sseEvent, func()) {
-	req, _ := http.NewRequest("GET", "http://"+c.api+"/v2/tasks/"+taskID+"/events", nil)
-	req.Header.Set("Authorization", "Bearer "+token)
-	if lastID != "" {
-		req.Header.Set("Last-Event-ID", lastID)
-	}
-	res, err := http.DefaultClient.Do(req)
-	require.NoError(c.t, err)
-	require.Equal(c.t, 200, res.StatusCode)
-	require.Equal(c.t, "text/event-stream", res.Header.Get("Content-Type"))
-	out := make(chan sseEvent, 1024)
-	go func() {
-		defer close(out)
-		sc := bufio.NewScanner(res.Body)
-		var ev sseEvent
-		for sc.Scan() {
-			line := sc.Text()
-			switch {
-			case line == "":
-				if ev.Name != "" {
-					out <- ev
-				}
-				ev = sseEvent{}
-			case strings.HasPrefix(line, "id: "):
-				ev.ID = line[4:]
-			case strings.HasPrefix(line, "event: "):
-				ev.Name = line[7:]
-			case strings.HasPrefix(line, "data: "):
-				_ = json.Unmarshal([]byte(line[6:]), &ev.Data)
-			}
-		}
-	}()
-	var once sync.Once
-	return out, func() { once.Do(func() { res.Body.Close() }) }
+	return testenv.Follow(c.t, c.api, token, taskID, lastID)
 }
 
-// collect reads a stream to its end: the events, and the text of its tokens.
-func collect(t *testing.T, ch <-chan sseEvent, timeout time.Duration) ([]sseEvent, string) {
-	t.Helper()
-	var evs []sseEvent
-	var text strings.Builder
-	deadline := time.After(timeout)
-	for {
-		select {
-		case ev, ok := <-ch:
-			if !ok {
-				return evs, text.String()
-			}
-			evs = append(evs, ev)
-			if ev.Name == "token" {
-				text.WriteString(ev.Data["t"].(string))
-			}
-		case <-deadline:
-			t.Fatalf("stream not done within %s; got %d events", timeout, len(evs))
-		}
-	}
-}
-
-// checkOrder: started, then tokens 0..n-1 in order, then end with n.
-func checkOrder(t *testing.T, evs []sseEvent, from int) int {
-	t.Helper()
-	require.NotEmpty(t, evs)
-	i := 0
-	if from == 0 {
-		require.Equal(t, "started", evs[0].Name, "first event: %v", evs[0].Data)
-		i = 1
-	}
-	next := from
-	for ; i < len(evs)-1; i++ {
-		if evs[i].Name == "metrics" {
-			continue
-		}
-		require.Equal(t, "token", evs[i].Name, "event %d", i)
-		require.EqualValues(t, next, evs[i].Data["i"], "token index")
-		require.Equal(t, strconv.Itoa(next), evs[i].ID)
-		next++
-	}
-	last := evs[len(evs)-1]
-	require.Equal(t, "end", last.Name, "%v", last.Data)
-	require.EqualValues(t, next, last.Data["tokens_out"])
-	return next
-}
-
-// greedy asks an engine directly: the reference for strict tasks.
-func greedy(t *testing.T, url, prompt string, n int) string {
-	t.Helper()
-	body, _ := json.Marshal(map[string]any{"prompt": prompt, "n_predict": n, "temperature": 0})
-	res, err := http.Post(url+"/completion", "application/json", strings.NewReader(string(body)))
-	require.NoError(t, err)
-	defer res.Body.Close()
-	var out struct {
-		Content string `json:"content"`
-	}
-	b, _ := io.ReadAll(res.Body)
-	require.NoError(t, json.Unmarshal(b, &out), string(b))
-	return out.Content
-}
+var (
+	collect    = testenv.Collect
+	checkOrder = testenv.CheckOrder
+	greedy     = testenv.Greedy
+)
 
 func (c *cluster) submit(body string) (int, map[string]any) {
 	return c.send("POST", "/v2/tasks", body)
@@ -316,11 +220,15 @@ func TestTaskMovesOffLostNode(t *testing.T) {
 		}
 	}
 	require.Equal(t, "mp1", evs[0].Data["pool_id"], "the task started on the preferred pool")
+	trial := testenv.NewTrial(t, "kill -9 of a worker and its engine mid-generation")
 	killedAt := time.Now()
 	w1.signal(t, syscall.SIGKILL)
 	require.NoError(t, syscall.Kill(int(h1["pid"].(float64)), syscall.SIGKILL))
+	evs = append(evs, testenv.UntilResumed(t, ch, 120*time.Second)...)
+	resumed := time.Since(killedAt)
 	rest, _ := collect(t, ch, 120*time.Second)
-	t.Logf("node lost after 100 tokens; stream complete %s after the kill", time.Since(killedAt))
+	trial.Recovered(resumed, "stream resumed on the other node (completed equal to an uninterrupted run)")
+	t.Logf("node lost after 100 tokens; stream resumed %s and complete %s after the kill", resumed, time.Since(killedAt))
 	evs = append(evs, rest...)
 	got := checkOrder(t, evs, 0)
 	require.Equal(t, n, got)
@@ -508,6 +416,12 @@ func TestAPIServerRestartMidStream(t *testing.T) {
 			}
 		}
 		stop()
+		scenario := "SIGTERM of the apiserver mid-stream, restart"
+		if tc.waitDone {
+			scenario += ", client back after the task ended"
+		}
+		trial := testenv.NewTrial(t, scenario)
+		termAt := time.Now()
 		c.apiProc.signal(t, syscall.SIGTERM)
 		require.Zero(t, c.apiProc.wait(t, 30*time.Second), "apiserver exits 0 on SIGTERM with a stream open")
 		if tc.waitDone {
@@ -520,6 +434,7 @@ func TestAPIServerRestartMidStream(t *testing.T) {
 		rest, _ := collect(t, ch, 120*time.Second)
 		stop()
 		checkOrder(t, append(first, rest...), 0)
+		trial.Recovered(time.Since(termAt), "stream resumed with Last-Event-ID and complete")
 		var text strings.Builder
 		for _, ev := range append(first, rest...) {
 			if ev.Name == "token" {

@@ -29,8 +29,12 @@ type Proxy struct {
 func (p *Proxy) SetRate(bytesPerSec int64) { p.rate.Store(bytesPerSec) }
 
 // NewProxy listens on a free loopback port and forwards to target.
-func NewProxy(target string) (*Proxy, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+func NewProxy(target string) (*Proxy, error) { return NewProxyOn("127.0.0.1:0", target) }
+
+// NewProxyOn listens on listen (host:port, port 0 for a free one) and
+// forwards to target: e.g. a server on loopback offered on a veth address.
+func NewProxyOn(listen, target string) (*Proxy, error) {
+	ln, err := net.Listen("tcp", listen)
 	if err != nil {
 		return nil, err
 	}

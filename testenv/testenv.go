@@ -22,6 +22,7 @@ import (
 	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/testsuite"
 
+	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/engine"
 	"github.com/llorch/llorch/searchattrs"
@@ -41,16 +42,20 @@ type Env struct {
 
 // Main starts the services, runs the package's tests and stops them. Use it
 // from TestMain: `func TestMain(m *testing.M) { testenv.Main(m, &env) }`.
-func Main(m *testing.M, env **Env) {
+func Main(m *testing.M, env **Env) { os.Exit(Run(m, env)) }
+
+// Run is Main without the exit: it returns the tests' exit code, for a
+// TestMain with more to do once the services are stopped.
+func Run(m *testing.M, env **Env) int {
 	e, err := start()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "testenv:", err)
-		os.Exit(1)
+		return 1
 	}
 	*env = e
 	code := m.Run()
 	e.stop()
-	os.Exit(code)
+	return code
 }
 
 // RepoRoot is the directory holding go.mod.
@@ -293,4 +298,27 @@ func KillMentioning(s string) {
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}
+}
+
+// EnginePIDs lists the live engine processes of a pool on this machine, by
+// the marker llorch puts in each engine's environment.
+func EnginePIDs(poolID string) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || !Alive(pid) {
+			continue
+		}
+		env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+		if err != nil {
+			continue
+		}
+		for _, kv := range strings.Split(string(env), "\x00") {
+			if kv == activities.EnvPoolID+"="+poolID {
+				out = append(out, pid)
+			}
+		}
+	}
+	return out
 }

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"regexp"
+	"strings"
 	"time"
 
 	enumspb "go.temporal.io/api/enums/v1"
@@ -106,7 +108,7 @@ func Pool(ctx workflow.Context, in PoolInput) (pool.Health, error) {
 		return p.h, err
 	}
 	if err != nil {
-		p.set(ctx, pool.Failed, err.Error())
+		p.set(ctx, pool.Failed, failureReason(err))
 	}
 	_ = workflow.Await(ctx, func() bool { return workflow.AllHandlersFinished(ctx) })
 	return p.h, nil
@@ -132,6 +134,10 @@ type poolWF struct {
 	adoptCh  workflow.Channel
 	reloadCh workflow.Channel
 }
+
+// superviseHeartbeat: an engine supervisor silent this long means the node
+// is lost (dead, or cut off); the pool gives it up and restarts when it can.
+const superviseHeartbeat = 15 * time.Second
 
 var (
 	errSwitched = errors.New("supervision moves to another engine")
@@ -288,17 +294,17 @@ func (p *poolWF) run(ctx workflow.Context) error {
 			break
 		}
 		p.h.SlotsFree = 0
-		reason := err.Error()
+		reason := failureReason(err)
 		switch {
 		case nodeLost(err):
-			reason = "NODE_OFFLINE: lost contact with node " + p.spec.NodeID + " (" + reason + ")"
+			reason = fmt.Sprintf("NODE_OFFLINE: lost contact with node %s (no heartbeat from its engine supervisor for %s)", p.spec.NodeID, superviseHeartbeat)
 		case errors.Is(err, errNodeLeft):
 			reason = "NODE_LEFT: the worker of node " + p.spec.NodeID + " shut down and stopped the engine"
 		default:
 			p.failures++
 		}
 		if p.failures >= pool.MaxConsecutiveFailures {
-			return fmt.Errorf("circuit open after %d consecutive failures; last: %v", p.failures, err)
+			return fmt.Errorf("circuit open after %d consecutive failures; last: %s", p.failures, reason)
 		}
 		p.h.Restarts++
 		p.set(ctx, pool.Unready, reason)
@@ -405,7 +411,7 @@ func (p *poolWF) supervise(ctx workflow.Context, ea *activities.EngineActivities
 	sctx, cancel := workflow.WithCancel(ctx)
 	defer cancel()
 	f := workflow.ExecuteActivity(p.onNode(sctx, workflow.ActivityOptions{
-		StartToCloseTimeout: 365 * 24 * time.Hour, HeartbeatTimeout: 15 * time.Second,
+		StartToCloseTimeout: 365 * 24 * time.Hour, HeartbeatTimeout: superviseHeartbeat,
 		RetryPolicy:         &temporal.RetryPolicy{MaximumAttempts: 1},
 		WaitForCancellation: true,
 		Summary:             fmt.Sprintf("supervise %s (pid %d, epoch %d)", h.URL, h.PID, h.Epoch),
@@ -592,4 +598,21 @@ func (p *poolWF) set(ctx workflow.Context, st pool.State, lastErr string) {
 	}
 	workflow.SetCurrentDetails(ctx, fmt.Sprintf("**%s** pool %s on %s, model %s, %s engine\n\nurl %s, pid %d, epoch %d, restarts %d\n\n%s%s",
 		p.h.State, p.spec.PoolID, p.spec.NodeID, p.spec.ModelID, p.spec.Engine, p.h.URL, p.h.PID, p.h.Epoch, p.h.Restarts, p.h.LastError, reload))
+}
+
+var errorCode = regexp.MustCompile(`^[A-Z][A-Z0-9_]+$`)
+
+// failureReason is what a client reads of a failure: an application
+// error's code and message, without the activity and child workflow
+// wrapping around it (which repeats the message at every level).
+func failureReason(err error) string {
+	var app *temporal.ApplicationError
+	if !errors.As(err, &app) {
+		return err.Error()
+	}
+	msg := app.Message()
+	if code := app.Type(); errorCode.MatchString(code) && !strings.HasPrefix(msg, code) {
+		msg = code + ": " + msg
+	}
+	return msg
 }
