@@ -75,6 +75,13 @@ bench: tools
     go test -run '^$' -bench . ./placement
     @echo "results: bench/out/results.json"
 
+# Where the time goes: the first-token and concurrency benchmarks with CPU shares by process and apiserver CPU profiles.
+bench-profile: tools
+    LLORCH_BENCH_PROFILE="$PWD/bench/out/prof" go test -run '^$' -bench 'TimeToFirstToken' -benchtime 200x -v ./bench
+    LLORCH_BENCH_PROFILE="$PWD/bench/out/prof" go test -run '^$' -bench 'Concurrency' -benchtime 1x -timeout 20m -v ./bench
+    go tool pprof -top -nodecount 25 bench/out/prof/ttft-apiserver.pprof
+    go tool pprof -top -nodecount 25 bench/out/prof/concurrency-apiserver.pprof
+
 # (The e2e failure scenarios, then the chaos package, TRIALS times each.)
 # The failure suite, with its summary table: scenario, trials, passed, time to recover.
 chaos TRIALS="1": tools

@@ -34,6 +34,7 @@ const benchToken = "bench-token-0123456789abcdef0123456789abcdef"
 // generated model: what a task goes through.
 type benchCluster struct {
 	api, engine string
+	pprof       string // the apiserver's pprof address, with LLORCH_BENCH_PROFILE
 	home        string
 	submits     samples // POST /v2/tasks round trips
 	workers     []*exec.Cmd
@@ -67,7 +68,14 @@ func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody strin
 		b.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 		return cmd
 	}
-	c.spawn(append([]string{"apiserver", "--addr", c.api}, s3...)...)
+	apiArgs := append([]string{"apiserver", "--addr", c.api}, s3...)
+	if profileDir != "" {
+		p, err := testenv.FreePort()
+		require.NoError(b, err)
+		c.pprof = fmt.Sprintf("127.0.0.1:%d", p)
+		apiArgs = append(apiArgs, "--pprof-addr", c.pprof)
+	}
+	c.spawn(apiArgs...)
 	for i := range nodes {
 		args := append([]string{"worker", "--node-id", nodeID(i), "--metrics-addr", "127.0.0.1:0", "--heartbeat-interval", "1s"}, s3...)
 		c.workerArgs = append(c.workerArgs, args)
@@ -261,6 +269,8 @@ func BenchmarkTimeToFirstToken(b *testing.B) {
 		_, _, _, _ = c.v1(4)
 	}
 	var direct, v2, v1 samples
+	profiled := c.cpuProfile(b, "ttft-apiserver", 20)
+	cpu0, began := cpuSnapshot(c.home), time.Now()
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		for _, m := range []struct {
@@ -273,6 +283,9 @@ func BenchmarkTimeToFirstToken(b *testing.B) {
 		}
 	}
 	b.StopTimer()
+	cpu := cpuShare(cpu0, cpuSnapshot(c.home), time.Since(began))
+	b.Logf("CPU while measuring: %s", cpuTable(cpu))
+	profiled()
 	empty, one := temporalFloor(b, min(b.N, 50)+1)
 	report(b, "ttft", map[string]any{
 		"samples":           b.N,
@@ -287,6 +300,7 @@ func BenchmarkTimeToFirstToken(b *testing.B) {
 		"v1_overhead_p50":   ms(v1.pct(0.5) - direct.pct(0.5)),
 		"temporal_empty_wf": ms(empty.pct(0.5)),
 		"temporal_1act_wf":  ms(one.pct(0.5)),
+		"cpu_share":         cpu,
 	})
 	b.ReportMetric(ms(v2.pct(0.5)-direct.pct(0.5)), "v2-overhead-p50-ms")
 	b.ReportMetric(ms(v1.pct(0.5)-direct.pct(0.5)), "v1-overhead-p50-ms")
@@ -328,6 +342,8 @@ func BenchmarkConcurrency(b *testing.B) {
 	var e2e samples
 	completed, failed, lost := 0, 0, 0
 	var wall time.Duration
+	profiled := c.cpuProfile(b, "concurrency-apiserver", 8)
+	cpu0 := cpuSnapshot(c.home)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		type outcome struct {
@@ -358,6 +374,9 @@ func BenchmarkConcurrency(b *testing.B) {
 		wall += time.Since(start)
 	}
 	b.StopTimer()
+	cpu := cpuShare(cpu0, cpuSnapshot(c.home), wall)
+	b.Logf("CPU while measuring: %s", cpuTable(cpu))
+	profiled()
 	// The floor: the same number of one-activity workflows at once.
 	w := worker.New(env.Temporal, "bench-floor-conc", worker.Options{})
 	w.RegisterWorkflow(oneActivityWF)
@@ -382,7 +401,7 @@ func BenchmarkConcurrency(b *testing.B) {
 	rate := float64(completed) / wall.Seconds()
 	report(b, "concurrency", map[string]any{"tasks": tasks * b.N, "nodes": nodes, "completed": completed, "failed": failed,
 		"lost": lost, "e2e_p50_ms": ms(e2e.pct(0.5)), "e2e_p99_ms": ms(e2e.pct(0.99)), "tasks_per_s": rate,
-		"bare_1act_wf_per_s": floorRate, "throughput_ratio": rate / floorRate})
+		"bare_1act_wf_per_s": floorRate, "throughput_ratio": rate / floorRate, "cpu_share": cpu})
 	b.ReportMetric(float64(lost), "lost")
 	b.ReportMetric(rate/floorRate, "task-throughput-ratio")
 	require.Zero(b, lost, "no task is lost")

@@ -68,5 +68,7 @@ func TestTemporalRestartWithTasksInFlight(t *testing.T) {
 		require.EqualValues(t, 600, s["tokens_out"])
 	}
 	t.Logf("temporal restart: %d of %d tasks completed whole, %s after the kill", tasks, tasks, time.Since(killedAt).Round(time.Millisecond))
-	trial.Recovered(time.Since(killedAt), fmt.Sprintf("all %d tasks completed whole (3 s outage)", tasks))
+	trial.Recovered(time.Since(killedAt), fmt.Sprintf("until all %d tasks (600 tokens, 2 slots) completed whole; a 3 s outage", tasks))
+	h := a.waitPool("cp1", time.Minute, func(h map[string]any) bool { return h["state"] == "Ready" })
+	require.Equal(t, []int{int(h["pid"].(float64))}, testenv.EnginePIDs("cp1"), "exactly the pool's engine runs")
 }

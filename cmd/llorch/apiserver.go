@@ -66,7 +66,7 @@ func apiserverCmd() *cobra.Command {
 			sched.Source = srv.Candidates
 			schedCtx, stopSched := context.WithCancel(context.Background())
 			defer stopSched()
-			return runApp(log,
+			return runApp(log, c.pprof(log),
 				fx.Supply(log, &activities.CatalogActivities{Store: store}, fx.Annotate(tc, fx.As(new(client.Client))),
 					&scheduler.TaskControl{S: sched, Hub: hub, Metrics: sched.Metrics}),
 				workers.ControlModule,

@@ -4,6 +4,9 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
 	"os"
 	"runtime/debug"
 	"time"
@@ -40,6 +43,7 @@ type common struct {
 	logLevel  string
 	temporal  config.Temporal
 	connect   time.Duration
+	pprofAddr string
 }
 
 func (c *common) addFlags(fs *pflag.FlagSet) {
@@ -50,7 +54,39 @@ func (c *common) addFlags(fs *pflag.FlagSet) {
 	config.Env(fs, "log-level", "LLORCH_LOG_LEVEL")
 	fs.DurationVar(&c.connect, "temporal-connect-timeout", 60*time.Second, "how long to keep trying to reach Temporal at start")
 	config.Env(fs, "temporal-connect-timeout", "LLORCH_TEMPORAL_CONNECT_TIMEOUT")
+	fs.StringVar(&c.pprofAddr, "pprof-addr", "", "serve Go's /debug/pprof profiles on this address (off when empty; keep it private)")
+	config.Env(fs, "pprof-addr", "LLORCH_PPROF_ADDR")
 	config.AddTemporalFlags(fs, &c.temporal)
+}
+
+// pprof serves net/http/pprof on --pprof-addr, apart from the API and
+// metrics: profiles show internals, and a CPU profile holds its request
+// for its whole duration.
+func (c *common) pprof(log *slog.Logger) fx.Option {
+	if c.pprofAddr == "" {
+		return fx.Options()
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	return fx.Invoke(func(lc fx.Lifecycle) {
+		lc.Append(fx.Hook{
+			OnStart: func(context.Context) error {
+				ln, err := net.Listen("tcp", c.pprofAddr)
+				if err != nil {
+					return fmt.Errorf("--pprof-addr %s: %w", c.pprofAddr, err)
+				}
+				log.Info("pprof listening", "url", "http://"+ln.Addr().String()+"/debug/pprof/")
+				go func() { _ = srv.Serve(ln) }()
+				return nil
+			},
+			OnStop: srv.Shutdown,
+		})
+	})
 }
 
 func (c *common) logger(attrs ...any) (*slog.Logger, error) {

@@ -137,7 +137,7 @@ func workerCmd() *cobra.Command {
 				agent.Staging = &activities.StagingActivities{Store: store, Local: local, Client: tc, Log: log,
 					Metrics: stagingMetrics, DiskMargin: margin}
 			}
-			return runApp(log,
+			return runApp(log, c.pprof(log),
 				fx.Supply(log, agent, reg, fx.Annotate(reg, fx.As(new(prometheus.Registerer)))),
 				fx.Invoke(func(lc fx.Lifecycle) { workers.MetricsServer(lc, metricsAddr, reg, log) }),
 				workers.NodeModule,
