@@ -116,17 +116,24 @@ func procTicks(pid int) (uint64, bool) {
 	return u + st, true
 }
 
-// cpuShare is the CPU each role used between two snapshots, as a share of
-// all the machine's CPUs over wall (clock ticks are 1/100 s on Linux).
-func cpuShare(before, after cpuTicks, wall time.Duration) map[string]float64 {
-	share := map[string]float64{}
-	capacity := wall.Seconds() * float64(runtime.NumCPU())
+// cpuSeconds is the CPU time each role used between two snapshots.
+func cpuSeconds(before, after cpuTicks) map[string]float64 {
+	out := map[string]float64{}
 	for role, pids := range after {
 		var ticks uint64
 		for pid, t := range pids {
 			ticks += t - min(t, before[role][pid])
 		}
-		share[role] = float64(ticks) / 100 / capacity
+		out[role] = float64(ticks) / 100 // clock ticks are 1/100 s on Linux
+	}
+	return out
+}
+
+// cpuShare is CPU seconds as a share of all the machine's CPUs over wall.
+func cpuShare(secs map[string]float64, wall time.Duration) map[string]float64 {
+	share := map[string]float64{}
+	for role, s := range secs {
+		share[role] = s / (wall.Seconds() * float64(runtime.NumCPU()))
 	}
 	return share
 }

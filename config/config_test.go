@@ -17,6 +17,7 @@ import (
 
 	"github.com/spf13/pflag"
 	"github.com/stretchr/testify/require"
+	"go.temporal.io/sdk/client"
 )
 
 func TestPrecedenceFlagEnvDevFileDefault(t *testing.T) {
@@ -61,6 +62,12 @@ func TestTemporalClientOptions(t *testing.T) {
 	require.Nil(t, plain.ConnectionOptions.TLS)
 	require.Nil(t, plain.Credentials)
 	require.Equal(t, "ns", plain.Namespace)
+	require.IsType(t, &client.GrpcCompressionGzip{}, plain.ConnectionOptions.GrpcCompression, "the SDK's default")
+	none, err := Temporal{Compression: "none"}.ClientOptions(log, "id")
+	require.NoError(t, err)
+	require.IsType(t, &client.GrpcCompressionNone{}, none.ConnectionOptions.GrpcCompression)
+	_, err = Temporal{Compression: "zstd"}.ClientOptions(log, "id")
+	require.ErrorContains(t, err, "--temporal-grpc-compression: want gzip or none")
 
 	withKey, err := Temporal{Address: "x.tmprl.cloud:7233", APIKey: "k"}.ClientOptions(log, "id")
 	require.NoError(t, err)

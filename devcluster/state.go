@@ -16,13 +16,14 @@ import (
 // Keys of dev.env. They are the env names of the matching flags of the other
 // llorch commands, so config.Apply feeds them in as lower-precedence defaults.
 const (
-	envToken      = "LLORCH_API_TOKEN"
-	envTemporal   = "LLORCH_TEMPORAL_ADDRESS"
-	envS3Endpoint = "LLORCH_S3_ENDPOINT"
-	envS3Access   = "LLORCH_S3_ACCESS_KEY"
-	envS3Secret   = "LLORCH_S3_SECRET_KEY"
-	envS3Bucket   = "LLORCH_S3_BUCKET"
-	envAPIURL     = "LLORCH_API_URL"
+	envToken               = "LLORCH_API_TOKEN"
+	envTemporal            = "LLORCH_TEMPORAL_ADDRESS"
+	envTemporalCompression = "LLORCH_TEMPORAL_GRPC_COMPRESSION"
+	envS3Endpoint          = "LLORCH_S3_ENDPOINT"
+	envS3Access            = "LLORCH_S3_ACCESS_KEY"
+	envS3Secret            = "LLORCH_S3_SECRET_KEY"
+	envS3Bucket            = "LLORCH_S3_BUCKET"
+	envAPIURL              = "LLORCH_API_URL"
 )
 
 // State is what a dev cluster keeps across runs.
@@ -67,6 +68,8 @@ func Setup(cfg Config) (State, error) {
 	err = config.WriteDevEnv(home, [][2]string{
 		{envToken, st.Token},
 		{envTemporal, hostPort(cfg.TemporalPort)},
+		// Everything is on this host: gzip would only cost CPU.
+		{envTemporalCompression, "none"},
 		{envS3Endpoint, hostPort(cfg.S3Port)},
 		{envS3Access, st.AccessKey},
 		{envS3Secret, st.SecretKey},
