@@ -69,16 +69,17 @@ test: tools lint
 bench: tools
     go test -run '^$' -bench 'TimeToFirstToken' -benchtime 200x ./bench
     go test -run '^$' -bench 'StreamingThroughput' -benchtime 20x ./bench
-    go test -run '^$' -bench 'Concurrency' -benchtime 1x -timeout 20m ./bench
+    go test -run '^$' -bench 'Concurrency' -benchtime 3x -timeout 20m ./bench
     go test -run '^$' -bench 'DetectionAndHandoff' -benchtime 10x -timeout 20m ./bench
     go test -run '^$' -bench 'Staging' -benchtime 3x ./bench
     go test -run '^$' -bench . ./placement
     @echo "results: bench/out/results.json"
+    go run ./bench/table
 
 # Where the time goes: the first-token and concurrency benchmarks with CPU shares by process and apiserver CPU profiles.
 bench-profile: tools
     LLORCH_BENCH_PROFILE="$PWD/bench/out/prof" go test -run '^$' -bench 'TimeToFirstToken' -benchtime 200x -v ./bench
-    LLORCH_BENCH_PROFILE="$PWD/bench/out/prof" go test -run '^$' -bench 'Concurrency' -benchtime 1x -timeout 20m -v ./bench
+    LLORCH_BENCH_PROFILE="$PWD/bench/out/prof" go test -run '^$' -bench 'Concurrency' -benchtime 3x -timeout 20m -v ./bench
     go tool pprof -top -nodecount 25 bench/out/prof/ttft-apiserver.pprof
     go tool pprof -top -nodecount 25 bench/out/prof/concurrency-apiserver.pprof
 

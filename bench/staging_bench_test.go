@@ -92,6 +92,9 @@ func BenchmarkStaging(b *testing.B) {
 	b.ReportMetric(mbps(durableTime), "fget+fsync-MB/s")
 	b.ReportMetric(fgetTime.Seconds()/stageTime.Seconds(), "ratio-vs-fget")
 	b.ReportMetric(durableTime.Seconds()/stageTime.Seconds(), "ratio-vs-fget+fsync")
+	report(b, "staging", map[string]any{"iterations": b.N, "size_mib": *stageSize >> 20,
+		"llorch_mb_s": mbps(stageTime), "fget_mb_s": mbps(fgetTime), "fget_fsync_mb_s": mbps(durableTime),
+		"ratio_vs_fget": fgetTime.Seconds() / stageTime.Seconds(), "ratio_vs_fget_fsync": durableTime.Seconds() / stageTime.Seconds()})
 	b.Logf("%d MiB x %d: llorch staging %.0f MB/s (ranged GET, sha256, fsync, rename); FGetObject %.0f MB/s (ratio %.2f); FGetObject+fsync %.0f MB/s (ratio %.2f)",
 		*stageSize>>20, b.N, mbps(stageTime), mbps(fgetTime), fgetTime.Seconds()/stageTime.Seconds(),
 		mbps(durableTime), durableTime.Seconds()/stageTime.Seconds())

@@ -1,0 +1,110 @@
+// Command table prints the summary of `just bench`: each figure beside its
+// baseline and its aim, from bench/out/results.json.
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+)
+
+type results map[string]map[string]any
+
+func (r results) num(bench, key string) (float64, bool) {
+	v, ok := r[bench][key].(float64)
+	return v, ok
+}
+
+// row is one line of the table; value renders the figures, met says
+// whether the aim holds (nil: no aim).
+type row struct {
+	what, bench string
+	keys        []string
+	value       func(v []float64) (llorch, baseline, ratio string)
+	aim         string
+	met         func(v []float64) bool
+}
+
+func main() {
+	path := "bench/out/results.json"
+	if len(os.Args) > 1 {
+		path = os.Args[1]
+	}
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench table:", err)
+		os.Exit(1)
+	}
+	var r results
+	if err := json.Unmarshal(raw, &r); err != nil {
+		fmt.Fprintln(os.Stderr, "bench table:", path+":", err)
+		os.Exit(1)
+	}
+	rows := []row{
+		{"first token /v2 (submit + SSE)", "ttft", []string{"v2_p50_ms", "v2_p99_ms", "direct_p50_ms", "v2_overhead_p50"},
+			func(v []float64) (string, string, string) {
+				return fmt.Sprintf("p50 %.1f ms, p99 %.1f ms", v[0], v[1]), fmt.Sprintf("engine direct p50 %.1f ms", v[2]), fmt.Sprintf("+%.1f ms", v[3])
+			}, "overhead p50 <= 50 ms", func(v []float64) bool { return v[3] <= 50 }},
+		{"first token /v1 streaming", "ttft", []string{"v1_p50_ms", "v1_p99_ms", "direct_p50_ms", "v1_overhead_p50"},
+			func(v []float64) (string, string, string) {
+				return fmt.Sprintf("p50 %.1f ms, p99 %.1f ms", v[0], v[1]), fmt.Sprintf("engine direct p50 %.1f ms", v[2]), fmt.Sprintf("+%.1f ms", v[3])
+			}, "overhead p50 <= 50 ms", func(v []float64) bool { return v[3] <= 50 }},
+		{"Temporal's own floor", "ttft", []string{"temporal_empty_wf", "temporal_1act_wf"},
+			func(v []float64) (string, string, string) {
+				return "", fmt.Sprintf("empty workflow %.1f ms, one activity %.1f ms", v[0], v[1]), ""
+			}, "", nil},
+		{"streaming throughput, 256 tokens", "throughput", []string{"llorch_tok_s", "direct_tok_s", "ratio"},
+			func(v []float64) (string, string, string) {
+				return fmt.Sprintf("%.0f tok/s", v[0]), fmt.Sprintf("%.0f tok/s direct", v[1]), fmt.Sprintf("%.2f", v[2])
+			}, ">= 0.97", func(v []float64) bool { return v[2] >= 0.97 }},
+		{"200 concurrent tasks, 10 node workers", "concurrency", []string{"tasks", "completed", "failed", "lost", "e2e_p50_ms", "e2e_p99_ms"},
+			func(v []float64) (string, string, string) {
+				return fmt.Sprintf("%.0f of %.0f completed, %.0f failed, %.0f lost; p50 %.2f s, p99 %.2f s", v[1], v[0], v[2], v[3], v[4]/1000, v[5]/1000), "", ""
+			}, "0 lost", func(v []float64) bool { return v[3] == 0 }},
+		{"task throughput", "concurrency", []string{"tasks_per_s", "bare_1act_wf_per_s", "throughput_ratio"},
+			func(v []float64) (string, string, string) {
+				return fmt.Sprintf("%.1f tasks/s", v[0]), fmt.Sprintf("%.1f one-activity workflows/s", v[1]), fmt.Sprintf("%.2f (median of rounds)", v[2])
+			}, "", nil},
+		{"node failure detection (kill -9)", "detection_handoff", []string{"detection_p50_s", "detection_max_s", "trials"},
+			func(v []float64) (string, string, string) {
+				return fmt.Sprintf("p50 %.2f s, max %.2f s (%.0f trials)", v[0], v[1], v[2]), "", ""
+			}, "<= 10 s (aim 5 s)", func(v []float64) bool { return v[1] <= 10 }},
+		{"handoff (first /health 200 -> Ready)", "detection_handoff", []string{"handoff_p50_ms", "handoff_p99_ms"},
+			func(v []float64) (string, string, string) {
+				return fmt.Sprintf("p50 %.1f ms, p99 %.1f ms", v[0], v[1]), "", ""
+			}, "", nil},
+		{"staging", "staging", []string{"llorch_mb_s", "fget_mb_s", "ratio_vs_fget", "ratio_vs_fget_fsync"},
+			func(v []float64) (string, string, string) {
+				return fmt.Sprintf("%.0f MB/s", v[0]), fmt.Sprintf("FGetObject %.0f MB/s", v[1]), fmt.Sprintf("%.2f (%.2f vs FGetObject + fsync)", v[2], v[3])
+			}, ">= 0.9", func(v []float64) bool { return v[2] >= 0.9 }},
+	}
+	fmt.Println("| what | llorch | baseline | ratio / overhead | aim | met |")
+	fmt.Println("|---|---|---|---|---|---|")
+	missed := 0
+	for _, row := range rows {
+		v := make([]float64, len(row.keys))
+		ok := true
+		for i, k := range row.keys {
+			v[i], ok = r.num(row.bench, k)
+			if !ok {
+				break
+			}
+		}
+		if !ok {
+			fmt.Printf("| %s | (not run) | | | %s | |\n", row.what, row.aim)
+			continue
+		}
+		l, b, ratio := row.value(v)
+		met := ""
+		if row.met != nil {
+			met = "yes"
+			if !row.met(v) {
+				met, missed = "**no**", missed+1
+			}
+		}
+		fmt.Printf("| %s | %s | %s | %s | %s | %s |\n", row.what, l, b, ratio, row.aim, met)
+	}
+	if missed > 0 {
+		fmt.Printf("\n%d aim(s) missed: see docs/benchmarks.md for why.\n", missed)
+	}
+}
