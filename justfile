@@ -68,7 +68,7 @@ test: tools lint
 # Benchmarks against baselines in the same run (staging vs bare FGetObject).
 bench: tools
     go test -run '^$' -bench 'TimeToFirstToken' -benchtime 200x ./bench
-    go test -run '^$' -bench 'StreamingThroughput' -benchtime 20x ./bench
+    go test -run '^$' -bench 'StreamingThroughput' -benchtime 50x ./bench
     go test -run '^$' -bench 'Concurrency' -benchtime 3x -timeout 20m ./bench
     go test -run '^$' -bench 'DetectionAndHandoff' -benchtime 10x -timeout 20m ./bench
     go test -run '^$' -bench 'Staging' -benchtime 3x ./bench

@@ -23,13 +23,18 @@ var profileDir = os.Getenv("LLORCH_BENCH_PROFILE")
 // cpuProfile fetches a CPU profile of the apiserver over the next seconds
 // into profileDir/name.pprof; wait blocks until it is written.
 func (c *benchCluster) cpuProfile(b *testing.B, name string, seconds int) (wait func()) {
-	if profileDir == "" || c.pprof == "" {
+	return c.cpuProfileOf(b, c.pprof, name, seconds)
+}
+
+// cpuProfileOf is cpuProfile of the process serving pprof at addr.
+func (c *benchCluster) cpuProfileOf(b *testing.B, addr, name string, seconds int) (wait func()) {
+	if profileDir == "" || addr == "" {
 		return func() {}
 	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		res, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", c.pprof, seconds))
+		res, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", addr, seconds))
 		if err != nil {
 			b.Logf("profile %s: %v", name, err)
 			return
@@ -46,7 +51,7 @@ func (c *benchCluster) cpuProfile(b *testing.B, name string, seconds int) (wait 
 			b.Logf("profile %s: %v", name, err)
 			return
 		}
-		b.Logf("CPU profile of the apiserver: %s (go tool pprof -top %s)", path, path)
+		b.Logf("CPU profile: %s (go tool pprof -top %s)", path, path)
 	}()
 	return func() { <-done }
 }

@@ -35,6 +35,9 @@ const benchToken = "bench-token-0123456789abcdef0123456789abcdef"
 type benchCluster struct {
 	api, engine string
 	pprof       string // the apiserver's pprof address, with LLORCH_BENCH_PROFILE
+	workerPprof string // the first worker's
+	lastStop    string // the engine's final event of the last direct request
+	lastTask    string // the last /v2 task
 	home        string
 	submits     samples // POST /v2/tasks round trips
 	workers     []*exec.Cmd
@@ -79,6 +82,12 @@ func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody strin
 	c.spawn(apiArgs...)
 	for i := range nodes {
 		args := append([]string{"worker", "--node-id", nodeID(i), "--metrics-addr", "127.0.0.1:0", "--heartbeat-interval", "1s"}, s3...)
+		if profileDir != "" && i == 0 {
+			p, err := testenv.FreePort()
+			require.NoError(b, err)
+			c.workerPprof = fmt.Sprintf("127.0.0.1:%d", p)
+			args = append(args, "--pprof-addr", c.workerPprof)
+		}
 		c.workerArgs = append(c.workerArgs, args)
 		c.workers = append(c.workers, c.spawn(args...))
 	}
@@ -158,10 +167,15 @@ func stream(req *http.Request, start time.Time, isFirst, isToken func(string) bo
 		}
 		if isToken(line) {
 			tokens++
+			lastTokenAt = time.Since(start)
 		}
 	}
 	return first, time.Since(start), tokens, sc.Err()
 }
+
+// lastTokenAt is when the last stream() saw its last token (benchmarks
+// run one stream at a time where they read it).
+var lastTokenAt time.Duration
 
 func post(url, body string, auth bool) *http.Request {
 	req, _ := http.NewRequest("POST", url, strings.NewReader(body))
@@ -178,7 +192,33 @@ func (c *benchCluster) direct(n int) (time.Duration, time.Duration, int, error) 
 	isTok := func(l string) bool {
 		return strings.HasPrefix(l, `data: {"content":`) && !strings.Contains(l, `"stop":true`)
 	}
-	return stream(post(c.engine+"/completion", body, false), time.Now(), isTok, isTok)
+	keepStop := func(l string) bool {
+		if strings.Contains(l, `"stop":true`) {
+			c.lastStop = strings.TrimPrefix(l, "data: ")
+		}
+		return isTok(l)
+	}
+	return stream(post(c.engine+"/completion", body, false), time.Now(), isTok, keepStop)
+}
+
+// decodeMs is the engine's own decode time of the last direct request and
+// of the last /v2 task (from its record).
+func (c *benchCluster) decodeMs() (direct, task float64) {
+	var ev struct {
+		Timings struct {
+			PredictedMs float64 `json:"predicted_ms"`
+		} `json:"timings"`
+	}
+	_ = json.Unmarshal([]byte(c.lastStop), &ev)
+	var st struct {
+		DecodeMs float64 `json:"decode_ms"`
+	}
+	// The stream ends before the task's record is written.
+	for deadline := time.Now().Add(5 * time.Second); st.DecodeMs == 0 && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		_, body := c.call("GET", "/v2/tasks/"+c.lastTask, "")
+		_ = json.Unmarshal([]byte(body), &st)
+	}
+	return ev.Timings.PredictedMs, st.DecodeMs
 }
 
 // v2 submits a task and reads its events: TTFT counts both requests.
@@ -193,6 +233,7 @@ func (c *benchCluster) v2(n int) (time.Duration, time.Duration, int, error) {
 		TaskID string `json:"task_id"`
 	}
 	_ = json.Unmarshal([]byte(body), &r)
+	c.lastTask = r.TaskID
 	req, _ := http.NewRequest("GET", "http://"+c.api+"/v2/tasks/"+r.TaskID+"/events", nil)
 	req.Header.Set("Authorization", "Bearer "+benchToken)
 	isTok := func(l string) bool { return l == "event: token" }
@@ -313,22 +354,49 @@ func BenchmarkStreamingThroughput(b *testing.B) {
 	c := startCluster(b, modelstore.TinyOptions{Embd: 256, Layers: 4, Context: 4096, Seed: 6}, `,"slots":1,"ctx":4096`, 1)
 	_, _, _, _ = c.direct(16)
 	_, _, _, _ = c.v2(16)
-	var dRate, lRate []float64
+	var dRate, lRate, dDecode, lDecode []float64
+	tails := map[*[]float64]*samples{&dRate: {}, &lRate: {}}
+	// CPU by process while each kind of stream runs.
+	streamCPU := map[*[]float64]map[string]float64{&dRate: {}, &lRate: {}}
+	streamWall := map[*[]float64]time.Duration{}
+	profiled := c.cpuProfile(b, "throughput-apiserver", 5)
+	profiledWorker := c.cpuProfileOf(b, c.workerPprof, "throughput-worker", 5)
+	cpu0, began := cpuSnapshot(c.home), time.Now()
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		for _, m := range []struct {
 			fn   func(int) (time.Duration, time.Duration, int, error)
 			rate *[]float64
 		}{{c.direct, &dRate}, {c.v2, &lRate}} {
+			cpu0 := cpuSnapshot(c.home)
 			first, total, toks, err := m.fn(256)
 			require.NoError(b, err)
 			require.Equal(b, 256, toks)
+			for role, s := range cpuSeconds(cpu0, cpuSnapshot(c.home)) {
+				streamCPU[m.rate][role] += s
+			}
+			streamWall[m.rate] += total
 			*m.rate = append(*m.rate, float64(toks-1)/(total-first).Seconds())
+			*tails[m.rate] = append(*tails[m.rate], total-lastTokenAt)
 		}
+		b.StopTimer()
+		if d, l := c.decodeMs(); d > 0 && l > 0 {
+			dDecode, lDecode = append(dDecode, 255/d*1000), append(lDecode, 255/l*1000)
+		}
+		b.StartTimer()
 	}
 	b.StopTimer()
+	b.Logf("CPU while measuring: %s", cpuTable(cpuShare(cpuSeconds(cpu0, cpuSnapshot(c.home)), time.Since(began))))
+	b.Logf("CPU during direct streams: %s", cpuTable(cpuShare(streamCPU[&dRate], streamWall[&dRate])))
+	b.Logf("CPU during llorch streams: %s", cpuTable(cpuShare(streamCPU[&lRate], streamWall[&lRate])))
+	profiled()
+	profiledWorker()
+	// The engine's own decode rate in each case tells a slower engine
+	// (sharing the CPUs with llorch) from a slower path to the client.
+	b.Logf("engine decode rate: %.0f tok/s serving direct, %.0f tok/s serving llorch (ratio %.2f); last token to end of stream p50: direct %.1f ms, llorch %.1f ms",
+		median(dDecode), median(lDecode), median(lDecode)/median(dDecode), ms(tails[&dRate].pct(0.5)), ms(tails[&lRate].pct(0.5)))
 	report(b, "throughput", map[string]any{"samples": b.N, "direct_tok_s": median(dRate), "llorch_tok_s": median(lRate),
-		"ratio": median(lRate) / median(dRate)})
+		"ratio": median(lRate) / median(dRate), "engine_decode_direct_tok_s": median(dDecode), "engine_decode_llorch_tok_s": median(lDecode)})
 	b.ReportMetric(median(lRate)/median(dRate), "throughput-ratio")
 }
 
