@@ -7,10 +7,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/require"
+
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/searchattrs"
 	"github.com/llorch/llorch/testenv"
-	"github.com/stretchr/testify/require"
 )
 
 // Restart of the Temporal server (file database) with tasks in flight:

@@ -432,19 +432,25 @@ func recordRun(t *testing.T, workflowID, runID, name string) {
 	if os.Getenv("LLORCH_RECORD_HISTORIES") != "1" {
 		return
 	}
-	ctx := context.Background()
-	it := env.Temporal.GetWorkflowHistory(ctx, workflowID, runID, false, 0)
+	h := history(t, workflowID, runID)
+	raw, err := protojson.MarshalOptions{Indent: "  "}.Marshal(h)
+	require.NoError(t, err)
+	path := filepath.Join(testenv.RepoRoot(), "replay_tests", "testdata", name+".json")
+	require.NoError(t, os.WriteFile(path, raw, 0o644))
+	t.Logf("recorded %d events of %s to %s", len(h.Events), workflowID, path)
+}
+
+// history reads a workflow run's events (runID "" for the latest run).
+func history(t *testing.T, workflowID, runID string) *historypb.History {
+	t.Helper()
+	it := env.Temporal.GetWorkflowHistory(context.Background(), workflowID, runID, false, 0)
 	h := &historypb.History{}
 	for it.HasNext() {
 		e, err := it.Next()
 		require.NoError(t, err)
 		h.Events = append(h.Events, e)
 	}
-	raw, err := protojson.MarshalOptions{Indent: "  "}.Marshal(h)
-	require.NoError(t, err)
-	path := filepath.Join(testenv.RepoRoot(), "replay_tests", "testdata", name+".json")
-	require.NoError(t, os.WriteFile(path, raw, 0o644))
-	t.Logf("recorded %d events of %s to %s", len(h.Events), workflowID, path)
+	return h
 }
 
 // terminateRunning ends every running workflow of the given types.

@@ -19,11 +19,13 @@ import (
 
 	"github.com/minio/minio-go/v7"
 	"github.com/stretchr/testify/require"
+	historypb "go.temporal.io/api/history/v1"
 
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/testenv"
+	"github.com/llorch/llorch/workers"
 )
 
 // tinyModel writes a generated GGUF model and returns its path, digest and size.
@@ -150,6 +152,20 @@ func TestStagingJoinsAndResumes(t *testing.T) {
 	_, gotSHA, gotSize := hashFile(t, local)
 	require.Equal(t, sha, gotSHA)
 	require.Equal(t, size, gotSize)
+	// The restarted worker failed the dead one's attempt at once instead of
+	// waiting out its heartbeat timeout.
+	// (A retried attempt leaves no event; the started event of the last
+	// one carries the failure of the attempt before.)
+	var last *historypb.ActivityTaskStartedEventAttributes
+	for _, e := range history(t, model.StageWorkflowID(id, sha), "").GetEvents() {
+		if a := e.GetActivityTaskStartedEventAttributes(); a != nil {
+			last = a
+		}
+	}
+	require.NotNil(t, last)
+	require.EqualValues(t, 2, last.GetAttempt(), "one retry")
+	require.Equal(t, workers.ErrAttemptAbandoned, last.GetLastFailure().GetApplicationFailureInfo().GetType(),
+		"the killed worker's attempt was failed as abandoned, not timed out: %v", last.GetLastFailure())
 	recordHistory(t, model.StageWorkflowID(id, sha), "stage-killed-resumed")
 
 	// Availability says where it is.

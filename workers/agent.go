@@ -97,6 +97,16 @@ func (a *Agent) Start(ctx context.Context) error {
 	}
 	a.Log.Info("node registered", "gpus", len(inv.GPUs), "cpu_only", inv.CPUOnly,
 		"workflow_id", node.WorkflowID(a.NodeID), "task_queue", node.TaskQueue(a.NodeID))
+	if a.Staging != nil {
+		// After polling starts, so the retries it causes are served here.
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			if _, err := a.failAbandonedStagings(ctx); err != nil {
+				a.Log.Warn("cannot look for stagings a previous worker left; they resume after their heartbeat timeout", "err", err)
+			}
+		}()
+	}
 	if a.Engines != nil && a.Pools != nil {
 		// After polling starts: an adopted engine's supervisor runs here.
 		wctx, cancel := context.WithCancel(context.Background())
