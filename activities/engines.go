@@ -20,7 +20,9 @@ import (
 
 	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/temporal"
+	"golang.org/x/sys/unix"
 
+	"github.com/llorch/llorch/cpuset"
 	"github.com/llorch/llorch/engine"
 	"github.com/llorch/llorch/inventory"
 	"github.com/llorch/llorch/modelstore"
@@ -65,7 +67,9 @@ type EngineActivities struct {
 	// dead worker) before it exits; a worker back within it adopts the
 	// engine. 0 = one minute.
 	OrphanTimeout time.Duration
-	Log           *slog.Logger
+	// CPUs the engines run on (nil: any); the worker keeps off them.
+	CPUs *unix.CPUSet
+	Log  *slog.Logger
 
 	mu    sync.Mutex
 	procs map[procKey]*engineProc
@@ -338,7 +342,7 @@ func (a *EngineActivities) spawn(spec pool.Spec, modelPath string, epoch int64) 
 	if detached {
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	}
-	if err := startLocked(cmd); err != nil {
+	if err := startLocked(cmd, a.CPUs); err != nil {
 		return nil, temporal.NewNonRetryableApplicationError(
 			fmt.Sprintf("node %s: pool %s: start %s: %v", a.NodeID, spec.PoolID, bin, err), pool.ErrEngineStart, err)
 	}
@@ -373,21 +377,31 @@ var (
 )
 
 type spawnReq struct {
-	cmd *exec.Cmd
-	err chan error
+	cmd  *exec.Cmd
+	cpus *unix.CPUSet
+	err  chan error
 }
 
-func startLocked(cmd *exec.Cmd) error {
+// startLocked starts cmd from the spawner thread; with cpus, the child
+// inherits them as its affinity from that thread (the Go runtime starts no
+// thread from a locked one, so the worker's own threads are unaffected).
+func startLocked(cmd *exec.Cmd, cpus *unix.CPUSet) error {
 	spawnOnce.Do(func() {
 		spawnCh = make(chan spawnReq)
 		go func() {
 			runtime.LockOSThread() // never unlocked: the thread lives as long as the worker
 			for r := range spawnCh {
+				if r.cpus != nil {
+					if err := unix.SchedSetaffinity(0, r.cpus); err != nil {
+						r.err <- fmt.Errorf("pin to CPUs %s: %w", cpuset.Format(*r.cpus), err)
+						continue
+					}
+				}
 				r.err <- r.cmd.Start()
 			}
 		}()
 	})
-	r := spawnReq{cmd: cmd, err: make(chan error, 1)}
+	r := spawnReq{cmd: cmd, cpus: cpus, err: make(chan error, 1)}
 	spawnCh <- r
 	return <-r.err
 }

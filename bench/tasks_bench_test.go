@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -22,7 +23,9 @@ import (
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/worker"
 	"go.temporal.io/sdk/workflow"
+	"golang.org/x/sys/unix"
 
+	"github.com/llorch/llorch/cpuset"
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/testenv"
@@ -49,7 +52,7 @@ var clusters atomic.Int32
 
 // startCluster runs an apiserver and nodes workers (each its own process
 // and node id), each with a Ready pool of the model.
-func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody string, nodes int) *benchCluster {
+func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody string, nodes int, workerArgs ...string) *benchCluster {
 	b.Helper()
 	// Go runs a benchmark once with b.N = 1 first: each run its own pools.
 	run := clusters.Add(1)
@@ -82,6 +85,7 @@ func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody strin
 	c.spawn(apiArgs...)
 	for i := range nodes {
 		args := append([]string{"worker", "--node-id", nodeID(i), "--metrics-addr", "127.0.0.1:0", "--heartbeat-interval", "1s"}, s3...)
+		args = append(args, workerArgs...)
 		if profileDir != "" && i == 0 {
 			p, err := testenv.FreePort()
 			require.NoError(b, err)
@@ -349,9 +353,55 @@ func BenchmarkTimeToFirstToken(b *testing.B) {
 }
 
 // BenchmarkStreamingThroughput: 256-token generations, tokens per second
-// from the first token to the end, through llorch (/v2 SSE) over direct.
+// from the first token to the end, through llorch (/v2 SSE) over direct;
+// beside it the engine's own decode rate in both cases, which tells a
+// slower engine from a slower path. shared-cpus lets every process run on
+// any CPU; engine-cpus gives the engine a CPU of its own (the worker's
+// --engine-cpus; the other processes here are kept off it too), as a node
+// that reserves its engines' CPUs does.
 func BenchmarkStreamingThroughput(b *testing.B) {
-	c := startCluster(b, modelstore.TinyOptions{Embd: 256, Layers: 4, Context: 4096, Seed: 6}, `,"slots":1,"ctx":4096`, 1)
+	b.Run("shared-cpus", func(b *testing.B) { streamingThroughput(b, false) })
+	b.Run("engine-cpus", func(b *testing.B) { streamingThroughput(b, true) })
+}
+
+func streamingThroughput(b *testing.B, isolate bool) {
+	var workerArgs []string
+	var engineCPU, rest unix.CPUSet
+	if isolate {
+		have, err := cpuset.Of(0)
+		require.NoError(b, err)
+		if have.Count() < 2 {
+			b.Skip("needs two CPUs")
+		}
+		last := 0
+		for c := range 1024 {
+			if have.IsSet(c) {
+				last = c
+			}
+		}
+		engineCPU.Set(last)
+		rest, err = cpuset.Split(engineCPU)
+		require.NoError(b, err)
+		workerArgs = []string{"--engine-cpus", strconv.Itoa(last)}
+		// Back to all CPUs afterwards: the servers serve later benchmarks.
+		b.Cleanup(func() {
+			for _, pids := range cpuSnapshot("") {
+				for pid := range pids {
+					_ = cpuset.PinProcess(pid, have)
+				}
+			}
+		})
+	}
+	c := startCluster(b, modelstore.TinyOptions{Embd: 256, Layers: 4, Context: 4096, Seed: 6}, `,"slots":1,"ctx":4096`, 1, workerArgs...)
+	if isolate {
+		for role, pids := range cpuSnapshot(c.home) {
+			for pid := range pids {
+				if role != "engines" {
+					require.NoError(b, cpuset.PinProcess(pid, rest))
+				}
+			}
+		}
+	}
 	_, _, _, _ = c.direct(16)
 	_, _, _, _ = c.v2(16)
 	var dRate, lRate, dDecode, lDecode []float64
@@ -395,7 +445,11 @@ func BenchmarkStreamingThroughput(b *testing.B) {
 	// (sharing the CPUs with llorch) from a slower path to the client.
 	b.Logf("engine decode rate: %.0f tok/s serving direct, %.0f tok/s serving llorch (ratio %.2f); last token to end of stream p50: direct %.1f ms, llorch %.1f ms",
 		median(dDecode), median(lDecode), median(lDecode)/median(dDecode), ms(tails[&dRate].pct(0.5)), ms(tails[&lRate].pct(0.5)))
-	report(b, "throughput", map[string]any{"samples": b.N, "direct_tok_s": median(dRate), "llorch_tok_s": median(lRate),
+	name := "throughput"
+	if isolate {
+		name = "throughput_engine_cpus"
+	}
+	report(b, name, map[string]any{"samples": b.N, "direct_tok_s": median(dRate), "llorch_tok_s": median(lRate),
 		"ratio": median(lRate) / median(dRate), "engine_decode_direct_tok_s": median(dDecode), "engine_decode_llorch_tok_s": median(lDecode)})
 	b.ReportMetric(median(lRate)/median(dRate), "throughput-ratio")
 }

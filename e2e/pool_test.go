@@ -18,6 +18,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/llorch/llorch/cpuset"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
@@ -59,9 +60,30 @@ func TestPoolLifecycle(t *testing.T) {
 	port, err := testenv.FreePort()
 	require.NoError(t, err)
 	metricsURL := fmt.Sprintf("http://127.0.0.1:%d/metrics", port)
-	w := c.worker(id, "--metrics-addr", fmt.Sprintf("127.0.0.1:%d", port))
+	// With two CPUs or more, the last is the engines' (--engine-cpus).
+	have, err := cpuset.Of(0)
+	require.NoError(t, err)
+	last := -1
+	for cpu := range 1024 {
+		if have.IsSet(cpu) {
+			last = cpu
+		}
+	}
+	args := []string{"--metrics-addr", fmt.Sprintf("127.0.0.1:%d", port)}
+	if have.Count() >= 2 {
+		args = append(args, "--engine-cpus", strconv.Itoa(last))
+	}
+	w := c.worker(id, args...)
 	c.waitState(id, node.Online, 60*time.Second)
 	h := c.readyPool(id, "p1", "pool-tiny", 21, `,"slots":2`)
+	if have.Count() >= 2 {
+		engineCPUs, err := cpuset.Of(int(h["pid"].(float64)))
+		require.NoError(t, err)
+		require.Equal(t, strconv.Itoa(last), cpuset.Format(engineCPUs), "the engine runs on --engine-cpus")
+		workerCPUs, err := cpuset.Of(w.cmd.Process.Pid)
+		require.NoError(t, err)
+		require.False(t, workerCPUs.IsSet(last), "the worker keeps off the engines' CPUs: %s", cpuset.Format(workerCPUs))
+	}
 	seenReady := time.Now().UTC()
 	// Handoff latency: engine's first /health 200 to Ready seen through the
 	// API (polled every 25 ms, so this over-counts by up to one poll).

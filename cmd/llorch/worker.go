@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"time"
@@ -11,9 +12,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	"go.uber.org/fx"
+	"golang.org/x/sys/unix"
 
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/config"
+	"github.com/llorch/llorch/cpuset"
 	"github.com/llorch/llorch/engine"
 	"github.com/llorch/llorch/inventory"
 	"github.com/llorch/llorch/modelclient"
@@ -34,7 +37,7 @@ func workerCmd() *cobra.Command {
 		gcPolicy                                                    node.GCPolicy
 		gcBudget, diskMargin                                        string
 		gcEvery, orphanTimeout                                      time.Duration
-		runtimeDir, libDir, llamaServer                             string
+		runtimeDir, libDir, llamaServer, engineCPUs                 string
 		engineThreads                                               int
 	)
 	cmd := &cobra.Command{
@@ -64,6 +67,10 @@ func workerCmd() *cobra.Command {
 				return err
 			}
 			if gcPolicy.BudgetBytes, err = parseBytes("--gc-budget", gcBudget); err != nil {
+				return err
+			}
+			engineSet, err := pinEngineCPUs(engineCPUs, log)
+			if err != nil {
 				return err
 			}
 			margin, err := parseBytes("--disk-margin", diskMargin)
@@ -130,8 +137,8 @@ func workerCmd() *cobra.Command {
 			}
 			agent.Engines = &activities.EngineActivities{NodeID: nodeID, RuntimeDir: runtimeDir, Local: local, Host: host,
 				LlorchBin: exe, LlamaServerBin: llamaServer, LibDir: libDir, Threads: engineThreads, Log: log,
-				OrphanTimeout: orphanTimeout,
-				Metrics:       activities.NewEngineMetrics(reg)}
+				OrphanTimeout: orphanTimeout, CPUs: engineSet,
+				Metrics: activities.NewEngineMetrics(reg)}
 			agent.Generate = &activities.GenerateActivities{NodeID: nodeID, Log: log, Metrics: activities.NewTaskMetrics(reg)}
 			if store != nil {
 				agent.Staging = &activities.StagingActivities{Store: store, Local: local, Client: tc, Log: log,
@@ -186,7 +193,31 @@ func workerCmd() *cobra.Command {
 	fs.DurationVar(&orphanTimeout, "engine-orphan-timeout", time.Minute,
 		"how long a built-in engine outlives its worker; a worker back within it adopts the engine instead of restarting it")
 	config.Env(fs, "engine-orphan-timeout", "LLORCH_ENGINE_ORPHAN_TIMEOUT")
+	fs.StringVar(&engineCPUs, "engine-cpus", "", "CPUs for the engines, e.g. 2-15 (the worker itself keeps to the others); empty: no pinning")
+	config.Env(fs, "engine-cpus", "LLORCH_ENGINE_CPUS")
 	return cmd
+}
+
+// pinEngineCPUs reserves the CPUs of --engine-cpus for engines: this
+// process keeps to the others, so an engine's decode thread never waits
+// for the agent's own work.
+func pinEngineCPUs(list string, log *slog.Logger) (*unix.CPUSet, error) {
+	if list == "" {
+		return nil, nil
+	}
+	engines, err := cpuset.Parse(list)
+	if err != nil {
+		return nil, fmt.Errorf("--engine-cpus: %w", err)
+	}
+	rest, err := cpuset.Split(engines)
+	if err != nil {
+		return nil, fmt.Errorf("--engine-cpus %s: %w", list, err)
+	}
+	if err := cpuset.PinProcess(0, rest); err != nil {
+		return nil, fmt.Errorf("--engine-cpus: %w", err)
+	}
+	log.Info("engines pinned", "engine_cpus", cpuset.Format(engines), "worker_cpus", cpuset.Format(rest))
+	return &engines, nil
 }
 
 // parseBytes reads a size such as 500GiB, 1.5TB or 0.
