@@ -52,6 +52,7 @@ func TestDiskFullDuringStaging(t *testing.T) {
 	tmpfs(t, models, "16m")
 	trial := testenv.NewTrial(t, "disk full during staging (tmpfs)")
 	t.Cleanup(func() { testenv.KillMentioning(dir) })
+	t.Cleanup(func() { env.TerminateRunning(t, "Pool", "Task") })
 	bin := testenv.Llorch(t)
 	s3, err := testenv.NewProxy(env.S3.Endpoint)
 	require.NoError(t, err)

@@ -90,7 +90,9 @@ func TestNetworkPartition(t *testing.T) {
 	trial := testenv.NewTrial(t, "network partition of one node (netns, veth cut)")
 	dir := t.TempDir()
 	t.Cleanup(func() { testenv.KillMentioning(dir) })
+	t.Cleanup(func() { env.TerminateRunning(t, "Pool", "Task") })
 	bin := testenv.Llorch(t)
+	task1, task2 := testenv.Unique("part-1"), testenv.Unique("part-2")
 
 	a := api{t: t, addr: "127.0.0.1:" + strconv.Itoa(port(t))}
 	advertise := ns.offer(t, a.addr)
@@ -113,10 +115,10 @@ func TestNetworkPartition(t *testing.T) {
 
 	const n = 1200
 	want := testenv.Greedy(t, hb["url"].(string), "Once upon a time", n)
-	code, body := a.call("POST", "/v2/tasks", `{"task_id":"part-1","model_ref":"part-model","prompt":"Once upon a time","max_tokens":1200,
+	code, body := a.call("POST", "/v2/tasks", `{"task_id":"`+task1+`","model_ref":"part-model","prompt":"Once upon a time","max_tokens":1200,
 		"determinism":"strict","placement":{"mode":"prefer","prefer_pools":["pa"]}}`)
 	require.Equal(t, 202, code, body)
-	ch, stop := testenv.Follow(t, a.addr, token, "part-1", "")
+	ch, stop := testenv.Follow(t, a.addr, token, task1, "")
 	defer stop()
 	var evs []testenv.Event
 	for ev := range ch {
@@ -169,14 +171,14 @@ func TestNetworkPartition(t *testing.T) {
 	require.Equal(t, []int{int(h["pid"].(float64))}, testenv.EnginePIDs("pa"), "exactly the pool's engine runs")
 
 	// The stale generation's late events changed nothing; the pool serves.
-	_, rec := a.call("GET", "/v2/tasks/part-1", "")
+	_, rec := a.call("GET", "/v2/tasks/"+task1, "")
 	require.Equal(t, "Completed", rec["state"], rec)
 	require.Equal(t, want, rec["text"])
-	code, body = a.call("POST", "/v2/tasks", `{"task_id":"part-2","model_ref":"part-model","prompt":"the","max_tokens":16,
+	code, body = a.call("POST", "/v2/tasks", `{"task_id":"`+task2+`","model_ref":"part-model","prompt":"the","max_tokens":16,
 		"placement":{"mode":"pin","pin_pool_id":"pa"}}`)
 	require.Equal(t, 202, code, body)
 	testenv.Eventually(t, time.Minute, "task on the recovered pool", func() (bool, string) {
-		_, s := a.call("GET", "/v2/tasks/part-2", "")
+		_, s := a.call("GET", "/v2/tasks/"+task2, "")
 		return s["state"] == "Completed", fmt.Sprint(s)
 	})
 	t.Logf("partition healed: node Online %s and pool Ready on epoch %v %s after the link came back",

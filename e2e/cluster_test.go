@@ -19,7 +19,6 @@ import (
 
 	"github.com/stretchr/testify/require"
 	historypb "go.temporal.io/api/history/v1"
-	"go.temporal.io/api/workflowservice/v1"
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/llorch/llorch/apiserver"
@@ -115,7 +114,7 @@ func newCluster(t *testing.T, apiArgs ...string) *cluster {
 	t.Cleanup(func() { testenv.KillMentioning(c.home) })
 	// Pools and tasks a test leaves running would keep the shared server's
 	// control workers busy in later tests.
-	t.Cleanup(func() { terminateRunning(t, "Pool", "Task") })
+	t.Cleanup(func() { env.TerminateRunning(t, "Pool", "Task") })
 	store, err := modelstore.New(env.S3)
 	require.NoError(t, err)
 	require.NoError(t, store.EnsureBucket(context.Background()))
@@ -451,20 +450,4 @@ func history(t *testing.T, workflowID, runID string) *historypb.History {
 		h.Events = append(h.Events, e)
 	}
 	return h
-}
-
-// terminateRunning ends every running workflow of the given types.
-func terminateRunning(t *testing.T, types ...string) {
-	ctx := context.Background()
-	for _, typ := range types {
-		resp, err := env.Temporal.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{
-			Query: fmt.Sprintf("WorkflowType = '%s' AND ExecutionStatus = 'Running'", typ), PageSize: 1000})
-		if err != nil {
-			t.Logf("cleanup: list %s workflows: %v", typ, err)
-			continue
-		}
-		for _, e := range resp.GetExecutions() {
-			_ = env.Temporal.TerminateWorkflow(ctx, e.GetExecution().GetWorkflowId(), e.GetExecution().GetRunId(), "test over")
-		}
-	}
 }

@@ -207,10 +207,11 @@ func TestTaskMovesOffLostNode(t *testing.T) {
 	const n = 1200
 	want := greedy(t, h2["url"].(string), "Once upon a time", n)
 
-	status, body := c.submit(`{"task_id":"t-mig","model_ref":"mig-model","prompt":"Once upon a time","max_tokens":1200,
+	mig, reset := testenv.Unique("t-mig"), testenv.Unique("t-reset")
+	status, body := c.submit(`{"task_id":"` + mig + `","model_ref":"mig-model","prompt":"Once upon a time","max_tokens":1200,
 		"determinism":"strict","placement":{"mode":"prefer","prefer_pools":["mp1"]}}`)
 	require.Equal(t, 202, status, body)
-	ch, stop := c.events("t-mig", "")
+	ch, stop := c.events(mig, "")
 	defer stop()
 	var evs []sseEvent
 	for ev := range ch {
@@ -241,7 +242,7 @@ func TestTaskMovesOffLostNode(t *testing.T) {
 	require.Equal(t, want, text.String(), "the moved generation equals an uninterrupted greedy run")
 	var rec map[string]any
 	testenv.Eventually(t, 30*time.Second, "task recorded", func() (bool, string) {
-		_, rec = c.get("/v2/tasks/t-mig")
+		_, rec = c.get("/v2/tasks/" + mig)
 		return rec["state"] == "Completed", fmt.Sprint(rec)
 	})
 	migs := rec["migrations"].([]any)
@@ -251,12 +252,12 @@ func TestTaskMovesOffLostNode(t *testing.T) {
 	require.Equal(t, "mp2", m["to"].(map[string]any)["pool_id"])
 	require.GreaterOrEqual(t, m["at_token"].(float64), float64(100))
 	require.Equal(t, want, rec["text"])
-	recordHistory(t, "task:t-mig", "task-moved-off-lost-node")
+	recordHistory(t, "task:"+mig, "task-moved-off-lost-node")
 
 	// No other pool: WORKER_RESET, retriable.
-	status, body = c.submit(`{"task_id":"t-reset","model_ref":"mig-model","prompt":"the","max_tokens":1200,"determinism":"strict"}`)
+	status, body = c.submit(`{"task_id":"` + reset + `","model_ref":"mig-model","prompt":"the","max_tokens":1200,"determinism":"strict"}`)
 	require.Equal(t, 202, status, body)
-	ch2, stop2 := c.events("t-reset", "")
+	ch2, stop2 := c.events(reset, "")
 	defer stop2()
 	for ev := range ch2 {
 		if ev.Name == "token" && ev.Data["i"].(float64) == 50 {
@@ -270,7 +271,7 @@ func TestTaskMovesOffLostNode(t *testing.T) {
 	require.Equal(t, "error", last.Name, "%v", last.Data)
 	require.Equal(t, "WORKER_RESET", last.Data["code"])
 	require.Equal(t, true, last.Data["retriable"])
-	recordHistory(t, "task:t-reset", "task-worker-reset")
+	recordHistory(t, "task:"+reset, "task-worker-reset")
 }
 
 func jsonDecode(res *http.Response, v any) error { return json.NewDecoder(res.Body).Decode(v) }
@@ -405,9 +406,10 @@ func TestAPIServerRestartMidStream(t *testing.T) {
 		name     string
 		waitDone bool // reconnect only once the task has finished
 	}{{"t-rs-live", false}, {"t-rs-done", true}} {
-		status, body := c.submit(`{"task_id":"` + tc.name + `","model_ref":"rs-model","prompt":"Once upon a time","max_tokens":1000,"determinism":"strict"}`)
+		id := testenv.Unique(tc.name)
+		status, body := c.submit(`{"task_id":"` + id + `","model_ref":"rs-model","prompt":"Once upon a time","max_tokens":1000,"determinism":"strict"}`)
 		require.Equal(t, 202, status, body)
-		ch, stop := c.events(tc.name, "")
+		ch, stop := c.events(id, "")
 		var first []sseEvent
 		for ev := range ch {
 			first = append(first, ev)
@@ -432,7 +434,7 @@ func TestAPIServerRestartMidStream(t *testing.T) {
 		restartAt := time.Now()
 		c.startAPI()
 		last := first[len(first)-1].ID
-		ch, stop = c.events(tc.name, last)
+		ch, stop = c.events(id, last)
 		var rest []sseEvent
 		select {
 		case ev := <-ch:
@@ -458,10 +460,10 @@ func TestAPIServerRestartMidStream(t *testing.T) {
 		}
 		require.Equal(t, want, text.String(), tc.name)
 		testenv.Eventually(t, 30*time.Second, "task recorded", func() (bool, string) {
-			_, rec := c.get("/v2/tasks/" + tc.name)
+			_, rec := c.get("/v2/tasks/" + id)
 			return rec["state"] == "Completed", fmt.Sprint(rec)
 		})
-		recordHistory(t, "task:"+tc.name, "task-apiserver-restarted-"+strings.TrimPrefix(tc.name, "t-rs-"))
+		recordHistory(t, "task:"+id, "task-apiserver-restarted-"+strings.TrimPrefix(tc.name, "t-rs-"))
 	}
 }
 

@@ -14,10 +14,12 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"go.temporal.io/api/workflowservice/v1"
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/testsuite"
@@ -321,4 +323,35 @@ func EnginePIDs(poolID string) []int {
 		}
 	}
 	return out
+}
+
+// TerminateRunning ends every running workflow of the given types: pools
+// and tasks a test leaves would keep the shared server's control workers
+// busy, and hold their ids, in later tests.
+func (e *Env) TerminateRunning(t testing.TB, types ...string) {
+	ctx := context.Background()
+	for _, typ := range types {
+		resp, err := e.Temporal.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{
+			Query: fmt.Sprintf("WorkflowType = '%s' AND ExecutionStatus = 'Running'", typ), PageSize: 1000})
+		if err != nil {
+			t.Logf("cleanup: list %s workflows: %v", typ, err)
+			continue
+		}
+		for _, ex := range resp.GetExecutions() {
+			_ = e.Temporal.TerminateWorkflow(ctx, ex.GetExecution().GetWorkflowId(), ex.GetExecution().GetRunId(), "test over")
+		}
+	}
+}
+
+var uniqueIDs sync.Map // base -> *atomic.Int64
+
+// Unique is base the first time this process asks for it and base-rN
+// after: ids that outlive a test (a task id is an idempotency key) differ
+// between repeated runs of the test (go test -count, just chaos TRIALS).
+func Unique(base string) string {
+	v, _ := uniqueIDs.LoadOrStore(base, new(atomic.Int64))
+	if n := v.(*atomic.Int64).Add(1); n > 1 {
+		return fmt.Sprintf("%s-r%d", base, n)
+	}
+	return base
 }

@@ -297,7 +297,7 @@ func (p *poolWF) run(ctx workflow.Context) error {
 		reason := failureReason(err)
 		switch {
 		case nodeLost(err):
-			reason = fmt.Sprintf("NODE_OFFLINE: lost contact with node %s (no heartbeat from its engine supervisor for %s)", p.spec.NodeID, superviseHeartbeat)
+			reason = fmt.Sprintf("NODE_OFFLINE: lost contact with node %s (its engine supervisor silent for %s)", p.spec.NodeID, superviseHeartbeat)
 		case errors.Is(err, errNodeLeft):
 			reason = "NODE_LEFT: the worker of node " + p.spec.NodeID + " shut down and stopped the engine"
 		default:
@@ -412,6 +412,10 @@ func (p *poolWF) supervise(ctx workflow.Context, ea *activities.EngineActivities
 	defer cancel()
 	f := workflow.ExecuteActivity(p.onNode(sctx, workflow.ActivityOptions{
 		StartToCloseTimeout: 365 * 24 * time.Hour, HeartbeatTimeout: superviseHeartbeat,
+		// A worker that dies between the readiness event and picking up
+		// the supervisor would otherwise leave the pool Ready, unwatched,
+		// until it returns: a supervisor that never starts is a lost node.
+		ScheduleToStartTimeout: superviseHeartbeat,
 		RetryPolicy:         &temporal.RetryPolicy{MaximumAttempts: 1},
 		WaitForCancellation: true,
 		Summary:             fmt.Sprintf("supervise %s (pid %d, epoch %d)", h.URL, h.PID, h.Epoch),
@@ -571,7 +575,8 @@ func (p *poolWF) reloadIdle(ctx workflow.Context, r pool.ReloadRequest) {
 // engine's: it does not count toward the circuit.
 func nodeLost(err error) bool {
 	var timeout *temporal.TimeoutError
-	return errors.As(err, &timeout) && timeout.TimeoutType() == enumspb.TIMEOUT_TYPE_HEARTBEAT
+	return errors.As(err, &timeout) && (timeout.TimeoutType() == enumspb.TIMEOUT_TYPE_HEARTBEAT ||
+		timeout.TimeoutType() == enumspb.TIMEOUT_TYPE_SCHEDULE_TO_START)
 }
 
 func lastLines(tail string) string {

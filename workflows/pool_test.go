@@ -9,6 +9,7 @@ import (
 
 	"github.com/stretchr/testify/mock"
 	"github.com/stretchr/testify/require"
+	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/converter"
 	"go.temporal.io/sdk/temporal"
@@ -60,6 +61,38 @@ func TestPoolCircuitOpensAfterRepeatedFailures(t *testing.T) {
 	require.Contains(t, h.LastError, "bad model")
 	// Backoff between the 5 runs: at least 0.5+1+2+4 s of waiting.
 	require.GreaterOrEqual(t, env.Now().Sub(begin), 5*2*time.Second+7500*time.Millisecond)
+}
+
+// A supervisor that no worker starts (the node died right after the
+// engine's readiness) makes the pool Unready NODE_OFFLINE, which does not
+// count toward the circuit; the next start waits for the node.
+func TestPoolSupervisorNeverStartedIsNodeLost(t *testing.T) {
+	env, ea := poolEnv(t)
+	starts, supervised := 0, 0
+	env.OnActivity(ea.StartEngine, mock.Anything, mock.Anything).Return(func(_ context.Context, in activities.StartInput) (pool.Handoff, error) {
+		starts++
+		return pool.Handoff{URL: "http://127.0.0.1:1", PID: 100 + starts, Epoch: in.Epoch, Slots: 2}, nil
+	})
+	env.OnActivity(ea.Supervise, mock.Anything, mock.Anything).Return(func(context.Context, activities.SuperviseInput) (activities.SuperviseResult, error) {
+		supervised++
+		if supervised <= 6 {
+			return activities.SuperviseResult{}, temporal.NewTimeoutError(enumspb.TIMEOUT_TYPE_SCHEDULE_TO_START, nil)
+		}
+		return activities.SuperviseResult{}, temporal.NewApplicationError("stop here", "TEST_END")
+	})
+	var seen pool.Health
+	env.RegisterDelayedCallback(func() {
+		v, err := env.QueryWorkflow(pool.QueryHealth)
+		require.NoError(t, err)
+		require.NoError(t, v.Get(&seen))
+	}, time.Second)
+	env.ExecuteWorkflow(Pool, PoolInput{Spec: spec})
+	require.Equal(t, pool.Unready, seen.State)
+	require.Contains(t, seen.LastError, "NODE_OFFLINE")
+	var h pool.Health
+	require.NoError(t, env.GetWorkflowResult(&h))
+	// Six lost supervisors did not open the circuit (5 failures would).
+	require.GreaterOrEqual(t, starts, 7)
 }
 
 // A start failure (engine never healthy) counts toward the circuit too.
