@@ -416,9 +416,9 @@ func (p *poolWF) supervise(ctx workflow.Context, ea *activities.EngineActivities
 		// the supervisor would otherwise leave the pool Ready, unwatched,
 		// until it returns: a supervisor that never starts is a lost node.
 		ScheduleToStartTimeout: superviseHeartbeat,
-		RetryPolicy:         &temporal.RetryPolicy{MaximumAttempts: 1},
-		WaitForCancellation: true,
-		Summary:             fmt.Sprintf("supervise %s (pid %d, epoch %d)", h.URL, h.PID, h.Epoch),
+		RetryPolicy:            &temporal.RetryPolicy{MaximumAttempts: 1},
+		WaitForCancellation:    true,
+		Summary:                fmt.Sprintf("supervise %s (pid %d, epoch %d)", h.URL, h.PID, h.Epoch),
 	}), ea.Supervise, activities.SuperviseInput{PoolID: p.spec.PoolID, Epoch: h.Epoch, URL: h.URL, PID: h.PID})
 	var res activities.SuperviseResult
 	var err error
