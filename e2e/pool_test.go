@@ -134,6 +134,11 @@ func TestPoolLifecycle(t *testing.T) {
 		return h["state"] == string(pool.Ready) && h["epoch"].(float64) >= 2, fmt.Sprint(h)
 	})
 	trial.Recovered(time.Since(killed), "pool Ready on a new epoch")
+	if have.Count() >= 2 {
+		engineCPUs, err := cpuset.Of(int(h["pid"].(float64)))
+		require.NoError(t, err)
+		require.Equal(t, strconv.Itoa(last), cpuset.Format(engineCPUs), "the restarted engine runs on --engine-cpus too")
+	}
 	require.EqualValues(t, 1, h["restarts"])
 	require.Contains(t, h["last_error"], "exited")
 	testenv.Eventually(t, 10*time.Second, "engine exit counted", func() (bool, string) {
