@@ -65,7 +65,7 @@ test: tools lint
     go test -count=1 -timeout 30m ./...
     LLORCH_CHAOS=1 go test -count=1 -timeout 20m ./chaos
 
-# Benchmarks against baselines in the same run (staging vs bare FGetObject).
+# Benchmarks against baselines in the same run, ending with a table of aims (results: bench/out/results.json).
 bench: tools
     go test -run '^$' -bench 'TimeToFirstToken' -benchtime 200x ./bench
     go test -run '^$' -bench 'StreamingThroughput' -benchtime 50x ./bench
