@@ -98,6 +98,17 @@ type LiveEngine struct {
 func LiveEngines(a *EngineActivities) []LiveEngine { return a.liveEngines() }
 
 func (a *EngineActivities) liveEngines() []LiveEngine {
+	return scanEngines(func(env map[string]string) bool { return env[EnvNodeID] == a.NodeID })
+}
+
+// PoolEngines lists the engine processes of a pool on this machine, of
+// whichever node.
+func PoolEngines(poolID string) []LiveEngine {
+	return scanEngines(func(env map[string]string) bool { return env[EnvPoolID] == poolID })
+}
+
+// scanEngines lists the live engine processes whose markers keep accepts.
+func scanEngines(keep func(env map[string]string) bool) []LiveEngine {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
 		return nil
@@ -109,7 +120,7 @@ func (a *EngineActivities) liveEngines() []LiveEngine {
 			continue
 		}
 		env, ok := engineEnvOf(pid)
-		if !ok || env[EnvNodeID] != a.NodeID || env[EnvPoolID] == "" {
+		if !ok || !keep(env) {
 			continue
 		}
 		epoch, _ := strconv.ParseInt(env[EnvPoolEpoch], 10, 64)

@@ -75,11 +75,15 @@ func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody strin
 		b.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 		return cmd
 	}
-	apiArgs := append([]string{"apiserver", "--addr", c.api}, s3...)
-	if profileDir != "" {
+	// With LLORCH_BENCH_PROFILE, the apiserver and the first worker serve pprof.
+	pprofAddr := func() string {
 		p, err := testenv.FreePort()
 		require.NoError(b, err)
-		c.pprof = fmt.Sprintf("127.0.0.1:%d", p)
+		return fmt.Sprintf("127.0.0.1:%d", p)
+	}
+	apiArgs := append([]string{"apiserver", "--addr", c.api}, s3...)
+	if profileDir != "" {
+		c.pprof = pprofAddr()
 		apiArgs = append(apiArgs, "--pprof-addr", c.pprof)
 	}
 	c.spawn(apiArgs...)
@@ -87,9 +91,7 @@ func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody strin
 		args := append([]string{"worker", "--node-id", nodeID(i), "--metrics-addr", "127.0.0.1:0", "--heartbeat-interval", "1s"}, s3...)
 		args = append(args, workerArgs...)
 		if profileDir != "" && i == 0 {
-			p, err := testenv.FreePort()
-			require.NoError(b, err)
-			c.workerPprof = fmt.Sprintf("127.0.0.1:%d", p)
+			c.workerPprof = pprofAddr()
 			args = append(args, "--pprof-addr", c.workerPprof)
 		}
 		c.workerArgs = append(c.workerArgs, args)
@@ -373,12 +375,7 @@ func streamingThroughput(b *testing.B, isolate bool) {
 		if have.Count() < 2 {
 			b.Skip("needs two CPUs")
 		}
-		last := 0
-		for c := range 1024 {
-			if have.IsSet(c) {
-				last = c
-			}
-		}
+		last := cpuset.Last(have)
 		engineCPU.Set(last)
 		rest, err = cpuset.Split(engineCPU)
 		require.NoError(b, err)
@@ -411,7 +408,6 @@ func streamingThroughput(b *testing.B, isolate bool) {
 	streamWall := map[*[]float64]time.Duration{}
 	profiled := c.cpuProfile(b, "throughput-apiserver", 5)
 	profiledWorker := c.cpuProfileOf(b, c.workerPprof, "throughput-worker", 5)
-	cpu0, began := cpuSnapshot(c.home), time.Now()
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		for _, m := range []struct {
@@ -436,7 +432,6 @@ func streamingThroughput(b *testing.B, isolate bool) {
 		b.StartTimer()
 	}
 	b.StopTimer()
-	b.Logf("CPU while measuring: %s", cpuTable(cpuShare(cpuSeconds(cpu0, cpuSnapshot(c.home)), time.Since(began))))
 	b.Logf("CPU during direct streams: %s", cpuTable(cpuShare(streamCPU[&dRate], streamWall[&dRate])))
 	b.Logf("CPU during llorch streams: %s", cpuTable(cpuShare(streamCPU[&lRate], streamWall[&lRate])))
 	profiled()

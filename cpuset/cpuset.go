@@ -58,8 +58,8 @@ func Format(set unix.CPUSet) string {
 // Split checks engines against the CPUs this process may use and returns
 // the rest, for everything that is not an engine.
 func Split(engines unix.CPUSet) (rest unix.CPUSet, err error) {
-	var have unix.CPUSet
-	if err := unix.SchedGetaffinity(0, &have); err != nil {
+	have, err := Of(0)
+	if err != nil {
 		return rest, fmt.Errorf("read CPU affinity: %w", err)
 	}
 	for c := 0; c < 1024; c++ {
@@ -103,4 +103,14 @@ func Of(pid int) (unix.CPUSet, error) {
 	var set unix.CPUSet
 	err := unix.SchedGetaffinity(pid, &set)
 	return set, err
+}
+
+// Last is the highest CPU in set, -1 when it is empty.
+func Last(set unix.CPUSet) int {
+	for c := 1023; c >= 0; c-- {
+		if set.IsSet(c) {
+			return c
+		}
+	}
+	return -1
 }

@@ -30,18 +30,15 @@ func TestSplitAndPin(t *testing.T) {
 	if have.Count() < 2 {
 		t.Skip("needs two CPUs")
 	}
-	var last int
-	for c := 0; c < 1024; c++ {
-		if have.IsSet(c) {
-			last = c
-		}
-	}
+	last := Last(have)
 	var engines unix.CPUSet
 	engines.Set(last)
 	rest, err := Split(engines)
 	require.NoError(t, err)
 	require.Equal(t, have.Count()-1, rest.Count())
 	require.False(t, rest.IsSet(last))
+	require.Equal(t, last, Last(engines))
+	require.Equal(t, -1, Last(unix.CPUSet{}))
 
 	_, err = Split(have)
 	require.ErrorContains(t, err, "leave at least one")

@@ -63,12 +63,7 @@ func TestPoolLifecycle(t *testing.T) {
 	// With two CPUs or more, the last is the engines' (--engine-cpus).
 	have, err := cpuset.Of(0)
 	require.NoError(t, err)
-	last := -1
-	for cpu := range 1024 {
-		if have.IsSet(cpu) {
-			last = cpu
-		}
-	}
+	last := cpuset.Last(have)
 	args := []string{"--metrics-addr", fmt.Sprintf("127.0.0.1:%d", port)}
 	if have.Count() >= 2 {
 		args = append(args, "--engine-cpus", strconv.Itoa(last))

@@ -233,13 +233,7 @@ func TestTaskMovesOffLostNode(t *testing.T) {
 	evs = append(evs, rest...)
 	got := checkOrder(t, evs, 0)
 	require.Equal(t, n, got)
-	var text strings.Builder
-	for _, ev := range evs {
-		if ev.Name == "token" {
-			text.WriteString(ev.Data["t"].(string))
-		}
-	}
-	require.Equal(t, want, text.String(), "the moved generation equals an uninterrupted greedy run")
+	require.Equal(t, want, testenv.Text(evs), "the moved generation equals an uninterrupted greedy run")
 	var rec map[string]any
 	testenv.Eventually(t, 30*time.Second, "task recorded", func() (bool, string) {
 		_, rec = c.get("/v2/tasks/" + mig)
@@ -452,13 +446,7 @@ func TestAPIServerRestartMidStream(t *testing.T) {
 		checkOrder(t, append(first, rest...), 0)
 		t.Logf("%s: apiserver exited %s after SIGTERM; first event after reconnecting %s after the %s", tc.name, exited.Round(time.Millisecond), back.Round(time.Millisecond), since)
 		trial.Recovered(back, "first event after reconnecting with Last-Event-ID (from the "+since+"); stream complete and in order")
-		var text strings.Builder
-		for _, ev := range append(first, rest...) {
-			if ev.Name == "token" {
-				text.WriteString(ev.Data["t"].(string))
-			}
-		}
-		require.Equal(t, want, text.String(), tc.name)
+		require.Equal(t, want, testenv.Text(append(first, rest...)), tc.name)
 		testenv.Eventually(t, 30*time.Second, "task recorded", func() (bool, string) {
 			_, rec := c.get("/v2/tasks/" + id)
 			return rec["state"] == "Completed", fmt.Sprint(rec)

@@ -305,22 +305,9 @@ func KillMentioning(s string) {
 // EnginePIDs lists the live engine processes of a pool on this machine, by
 // the marker llorch puts in each engine's environment.
 func EnginePIDs(poolID string) []int {
-	ents, _ := os.ReadDir("/proc")
 	var out []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || !Alive(pid) {
-			continue
-		}
-		env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
-		if err != nil {
-			continue
-		}
-		for _, kv := range strings.Split(string(env), "\x00") {
-			if kv == activities.EnvPoolID+"="+poolID {
-				out = append(out, pid)
-			}
-		}
+	for _, e := range activities.PoolEngines(poolID) {
+		out = append(out, e.PID)
 	}
 	return out
 }

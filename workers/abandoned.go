@@ -20,25 +20,24 @@ const ErrAttemptAbandoned = "ATTEMPT_ABANDONED"
 // this node left started when it died (kill -9, OOM, power): Temporal would
 // otherwise wait out the staging heartbeat timeout before the retry. The
 // retry gets the attempt's last heartbeat details, so it resumes from the
-// last checkpoint. It returns how many attempts it failed.
-func (a *Agent) failAbandonedStagings(ctx context.Context) (int, error) {
+// last checkpoint.
+func (a *Agent) failAbandonedStagings(ctx context.Context) error {
 	tc := a.Nodes.Temporal
 	query := fmt.Sprintf("WorkflowType = '%s' AND ExecutionStatus = 'Running' AND %s = '%s'",
 		model.StageWorkflowType, node.NodeIDKey.GetName(), a.NodeID)
-	failed := 0
 	var page []byte
 	for {
 		resp, err := tc.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{
 			Namespace: a.Nodes.Namespace, Query: query, NextPageToken: page,
 		})
 		if err != nil {
-			return failed, fmt.Errorf("list stagings of node %s: %w", a.NodeID, err)
+			return fmt.Errorf("list stagings of node %s: %w", a.NodeID, err)
 		}
 		for _, ex := range resp.GetExecutions() {
 			wf := ex.GetExecution()
 			d, err := tc.DescribeWorkflowExecution(ctx, wf.GetWorkflowId(), wf.GetRunId())
 			if err != nil {
-				return failed, fmt.Errorf("describe %s: %w", wf.GetWorkflowId(), err)
+				return fmt.Errorf("describe %s: %w", wf.GetWorkflowId(), err)
 			}
 			for _, pa := range d.GetPendingActivities() {
 				if pa.GetState() != enumspb.PENDING_ACTIVITY_STATE_STARTED || pa.GetLastWorkerIdentity() == a.Identity {
@@ -59,11 +58,10 @@ func (a *Agent) failAbandonedStagings(ctx context.Context) (int, error) {
 				}
 				a.Log.Info("failed a staging attempt of a gone worker; it resumes now", "workflow_id", wf.GetWorkflowId(),
 					"previous_worker", pa.GetLastWorkerIdentity(), "attempt", pa.GetAttempt())
-				failed++
 			}
 		}
 		if page = resp.GetNextPageToken(); len(page) == 0 {
-			return failed, nil
+			return nil
 		}
 	}
 }

@@ -102,7 +102,7 @@ func (a *Agent) Start(ctx context.Context) error {
 		go func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			if _, err := a.failAbandonedStagings(ctx); err != nil {
+			if err := a.failAbandonedStagings(ctx); err != nil {
 				a.Log.Warn("cannot look for stagings a previous worker left; they resume after their heartbeat timeout", "err", err)
 			}
 		}()
