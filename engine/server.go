@@ -58,9 +58,12 @@ type Server struct {
 	slotCtx   int
 	nCtxTrain int
 
-	nextTask         atomic.Int64
-	processing       atomic.Int64
-	deferred         atomic.Int64
+	nextTask   atomic.Int64
+	processing atomic.Int64
+	deferred   atomic.Int64
+	// unused holds connections that have not sent a request yet: Shutdown
+	// counts them busy for 5 s (net/http), though nothing runs on them.
+	unused           sync.Map
 	tokensPredicted  atomic.Int64
 	promptTokens     atomic.Int64
 	predictedMicros  atomic.Int64
@@ -107,6 +110,13 @@ func Start(o Options) (*Server, error) {
 		Handler:           s.routes(),
 		ReadHeaderTimeout: 10 * time.Second,
 		BaseContext:       func(net.Listener) context.Context { return s.baseCtx },
+		ConnState: func(c net.Conn, st http.ConnState) {
+			if st == http.StateNew {
+				s.unused.Store(c, struct{}{})
+			} else {
+				s.unused.Delete(c)
+			}
+		},
 	}
 	go func() {
 		if err := s.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -218,6 +228,9 @@ func (s *Server) Close() error {
 	s.cancel()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
+	// A client's spare connection (dialed, never used) would hold Shutdown
+	// for its whole timeout; no request can start on it now anyway.
+	s.unused.Range(func(c, _ any) bool { _ = c.(net.Conn).Close(); return true })
 	err := s.http.Shutdown(ctx)
 	s.mu.Lock()
 	defer s.mu.Unlock()
