@@ -17,11 +17,8 @@ import (
 	"github.com/llorch/llorch/node"
 )
 
-// ErrInUse is the type of an eviction refused because the model is open.
-const ErrInUse = "IN_USE"
-
-// GCInput is what the node needs to plan its GC.
-type GCInput struct {
+// PlanGCInput is what the node needs to plan its GC.
+type PlanGCInput struct {
 	NodeID  string
 	Policy  node.GCPolicy
 	InUse   []string // digests referenced by pools that are starting, ready or draining
@@ -59,7 +56,7 @@ func (d CatalogDigests) retired(copies []node.ModelCopy) map[string]bool {
 // EvictInput is one deletion, with its reason, as GC recorded it.
 type EvictInput struct {
 	NodeID   string
-	Eviction modelstore.Eviction
+	Eviction model.Eviction
 }
 
 // GCActivities run on a node's queue, next to its model catalog.
@@ -74,14 +71,14 @@ type GCActivities struct {
 }
 
 // PlanGC reads the local catalog and decides what to evict.
-func (a *GCActivities) PlanGC(ctx context.Context, in GCInput) (modelstore.GCPlan, error) {
+func (a *GCActivities) PlanGC(ctx context.Context, in PlanGCInput) (model.GCPlan, error) {
 	copies, err := a.Local.Copies()
 	if err != nil {
-		return modelstore.GCPlan{}, err
+		return model.GCPlan{}, err
 	}
 	parts, err := a.Local.Partials()
 	if err != nil {
-		return modelstore.GCPlan{}, err
+		return model.GCPlan{}, err
 	}
 	partials := make([]modelstore.PartialFile, len(parts))
 	for i, p := range parts {
@@ -89,7 +86,7 @@ func (a *GCActivities) PlanGC(ctx context.Context, in GCInput) (modelstore.GCPla
 	}
 	free, err := a.Local.FreeBytes()
 	if err != nil {
-		return modelstore.GCPlan{}, err
+		return model.GCPlan{}, err
 	}
 	inUse := a.inUse()
 	for _, s := range in.InUse {
@@ -110,20 +107,20 @@ func (a *GCActivities) inUse() map[string]bool {
 func (a *GCActivities) Evict(ctx context.Context, in EvictInput) error {
 	e := in.Eviction
 	if err := model.ValidateSHA256(e.SHA256); err != nil {
-		return temporal.NewNonRetryableApplicationError(err.Error(), "INVALID", nil)
+		return temporal.NewNonRetryableApplicationError(err.Error(), model.ErrInvalidEviction, nil)
 	}
 	if e.Kind == "partial" {
 		if err := removeUnlockedPartial(a.Local.PartialPath(e.SHA256)); err != nil {
 			if errors.Is(err, unix.EWOULDBLOCK) {
 				return temporal.NewNonRetryableApplicationError(
-					fmt.Sprintf("partial download %s on node %s is being written; not evicted", e.SHA256[:12], in.NodeID), ErrInUse, nil)
+					fmt.Sprintf("partial download %s on node %s is being written; not evicted", e.SHA256[:12], in.NodeID), model.ErrInUse, nil)
 			}
 			return err
 		}
 	} else {
 		if a.inUse()[e.SHA256] {
 			return temporal.NewNonRetryableApplicationError(
-				fmt.Sprintf("model %s (%s) on node %s is in use; not evicted", e.ModelID, e.SHA256[:12], in.NodeID), ErrInUse, nil)
+				fmt.Sprintf("model %s (%s) on node %s is in use; not evicted", e.ModelID, e.SHA256[:12], in.NodeID), model.ErrInUse, nil)
 		}
 		if err := a.Local.Remove(e.SHA256); err != nil {
 			return err
@@ -158,7 +155,7 @@ func NewGCMetrics(reg prometheus.Registerer) *GCMetrics {
 	return m
 }
 
-func (m *GCMetrics) observe(nodeID string, e modelstore.Eviction) {
+func (m *GCMetrics) observe(nodeID string, e model.Eviction) {
 	if m == nil {
 		return
 	}

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/modelstore"
 )
 
@@ -33,11 +34,11 @@ func TestEvictSkipsPartialBeingWritten(t *testing.T) {
 	env := ts.NewTestActivityEnvironment()
 	a := &activities.GCActivities{Local: local, Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	env.RegisterActivity(a)
-	in := activities.EvictInput{NodeID: "n1", Eviction: modelstore.Eviction{Kind: "partial", SHA256: sha, Reason: "stale-partial"}}
+	in := activities.EvictInput{NodeID: "n1", Eviction: model.Eviction{Kind: "partial", SHA256: sha, Reason: "stale-partial"}}
 	_, err = env.ExecuteActivity(a.Evict, in)
 	var appErr *temporal.ApplicationError
 	require.True(t, errors.As(err, &appErr), "got %v", err)
-	require.Equal(t, activities.ErrInUse, appErr.Type())
+	require.Equal(t, model.ErrInUse, appErr.Type())
 	require.FileExists(t, path)
 
 	require.NoError(t, writer.Close()) // the download ended

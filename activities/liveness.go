@@ -16,20 +16,6 @@ import (
 	"github.com/llorch/llorch/node"
 )
 
-// LivenessInput starts one liveness session of a node.
-type LivenessInput struct {
-	NodeID   string
-	Session  int
-	Interval time.Duration
-	// Lease bounds one session; the workflow starts the next when it ends, so
-	// no activity outlives a worker build by much.
-	Lease time.Duration
-}
-
-// ErrNodeGone is the type of the error a liveness session ends with when the
-// node workflow no longer exists (deregistered).
-const ErrNodeGone = "NODE_GONE"
-
 // SnapshotSource gives the figures each heartbeat carries.
 type SnapshotSource interface {
 	Snapshot() node.Snapshot
@@ -49,7 +35,7 @@ type NodeActivities struct {
 // workflow once that this session is served, then beats until its lease ends
 // or the workflow cancels it. A dead worker stops beating and the server times
 // the activity out: that is how a node is declared Offline.
-func (a *NodeActivities) Liveness(ctx context.Context, in LivenessInput) error {
+func (a *NodeActivities) Liveness(ctx context.Context, in node.LivenessInput) error {
 	log := a.Log.With("session", in.Session)
 	beat := func() node.Snapshot {
 		snap := a.Source.Snapshot()
@@ -63,7 +49,7 @@ func (a *NodeActivities) Liveness(ctx context.Context, in LivenessInput) error {
 	var notFound *serviceerror.NotFound
 	if errors.As(err, &notFound) {
 		return temporal.NewNonRetryableApplicationError(
-			fmt.Sprintf("node %s has no running workflow (deregistered)", in.NodeID), ErrNodeGone, err)
+			fmt.Sprintf("node %s has no running workflow (deregistered)", in.NodeID), node.ErrGone, err)
 	}
 	if err != nil {
 		return fmt.Errorf("signal alive for node %s: %w", in.NodeID, err)
@@ -142,6 +128,6 @@ type ControlActivities struct{}
 // REST: it stays open (asynchronous completion) while the apiserver records
 // each `POST /v2/nodes/{id}/heartbeat` on it by activity id; a missed beat
 // times it out on the server exactly like a dead worker's session.
-func (*ControlActivities) AwaitHTTPHeartbeats(ctx context.Context, in LivenessInput) error {
+func (*ControlActivities) AwaitHTTPHeartbeats(ctx context.Context, in node.LivenessInput) error {
 	return activity.ErrResultPending
 }

@@ -35,20 +35,6 @@ type StageInput struct {
 	WorkflowID string
 }
 
-// StageResult is where the verified file is and what it took to get it.
-type StageResult struct {
-	Path   string
-	SHA256 string
-	Size   int64
-	// BytesTransferred is what this attempt fetched from the object store:
-	// Size minus what it resumed from, 0 when AlreadyPresent.
-	BytesTransferred int64
-	AlreadyPresent   bool
-	// DurationMs runs from the first attempt's scheduling, so it includes
-	// retries and their backoff.
-	DurationMs int64
-}
-
 // StageProgress is the heartbeat detail of StageModel: what a retry resumes
 // from. Offset bytes of the partial file were fsynced before it was
 // recorded, and HashState is the sha256 state after exactly those bytes.
@@ -61,25 +47,6 @@ type StageProgress struct {
 	// Transferred is the bytes fetched by every attempt so far.
 	Transferred int64
 }
-
-// StageProgressSignal is the payload of model.SignalStageProgress, sent at
-// most once per model.ProgressStepPercent.
-type StageProgressSignal struct {
-	BytesDone       int64   `json:"bytes_done"`
-	BytesTotal      int64   `json:"bytes_total"`
-	Percent         int     `json:"percent"`
-	RateBytesPerSec float64 `json:"rate_bytes_per_sec"`
-}
-
-// Error types of StageModel beyond the model package's.
-const (
-	// ErrInvalidStageInput: the entry cannot be staged as given (bad digest,
-	// key or size); retrying cannot help.
-	ErrInvalidStageInput = "INVALID_STAGE_INPUT"
-	// ErrStagingBusy: another attempt on this node still writes the partial
-	// (a timed-out attempt that has not noticed yet); retryable.
-	ErrStagingBusy = "STAGING_BUSY"
-)
 
 // Failure reasons on llorch_staging_failures_total.
 const (
@@ -114,12 +81,12 @@ type StagingActivities struct {
 // retry resumes from the last heartbeat, then a check of size and sha256 and
 // an atomic commit into the catalog. Failures a retry cannot fix (no room,
 // no object, wrong bytes) are non-retryable and typed.
-func (a *StagingActivities) StageModel(ctx context.Context, in StageInput) (StageResult, error) {
+func (a *StagingActivities) StageModel(ctx context.Context, in StageInput) (model.StageResult, error) {
 	began := time.Now()
 	e := in.Entry
 	if err := validateStageInput(in); err != nil {
-		return StageResult{}, temporal.NewNonRetryableApplicationError(
-			fmt.Sprintf("node %s cannot stage model %q: %v", in.NodeID, e.ID, err), ErrInvalidStageInput, err)
+		return model.StageResult{}, temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("node %s cannot stage model %q: %v", in.NodeID, e.ID, err), model.ErrInvalidStageInput, err)
 	}
 	st := &staging{a: a, in: in, ctx: ctx, began: began, every: a.CheckpointEvery,
 		log: a.logger().With("node_id", in.NodeID, "model_id", e.ID, "sha256", e.SHA256[:model.DigestPrefixLen])}
@@ -183,31 +150,31 @@ type staging struct {
 
 // run returns the failure reason for the metrics with non-retryable errors
 // and I/O errors; "" with success and cancellation.
-func (s *staging) run() (StageResult, string, error) {
+func (s *staging) run() (model.StageResult, string, error) {
 	a, e, sha := s.a, s.in.Entry, s.in.Entry.SHA256
 	if prov, ok, err := a.Local.Get(sha); err != nil {
-		return StageResult{}, reasonIO, s.wrap("read the local catalog", err)
+		return model.StageResult{}, reasonIO, s.wrap("read the local catalog", err)
 	} else if ok {
 		if err := a.Local.Touch(sha, time.Now()); err != nil {
 			s.log.Warn("could not record use of staged model", "error", err)
 		}
 		s.log.Info("model already staged", "path", a.Local.Path(sha))
-		return StageResult{Path: a.Local.Path(sha), SHA256: sha, Size: prov.Size, AlreadyPresent: true,
+		return model.StageResult{Path: a.Local.Path(sha), SHA256: sha, Size: prov.Size, AlreadyPresent: true,
 			DurationMs: time.Since(s.began).Milliseconds()}, "", nil
 	}
 
 	info, err := a.Store.Stat(s.ctx, e.Key)
 	if errors.Is(err, modelstore.ErrObjectMissing) {
-		return StageResult{}, reasonObjectMissing, s.objectMissing(err)
+		return model.StageResult{}, reasonObjectMissing, s.objectMissing(err)
 	}
 	if err != nil {
-		return StageResult{}, reasonIO, s.wrap("stat the object", err)
+		return model.StageResult{}, reasonIO, s.wrap("stat the object", err)
 	}
 	s.etag = info.ETag
 	if info.Size != e.Size {
 		// No need to fetch what cannot verify.
 		_ = a.Local.RemovePartial(sha)
-		return StageResult{}, reasonChecksumMismatch, temporal.NewNonRetryableApplicationError(
+		return model.StageResult{}, reasonChecksumMismatch, temporal.NewNonRetryableApplicationError(
 			fmt.Sprintf("node %s: model %s at %s does not match its catalog entry: expected sha256 %s and %d bytes, the object has %d bytes",
 				s.in.NodeID, e.ID, s.url(), sha, e.Size, info.Size), model.ErrChecksumMismatch, nil)
 	}
@@ -215,14 +182,14 @@ func (s *staging) run() (StageResult, string, error) {
 	s.resumePoint()
 	if reason, err := s.preflight(); err != nil {
 		s.discardPartial() // the stage fails for good: nothing will resume from it
-		return StageResult{}, reason, err
+		return model.StageResult{}, reason, err
 	}
 	if err := s.openPartial(); err != nil {
 		var app *temporal.ApplicationError
 		if errors.As(err, &app) {
-			return StageResult{}, "", err
+			return model.StageResult{}, "", err
 		}
-		return StageResult{}, reasonIO, err
+		return model.StageResult{}, reasonIO, err
 	}
 	defer func() {
 		if s.file != nil {
@@ -232,7 +199,7 @@ func (s *staging) run() (StageResult, string, error) {
 
 	if err := s.download(); err != nil {
 		if s.ctx.Err() != nil {
-			return StageResult{}, "", s.ctx.Err()
+			return model.StageResult{}, "", s.ctx.Err()
 		}
 		var app *temporal.ApplicationError
 		if errors.As(err, &app) && app.NonRetryable() {
@@ -240,9 +207,9 @@ func (s *staging) run() (StageResult, string, error) {
 			_ = s.file.Close()
 			s.file = nil
 			_ = a.Local.RemovePartial(sha)
-			return StageResult{}, app.Type(), err
+			return model.StageResult{}, app.Type(), err
 		}
-		return StageResult{}, reasonIO, err
+		return model.StageResult{}, reasonIO, err
 	}
 
 	sum := hex.EncodeToString(s.hash.Sum(nil))
@@ -255,7 +222,7 @@ func (s *staging) run() (StageResult, string, error) {
 		if rmErr != nil {
 			msg += fmt.Sprintf(" (and the partial could not be deleted: %v)", rmErr)
 		}
-		return StageResult{}, reasonChecksumMismatch, temporal.NewNonRetryableApplicationError(msg, model.ErrChecksumMismatch, nil)
+		return model.StageResult{}, reasonChecksumMismatch, temporal.NewNonRetryableApplicationError(msg, model.ErrChecksumMismatch, nil)
 	}
 
 	took := s.duration()
@@ -267,12 +234,12 @@ func (s *staging) run() (StageResult, string, error) {
 		DurationMs:       took.Milliseconds(),
 	}
 	if err := a.Local.Commit(sha, prov); err != nil {
-		return StageResult{}, reasonIO, s.wrap("commit the verified file", err)
+		return model.StageResult{}, reasonIO, s.wrap("commit the verified file", err)
 	}
 	a.Metrics.observeDuration(s.in.NodeID, took)
 	s.log.Info("model staged", "path", a.Local.Path(sha), "bytes", e.Size, "fetched", s.fetched,
 		"resumed_from", s.start, "attempt", prov.Attempts, "duration", took)
-	return StageResult{Path: a.Local.Path(sha), SHA256: sha, Size: e.Size, BytesTransferred: s.fetched,
+	return model.StageResult{Path: a.Local.Path(sha), SHA256: sha, Size: e.Size, BytesTransferred: s.fetched,
 		DurationMs: took.Milliseconds()}, "", nil
 }
 
@@ -359,7 +326,7 @@ func (s *staging) openPartial() error {
 		_ = f.Close()
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			return temporal.NewApplicationError(
-				fmt.Sprintf("node %s: %s is still being written by an earlier attempt", s.in.NodeID, p), ErrStagingBusy)
+				fmt.Sprintf("node %s: %s is still being written by an earlier attempt", s.in.NodeID, p), model.ErrStagingBusy)
 		}
 		return s.wrap("lock the partial file", err)
 	}
@@ -500,7 +467,7 @@ func (s *staging) signalProgress() {
 	ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
 	defer cancel()
 	err := s.a.Client.SignalWorkflow(ctx, s.in.WorkflowID, "", model.SignalStageProgress,
-		StageProgressSignal{BytesDone: s.offset, BytesTotal: e.Size, Percent: pct, RateBytesPerSec: rate})
+		model.StageProgressSignal{BytesDone: s.offset, BytesTotal: e.Size, Percent: pct, RateBytesPerSec: rate})
 	if err != nil {
 		s.log.Warn("could not signal staging progress", "workflow_id", s.in.WorkflowID, "percent", pct, "error", err)
 	}

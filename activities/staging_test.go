@@ -87,7 +87,7 @@ func (f *stageFixture) put(t *testing.T, data []byte) model.Entry {
 	return model.Entry{ID: "stage-test-" + sha[:8], Key: key, SHA256: sha, Size: int64(len(data)), Lifecycle: model.Active}
 }
 
-func (f *stageFixture) stage(t *testing.T, in activities.StageInput, setup ...func(*testsuite.TestActivityEnvironment)) (activities.StageResult, error) {
+func (f *stageFixture) stage(t *testing.T, in activities.StageInput, setup ...func(*testsuite.TestActivityEnvironment)) (model.StageResult, error) {
 	t.Helper()
 	var s testsuite.WorkflowTestSuite
 	aenv := s.NewTestActivityEnvironment()
@@ -97,9 +97,9 @@ func (f *stageFixture) stage(t *testing.T, in activities.StageInput, setup ...fu
 	}
 	val, err := aenv.ExecuteActivity(f.acts.StageModel, in)
 	if err != nil {
-		return activities.StageResult{}, err
+		return model.StageResult{}, err
 	}
-	var res activities.StageResult
+	var res model.StageResult
 	require.NoError(t, val.Get(&res))
 	return res, nil
 }
@@ -305,7 +305,7 @@ func TestStageModelSignalsProgress(t *testing.T) {
 	_, err = f.stage(t, activities.StageInput{NodeID: "node-a", Entry: e, WorkflowID: wid})
 	require.NoError(t, err)
 
-	var got []activities.StageProgressSignal
+	var got []model.StageProgressSignal
 	it := env.Temporal.GetWorkflowHistory(ctx, wid, run.GetRunID(), false, enumspb.HISTORY_EVENT_FILTER_TYPE_ALL_EVENT)
 	for it.HasNext() {
 		ev, err := it.Next()
@@ -315,7 +315,7 @@ func TestStageModelSignalsProgress(t *testing.T) {
 			continue
 		}
 		assert.Equal(t, model.SignalStageProgress, attr.GetSignalName())
-		var p activities.StageProgressSignal
+		var p model.StageProgressSignal
 		require.NoError(t, converter.GetDefaultDataConverter().FromPayloads(attr.GetInput(), &p))
 		got = append(got, p)
 	}
@@ -406,7 +406,7 @@ func TestStageModelBusyPartial(t *testing.T) {
 	require.NoError(t, unix.Flock(int(held.Fd()), unix.LOCK_EX|unix.LOCK_NB))
 
 	_, err = f.stage(t, activities.StageInput{NodeID: "node-a", Entry: e})
-	app := applicationError(t, err, activities.ErrStagingBusy)
+	app := applicationError(t, err, model.ErrStagingBusy)
 	assert.False(t, app.NonRetryable())
 
 	require.NoError(t, held.Close())
@@ -436,7 +436,7 @@ func TestStageModelRefusesBadInput(t *testing.T) {
 		{ID: "x", Key: "models/x.gguf", SHA256: sha256Hex(nil), Size: 0},
 	} {
 		_, err := f.stage(t, activities.StageInput{NodeID: "node-a", Entry: e})
-		applicationError(t, err, activities.ErrInvalidStageInput)
+		applicationError(t, err, model.ErrInvalidStageInput)
 	}
 	ents, err := os.ReadDir(f.local.Dir)
 	require.NoError(t, err)

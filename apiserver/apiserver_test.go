@@ -20,11 +20,10 @@ import (
 
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/apiserver"
+	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/inventory"
-	"github.com/llorch/llorch/modelclient"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
-	"github.com/llorch/llorch/nodeclient"
 	"github.com/llorch/llorch/testenv"
 	"github.com/llorch/llorch/workers"
 )
@@ -54,10 +53,10 @@ func startAPI(t *testing.T) *api {
 	require.NoError(t, w.Start())
 	t.Cleanup(w.Stop)
 	reg := prometheus.NewRegistry()
-	nodes := &nodeclient.Client{Temporal: env.Temporal, Namespace: env.Namespace, Via: "rest", Metrics: nodeclient.NewMetrics(reg)}
+	nodes := &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace, Via: "rest", Metrics: control.NewNodeMetrics(reg)}
 	s, err := apiserver.New(apiserver.Config{Addr: "127.0.0.1:0", Token: token}, apiserver.Deps{
 		Nodes: nodes, Store: store, Registry: reg, Logger: log,
-		Models: &modelclient.Client{Temporal: env.Temporal, Namespace: env.Namespace, Nodes: nodes},
+		Models: &control.Models{Temporal: env.Temporal, Namespace: env.Namespace, Nodes: nodes},
 	})
 	require.NoError(t, err)
 	require.NoError(t, s.Listen("127.0.0.1:0"))
@@ -162,7 +161,7 @@ func TestAuth(t *testing.T) {
 }
 
 func TestRefusesPublicBindWithoutToken(t *testing.T) {
-	nodes := &nodeclient.Client{Temporal: env.Temporal, Namespace: env.Namespace}
+	nodes := &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace}
 	for _, addr := range []string{"0.0.0.0:8080", ":8080", "10.1.2.3:8080"} {
 		_, err := apiserver.New(apiserver.Config{Addr: addr}, apiserver.Deps{Nodes: nodes, Registry: prometheus.NewRegistry(), Logger: slog.Default()})
 		require.ErrorContains(t, err, "without a token", addr)
@@ -340,7 +339,7 @@ func TestWorkerAgentNode(t *testing.T) {
 	id := "agent-api-1"
 	agent := &workers.Agent{
 		NodeID: id, Identity: "worker:" + id, HeartbeatInterval: 200 * time.Millisecond, Host: host,
-		Nodes:   &nodeclient.Client{Temporal: env.Temporal, Namespace: env.Namespace},
+		Nodes:   &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace},
 		Log:     slog.New(slog.NewTextHandler(io.Discard, nil)),
 		Metrics: activities.NewNodeMetrics(prometheus.NewRegistry()),
 	}
@@ -381,7 +380,7 @@ func TestWorkerAgentNode(t *testing.T) {
 // workflow; they never start a second.
 func TestRacingRegistrationsMakeOneWorkflow(t *testing.T) {
 	startAPI(t)
-	nodes := &nodeclient.Client{Temporal: env.Temporal, Namespace: env.Namespace}
+	nodes := &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace}
 	id := fmt.Sprintf("race-%d", time.Now().UnixNano()%1e9) // fresh on every -count
 	ctx := context.Background()
 	var wg sync.WaitGroup

@@ -11,8 +11,8 @@ import (
 
 	"github.com/gofiber/fiber/v2"
 
+	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/node"
-	"github.com/llorch/llorch/nodeclient"
 )
 
 func (s *Server) nodeRoutes(r fiber.Router) {
@@ -66,7 +66,7 @@ func timePtr(t time.Time) *time.Time {
 	return &t
 }
 
-func render(v nodeclient.View, now time.Time) nodeJSON {
+func render(v control.NodeView, now time.Time) nodeJSON {
 	out := nodeJSON{
 		NodeID: v.NodeID, State: v.State, Agent: v.Agent, Identity: v.Identity, Draining: v.Draining,
 		RegisteredAt: timePtr(v.RegisteredAt), StateSince: timePtr(v.StateSince),
@@ -136,11 +136,11 @@ func nodeID(c *fiber.Ctx) (string, error) {
 
 func notFound(id string, err error) error {
 	switch {
-	case errors.Is(err, nodeclient.ErrNotFound):
+	case errors.Is(err, control.ErrNodeNotFound):
 		return apiError(fiber.StatusNotFound, CodeNodeNotFound, "node %s is not registered", id)
-	case errors.Is(err, nodeclient.ErrLeft):
+	case errors.Is(err, control.ErrNodeLeft):
 		return apiError(fiber.StatusConflict, CodeNodeLeft, "node %s has left the cluster; register it again to bring it back", id)
-	case errors.Is(err, nodeclient.ErrAgentManaged):
+	case errors.Is(err, control.ErrAgentManaged):
 		return apiError(fiber.StatusConflict, CodeAgentManaged,
 			"node %s is run by an llorch worker, which heartbeats through Temporal; REST heartbeats are for nodes registered over REST", id)
 	}
@@ -381,7 +381,7 @@ func (s *Server) updateNode(name string) fiber.Handler {
 			return notFound(id, err)
 		}
 		s.log(c).Info("node "+name, "node_id", id, "state", st.State)
-		return c.JSON(render(nodeclient.View{Status: st}, time.Now()))
+		return c.JSON(render(control.NodeView{Status: st}, time.Now()))
 	}
 }
 

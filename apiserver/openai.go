@@ -249,8 +249,8 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 	}
 	created := time.Now().Unix()
 	if !r.Stream {
-		var st task.Status
-		if err := s.nodes.Temporal.GetWorkflow(c.UserContext(), task.WorkflowID(req.TaskID), "").Get(c.UserContext(), &st); err != nil {
+		st, err := s.deps.Tasks.Result(c.UserContext(), req.TaskID)
+		if err != nil {
 			return err
 		}
 		if st.State != task.Completed {

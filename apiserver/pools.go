@@ -7,10 +7,10 @@ import (
 
 	"github.com/gofiber/fiber/v2"
 
+	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
-	"github.com/llorch/llorch/poolclient"
 )
 
 // Pool error codes.
@@ -103,7 +103,7 @@ func (s *Server) createPool(c *fiber.Ctx) error {
 	spec := pool.Spec{PoolID: req.PoolID, NodeID: nodeID, ModelID: req.ModelID, Engine: engine,
 		DeviceMask: req.DeviceMask, CtxSize: req.Ctx, Slots: req.Slots, NGPULayers: req.NGPULayers}
 	run, err := s.deps.Pools.Create(c.UserContext(), spec)
-	if errors.Is(err, poolclient.ErrExists) {
+	if errors.Is(err, control.ErrPoolExists) {
 		return apiError(fiber.StatusConflict, CodePoolExists, "pool %s exists", req.PoolID)
 	}
 	if err != nil {
@@ -151,11 +151,11 @@ func poolID(c *fiber.Ctx) (string, error) {
 
 func poolErr(id string, err error) error {
 	switch {
-	case errors.Is(err, poolclient.ErrNotFound):
+	case errors.Is(err, control.ErrPoolNotFound):
 		return apiError(fiber.StatusNotFound, CodePoolNotFound, "pool %s does not exist", id)
-	case errors.Is(err, poolclient.ErrEnded):
+	case errors.Is(err, control.ErrPoolEnded):
 		return apiError(fiber.StatusConflict, CodePoolEnded, "pool %s has ended", id)
-	case errors.Is(err, poolclient.ErrBusy):
+	case errors.Is(err, control.ErrPoolBusy):
 		return apiError(fiber.StatusConflict, CodePoolBusy, "%v", err)
 	}
 	return err

@@ -17,11 +17,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"github.com/llorch/llorch/modelclient"
+	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/modelstore"
-	"github.com/llorch/llorch/nodeclient"
 	"github.com/llorch/llorch/placement"
-	"github.com/llorch/llorch/poolclient"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/tokenstream"
 )
@@ -42,9 +40,10 @@ type Config struct {
 
 // Deps are the clients the API works through.
 type Deps struct {
-	Nodes  *nodeclient.Client
-	Models *modelclient.Client
-	Pools  *poolclient.Client
+	Nodes  *control.Nodes
+	Models *control.Models
+	Pools  *control.Pools
+	Tasks  *control.Tasks
 	Store  *modelstore.Store // nil: catalog routes answer UNAVAILABLE
 	// Scheduler and Hub serve tasks; nil: the task routes are absent.
 	Scheduler *scheduler.Scheduler
@@ -65,7 +64,7 @@ type Server struct {
 	closeOnce   sync.Once
 	candMu      sync.Mutex
 	lastCands   map[string]placement.Candidate // the scheduler's last read, by pool id
-	nodes       *nodeclient.Client
+	nodes       *control.Nodes
 	logger      *slog.Logger
 	metrics     *metrics
 	tokenDigest []byte

@@ -5,10 +5,9 @@ import (
 
 	"github.com/gofiber/fiber/v2"
 
+	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/model"
-	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
-	"github.com/llorch/llorch/nodeclient"
 )
 
 func (s *Server) stagingRoutes(r fiber.Router) {
@@ -18,17 +17,17 @@ func (s *Server) stagingRoutes(r fiber.Router) {
 }
 
 // liveNode reads a node that can take work on its disk.
-func (s *Server) liveNode(c *fiber.Ctx) (nodeclient.View, error) {
+func (s *Server) liveNode(c *fiber.Ctx) (control.NodeView, error) {
 	id, err := nodeID(c)
 	if err != nil {
-		return nodeclient.View{}, err
+		return control.NodeView{}, err
 	}
 	v, err := s.deps.Nodes.Get(c.UserContext(), id)
 	if err != nil {
 		return v, notFound(id, err)
 	}
 	if v.State == node.Left {
-		return v, notFound(id, nodeclient.ErrLeft)
+		return v, notFound(id, control.ErrNodeLeft)
 	}
 	return v, nil
 }
@@ -103,7 +102,7 @@ func (s *Server) runGC(c *fiber.Ctx) error {
 		evicted = res.Plan.Evictions
 	}
 	if evicted == nil {
-		evicted = []modelstore.Eviction{}
+		evicted = []model.Eviction{}
 	}
 	return c.JSON(fiber.Map{"node_id": v.NodeID, "dry_run": dry, "plan": res.Plan, "evicted": evicted})
 }

@@ -14,16 +14,12 @@ import (
 	"time"
 
 	"github.com/gofiber/fiber/v2"
-	enumspb "go.temporal.io/api/enums/v1"
-	"go.temporal.io/api/serviceerror"
-	"go.temporal.io/sdk/client"
-	"go.temporal.io/sdk/temporal"
 
+	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/placement"
 	"github.com/llorch/llorch/pool"
-	"github.com/llorch/llorch/poolclient"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/tokenstream"
@@ -295,25 +291,9 @@ func (s *Server) submit(c *fiber.Ctx, req task.Request) (adm scheduler.Admission
 	if err != nil {
 		return adm, err
 	}
-	_, err = s.nodes.Temporal.ExecuteWorkflow(c.UserContext(), client.StartWorkflowOptions{
-		ID:                       task.WorkflowID(req.TaskID),
-		TaskQueue:                node.ControlTaskQueue,
-		WorkflowIDConflictPolicy: enumspb.WORKFLOW_ID_CONFLICT_POLICY_FAIL,
-		WorkflowIDReusePolicy:    enumspb.WORKFLOW_ID_REUSE_POLICY_REJECT_DUPLICATE,
-		// A task id is used once: a second submission is an error, not
-		// the first task's handle.
-		WorkflowExecutionErrorWhenAlreadyStarted: true,
-		// This process runs the control worker: its first workflow task
-		// comes back with the start, no dispatch round trip.
-		EnableEagerStart:      true,
-		Memo:                  map[string]any{"correlation_id": req.CorrelationID},
-		TypedSearchAttributes: temporal.NewSearchAttributes(model.ModelIDKey.ValueSet(req.ModelID)),
-		StaticSummary:         fmt.Sprintf("task %s: %s, %s priority", req.TaskID, req.ModelID, req.Priority),
-	}, task.WorkflowType, req)
-	if err != nil {
+	if err = s.deps.Tasks.Start(c.UserContext(), req); err != nil {
 		s.deps.Scheduler.Forget(req.TaskID)
-		var started *serviceerror.WorkflowExecutionAlreadyStarted
-		if errors.As(err, &started) {
+		if errors.Is(err, control.ErrTaskExists) {
 			return adm, apiError(fiber.StatusConflict, CodeTaskExists, "task %s exists", req.TaskID)
 		}
 		return adm, err
@@ -341,7 +321,7 @@ func (s *Server) autoPool(c *fiber.Ctx, req task.Request) (*pool.Spec, error) {
 	}
 	spec := pool.Spec{PoolID: autoPoolID(req.ModelID, nodeID), NodeID: nodeID, ModelID: req.ModelID, Engine: pool.Builtin,
 		Slots: max(s.cfg.AutoPoolSlots, 1), CtxSize: s.cfg.AutoPoolCtx}
-	if _, err := s.deps.Pools.Create(c.UserContext(), spec); err != nil && !errors.Is(err, poolclient.ErrExists) {
+	if _, err := s.deps.Pools.Create(c.UserContext(), spec); err != nil && !errors.Is(err, control.ErrPoolExists) {
 		return nil, err
 	}
 	s.deps.Scheduler.Announce(placement.Candidate{PoolID: spec.PoolID, NodeID: nodeID, ModelID: spec.ModelID,
@@ -426,25 +406,15 @@ func taskID(c *fiber.Ctx) (string, error) {
 
 // status reads a task: its query while it runs, its result once ended.
 func (s *Server) status(ctx context.Context, id string) (task.Status, bool, error) {
-	var st task.Status
-	d, err := s.nodes.Temporal.DescribeWorkflowExecution(ctx, task.WorkflowID(id), "")
-	var nf *serviceerror.NotFound
-	if errors.As(err, &nf) {
-		return st, false, apiError(fiber.StatusNotFound, CodeTaskNotFound, "task %s does not exist", id)
+	st, running, err := s.deps.Tasks.Status(ctx, id)
+	if errors.Is(err, control.ErrTaskNotFound) {
+		return st, false, taskNotFound(id)
 	}
-	if err != nil {
-		return st, false, err
-	}
-	running := d.GetWorkflowExecutionInfo().GetStatus() == enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING
-	if running {
-		v, err := s.nodes.Temporal.QueryWorkflow(ctx, task.WorkflowID(id), "", task.QueryStatus)
-		if err == nil {
-			err = v.Get(&st)
-		}
-		return st, true, err
-	}
-	err = s.nodes.Temporal.GetWorkflow(ctx, task.WorkflowID(id), "").Get(ctx, &st)
-	return st, false, err
+	return st, running, err
+}
+
+func taskNotFound(id string) error {
+	return apiError(fiber.StatusNotFound, CodeTaskNotFound, "task %s does not exist", id)
 }
 
 func (s *Server) getTask(c *fiber.Ctx) error {
@@ -485,21 +455,14 @@ func (s *Server) cancel(ctx context.Context, id, reason string) error {
 		return apiError(fiber.StatusConflict, CodeTaskEnded, "task %s has ended (%s)", id, st.State)
 	}
 	s.hub.Stream(id).Finish(task.Event{Type: "error", Error: &task.Error{Code: task.ErrCanceled, Message: "canceled " + reason}})
-	if err := s.nodes.Temporal.SignalWorkflow(ctx, task.WorkflowID(id), "", task.SignalCancel, reason); err != nil {
-		var nf *serviceerror.NotFound
-		if !errors.As(err, &nf) {
-			return err
-		}
-	}
-	return nil
+	return s.deps.Tasks.Cancel(ctx, id, reason)
 }
 
 // follow ends a task's stream from its workflow's result once it closes:
 // the tokens the stream lacks (an apiserver that restarted mid-stream) and
 // end, or the error. It returns when the workflow closes or ctx ends.
 func (s *Server) follow(ctx context.Context, id string, st *tokenstream.Stream) {
-	var res task.Status
-	err := s.nodes.Temporal.GetWorkflow(ctx, task.WorkflowID(id), "").Get(ctx, &res)
+	res, err := s.deps.Tasks.Result(ctx, id)
 	if ctx.Err() != nil {
 		return
 	}
@@ -541,10 +504,9 @@ func (s *Server) taskEvents(c *fiber.Ctx) error {
 	// A stream this apiserver holds is a task it admitted; any other must
 	// exist (a describe, not a query: no workflow task round trip).
 	if s.hub.Peek(id) == nil {
-		_, err := s.nodes.Temporal.DescribeWorkflowExecution(c.UserContext(), task.WorkflowID(id), "")
-		var nf *serviceerror.NotFound
-		if errors.As(err, &nf) {
-			return apiError(fiber.StatusNotFound, CodeTaskNotFound, "task %s does not exist", id)
+		err := s.deps.Tasks.Exists(c.UserContext(), id)
+		if errors.Is(err, control.ErrTaskNotFound) {
+			return taskNotFound(id)
 		}
 		if err != nil {
 			return err

@@ -9,8 +9,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/modelstore"
-	"github.com/llorch/llorch/searchattrs"
 	"github.com/llorch/llorch/testenv"
 )
 
@@ -25,7 +25,7 @@ func TestTemporalRestartWithTasksInFlight(t *testing.T) {
 		"--db-filename", filepath.Join(dir, "temporal.db"),
 		"--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=off",
 		"--log-level", "error", "--namespace", "default"}
-	for _, k := range searchattrs.All {
+	for _, k := range control.SearchAttributes {
 		args = append(args, "--search-attribute", k.GetName()+"=Keyword")
 	}
 	temporal := start(t, "temporal", temporalBin, args...)

@@ -13,8 +13,8 @@ import (
 	"time"
 
 	"github.com/llorch/llorch/config"
+	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/node"
-	"github.com/llorch/llorch/searchattrs"
 )
 
 // errInterrupted marks a start-up cut short by the user; Run then stops what
@@ -123,7 +123,7 @@ func (s *supervisor) run(ctx context.Context, st State, temporalBin, vgwBin, exe
 	// the first run with a new database; on later runs they are ignored,
 	// not an error (checked with CLI v1.5.1). The apiserver adds any that
 	// are missing through the operator API at its start.
-	for _, k := range searchattrs.All {
+	for _, k := range control.SearchAttributes {
 		args = append(args, "--search-attribute", k.GetName()+"=Keyword")
 	}
 	temporal, err := s.start("temporal", temporalBin, args, childEnv())

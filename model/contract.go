@@ -41,6 +41,23 @@ const (
 	ErrChecksumMismatch = "CHECKSUM_MISMATCH"
 	ErrObjectMissing    = "OBJECT_MISSING"
 	ErrNotGGUF          = "NOT_GGUF"
+	// ErrNotFound: a request for a model the catalog lacks.
+	ErrNotFound = "MODEL_NOT_FOUND"
+	// ErrRetired: a request for a model the catalog has retired.
+	ErrRetired = "MODEL_RETIRED"
+	// ErrInvalidStageInput: the entry cannot be staged as given (bad digest,
+	// key or size); retrying cannot help.
+	ErrInvalidStageInput = "INVALID_STAGE_INPUT"
+	// ErrStagingBusy: another attempt on this node still writes the partial
+	// (a timed-out attempt that has not noticed yet); retryable.
+	ErrStagingBusy = "STAGING_BUSY"
+	// ErrAttemptAbandoned: a restarted node fails the download attempt its
+	// dead predecessor left started, so the retry starts at once.
+	ErrAttemptAbandoned = "ATTEMPT_ABANDONED"
+	// ErrInUse: an eviction refused because the model is open.
+	ErrInUse = "IN_USE"
+	// ErrInvalidEviction: an eviction names no file GC may delete.
+	ErrInvalidEviction = "INVALID"
 )
 
 // Lifecycle of a catalog entry.

@@ -100,9 +100,14 @@ const (
 	AgentHTTP Agent = "http"
 )
 
-// ErrTypeLeft is the application error type of a request on a node that
-// has left.
-const ErrTypeLeft = "NODE_LEFT"
+// Application error types of node workflows and activities.
+const (
+	// ErrLeft: a request on a node that has left.
+	ErrLeft = "NODE_LEFT"
+	// ErrGone: a liveness session ends because the node workflow no longer
+	// exists (deregistered).
+	ErrGone = "NODE_GONE"
+)
 
 // Heartbeat bounds. Liveness times out after MissedBeats intervals.
 const (
@@ -114,3 +119,33 @@ const (
 
 // LivenessTimeout is how long a node may stay silent before it is Offline.
 func LivenessTimeout(interval time.Duration) time.Duration { return MissedBeats * interval }
+
+// Input starts a node workflow, or carries its state across continue-as-new.
+type Input struct {
+	NodeID string
+	// Carried is the state of the previous run; nil on first start.
+	Carried *Status
+	// ContinueAsNewAfterEvents forces continue-as-new once history reaches
+	// this many events; 0 leaves it to the server's suggestion. Tests set it
+	// low to prove state survives the hand-over.
+	ContinueAsNewAfterEvents int
+	// LivenessLease bounds one liveness session; 0 means DefaultLivenessLease.
+	LivenessLease time.Duration
+	// Register is a registration that raced the previous run's
+	// deregistration: the new run starts with it instead of losing it.
+	Register *Registration
+}
+
+// DefaultLivenessLease is how long one liveness session lasts before the
+// workflow starts the next one.
+const DefaultLivenessLease = time.Hour
+
+// LivenessInput starts one liveness session of a node.
+type LivenessInput struct {
+	NodeID   string
+	Session  int
+	Interval time.Duration
+	// Lease bounds one session; the workflow starts the next when it ends, so
+	// no activity outlives a worker build by much.
+	Lease time.Duration
+}

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"go.temporal.io/sdk/temporal"
+
+	"github.com/llorch/llorch/model"
 )
 
 // WorkflowType is the registered name of the pool workflow.
@@ -190,6 +192,8 @@ const (
 	ErrEnded            = "POOL_ENDED"
 	ErrDraining         = "POOL_DRAINING"
 	ErrReloadInProgress = "RELOAD_IN_PROGRESS"
+	// ErrInvalidParams: an update's argument is malformed (a bad model id).
+	ErrInvalidParams = "INVALID_PARAMS"
 )
 
 // Supervision: restart backoff 1 s doubling to 60 s with jitter; the circuit
@@ -200,3 +204,26 @@ const (
 	MaxConsecutiveFailures = 5
 	StableAfter            = 5 * time.Minute
 )
+
+// Input starts a pool, or continues one (Carry) after continue-as-new.
+type Input struct {
+	Spec Spec
+	// ContinueAsNewEvents: continue as new past this many history events,
+	// checked whenever the engine is down (0: DefaultContinueAsNewEvents,
+	// or earlier when Temporal suggests it).
+	ContinueAsNewEvents int
+	Carry               *Carry `json:",omitempty"`
+}
+
+// Carry is what a pool's next run keeps.
+type Carry struct {
+	Health    Health
+	Entry     model.Entry
+	Failures  int
+	Backoff   time.Duration
+	LastEpoch int64
+}
+
+// DefaultContinueAsNewEvents bounds a pool's history: its events grow only
+// with restarts and reloads, not with time.
+const DefaultContinueAsNewEvents = 5000

@@ -26,8 +26,8 @@ import (
 
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/config"
+	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/engine"
-	"github.com/llorch/llorch/searchattrs"
 )
 
 // Env is the set of real services shared by one test package.
@@ -184,7 +184,7 @@ func (e *Env) stop() {
 // names and types matter here).
 func searchAttributes() temporal.SearchAttributes {
 	var updates []temporal.SearchAttributeUpdate
-	for _, k := range searchattrs.All {
+	for _, k := range control.SearchAttributes {
 		updates = append(updates, k.ValueSet(""))
 	}
 	return temporal.NewSearchAttributes(updates...)

@@ -9,11 +9,9 @@ import (
 	"go.temporal.io/sdk/worker"
 
 	"github.com/llorch/llorch/activities"
-	"github.com/llorch/llorch/modelclient"
+	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
-	"github.com/llorch/llorch/nodeclient"
-	"github.com/llorch/llorch/poolclient"
 )
 
 // InventorySource is what the agent needs from the host.
@@ -28,7 +26,7 @@ type Agent struct {
 	NodeID            string
 	Identity          string
 	HeartbeatInterval time.Duration
-	Nodes             *nodeclient.Client
+	Nodes             *control.Nodes
 	Host              InventorySource
 	Log               *slog.Logger
 	Metrics           *activities.NodeMetrics
@@ -42,9 +40,9 @@ type Agent struct {
 	// GCPolicy is reported at registration; GCEvery > 0 schedules GC.
 	GCPolicy node.GCPolicy
 	GCEvery  time.Duration
-	Models   *modelclient.Client
+	Models   *control.Models
 	// Pools receive the node's handoff events (readiness, adoption).
-	Pools *poolclient.Client
+	Pools *control.Pools
 
 	worker      worker.Worker
 	stopWatcher context.CancelFunc
@@ -129,7 +127,7 @@ func (a *Agent) Stop(ctx context.Context) error {
 	switch err {
 	case nil:
 		a.Log.Info("node deregistered")
-	case nodeclient.ErrLeft, nodeclient.ErrNotFound:
+	case control.ErrNodeLeft, control.ErrNodeNotFound:
 	default:
 		a.Log.Error("deregister failed; the node will be marked Offline by timeout", "err", err)
 	}

@@ -14,8 +14,8 @@ import (
 	"github.com/fsnotify/fsnotify"
 
 	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/pool"
-	"github.com/llorch/llorch/poolclient"
 )
 
 // HandoffWatcher is the node side of engine handoff (DESIGN.md decision 8).
@@ -26,7 +26,7 @@ import (
 type HandoffWatcher struct {
 	NodeID  string
 	Engines *activities.EngineActivities
-	Pools   *poolclient.Client
+	Pools   *control.Pools
 	Log     *slog.Logger
 }
 
@@ -98,7 +98,7 @@ func (w *HandoffWatcher) recover(ctx context.Context) {
 		uctx, cancel := context.WithTimeout(ctx, handoffUpdateTimeout)
 		reply, err := w.Pools.Handoff(uctx, w.NodeID, pool.HandoffEvent{Handoff: h, Adopt: true, Gone: true})
 		cancel()
-		if errors.Is(err, poolclient.ErrNotFound) || errors.Is(err, poolclient.ErrEnded) {
+		if errors.Is(err, control.ErrPoolNotFound) || errors.Is(err, control.ErrPoolEnded) {
 			_ = os.Remove(f) // nobody's; a pool that restarts replaces the file itself
 		}
 		w.Log.Info("engine gone while the worker was down", "pool", h.PoolID, "epoch", h.Epoch, "pid", h.PID,
@@ -121,7 +121,7 @@ func (w *HandoffWatcher) report(ctx context.Context, h pool.Handoff, adopt bool)
 		} else {
 			log.Info("handoff reported: pool ready", "url", h.URL)
 		}
-	case err == nil, errors.Is(err, poolclient.ErrNotFound), errors.Is(err, poolclient.ErrEnded):
+	case err == nil, errors.Is(err, control.ErrPoolNotFound), errors.Is(err, control.ErrPoolEnded):
 		reason := reply.Reason
 		if err != nil {
 			reason = err.Error()

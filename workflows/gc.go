@@ -9,30 +9,14 @@ import (
 	"go.temporal.io/sdk/workflow"
 
 	"github.com/llorch/llorch/activities"
-	"github.com/llorch/llorch/modelstore"
+	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 )
 
-// GCInput runs garbage collection on one node.
-type GCInput struct {
-	NodeID string
-	Policy node.GCPolicy
-	DryRun bool
-	// InUse are digests pools reference (starting, ready, draining).
-	InUse []string
-}
-
-// GCResult is the plan and what was deleted.
-type GCResult struct {
-	Plan    modelstore.GCPlan
-	Evicted []modelstore.Eviction
-	DryRun  bool
-}
-
 // GC frees a node's model disk: it plans on the node, then deletes one file
 // per activity so each deletion, with its reason, is an event in history.
-func GC(ctx workflow.Context, in GCInput) (GCResult, error) {
-	res := GCResult{DryRun: in.DryRun}
+func GC(ctx workflow.Context, in model.GCInput) (model.GCResult, error) {
+	res := model.GCResult{DryRun: in.DryRun}
 	control := workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
 		TaskQueue: node.ControlTaskQueue, StartToCloseTimeout: time.Minute,
 		RetryPolicy: &temporal.RetryPolicy{MaximumAttempts: 3},
@@ -42,7 +26,7 @@ func GC(ctx workflow.Context, in GCInput) (GCResult, error) {
 	onNode := func(summary string) workflow.Context {
 		return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
 			TaskQueue: node.TaskQueue(in.NodeID), ScheduleToStartTimeout: time.Minute, StartToCloseTimeout: time.Minute,
-			RetryPolicy: &temporal.RetryPolicy{MaximumAttempts: 3, NonRetryableErrorTypes: []string{activities.ErrInUse}},
+			RetryPolicy: &temporal.RetryPolicy{MaximumAttempts: 3, NonRetryableErrorTypes: []string{model.ErrInUse}},
 			Summary:     summary,
 		})
 	}
@@ -52,7 +36,7 @@ func GC(ctx workflow.Context, in GCInput) (GCResult, error) {
 		return res, err
 	}
 	var ga *activities.GCActivities
-	err := workflow.ExecuteActivity(onNode("plan GC on "+in.NodeID), ga.PlanGC, activities.GCInput{
+	err := workflow.ExecuteActivity(onNode("plan GC on "+in.NodeID), ga.PlanGC, activities.PlanGCInput{
 		NodeID: in.NodeID, Policy: in.Policy, InUse: in.InUse, Catalog: catalog,
 	}).Get(ctx, &res.Plan)
 	if err != nil {
@@ -68,7 +52,7 @@ func GC(ctx workflow.Context, in GCInput) (GCResult, error) {
 		summary := fmt.Sprintf("evict %s %s (%s, %d bytes)", e.Kind, nameOf(e), e.Reason, e.Bytes)
 		err := workflow.ExecuteActivity(onNode(summary), ga.Evict, activities.EvictInput{NodeID: in.NodeID, Eviction: e}).Get(ctx, nil)
 		var appErr *temporal.ApplicationError
-		if err != nil && !(errors.As(err, &appErr) && appErr.Type() == activities.ErrInUse) {
+		if err != nil && !(errors.As(err, &appErr) && appErr.Type() == model.ErrInUse) {
 			return res, err // an in-use model is skipped; anything else stops GC
 		}
 		if err == nil {
@@ -80,7 +64,7 @@ func GC(ctx workflow.Context, in GCInput) (GCResult, error) {
 	return res, nil
 }
 
-func nameOf(e modelstore.Eviction) string {
+func nameOf(e model.Eviction) string {
 	if e.ModelID != "" {
 		return e.ModelID
 	}

@@ -14,31 +14,10 @@ import (
 	"github.com/llorch/llorch/node"
 )
 
-// NodeInput starts a node workflow, or carries its state across
-// continue-as-new.
-type NodeInput struct {
-	NodeID string
-	// Carried is the state of the previous run; nil on first start.
-	Carried *node.Status
-	// ContinueAsNewAfterEvents forces continue-as-new once history reaches
-	// this many events; 0 leaves it to the server's suggestion. Tests set it
-	// low to prove state survives the hand-over.
-	ContinueAsNewAfterEvents int
-	// LivenessLease bounds one liveness session; 0 means DefaultLivenessLease.
-	LivenessLease time.Duration
-	// Register is a registration that raced the previous run's
-	// deregistration: the new run starts with it instead of losing it.
-	Register *node.Registration
-}
-
-// DefaultLivenessLease is how long one liveness session lasts before the
-// workflow starts the next one.
-const DefaultLivenessLease = time.Hour
-
 // Node is the durable life of one node: it is registered by its agent,
 // proves liveness through a long heartbeating activity, and is Offline as
 // soon as that activity times out. It ends only when the node leaves.
-func Node(ctx workflow.Context, in NodeInput) (node.Status, error) {
+func Node(ctx workflow.Context, in node.Input) (node.Status, error) {
 	n := newNodeWF(ctx, in)
 	if err := n.setup(ctx); err != nil {
 		return n.st, err
@@ -47,7 +26,7 @@ func Node(ctx workflow.Context, in NodeInput) (node.Status, error) {
 }
 
 type nodeWF struct {
-	in          NodeInput
+	in          node.Input
 	st          node.Status
 	registering bool // registered, liveness not yet confirmed
 	left        bool
@@ -58,10 +37,10 @@ type nodeWF struct {
 	cancelLiveness workflow.CancelFunc
 }
 
-func newNodeWF(ctx workflow.Context, in NodeInput) *nodeWF {
+func newNodeWF(ctx workflow.Context, in node.Input) *nodeWF {
 	n := &nodeWF{in: in, wake: workflow.NewBufferedChannel(ctx, 1)}
 	if in.LivenessLease == 0 {
-		n.in.LivenessLease = DefaultLivenessLease
+		n.in.LivenessLease = node.DefaultLivenessLease
 	}
 	if in.Carried != nil {
 		n.st = *in.Carried
@@ -143,7 +122,7 @@ func (n *nodeWF) run(ctx workflow.Context) (node.Status, error) {
 			n.stopLiveness()
 			carried := n.snapshot()
 			log.Info("continuing as new", "node_id", n.st.NodeID, "history_length", workflow.GetInfo(ctx).GetCurrentHistoryLength())
-			return carried, workflow.NewContinueAsNewError(ctx, Node, NodeInput{
+			return carried, workflow.NewContinueAsNewError(ctx, Node, node.Input{
 				NodeID: n.in.NodeID, Carried: &carried,
 				ContinueAsNewAfterEvents: n.in.ContinueAsNewAfterEvents, LivenessLease: n.in.LivenessLease,
 			})
@@ -159,7 +138,7 @@ func (n *nodeWF) run(ctx workflow.Context) (node.Status, error) {
 		// The node registered again while it was leaving (a worker
 		// restarted at that moment): its new life is a fresh run.
 		log.Info("registered again while leaving; starting a new run", "node_id", n.st.NodeID)
-		return n.snapshot(), workflow.NewContinueAsNewError(ctx, Node, NodeInput{
+		return n.snapshot(), workflow.NewContinueAsNewError(ctx, Node, node.Input{
 			NodeID: n.in.NodeID, Register: n.rejoin,
 			ContinueAsNewAfterEvents: n.in.ContinueAsNewAfterEvents, LivenessLease: n.in.LivenessLease,
 		})
@@ -260,7 +239,7 @@ func (n *nodeWF) onLivenessEnded(ctx workflow.Context, f workflow.Future) {
 	case errors.As(err, &timeout) && timeout.TimeoutType() == enumspb.TIMEOUT_TYPE_START_TO_CLOSE && n.st.Agent == node.AgentHTTP:
 		n.startLiveness(ctx) // an HTTP agent's lease ends by its deadline
 		return
-	case errors.As(err, &appErr) && appErr.Type() == activities.ErrNodeGone:
+	case errors.As(err, &appErr) && appErr.Type() == node.ErrGone:
 		return
 	}
 	n.st.Connected = false
@@ -297,7 +276,7 @@ func (n *nodeWF) startLiveness(ctx workflow.Context) {
 		RetryPolicy:         &temporal.RetryPolicy{MaximumAttempts: 1},
 		Summary:             fmt.Sprintf("liveness session %d of %s (beat every %s)", n.st.Session, n.st.NodeID, n.st.HeartbeatInterval),
 	}
-	in := activities.LivenessInput{NodeID: n.st.NodeID, Session: n.st.Session, Interval: n.st.HeartbeatInterval, Lease: n.in.LivenessLease}
+	in := node.LivenessInput{NodeID: n.st.NodeID, Session: n.st.Session, Interval: n.st.HeartbeatInterval, Lease: n.in.LivenessLease}
 	lctx, cancel := workflow.WithCancel(ctx)
 	if n.st.Agent == node.AgentHTTP {
 		opts.TaskQueue = node.ControlTaskQueue
@@ -327,7 +306,7 @@ func (n *nodeWF) stopLiveness() {
 
 func (n *nodeWF) validateRequest(ctx workflow.Context, r node.Request) error {
 	if n.left {
-		return temporal.NewNonRetryableApplicationError(fmt.Sprintf("node %s has left", n.st.NodeID), node.ErrTypeLeft, nil)
+		return temporal.NewNonRetryableApplicationError(fmt.Sprintf("node %s has left", n.st.NodeID), node.ErrLeft, nil)
 	}
 	if len(r.Reason) > node.MaxReasonLen {
 		return fmt.Errorf("reason is longer than %d characters", node.MaxReasonLen)

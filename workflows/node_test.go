@@ -39,7 +39,7 @@ var (
 )
 
 func session(n int) interface{} {
-	return mock.MatchedBy(func(in activities.LivenessInput) bool { return in.Session == n })
+	return mock.MatchedBy(func(in node.LivenessInput) bool { return in.Session == n })
 }
 
 func heartbeatTimeout() error {
@@ -98,7 +98,7 @@ func (s *nodeSuite) TestWorkerLifecycle() {
 	s.expectState(23*time.Second, node.Online)
 	s.at(25*time.Second, func() { s.update(node.UpdateDeregister) })
 
-	s.env.ExecuteWorkflow(Node, NodeInput{NodeID: "gpu-1"})
+	s.env.ExecuteWorkflow(Node, node.Input{NodeID: "gpu-1"})
 	s.Require().True(s.env.IsWorkflowCompleted())
 	s.Require().NoError(s.env.GetWorkflowError())
 	var st node.Status
@@ -126,7 +126,7 @@ func (s *nodeSuite) TestDrainSurvivesOutage() {
 	s.at(8*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 2}) })
 	s.expectState(9*time.Second, node.Draining)
 	s.at(10*time.Second, func() { s.update(node.UpdateDeregister) })
-	s.env.ExecuteWorkflow(Node, NodeInput{NodeID: "gpu-2"})
+	s.env.ExecuteWorkflow(Node, node.Input{NodeID: "gpu-2"})
 	s.Require().NoError(s.env.GetWorkflowError())
 }
 
@@ -140,7 +140,7 @@ func (s *nodeSuite) TestRegisteredButNeverServed() {
 	s.expectState(2*time.Second, node.Registering)
 	s.expectState(5*time.Second, node.Offline)
 	s.at(6*time.Second, func() { s.update(node.UpdateDeregister) })
-	s.env.ExecuteWorkflow(Node, NodeInput{NodeID: "gpu-3"})
+	s.env.ExecuteWorkflow(Node, node.Input{NodeID: "gpu-3"})
 	s.Require().NoError(s.env.GetWorkflowError())
 }
 
@@ -157,7 +157,7 @@ func (s *nodeSuite) TestReRegistrationStartsNewSession() {
 	s.at(8*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 2}) })
 	s.expectState(9*time.Second, node.Online)
 	s.at(10*time.Second, func() { s.update(node.UpdateDeregister) })
-	s.env.ExecuteWorkflow(Node, NodeInput{NodeID: "gpu-4"})
+	s.env.ExecuteWorkflow(Node, node.Input{NodeID: "gpu-4"})
 	s.Require().NoError(s.env.GetWorkflowError())
 }
 
@@ -181,7 +181,7 @@ func (s *nodeSuite) TestHTTPAgentLifecycle() {
 		s.Equal("liveness-2", st.LivenessActivityID)
 	})
 	s.at(43*time.Second, func() { s.update(node.UpdateDeregister) })
-	s.env.ExecuteWorkflow(Node, NodeInput{NodeID: "ext-1"})
+	s.env.ExecuteWorkflow(Node, node.Input{NodeID: "ext-1"})
 	s.Require().NoError(s.env.GetWorkflowError())
 }
 
@@ -195,12 +195,12 @@ func (s *nodeSuite) TestContinueAsNewCarriesState() {
 	// The test environment keeps no history: set the length the server would report.
 	s.at(4*time.Second, func() { s.env.SetCurrentHistoryLength(30) })
 	s.at(5*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
-	s.env.ExecuteWorkflow(Node, NodeInput{NodeID: "gpu-6", ContinueAsNewAfterEvents: 25})
+	s.env.ExecuteWorkflow(Node, node.Input{NodeID: "gpu-6", ContinueAsNewAfterEvents: 25})
 
 	err := s.env.GetWorkflowError()
 	var can *workflow.ContinueAsNewError
 	s.Require().True(errors.As(err, &can), "want continue-as-new, got %v", err)
-	var in NodeInput
+	var in node.Input
 	s.Require().NoError(converter.GetDefaultDataConverter().FromPayloads(can.Input, &in))
 	s.Require().NotNil(in.Carried)
 	s.Equal(node.Draining, in.Carried.State)
@@ -228,10 +228,10 @@ func (s *nodeSuite) TestContinueAsNewOnSuggestion() {
 	s.at(time.Second, func() { s.env.SignalWorkflow(node.SignalRegister, workerRegistration("gpu-8")) })
 	s.at(2*time.Second, func() { s.env.SetContinueAsNewSuggested(true) })
 	s.at(3*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
-	s.env.ExecuteWorkflow(Node, NodeInput{NodeID: "gpu-8"})
+	s.env.ExecuteWorkflow(Node, node.Input{NodeID: "gpu-8"})
 	var can *workflow.ContinueAsNewError
 	s.Require().True(errors.As(s.env.GetWorkflowError(), &can))
-	var in NodeInput
+	var in node.Input
 	s.Require().NoError(converter.GetDefaultDataConverter().FromPayloads(can.Input, &in))
 	s.Equal(node.Online, in.Carried.State, "the alive that arrived before the hand-over is applied")
 }

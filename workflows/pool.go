@@ -18,29 +18,6 @@ import (
 	"github.com/llorch/llorch/pool"
 )
 
-// PoolInput starts a pool, or continues one (Carry) after continue-as-new.
-type PoolInput struct {
-	Spec pool.Spec
-	// ContinueAsNewEvents: continue as new past this many history events,
-	// checked whenever the engine is down (0: DefaultPoolContinueAsNewEvents,
-	// or earlier when Temporal suggests it).
-	ContinueAsNewEvents int
-	Carry               *PoolCarry `json:",omitempty"`
-}
-
-// PoolCarry is what a pool's next run keeps.
-type PoolCarry struct {
-	Health    pool.Health
-	Entry     model.Entry
-	Failures  int
-	Backoff   time.Duration
-	LastEpoch int64
-}
-
-// DefaultPoolContinueAsNewEvents bounds a pool's history: its events grow
-// only with restarts and reloads, not with time.
-const DefaultPoolContinueAsNewEvents = 5000
-
 // Pool runs one llama.cpp engine on a node and keeps it alive: it stages
 // the model, checks memory, starts the engine (Ready once /health answers
 // 200 and the handoff is written), supervises it, restarts it with
@@ -48,7 +25,7 @@ const DefaultPoolContinueAsNewEvents = 5000
 // MaxConsecutiveFailures. A restarted worker's engine of the current epoch
 // is adopted, any other is fenced. Reload switches models; a drain stops
 // the pool, and the workflow ends.
-func Pool(ctx workflow.Context, in PoolInput) (pool.Health, error) {
+func Pool(ctx workflow.Context, in pool.Input) (pool.Health, error) {
 	p := &poolWF{spec: in.Spec, canEvents: in.ContinueAsNewEvents,
 		wake:     workflow.NewBufferedChannel(ctx, 1),
 		adoptCh:  workflow.NewBufferedChannel(ctx, 1),
@@ -83,7 +60,7 @@ func Pool(ctx workflow.Context, in PoolInput) (pool.Health, error) {
 				return err
 			}
 			if err := model.ValidateID(r.ModelID); err != nil {
-				return temporal.NewNonRetryableApplicationError(err.Error(), "INVALID_PARAMS", nil)
+				return temporal.NewNonRetryableApplicationError(err.Error(), pool.ErrInvalidParams, nil)
 			}
 			if p.draining {
 				return temporal.NewNonRetryableApplicationError("pool "+p.spec.PoolID+" is draining", pool.ErrDraining, nil)
@@ -353,7 +330,7 @@ func (p *poolWF) continueAsNew(ctx workflow.Context) error {
 	info := workflow.GetInfo(ctx)
 	limit := p.canEvents
 	if limit <= 0 {
-		limit = DefaultPoolContinueAsNewEvents
+		limit = pool.DefaultContinueAsNewEvents
 	}
 	if !info.GetContinueAsNewSuggested() && info.GetCurrentHistoryLength() < limit {
 		return nil
@@ -363,8 +340,8 @@ func (p *poolWF) continueAsNew(ctx workflow.Context) error {
 		return err
 	}
 	workflow.GetLogger(ctx).Info("pool continues as new", "pool_id", p.spec.PoolID, "events", info.GetCurrentHistoryLength())
-	return workflow.NewContinueAsNewError(ctx, pool.WorkflowType, PoolInput{Spec: p.spec, ContinueAsNewEvents: p.canEvents,
-		Carry: &PoolCarry{Health: p.h, Entry: p.entry, Failures: p.failures, Backoff: p.backoff, LastEpoch: p.lastEpoch}})
+	return workflow.NewContinueAsNewError(ctx, pool.WorkflowType, pool.Input{Spec: p.spec, ContinueAsNewEvents: p.canEvents,
+		Carry: &pool.Carry{Health: p.h, Entry: p.entry, Failures: p.failures, Backoff: p.backoff, LastEpoch: p.lastEpoch}})
 }
 
 // start runs StartEngine for the current epoch. An adoption of that epoch

@@ -31,7 +31,7 @@ func poolEnv(t *testing.T) (*testsuite.TestWorkflowEnvironment, *activities.Engi
 	env.RegisterActivity(sc)
 	env.RegisterActivity(ea)
 	env.OnActivity(ca.Entry, mock.Anything, "tiny").Return(model.Entry{ID: "tiny", SHA256: strings.Repeat("c", 64), Size: 10, Lifecycle: model.Active}, nil)
-	env.OnActivity(sc.EnsureStaged, mock.Anything, mock.Anything).Return(activities.StageResult{}, nil)
+	env.OnActivity(sc.EnsureStaged, mock.Anything, mock.Anything).Return(model.StageResult{}, nil)
 	env.OnActivity(ea.Preflight, mock.Anything, mock.MatchedBy(func(in activities.PreflightInput) bool { return in.Spec.ModelID == "tiny" })).Return(nil)
 	env.SetTestTimeout(30 * time.Second)
 	return env, ea
@@ -51,7 +51,7 @@ func TestPoolCircuitOpensAfterRepeatedFailures(t *testing.T) {
 	env.OnActivity(ea.Supervise, mock.Anything, mock.Anything).After(2*time.Second).
 		Return(activities.SuperviseResult{Exited: true, ExitCode: 1, Reason: "engine exited with code 1", LogTail: "bad model", UptimeMs: 2000}, nil)
 	begin := env.Now()
-	env.ExecuteWorkflow(Pool, PoolInput{Spec: spec})
+	env.ExecuteWorkflow(Pool, pool.Input{Spec: spec})
 	require.NoError(t, env.GetWorkflowError())
 	var h pool.Health
 	require.NoError(t, env.GetWorkflowResult(&h))
@@ -86,7 +86,7 @@ func TestPoolSupervisorNeverStartedIsNodeLost(t *testing.T) {
 		require.NoError(t, err)
 		require.NoError(t, v.Get(&seen))
 	}, time.Second)
-	env.ExecuteWorkflow(Pool, PoolInput{Spec: spec})
+	env.ExecuteWorkflow(Pool, pool.Input{Spec: spec})
 	require.Equal(t, pool.Unready, seen.State)
 	require.Contains(t, seen.LastError, "NODE_OFFLINE")
 	var h pool.Health
@@ -99,7 +99,7 @@ func TestPoolSupervisorNeverStartedIsNodeLost(t *testing.T) {
 func TestPoolStartFailuresFail(t *testing.T) {
 	env, ea := poolEnv(t)
 	env.OnActivity(ea.StartEngine, mock.Anything, mock.Anything).Return(pool.Handoff{}, errors.New("engine exited before /health: code 1"))
-	env.ExecuteWorkflow(Pool, PoolInput{Spec: spec})
+	env.ExecuteWorkflow(Pool, pool.Input{Spec: spec})
 	var h pool.Health
 	require.NoError(t, env.GetWorkflowResult(&h))
 	require.Equal(t, pool.Failed, h.State)
@@ -130,7 +130,7 @@ func TestPoolDrain(t *testing.T) {
 			OnComplete: func(v any, err error) { require.NoError(t, err); drained = v.(pool.Health) },
 		}, pool.DrainRequest{DeadlineMs: 1000})
 	}, time.Minute)
-	env.ExecuteWorkflow(Pool, PoolInput{Spec: spec})
+	env.ExecuteWorkflow(Pool, pool.Input{Spec: spec})
 	var h pool.Health
 	require.NoError(t, env.GetWorkflowResult(&h))
 	require.Equal(t, pool.Stopped, h.State)
@@ -208,7 +208,7 @@ func TestPoolReloadSideBySide(t *testing.T) {
 		require.Equal(t, 0, h.Restarts, "a reload is not a restart")
 	}, 2*time.Minute)
 	drainAt(t, env, 3*time.Minute)
-	env.ExecuteWorkflow(Pool, PoolInput{Spec: spec})
+	env.ExecuteWorkflow(Pool, pool.Input{Spec: spec})
 	var h pool.Health
 	require.NoError(t, env.GetWorkflowResult(&h))
 	require.Equal(t, pool.SideBySide, reply.Mode)
@@ -258,7 +258,7 @@ func TestPoolReloadFailureKeepsOldEngine(t *testing.T) {
 		})
 	}, 2*time.Minute)
 	drainAt(t, env, 3*time.Minute)
-	env.ExecuteWorkflow(Pool, PoolInput{Spec: spec})
+	env.ExecuteWorkflow(Pool, pool.Input{Spec: spec})
 	var h pool.Health
 	require.NoError(t, env.GetWorkflowResult(&h))
 	require.Equal(t, pool.Stopped, h.State)
@@ -291,7 +291,7 @@ func TestPoolReloadDrainsFirstWithoutRoom(t *testing.T) {
 		})
 	}, time.Minute)
 	drainAt(t, env, 3*time.Minute)
-	env.ExecuteWorkflow(Pool, PoolInput{Spec: spec})
+	env.ExecuteWorkflow(Pool, pool.Input{Spec: spec})
 	var h pool.Health
 	require.NoError(t, env.GetWorkflowResult(&h))
 	require.Equal(t, pool.DrainFirst, reply.Mode)
@@ -339,7 +339,7 @@ func TestPoolAdoptsServingEpochOnly(t *testing.T) {
 		require.EqualValues(t, 1, h.Epoch)
 	}, 2*time.Minute)
 	drainAt(t, env, 3*time.Minute)
-	env.ExecuteWorkflow(Pool, PoolInput{Spec: spec})
+	env.ExecuteWorkflow(Pool, pool.Input{Spec: spec})
 	require.NoError(t, env.GetWorkflowError())
 	require.False(t, stale.Accept)
 	require.Contains(t, stale.Reason, "not the serving epoch")
@@ -361,11 +361,11 @@ func TestPoolContinuesAsNew(t *testing.T) {
 	// The test environment keeps no history length: Temporal's suggestion
 	// stands in for it (the e2e test crosses the event limit on a real server).
 	env.SetContinueAsNewSuggested(true)
-	env.ExecuteWorkflow(Pool, PoolInput{Spec: spec, ContinueAsNewEvents: 60})
+	env.ExecuteWorkflow(Pool, pool.Input{Spec: spec, ContinueAsNewEvents: 60})
 	err := env.GetWorkflowError()
 	var can *workflow.ContinueAsNewError
 	require.ErrorAs(t, err, &can)
-	var next PoolInput
+	var next pool.Input
 	require.NoError(t, converter.GetDefaultDataConverter().FromPayloads(can.Input, &next))
 	require.NotNil(t, next.Carry)
 	require.Equal(t, 60, next.ContinueAsNewEvents)

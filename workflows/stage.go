@@ -12,21 +12,6 @@ import (
 	"github.com/llorch/llorch/node"
 )
 
-// StageInput asks for one model on one node.
-type StageInput = model.StageRequest
-
-// StageStatus is what the progress query returns while a staging runs.
-type StageStatus struct {
-	NodeID     string  `json:"node_id"`
-	ModelID    string  `json:"model_id"`
-	SHA256     string  `json:"sha256"`
-	Phase      string  `json:"phase"` // downloading | ready
-	BytesDone  int64   `json:"bytes_done"`
-	BytesTotal int64   `json:"bytes_total"`
-	Percent    int     `json:"percent"`
-	Rate       float64 `json:"rate_bytes_per_sec"`
-}
-
 // Staging timeouts. A worker that dies mid-download misses its heartbeats
 // for StageHeartbeatTimeout; the retry then waits on the node's queue until a
 // worker serves it again, for at most StageDeadline in all.
@@ -39,11 +24,11 @@ const (
 // stage:<node>:<digest prefix>, makes concurrent requests join one download.
 // The download activity resumes from its last checkpoint when retried; a
 // checksum mismatch, a full disk or a missing object fail it for good.
-func Stage(ctx workflow.Context, in StageInput) (activities.StageResult, error) {
-	st := StageStatus{NodeID: in.NodeID, ModelID: in.Entry.ID, SHA256: in.Entry.SHA256,
+func Stage(ctx workflow.Context, in model.StageRequest) (model.StageResult, error) {
+	st := model.StageStatus{NodeID: in.NodeID, ModelID: in.Entry.ID, SHA256: in.Entry.SHA256,
 		Phase: "downloading", BytesTotal: in.Entry.Size}
-	if err := workflow.SetQueryHandler(ctx, model.QueryStageProgress, func() (StageStatus, error) { return st, nil }); err != nil {
-		return activities.StageResult{}, err
+	if err := workflow.SetQueryHandler(ctx, model.QueryStageProgress, func() (model.StageStatus, error) { return st, nil }); err != nil {
+		return model.StageResult{}, err
 	}
 	show := func() {
 		workflow.SetCurrentDetails(ctx, fmt.Sprintf("**%s** %s onto node %s: %s, %d%% (%.1f of %.1f MiB)",
@@ -54,7 +39,7 @@ func Stage(ctx workflow.Context, in StageInput) (activities.StageResult, error) 
 	progress := workflow.GetSignalChannel(ctx, model.SignalStageProgress)
 	workflow.Go(ctx, func(ctx workflow.Context) {
 		for {
-			var p activities.StageProgressSignal
+			var p model.StageProgressSignal
 			if !progress.Receive(ctx, &p) {
 				return
 			}
@@ -77,7 +62,7 @@ func Stage(ctx workflow.Context, in StageInput) (activities.StageResult, error) 
 		},
 		Summary: fmt.Sprintf("download %s (%s, %d bytes) to node %s", in.Entry.ID, shortSHA(in.Entry.SHA256), in.Entry.Size, in.NodeID),
 	})
-	var res activities.StageResult
+	var res model.StageResult
 	err := workflow.ExecuteActivity(actx, a.StageModel, activities.StageInput{
 		NodeID: in.NodeID, Entry: in.Entry, WorkflowID: workflow.GetInfo(ctx).WorkflowExecution.ID,
 	}).Get(ctx, &res)

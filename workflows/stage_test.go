@@ -14,7 +14,6 @@ import (
 
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/model"
-	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 )
 
@@ -27,22 +26,22 @@ func TestStageReportsProgressAndResult(t *testing.T) {
 	env.RegisterActivity(sa)
 	env.OnActivity(sa.StageModel, mock.Anything, mock.MatchedBy(func(in activities.StageInput) bool {
 		return in.NodeID == "n1" && in.Entry.SHA256 == entry.SHA256 && in.WorkflowID != ""
-	})).After(10*time.Second).Return(activities.StageResult{SHA256: entry.SHA256, Size: 1000, BytesTransferred: 1000}, nil)
+	})).After(10*time.Second).Return(model.StageResult{SHA256: entry.SHA256, Size: 1000, BytesTransferred: 1000}, nil)
 	env.RegisterDelayedCallback(func() {
-		env.SignalWorkflow(model.SignalStageProgress, activities.StageProgressSignal{BytesDone: 400, BytesTotal: 1000, Percent: 40})
+		env.SignalWorkflow(model.SignalStageProgress, model.StageProgressSignal{BytesDone: 400, BytesTotal: 1000, Percent: 40})
 	}, 2*time.Second)
 	env.RegisterDelayedCallback(func() {
 		v, err := env.QueryWorkflow(model.QueryStageProgress)
 		require.NoError(t, err)
-		var st StageStatus
+		var st model.StageStatus
 		require.NoError(t, v.Get(&st))
 		require.Equal(t, "downloading", st.Phase)
 		require.Equal(t, 40, st.Percent)
 		require.EqualValues(t, 400, st.BytesDone)
 	}, 3*time.Second)
-	env.ExecuteWorkflow(Stage, StageInput{NodeID: "n1", Entry: entry})
+	env.ExecuteWorkflow(Stage, model.StageRequest{NodeID: "n1", Entry: entry})
 	require.NoError(t, env.GetWorkflowError())
-	var res activities.StageResult
+	var res model.StageResult
 	require.NoError(t, env.GetWorkflowResult(&res))
 	require.EqualValues(t, 1000, res.BytesTransferred)
 }
@@ -54,11 +53,11 @@ func TestStageChecksumMismatchIsNotRetried(t *testing.T) {
 	var sa *activities.StagingActivities
 	env.RegisterActivity(sa)
 	calls := 0
-	env.OnActivity(sa.StageModel, mock.Anything, mock.Anything).Return(func(context.Context, activities.StageInput) (activities.StageResult, error) {
+	env.OnActivity(sa.StageModel, mock.Anything, mock.Anything).Return(func(context.Context, activities.StageInput) (model.StageResult, error) {
 		calls++
-		return activities.StageResult{}, temporal.NewNonRetryableApplicationError("expected ab.., got cd..", model.ErrChecksumMismatch, nil)
+		return model.StageResult{}, temporal.NewNonRetryableApplicationError("expected ab.., got cd..", model.ErrChecksumMismatch, nil)
 	})
-	env.ExecuteWorkflow(Stage, StageInput{NodeID: "n1", Entry: entry})
+	env.ExecuteWorkflow(Stage, model.StageRequest{NodeID: "n1", Entry: entry})
 	var appErr *temporal.ApplicationError
 	require.True(t, errors.As(env.GetWorkflowError(), &appErr))
 	require.Equal(t, model.ErrChecksumMismatch, appErr.Type())
@@ -72,24 +71,24 @@ func TestStageRetriesAfterHeartbeatTimeout(t *testing.T) {
 	var sa *activities.StagingActivities
 	env.RegisterActivity(sa)
 	calls := 0
-	env.OnActivity(sa.StageModel, mock.Anything, mock.Anything).Return(func(context.Context, activities.StageInput) (activities.StageResult, error) {
+	env.OnActivity(sa.StageModel, mock.Anything, mock.Anything).Return(func(context.Context, activities.StageInput) (model.StageResult, error) {
 		calls++
 		if calls < 3 {
-			return activities.StageResult{}, temporal.NewApplicationError("read: connection reset", "IO")
+			return model.StageResult{}, temporal.NewApplicationError("read: connection reset", "IO")
 		}
-		return activities.StageResult{SHA256: entry.SHA256}, nil
+		return model.StageResult{SHA256: entry.SHA256}, nil
 	})
-	env.ExecuteWorkflow(Stage, StageInput{NodeID: "n1", Entry: entry})
+	env.ExecuteWorkflow(Stage, model.StageRequest{NodeID: "n1", Entry: entry})
 	require.NoError(t, env.GetWorkflowError())
 	require.Equal(t, 3, calls)
 }
 
 func TestGCDryRunDeletesNothingAndRealRunSkipsInUse(t *testing.T) {
-	plan := modelstore.GCPlan{Evictions: []modelstore.Eviction{
+	plan := model.GCPlan{Evictions: []model.Eviction{
 		{Kind: "model", SHA256: strings.Repeat("a", 64), ModelID: "old", Reason: "lru", Bytes: 10},
 		{Kind: "model", SHA256: strings.Repeat("b", 64), ModelID: "busy", Reason: "lru", Bytes: 20},
 	}}
-	run := func(dry bool) (GCResult, int) {
+	run := func(dry bool) (model.GCResult, int) {
 		var ts testsuite.WorkflowTestSuite
 		env := ts.NewTestWorkflowEnvironment()
 		var ga *activities.GCActivities
@@ -97,20 +96,20 @@ func TestGCDryRunDeletesNothingAndRealRunSkipsInUse(t *testing.T) {
 		env.RegisterActivity(ga)
 		env.RegisterActivity(ca)
 		env.OnActivity(ca.Digests, mock.Anything).Return(activities.CatalogDigests{Known: true}, nil)
-		env.OnActivity(ga.PlanGC, mock.Anything, mock.MatchedBy(func(in activities.GCInput) bool {
+		env.OnActivity(ga.PlanGC, mock.Anything, mock.MatchedBy(func(in activities.PlanGCInput) bool {
 			return in.NodeID == "n1" && in.Catalog.Known && in.Policy.HighWatermark == 0.9
 		})).Return(plan, nil)
 		evicts := 0
 		env.OnActivity(ga.Evict, mock.Anything, mock.Anything).Return(func(_ context.Context, in activities.EvictInput) error {
 			evicts++
 			if in.Eviction.ModelID == "busy" {
-				return temporal.NewNonRetryableApplicationError("in use", activities.ErrInUse, nil)
+				return temporal.NewNonRetryableApplicationError("in use", model.ErrInUse, nil)
 			}
 			return nil
 		})
-		env.ExecuteWorkflow(GC, GCInput{NodeID: "n1", DryRun: dry, Policy: node.GCPolicy{HighWatermark: 0.9, LowWatermark: 0.5}})
+		env.ExecuteWorkflow(GC, model.GCInput{NodeID: "n1", DryRun: dry, Policy: node.GCPolicy{HighWatermark: 0.9, LowWatermark: 0.5}})
 		require.NoError(t, env.GetWorkflowError())
-		var res GCResult
+		var res model.GCResult
 		require.NoError(t, env.GetWorkflowResult(&res))
 		return res, evicts
 	}

@@ -12,9 +12,7 @@ import (
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/apiserver"
 	"github.com/llorch/llorch/config"
-	"github.com/llorch/llorch/modelclient"
-	"github.com/llorch/llorch/nodeclient"
-	"github.com/llorch/llorch/poolclient"
+	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/tokenstream"
 	"github.com/llorch/llorch/workers"
@@ -44,8 +42,8 @@ func apiserverCmd() *cobra.Command {
 			}
 			defer tc.Close()
 			reg := newRegistry()
-			nodes := &nodeclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, ContinueAsNewAfterEvents: canAfter,
-				Via: "rest", Metrics: nodeclient.NewMetrics(reg)}
+			nodes := &control.Nodes{Temporal: tc, Namespace: c.temporal.Namespace, ContinueAsNewAfterEvents: canAfter,
+				Via: "rest", Metrics: control.NewNodeMetrics(reg)}
 			store, err := openStore(s3, log)
 			if err != nil {
 				return err
@@ -57,8 +55,9 @@ func apiserverCmd() *cobra.Command {
 			sched := &scheduler.Scheduler{Capacity: queueCap, Policy: policy, Log: log, Metrics: scheduler.NewMetrics(reg)}
 			srv, err := apiserver.New(api, apiserver.Deps{
 				Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub,
-				Models: &modelclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, Nodes: nodes},
-				Pools:  &poolclient.Client{Temporal: tc, Namespace: c.temporal.Namespace},
+				Models: &control.Models{Temporal: tc, Namespace: c.temporal.Namespace, Nodes: nodes},
+				Pools:  &control.Pools{Temporal: tc, Namespace: c.temporal.Namespace},
+				Tasks:  &control.Tasks{Temporal: tc},
 			})
 			if err != nil {
 				return err
@@ -79,7 +78,7 @@ func apiserverCmd() *cobra.Command {
 				fx.Invoke(func(lc fx.Lifecycle) {
 					lc.Append(fx.Hook{
 						OnStart: func(ctx context.Context) error {
-							apiserver.EnsureSearchAttributes(ctx, tc, c.temporal.Namespace, log)
+							control.EnsureSearchAttributes(ctx, tc, c.temporal.Namespace, log)
 							return srv.Listen(api.Addr)
 						},
 						OnStop: srv.Shutdown,

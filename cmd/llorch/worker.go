@@ -16,14 +16,12 @@ import (
 
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/config"
+	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/cpuset"
 	"github.com/llorch/llorch/engine"
 	"github.com/llorch/llorch/inventory"
-	"github.com/llorch/llorch/modelclient"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
-	"github.com/llorch/llorch/nodeclient"
-	"github.com/llorch/llorch/poolclient"
 	"github.com/llorch/llorch/workers"
 )
 
@@ -111,16 +109,16 @@ func workerCmd() *cobra.Command {
 			defer tc.Close()
 			reg := newRegistry()
 			stagingMetrics := activities.NewStagingMetrics(reg)
-			nodes := &nodeclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, ContinueAsNewAfterEvents: canAfter,
-				Via: "worker", Metrics: nodeclient.NewMetrics(reg)}
+			nodes := &control.Nodes{Temporal: tc, Namespace: c.temporal.Namespace, ContinueAsNewAfterEvents: canAfter,
+				Via: "worker", Metrics: control.NewNodeMetrics(reg)}
 			agent := &workers.Agent{
 				NodeID: nodeID, Identity: identity, HeartbeatInterval: interval, Log: log,
 				Host:     workers.HostWithModels{InventorySource: host, Local: local, Log: log},
 				Nodes:    nodes,
 				Metrics:  activities.NewNodeMetrics(reg),
 				GC:       &activities.GCActivities{Local: local, Log: log, Metrics: activities.NewGCMetrics(reg), Catalog: stagingMetrics},
-				Models:   &modelclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, Nodes: nodes},
-				Pools:    &poolclient.Client{Temporal: tc, Namespace: c.temporal.Namespace},
+				Models:   &control.Models{Temporal: tc, Namespace: c.temporal.Namespace, Nodes: nodes},
+				Pools:    &control.Pools{Temporal: tc, Namespace: c.temporal.Namespace},
 				GCPolicy: gcPolicy, GCEvery: gcEvery,
 			}
 			if runtimeDir == "" {

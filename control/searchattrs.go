@@ -1,21 +1,30 @@
-package apiserver
+package control
 
 import (
 	"context"
 	"log/slog"
 
-	"github.com/llorch/llorch/searchattrs"
 	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/api/operatorservice/v1"
 	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/temporal"
+
+	"github.com/llorch/llorch/model"
+	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/pool"
 )
+
+// SearchAttributes are the typed (Keyword) search attributes llorch's
+// workflows set, so every place that registers them (llorch dev, the
+// apiserver, the test harness) registers the same set.
+var SearchAttributes = []temporal.SearchAttributeKeyKeyword{node.NodeIDKey, node.NodeStateKey, model.ModelIDKey, pool.PoolIDKey}
 
 // EnsureSearchAttributes registers llorch's typed search attributes when the
 // namespace lacks them. Managed clusters may forbid it; then it only warns,
 // since the operator must add them (see README).
 func EnsureSearchAttributes(ctx context.Context, c client.Client, namespace string, log *slog.Logger) {
 	want := map[string]enumspb.IndexedValueType{}
-	for _, k := range searchattrs.All {
+	for _, k := range SearchAttributes {
 		want[k.GetName()] = enumspb.INDEXED_VALUE_TYPE_KEYWORD
 	}
 	have, err := c.OperatorService().ListSearchAttributes(ctx, &operatorservice.ListSearchAttributesRequest{Namespace: namespace})

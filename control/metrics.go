@@ -1,17 +1,17 @@
-package nodeclient
+package control
 
 import "github.com/prometheus/client_golang/prometheus"
 
-// Metrics count registry changes where they are made, so the apiserver
+// NodeMetrics count registry changes where they are made, so the apiserver
 // (via=rest) and the node agent (via=worker) export the same series.
-type Metrics struct {
+type NodeMetrics struct {
 	registrations   *prometheus.CounterVec
 	deregistrations *prometheus.CounterVec
 }
 
-// NewMetrics registers the registry counters on reg.
-func NewMetrics(reg prometheus.Registerer) *Metrics {
-	m := &Metrics{
+// NewNodeMetrics registers the registry counters on reg.
+func NewNodeMetrics(reg prometheus.Registerer) *NodeMetrics {
+	m := &NodeMetrics{
 		registrations: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_node_registrations_total", Help: "Node registrations, by the path they came through (via=rest|worker).",
 		}, []string{"node_id", "via"}),

@@ -1,4 +1,4 @@
-package modelclient
+package control
 
 import (
 	"context"
@@ -14,18 +14,16 @@ import (
 	"go.temporal.io/sdk/converter"
 	"go.temporal.io/sdk/temporal"
 
-	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
-	"github.com/llorch/llorch/nodeclient"
-	"github.com/llorch/llorch/workflows"
 )
 
-// Client stages models and runs GC through Temporal.
-type Client struct {
+// Models is the client side of staging and GC: stage a model onto a
+// node, list what a node holds or is fetching, and run or schedule GC.
+type Models struct {
 	Temporal  client.Client
 	Namespace string
-	Nodes     *nodeclient.Client
+	Nodes     *Nodes
 }
 
 // Staging is a staging started or joined.
@@ -36,12 +34,26 @@ type Staging struct {
 
 // Stage starts the staging of e onto nodeID, or joins the one running: one
 // download per (node, digest), however many ask.
-func (c *Client) Stage(ctx context.Context, nodeID string, e model.Entry) (Staging, error) {
-	run, err := activities.StartStaging(ctx, c.Temporal, nodeID, e)
+func (c *Models) Stage(ctx context.Context, nodeID string, e model.Entry) (Staging, error) {
+	run, err := StartStaging(ctx, c.Temporal, nodeID, e)
 	if err != nil {
 		return Staging{}, fmt.Errorf("stage %s onto %s: %w", e.ID, nodeID, err)
 	}
 	return Staging{WorkflowID: run.GetID(), RunID: run.GetRunID()}, nil
+}
+
+// StartStaging starts the staging of e onto nodeID, or joins the one
+// running (one download per node and digest, however many ask).
+func StartStaging(ctx context.Context, c client.Client, nodeID string, e model.Entry) (client.WorkflowRun, error) {
+	return c.ExecuteWorkflow(ctx, client.StartWorkflowOptions{
+		ID:                       model.StageWorkflowID(nodeID, e.SHA256),
+		TaskQueue:                node.ControlTaskQueue,
+		WorkflowIDConflictPolicy: enumspb.WORKFLOW_ID_CONFLICT_POLICY_USE_EXISTING,
+		WorkflowIDReusePolicy:    enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
+		TypedSearchAttributes: temporal.NewSearchAttributes(
+			node.NodeIDKey.ValueSet(nodeID), model.ModelIDKey.ValueSet(e.ID)),
+		StaticSummary: fmt.Sprintf("stage %s (%s) onto %s", e.ID, e.SHA256[:12], nodeID),
+	}, model.StageWorkflowType, model.StageRequest{NodeID: nodeID, Entry: e})
 }
 
 // NodeModel is one model on (or on its way to) a node.
@@ -61,7 +73,7 @@ type NodeModel struct {
 
 // NodeModels lists what a node holds (from its latest heartbeat: the disk
 // is the truth) and what is being staged onto it or failed to be.
-func (c *Client) NodeModels(ctx context.Context, nodeID string) ([]NodeModel, error) {
+func (c *Models) NodeModels(ctx context.Context, nodeID string) ([]NodeModel, error) {
 	v, err := c.Nodes.Get(ctx, nodeID)
 	if err != nil {
 		return nil, err
@@ -95,7 +107,7 @@ func (c *Client) NodeModels(ctx context.Context, nodeID string) ([]NodeModel, er
 			if err != nil {
 				continue // finishing right now; the next read shows it
 			}
-			var st workflows.StageStatus
+			var st model.StageStatus
 			if err := val.Get(&st); err != nil || bySHA[st.SHA256] != nil {
 				continue
 			}
@@ -119,7 +131,7 @@ func (c *Client) NodeModels(ctx context.Context, nodeID string) ([]NodeModel, er
 
 // failed describes a staging that ended without the model: what it was
 // for (its input) and why it ended (its error, mapped to a stable code).
-func (c *Client) failed(ctx context.Context, wid string, e *workflowpb.WorkflowExecutionInfo) *NodeModel {
+func (c *Models) failed(ctx context.Context, wid string, e *workflowpb.WorkflowExecutionInfo) *NodeModel {
 	runID := e.GetExecution().GetRunId()
 	it := c.Temporal.GetWorkflowHistory(ctx, wid, runID, false, enumspb.HISTORY_EVENT_FILTER_TYPE_ALL_EVENT)
 	if !it.HasNext() {
@@ -129,21 +141,21 @@ func (c *Client) failed(ctx context.Context, wid string, e *workflowpb.WorkflowE
 	if err != nil {
 		return nil
 	}
-	var in workflows.StageInput
+	var in model.StageRequest
 	if err := converter.GetDefaultDataConverter().FromPayloads(
 		first.GetWorkflowExecutionStartedEventAttributes().GetInput(), &in); err != nil {
 		return nil
 	}
 	code, reason := "FAILED", "staging "+strings.ToLower(e.GetStatus().String())
 	if err := c.Temporal.GetWorkflow(ctx, wid, runID).Get(ctx, nil); err != nil {
-		code, reason = Failure(err)
+		code, reason = stagingFailure(err)
 	}
 	return &NodeModel{ModelID: in.Entry.ID, SHA256: in.Entry.SHA256, State: "failed", BytesTotal: in.Entry.Size,
 		Code: code, Reason: reason, WorkflowID: wid}
 }
 
-// Failure maps a staging error to its stable code and reason.
-func Failure(err error) (code, reason string) {
+// stagingFailure maps a staging error to its stable code and reason.
+func stagingFailure(err error) (code, reason string) {
 	var appErr *temporal.ApplicationError
 	if errors.As(err, &appErr) && appErr.Type() != "" {
 		return appErr.Type(), appErr.Message()

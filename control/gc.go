@@ -1,4 +1,4 @@
-package modelclient
+package control
 
 import (
 	"context"
@@ -13,13 +13,12 @@ import (
 
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
-	"github.com/llorch/llorch/workflows"
 )
 
 // RunGC runs GC on a node now and waits for its result. A real run joins
 // one already running (gc:<node>); a dry run has its own id so it never
 // joins, or is mistaken for, one that deletes.
-func (c *Client) RunGC(ctx context.Context, nodeID string, policy node.GCPolicy, dryRun bool, inUse []string) (workflows.GCResult, error) {
+func (c *Models) RunGC(ctx context.Context, nodeID string, policy node.GCPolicy, dryRun bool, inUse []string) (model.GCResult, error) {
 	id := model.GCWorkflowID(nodeID)
 	if dryRun {
 		id += ":dry-run"
@@ -31,23 +30,23 @@ func (c *Client) RunGC(ctx context.Context, nodeID string, policy node.GCPolicy,
 		WorkflowIDReusePolicy:    enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
 		TypedSearchAttributes:    temporal.NewSearchAttributes(node.NodeIDKey.ValueSet(nodeID)),
 		StaticSummary:            fmt.Sprintf("GC of node %s%s", nodeID, map[bool]string{true: " (dry run)"}[dryRun]),
-	}, model.GCWorkflowType, workflows.GCInput{NodeID: nodeID, Policy: policy, DryRun: dryRun, InUse: inUse})
+	}, model.GCWorkflowType, model.GCInput{NodeID: nodeID, Policy: policy, DryRun: dryRun, InUse: inUse})
 	if err != nil {
-		return workflows.GCResult{}, err
+		return model.GCResult{}, err
 	}
-	var res workflows.GCResult
+	var res model.GCResult
 	err = run.Get(ctx, &res)
 	return res, err
 }
 
 // ScheduleGC creates, or updates, the Temporal Schedule gc:<node> that runs
 // GC on the node every interval (overlaps skipped).
-func (c *Client) ScheduleGC(ctx context.Context, nodeID string, policy node.GCPolicy, every time.Duration) error {
+func (c *Models) ScheduleGC(ctx context.Context, nodeID string, policy node.GCPolicy, every time.Duration) error {
 	id := model.GCWorkflowID(nodeID)
 	spec := client.ScheduleSpec{Intervals: []client.ScheduleIntervalSpec{{Every: every}}}
 	action := &client.ScheduleWorkflowAction{
 		ID: id, Workflow: model.GCWorkflowType, TaskQueue: node.ControlTaskQueue,
-		Args:                  []any{workflows.GCInput{NodeID: nodeID, Policy: policy}},
+		Args:                  []any{model.GCInput{NodeID: nodeID, Policy: policy}},
 		TypedSearchAttributes: temporal.NewSearchAttributes(node.NodeIDKey.ValueSet(nodeID)),
 		StaticSummary:         "scheduled GC of node " + nodeID,
 	}
@@ -69,7 +68,7 @@ func (c *Client) ScheduleGC(ctx context.Context, nodeID string, policy node.GCPo
 }
 
 // UnscheduleGC deletes a node's GC schedule (the node left).
-func (c *Client) UnscheduleGC(ctx context.Context, nodeID string) error {
+func (c *Models) UnscheduleGC(ctx context.Context, nodeID string) error {
 	err := c.Temporal.ScheduleClient().GetHandle(ctx, model.GCWorkflowID(nodeID)).Delete(ctx)
 	var notFound *serviceerror.NotFound
 	if errors.As(err, &notFound) {

@@ -1,6 +1,4 @@
-// Package poolclient is the client side of pools: create, find, read and
-// drain pool workflows.
-package poolclient
+package control
 
 import (
 	"context"
@@ -18,26 +16,26 @@ import (
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
-	"github.com/llorch/llorch/workflows"
 )
 
-// Errors callers map to API codes.
+// Errors of pool calls, which callers map to API codes.
 var (
-	ErrNotFound = errors.New("pool not found")
-	ErrExists   = errors.New("pool exists")
-	ErrEnded    = errors.New("pool has ended")
+	ErrPoolNotFound = errors.New("pool not found")
+	ErrPoolExists   = errors.New("pool exists")
+	ErrPoolEnded    = errors.New("pool has ended")
 )
 
-// Client operates pools through Temporal.
-type Client struct {
+// Pools is the client side of pools: create, find, read, reload and
+// drain pool workflows, and report engines' handoffs to them.
+type Pools struct {
 	Temporal  client.Client
 	Namespace string
 }
 
 // Create starts a pool's workflow; a pool id is unique in the cluster.
-func (c *Client) Create(ctx context.Context, s pool.Spec) (string, error) {
+func (c *Pools) Create(ctx context.Context, s pool.Spec) (string, error) {
 	if _, running, err := c.find(ctx, s.PoolID); err == nil && running {
-		return "", ErrExists
+		return "", ErrPoolExists
 	}
 	id := pool.WorkflowID(s.NodeID, s.PoolID)
 	run, err := c.Temporal.ExecuteWorkflow(ctx, client.StartWorkflowOptions{
@@ -48,10 +46,10 @@ func (c *Client) Create(ctx context.Context, s pool.Spec) (string, error) {
 		TypedSearchAttributes: temporal.NewSearchAttributes(pool.PoolIDKey.ValueSet(s.PoolID),
 			node.NodeIDKey.ValueSet(s.NodeID), model.ModelIDKey.ValueSet(s.ModelID)),
 		StaticSummary: fmt.Sprintf("pool %s: %s on node %s (%s engine)", s.PoolID, s.ModelID, s.NodeID, s.Engine),
-	}, pool.WorkflowType, workflows.PoolInput{Spec: s})
+	}, pool.WorkflowType, pool.Input{Spec: s})
 	var started *serviceerror.WorkflowExecutionAlreadyStarted
 	if errors.As(err, &started) {
-		return "", ErrExists
+		return "", ErrPoolExists
 	}
 	if err != nil {
 		return "", err
@@ -60,7 +58,7 @@ func (c *Client) Create(ctx context.Context, s pool.Spec) (string, error) {
 }
 
 // find locates the newest workflow of a pool id.
-func (c *Client) find(ctx context.Context, poolID string) (execution, bool, error) {
+func (c *Pools) find(ctx context.Context, poolID string) (execution, bool, error) {
 	resp, err := c.Temporal.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{
 		Namespace: c.Namespace, PageSize: 1,
 		// A run that continued as new is history; its successor is the pool.
@@ -70,7 +68,7 @@ func (c *Client) find(ctx context.Context, poolID string) (execution, bool, erro
 		return execution{}, false, err
 	}
 	if len(resp.GetExecutions()) == 0 {
-		return execution{}, false, ErrNotFound
+		return execution{}, false, ErrPoolNotFound
 	}
 	e := resp.GetExecutions()[0]
 	return execution{id: e.GetExecution().GetWorkflowId(), run: e.GetExecution().GetRunId()},
@@ -80,7 +78,7 @@ func (c *Client) find(ctx context.Context, poolID string) (execution, bool, erro
 type execution struct{ id, run string }
 
 // Health reads one pool: by query while it runs, its result once ended.
-func (c *Client) Health(ctx context.Context, poolID string) (pool.Health, error) {
+func (c *Pools) Health(ctx context.Context, poolID string) (pool.Health, error) {
 	e, running, err := c.find(ctx, poolID)
 	if err != nil {
 		return pool.Health{}, err
@@ -98,14 +96,14 @@ func (c *Client) Health(ctx context.Context, poolID string) (pool.Health, error)
 }
 
 // List reads every running pool.
-func (c *Client) List(ctx context.Context) ([]pool.Health, error) {
+func (c *Pools) List(ctx context.Context) ([]pool.Health, error) {
 	pools, _, err := c.ListPartial(ctx)
 	return pools, err
 }
 
 // ListPartial reads every running pool; unread names the pools (by pool
 // id) whose query failed, which a caller may take from an earlier read.
-func (c *Client) ListPartial(ctx context.Context) (pools []pool.Health, unread []string, err error) {
+func (c *Pools) ListPartial(ctx context.Context) (pools []pool.Health, unread []string, err error) {
 	resp, err := c.Temporal.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{
 		Namespace: c.Namespace, PageSize: 1000,
 		Query: fmt.Sprintf("WorkflowType = '%s' AND ExecutionStatus = 'Running'", pool.WorkflowType),
@@ -142,13 +140,13 @@ func poolIDOf(workflowID string) (string, bool) {
 }
 
 // Drain stops a pool and returns its final health.
-func (c *Client) Drain(ctx context.Context, poolID string, r pool.DrainRequest) (pool.Health, error) {
+func (c *Pools) Drain(ctx context.Context, poolID string, r pool.DrainRequest) (pool.Health, error) {
 	e, running, err := c.find(ctx, poolID)
 	if err != nil {
 		return pool.Health{}, err
 	}
 	if !running {
-		return pool.Health{}, ErrEnded
+		return pool.Health{}, ErrPoolEnded
 	}
 	h, err := c.Temporal.UpdateWorkflow(ctx, client.UpdateWorkflowOptions{
 		WorkflowID: e.id, RunID: e.run, UpdateName: pool.UpdateDrain, Args: []any{r},
@@ -161,21 +159,21 @@ func (c *Client) Drain(ctx context.Context, poolID string, r pool.DrainRequest) 
 	return out, err
 }
 
-// ErrBusy is a reload refused because the pool drains or already reloads;
+// ErrPoolBusy is a reload refused because the pool drains or already reloads;
 // the error's text says which.
-var ErrBusy = errors.New("pool is busy")
+var ErrPoolBusy = errors.New("pool is busy")
 
 // Reload switches a pool to another model. It returns once the mode is
 // known (side by side, or drain first) or the reload failed before that; if
 // that takes longer than wait (a large model staging), it returns the
 // reload as far as it got, Step saying where.
-func (c *Client) Reload(ctx context.Context, poolID string, r pool.ReloadRequest, wait time.Duration) (pool.ReloadStatus, error) {
+func (c *Pools) Reload(ctx context.Context, poolID string, r pool.ReloadRequest, wait time.Duration) (pool.ReloadStatus, error) {
 	e, running, err := c.find(ctx, poolID)
 	if err != nil {
 		return pool.ReloadStatus{}, err
 	}
 	if !running {
-		return pool.ReloadStatus{}, ErrEnded
+		return pool.ReloadStatus{}, ErrPoolEnded
 	}
 	h, err := c.Temporal.UpdateWorkflow(ctx, client.UpdateWorkflowOptions{
 		WorkflowID: e.id, RunID: e.run, UpdateName: pool.UpdateReload, Args: []any{r},
@@ -197,23 +195,23 @@ func (c *Client) Reload(ctx context.Context, poolID string, r pool.ReloadRequest
 	return st, err
 }
 
-// rejection maps an update's validator errors to ErrEnded and ErrBusy.
+// rejection maps an update's validator errors to ErrPoolEnded and ErrPoolBusy.
 func rejection(err error) error {
 	var app *temporal.ApplicationError
 	if errors.As(err, &app) {
 		switch app.Type() {
 		case pool.ErrEnded:
-			return ErrEnded
+			return ErrPoolEnded
 		case pool.ErrDraining, pool.ErrReloadInProgress:
-			return fmt.Errorf("%w: %s", ErrBusy, app.Message())
+			return fmt.Errorf("%w: %s", ErrPoolBusy, app.Message())
 		}
 	}
 	return err
 }
 
 // Handoff tells a pool of an engine its node found (see pool.HandoffEvent).
-// ErrNotFound and ErrEnded say the pool is gone: the engine is nobody's.
-func (c *Client) Handoff(ctx context.Context, nodeID string, ev pool.HandoffEvent) (pool.HandoffReply, error) {
+// ErrPoolNotFound and ErrPoolEnded say the pool is gone: the engine is nobody's.
+func (c *Pools) Handoff(ctx context.Context, nodeID string, ev pool.HandoffEvent) (pool.HandoffReply, error) {
 	h, err := c.Temporal.UpdateWorkflow(ctx, client.UpdateWorkflowOptions{
 		WorkflowID: pool.WorkflowID(nodeID, ev.Handoff.PoolID), UpdateName: pool.UpdateHandoff, Args: []any{ev},
 		WaitForStage: client.WorkflowUpdateStageCompleted,
@@ -224,7 +222,7 @@ func (c *Client) Handoff(ctx context.Context, nodeID string, ev pool.HandoffEven
 	}
 	var nf *serviceerror.NotFound
 	if errors.As(err, &nf) {
-		return reply, ErrNotFound
+		return reply, ErrPoolNotFound
 	}
 	return reply, rejection(err)
 }

@@ -1,4 +1,4 @@
-package nodeclient
+package control
 
 import (
 	"context"
@@ -17,18 +17,20 @@ import (
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/llorch/llorch/node"
-	"github.com/llorch/llorch/workflows"
 )
 
-// Errors callers map to API codes.
+// Errors of node calls, which callers map to API codes.
 var (
-	ErrNotFound     = errors.New("node not found")
-	ErrLeft         = errors.New("node has left")
+	ErrNodeNotFound = errors.New("node not found")
+	ErrNodeLeft     = errors.New("node has left")
 	ErrAgentManaged = errors.New("node is managed by its llorch worker")
 )
 
-// Client performs node registry operations through Temporal.
-type Client struct {
+// Nodes is the client side of the node registry: the calls the apiserver
+// and the node agent make on node workflows (register, heartbeat, drain,
+// deregister, read). It maps Temporal's answers to the registry's own
+// errors so callers never inspect gRPC errors.
+type Nodes struct {
 	Temporal  client.Client
 	Namespace string
 	// ContinueAsNewAfterEvents is passed to workflows this client starts
@@ -37,12 +39,12 @@ type Client struct {
 	// Via labels this client's metrics: "rest" in the apiserver, "worker"
 	// in the node agent.
 	Via     string
-	Metrics *Metrics
+	Metrics *NodeMetrics
 }
 
-// View is a node as a reader sees it: the workflow's durable status plus the
+// NodeView is a node as a reader sees it: the workflow's durable status plus the
 // live figures of the latest heartbeat, which never enter history.
-type View struct {
+type NodeView struct {
 	node.Status
 	RunID         string
 	Live          *node.Snapshot
@@ -51,7 +53,7 @@ type View struct {
 
 // Register starts the node's workflow or signals the running one, in one
 // atomic call: racing registrations never make two workflows.
-func (c *Client) Register(ctx context.Context, reg node.Registration) error {
+func (c *Nodes) Register(ctx context.Context, reg node.Registration) error {
 	id := reg.NodeID
 	opts := client.StartWorkflowOptions{
 		ID:                    node.WorkflowID(id),
@@ -63,7 +65,7 @@ func (c *Client) Register(ctx context.Context, reg node.Registration) error {
 		StaticDetails: inventoryDetails(reg.Inventory),
 	}
 	_, err := c.Temporal.SignalWithStartWorkflow(ctx, opts.ID, node.SignalRegister, reg, opts,
-		workflows.Node, workflows.NodeInput{NodeID: id, ContinueAsNewAfterEvents: c.ContinueAsNewAfterEvents})
+		node.WorkflowType, node.Input{NodeID: id, ContinueAsNewAfterEvents: c.ContinueAsNewAfterEvents})
 	if err != nil {
 		return fmt.Errorf("register node %s: %w", id, err)
 	}
@@ -91,7 +93,7 @@ func inventoryDetails(inv node.Inventory) string {
 }
 
 // Update runs a drain, undrain or deregister update and returns the new status.
-func (c *Client) Update(ctx context.Context, nodeID, name string, req node.Request) (node.Status, error) {
+func (c *Nodes) Update(ctx context.Context, nodeID, name string, req node.Request) (node.Status, error) {
 	var st node.Status
 	var err error
 	// The server aborts an update whose workflow task failed, typically
@@ -127,34 +129,34 @@ func (c *Client) Update(ctx context.Context, nodeID, name string, req node.Reque
 	return st, nil
 }
 
-// mapErr turns "no such workflow" into ErrNotFound or ErrLeft.
-func (c *Client) mapErr(ctx context.Context, nodeID string, err error) error {
+// mapErr turns "no such workflow" into ErrNodeNotFound or ErrNodeLeft.
+func (c *Nodes) mapErr(ctx context.Context, nodeID string, err error) error {
 	var notFound *serviceerror.NotFound
 	var appErr *temporal.ApplicationError
-	if errors.As(err, &appErr) && appErr.Type() == node.ErrTypeLeft {
-		return ErrLeft
+	if errors.As(err, &appErr) && appErr.Type() == node.ErrLeft {
+		return ErrNodeLeft
 	}
 	if !errors.As(err, &notFound) {
 		return err
 	}
 	if _, derr := c.Temporal.DescribeWorkflowExecution(ctx, node.WorkflowID(nodeID), ""); derr != nil {
-		return ErrNotFound
+		return ErrNodeNotFound
 	}
-	return ErrLeft
+	return ErrNodeLeft
 }
 
 // Get reads one node.
-func (c *Client) Get(ctx context.Context, nodeID string) (View, error) {
+func (c *Nodes) Get(ctx context.Context, nodeID string) (NodeView, error) {
 	desc, err := c.Temporal.DescribeWorkflowExecution(ctx, node.WorkflowID(nodeID), "")
 	var notFound *serviceerror.NotFound
 	if errors.As(err, &notFound) {
-		return View{}, ErrNotFound
+		return NodeView{}, ErrNodeNotFound
 	}
 	if err != nil {
-		return View{}, err
+		return NodeView{}, err
 	}
 	info := desc.GetWorkflowExecutionInfo()
-	v := View{RunID: info.GetExecution().GetRunId()}
+	v := NodeView{RunID: info.GetExecution().GetRunId()}
 	switch info.GetStatus() {
 	case enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING:
 		val, err := c.Temporal.QueryWorkflow(ctx, node.WorkflowID(nodeID), v.RunID, node.QueryStatus)
@@ -180,7 +182,7 @@ func (c *Client) Get(ctx context.Context, nodeID string) (View, error) {
 
 // attachLive reads the latest heartbeat of the liveness session, which is at
 // most one beat old, from the pending activity.
-func (c *Client) attachLive(v *View, desc *workflowservice.DescribeWorkflowExecutionResponse) {
+func (c *Nodes) attachLive(v *NodeView, desc *workflowservice.DescribeWorkflowExecutionResponse) {
 	for _, pa := range desc.GetPendingActivities() {
 		if pa.GetActivityId() != v.LivenessActivityID || pa.GetState() != enumspb.PENDING_ACTIVITY_STATE_STARTED {
 			continue
@@ -200,7 +202,7 @@ func (c *Client) attachLive(v *View, desc *workflowservice.DescribeWorkflowExecu
 
 // List reads every node the namespace knows, running or left, newest run
 // per node id.
-func (c *Client) List(ctx context.Context) ([]View, error) {
+func (c *Nodes) List(ctx context.Context) ([]NodeView, error) {
 	seen := map[string]bool{}
 	var ids []string
 	var token []byte
@@ -227,7 +229,7 @@ func (c *Client) List(ctx context.Context) ([]View, error) {
 		}
 	}
 	sort.Strings(ids)
-	views := make([]View, len(ids))
+	views := make([]NodeView, len(ids))
 	errs := make([]error, len(ids))
 	sem := make(chan struct{}, 16)
 	var wg sync.WaitGroup
@@ -243,7 +245,7 @@ func (c *Client) List(ctx context.Context) ([]View, error) {
 	out := views[:0]
 	for i, v := range views {
 		switch {
-		case errors.Is(errs[i], ErrNotFound):
+		case errors.Is(errs[i], ErrNodeNotFound):
 			// Deleted between listing and reading.
 		case errs[i] != nil:
 			return nil, errs[i]
@@ -257,14 +259,14 @@ func (c *Client) List(ctx context.Context) ([]View, error) {
 // Heartbeat records a REST agent's heartbeat: on the open liveness session
 // by activity id (no history), or as an alive signal when the node was
 // Offline (one event per outage, not per beat).
-func (c *Client) Heartbeat(ctx context.Context, nodeID, identity string, snap node.Snapshot) (node.Status, error) {
+func (c *Nodes) Heartbeat(ctx context.Context, nodeID, identity string, snap node.Snapshot) (node.Status, error) {
 	v, err := c.Get(ctx, nodeID)
 	if err != nil {
 		return node.Status{}, err
 	}
 	switch {
 	case v.State == node.Left:
-		return v.Status, ErrLeft
+		return v.Status, ErrNodeLeft
 	case v.Agent != node.AgentHTTP:
 		return v.Status, ErrAgentManaged
 	}

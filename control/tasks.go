@@ -1,0 +1,102 @@
+package control
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	enumspb "go.temporal.io/api/enums/v1"
+	"go.temporal.io/api/serviceerror"
+	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/temporal"
+
+	"github.com/llorch/llorch/model"
+	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/task"
+)
+
+// Errors of task calls, which callers map to API codes.
+var (
+	ErrTaskNotFound = errors.New("task not found")
+	ErrTaskExists   = errors.New("task exists")
+)
+
+// Tasks is the client side of task workflows: start, read, wait for and
+// cancel them.
+type Tasks struct {
+	Temporal client.Client
+}
+
+// Start starts an admitted task's workflow. A task id is used once: a
+// second submission is ErrTaskExists, not the first task's handle.
+func (c *Tasks) Start(ctx context.Context, req task.Request) error {
+	_, err := c.Temporal.ExecuteWorkflow(ctx, client.StartWorkflowOptions{
+		ID:                       task.WorkflowID(req.TaskID),
+		TaskQueue:                node.ControlTaskQueue,
+		WorkflowIDConflictPolicy: enumspb.WORKFLOW_ID_CONFLICT_POLICY_FAIL,
+		WorkflowIDReusePolicy:    enumspb.WORKFLOW_ID_REUSE_POLICY_REJECT_DUPLICATE,
+		// A task id is used once: a second submission is an error, not
+		// the first task's handle.
+		WorkflowExecutionErrorWhenAlreadyStarted: true,
+		// The apiserver runs the control worker: the first workflow task
+		// comes back with the start, no dispatch round trip.
+		EnableEagerStart:      true,
+		Memo:                  map[string]any{"correlation_id": req.CorrelationID},
+		TypedSearchAttributes: temporal.NewSearchAttributes(model.ModelIDKey.ValueSet(req.ModelID)),
+		StaticSummary:         fmt.Sprintf("task %s: %s, %s priority", req.TaskID, req.ModelID, req.Priority),
+	}, task.WorkflowType, req)
+	var started *serviceerror.WorkflowExecutionAlreadyStarted
+	if errors.As(err, &started) {
+		return ErrTaskExists
+	}
+	return err
+}
+
+// Exists says whether a task's workflow exists (a describe, not a query:
+// no workflow task round trip); ErrTaskNotFound if not.
+func (c *Tasks) Exists(ctx context.Context, id string) error {
+	_, err := c.Temporal.DescribeWorkflowExecution(ctx, task.WorkflowID(id), "")
+	return notFound(err, ErrTaskNotFound)
+}
+
+// Status reads a task: its query while it runs, its result once ended.
+func (c *Tasks) Status(ctx context.Context, id string) (st task.Status, running bool, err error) {
+	d, err := c.Temporal.DescribeWorkflowExecution(ctx, task.WorkflowID(id), "")
+	if err != nil {
+		return st, false, notFound(err, ErrTaskNotFound)
+	}
+	if d.GetWorkflowExecutionInfo().GetStatus() == enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING {
+		v, err := c.Temporal.QueryWorkflow(ctx, task.WorkflowID(id), "", task.QueryStatus)
+		if err == nil {
+			err = v.Get(&st)
+		}
+		return st, true, err
+	}
+	st, err = c.Result(ctx, id)
+	return st, false, err
+}
+
+// Result waits for a task's workflow to close and returns its status.
+func (c *Tasks) Result(ctx context.Context, id string) (task.Status, error) {
+	var st task.Status
+	err := c.Temporal.GetWorkflow(ctx, task.WorkflowID(id), "").Get(ctx, &st)
+	return st, err
+}
+
+// Cancel asks a running task to stop; a task already gone is not an error.
+func (c *Tasks) Cancel(ctx context.Context, id, reason string) error {
+	err := c.Temporal.SignalWorkflow(ctx, task.WorkflowID(id), "", task.SignalCancel, reason)
+	if errors.Is(notFound(err, ErrTaskNotFound), ErrTaskNotFound) {
+		return nil
+	}
+	return err
+}
+
+// notFound turns Temporal's NotFound into sentinel.
+func notFound(err, sentinel error) error {
+	var nf *serviceerror.NotFound
+	if errors.As(err, &nf) {
+		return sentinel
+	}
+	return err
+}
