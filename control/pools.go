@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	enumspb "go.temporal.io/api/enums/v1"
@@ -120,7 +119,7 @@ func (c *Pools) ListPartial(ctx context.Context) (pools []pool.Health, unread []
 		}
 		if err != nil {
 			// Ended between list and query, or the query failed.
-			if id, ok := poolIDOf(e.GetExecution().GetWorkflowId()); ok {
+			if id, ok := pool.IDFromWorkflowID(e.GetExecution().GetWorkflowId()); ok {
 				unread = append(unread, id)
 			}
 			continue
@@ -128,15 +127,6 @@ func (c *Pools) ListPartial(ctx context.Context) (pools []pool.Health, unread []
 		out = append(out, h)
 	}
 	return out, unread, nil
-}
-
-// poolIDOf reads the pool id out of pool:<node>:<pool>.
-func poolIDOf(workflowID string) (string, bool) {
-	i := strings.LastIndexByte(workflowID, ':')
-	if !strings.HasPrefix(workflowID, "pool:") || i < 0 {
-		return "", false
-	}
-	return workflowID[i+1:], true
 }
 
 // Drain stops a pool and returns its final health.

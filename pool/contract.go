@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"time"
 
 	"go.temporal.io/sdk/temporal"
@@ -14,8 +15,19 @@ import (
 // WorkflowType is the registered name of the pool workflow.
 const WorkflowType = "Pool"
 
+const workflowIDPrefix = "pool:"
+
 // WorkflowID is the readable id of a pool's workflow.
-func WorkflowID(nodeID, poolID string) string { return "pool:" + nodeID + ":" + poolID }
+func WorkflowID(nodeID, poolID string) string { return workflowIDPrefix + nodeID + ":" + poolID }
+
+// IDFromWorkflowID reads the pool id out of pool:<node>:<pool>, the inverse
+// of WorkflowID.
+func IDFromWorkflowID(workflowID string) (string, bool) {
+	if !strings.HasPrefix(workflowID, workflowIDPrefix) {
+		return "", false
+	}
+	return workflowID[strings.LastIndexByte(workflowID, ':')+1:], true
+}
 
 // PoolIDKey finds a pool's workflow by pool id.
 var PoolIDKey = temporal.NewSearchAttributeKeyKeyword("PoolId")
