@@ -23,6 +23,14 @@ func Env(fs *pflag.FlagSet, flag, env string) {
 	f.Usage += " (env " + env + ")"
 }
 
+// EnvVar is the env var Apply reads for f, "" when it has none.
+func EnvVar(f *pflag.Flag) string {
+	if envs := f.Annotations[envAnnotation]; len(envs) > 0 {
+		return envs[0]
+	}
+	return ""
+}
+
 // Apply fills every flag the command line left unset from its env var, then
 // from the dev state file (home/dev.env), so `llorch worker` with no flags joins
 // a `llorch dev` cluster on the same machine.
@@ -33,19 +41,19 @@ func Apply(fs *pflag.FlagSet, home string) error {
 	}
 	var firstErr error
 	fs.VisitAll(func(f *pflag.Flag) {
-		envs := f.Annotations[envAnnotation]
-		if f.Changed || len(envs) == 0 || firstErr != nil {
+		env := EnvVar(f)
+		if f.Changed || env == "" || firstErr != nil {
 			return
 		}
-		v, ok := os.LookupEnv(envs[0])
+		v, ok := os.LookupEnv(env)
 		if !ok {
-			v, ok = devEnv[envs[0]]
+			v, ok = devEnv[env]
 		}
 		if !ok {
 			return
 		}
 		if err := f.Value.Set(v); err != nil {
-			firstErr = fmt.Errorf("env %s=%q for --%s: %w", envs[0], v, f.Name, err)
+			firstErr = fmt.Errorf("env %s=%q for --%s: %w", env, v, f.Name, err)
 		}
 	})
 	return firstErr
