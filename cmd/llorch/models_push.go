@@ -39,11 +39,9 @@ type modelsFlags struct {
 }
 
 func (f *modelsFlags) add(fs *pflag.FlagSet, withS3 bool) {
-	fs.StringVar(&f.home, "home", config.Home(), "state dir of llorch dev; its dev.env supplies defaults (env LLORCH_HOME)")
+	config.AddHomeFlag(fs, &f.home, homeUsage)
 	fs.StringVar(&f.apiURL, "api-url", "http://127.0.0.1:8080", "URL of the llorch apiserver")
-	config.Env(fs, "api-url", "LLORCH_API_URL")
 	fs.StringVar(&f.apiToken, "api-token", "", "bearer token of the llorch apiserver")
-	config.Env(fs, "api-token", "LLORCH_API_TOKEN")
 	if withS3 {
 		config.AddS3Flags(fs, &f.s3)
 	}
@@ -115,6 +113,7 @@ func modelsPushCmd() *cobra.Command {
 	cmd.Flags().BoolVar(&replace, "replace", false, "replace a registered model whose content differs")
 	cmd.Flags().DurationVar(&regTimeout, "register-timeout", 30*time.Minute,
 		"how long to wait for the apiserver to verify and register the upload (it hashes the whole object)")
+	config.BindEnv(cmd.Flags(), nil, "id", "key", "replace", "register-timeout")
 	return cmd
 }
 
@@ -379,6 +378,7 @@ func modelsLsCmd() *cobra.Command {
 	}
 	f.add(cmd.Flags(), false)
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the API's JSON instead of a table")
+	config.BindEnv(cmd.Flags(), nil, "json")
 	return cmd
 }
 
@@ -420,6 +420,7 @@ func modelsRmCmd() *cobra.Command {
 		},
 	}
 	f.add(cmd.Flags(), false)
+	config.BindEnv(cmd.Flags(), nil)
 	return cmd
 }
 
