@@ -128,3 +128,13 @@ func writeSelfSigned(t *testing.T, dir string) (certPath, keyPath string) {
 	require.NoError(t, os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600))
 	return certPath, keyPath
 }
+
+func TestParseBytes(t *testing.T) {
+	for in, want := range map[string]int64{"0": 0, "1GiB": 1 << 30, "1.5TB": 1.5e12, "1MiB": 1 << 20} {
+		n, err := ParseBytes("--disk-margin", in)
+		require.NoError(t, err, in)
+		require.Equal(t, want, n, in)
+	}
+	_, err := ParseBytes("--gc-budget", "lots")
+	require.EqualError(t, err, `--gc-budget "lots": want a size such as 500GiB`)
+}
