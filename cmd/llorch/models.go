@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -64,11 +65,17 @@ func apiHint(err error) error {
 	return err
 }
 
-// modelsSignalContext cancels on Ctrl-C or SIGTERM, so an upload stops and cleans up.
-func modelsSignalContext(cmd *cobra.Command) (context.Context, context.CancelFunc) {
+// modelsContext ends on Ctrl-C or SIGTERM, so an upload stops and cleans
+// up, and after timeout unless it is 0.
+func modelsContext(cmd *cobra.Command, timeout time.Duration) (context.Context, context.CancelFunc) {
 	ctx := cmd.Context()
 	if ctx == nil {
 		ctx = context.Background()
 	}
-	return signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	if timeout == 0 {
+		return ctx, stop
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	return ctx, func() { cancel(); stop() }
 }

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"io"
 	"text/tabwriter"
@@ -28,9 +27,7 @@ func modelsLsCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ctx, stop := modelsSignalContext(cmd)
-			defer stop()
-			ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			ctx, cancel := modelsContext(cmd, 30*time.Second)
 			defer cancel()
 			list, err := api.ListModels(ctx)
 			if err != nil {

@@ -52,7 +52,7 @@ func modelsPushCmd() *cobra.Command {
 			if err := model.ValidateKey(key); err != nil {
 				return fmt.Errorf("--key: %w", err)
 			}
-			ctx, stop := modelsSignalContext(cmd)
+			ctx, stop := modelsContext(cmd, 0)
 			defer stop()
 			p := modelPusher{out: cmd.OutOrStdout(), errOut: cmd.ErrOrStderr(), api: api, s3: f.s3,
 				id: id, key: key, replace: replace, regTimeout: regTimeout}

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"time"
 
@@ -27,9 +26,7 @@ func modelsRmCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ctx, stop := modelsSignalContext(cmd)
-			defer stop()
-			ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+			ctx, cancel := modelsContext(cmd, 60*time.Second)
 			defer cancel()
 			err = api.DeleteModel(ctx, id)
 			if apiclient.IsNotFound(err) {
