@@ -6,7 +6,7 @@ import (
 	"github.com/dustin/go-humanize"
 )
 
-// ParseBytes reads the size flag names, such as 500GiB, 1.5TB or 0.
+// ParseBytes reads v, a size such as 500GiB, 1.5TB or 0, given to flag.
 func ParseBytes(flag, v string) (int64, error) {
 	n, err := humanize.ParseBytes(v)
 	if err != nil {

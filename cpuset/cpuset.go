@@ -76,8 +76,8 @@ func Split(engines unix.CPUSet) (rest unix.CPUSet, err error) {
 	return rest, nil
 }
 
-// Reserve keeps engines to the engines: every thread of this process moves
-// to the rest of the CPUs it may use, which it returns.
+// Reserve leaves the CPUs in engines to the engines: every thread of this
+// process moves to the other CPUs it may use, which it returns.
 func Reserve(engines unix.CPUSet) (rest unix.CPUSet, err error) {
 	if rest, err = Split(engines); err != nil {
 		return rest, err
