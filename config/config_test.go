@@ -37,6 +37,7 @@ func TestPrecedenceFlagEnvDevFileDefault(t *testing.T) {
 	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
 	AddTemporalFlags(fs, &tc)
 	AddS3Flags(fs, &s3)
+	BindEnv(fs, nil)
 	require.NoError(t, fs.Parse([]string{"--s3-bucket", "from-flag"}))
 	require.NoError(t, Apply(fs, home))
 	require.Equal(t, "127.0.0.1:1111", tc.Address, "dev file beats the default")
@@ -51,8 +52,29 @@ func TestApplyRejectsBadEnvValue(t *testing.T) {
 	var tc Temporal
 	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
 	AddTemporalFlags(fs, &tc)
+	BindEnv(fs, nil)
 	require.NoError(t, fs.Parse(nil))
 	require.ErrorContains(t, Apply(fs, ""), "LLORCH_TEMPORAL_TLS")
+}
+
+func TestBindEnv(t *testing.T) {
+	t.Setenv("LLORCH_HOME", "/from-env")
+	var home, addr, gcBudget, id string
+	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+	AddHomeFlag(fs, &home, "state dir")
+	fs.StringVar(&addr, "addr", "", "listen address")
+	fs.StringVar(&gcBudget, "gc-budget", "0", "disk budget")
+	fs.StringVar(&id, "id", "", "model id")
+	BindEnv(fs, map[string]string{"addr": "LLORCH_API_ADDR"}, "id")
+	got := map[string]string{}
+	fs.VisitAll(func(f *pflag.Flag) { got[f.Name] = EnvVar(f) })
+	require.Equal(t, map[string]string{"home": "", "addr": "LLORCH_API_ADDR", "gc-budget": "LLORCH_GC_BUDGET", "id": ""}, got)
+	require.Equal(t, "/from-env", home, "--home takes LLORCH_HOME through its default")
+	require.Equal(t, "state dir (env LLORCH_HOME)", fs.Lookup("home").Usage)
+	require.Equal(t, "disk budget (env LLORCH_GC_BUDGET)", fs.Lookup("gc-budget").Usage)
+	require.Equal(t, "model id", fs.Lookup("id").Usage)
+	require.PanicsWithValue(t, "config: no flag iid", func() { BindEnv(fs, nil, "iid") })
+	require.PanicsWithValue(t, "config: no flag adr", func() { BindEnv(fs, map[string]string{"adr": "X"}) })
 }
 
 func TestTemporalClientOptions(t *testing.T) {
@@ -105,4 +127,14 @@ func writeSelfSigned(t *testing.T, dir string) (certPath, keyPath string) {
 	require.NoError(t, os.WriteFile(certPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600))
 	require.NoError(t, os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600))
 	return certPath, keyPath
+}
+
+func TestParseBytes(t *testing.T) {
+	for in, want := range map[string]int64{"0": 0, "1GiB": 1 << 30, "1.5TB": 1.5e12, "1MiB": 1 << 20} {
+		n, err := ParseBytes("--disk-margin", in)
+		require.NoError(t, err, in)
+		require.Equal(t, want, n, in)
+	}
+	_, err := ParseBytes("--gc-budget", "lots")
+	require.EqualError(t, err, `--gc-budget "lots": want a size such as 500GiB`)
 }

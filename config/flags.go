@@ -12,15 +12,59 @@ import (
 
 const envAnnotation = "llorch_env"
 
-// Env registers env as the fallback of an already defined flag and notes it
-// in the flag's usage so --help shows it.
-func Env(fs *pflag.FlagSet, flag, env string) {
-	f := fs.Lookup(flag)
-	if f == nil {
-		panic("config: no flag " + flag)
+// BindEnv gives every flag on fs the env var Apply reads for it: LLORCH_ and
+// the flag's name upper-cased, '-' as '_' (--gc-budget: LLORCH_GC_BUDGET),
+// so a knob has one name. renamed maps the flags whose env var is named
+// otherwise; without lists the flags that have none. --home is left out: its
+// default reads LLORCH_HOME (see AddHomeFlag). Call it once all flags are
+// defined; it notes each env var in its flag's usage, for --help.
+func BindEnv(fs *pflag.FlagSet, renamed map[string]string, without ...string) {
+	skip := map[string]bool{homeFlag: true}
+	for _, name := range without {
+		skip[mustLookup(fs, name).Name] = true
 	}
-	_ = fs.SetAnnotation(flag, envAnnotation, []string{env})
-	f.Usage += " (env " + env + ")"
+	for name := range renamed {
+		mustLookup(fs, name)
+	}
+	fs.VisitAll(func(f *pflag.Flag) {
+		if skip[f.Name] {
+			return
+		}
+		env, ok := renamed[f.Name]
+		if !ok {
+			env = "LLORCH_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		}
+		_ = fs.SetAnnotation(f.Name, envAnnotation, []string{env})
+		f.Usage += " (env " + env + ")"
+	})
+}
+
+func mustLookup(fs *pflag.FlagSet, name string) *pflag.Flag {
+	f := fs.Lookup(name)
+	if f == nil {
+		panic("config: no flag " + name)
+	}
+	return f
+}
+
+const (
+	homeFlag = "home"
+	homeEnv  = "LLORCH_HOME"
+)
+
+// AddHomeFlag defines --home, the state dir whose dev.env Apply reads. Its
+// default reads LLORCH_HOME (Home): Apply cannot, as it needs the dir
+// before it reads dev.env.
+func AddHomeFlag(fs *pflag.FlagSet, home *string, usage string) {
+	fs.StringVar(home, homeFlag, Home(), usage+" (env "+homeEnv+")")
+}
+
+// EnvVar is the env var Apply reads for f, "" when it has none.
+func EnvVar(f *pflag.Flag) string {
+	if envs := f.Annotations[envAnnotation]; len(envs) > 0 {
+		return envs[0]
+	}
+	return ""
 }
 
 // Apply fills every flag the command line left unset from its env var, then
@@ -33,19 +77,19 @@ func Apply(fs *pflag.FlagSet, home string) error {
 	}
 	var firstErr error
 	fs.VisitAll(func(f *pflag.Flag) {
-		envs := f.Annotations[envAnnotation]
-		if f.Changed || len(envs) == 0 || firstErr != nil {
+		env := EnvVar(f)
+		if f.Changed || env == "" || firstErr != nil {
 			return
 		}
-		v, ok := os.LookupEnv(envs[0])
+		v, ok := os.LookupEnv(env)
 		if !ok {
-			v, ok = devEnv[envs[0]]
+			v, ok = devEnv[env]
 		}
 		if !ok {
 			return
 		}
 		if err := f.Value.Set(v); err != nil {
-			firstErr = fmt.Errorf("env %s=%q for --%s: %w", envs[0], v, f.Name, err)
+			firstErr = fmt.Errorf("env %s=%q for --%s: %w", env, v, f.Name, err)
 		}
 	})
 	return firstErr
@@ -100,7 +144,7 @@ func WriteDevEnv(home string, kv [][2]string) error {
 
 // Home is the state dir: LLORCH_HOME or .llorch in the working directory.
 func Home() string {
-	if h := os.Getenv("LLORCH_HOME"); h != "" {
+	if h := os.Getenv(homeEnv); h != "" {
 		return h
 	}
 	return ".llorch"

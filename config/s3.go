@@ -15,15 +15,9 @@ type S3 struct {
 // AddS3Flags defines the object store flags on fs.
 func AddS3Flags(fs *pflag.FlagSet, s *S3) {
 	fs.StringVar(&s.Endpoint, "s3-endpoint", "127.0.0.1:7070", "S3 endpoint host:port (MinIO, versitygw)")
-	Env(fs, "s3-endpoint", "LLORCH_S3_ENDPOINT")
 	fs.StringVar(&s.AccessKey, "s3-access-key", "", "S3 access key")
-	Env(fs, "s3-access-key", "LLORCH_S3_ACCESS_KEY")
 	fs.StringVar(&s.SecretKey, "s3-secret-key", "", "S3 secret key")
-	Env(fs, "s3-secret-key", "LLORCH_S3_SECRET_KEY")
 	fs.StringVar(&s.Bucket, "s3-bucket", "llorch-models", "bucket that holds the GGUF models")
-	Env(fs, "s3-bucket", "LLORCH_S3_BUCKET")
 	fs.StringVar(&s.Region, "s3-region", "us-east-1", "S3 region")
-	Env(fs, "s3-region", "LLORCH_S3_REGION")
 	fs.BoolVar(&s.TLS, "s3-tls", false, "use https for S3")
-	Env(fs, "s3-tls", "LLORCH_S3_TLS")
 }

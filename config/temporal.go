@@ -29,23 +29,14 @@ type Temporal struct {
 // AddTemporalFlags defines the Temporal connection flags on fs.
 func AddTemporalFlags(fs *pflag.FlagSet, t *Temporal) {
 	fs.StringVar(&t.Address, "temporal-address", "127.0.0.1:7233", "Temporal frontend host:port")
-	Env(fs, "temporal-address", "LLORCH_TEMPORAL_ADDRESS")
 	fs.StringVar(&t.Namespace, "temporal-namespace", "default", "Temporal namespace")
-	Env(fs, "temporal-namespace", "LLORCH_TEMPORAL_NAMESPACE")
 	fs.BoolVar(&t.TLS, "temporal-tls", false, "connect to Temporal over TLS (implied by the other TLS flags and the API key)")
-	Env(fs, "temporal-tls", "LLORCH_TEMPORAL_TLS")
 	fs.StringVar(&t.CACert, "temporal-tls-ca", "", "PEM file of the CA that signed the Temporal server certificate")
-	Env(fs, "temporal-tls-ca", "LLORCH_TEMPORAL_TLS_CA")
 	fs.StringVar(&t.ClientCert, "temporal-tls-cert", "", "PEM client certificate for mTLS")
-	Env(fs, "temporal-tls-cert", "LLORCH_TEMPORAL_TLS_CERT")
 	fs.StringVar(&t.ClientKey, "temporal-tls-key", "", "PEM client key for mTLS")
-	Env(fs, "temporal-tls-key", "LLORCH_TEMPORAL_TLS_KEY")
 	fs.StringVar(&t.ServerName, "temporal-tls-server-name", "", "server name to verify in the Temporal certificate")
-	Env(fs, "temporal-tls-server-name", "LLORCH_TEMPORAL_TLS_SERVER_NAME")
 	fs.StringVar(&t.APIKey, "temporal-api-key", "", "Temporal Cloud API key (sent as a bearer credential over TLS)")
-	Env(fs, "temporal-api-key", "LLORCH_TEMPORAL_API_KEY")
 	fs.StringVar(&t.Compression, "temporal-grpc-compression", "gzip", "compression of requests to Temporal: gzip (for slow links, Temporal Cloud) or none (saves CPU on both ends in one datacenter)")
-	Env(fs, "temporal-grpc-compression", "LLORCH_TEMPORAL_GRPC_COMPRESSION")
 }
 
 // ClientOptions builds SDK client options; identity names the process in the UI.

@@ -76,6 +76,15 @@ func Split(engines unix.CPUSet) (rest unix.CPUSet, err error) {
 	return rest, nil
 }
 
+// Reserve leaves the CPUs in engines to the engines: every thread of this
+// process moves to the other CPUs it may use, which it returns.
+func Reserve(engines unix.CPUSet) (rest unix.CPUSet, err error) {
+	if rest, err = Split(engines); err != nil {
+		return rest, err
+	}
+	return rest, PinProcess(0, rest)
+}
+
 // PinProcess sets the affinity of every thread of process pid (0: this
 // one); threads started later inherit it from the thread that starts them.
 func PinProcess(pid int, set unix.CPUSet) error {

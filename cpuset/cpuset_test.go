@@ -50,9 +50,13 @@ func TestSplitAndPin(t *testing.T) {
 	// Pinning this process and back.
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	require.NoError(t, PinProcess(0, rest))
+	reserved, err := Reserve(engines)
+	require.NoError(t, err)
+	require.Equal(t, Format(rest), Format(reserved))
 	now, err := Of(0)
 	require.NoError(t, err)
 	require.Equal(t, Format(rest), Format(now))
 	require.NoError(t, PinProcess(0, have))
+	_, err = Reserve(have)
+	require.ErrorContains(t, err, "leave at least one")
 }

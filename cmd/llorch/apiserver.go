@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"go.temporal.io/sdk/client"
 	"go.uber.org/fx"
 
@@ -19,94 +20,100 @@ import (
 )
 
 func apiserverCmd() *cobra.Command {
-	var c common
-	var api apiserver.Config
-	var canAfter, queueCap int
-	var policy string
-	var s3 config.S3
+	var f apiserverFlags
 	cmd := &cobra.Command{
 		Use:   "apiserver",
 		Short: "serve the REST API and run the control worker (all workflows)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := config.Apply(cmd.Flags(), c.home); err != nil {
+			if err := config.Apply(cmd.Flags(), f.home); err != nil {
 				return err
 			}
-			log, err := c.logger("component", "apiserver", "machine_id", hostname())
-			if err != nil {
-				return err
-			}
-			tc, err := c.dial(log, workers.ClientIdentity("apiserver", "", hostname(), os.Getpid()))
-			if err != nil {
-				return err
-			}
-			defer tc.Close()
-			reg := newRegistry()
-			nodes := &control.Nodes{Temporal: tc, Namespace: c.temporal.Namespace, ContinueAsNewAfterEvents: canAfter,
-				Via: "rest", Metrics: control.NewNodeMetrics(reg)}
-			store, err := openStore(s3, log)
-			if err != nil {
-				return err
-			}
-			hub := &tokenstream.Hub{}
-			if policy != scheduler.Reject && policy != scheduler.DropLRU {
-				return fmt.Errorf("--admission-policy: want %s or %s, got %q", scheduler.Reject, scheduler.DropLRU, policy)
-			}
-			sched := &scheduler.Scheduler{Capacity: queueCap, Policy: policy, Log: log, Metrics: scheduler.NewMetrics(reg)}
-			srv, err := apiserver.New(api, apiserver.Deps{
-				Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub,
-				Models: &control.Models{Temporal: tc, Namespace: c.temporal.Namespace, Nodes: nodes},
-				Pools:  &control.Pools{Temporal: tc, Namespace: c.temporal.Namespace},
-				Tasks:  &control.Tasks{Temporal: tc},
-			})
-			if err != nil {
-				return err
-			}
-			sched.Source = srv.Candidates
-			schedCtx, stopSched := context.WithCancel(context.Background())
-			defer stopSched()
-			return runApp(log, c.pprof(log),
-				fx.Supply(log, &activities.CatalogActivities{Store: store}, fx.Annotate(tc, fx.As(new(client.Client))),
-					&scheduler.TaskControl{S: sched, Hub: hub, Metrics: sched.Metrics}),
-				workers.ControlModule,
-				fx.Invoke(func(lc fx.Lifecycle) {
-					lc.Append(fx.Hook{
-						OnStart: func(context.Context) error { go sched.Run(schedCtx); return nil },
-						OnStop:  func(context.Context) error { stopSched(); return nil },
-					})
-				}),
-				fx.Invoke(func(lc fx.Lifecycle) {
-					lc.Append(fx.Hook{
-						OnStart: func(ctx context.Context) error {
-							control.EnsureSearchAttributes(ctx, tc, c.temporal.Namespace, log)
-							return srv.Listen(api.Addr)
-						},
-						OnStop: srv.Shutdown,
-					})
-				}),
-			)
+			return runAPIServer(&f)
 		},
 	}
-	fs := cmd.Flags()
-	c.addFlags(fs)
-	fs.StringVar(&api.Addr, "addr", "127.0.0.1:8080", "REST API listen address")
-	config.Env(fs, "addr", "LLORCH_API_ADDR")
-	fs.StringVar(&api.AdvertiseURL, "advertise-url", "", "URL nodes push token streams to (default http://<addr>)")
-	config.Env(fs, "advertise-url", "LLORCH_ADVERTISE_URL")
-	fs.BoolVar(&api.AutoPools, "auto-pools", false, "a task for a model no pool serves starts a pool for it (else 503 POOL_UNAVAILABLE)")
-	config.Env(fs, "auto-pools", "LLORCH_AUTO_POOLS")
-	fs.IntVar(&api.AutoPoolSlots, "auto-pool-slots", 2, "slots of a pool started for a task")
-	config.Env(fs, "auto-pool-slots", "LLORCH_AUTO_POOL_SLOTS")
-	fs.IntVar(&api.AutoPoolCtx, "auto-pool-ctx", 0, "context of a pool started for a task (0: the model's)")
-	config.Env(fs, "auto-pool-ctx", "LLORCH_AUTO_POOL_CTX")
-	fs.IntVar(&queueCap, "queue-capacity", 1024, "tasks that may wait per priority (interactive, batch); more get 429 ADMISSION_REJECT")
-	config.Env(fs, "queue-capacity", "LLORCH_QUEUE_CAPACITY")
-	fs.StringVar(&policy, "admission-policy", scheduler.Reject, "when a queue is full: reject (429 ADMISSION_REJECT) or drop-lru (fail the longest-waiting task instead)")
-	config.Env(fs, "admission-policy", "LLORCH_ADMISSION_POLICY")
-	fs.StringVar(&api.Token, "api-token", "", "bearer token every /v2 call must present; required to bind a non-loopback address")
-	config.Env(fs, "api-token", "LLORCH_API_TOKEN")
-	fs.IntVar(&canAfter, "node-continue-as-new-events", 0, "continue node workflows as new after this many history events (0: when Temporal suggests)")
-	config.Env(fs, "node-continue-as-new-events", "LLORCH_NODE_CONTINUE_AS_NEW_EVENTS")
-	config.AddS3Flags(fs, &s3)
+	f.addFlags(cmd.Flags())
+	config.BindEnv(cmd.Flags(), map[string]string{"addr": "LLORCH_API_ADDR"})
 	return cmd
+}
+
+// apiserverFlags are the settings of `llorch apiserver`.
+type apiserverFlags struct {
+	common
+	api                apiserver.Config
+	canAfter, queueCap int
+	policy             string
+	s3                 config.S3
+}
+
+func (f *apiserverFlags) addFlags(fs *pflag.FlagSet) {
+	f.common.addFlags(fs)
+	fs.StringVar(&f.api.Addr, "addr", "127.0.0.1:8080", "REST API listen address")
+	fs.StringVar(&f.api.AdvertiseURL, "advertise-url", "", "URL nodes push token streams to (default http://<addr>)")
+	fs.BoolVar(&f.api.AutoPools, "auto-pools", false, "a task for a model no pool serves starts a pool for it (else 503 POOL_UNAVAILABLE)")
+	fs.IntVar(&f.api.AutoPoolSlots, "auto-pool-slots", 2, "slots of a pool started for a task")
+	fs.IntVar(&f.api.AutoPoolCtx, "auto-pool-ctx", 0, "context of a pool started for a task (0: the model's)")
+	fs.IntVar(&f.queueCap, "queue-capacity", 1024, "tasks that may wait per priority (interactive, batch); more get 429 ADMISSION_REJECT")
+	fs.StringVar(&f.policy, "admission-policy", scheduler.Reject, "when a queue is full: reject (429 ADMISSION_REJECT) or drop-lru (fail the longest-waiting task instead)")
+	fs.StringVar(&f.api.Token, "api-token", "", "bearer token every /v2 call must present; required to bind a non-loopback address")
+	fs.IntVar(&f.canAfter, "node-continue-as-new-events", 0, "continue node workflows as new after this many history events (0: when Temporal suggests)")
+	config.AddS3Flags(fs, &f.s3)
+}
+
+// runAPIServer serves the REST API and runs the control worker until
+// SIGINT or SIGTERM.
+func runAPIServer(f *apiserverFlags) error {
+	log, err := f.logger("component", "apiserver", "machine_id", hostname())
+	if err != nil {
+		return err
+	}
+	tc, err := f.dial(log, workers.ClientIdentity("apiserver", "", hostname(), os.Getpid()))
+	if err != nil {
+		return err
+	}
+	defer tc.Close()
+	reg := newRegistry()
+	nodes := &control.Nodes{Temporal: tc, Namespace: f.temporal.Namespace, ContinueAsNewAfterEvents: f.canAfter,
+		Via: "rest", Metrics: control.NewNodeMetrics(reg)}
+	store, err := openStore(f.s3, log)
+	if err != nil {
+		return err
+	}
+	hub := &tokenstream.Hub{}
+	if f.policy != scheduler.Reject && f.policy != scheduler.DropLRU {
+		return fmt.Errorf("--admission-policy: want %s or %s, got %q", scheduler.Reject, scheduler.DropLRU, f.policy)
+	}
+	sched := &scheduler.Scheduler{Capacity: f.queueCap, Policy: f.policy, Log: log, Metrics: scheduler.NewMetrics(reg)}
+	srv, err := apiserver.New(f.api, apiserver.Deps{
+		Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub,
+		Models: &control.Models{Temporal: tc, Namespace: f.temporal.Namespace, Nodes: nodes},
+		Pools:  &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace},
+		Tasks:  &control.Tasks{Temporal: tc},
+	})
+	if err != nil {
+		return err
+	}
+	sched.Source = srv.Candidates
+	schedCtx, stopSched := context.WithCancel(context.Background())
+	defer stopSched()
+	return runApp(log, f.pprof(log),
+		fx.Supply(log, &activities.CatalogActivities{Store: store}, fx.Annotate(tc, fx.As(new(client.Client))),
+			&scheduler.TaskControl{S: sched, Hub: hub, Metrics: sched.Metrics}),
+		workers.ControlModule,
+		fx.Invoke(func(lc fx.Lifecycle) {
+			lc.Append(fx.Hook{
+				OnStart: func(context.Context) error { go sched.Run(schedCtx); return nil },
+				OnStop:  func(context.Context) error { stopSched(); return nil },
+			})
+		}),
+		fx.Invoke(func(lc fx.Lifecycle) {
+			lc.Append(fx.Hook{
+				OnStart: func(ctx context.Context) error {
+					control.EnsureSearchAttributes(ctx, tc, f.temporal.Namespace, log)
+					return srv.Listen(f.api.Addr)
+				},
+				OnStop: srv.Shutdown,
+			})
+		}),
+	)
 }

@@ -36,27 +36,36 @@ func version() string {
 	return "dev"
 }
 
+// homeUsage is the meaning of --home to the commands that join a dev cluster.
+const homeUsage = "state dir of llorch dev; its dev.env supplies defaults"
+
 // common holds the flags every long-running command shares.
 type common struct {
-	home      string
-	logFormat string
-	logLevel  string
+	home string
+	logFlags
 	temporal  config.Temporal
 	connect   time.Duration
 	pprofAddr string
 }
 
 func (c *common) addFlags(fs *pflag.FlagSet) {
-	fs.StringVar(&c.home, "home", config.Home(), "state dir of llorch dev; its dev.env supplies defaults (env LLORCH_HOME)")
-	fs.StringVar(&c.logFormat, "log-format", "text", "log format: text or json")
-	config.Env(fs, "log-format", "LLORCH_LOG_FORMAT")
-	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
-	config.Env(fs, "log-level", "LLORCH_LOG_LEVEL")
+	config.AddHomeFlag(fs, &c.home, homeUsage)
+	c.logFlags.addFlags(fs)
 	fs.DurationVar(&c.connect, "temporal-connect-timeout", 60*time.Second, "how long to keep trying to reach Temporal at start")
-	config.Env(fs, "temporal-connect-timeout", "LLORCH_TEMPORAL_CONNECT_TIMEOUT")
 	fs.StringVar(&c.pprofAddr, "pprof-addr", "", "serve Go's /debug/pprof profiles on this address (off when empty; keep it private)")
-	config.Env(fs, "pprof-addr", "LLORCH_PPROF_ADDR")
 	config.AddTemporalFlags(fs, &c.temporal)
+}
+
+// logFlags choose the format and level of the log on stderr.
+type logFlags struct{ format, level string }
+
+func (l *logFlags) addFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&l.format, "log-format", "text", "log format: text or json")
+	fs.StringVar(&l.level, "log-level", "info", "log level: debug, info, warn, error")
+}
+
+func (l *logFlags) logger(attrs ...any) (*slog.Logger, error) {
+	return logging.New(os.Stderr, l.format, l.level, attrs...)
 }
 
 // pprof serves net/http/pprof on --pprof-addr, apart from the API and
@@ -87,10 +96,6 @@ func (c *common) pprof(log *slog.Logger) fx.Option {
 			OnStop: srv.Shutdown,
 		})
 	})
-}
-
-func (c *common) logger(attrs ...any) (*slog.Logger, error) {
-	return logging.New(os.Stderr, c.logFormat, c.logLevel, attrs...)
 }
 
 // dial connects to Temporal, retrying while it starts (compose, systemd and

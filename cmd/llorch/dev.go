@@ -37,7 +37,7 @@ func devCmd() *cobra.Command {
 		},
 	}
 	fs := cmd.Flags()
-	fs.StringVar(&cfg.Home, "home", config.Home(), "state dir: dev.env, Temporal database, S3 data, model catalogs (env LLORCH_HOME)")
+	config.AddHomeFlag(fs, &cfg.Home, "state dir: dev.env, Temporal database, S3 data, model catalogs")
 	fs.StringVar(&cfg.NodeID, "node-id", devcluster.DefaultNodeID(), "id of the local node the dev worker runs")
 	fs.StringVar(&cfg.TemporalBin, "temporal-bin", "", "Temporal CLI binary (default ./bin/temporal, else temporal on PATH)")
 	fs.StringVar(&cfg.VersitygwBin, "versitygw-bin", "", "versitygw binary (default ./bin/versitygw, else versitygw on PATH)")

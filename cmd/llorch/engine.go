@@ -14,7 +14,6 @@ import (
 
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/engine"
-	"github.com/llorch/llorch/logging"
 )
 
 // llamaServerShorthands maps llama-server's multi-letter single-dash flags,
@@ -32,12 +31,11 @@ const exitLeaseLapsed = 75
 // libllama, for CPU nodes, dev and CI (DESIGN decision 7).
 func engineCmd() *cobra.Command {
 	var (
-		o         engine.Options
-		logFormat string
-		logLevel  string
-		ngl       int
-		lease     string
-		leaseTTL  time.Duration
+		o        engine.Options
+		logs     logFlags
+		ngl      int
+		lease    string
+		leaseTTL time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "engine --model PATH [--host H] [--port N] [-c N] [-np N] [-t N] [-a ALIAS]",
@@ -70,7 +68,7 @@ func engineCmd() *cobra.Command {
 			if err := config.Apply(fs, ""); err != nil {
 				return err
 			}
-			log, err := logging.New(os.Stderr, logFormat, logLevel, "component", "engine")
+			log, err := logs.logger("component", "engine")
 			if err != nil {
 				return err
 			}
@@ -133,16 +131,16 @@ func engineCmd() *cobra.Command {
 	fs.StringVarP(&o.Alias, "alias", "a", "", "model name reported by the API (default: the file name)")
 	fs.Int64Var(&o.Seed, "seed", -1, "default sampling seed of requests that send none (-1: random)")
 	fs.StringVar(&o.LibDir, "lib-dir", "", "directory with libllama.so and libggml*.so (default ./bin/llama)")
-	config.Env(fs, "lib-dir", engine.LibDirEnv)
 	fs.IntVar(&ngl, "n-gpu-layers", 0, "accepted for llama-server compatibility (-ngl); ignored: CPU only")
 	fs.Bool("metrics", true, "accepted for llama-server compatibility; /metrics is always on")
 	fs.Bool("no-ui", true, "accepted for llama-server compatibility; there is no UI")
 	fs.StringVar(&lease, "supervisor-lease", "", "llorch: exit when this file's mtime is older than --supervisor-timeout (the worker renews it)")
 	fs.DurationVar(&leaseTTL, "supervisor-timeout", time.Minute, "llorch: how long the engine runs without its supervisor")
-	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
-	config.Env(fs, "log-format", "LLORCH_LOG_FORMAT")
-	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
-	config.Env(fs, "log-level", "LLORCH_LOG_LEVEL")
+	logs.addFlags(fs)
 	fs.BoolP("help", "h", false, "help for engine")
+	// llama-server's own flags and those the worker sets take no env var.
+	config.BindEnv(fs, map[string]string{"lib-dir": engine.LibDirEnv},
+		"model", "host", "port", "ctx-size", "parallel", "threads", "alias", "seed",
+		"n-gpu-layers", "metrics", "no-ui", "help", "supervisor-lease", "supervisor-timeout")
 	return cmd
 }

@@ -13,6 +13,13 @@ import (
 
 func main() {
 	signal.Notify(stopSignals, syscall.SIGINT, syscall.SIGTERM)
+	if err := rootCmd().Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "llorch:", err)
+		os.Exit(1)
+	}
+}
+
+func rootCmd() *cobra.Command {
 	root := &cobra.Command{
 		Use:           "llorch",
 		Short:         "llama.cpp inference across many GPU machines, on Temporal",
@@ -20,10 +27,7 @@ func main() {
 		SilenceErrors: true,
 	}
 	root.AddCommand(apiserverCmd(), workerCmd(), devCmd(), modelsCmd(), engineCmd(), versionCmd())
-	if err := root.Execute(); err != nil {
-		fmt.Fprintln(os.Stderr, "llorch:", err)
-		os.Exit(1)
-	}
+	return root
 }
 
 func versionCmd() *cobra.Command {

@@ -1,6 +1,20 @@
 package main
 
-import "github.com/spf13/cobra"
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"github.com/llorch/llorch/apiclient"
+	"github.com/llorch/llorch/config"
+)
 
 func modelsCmd() *cobra.Command {
 	cmd := &cobra.Command{
@@ -9,4 +23,59 @@ func modelsCmd() *cobra.Command {
 	}
 	cmd.AddCommand(modelsPushCmd(), modelsLsCmd(), modelsRmCmd(), modelsGenTinyCmd())
 	return cmd
+}
+
+// modelsFlags are the flags the `llorch models` commands share. With a
+// `llorch dev` cluster running, its dev.env supplies all of them.
+type modelsFlags struct {
+	home     string
+	apiURL   string
+	apiToken string
+	s3       config.S3
+}
+
+func (f *modelsFlags) add(fs *pflag.FlagSet, withS3 bool) {
+	config.AddHomeFlag(fs, &f.home, homeUsage)
+	fs.StringVar(&f.apiURL, "api-url", "http://127.0.0.1:8080", "URL of the llorch apiserver")
+	fs.StringVar(&f.apiToken, "api-token", "", "bearer token of the llorch apiserver")
+	if withS3 {
+		config.AddS3Flags(fs, &f.s3)
+	}
+}
+
+// client applies env and dev.env defaults and returns the API client.
+func (f *modelsFlags) client(cmd *cobra.Command) (*apiclient.Client, error) {
+	if err := config.Apply(cmd.Flags(), f.home); err != nil {
+		return nil, err
+	}
+	api, err := apiclient.New(f.apiURL, f.apiToken)
+	if err != nil {
+		return nil, fmt.Errorf("--api-url %w", err) // err starts with the quoted URL
+	}
+	return api, nil
+}
+
+// apiHint says where the address of an apiserver that did not answer comes
+// from.
+func apiHint(err error) error {
+	var unreachable *apiclient.UnreachableError
+	if errors.As(err, &unreachable) {
+		return fmt.Errorf("%w (is it running? set --api-url or LLORCH_API_URL)", err)
+	}
+	return err
+}
+
+// modelsContext ends on Ctrl-C or SIGTERM, so an upload stops and cleans
+// up, and after timeout unless it is 0.
+func modelsContext(cmd *cobra.Command, timeout time.Duration) (context.Context, context.CancelFunc) {
+	ctx := cmd.Context()
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	if timeout == 0 {
+		return ctx, stop
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	return ctx, func() { cancel(); stop() }
 }

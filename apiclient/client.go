@@ -1,0 +1,120 @@
+package apiclient
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+)
+
+// Client talks to one apiserver.
+type Client struct {
+	base  string
+	token string
+	hc    *http.Client
+}
+
+// New returns a client of the apiserver at baseURL (http://host:port or
+// https://host:port); token is its bearer token, "" for none.
+func New(baseURL, token string) (*Client, error) {
+	u, err := url.Parse(strings.TrimRight(baseURL, "/"))
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("%q: want http://host:port or https://host:port", baseURL)
+	}
+	return &Client{base: u.String(), token: token, hc: &http.Client{}}, nil
+}
+
+// Error is an answer other than 2xx: its HTTP status and the API's error
+// envelope.
+type Error struct {
+	Status       int    `json:"-"`
+	Code         string `json:"code"`
+	Message      string `json:"message"`
+	Field        string `json:"field,omitempty"`
+	Retriable    bool   `json:"retriable,omitempty"`
+	RetryAfterMs int64  `json:"retry_after_ms,omitempty"`
+	PolicyLabel  string `json:"policy_label,omitempty"`
+}
+
+func (e *Error) Error() string {
+	msg := e.Code + ": " + e.Message
+	if e.Field != "" && !strings.Contains(e.Message, e.Field) {
+		msg += " (field " + e.Field + ")"
+	}
+	return msg
+}
+
+// UnreachableError is a request that got no answer from the apiserver.
+type UnreachableError struct {
+	BaseURL string
+	Err     error
+}
+
+func (e *UnreachableError) Error() string {
+	return fmt.Sprintf("cannot reach the llorch apiserver at %s: %v", e.BaseURL, e.Err)
+}
+
+func (e *UnreachableError) Unwrap() error { return e.Err }
+
+// call sends a request and returns the body of a 2xx answer; any other
+// answer is an *Error (a body that is no envelope becomes one with the HTTP
+// status as its code).
+func (c *Client) call(ctx context.Context, method, path string, body any) ([]byte, error) {
+	u := c.base + path
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return nil, err
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u, rd)
+	if err != nil {
+		return nil, err
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	req.Header.Set("Accept", "application/json")
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("%s %s: %w", method, u, context.Cause(ctx))
+		}
+		return nil, &UnreachableError{BaseURL: c.base, Err: err}
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: reading the answer: %w", method, u, err)
+	}
+	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
+		return raw, nil
+	}
+	ae := &Error{}
+	if json.Unmarshal(raw, ae) != nil || ae.Code == "" {
+		text := truncate(strings.TrimSpace(string(raw)), 300)
+		if text == "" {
+			text = http.StatusText(resp.StatusCode)
+		}
+		ae = &Error{Code: "HTTP_" + strconv.Itoa(resp.StatusCode), Message: fmt.Sprintf("%s %s: %s", method, u, text)}
+	}
+	ae.Status = resp.StatusCode
+	return raw, ae
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
+}

@@ -1,0 +1,121 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"regexp"
+	"sort"
+	"strings"
+	"testing"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/llorch/config"
+)
+
+// homeFromEnv is LLORCH_HOME while the commands are built: a flag whose
+// default is this value takes LLORCH_HOME through its default.
+const homeFromEnv = "/llorch-home-from-env"
+
+// flagEnvTable is every flag of every command with the env var that sets it:
+// "command --flag ENV" lines, sorted; ENV is empty for a flag without one.
+func flagEnvTable(t *testing.T) []string {
+	t.Setenv("LLORCH_HOME", homeFromEnv)
+	var rows []string
+	var walk func(c *cobra.Command)
+	walk = func(c *cobra.Command) {
+		c.LocalNonPersistentFlags().VisitAll(func(f *pflag.Flag) {
+			env := config.EnvVar(f)
+			if env == "" && f.DefValue == homeFromEnv {
+				env = "LLORCH_HOME (default)"
+			}
+			row := fmt.Sprintf("%s --%s %s", strings.TrimPrefix(c.CommandPath(), "llorch "), f.Name, env)
+			rows = append(rows, strings.TrimSpace(row))
+		})
+		for _, sub := range c.Commands() {
+			walk(sub)
+		}
+	}
+	walk(rootCmd())
+	sort.Strings(rows)
+	return rows
+}
+
+// The env var of every flag is pinned: a change to one is deliberate, and
+// shows in testdata/flag_env.txt.
+func TestFlagEnvTable(t *testing.T) {
+	want, err := os.ReadFile("testdata/flag_env.txt")
+	require.NoError(t, err)
+	require.Equal(t, string(want), strings.Join(flagEnvTable(t), "\n")+"\n")
+}
+
+// readmeSections names the commands each section of README.md's
+// configuration table is about.
+var readmeSections = map[string][]string{
+	"all long-running commands":             {"apiserver", "worker"},
+	"S3 (apiserver, worker, `models push`)": {"apiserver", "worker", "models push"},
+	"`llorch apiserver`":                    {"apiserver"},
+	"`llorch worker`":                       {"worker"},
+	"`llorch models`":                       {"models push", "models ls", "models rm"},
+	"`llorch engine`":                       {"engine"},
+	"`llorch dev`":                          {"dev"},
+}
+
+// Every env var in README.md's configuration table is the one of its flag in
+// a command of its section, and every env var a flag has is in the table.
+func TestREADMEConfigurationTable(t *testing.T) {
+	envOf := map[string]string{} // "command --flag": env
+	for _, row := range flagEnvTable(t) {
+		cmdFlag, env, _ := strings.Cut(strings.TrimSuffix(row, " (default)"), " LLORCH_")
+		if env != "" {
+			env = "LLORCH_" + env
+		}
+		envOf[cmdFlag] = env
+	}
+	readme, err := os.ReadFile("../../README.md")
+	require.NoError(t, err)
+	_, table, ok := strings.Cut(string(readme), "\n## Configuration\n")
+	require.True(t, ok, "README.md has a Configuration section")
+	table, _, _ = strings.Cut(table, "\n## ")
+	flagRE := regexp.MustCompile("`(--[a-z0-9-]+)`")
+	envRE := regexp.MustCompile("`(LLORCH_[A-Z0-9_]+)`")
+	documented := map[string]bool{} // "--flag ENV"
+	var section []string
+	for _, line := range strings.Split(table, "\n") {
+		cells := strings.Split(strings.Trim(line, "|"), "|")
+		if !strings.HasPrefix(line, "| ") || len(cells) < 2 || strings.HasPrefix(line, "| flag ") {
+			continue
+		}
+		if title, ok := strings.CutPrefix(strings.TrimSpace(cells[0]), "**"); ok {
+			title = strings.TrimSuffix(title, "**")
+			section, ok = readmeSections[title]
+			require.True(t, ok, "README section %q: add it to readmeSections", title)
+			continue
+		}
+		env := ""
+		if m := envRE.FindStringSubmatch(cells[1]); m != nil {
+			env = m[1]
+		}
+		for _, m := range flagRE.FindAllStringSubmatch(cells[0], -1) {
+			flag := m[1]
+			documented[flag+" "+env] = true
+			var inCode []string
+			matches := false
+			for _, cmd := range section {
+				if e, ok := envOf[cmd+" "+flag]; ok {
+					inCode = append(inCode, fmt.Sprintf("%s: %q", cmd, e))
+					matches = matches || e == env
+				}
+			}
+			require.True(t, matches, "README.md: %s with env %q; the code of %v has %v", flag, env, section, inCode)
+		}
+	}
+	for cmdFlag, env := range envOf {
+		_, flag, _ := strings.Cut(cmdFlag, " --")
+		if env != "" {
+			require.True(t, documented["--"+flag+" "+env], "%s (env %s) is not in README.md's configuration table", cmdFlag, env)
+		}
+	}
+}
