@@ -1,4 +1,7 @@
-// Package workflows holds llorch's deterministic workflow code: node
-// lifecycle now, model staging, pools, inference and GC as they come. No I/O,
-// no goroutines, no wall clock here; side effects live in package activities.
+// Package workflows holds llorch's deterministic workflow code: the node
+// lifecycle (Node), model staging (Stage), garbage collection (GC), pools
+// (Pool) and inference tasks (Task). Inputs, results and message names are
+// in the contract packages (node, pool, model, task); side effects are
+// activities (package activities and scheduler.TaskControl). No I/O, no
+// goroutines, no wall clock here.
 package workflows
