@@ -46,13 +46,7 @@ func (s *Server) store() (*modelstore.Store, error) {
 	return s.deps.Store, nil
 }
 
-func modelID(c *fiber.Ctx) (string, error) {
-	id := c.Params("id")
-	if err := model.ValidateID(id); err != nil {
-		return "", invalidParam("id", "%v", err)
-	}
-	return id, nil
-}
+func modelID(c *fiber.Ctx) (string, error) { return idParam(c, model.ValidateID) }
 
 func (s *Server) entry(ctx context.Context, id string) (model.Entry, error) {
 	st, err := s.store()

@@ -1,7 +1,6 @@
 package apiserver
 
 import (
-	"context"
 	"errors"
 	"time"
 
@@ -11,6 +10,7 @@ import (
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/scheduler"
 )
 
 // Pool error codes.
@@ -93,7 +93,7 @@ func (s *Server) createPool(c *fiber.Ctx) error {
 			return apiError(fiber.StatusConflict, "NODE_NOT_ONLINE", "node %s is %s: pools start on Online nodes", nodeID, v.State)
 		}
 	} else {
-		if nodeID, err = s.pickNode(c.UserContext()); err != nil {
+		if nodeID, err = scheduler.NodeForPool(c.UserContext(), s.deps.Nodes); err != nil {
 			return err
 		}
 		if nodeID == "" {
@@ -114,25 +114,6 @@ func (s *Server) createPool(c *fiber.Ctx) error {
 		"health_url": "/v2/pools/" + spec.PoolID + "/health"})
 }
 
-// pickNode is the Online node with the most free disk for models ("": none).
-func (s *Server) pickNode(ctx context.Context) (string, error) {
-	views, err := s.deps.Nodes.List(ctx)
-	if err != nil {
-		return "", err
-	}
-	nodeID, best := "", uint64(0)
-	for _, v := range views {
-		snap := v.LastSnapshot
-		if v.Live != nil {
-			snap = *v.Live
-		}
-		if v.State == node.Online && (nodeID == "" || snap.DiskFreeBytes > best) {
-			nodeID, best = v.NodeID, snap.DiskFreeBytes
-		}
-	}
-	return nodeID, nil
-}
-
 func (s *Server) listPools(c *fiber.Ctx) error {
 	pools, err := s.deps.Pools.List(c.UserContext())
 	if err != nil {
@@ -141,13 +122,7 @@ func (s *Server) listPools(c *fiber.Ctx) error {
 	return c.JSON(fiber.Map{"pools": pools, "count": len(pools)})
 }
 
-func poolID(c *fiber.Ctx) (string, error) {
-	id := c.Params("id")
-	if err := pool.ValidateID(id); err != nil {
-		return "", invalidParam("id", "%v", err)
-	}
-	return id, nil
-}
+func poolID(c *fiber.Ctx) (string, error) { return idParam(c, pool.ValidateID) }
 
 func poolErr(id string, err error) error {
 	switch {

@@ -52,17 +52,21 @@ func apiserverCmd() *cobra.Command {
 			if policy != scheduler.Reject && policy != scheduler.DropLRU {
 				return fmt.Errorf("--admission-policy: want %s or %s, got %q", scheduler.Reject, scheduler.DropLRU, policy)
 			}
-			sched := &scheduler.Scheduler{Capacity: queueCap, Policy: policy, Log: log, Metrics: scheduler.NewMetrics(reg)}
+			pools, tasks := &control.Pools{Temporal: tc, Namespace: c.temporal.Namespace}, &control.Tasks{Temporal: tc}
+			sched := &scheduler.Scheduler{Capacity: queueCap, Policy: policy, Log: log, Metrics: scheduler.NewMetrics(reg),
+				Source: (&scheduler.ClusterSource{Pools: pools, Nodes: nodes}).Candidates, Tasks: tasks}
+			if api.AutoPools {
+				sched.AutoPools = &scheduler.AutoPools{Pools: pools, Nodes: nodes, Slots: api.AutoPoolSlots, Ctx: api.AutoPoolCtx}
+			}
 			srv, err := apiserver.New(api, apiserver.Deps{
 				Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub,
 				Models: &control.Models{Temporal: tc, Namespace: c.temporal.Namespace, Nodes: nodes},
-				Pools:  &control.Pools{Temporal: tc, Namespace: c.temporal.Namespace},
-				Tasks:  &control.Tasks{Temporal: tc},
+				Pools:  pools,
+				Tasks:  tasks,
 			})
 			if err != nil {
 				return err
 			}
-			sched.Source = srv.Candidates
 			schedCtx, stopSched := context.WithCancel(context.Background())
 			defer stopSched()
 			return runApp(log, c.pprof(log),
