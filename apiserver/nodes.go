@@ -11,16 +11,6 @@ import (
 	"github.com/llorch/llorch/node"
 )
 
-func (s *Server) nodeRoutes(r fiber.Router) {
-	r.Get("/nodes", s.listNodes)
-	r.Post("/nodes/register", s.registerNode)
-	r.Get("/nodes/:id", s.getNode)
-	r.Delete("/nodes/:id", s.deregisterNode)
-	r.Post("/nodes/:id/heartbeat", s.heartbeatNode)
-	r.Post("/nodes/:id/drain", s.updateNode(node.UpdateDrain))
-	r.Post("/nodes/:id/undrain", s.updateNode(node.UpdateUndrain))
-}
-
 // nodeJSON is a node as the API shows it.
 type nodeJSON struct {
 	NodeID              string            `json:"node_id"`

@@ -16,20 +16,6 @@ import (
 	"github.com/llorch/llorch/tokenstream"
 )
 
-// openAIRoutes serve the OpenAI-compatible API: errors in OpenAI's shape,
-// the same tasks underneath. A client that leaves a stream cancels its task.
-func (s *Server) openAIRoutes() {
-	v1 := s.app.Group("/v1", func(c *fiber.Ctx) error {
-		if err := s.auth(c); err != nil {
-			return s.openAIError(c, err)
-		}
-		return nil
-	})
-	v1.Post("/chat/completions", s.chatCompletions)
-	v1.Post("/completions", s.completions)
-	v1.Get("/models", s.openAIModels)
-}
-
 // openAIError renders any error as {"error":{message,type,param,code}}.
 func (s *Server) openAIError(c *fiber.Ctx, err error) error {
 	status, typ, code, param, msg := fiber.StatusInternalServerError, "server_error", "", "", err.Error()

@@ -26,14 +26,6 @@ const (
 // reloadWait is how long a reload request waits for its mode to be known.
 const reloadWait = 30 * time.Second
 
-func (s *Server) poolRoutes(r fiber.Router) {
-	r.Post("/pools", s.createPool)
-	r.Get("/pools", s.listPools)
-	r.Get("/pools/:id/health", s.poolHealth)
-	r.Post("/pools/:id/drain", s.drainPool)
-	r.Post("/pools/:id/reload", s.reloadPool)
-}
-
 type createPoolRequest struct {
 	PoolID     string `json:"pool_id"`
 	ModelID    string `json:"model_id"`
@@ -73,12 +65,8 @@ func (s *Server) createPool(c *fiber.Ctx) error {
 	if req.Ctx < 0 || req.NGPULayers < -1 {
 		return invalidParam("ctx", "ctx must be >= 0 and n_gpu_layers >= -1")
 	}
-	e, err := s.entry(c.UserContext(), req.ModelID)
-	if err != nil {
+	if err := s.activeEntry(c.UserContext(), req.ModelID); err != nil {
 		return err
-	}
-	if e.Lifecycle != model.Active {
-		return apiError(fiber.StatusConflict, CodeModelRetired, "model %s is %s", e.ID, e.Lifecycle)
 	}
 	nodeID := req.NodeID
 	if nodeID != "" {
@@ -93,6 +81,7 @@ func (s *Server) createPool(c *fiber.Ctx) error {
 			return apiError(fiber.StatusConflict, "NODE_NOT_ONLINE", "node %s is %s: pools start on Online nodes", nodeID, v.State)
 		}
 	} else {
+		var err error
 		if nodeID, err = scheduler.NodeForPool(c.UserContext(), s.deps.Nodes); err != nil {
 			return err
 		}
@@ -194,12 +183,8 @@ func (s *Server) reloadPool(c *fiber.Ctx) error {
 	if req.DeadlineMs < 0 || req.DeadlineMs > int64(time.Hour/time.Millisecond) {
 		return invalidParam("deadline_ms", "must be 0-3600000")
 	}
-	e, err := s.entry(c.UserContext(), req.ModelID)
-	if err != nil {
+	if err := s.activeEntry(c.UserContext(), req.ModelID); err != nil {
 		return err
-	}
-	if e.Lifecycle != model.Active {
-		return apiError(fiber.StatusConflict, CodeModelRetired, "model %s is %s", e.ID, e.Lifecycle)
 	}
 	st, err := s.deps.Pools.Reload(c.UserContext(), id,
 		pool.ReloadRequest{ModelID: req.ModelID, DeadlineMs: req.DeadlineMs, Identity: identity(c)}, reloadWait)

@@ -12,10 +12,8 @@ import (
 	"time"
 
 	"github.com/gofiber/fiber/v2"
-	"github.com/gofiber/fiber/v2/middleware/adaptor"
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/modelstore"
@@ -32,8 +30,8 @@ type Config struct {
 	AdvertiseURL string
 	// AutoPools: a task for a model no pool serves starts one (AutoPoolSlots
 	// slots, AutoPoolCtx context) on the Online node with most free disk.
-	// The policy is the scheduler's (scheduler.AutoPools); the command's
-	// flags set it here.
+	// The apiserver does not read them: the command builds the scheduler's
+	// AutoPools from them.
 	AutoPools     bool
 	AutoPoolSlots int
 	AutoPoolCtx   int
@@ -102,21 +100,7 @@ func New(cfg Config, d Deps) (*Server, error) {
 		IdleTimeout:       2 * time.Minute,
 	})
 	s.app.Use(s.correlate)
-	s.app.Get("/health", s.health)
-	s.app.Get("/metrics", adaptor.HTTPHandler(promhttp.HandlerFor(d.Registry, promhttp.HandlerOpts{Registry: d.Registry})))
-	v2 := s.app.Group("/v2", s.auth)
-	s.nodeRoutes(v2)
-	s.stagingRoutes(v2)
-	s.catalogRoutes(v2)
-	s.poolRoutes(v2)
-	if d.Scheduler != nil && d.Hub != nil {
-		s.taskRoutes(v2)
-		s.openAIRoutes()
-		s.app.Post(tokenstream.PushPath(":id"), s.pushEvents)
-	}
-	s.app.Use(func(c *fiber.Ctx) error {
-		return apiError(fiber.StatusNotFound, CodeNotFound, "no route %s %s", c.Method(), c.Path())
-	})
+	s.routes()
 	return s, nil
 }
 

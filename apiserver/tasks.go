@@ -46,15 +46,6 @@ const (
 	keepAlive       = 15 * time.Second
 )
 
-func (s *Server) taskRoutes(r fiber.Router) {
-	r.Post("/tasks", s.createTask)
-	r.Get("/tasks/:id", s.getTask)
-	r.Get("/tasks/:id/events", s.taskEvents)
-	r.Post("/tasks/:id/cancel", s.cancelTask)
-	r.Get("/sessions/:id", s.getSession)
-	r.Delete("/sessions/:id", s.deleteSession)
-}
-
 // taskRequest is the body of POST /v2/tasks (the original plan's fields).
 type taskRequest struct {
 	TaskID      string          `json:"task_id"`

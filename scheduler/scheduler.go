@@ -1,7 +1,10 @@
-// Package scheduler admits tasks and hands them pool slots: a bounded queue
-// per priority (interactive before batch, FIFO within each), a cached
-// snapshot of pools refreshed in the background, and slot grants counted
-// here. It lives in the apiserver beside the control worker; the truth of
+// Package scheduler admits tasks and hands them pool slots. Admission is
+// one call (Admit): a pool must be able to serve the task (one is started
+// for it under AutoPools), its session must have a turn left, and its
+// queue room, before its workflow is started. Then a bounded queue per
+// priority (interactive before batch, FIFO within each), a cached snapshot
+// of pools (ClusterSource) refreshed in the background, and slot grants
+// counted here. It lives in the apiserver beside the control worker; the truth of
 // which tasks exist is in Temporal (each task is a workflow), so a
 // restarted apiserver rebuilds its queue as the tasks' Place activities are
 // retried.
