@@ -28,16 +28,6 @@ const (
 // estimateContext is the context size VRAM estimates are given for.
 const estimateContext = 4096
 
-func (s *Server) catalogRoutes(r fiber.Router) {
-	r.Get("/catalog/models", s.listModels)
-	r.Post("/catalog/models", s.registerModel)
-	r.Get("/catalog/models/:id", s.getModel)
-	r.Delete("/catalog/models/:id", s.deleteModel)
-	r.Post("/catalog/models/:id/state", s.setModelState)
-	r.Post("/catalog/models/:id/verify", s.verifyModel)
-	r.Get("/catalog/availability", s.availability)
-}
-
 func (s *Server) store() (*modelstore.Store, error) {
 	if s.deps.Store == nil {
 		return nil, apiError(fiber.StatusServiceUnavailable, CodeUnavailable,
@@ -46,13 +36,7 @@ func (s *Server) store() (*modelstore.Store, error) {
 	return s.deps.Store, nil
 }
 
-func modelID(c *fiber.Ctx) (string, error) {
-	id := c.Params("id")
-	if err := model.ValidateID(id); err != nil {
-		return "", invalidParam("id", "%v", err)
-	}
-	return id, nil
-}
+func modelID(c *fiber.Ctx) (string, error) { return idParam(c, model.ValidateID) }
 
 func (s *Server) entry(ctx context.Context, id string) (model.Entry, error) {
 	st, err := s.store()
@@ -64,6 +48,18 @@ func (s *Server) entry(ctx context.Context, id string) (model.Entry, error) {
 		return e, apiError(fiber.StatusNotFound, CodeModelNotFound, "model %s is not in the catalog", id)
 	}
 	return e, err
+}
+
+// activeEntry checks that a model is in the catalog and takes new work.
+func (s *Server) activeEntry(ctx context.Context, id string) error {
+	e, err := s.entry(ctx, id)
+	if err != nil {
+		return err
+	}
+	if e.Lifecycle != model.Active {
+		return apiError(fiber.StatusConflict, CodeModelRetired, "model %s is %s", e.ID, e.Lifecycle)
+	}
+	return nil
 }
 
 // entries lists the catalog (never nil).

@@ -1,12 +1,8 @@
 package apiserver
 
 import (
-	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"strings"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -14,16 +10,6 @@ import (
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/node"
 )
-
-func (s *Server) nodeRoutes(r fiber.Router) {
-	r.Get("/nodes", s.listNodes)
-	r.Post("/nodes/register", s.registerNode)
-	r.Get("/nodes/:id", s.getNode)
-	r.Delete("/nodes/:id", s.deregisterNode)
-	r.Post("/nodes/:id/heartbeat", s.heartbeatNode)
-	r.Post("/nodes/:id/drain", s.updateNode(node.UpdateDrain))
-	r.Post("/nodes/:id/undrain", s.updateNode(node.UpdateUndrain))
-}
 
 // nodeJSON is a node as the API shows it.
 type nodeJSON struct {
@@ -112,7 +98,7 @@ func (s *Server) listNodes(c *fiber.Ctx) error {
 		}
 		want = st
 	}
-	views, err := s.nodes.List(c.UserContext())
+	views, err := s.deps.Nodes.List(c.UserContext())
 	if err != nil {
 		return err
 	}
@@ -126,13 +112,7 @@ func (s *Server) listNodes(c *fiber.Ctx) error {
 	return c.JSON(fiber.Map{"nodes": out, "count": len(out)})
 }
 
-func nodeID(c *fiber.Ctx) (string, error) {
-	id := c.Params("id")
-	if err := node.ValidateID(id); err != nil {
-		return "", invalidParam("id", "%v", err)
-	}
-	return id, nil
-}
+func nodeID(c *fiber.Ctx) (string, error) { return idParam(c, node.ValidateID) }
 
 func notFound(id string, err error) error {
 	switch {
@@ -152,72 +132,11 @@ func (s *Server) getNode(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	v, err := s.nodes.Get(c.UserContext(), id)
+	v, err := s.deps.Nodes.Get(c.UserContext(), id)
 	if err != nil {
 		return notFound(id, err)
 	}
 	return c.JSON(render(v, time.Now()))
-}
-
-// decode reads a JSON body strictly: unknown fields and wrong types are
-// INVALID_PARAMS naming the field. An empty body is allowed when optional.
-func decode(c *fiber.Ctx, dst any, optional bool) error {
-	// Bodies stream (for model uploads): bound a JSON body before reading it.
-	if n := c.Request().Header.ContentLength(); n > maxBodyBytes {
-		return apiError(fiber.StatusRequestEntityTooLarge, CodeInvalidParams, "body of %d bytes exceeds %d", n, maxBodyBytes)
-	} else if n == -1 {
-		return apiError(fiber.StatusLengthRequired, CodeInvalidParams, "a JSON body needs a Content-Length")
-	}
-	body := bytes.TrimSpace(c.Body())
-	if len(body) == 0 {
-		if optional {
-			return nil
-		}
-		return invalidParam("body", "a JSON object is required")
-	}
-	if ct := c.Get(fiber.HeaderContentType); ct != "" && !strings.HasPrefix(ct, fiber.MIMEApplicationJSON) {
-		return invalidParam("body", "Content-Type must be application/json, got %q", ct)
-	}
-	return decodeStrict(body, dst)
-}
-
-// typeErrorParam names the field a JSON value of the wrong type was for
-// ("body" when the body itself is not an object).
-func typeErrorParam(e *json.UnmarshalTypeError) *Error {
-	field := e.Field
-	if field == "" {
-		field = "body"
-	}
-	return invalidParam(field, "want %s, got JSON %s", e.Type, e.Value)
-}
-
-// decodeStrict reads one JSON object into dst: unknown fields, wrong types
-// and trailing data are INVALID_PARAMS naming the field.
-func decodeStrict(body []byte, dst any) error {
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(dst); err != nil {
-		var typeErr *json.UnmarshalTypeError
-		var syntaxErr *json.SyntaxError
-		switch {
-		case errors.As(err, &typeErr):
-			return typeErrorParam(typeErr)
-		case errors.As(err, &syntaxErr):
-			return invalidParam("body", "malformed JSON at byte %d: %v", syntaxErr.Offset, err)
-		case strings.HasPrefix(err.Error(), "json: unknown field "):
-			field := strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
-			if field == "" {
-				return invalidParam("body", `unknown field ""`)
-			}
-			return invalidParam(field, "unknown field")
-		default:
-			return invalidParam("body", "%v", err)
-		}
-	}
-	if dec.Decode(&struct{}{}) != io.EOF {
-		return invalidParam("body", "trailing data after the JSON object")
-	}
-	return nil
 }
 
 // registerRequest is the body of POST /v2/nodes/register (an external agent).
@@ -308,7 +227,7 @@ func (s *Server) registerNode(c *fiber.Ctx) error {
 		CPUOnly: len(req.GPUs) == 0, CPUCores: req.CPUCores, MemoryTotalBytes: req.MemoryTotalBytes,
 		DiskFreeBytes: req.DiskFreeBytes, Version: req.Version, CollectedAt: time.Now().UTC(),
 	}
-	err := s.nodes.Register(c.UserContext(), node.Registration{
+	err := s.deps.Nodes.Register(c.UserContext(), node.Registration{
 		NodeID: req.NodeID, Agent: node.AgentHTTP, Identity: identity(c),
 		HeartbeatInterval: interval, Inventory: inv, Pools: req.Pools,
 	})
@@ -347,7 +266,7 @@ func (s *Server) heartbeatNode(c *fiber.Ctx) error {
 		return err
 	}
 	snap := node.Snapshot{At: time.Now().UTC(), GPUs: req.GPUs, DiskFreeBytes: req.DiskFreeBytes, Pools: req.Pools}
-	st, err := s.nodes.Heartbeat(c.UserContext(), id, identity(c), snap)
+	st, err := s.deps.Nodes.Heartbeat(c.UserContext(), id, identity(c), snap)
 	if err != nil {
 		return notFound(id, err)
 	}
@@ -376,7 +295,7 @@ func (s *Server) updateNode(name string) fiber.Handler {
 		if len(req.Reason) > node.MaxReasonLen {
 			return invalidParam("reason", "at most %d characters", node.MaxReasonLen)
 		}
-		st, err := s.nodes.Update(c.UserContext(), id, name, node.Request{Reason: req.Reason, Identity: identity(c)})
+		st, err := s.deps.Nodes.Update(c.UserContext(), id, name, node.Request{Reason: req.Reason, Identity: identity(c)})
 		if err != nil {
 			return notFound(id, err)
 		}

@@ -2,7 +2,6 @@ package apiserver
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -16,20 +15,6 @@ import (
 	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/tokenstream"
 )
-
-// openAIRoutes serve the OpenAI-compatible API: errors in OpenAI's shape,
-// the same tasks underneath. A client that leaves a stream cancels its task.
-func (s *Server) openAIRoutes() {
-	v1 := s.app.Group("/v1", func(c *fiber.Ctx) error {
-		if err := s.auth(c); err != nil {
-			return s.openAIError(c, err)
-		}
-		return nil
-	})
-	v1.Post("/chat/completions", s.chatCompletions)
-	v1.Post("/completions", s.completions)
-	v1.Get("/models", s.openAIModels)
-}
 
 // openAIError renders any error as {"error":{message,type,param,code}}.
 func (s *Server) openAIError(c *fiber.Ctx, err error) error {
@@ -70,29 +55,6 @@ func (s *Server) openAIError(c *fiber.Ctx, err error) error {
 		s.log(c).Error("request failed", "err", err)
 	}
 	return c.Status(status).JSON(fiber.Map{"error": body})
-}
-
-// decodeLoose reads a JSON body, leaving fields it does not know alone
-// (OpenAI clients send many); wrong types still name the field.
-func decodeLoose(c *fiber.Ctx, dst any) error {
-	if n := c.Request().Header.ContentLength(); n > maxBodyBytes {
-		return apiError(fiber.StatusRequestEntityTooLarge, CodeInvalidParams, "body of %d bytes exceeds %d", n, maxBodyBytes)
-	}
-	return decodeLooseBytes(bytes.TrimSpace(c.Body()), dst)
-}
-
-func decodeLooseBytes(body []byte, dst any) error {
-	if len(body) == 0 {
-		return invalidParam("body", "a JSON object is required")
-	}
-	if err := json.Unmarshal(body, dst); err != nil {
-		var typeErr *json.UnmarshalTypeError
-		if errors.As(err, &typeErr) {
-			return typeErrorParam(typeErr)
-		}
-		return invalidParam("body", "%v", err)
-	}
-	return nil
 }
 
 // openAIMessage takes content as a string or an array of text parts.
@@ -266,7 +228,7 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 			"choices": []any{choice}, "usage": usage(st.TokensIn, st.TokensOut)})
 	}
 	includeUsage := r.StreamOptions != nil && r.StreamOptions.IncludeUsage
-	stream := s.hub.Stream(req.TaskID)
+	stream := s.deps.Hub.Stream(req.TaskID)
 	c.Set(fiber.HeaderContentType, "text/event-stream")
 	c.Set(fiber.HeaderCacheControl, "no-cache")
 	c.Set("X-Accel-Buffering", "no")

@@ -1,7 +1,6 @@
 package apiserver
 
 import (
-	"context"
 	"errors"
 	"time"
 
@@ -11,6 +10,7 @@ import (
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/scheduler"
 )
 
 // Pool error codes.
@@ -25,14 +25,6 @@ const (
 
 // reloadWait is how long a reload request waits for its mode to be known.
 const reloadWait = 30 * time.Second
-
-func (s *Server) poolRoutes(r fiber.Router) {
-	r.Post("/pools", s.createPool)
-	r.Get("/pools", s.listPools)
-	r.Get("/pools/:id/health", s.poolHealth)
-	r.Post("/pools/:id/drain", s.drainPool)
-	r.Post("/pools/:id/reload", s.reloadPool)
-}
 
 type createPoolRequest struct {
 	PoolID     string `json:"pool_id"`
@@ -73,12 +65,8 @@ func (s *Server) createPool(c *fiber.Ctx) error {
 	if req.Ctx < 0 || req.NGPULayers < -1 {
 		return invalidParam("ctx", "ctx must be >= 0 and n_gpu_layers >= -1")
 	}
-	e, err := s.entry(c.UserContext(), req.ModelID)
-	if err != nil {
+	if err := s.activeEntry(c.UserContext(), req.ModelID); err != nil {
 		return err
-	}
-	if e.Lifecycle != model.Active {
-		return apiError(fiber.StatusConflict, CodeModelRetired, "model %s is %s", e.ID, e.Lifecycle)
 	}
 	nodeID := req.NodeID
 	if nodeID != "" {
@@ -93,7 +81,8 @@ func (s *Server) createPool(c *fiber.Ctx) error {
 			return apiError(fiber.StatusConflict, "NODE_NOT_ONLINE", "node %s is %s: pools start on Online nodes", nodeID, v.State)
 		}
 	} else {
-		if nodeID, err = s.pickNode(c.UserContext()); err != nil {
+		var err error
+		if nodeID, err = scheduler.NodeForPool(c.UserContext(), s.deps.Nodes); err != nil {
 			return err
 		}
 		if nodeID == "" {
@@ -114,25 +103,6 @@ func (s *Server) createPool(c *fiber.Ctx) error {
 		"health_url": "/v2/pools/" + spec.PoolID + "/health"})
 }
 
-// pickNode is the Online node with the most free disk for models ("": none).
-func (s *Server) pickNode(ctx context.Context) (string, error) {
-	views, err := s.deps.Nodes.List(ctx)
-	if err != nil {
-		return "", err
-	}
-	nodeID, best := "", uint64(0)
-	for _, v := range views {
-		snap := v.LastSnapshot
-		if v.Live != nil {
-			snap = *v.Live
-		}
-		if v.State == node.Online && (nodeID == "" || snap.DiskFreeBytes > best) {
-			nodeID, best = v.NodeID, snap.DiskFreeBytes
-		}
-	}
-	return nodeID, nil
-}
-
 func (s *Server) listPools(c *fiber.Ctx) error {
 	pools, err := s.deps.Pools.List(c.UserContext())
 	if err != nil {
@@ -141,13 +111,7 @@ func (s *Server) listPools(c *fiber.Ctx) error {
 	return c.JSON(fiber.Map{"pools": pools, "count": len(pools)})
 }
 
-func poolID(c *fiber.Ctx) (string, error) {
-	id := c.Params("id")
-	if err := pool.ValidateID(id); err != nil {
-		return "", invalidParam("id", "%v", err)
-	}
-	return id, nil
-}
+func poolID(c *fiber.Ctx) (string, error) { return idParam(c, pool.ValidateID) }
 
 func poolErr(id string, err error) error {
 	switch {
@@ -219,12 +183,8 @@ func (s *Server) reloadPool(c *fiber.Ctx) error {
 	if req.DeadlineMs < 0 || req.DeadlineMs > int64(time.Hour/time.Millisecond) {
 		return invalidParam("deadline_ms", "must be 0-3600000")
 	}
-	e, err := s.entry(c.UserContext(), req.ModelID)
-	if err != nil {
+	if err := s.activeEntry(c.UserContext(), req.ModelID); err != nil {
 		return err
-	}
-	if e.Lifecycle != model.Active {
-		return apiError(fiber.StatusConflict, CodeModelRetired, "model %s is %s", e.ID, e.Lifecycle)
 	}
 	st, err := s.deps.Pools.Reload(c.UserContext(), id,
 		pool.ReloadRequest{ModelID: req.ModelID, DeadlineMs: req.DeadlineMs, Identity: identity(c)}, reloadWait)

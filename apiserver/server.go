@@ -12,14 +12,11 @@ import (
 	"time"
 
 	"github.com/gofiber/fiber/v2"
-	"github.com/gofiber/fiber/v2/middleware/adaptor"
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/modelstore"
-	"github.com/llorch/llorch/placement"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/tokenstream"
 )
@@ -31,11 +28,6 @@ type Config struct {
 	// AdvertiseURL is where nodes push token streams to this apiserver
 	// (default http://<the bound address>).
 	AdvertiseURL string
-	// AutoPools: a task for a model no pool serves starts one (AutoPoolSlots
-	// slots, AutoPoolCtx context) on the Online node with most free disk.
-	AutoPools     bool
-	AutoPoolSlots int
-	AutoPoolCtx   int
 }
 
 // Deps are the clients the API works through.
@@ -57,15 +49,9 @@ type Server struct {
 	app         *fiber.App
 	cfg         Config
 	deps        Deps
-	hub         *tokenstream.Hub
 	streamKey   []byte
-	sessions    sessionTable
 	closing     chan struct{} // closed at shutdown: event streams end
 	closeOnce   sync.Once
-	candMu      sync.Mutex
-	lastCands   map[string]placement.Candidate // the scheduler's last read, by pool id
-	nodes       *control.Nodes
-	logger      *slog.Logger
 	metrics     *metrics
 	tokenDigest []byte
 	identity    string
@@ -81,19 +67,17 @@ const (
 
 // New builds the server; it does not listen yet.
 func New(cfg Config, d Deps) (*Server, error) {
-	nodes, reg, logger := d.Nodes, d.Registry, d.Logger
 	if cfg.Token == "" && !isLoopback(cfg.Addr) {
 		return nil, fmt.Errorf("refusing to listen on %s without a token: set LLORCH_API_TOKEN (or --api-token), or bind a loopback address", cfg.Addr)
 	}
-	s := &Server{cfg: cfg, deps: d, nodes: nodes, logger: logger, metrics: newMetrics(reg), hub: d.Hub, streamKey: streamKeyFor(cfg.Token),
-		closing: make(chan struct{})}
+	s := &Server{cfg: cfg, deps: d, metrics: newMetrics(d.Registry), streamKey: streamKeyFor(cfg.Token), closing: make(chan struct{})}
 	if cfg.Token != "" {
 		sum := sha256.Sum256([]byte(cfg.Token))
 		s.tokenDigest, s.identity = sum[:], TokenIdentity(cfg.Token)
 	} else {
-		logger.Warn("no API token set: the API is open to every local process (loopback only)")
+		d.Logger.Warn("no API token set: the API is open to every local process (loopback only)")
 	}
-	reg.MustRegister(newNodeStateCollector(nodes.Temporal, nodes.Namespace))
+	d.Registry.MustRegister(newNodeStateCollector(d.Nodes.Temporal, d.Nodes.Namespace))
 	s.app = fiber.New(fiber.Config{
 		AppName: "llorch",
 		// Values from the request outlive handlers (metric labels, workflow
@@ -109,21 +93,7 @@ func New(cfg Config, d Deps) (*Server, error) {
 		IdleTimeout:       2 * time.Minute,
 	})
 	s.app.Use(s.correlate)
-	s.app.Get("/health", s.health)
-	s.app.Get("/metrics", adaptor.HTTPHandler(promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})))
-	v2 := s.app.Group("/v2", s.auth)
-	s.nodeRoutes(v2)
-	s.stagingRoutes(v2)
-	s.catalogRoutes(v2)
-	s.poolRoutes(v2)
-	if d.Scheduler != nil && d.Hub != nil {
-		s.taskRoutes(v2)
-		s.openAIRoutes()
-		s.app.Post(tokenstream.PushPath(":id"), s.pushEvents)
-	}
-	s.app.Use(func(c *fiber.Ctx) error {
-		return apiError(fiber.StatusNotFound, CodeNotFound, "no route %s %s", c.Method(), c.Path())
-	})
+	s.routes()
 	return s, nil
 }
 
@@ -139,10 +109,10 @@ func (s *Server) Listen(addr string) error {
 	s.ln = ln
 	go func() {
 		if err := s.app.Listener(ln); err != nil {
-			s.logger.Error("apiserver stopped serving", "err", err)
+			s.deps.Logger.Error("apiserver stopped serving", "err", err)
 		}
 	}()
-	s.logger.Info("apiserver listening", "addr", ln.Addr().String())
+	s.deps.Logger.Info("apiserver listening", "addr", ln.Addr().String())
 	return nil
 }
 
@@ -190,7 +160,7 @@ func (s *Server) correlate(c *fiber.Ctx) error {
 }
 
 func (s *Server) log(c *fiber.Ctx) *slog.Logger {
-	l := s.logger.With("correlation_id", c.Locals(localCorrelation))
+	l := s.deps.Logger.With("correlation_id", c.Locals(localCorrelation))
 	if id, ok := c.Locals(localIdentity).(string); ok {
 		l = l.With("identity", id)
 	}
@@ -205,7 +175,7 @@ func identity(c *fiber.Ctx) string {
 func (s *Server) health(c *fiber.Ctx) error {
 	ctx, cancel := context.WithTimeout(c.UserContext(), 2*time.Second)
 	defer cancel()
-	if _, err := s.nodes.Temporal.CheckHealth(ctx, nil); err != nil {
+	if _, err := s.deps.Nodes.Temporal.CheckHealth(ctx, nil); err != nil {
 		return c.Status(fiber.StatusServiceUnavailable).JSON(fiber.Map{"status": "degraded", "temporal": err.Error()})
 	}
 	return c.JSON(fiber.Map{"status": "ok", "temporal": "ok"})

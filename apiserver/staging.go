@@ -10,12 +10,6 @@ import (
 	"github.com/llorch/llorch/node"
 )
 
-func (s *Server) stagingRoutes(r fiber.Router) {
-	r.Post("/nodes/:id/models/:model_id", s.stageModel)
-	r.Get("/nodes/:id/models", s.nodeModels)
-	r.Post("/nodes/:id/gc", s.runGC)
-}
-
 // liveNode reads a node that can take work on its disk.
 func (s *Server) liveNode(c *fiber.Ctx) (control.NodeView, error) {
 	id, err := nodeID(c)

@@ -18,7 +18,6 @@ import (
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
-	"github.com/llorch/llorch/placement"
 	"github.com/llorch/llorch/pool"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/task"
@@ -35,6 +34,8 @@ const (
 	CodeAdmission       = task.ErrAdmissionReject
 	CodePoolUnavailable = task.ErrPoolUnavailable
 	CodeModelDeprecated = task.ErrModelDeprecated
+	CodeSessionNotFound = "SESSION_NOT_FOUND"
+	CodeSessionFull     = "SESSION_TURN_LIMIT"
 )
 
 // Bounds of a task request.
@@ -44,15 +45,6 @@ const (
 	defaultMaxToken = 256
 	keepAlive       = 15 * time.Second
 )
-
-func (s *Server) taskRoutes(r fiber.Router) {
-	r.Post("/tasks", s.createTask)
-	r.Get("/tasks/:id", s.getTask)
-	r.Get("/tasks/:id/events", s.taskEvents)
-	r.Post("/tasks/:id/cancel", s.cancelTask)
-	r.Get("/sessions/:id", s.getSession)
-	r.Delete("/sessions/:id", s.deleteSession)
-}
 
 // taskRequest is the body of POST /v2/tasks (the original plan's fields).
 type taskRequest struct {
@@ -254,52 +246,18 @@ func newTaskID() string {
 	return "t-" + hex.EncodeToString(b)
 }
 
-// submit admits a task and starts its workflow.
-func (s *Server) submit(c *fiber.Ctx, req task.Request) (adm scheduler.Admission, err error) {
-	pr := placement.Request{ModelID: req.ModelID, Placement: req.Placement}
-	err = s.deps.Scheduler.Servable(pr)
-	if err != nil {
-		// The snapshot may predate a pool just created: look again.
-		s.deps.Scheduler.RefreshNow(c.UserContext())
-		err = s.deps.Scheduler.Servable(pr)
-	}
-	var prepared *pool.Spec
-	if err != nil && s.cfg.AutoPools && req.Placement.Mode != "pin" && req.Placement.PinPoolID == "" {
-		if prepared, err = s.autoPool(c, req); err == nil {
-			err = s.deps.Scheduler.Servable(pr)
-		}
+// submit admits a task (the scheduler starts its workflow) and opens its
+// stream.
+func (s *Server) submit(c *fiber.Ctx, req task.Request) (scheduler.Admission, error) {
+	adm, err := s.deps.Scheduler.Admit(c.UserContext(), req)
+	prepared := adm.Prepared
+	if prepared != nil {
+		s.log(c).Info("pool started for a task", "pool_id", prepared.PoolID, "node_id", prepared.NodeID, "model_id", req.ModelID, "task_id", req.TaskID)
 	}
 	if err != nil {
-		s.deps.Scheduler.Metrics.Reject("pool_unavailable")
-		e := apiError(fiber.StatusServiceUnavailable, CodePoolUnavailable, "no pool can serve model %s: %v; create one with POST /v2/pools", req.ModelID, err)
-		e.Retriable, e.RetryAfterMs = true, 5000
-		c.Set(fiber.HeaderRetryAfter, "5")
-		return scheduler.Admission{}, e
+		return adm, admissionError(c, req, err)
 	}
-	if err := s.sessions.check(req.SessionID); err != nil {
-		return scheduler.Admission{}, err
-	}
-	adm, err = s.deps.Scheduler.Admit(req.TaskID, req.Priority, pr, req.EnqueuedAt)
-	if errors.Is(err, scheduler.ErrQueueFull) {
-		backoff := s.deps.Scheduler.Backoff()
-		e := apiError(fiber.StatusTooManyRequests, CodeAdmission, "the %s queue is full; retry after %d ms", req.Priority, backoff.Milliseconds())
-		e.Retriable, e.RetryAfterMs, e.PolicyLabel = true, backoff.Milliseconds(), "reject"
-		c.Set(fiber.HeaderRetryAfter, strconv.Itoa(max(1, int(backoff.Round(time.Second)/time.Second))))
-		c.Set("X-Backoff-Ms", strconv.FormatInt(backoff.Milliseconds(), 10))
-		return adm, e
-	}
-	if err != nil {
-		return adm, err
-	}
-	if err = s.deps.Tasks.Start(c.UserContext(), req); err != nil {
-		s.deps.Scheduler.Forget(req.TaskID)
-		if errors.Is(err, control.ErrTaskExists) {
-			return adm, apiError(fiber.StatusConflict, CodeTaskExists, "task %s exists", req.TaskID)
-		}
-		return adm, err
-	}
-	_ = s.sessions.turn(req.SessionID, req.TaskID, req.ModelID)
-	st := s.hub.Stream(req.TaskID) // the stream exists before its first event
+	st := s.deps.Hub.Stream(req.TaskID) // the stream exists before its first event
 	if prepared != nil {
 		_, _ = st.Push([]task.Event{{Type: "metrics", Metrics: map[string]any{
 			"preparing": "starting pool " + prepared.PoolID + " for model " + prepared.ModelID + " on node " + prepared.NodeID,
@@ -310,41 +268,30 @@ func (s *Server) submit(c *fiber.Ctx, req task.Request) (adm scheduler.Admission
 	return adm, nil
 }
 
-// autoPool starts a pool for a model no pool serves (policy --auto-pools).
-func (s *Server) autoPool(c *fiber.Ctx, req task.Request) (*pool.Spec, error) {
-	nodeID := req.Placement.NodeID
-	if nodeID == "" {
-		var err error
-		if nodeID, err = s.pickNode(c.UserContext()); err != nil || nodeID == "" {
-			return nil, fmt.Errorf("no Online node to start a pool for %s on", req.ModelID)
-		}
+// admissionError is a refused admission as the API answers it.
+func admissionError(c *fiber.Ctx, req task.Request, err error) error {
+	var noPool *scheduler.NoPoolError
+	var full *scheduler.QueueFullError
+	var session *scheduler.SessionFullError
+	switch {
+	case errors.As(err, &noPool):
+		e := apiError(fiber.StatusServiceUnavailable, CodePoolUnavailable, "%v; create one with POST /v2/pools", noPool)
+		e.Retriable, e.RetryAfterMs = true, 5000
+		c.Set(fiber.HeaderRetryAfter, "5")
+		return e
+	case errors.As(err, &session):
+		return apiError(fiber.StatusConflict, CodeSessionFull, "%v", session)
+	case errors.As(err, &full):
+		backoff := full.Backoff
+		e := apiError(fiber.StatusTooManyRequests, CodeAdmission, "%v", full)
+		e.Retriable, e.RetryAfterMs, e.PolicyLabel = true, backoff.Milliseconds(), "reject"
+		c.Set(fiber.HeaderRetryAfter, strconv.Itoa(max(1, int(backoff.Round(time.Second)/time.Second))))
+		c.Set("X-Backoff-Ms", strconv.FormatInt(backoff.Milliseconds(), 10))
+		return e
+	case errors.Is(err, control.ErrTaskExists):
+		return apiError(fiber.StatusConflict, CodeTaskExists, "task %s exists", req.TaskID)
 	}
-	spec := pool.Spec{PoolID: autoPoolID(req.ModelID, nodeID), NodeID: nodeID, ModelID: req.ModelID, Engine: pool.Builtin,
-		Slots: max(s.cfg.AutoPoolSlots, 1), CtxSize: s.cfg.AutoPoolCtx}
-	if _, err := s.deps.Pools.Create(c.UserContext(), spec); err != nil && !errors.Is(err, control.ErrPoolExists) {
-		return nil, err
-	}
-	s.deps.Scheduler.Announce(placement.Candidate{PoolID: spec.PoolID, NodeID: nodeID, ModelID: spec.ModelID,
-		State: pool.Starting, NodeOnline: true, SlotsTotal: spec.Slots, CtxPerSlot: spec.CtxSize / spec.Slots})
-	s.log(c).Info("pool started for a task", "pool_id", spec.PoolID, "node_id", nodeID, "model_id", req.ModelID, "task_id", req.TaskID)
-	return &spec, nil
-}
-
-// autoPoolID names a pool started for a model: auto-<model>-<node>, made
-// a valid pool id.
-func autoPoolID(modelID, nodeID string) string {
-	b := []byte(strings.ToLower("auto-" + modelID + "-" + nodeID))
-	for i, ch := range b {
-		if !(ch >= 'a' && ch <= 'z' || ch >= '0' && ch <= '9' || ch == '.' || ch == '_' || ch == '-') {
-			b[i] = '-'
-		}
-	}
-	if len(b) > 63 {
-		sum := sha256.Sum256(b)
-		b = append(b[:54], '-')
-		b = append(b, hex.EncodeToString(sum[:4])...)
-	}
-	return strings.TrimRight(string(b), "-._")
+	return err
 }
 
 func (s *Server) createTask(c *fiber.Ctx) error {
@@ -396,12 +343,35 @@ func (r taskRequest) input() (taskInput, error) {
 	return in, nil
 }
 
-func taskID(c *fiber.Ctx) (string, error) {
-	id := c.Params("id")
-	if err := task.ValidateID(id); err != nil {
-		return "", invalidParam("id", "%v", err)
+func taskID(c *fiber.Ctx) (string, error) { return idParam(c, task.ValidateID) }
+
+func (s *Server) getSession(c *fiber.Ctx) error {
+	id, err := taskID(c)
+	if err != nil {
+		return err
 	}
-	return id, nil
+	sess, ok := s.deps.Scheduler.Session(id)
+	if !ok {
+		return sessionNotFound(id)
+	}
+	return c.JSON(fiber.Map{"session_id": sess.ID, "model_id": sess.ModelID, "turns": len(sess.Turns), "max_turns": scheduler.SessionMaxTurns,
+		"task_ids": sess.Turns, "created_at": sess.CreatedAt, "last_used": sess.LastUsed, "expires_at": sess.ExpiresAt,
+		"ttl_ms": time.Until(sess.ExpiresAt).Milliseconds()})
+}
+
+func (s *Server) deleteSession(c *fiber.Ctx) error {
+	id, err := taskID(c)
+	if err != nil {
+		return err
+	}
+	if !s.deps.Scheduler.EndSession(id) {
+		return sessionNotFound(id)
+	}
+	return c.SendStatus(fiber.StatusNoContent)
+}
+
+func sessionNotFound(id string) error {
+	return apiError(fiber.StatusNotFound, CodeSessionNotFound, "session %s does not exist or has expired", id)
 }
 
 // status reads a task: its query while it runs, its result once ended.
@@ -454,7 +424,7 @@ func (s *Server) cancel(ctx context.Context, id, reason string) error {
 	if !running {
 		return apiError(fiber.StatusConflict, CodeTaskEnded, "task %s has ended (%s)", id, st.State)
 	}
-	s.hub.Stream(id).Finish(task.Event{Type: "error", Error: &task.Error{Code: task.ErrCanceled, Message: "canceled " + reason}})
+	s.deps.Hub.Stream(id).Finish(task.Event{Type: "error", Error: &task.Error{Code: task.ErrCanceled, Message: "canceled " + reason}})
 	return s.deps.Tasks.Cancel(ctx, id, reason)
 }
 
@@ -503,7 +473,7 @@ func (s *Server) taskEvents(c *fiber.Ctx) error {
 	}
 	// A stream this apiserver holds is a task it admitted; any other must
 	// exist (a describe, not a query: no workflow task round trip).
-	if s.hub.Peek(id) == nil {
+	if s.deps.Hub.Peek(id) == nil {
 		err := s.deps.Tasks.Exists(c.UserContext(), id)
 		if errors.Is(err, control.ErrTaskNotFound) {
 			return taskNotFound(id)
@@ -520,7 +490,7 @@ func (s *Server) taskEvents(c *fiber.Ctx) error {
 		}
 		cur = tokenstream.Cursor{Started: true, Next: n + 1}
 	}
-	stream := s.hub.Stream(id)
+	stream := s.deps.Hub.Stream(id)
 	c.Set(fiber.HeaderContentType, "text/event-stream")
 	c.Set(fiber.HeaderCacheControl, "no-cache")
 	c.Set("X-Accel-Buffering", "no")
@@ -609,7 +579,7 @@ func (s *Server) pushEvents(c *fiber.Ctx) error {
 	if err := json.Unmarshal(c.Body(), &body); err != nil {
 		return invalidParam("body", "%v", err)
 	}
-	have, err := s.hub.Stream(id).Push(body.Events)
+	have, err := s.deps.Hub.Stream(id).Push(body.Events)
 	if errors.Is(err, tokenstream.ErrGap) {
 		return c.Status(fiber.StatusConflict).JSON(tokenstream.PushReply{Have: have})
 	}

@@ -72,10 +72,6 @@ func (m *Metrics) depth(p task.Priority, n int) {
 	}
 }
 
-// Rejected counts a refusal decided outside the scheduler (an invalid or
-// unservable request).
-func (m *Metrics) Reject(reason string) { m.rejected(reason) }
-
 func (m *Metrics) finished(s task.State, code string) {
 	if m != nil {
 		m.Finished.WithLabelValues(string(s), code).Inc()

@@ -1,7 +1,10 @@
-// Package scheduler admits tasks and hands them pool slots: a bounded queue
-// per priority (interactive before batch, FIFO within each), a cached
-// snapshot of pools refreshed in the background, and slot grants counted
-// here. It lives in the apiserver beside the control worker; the truth of
+// Package scheduler admits tasks and hands them pool slots. Admission is
+// one call (Admit): a pool must be able to serve the task (one is started
+// for it under AutoPools), its session must have a turn left, and its
+// queue room, before its workflow is started. Then a bounded queue per
+// priority (interactive before batch, FIFO within each), a cached snapshot
+// of pools (ClusterSource) refreshed in the background, and slot grants
+// counted here. It lives in the apiserver beside the control worker; the truth of
 // which tasks exist is in Temporal (each task is a workflow), so a
 // restarted apiserver rebuilds its queue as the tasks' Place activities are
 // retried.
@@ -24,7 +27,7 @@ import (
 // before it fails with no pool.
 const noPoolGrace = 3 * time.Second
 
-// ErrQueueFull rejects a task at admission.
+// ErrQueueFull rejects a task at admission (see QueueFullError).
 var ErrQueueFull = errors.New("admission queue full")
 
 // ErrDropped fails a queued task evicted by a newer one (policy drop-lru).
@@ -41,12 +44,18 @@ type Source func(ctx context.Context) ([]placement.Candidate, error)
 
 // Scheduler is the admission queue and the slot ledger.
 type Scheduler struct {
-	Source   Source
-	Capacity int           // per priority; 0 = 1024
-	Policy   string        // Reject (default) or DropLRU
-	Refresh  time.Duration // pool snapshot period; 0 = 500 ms
-	Log      *slog.Logger
-	Metrics  *Metrics
+	Source Source
+	Tasks  TaskStarter
+	// AutoPools, when set, starts a pool for a task no pool serves (else
+	// the task is refused).
+	AutoPools *AutoPools
+	Capacity  int           // per priority; 0 = 1024
+	Policy    string        // Reject (default) or DropLRU
+	Refresh   time.Duration // pool snapshot period; 0 = 500 ms
+	Log       *slog.Logger
+	Metrics   *Metrics
+
+	sessions sessionTable // its own lock
 
 	mu      sync.Mutex
 	cands   []placement.Candidate
@@ -93,13 +102,14 @@ func (s *Scheduler) capacity() int {
 
 // Admission is what a newly admitted task is told.
 type Admission struct {
-	Position         int   // tasks ahead of it (0: placed at once)
-	PredictedStartMs int64 // from the observed service time; -1: no observation yet
+	Position         int        // tasks ahead of it (0: placed at once)
+	PredictedStartMs int64      // from the observed service time; -1: no observation yet
+	Prepared         *pool.Spec // a pool started for the task (AutoPools)
 }
 
-// Admit queues a task, or refuses it when its priority's queue is full.
+// enqueue queues a task, or refuses it when its priority's queue is full.
 // Tasks that can be placed at once are granted a slot here.
-func (s *Scheduler) Admit(id string, prio task.Priority, req placement.Request, at time.Time) (Admission, error) {
+func (s *Scheduler) enqueue(id string, prio task.Priority, req placement.Request, at time.Time) (Admission, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.init()
@@ -337,7 +347,7 @@ func (s *Scheduler) Run(ctx context.Context) {
 	tick := time.NewTicker(period)
 	defer tick.Stop()
 	for {
-		s.RefreshNow(ctx)
+		s.refresh(ctx)
 		select {
 		case <-ctx.Done():
 			return
@@ -346,8 +356,8 @@ func (s *Scheduler) Run(ctx context.Context) {
 	}
 }
 
-// RefreshNow reads the pools once and dispatches.
-func (s *Scheduler) RefreshNow(ctx context.Context) {
+// refresh reads the pools once and dispatches.
+func (s *Scheduler) refresh(ctx context.Context) {
 	cands, err := s.Source(ctx)
 	if err != nil {
 		if s.Log != nil && ctx.Err() == nil {
@@ -382,9 +392,9 @@ type announcement struct {
 // announceTTL bounds how long an announced pool stands in for a read.
 const announceTTL = 30 * time.Second
 
-// Announce adds a pool just created (state Starting) to the snapshot at
+// announce adds a pool just created (state Starting) to the snapshot at
 // once, so tasks for it wait instead of failing while reads lag.
-func (s *Scheduler) Announce(c placement.Candidate) {
+func (s *Scheduler) announce(c placement.Candidate) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.init()
@@ -398,8 +408,8 @@ func (s *Scheduler) Announce(c placement.Candidate) {
 	s.fresh = true
 }
 
-// Servable says whether any pool (ready or coming up) could serve req.
-func (s *Scheduler) Servable(req placement.Request) error {
+// servable says whether any pool (ready or coming up) could serve req.
+func (s *Scheduler) servable(req placement.Request) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if !s.fresh {
@@ -450,9 +460,9 @@ func (s *Scheduler) Waiting(id string) (position int, pools []PoolState, ok bool
 	return s.admission(t).Position, pools, true
 }
 
-// Backoff is how long a refused client should wait: one observed service
+// backoff is how long a refused client should wait: one observed service
 // time, or a second before any was observed.
-func (s *Scheduler) Backoff() time.Duration {
+func (s *Scheduler) backoff() time.Duration {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.service == 0 {

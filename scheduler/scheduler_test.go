@@ -37,27 +37,27 @@ func waitAsync(s *Scheduler, id string, prio task.Priority, at time.Time) <-chan
 
 func TestPriorityFIFOAndRelease(t *testing.T) {
 	s := &Scheduler{Source: oneSlot(true), Capacity: 2}
-	s.RefreshNow(context.Background())
+	s.refresh(context.Background())
 	t0 := time.Now()
-	a, err := s.Admit("a", task.Interactive, req, t0)
+	a, err := s.enqueue("a", task.Interactive, req, t0)
 	require.NoError(t, err)
 	require.Zero(t, a.Position)
 	where, err := s.Wait(context.Background(), "a", task.Interactive, req, t0)
 	require.NoError(t, err)
 	require.Equal(t, "p", where.PoolID)
 
-	_, err = s.Admit("batch-1", task.Batch, req, t0.Add(1))
+	_, err = s.enqueue("batch-1", task.Batch, req, t0.Add(1))
 	require.NoError(t, err)
-	i1, err := s.Admit("int-1", task.Interactive, req, t0.Add(2))
+	i1, err := s.enqueue("int-1", task.Interactive, req, t0.Add(2))
 	require.NoError(t, err)
 	require.Zero(t, i1.Position)
 	require.EqualValues(t, -1, i1.PredictedStartMs, "no service observed yet")
-	i2, err := s.Admit("int-2", task.Interactive, req, t0.Add(3))
+	i2, err := s.enqueue("int-2", task.Interactive, req, t0.Add(3))
 	require.NoError(t, err)
 	require.Equal(t, 1, i2.Position)
-	_, err = s.Admit("int-3", task.Interactive, req, t0.Add(4))
+	_, err = s.enqueue("int-3", task.Interactive, req, t0.Add(4))
 	require.ErrorIs(t, err, ErrQueueFull)
-	b, err := s.Admit("batch-2", task.Batch, req, t0.Add(5))
+	b, err := s.enqueue("batch-2", task.Batch, req, t0.Add(5))
 	require.NoError(t, err)
 	require.Equal(t, 3, b.Position, "behind both interactive tasks and the earlier batch one")
 
@@ -86,22 +86,22 @@ func TestPriorityFIFOAndRelease(t *testing.T) {
 		}
 	}
 	// Service time is now observed: predictions follow it.
-	p, err := s.Admit("late", task.Interactive, req, time.Now())
+	p, err := s.enqueue("late", task.Interactive, req, time.Now())
 	require.NoError(t, err)
 	require.InDelta(t, 2000, p.PredictedStartMs, 1, "one wave of one 2 s slot")
-	require.Equal(t, 2*time.Second, s.Backoff())
+	require.Equal(t, 2*time.Second, s.backoff())
 }
 
 func TestDropLRU(t *testing.T) {
 	s := &Scheduler{Source: oneSlot(true), Capacity: 1, Policy: DropLRU}
-	s.RefreshNow(context.Background())
+	s.refresh(context.Background())
 	t0 := time.Now()
-	_, err := s.Admit("a", task.Batch, req, t0) // takes the slot
+	_, err := s.enqueue("a", task.Batch, req, t0) // takes the slot
 	require.NoError(t, err)
-	_, err = s.Admit("old", task.Batch, req, t0.Add(1))
+	_, err = s.enqueue("old", task.Batch, req, t0.Add(1))
 	require.NoError(t, err)
 	old := waitAsync(s, "old", task.Batch, t0.Add(1))
-	_, err = s.Admit("new", task.Batch, req, t0.Add(2))
+	_, err = s.enqueue("new", task.Batch, req, t0.Add(2))
 	require.NoError(t, err, "drop-lru takes the new task")
 	select {
 	case err := <-old:
@@ -115,8 +115,8 @@ func TestDropLRU(t *testing.T) {
 
 func TestNoPoolAndCancel(t *testing.T) {
 	s := &Scheduler{Source: func(context.Context) ([]placement.Candidate, error) { return nil, nil }, Refresh: 50 * time.Millisecond}
-	s.RefreshNow(context.Background())
-	require.ErrorIs(t, s.Servable(req), placement.ErrNoPool)
+	s.refresh(context.Background())
+	require.ErrorIs(t, s.servable(req), placement.ErrNoPool)
 	rctx, stopRun := context.WithCancel(context.Background())
 	defer stopRun()
 	go s.Run(rctx)
@@ -127,8 +127,8 @@ func TestNoPoolAndCancel(t *testing.T) {
 
 	// A pool still starting: the task waits; its context ends the wait.
 	s = &Scheduler{Source: oneSlot(false)}
-	s.RefreshNow(context.Background())
-	require.NoError(t, s.Servable(req))
+	s.refresh(context.Background())
+	require.NoError(t, s.servable(req))
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	_, err = s.Wait(ctx, "y", task.Interactive, req, time.Now())
@@ -148,13 +148,13 @@ func TestAnnouncedPool(t *testing.T) {
 		}
 		return oneSlot(true)(context.Background())
 	}}
-	s.RefreshNow(context.Background())
-	require.ErrorIs(t, s.Servable(req), placement.ErrNoPool)
-	s.Announce(placement.Candidate{PoolID: "p", NodeID: "n", ModelID: "m", State: pool.Starting, NodeOnline: true, SlotsTotal: 1})
-	require.NoError(t, s.Servable(req), "announced: the task may wait for it")
-	s.RefreshNow(context.Background()) // still not read: the announcement stays
-	require.NoError(t, s.Servable(req))
-	s.RefreshNow(context.Background()) // read now: Ready, placeable
+	s.refresh(context.Background())
+	require.ErrorIs(t, s.servable(req), placement.ErrNoPool)
+	s.announce(placement.Candidate{PoolID: "p", NodeID: "n", ModelID: "m", State: pool.Starting, NodeOnline: true, SlotsTotal: 1})
+	require.NoError(t, s.servable(req), "announced: the task may wait for it")
+	s.refresh(context.Background()) // still not read: the announcement stays
+	require.NoError(t, s.servable(req))
+	s.refresh(context.Background()) // read now: Ready, placeable
 	where, err := s.Wait(context.Background(), "a", task.Interactive, req, time.Now())
 	require.NoError(t, err)
 	require.Equal(t, "http://e", where.URL)

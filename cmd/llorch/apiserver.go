@@ -43,6 +43,8 @@ type apiserverFlags struct {
 	api                apiserver.Config
 	canAfter, queueCap int
 	policy             string
+	autoPools          scheduler.AutoPools // Pools and Nodes set when --auto-pools
+	autoPoolsOn        bool
 	s3                 config.S3
 }
 
@@ -50,9 +52,9 @@ func (f *apiserverFlags) addFlags(fs *pflag.FlagSet) {
 	f.common.addFlags(fs)
 	fs.StringVar(&f.api.Addr, "addr", "127.0.0.1:8080", "REST API listen address")
 	fs.StringVar(&f.api.AdvertiseURL, "advertise-url", "", "URL nodes push token streams to (default http://<addr>)")
-	fs.BoolVar(&f.api.AutoPools, "auto-pools", false, "a task for a model no pool serves starts a pool for it (else 503 POOL_UNAVAILABLE)")
-	fs.IntVar(&f.api.AutoPoolSlots, "auto-pool-slots", 2, "slots of a pool started for a task")
-	fs.IntVar(&f.api.AutoPoolCtx, "auto-pool-ctx", 0, "context of a pool started for a task (0: the model's)")
+	fs.BoolVar(&f.autoPoolsOn, "auto-pools", false, "a task for a model no pool serves starts a pool for it (else 503 POOL_UNAVAILABLE)")
+	fs.IntVar(&f.autoPools.Slots, "auto-pool-slots", 2, "slots of a pool started for a task")
+	fs.IntVar(&f.autoPools.Ctx, "auto-pool-ctx", 0, "context of a pool started for a task (0: the model's)")
 	fs.IntVar(&f.queueCap, "queue-capacity", 1024, "tasks that may wait per priority (interactive, batch); more get 429 ADMISSION_REJECT")
 	fs.StringVar(&f.policy, "admission-policy", scheduler.Reject, "when a queue is full: reject (429 ADMISSION_REJECT) or drop-lru (fail the longest-waiting task instead)")
 	fs.StringVar(&f.api.Token, "api-token", "", "bearer token every /v2 call must present; required to bind a non-loopback address")
@@ -83,17 +85,21 @@ func runAPIServer(f *apiserverFlags) error {
 	if f.policy != scheduler.Reject && f.policy != scheduler.DropLRU {
 		return fmt.Errorf("--admission-policy: want %s or %s, got %q", scheduler.Reject, scheduler.DropLRU, f.policy)
 	}
-	sched := &scheduler.Scheduler{Capacity: f.queueCap, Policy: f.policy, Log: log, Metrics: scheduler.NewMetrics(reg)}
+	pools, tasks := &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace}, &control.Tasks{Temporal: tc}
+	sched := &scheduler.Scheduler{Capacity: f.queueCap, Policy: f.policy, Log: log, Metrics: scheduler.NewMetrics(reg),
+		Source: (&scheduler.ClusterSource{Pools: pools, Nodes: nodes}).Candidates, Tasks: tasks}
+	if f.autoPoolsOn {
+		f.autoPools.Pools, f.autoPools.Nodes = pools, nodes
+		sched.AutoPools = &f.autoPools
+	}
 	srv, err := apiserver.New(f.api, apiserver.Deps{
 		Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub,
 		Models: &control.Models{Temporal: tc, Namespace: f.temporal.Namespace, Nodes: nodes},
-		Pools:  &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace},
-		Tasks:  &control.Tasks{Temporal: tc},
+		Pools:  pools, Tasks: tasks,
 	})
 	if err != nil {
 		return err
 	}
-	sched.Source = srv.Candidates
 	schedCtx, stopSched := context.WithCancel(context.Background())
 	defer stopSched()
 	return runApp(log, f.pprof(log),

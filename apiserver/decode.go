@@ -1,0 +1,104 @@
+package apiserver
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"io"
+	"strings"
+
+	"github.com/gofiber/fiber/v2"
+)
+
+// idParam reads the :id route parameter, checked by validate.
+func idParam(c *fiber.Ctx, validate func(string) error) (string, error) {
+	id := c.Params("id")
+	if err := validate(id); err != nil {
+		return "", invalidParam("id", "%v", err)
+	}
+	return id, nil
+}
+
+// decode reads a JSON body strictly: unknown fields and wrong types are
+// INVALID_PARAMS naming the field. An empty body is allowed when optional.
+func decode(c *fiber.Ctx, dst any, optional bool) error {
+	// Bodies stream (for model uploads): bound a JSON body before reading it.
+	if n := c.Request().Header.ContentLength(); n > maxBodyBytes {
+		return apiError(fiber.StatusRequestEntityTooLarge, CodeInvalidParams, "body of %d bytes exceeds %d", n, maxBodyBytes)
+	} else if n == -1 {
+		return apiError(fiber.StatusLengthRequired, CodeInvalidParams, "a JSON body needs a Content-Length")
+	}
+	body := bytes.TrimSpace(c.Body())
+	if len(body) == 0 {
+		if optional {
+			return nil
+		}
+		return invalidParam("body", "a JSON object is required")
+	}
+	if ct := c.Get(fiber.HeaderContentType); ct != "" && !strings.HasPrefix(ct, fiber.MIMEApplicationJSON) {
+		return invalidParam("body", "Content-Type must be application/json, got %q", ct)
+	}
+	return decodeStrict(body, dst)
+}
+
+// typeErrorParam names the field a JSON value of the wrong type was for
+// ("body" when the body itself is not an object).
+func typeErrorParam(e *json.UnmarshalTypeError) *Error {
+	field := e.Field
+	if field == "" {
+		field = "body"
+	}
+	return invalidParam(field, "want %s, got JSON %s", e.Type, e.Value)
+}
+
+// decodeStrict reads one JSON object into dst: unknown fields, wrong types
+// and trailing data are INVALID_PARAMS naming the field.
+func decodeStrict(body []byte, dst any) error {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(dst); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		var syntaxErr *json.SyntaxError
+		switch {
+		case errors.As(err, &typeErr):
+			return typeErrorParam(typeErr)
+		case errors.As(err, &syntaxErr):
+			return invalidParam("body", "malformed JSON at byte %d: %v", syntaxErr.Offset, err)
+		case strings.HasPrefix(err.Error(), "json: unknown field "):
+			field := strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
+			if field == "" {
+				return invalidParam("body", `unknown field ""`)
+			}
+			return invalidParam(field, "unknown field")
+		default:
+			return invalidParam("body", "%v", err)
+		}
+	}
+	if dec.Decode(&struct{}{}) != io.EOF {
+		return invalidParam("body", "trailing data after the JSON object")
+	}
+	return nil
+}
+
+// decodeLoose reads a JSON body, leaving fields it does not know alone
+// (OpenAI clients send many); wrong types still name the field.
+func decodeLoose(c *fiber.Ctx, dst any) error {
+	if n := c.Request().Header.ContentLength(); n > maxBodyBytes {
+		return apiError(fiber.StatusRequestEntityTooLarge, CodeInvalidParams, "body of %d bytes exceeds %d", n, maxBodyBytes)
+	}
+	return decodeLooseBytes(bytes.TrimSpace(c.Body()), dst)
+}
+
+func decodeLooseBytes(body []byte, dst any) error {
+	if len(body) == 0 {
+		return invalidParam("body", "a JSON object is required")
+	}
+	if err := json.Unmarshal(body, dst); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) {
+			return typeErrorParam(typeErr)
+		}
+		return invalidParam("body", "%v", err)
+	}
+	return nil
+}

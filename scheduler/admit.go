@@ -1,0 +1,138 @@
+package scheduler
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/llorch/llorch/control"
+	"github.com/llorch/llorch/placement"
+	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/task"
+)
+
+// TaskStarter starts an admitted task's workflow (control.Tasks).
+type TaskStarter interface {
+	Start(ctx context.Context, req task.Request) error
+}
+
+// PoolCreator starts a pool's workflow (control.Pools).
+type PoolCreator interface {
+	Create(ctx context.Context, s pool.Spec) (string, error)
+}
+
+// AutoPools is the policy --auto-pools: a task for a model no pool serves
+// starts a pool for it, on the node its placement names or else the one
+// NodeForPool picks.
+type AutoPools struct {
+	Pools PoolCreator
+	Nodes NodeLister
+	Slots int // per pool, at least 1
+	Ctx   int // context of the pool (0: the model's)
+}
+
+// NoPoolError refuses a task no pool can serve, nor one started for it.
+type NoPoolError struct {
+	ModelID string
+	Err     error // placement's ErrNoPool, or why no pool could be started
+}
+
+func (e *NoPoolError) Error() string {
+	return fmt.Sprintf("no pool can serve model %s: %v", e.ModelID, e.Err)
+}
+
+func (e *NoPoolError) Unwrap() error { return e.Err }
+
+// QueueFullError refuses a task whose priority's queue is full.
+type QueueFullError struct {
+	Priority task.Priority
+	Backoff  time.Duration // how long the client should wait
+}
+
+func (e *QueueFullError) Error() string {
+	return fmt.Sprintf("the %s queue is full; retry after %d ms", e.Priority, e.Backoff.Milliseconds())
+}
+
+func (e *QueueFullError) Unwrap() error { return ErrQueueFull }
+
+// Admit admits a task and starts its workflow: it refuses a task no pool
+// can serve (after a fresh read of the pools, and after starting one under
+// AutoPools unless the task is pinned) with a NoPoolError, a session that
+// has had its turns with a SessionFullError, and a task its queue has no
+// room for with a QueueFullError; a workflow that cannot start (a task id
+// used before: control.ErrTaskExists) leaves no ticket behind. Prepared is
+// set whenever a pool was started, even if admission then failed.
+func (s *Scheduler) Admit(ctx context.Context, req task.Request) (Admission, error) {
+	pr := placement.Request{ModelID: req.ModelID, Placement: req.Placement}
+	err := s.servable(pr)
+	if err != nil {
+		// The snapshot may predate a pool just created: look again.
+		s.refresh(ctx)
+		err = s.servable(pr)
+	}
+	var prepared *pool.Spec
+	if err != nil && s.AutoPools != nil && req.Placement.Mode != "pin" && req.Placement.PinPoolID == "" {
+		if prepared, err = s.startPool(ctx, req); err == nil {
+			err = s.servable(pr)
+		}
+	}
+	if err != nil {
+		s.Metrics.rejected("pool_unavailable")
+		return Admission{Prepared: prepared}, &NoPoolError{ModelID: req.ModelID, Err: err}
+	}
+	if err := s.sessions.check(req.SessionID); err != nil {
+		return Admission{Prepared: prepared}, err
+	}
+	adm, err := s.enqueue(req.TaskID, req.Priority, pr, req.EnqueuedAt)
+	adm.Prepared = prepared
+	if err != nil {
+		return adm, &QueueFullError{Priority: req.Priority, Backoff: s.backoff()}
+	}
+	if err := s.Tasks.Start(ctx, req); err != nil {
+		s.Forget(req.TaskID)
+		return adm, err
+	}
+	s.sessions.turn(req.SessionID, req.TaskID, req.ModelID)
+	return adm, nil
+}
+
+// startPool starts a pool for req's model and announces it, so the task
+// waits for it instead of failing while reads lag.
+func (s *Scheduler) startPool(ctx context.Context, req task.Request) (*pool.Spec, error) {
+	nodeID := req.Placement.NodeID
+	if nodeID == "" {
+		var err error
+		if nodeID, err = NodeForPool(ctx, s.AutoPools.Nodes); err != nil || nodeID == "" {
+			return nil, fmt.Errorf("no Online node to start a pool for %s on", req.ModelID)
+		}
+	}
+	spec := pool.Spec{PoolID: autoPoolID(req.ModelID, nodeID), NodeID: nodeID, ModelID: req.ModelID, Engine: pool.Builtin,
+		Slots: max(s.AutoPools.Slots, 1), CtxSize: s.AutoPools.Ctx}
+	if _, err := s.AutoPools.Pools.Create(ctx, spec); err != nil && !errors.Is(err, control.ErrPoolExists) {
+		return nil, err
+	}
+	s.announce(placement.Candidate{PoolID: spec.PoolID, NodeID: nodeID, ModelID: spec.ModelID,
+		State: pool.Starting, NodeOnline: true, SlotsTotal: spec.Slots, CtxPerSlot: spec.CtxSize / spec.Slots})
+	return &spec, nil
+}
+
+// autoPoolID names a pool started for a model: auto-<model>-<node>, made
+// a valid pool id.
+func autoPoolID(modelID, nodeID string) string {
+	b := []byte(strings.ToLower("auto-" + modelID + "-" + nodeID))
+	for i, ch := range b {
+		if !(ch >= 'a' && ch <= 'z' || ch >= '0' && ch <= '9' || ch == '.' || ch == '_' || ch == '-') {
+			b[i] = '-'
+		}
+	}
+	if len(b) > 63 {
+		sum := sha256.Sum256(b)
+		b = append(b[:54], '-')
+		b = append(b, hex.EncodeToString(sum[:4])...)
+	}
+	return strings.TrimRight(string(b), "-._")
+}

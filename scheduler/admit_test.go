@@ -1,0 +1,213 @@
+package scheduler
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/llorch/control"
+	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/placement"
+	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/task"
+)
+
+// starter records the workflows Admit starts; err fails them.
+type starter struct {
+	started []string
+	err     error
+}
+
+func (s *starter) Start(_ context.Context, req task.Request) error {
+	if s.err != nil {
+		return s.err
+	}
+	s.started = append(s.started, req.TaskID)
+	return nil
+}
+
+type creator struct{ specs []pool.Spec }
+
+func (c *creator) Create(_ context.Context, s pool.Spec) (string, error) {
+	c.specs = append(c.specs, s)
+	return "run", nil
+}
+
+type nodes []control.NodeView
+
+func (n nodes) List(context.Context) ([]control.NodeView, error) { return n, nil }
+
+func nodeView(id string, st node.State, diskFree uint64) control.NodeView {
+	return control.NodeView{Status: node.Status{NodeID: id, State: st, LastSnapshot: node.Snapshot{DiskFreeBytes: diskFree}}}
+}
+
+func taskReq(id string) task.Request {
+	return task.Request{TaskID: id, ModelID: "m", Priority: task.Interactive, EnqueuedAt: time.Now()}
+}
+
+func noPools(context.Context) ([]placement.Candidate, error) { return nil, nil }
+
+func TestAdmitStartsTheWorkflow(t *testing.T) {
+	st := &starter{}
+	reads := 0
+	s := &Scheduler{Tasks: st, Source: func(ctx context.Context) ([]placement.Candidate, error) {
+		if reads++; reads == 1 {
+			return nil, nil // before the pool was created
+		}
+		return oneSlot(true)(ctx)
+	}}
+	s.refresh(context.Background())
+	adm, err := s.Admit(context.Background(), taskReq("a"))
+	require.NoError(t, err, "a snapshot without the pool is read again before refusing")
+	require.Zero(t, adm.Position)
+	require.Nil(t, adm.Prepared)
+	require.Equal(t, []string{"a"}, st.started)
+	where, ok := s.Granted("a")
+	require.True(t, ok, "a free slot is granted at admission")
+	require.Equal(t, "p", where.PoolID)
+}
+
+func TestAdmitRefusals(t *testing.T) {
+	st := &starter{}
+	s := &Scheduler{Source: noPools, Tasks: st, AutoPools: &AutoPools{Pools: &creator{}, Nodes: nodes{}}}
+	s.refresh(context.Background())
+	_, err := s.Admit(context.Background(), taskReq("a"))
+	var np *NoPoolError
+	require.ErrorAs(t, err, &np)
+	require.ErrorContains(t, err, "no pool can serve model m: no Online node to start a pool for m on")
+
+	s.AutoPools = nil
+	_, err = s.Admit(context.Background(), taskReq("a"))
+	require.ErrorIs(t, err, placement.ErrNoPool)
+	require.EqualError(t, err, "no pool can serve model m: no pool serves the model: m")
+
+	s = &Scheduler{Source: oneSlot(true), Tasks: st, Capacity: 1}
+	s.refresh(context.Background())
+	_, err = s.Admit(context.Background(), taskReq("a")) // takes the slot
+	require.NoError(t, err)
+	_, err = s.Admit(context.Background(), taskReq("b")) // waits
+	require.NoError(t, err)
+	_, err = s.Admit(context.Background(), taskReq("c"))
+	var full *QueueFullError
+	require.ErrorAs(t, err, &full)
+	require.ErrorIs(t, err, ErrQueueFull)
+	require.Equal(t, time.Second, full.Backoff, "no service observed yet")
+	require.EqualError(t, err, "the interactive queue is full; retry after 1000 ms")
+	require.Equal(t, []string{"a", "b"}, st.started)
+}
+
+// A workflow that cannot start leaves no queued ticket to hold a place.
+func TestAdmitForgetsAFailedStart(t *testing.T) {
+	s := &Scheduler{Source: oneSlot(false), Tasks: &starter{err: control.ErrTaskExists}}
+	s.refresh(context.Background())
+	_, err := s.Admit(context.Background(), taskReq("a"))
+	require.ErrorIs(t, err, control.ErrTaskExists)
+	s.mu.Lock()
+	require.Empty(t, s.tickets)
+	require.Empty(t, s.queues[task.Interactive])
+	s.mu.Unlock()
+}
+
+func TestAdmitSessionTurns(t *testing.T) {
+	s := &Scheduler{Source: oneSlot(true), Tasks: &starter{}}
+	s.refresh(context.Background())
+	for i := range SessionMaxTurns {
+		req := taskReq(fmt.Sprint("t", i))
+		req.SessionID = "sess"
+		_, err := s.Admit(context.Background(), req)
+		require.NoError(t, err)
+	}
+	sess, ok := s.Session("sess")
+	require.True(t, ok)
+	require.Len(t, sess.Turns, SessionMaxTurns)
+	req := taskReq("over")
+	req.SessionID = "sess"
+	_, err := s.Admit(context.Background(), req)
+	var sf *SessionFullError
+	require.ErrorAs(t, err, &sf)
+	require.EqualError(t, err, "session sess has had its 8 turns; start a new session")
+	require.True(t, s.EndSession("sess"))
+	require.False(t, s.EndSession("sess"))
+	_, err = s.Admit(context.Background(), req)
+	require.NoError(t, err, "an ended session starts afresh")
+}
+
+func TestAdmitStartsAPool(t *testing.T) {
+	cr := &creator{}
+	st := &starter{}
+	s := &Scheduler{Source: noPools, Tasks: st, AutoPools: &AutoPools{Pools: cr, Slots: 2, Ctx: 4096,
+		Nodes: nodes{nodeView("small", node.Online, 10), nodeView("big", node.Online, 100), nodeView("off", node.Offline, 1000)}}}
+	s.refresh(context.Background())
+	adm, err := s.Admit(context.Background(), taskReq("a"))
+	require.NoError(t, err)
+	want := pool.Spec{PoolID: "auto-m-big", NodeID: "big", ModelID: "m", Engine: pool.Builtin, Slots: 2, CtxSize: 4096}
+	require.Equal(t, &want, adm.Prepared, "on the Online node with the most free disk")
+	require.Equal(t, []pool.Spec{want}, cr.specs)
+	require.Equal(t, []string{"a"}, st.started)
+	_, pools, ok := s.Waiting("a")
+	require.True(t, ok, "the task waits for the announced pool")
+	require.Equal(t, []PoolState{{PoolID: "auto-m-big", NodeID: "big", State: pool.Starting}}, pools)
+
+	// A node named by the placement is used; a pinned task starts nothing.
+	req := taskReq("b")
+	req.Placement.NodeID = "small"
+	req.ModelID = "other"
+	adm, err = s.Admit(context.Background(), req)
+	require.NoError(t, err)
+	require.Equal(t, "small", adm.Prepared.NodeID)
+	req = taskReq("c")
+	req.ModelID = "pinned"
+	req.Placement = task.Placement{Mode: "pin", PinPoolID: "p1"}
+	adm, err = s.Admit(context.Background(), req)
+	require.ErrorIs(t, err, placement.ErrNoPool)
+	require.Nil(t, adm.Prepared)
+	require.Len(t, cr.specs, 2)
+}
+
+func TestAutoPoolID(t *testing.T) {
+	require.Equal(t, "auto-llama-3.1_8b-gpu-1", autoPoolID("Llama-3.1_8B", "gpu-1"))
+	require.Equal(t, "auto-a-b-n", autoPoolID("a/b", "n"))
+	long := autoPoolID(string(make([]byte, 80))+"m", "n")
+	require.NoError(t, pool.ValidateID(long))
+	require.Len(t, long, 63)
+}
+
+// partial answers ListPartial from its fields.
+type partial struct {
+	pools  []pool.Health
+	unread []string
+	err    error
+}
+
+func (p *partial) ListPartial(context.Context) ([]pool.Health, []string, error) {
+	return p.pools, p.unread, p.err
+}
+
+func TestClusterSourceKeepsUnreadPools(t *testing.T) {
+	pl := &partial{pools: []pool.Health{{PoolID: "p", NodeID: "n", ModelID: "m", State: pool.Ready, SlotsTotal: 2, CtxSize: 8192}}}
+	live := nodeView("n", node.Online, 0)
+	live.Live = &node.Snapshot{GPUs: []node.GPUUsage{{MemoryTotalBytes: 10, MemoryFreeBytes: 7}}}
+	ns := nodes{live}
+	src := &ClusterSource{Pools: pl, Nodes: ns}
+	cands, err := src.Candidates(context.Background())
+	require.NoError(t, err)
+	want := placement.Candidate{PoolID: "p", NodeID: "n", ModelID: "m", State: pool.Ready, NodeOnline: true,
+		SlotsTotal: 2, CtxPerSlot: 4096, FreeVRAM: 7}
+	require.Equal(t, []placement.Candidate{want}, cands)
+
+	// The pool's query fails: its last figures stand, with its node's state now.
+	pl.pools, pl.unread = nil, []string{"p", "never-read"}
+	src.Nodes = nodes{nodeView("n", node.Offline, 0)}
+	cands, err = src.Candidates(context.Background())
+	require.NoError(t, err)
+	want.NodeOnline = false
+	require.Equal(t, []placement.Candidate{want}, cands)
+
+	pl.err = errors.New("visibility down")
+	_, err = src.Candidates(context.Background())
+	require.ErrorIs(t, err, pl.err)
+}
