@@ -4,11 +4,8 @@ import (
 	"context"
 	"errors"
 	"strings"
-	"time"
 
 	"github.com/gofiber/fiber/v2"
-	"github.com/google/uuid"
-	"github.com/minio/minio-go/v7"
 
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/modelstore"
@@ -16,17 +13,32 @@ import (
 
 // Catalog error codes.
 const (
-	CodeModelNotFound    = "MODEL_NOT_FOUND"
-	CodeModelExists      = "MODEL_EXISTS"
-	CodeModelRetired     = "MODEL_RETIRED"
-	CodeKeyInUse         = "KEY_IN_USE"
-	CodeObjectNotFound   = "OBJECT_NOT_FOUND"
-	CodeNotGGUF          = model.ErrNotGGUF
-	CodeChecksumMismatch = model.ErrChecksumMismatch
+	CodeModelNotFound    = model.ErrNotFound
+	CodeModelExists      = modelstore.CodeModelExists
+	CodeModelRetired     = model.ErrRetired
+	CodeKeyInUse         = modelstore.CodeKeyInUse
+	CodeObjectNotFound   = modelstore.CodeObjectNotFound
+	CodeNotGGUF          = modelstore.CodeNotGGUF
+	CodeChecksumMismatch = modelstore.CodeChecksumMismatch
 )
 
-// estimateContext is the context size VRAM estimates are given for.
-const estimateContext = 4096
+// catalogError renders a refused catalog change as the envelope.
+func catalogError(err error) error {
+	var ce *modelstore.CatalogError
+	if !errors.As(err, &ce) {
+		return err
+	}
+	switch ce.Code {
+	case modelstore.CodeInvalidParams:
+		return invalidParam(ce.Field, "%s", ce.Msg)
+	case modelstore.CodeNotGGUF:
+		return apiError(fiber.StatusBadRequest, ce.Code, "%s", ce.Msg)
+	case modelstore.CodeObjectNotFound:
+		return apiError(fiber.StatusNotFound, ce.Code, "%s", ce.Msg)
+	default:
+		return apiError(fiber.StatusConflict, ce.Code, "%s", ce.Msg)
+	}
+}
 
 func (s *Server) store() (*modelstore.Store, error) {
 	if s.deps.Store == nil {
@@ -100,7 +112,7 @@ func (s *Server) getModel(c *fiber.Ctx) error {
 	return c.JSON(e)
 }
 
-// registerRequest registers an object already in the bucket.
+// registerModelRequest registers an object already in the bucket.
 type registerModelRequest struct {
 	ID      string `json:"id"`
 	Key     string `json:"key"`
@@ -114,159 +126,36 @@ type registerModelRequest struct {
 
 // registerModel adds a model to the catalog: a JSON body names an object
 // already in the bucket; an application/octet-stream body is the model
-// itself (?id=&key=&replace=). The object is hashed and its GGUF header
-// read before anything is recorded.
+// itself (?id=&key=&replace=).
 func (s *Server) registerModel(c *fiber.Ctx) error {
 	st, err := s.store()
 	if err != nil {
 		return err
 	}
-	var req registerModelRequest
-	upload := strings.HasPrefix(c.Get(fiber.HeaderContentType), fiber.MIMEOctetStream)
-	if upload {
-		req = registerModelRequest{ID: c.Query("id"), Key: c.Query("key"), Replace: c.QueryBool("replace")}
-	} else if err := decode(c, &req, false); err != nil {
-		return err
-	}
-	if err := model.ValidateID(req.ID); err != nil {
-		return invalidParam("id", "%v", err)
-	}
-	if req.Key == "" {
-		req.Key = model.DefaultKey(req.ID)
-	}
-	if err := model.ValidateKey(req.Key); err != nil {
-		return invalidParam("key", "%v", err)
-	}
-	if req.SHA256 != "" {
-		if err := model.ValidateSHA256(req.SHA256); err != nil {
-			return invalidParam("sha256", "%v", err)
-		}
-	}
-	if req.Size < 0 {
-		return invalidParam("size", "must be >= 0")
-	}
-	if req.SourceKey != "" {
-		if err := model.ValidateKey(req.SourceKey); err != nil {
-			return invalidParam("source_key", "%v", err)
-		}
-	}
-	ctx := c.UserContext()
-	existing, err := st.GetEntry(ctx, req.ID)
-	exists := err == nil
-	if err != nil && !errors.Is(err, modelstore.ErrEntryNotFound) {
-		return err
-	}
-	if err := s.checkKeyFree(ctx, req.ID, req.Key); err != nil {
-		return err
-	}
-
-	key := req.Key
-	if req.SourceKey != "" && !upload {
-		key = req.SourceKey
-		defer func() { _ = st.Client.RemoveObject(context.WithoutCancel(ctx), st.Bucket, key, removeOpts) }()
-	}
-	if upload {
-		// The body goes to a scratch key first: a registered model's object
-		// is never overwritten before the upload is known to be allowed and
-		// to be a GGUF model, and a refused upload leaves nothing behind.
-		key = "uploads/" + uuid.NewString()
-		defer func() { _ = st.Client.RemoveObject(context.WithoutCancel(ctx), st.Bucket, key, removeOpts) }()
-		size := int64(c.Request().Header.ContentLength())
-		if size < 0 {
-			size = -1
-		}
-		if req.SHA256, err = st.Upload(ctx, c.Context().RequestBodyStream(), size, key, nil); err != nil {
+	var r modelstore.Registration
+	if strings.HasPrefix(c.Get(fiber.HeaderContentType), fiber.MIMEOctetStream) {
+		r = modelstore.Registration{ID: c.Query("id"), Key: c.Query("key"), Replace: c.QueryBool("replace"),
+			Body: c.Context().RequestBodyStream(), BodySize: max(int64(c.Request().Header.ContentLength()), -1)}
+	} else {
+		var req registerModelRequest
+		if err := decode(c, &req, false); err != nil {
 			return err
 		}
+		r = modelstore.Registration{ID: req.ID, Key: req.Key, SHA256: req.SHA256, Size: req.Size,
+			Replace: req.Replace, SourceKey: req.SourceKey}
 	}
-	if exists && !req.Replace && req.SHA256 != "" {
-		return s.sameOrExists(c, existing, req.SHA256)
-	}
-	info, meta, sha, err := s.inspect(ctx, key, req.SHA256 != "" && upload)
+	reg, err := st.Register(c.UserContext(), r)
 	if err != nil {
-		return err
+		return catalogError(err)
 	}
-	if upload {
-		sha = req.SHA256
-	}
-	if req.Size > 0 && req.Size != info.Size {
-		return invalidParam("size", "object %s has %d bytes, not %d", req.Key, info.Size, req.Size)
-	}
-	if req.SHA256 != "" && req.SHA256 != sha {
-		return apiError(fiber.StatusConflict, CodeChecksumMismatch,
-			"object %s has sha256 %s, not the %s given", req.Key, sha, req.SHA256)
-	}
-	if exists && !req.Replace {
-		return s.sameOrExists(c, existing, sha)
-	}
-	if key != req.Key {
-		if _, err := st.Client.ComposeObject(ctx, minio.CopyDestOptions{Bucket: st.Bucket, Object: req.Key},
-			minio.CopySrcOptions{Bucket: st.Bucket, Object: key}); err != nil {
-			return err
-		}
-	}
-	now := time.Now().UTC()
-	e := model.Entry{ID: req.ID, Key: req.Key, SHA256: sha, Size: info.Size, Metadata: meta,
-		Lifecycle: model.Active, CreatedAt: now, VerifiedAt: now}
-	if exists {
-		e.CreatedAt = existing.CreatedAt
-	}
-	if err := st.PutEntry(ctx, e); err != nil {
-		return err
+	e := reg.Entry
+	if reg.Unchanged {
+		c.Set("X-Llorch-Unchanged", "true")
+		return c.Status(fiber.StatusOK).JSON(e)
 	}
 	s.metrics.catalogChanges.WithLabelValues("register").Inc()
-	s.log(c).Info("model registered", "model_id", e.ID, "key", e.Key, "sha256", e.SHA256, "size", e.Size, "replaced", exists)
+	s.log(c).Info("model registered", "model_id", e.ID, "key", e.Key, "sha256", e.SHA256, "size", e.Size, "replaced", reg.Replaced)
 	return c.Status(fiber.StatusCreated).JSON(e)
-}
-
-// inspect reads an object's size and GGUF header and, unless the digest is
-// already known from the upload, hashes it.
-func (s *Server) inspect(ctx context.Context, key string, hashed bool) (minio.ObjectInfo, model.Metadata, string, error) {
-	st := s.deps.Store
-	info, err := st.Stat(ctx, key)
-	if errors.Is(err, modelstore.ErrObjectMissing) {
-		return info, model.Metadata{}, "", apiError(fiber.StatusNotFound, CodeObjectNotFound, "no object %s in bucket %s", key, st.Bucket)
-	}
-	if err != nil {
-		return info, model.Metadata{}, "", err
-	}
-	url, err := st.PresignGet(ctx, key, 10*time.Minute)
-	if err != nil {
-		return info, model.Metadata{}, "", err
-	}
-	meta, err := modelstore.ReadMetadataRemote(ctx, url, estimateContext)
-	if errors.Is(err, modelstore.ErrNotGGUF) {
-		return info, meta, "", apiError(fiber.StatusBadRequest, CodeNotGGUF, "the object is not a GGUF model: %v", err)
-	}
-	if err != nil || hashed {
-		return info, meta, "", err
-	}
-	sha, _, err := st.HashObject(ctx, key)
-	return info, meta, sha, err
-}
-
-// sameOrExists answers a registration of an id that exists: identical
-// content is a no-op, different content needs replace.
-func (s *Server) sameOrExists(c *fiber.Ctx, existing model.Entry, sha string) error {
-	if existing.SHA256 == sha {
-		c.Set("X-Llorch-Unchanged", "true")
-		return c.Status(fiber.StatusOK).JSON(existing)
-	}
-	return apiError(fiber.StatusConflict, CodeModelExists,
-		"model %s exists with sha256 %s; this content has sha256 %s: pass replace to overwrite it", existing.ID, existing.SHA256, sha)
-}
-
-func (s *Server) checkKeyFree(ctx context.Context, id, key string) error {
-	entries, err := s.entries(ctx)
-	if err != nil {
-		return err
-	}
-	for _, e := range entries {
-		if e.Key == key && e.ID != id {
-			return apiError(fiber.StatusConflict, CodeKeyInUse, "object %s already belongs to model %s", key, e.ID)
-		}
-	}
-	return nil
 }
 
 func (s *Server) deleteModel(c *fiber.Ctx) error {
@@ -274,18 +163,15 @@ func (s *Server) deleteModel(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	id := e.ID
-	st := s.deps.Store
-	if err := st.DeleteEntry(c.UserContext(), id); err != nil {
+	objErr, err := s.deps.Store.Delete(c.UserContext(), e, c.QueryBool("keep_object"))
+	if err != nil {
 		return err
 	}
-	if !c.QueryBool("keep_object") {
-		if err := st.Client.RemoveObject(c.UserContext(), st.Bucket, e.Key, removeOpts); err != nil {
-			s.log(c).Warn("catalog entry deleted but its object was not", "model_id", id, "key", e.Key, "err", err)
-		}
+	if objErr != nil {
+		s.log(c).Warn("catalog entry deleted but its object was not", "model_id", e.ID, "key", e.Key, "err", objErr)
 	}
 	s.metrics.catalogChanges.WithLabelValues("delete").Inc()
-	s.log(c).Info("model deleted", "model_id", id, "key", e.Key)
+	s.log(c).Info("model deleted", "model_id", e.ID, "key", e.Key)
 	return c.SendStatus(fiber.StatusNoContent)
 }
 
@@ -328,21 +214,9 @@ func (s *Server) verifyModel(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	id := e.ID
-	sha, size, err := s.deps.Store.HashObject(c.UserContext(), e.Key)
-	if errors.Is(err, modelstore.ErrObjectMissing) {
-		return apiError(fiber.StatusNotFound, CodeObjectNotFound, "model %s: no object %s in bucket %s", id, e.Key, s.deps.Store.Bucket)
-	}
+	e, err = s.deps.Store.Verify(c.UserContext(), e)
 	if err != nil {
-		return err
-	}
-	if sha != e.SHA256 || size != e.Size {
-		return apiError(fiber.StatusConflict, CodeChecksumMismatch,
-			"model %s: object %s has sha256 %s (%d bytes), the catalog expects %s (%d bytes)", id, e.Key, sha, size, e.SHA256, e.Size)
-	}
-	e.VerifiedAt = time.Now().UTC()
-	if err := s.deps.Store.PutEntry(c.UserContext(), e); err != nil {
-		return err
+		return catalogError(err)
 	}
 	return c.JSON(e)
 }
@@ -399,5 +273,3 @@ func (s *Server) availability(c *fiber.Ctx) error {
 	}
 	return c.JSON(fiber.Map{"models": models, "nodes": nodes})
 }
-
-var removeOpts = minio.RemoveObjectOptions{}
