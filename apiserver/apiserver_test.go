@@ -27,6 +27,7 @@ import (
 	"github.com/llorch/llorch/nodeclient"
 	"github.com/llorch/llorch/testenv"
 	"github.com/llorch/llorch/workers"
+	"github.com/llorch/llorch/workers/agent"
 )
 
 var env *testenv.Env
@@ -338,7 +339,7 @@ func TestWorkerAgentNode(t *testing.T) {
 	host, err := inventory.New(inventory.Options{NVML: lib, ModelDir: t.TempDir(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	require.NoError(t, err)
 	id := "agent-api-1"
-	agent := &workers.Agent{
+	agent := &agent.Agent{
 		NodeID: id, Identity: "worker:" + id, HeartbeatInterval: 200 * time.Millisecond, Host: host,
 		Nodes:   &nodeclient.Client{Temporal: env.Temporal, Namespace: env.Namespace},
 		Log:     slog.New(slog.NewTextHandler(io.Discard, nil)),

@@ -18,6 +18,7 @@ import (
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/tokenstream"
 	"github.com/llorch/llorch/workers"
+	"github.com/llorch/llorch/workers/agent"
 )
 
 func apiserverCmd() *cobra.Command {
@@ -38,7 +39,7 @@ func apiserverCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			tc, err := c.dial(log, workers.ClientIdentity("apiserver", "", hostname(), os.Getpid()))
+			tc, err := c.dial(log, agent.ClientIdentity("apiserver", "", hostname(), os.Getpid()))
 			if err != nil {
 				return err
 			}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/engine"
+	"github.com/llorch/llorch/engine/lease"
 	"github.com/llorch/llorch/logging"
 )
 
@@ -36,7 +37,7 @@ func engineCmd() *cobra.Command {
 		logFormat string
 		logLevel  string
 		ngl       int
-		lease     string
+		leaseFile string
 		leaseTTL  time.Duration
 	)
 	cmd := &cobra.Command{
@@ -88,10 +89,10 @@ func engineCmd() *cobra.Command {
 			// A supervised engine outlives a worker restart, not a worker
 			// that never returns.
 			lapsed := make(<-chan error)
-			if lease != "" {
+			if leaseFile != "" {
 				lctx, stop := context.WithCancel(context.Background())
 				defer stop()
-				lapsed = engine.WatchLease(lctx, lease, leaseTTL)
+				lapsed = lease.Watch(lctx, leaseFile, leaseTTL)
 			}
 			sigs := make(chan os.Signal, 1)
 			signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
@@ -137,7 +138,7 @@ func engineCmd() *cobra.Command {
 	fs.IntVar(&ngl, "n-gpu-layers", 0, "accepted for llama-server compatibility (-ngl); ignored: CPU only")
 	fs.Bool("metrics", true, "accepted for llama-server compatibility; /metrics is always on")
 	fs.Bool("no-ui", true, "accepted for llama-server compatibility; there is no UI")
-	fs.StringVar(&lease, "supervisor-lease", "", "llorch: exit when this file's mtime is older than --supervisor-timeout (the worker renews it)")
+	fs.StringVar(&leaseFile, "supervisor-lease", "", "llorch: exit when this file's mtime is older than --supervisor-timeout (the worker renews it)")
 	fs.DurationVar(&leaseTTL, "supervisor-timeout", time.Minute, "llorch: how long the engine runs without its supervisor")
 	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	config.Env(fs, "log-format", "LLORCH_LOG_FORMAT")

@@ -25,6 +25,8 @@ import (
 	"github.com/llorch/llorch/nodeclient"
 	"github.com/llorch/llorch/poolclient"
 	"github.com/llorch/llorch/workers"
+	"github.com/llorch/llorch/workers/agent"
+	"github.com/llorch/llorch/workers/engines"
 )
 
 func workerCmd() *cobra.Command {
@@ -103,7 +105,7 @@ func workerCmd() *cobra.Command {
 			}
 			defer host.Shutdown()
 			log = log.With("machine_id", host.Inventory().MachineID)
-			identity := workers.ClientIdentity("worker", nodeID, hostname(), os.Getpid())
+			identity := agent.ClientIdentity("worker", nodeID, hostname(), os.Getpid())
 			tc, err := c.dial(log, identity)
 			if err != nil {
 				return err
@@ -113,9 +115,9 @@ func workerCmd() *cobra.Command {
 			stagingMetrics := activities.NewStagingMetrics(reg)
 			nodes := &nodeclient.Client{Temporal: tc, Namespace: c.temporal.Namespace, ContinueAsNewAfterEvents: canAfter,
 				Via: "worker", Metrics: nodeclient.NewMetrics(reg)}
-			agent := &workers.Agent{
+			agent := &agent.Agent{
 				NodeID: nodeID, Identity: identity, HeartbeatInterval: interval, Log: log,
-				Host:     workers.HostWithModels{InventorySource: host, Local: local, Log: log},
+				Host:     agent.HostWithModels{InventorySource: host, Local: local, Log: log},
 				Nodes:    nodes,
 				Metrics:  activities.NewNodeMetrics(reg),
 				GC:       &activities.GCActivities{Local: local, Log: log, Metrics: activities.NewGCMetrics(reg), Catalog: stagingMetrics},
@@ -135,9 +137,10 @@ func workerCmd() *cobra.Command {
 			} else {
 				log.Warn("libllama not found: built-in engines cannot start on this node (run `just tools` or set --llama-lib-dir)", "err", err)
 			}
-			agent.Engines = &activities.EngineActivities{NodeID: nodeID, RuntimeDir: runtimeDir, Local: local, Host: host,
-				LlorchBin: exe, LlamaServerBin: llamaServer, LibDir: libDir, Threads: engineThreads, Log: log,
-				OrphanTimeout: orphanTimeout, CPUs: engineSet,
+			agent.Engines = &activities.EngineActivities{NodeID: nodeID, Local: local, Host: host, Log: log,
+				Table: &engines.Table{NodeID: nodeID, RuntimeDir: runtimeDir,
+					LlorchBin: exe, LlamaServerBin: llamaServer, LibDir: libDir, Threads: engineThreads, Log: log,
+					OrphanTimeout: orphanTimeout, CPUs: engineSet},
 				Metrics: activities.NewEngineMetrics(reg)}
 			agent.Generate = &activities.GenerateActivities{NodeID: nodeID, Log: log, Metrics: activities.NewTaskMetrics(reg)}
 			if store != nil {

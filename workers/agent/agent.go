@@ -1,4 +1,4 @@
-package workers
+package agent
 
 import (
 	"context"
@@ -111,7 +111,7 @@ func (a *Agent) Start(ctx context.Context) error {
 		// After polling starts: an adopted engine's supervisor runs here.
 		wctx, cancel := context.WithCancel(context.Background())
 		a.stopWatcher, a.watcherDone = cancel, make(chan struct{})
-		w := &HandoffWatcher{NodeID: a.NodeID, Engines: a.Engines, Pools: a.Pools, Log: a.Log}
+		w := &HandoffWatcher{NodeID: a.NodeID, Engines: a.Engines.Table, Pools: a.Pools, Log: a.Log}
 		go func() {
 			defer close(a.watcherDone)
 			if err := w.Run(wctx); err != nil {
