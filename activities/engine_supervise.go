@@ -69,7 +69,7 @@ func (a *EngineActivities) supervise(ctx context.Context, in SuperviseInput) (Su
 	var lastErr string
 	for {
 		if err := a.Table.RenewLease(in.PoolID, in.Epoch); err != nil {
-			a.log().Warn("cannot renew engine lease", "pool", in.PoolID, "err", err)
+			a.Table.Logger().Warn("cannot renew engine lease", "pool", in.PoolID, "err", err)
 		}
 		if p.Exited() {
 			return SuperviseResult{Exited: true, ExitCode: p.ExitCode(), Reason: p.ExitReason(),
@@ -164,7 +164,7 @@ func (a *EngineActivities) DrainEngine(ctx context.Context, in DrainInput) (Drai
 			return DrainResult{Idle: true, WaitedMs: time.Since(start).Milliseconds()}, nil
 		}
 		if time.Now().After(deadline) {
-			a.log().Info("drain deadline passed with generations in flight", "pool", in.PoolID, "busy", busy)
+			a.Table.Logger().Info("drain deadline passed with generations in flight", "pool", in.PoolID, "busy", busy)
 			return DrainResult{Busy: busy, WaitedMs: time.Since(start).Milliseconds()}, nil
 		}
 		activity.RecordHeartbeat(ctx, busy)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net/http"
 	"os"
 	"strconv"
@@ -40,14 +39,13 @@ type EngineHost interface {
 
 // EngineActivities start, supervise and stop a node's llama.cpp engines.
 // They run on the node's own task queue; the engines themselves are in
-// Table.
+// Table, whose Logger they log to.
 type EngineActivities struct {
 	NodeID  string
 	Table   *engines.Table
 	Local   *modelstore.LocalCatalog
 	Host    EngineHost
 	Metrics *EngineMetrics
-	Log     *slog.Logger
 }
 
 // PreflightInput asks whether the node can hold a pool's engine now.
@@ -64,13 +62,6 @@ type StartInput struct {
 	// Keep is an epoch left running (a reload's serving engine, stopped
 	// once the new one is ready); every other engine of the pool is fenced.
 	Keep int64
-}
-
-func (a *EngineActivities) log() *slog.Logger {
-	if a.Log == nil {
-		return slog.Default()
-	}
-	return a.Log
 }
 
 // Preflight checks that the model is staged and that the node has the memory
@@ -175,7 +166,7 @@ func (a *EngineActivities) StartEngine(ctx context.Context, in StartInput) (pool
 		return pool.Handoff{}, fmt.Errorf("node %s: %w", a.NodeID, err)
 	}
 	if err := a.Local.Touch(in.SHA256, time.Now()); err != nil {
-		a.log().Warn("cannot record model use", "sha256", in.SHA256, "err", err)
+		a.Table.Logger().Warn("cannot record model use", "sha256", in.SHA256, "err", err)
 	}
 
 	var p *engines.Proc
@@ -231,7 +222,7 @@ func (a *EngineActivities) StartEngine(ctx context.Context, in StartInput) (pool
 		return pool.Handoff{}, fmt.Errorf("node %s: pool %s: write handoff: %w", a.NodeID, spec.PoolID, err)
 	}
 	a.Metrics.ready(a.NodeID, spec.PoolID, healthyAt.Sub(p.Started))
-	a.log().Info("engine ready", "pool", spec.PoolID, "epoch", in.Epoch, "url", p.URL, "pid", p.PID,
+	a.Table.Logger().Info("engine ready", "pool", spec.PoolID, "epoch", in.Epoch, "url", p.URL, "pid", p.PID,
 		"load_ms", time.Since(p.Started).Milliseconds())
 	return h, nil
 }
@@ -271,7 +262,7 @@ func (a *EngineActivities) waitHealthy(ctx context.Context, p *engines.Proc) err
 func (a *EngineActivities) props(ctx context.Context, url string) protocol.Props {
 	pr, err := protocol.Client{URL: url, HTTP: &http.Client{Timeout: superviseHTTP}}.Props(ctx)
 	if err != nil {
-		a.log().Warn("engine /props", "url", url, "err", err)
+		a.Table.Logger().Warn("engine /props", "url", url, "err", err)
 	}
 	return pr
 }

@@ -70,7 +70,6 @@ func newEngineFixture(t *testing.T) *engineFixture {
 	local, err := modelstore.NewLocalCatalog(filepath.Join(t.TempDir(), "models"))
 	require.NoError(t, err)
 	sha := commitModel(t, local, "tiny", tinyGGUF(t))
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	f := &engineFixture{local: local, sha: sha, acts: &activities.EngineActivities{
 		NodeID: "node-e",
 		Table: &engines.Table{
@@ -79,11 +78,10 @@ func newEngineFixture(t *testing.T) *engineFixture {
 			LlorchBin:  testenv.Llorch(t),
 			LibDir:     lib,
 			Threads:    1,
-			Log:        log,
+			Log:        slog.New(slog.NewTextHandler(io.Discard, nil)),
 		},
 		Local: local,
 		Host:  fakeHost{},
-		Log:   log,
 	}}
 	return f
 }
@@ -93,7 +91,7 @@ func newEngineFixture(t *testing.T) *engineFixture {
 func (f *engineFixture) freshWorker() *activities.EngineActivities {
 	a, tab := f.acts, f.acts.Table
 	return &activities.EngineActivities{
-		NodeID: a.NodeID, Local: a.Local, Host: a.Host, Log: a.Log,
+		NodeID: a.NodeID, Local: a.Local, Host: a.Host,
 		Table: &engines.Table{NodeID: tab.NodeID, RuntimeDir: tab.RuntimeDir, LlorchBin: tab.LlorchBin, LibDir: tab.LibDir, Threads: 1, Log: tab.Log},
 	}
 }

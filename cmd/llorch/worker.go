@@ -137,7 +137,7 @@ func workerCmd() *cobra.Command {
 			} else {
 				log.Warn("libllama not found: built-in engines cannot start on this node (run `just tools` or set --llama-lib-dir)", "err", err)
 			}
-			agent.Engines = &activities.EngineActivities{NodeID: nodeID, Local: local, Host: host, Log: log,
+			agent.Engines = &activities.EngineActivities{NodeID: nodeID, Local: local, Host: host,
 				Table: &engines.Table{NodeID: nodeID, RuntimeDir: runtimeDir,
 					LlorchBin: exe, LlamaServerBin: llamaServer, LibDir: libDir, Threads: engineThreads, Log: log,
 					OrphanTimeout: orphanTimeout, CPUs: engineSet},

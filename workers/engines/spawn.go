@@ -116,10 +116,10 @@ func (t *Table) Spawn(spec pool.Spec, modelPath string, epoch int64) (*Proc, err
 		p.exitCode = exitCode(cmd.ProcessState)
 		p.exitedAt = time.Now()
 		close(p.done)
-		t.log().Info("engine exited", "pool", p.PoolID, "epoch", p.Epoch, "pid", p.PID, "code", p.exitCode)
+		t.Logger().Info("engine exited", "pool", p.PoolID, "epoch", p.Epoch, "pid", p.PID, "code", p.exitCode)
 	}()
 	t.register(p)
-	t.log().Info("engine started", "pool", spec.PoolID, "epoch", epoch, "pid", p.PID, "url", p.URL, "bin", bin)
+	t.Logger().Info("engine started", "pool", spec.PoolID, "epoch", epoch, "pid", p.PID, "url", p.URL, "bin", bin)
 	return p, nil
 }
 

@@ -95,7 +95,8 @@ type procKey struct {
 	epoch int64
 }
 
-func (t *Table) log() *slog.Logger {
+// Logger is the log of the node's engines: Log, else slog's default.
+func (t *Table) Logger() *slog.Logger {
 	if t.Log == nil {
 		return slog.Default()
 	}
@@ -153,9 +154,9 @@ func (t *Table) Adopt(h pool.Handoff) error {
 		}
 		p.exitCode, p.exitedAt = -1, time.Now()
 		close(p.done)
-		t.log().Info("adopted engine exited", "pool", p.PoolID, "epoch", p.Epoch, "pid", p.PID)
+		t.Logger().Info("adopted engine exited", "pool", p.PoolID, "epoch", p.Epoch, "pid", p.PID)
 	}()
-	t.log().Info("adopted engine of an earlier worker", "pool", h.PoolID, "epoch", h.Epoch, "pid", h.PID, "url", h.URL)
+	t.Logger().Info("adopted engine of an earlier worker", "pool", h.PoolID, "epoch", h.Epoch, "pid", h.PID, "url", h.URL)
 	return nil
 }
 
@@ -215,18 +216,18 @@ func (t *Table) kill(p *Proc) {
 		return
 	case <-time.After(stopGrace):
 	}
-	t.log().Warn("engine ignored SIGTERM; killing", "pool", p.PoolID, "pid", p.PID)
+	t.Logger().Warn("engine ignored SIGTERM; killing", "pool", p.PoolID, "pid", p.PID)
 	_ = syscall.Kill(-p.PID, syscall.SIGKILL)
 	select {
 	case <-p.done:
 	case <-time.After(stopGrace):
-		t.log().Error("engine did not exit after SIGKILL", "pool", p.PoolID, "pid", p.PID)
+		t.Logger().Error("engine did not exit after SIGKILL", "pool", p.PoolID, "pid", p.PID)
 	}
 }
 
 // killForeign stops an engine process the table does not hold (fencing).
 func (t *Table) killForeign(e Live) {
-	t.log().Info("fencing engine", "pool", e.PoolID, "epoch", e.Epoch, "pid", e.PID)
+	t.Logger().Info("fencing engine", "pool", e.PoolID, "epoch", e.Epoch, "pid", e.PID)
 	signal := func(sig syscall.Signal) {
 		_ = syscall.Kill(-e.PID, sig) // engines lead their own process group
 		_ = syscall.Kill(e.PID, sig)
