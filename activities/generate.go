@@ -114,8 +114,9 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (ta
 	first := true
 	for {
 		ch, err := stream.Next()
-		if errors.Is(err, protocol.ErrBadEvent) {
-			return task.Result{}, fmt.Errorf("engine %s: %w", in.Where.URL, err)
+		var bad *protocol.EventError
+		if errors.As(err, &bad) {
+			return task.Result{}, fmt.Errorf("engine %s: bad stream event: %w", in.Where.URL, bad.Err)
 		}
 		if err == io.EOF {
 			break

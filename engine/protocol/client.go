@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -36,8 +35,11 @@ func (e *StatusError) Error() string {
 	return fmt.Sprintf("%s answered %d: %s", e.URL, e.Code, strings.TrimSpace(string(e.Body)))
 }
 
-// ErrBadEvent: a /completion stream event is not JSON.
-var ErrBadEvent = errors.New("bad stream event")
+// EventError is a /completion stream event that is not JSON.
+type EventError struct{ Err error }
+
+func (e *EventError) Error() string { return "bad stream event: " + e.Err.Error() }
+func (e *EventError) Unwrap() error { return e.Err }
 
 // Health is the status GET /health answers: 200 once the model is loaded,
 // 503 while it loads.
@@ -95,8 +97,8 @@ type Stream struct {
 	sc   *bufio.Scanner
 }
 
-// Next is the next event; io.EOF once the stream ended, an error wrapping
-// ErrBadEvent for an event that is not JSON.
+// Next is the next event; io.EOF once the stream ended, an *EventError for
+// an event that is not JSON.
 func (s *Stream) Next() (Chunk, error) {
 	for s.sc.Scan() {
 		line := s.sc.Bytes()
@@ -105,7 +107,7 @@ func (s *Stream) Next() (Chunk, error) {
 		}
 		var ch Chunk
 		if err := json.Unmarshal(line[6:], &ch); err != nil {
-			return Chunk{}, fmt.Errorf("%w: %w", ErrBadEvent, err)
+			return Chunk{}, &EventError{Err: err}
 		}
 		return ch, nil
 	}
