@@ -2,15 +2,13 @@ package activities
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net/http"
-	"os"
 	"time"
 
 	"go.temporal.io/sdk/activity"
 
-	"github.com/llorch/llorch/engine"
+	"github.com/llorch/llorch/engine/protocol"
 	"github.com/llorch/llorch/inventory"
 )
 
@@ -55,35 +53,34 @@ func (a *EngineActivities) Supervise(ctx context.Context, in SuperviseInput) (Su
 }
 
 func (a *EngineActivities) supervise(ctx context.Context, in SuperviseInput) (SuperviseResult, error) {
-	p := a.lookup(in.PoolID, in.Epoch, in.PID)
+	p := a.Table.Lookup(in.PoolID, in.Epoch, in.PID)
 	if p == nil {
 		return SuperviseResult{Exited: true, ExitCode: -1, Reason: "engine is not running on this worker (worker restarted)",
-			LogTail: logTail(a.logPath(in.PoolID, in.Epoch), engineLogTailLines)}, nil
+			LogTail: a.Table.LogTail(in.PoolID, in.Epoch)}, nil
 	}
 	url := in.URL
 	if url == "" {
-		url = p.url
+		url = p.URL
 	}
-	lease := a.leasePath(in.PoolID, in.Epoch)
-	client := &http.Client{Timeout: superviseHTTP}
+	eng := protocol.Client{URL: url, HTTP: &http.Client{Timeout: superviseHTTP}}
 	tick := time.NewTicker(superviseInterval)
 	defer tick.Stop()
 	failures := 0
 	var lastErr string
 	for {
-		if err := engine.TouchLease(lease); err != nil {
-			a.log().Warn("cannot renew engine lease", "pool", in.PoolID, "err", err)
+		if err := a.Table.RenewLease(in.PoolID, in.Epoch); err != nil {
+			a.Table.Logger().Warn("cannot renew engine lease", "pool", in.PoolID, "err", err)
 		}
-		if p.exited() {
-			return SuperviseResult{Exited: true, ExitCode: p.exitCode, Reason: exitReason(p),
-				LogTail: logTail(p.logPath, engineLogTailLines), UptimeMs: p.exitedAt.Sub(p.started).Milliseconds()}, nil
+		if p.Exited() {
+			return SuperviseResult{Exited: true, ExitCode: p.ExitCode(), Reason: p.ExitReason(),
+				LogTail: a.Table.LogTail(p.PoolID, p.Epoch), UptimeMs: p.ExitedAt().Sub(p.Started).Milliseconds()}, nil
 		}
-		if a.lookup(in.PoolID, in.Epoch, in.PID) == nil {
+		if a.Table.Lookup(in.PoolID, in.Epoch, in.PID) == nil {
 			return SuperviseResult{Exited: true, ExitCode: -1, Reason: fmt.Sprintf("engine epoch %d was stopped on this worker", in.Epoch),
-				UptimeMs: time.Since(p.started).Milliseconds()}, nil
+				UptimeMs: time.Since(p.Started).Milliseconds()}, nil
 		}
 		live := EngineLive{At: time.Now().UTC()}
-		code, _, err := httpGet(ctx, client, url+"/health")
+		code, err := eng.Health(ctx)
 		if ctx.Err() != nil {
 			break
 		}
@@ -99,26 +96,25 @@ func (a *EngineActivities) supervise(ctx context.Context, in SuperviseInput) (Su
 			live.Healthy = true
 		}
 		if failures >= superviseMaxFailed {
-			if p.exited() { // it died while we asked: report the exit
+			if p.Exited() { // it died while we asked: report the exit
 				continue
 			}
-			a.kill(p)
-			a.forget(p)
+			a.Table.Kill(p)
 			code := -1
-			if p.exited() {
-				code = p.exitCode
+			if p.Exited() {
+				code = p.ExitCode()
 			}
 			return SuperviseResult{Exited: true, ExitCode: code,
 				Reason:   fmt.Sprintf("health check failed %d times: %s", failures, lastErr),
-				LogTail:  logTail(p.logPath, engineLogTailLines),
-				UptimeMs: time.Since(p.started).Milliseconds()}, nil
+				LogTail:  a.Table.LogTail(p.PoolID, p.Epoch),
+				UptimeMs: time.Since(p.Started).Milliseconds()}, nil
 		}
 		if live.Healthy {
-			live.SlotsTotal, live.SlotsFree = slotCounts(ctx, client, url)
+			live.SlotsTotal, live.SlotsFree = slotCounts(ctx, eng)
 		}
-		live.RSSBytes, _ = inventory.ProcessRSS(p.pid)
+		live.RSSBytes, _ = inventory.ProcessRSS(p.PID)
 		if a.Host != nil {
-			live.VRAMBytes = a.Host.ProcessGPUMemory(p.pid)
+			live.VRAMBytes = a.Host.ProcessGPUMemory(p.PID)
 		}
 		activity.RecordHeartbeat(ctx, live)
 		a.Metrics.live(a.NodeID, in.PoolID, live)
@@ -126,9 +122,9 @@ func (a *EngineActivities) supervise(ctx context.Context, in SuperviseInput) (Su
 		case <-ctx.Done():
 		case <-activity.GetWorkerStopChannel(ctx):
 			// A graceful stop: the node leaves and takes its engines along.
-			a.stopPool(in.PoolID, func(e int64) bool { return e == in.Epoch })
-			return SuperviseResult{Reason: "worker stopped", WorkerStopped: true, UptimeMs: time.Since(p.started).Milliseconds()}, nil
-		case <-p.done:
+			a.Table.StopEpoch(in.PoolID, in.Epoch)
+			return SuperviseResult{Reason: "worker stopped", WorkerStopped: true, UptimeMs: time.Since(p.Started).Milliseconds()}, nil
+		case <-p.Done():
 			continue
 		case <-tick.C:
 			continue
@@ -136,8 +132,8 @@ func (a *EngineActivities) supervise(ctx context.Context, in SuperviseInput) (Su
 		break
 	}
 	// Cancelled: the workflow drains, reloads or stops the pool.
-	a.stopPool(in.PoolID, func(e int64) bool { return e == in.Epoch })
-	return SuperviseResult{Reason: "stopped", UptimeMs: time.Since(p.started).Milliseconds()}, nil
+	a.Table.StopEpoch(in.PoolID, in.Epoch)
+	return SuperviseResult{Reason: "stopped", UptimeMs: time.Since(p.Started).Milliseconds()}, nil
 }
 
 // DrainInput lets a pool's in-flight generations finish before it stops.
@@ -158,17 +154,17 @@ type DrainResult struct {
 // deadline passes; the caller then stops the engine. An engine that does not
 // answer counts as idle: there is nothing left to wait for.
 func (a *EngineActivities) DrainEngine(ctx context.Context, in DrainInput) (DrainResult, error) {
-	client := &http.Client{Timeout: superviseHTTP}
+	eng := protocol.Client{URL: in.URL, HTTP: &http.Client{Timeout: superviseHTTP}}
 	start := time.Now()
 	deadline := start.Add(in.Deadline)
 	for {
-		total, free := slotCounts(ctx, client, in.URL)
+		total, free := slotCounts(ctx, eng)
 		busy := total - free
 		if busy == 0 {
 			return DrainResult{Idle: true, WaitedMs: time.Since(start).Milliseconds()}, nil
 		}
 		if time.Now().After(deadline) {
-			a.log().Info("drain deadline passed with generations in flight", "pool", in.PoolID, "busy", busy)
+			a.Table.Logger().Info("drain deadline passed with generations in flight", "pool", in.PoolID, "busy", busy)
 			return DrainResult{Busy: busy, WaitedMs: time.Since(start).Milliseconds()}, nil
 		}
 		activity.RecordHeartbeat(ctx, busy)
@@ -180,16 +176,11 @@ func (a *EngineActivities) DrainEngine(ctx context.Context, in DrainInput) (Drai
 	}
 }
 
-func slotCounts(ctx context.Context, client *http.Client, url string) (total, free int) {
-	code, b, err := httpGet(ctx, client, url+"/slots")
-	if err != nil || code != http.StatusOK {
-		return 0, 0
-	}
-	var slots []struct {
-		ID           int  `json:"id"`
-		IsProcessing bool `json:"is_processing"`
-	}
-	if json.Unmarshal(b, &slots) != nil {
+// slotCounts are the engine's slots and idle ones; 0, 0 when it does not
+// answer.
+func slotCounts(ctx context.Context, eng protocol.Client) (total, free int) {
+	slots, err := eng.Slots(ctx)
+	if err != nil {
 		return 0, 0
 	}
 	for _, s := range slots {
@@ -212,17 +203,9 @@ type StopInput struct {
 // idempotent.
 func (a *EngineActivities) StopEngine(ctx context.Context, in StopInput) error {
 	if in.Epoch == 0 {
-		a.stopPool(in.PoolID, nil)
+		a.Table.StopPool(in.PoolID, nil)
 	} else {
-		a.stopPool(in.PoolID, func(e int64) bool { return e == in.Epoch })
+		a.Table.StopEpoch(in.PoolID, in.Epoch)
 	}
 	return nil
-}
-
-func readJSON(path string, v any) error {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return err
-	}
-	return json.Unmarshal(b, v)
 }

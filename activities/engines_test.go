@@ -27,6 +27,7 @@ import (
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
 	"github.com/llorch/llorch/testenv"
+	"github.com/llorch/llorch/workers/engines"
 )
 
 // fakeHost is an EngineHost with fixed figures.
@@ -70,16 +71,29 @@ func newEngineFixture(t *testing.T) *engineFixture {
 	require.NoError(t, err)
 	sha := commitModel(t, local, "tiny", tinyGGUF(t))
 	f := &engineFixture{local: local, sha: sha, acts: &activities.EngineActivities{
-		NodeID:     "node-e",
-		RuntimeDir: t.TempDir(),
-		Local:      local,
-		Host:       fakeHost{},
-		LlorchBin:  testenv.Llorch(t),
-		LibDir:     lib,
-		Threads:    1,
-		Log:        slog.New(slog.NewTextHandler(io.Discard, nil)),
+		NodeID: "node-e",
+		Table: &engines.Table{
+			NodeID:     "node-e",
+			RuntimeDir: t.TempDir(),
+			LlorchBin:  testenv.Llorch(t),
+			LibDir:     lib,
+			Threads:    1,
+			Log:        slog.New(slog.NewTextHandler(io.Discard, nil)),
+		},
+		Local: local,
+		Host:  fakeHost{},
 	}}
 	return f
+}
+
+// freshWorker is the engine activities of a worker that restarted: the same
+// node and runtime dir, none of the engines in memory.
+func (f *engineFixture) freshWorker() *activities.EngineActivities {
+	a, tab := f.acts, f.acts.Table
+	return &activities.EngineActivities{
+		NodeID: a.NodeID, Local: a.Local, Host: a.Host,
+		Table: &engines.Table{NodeID: tab.NodeID, RuntimeDir: tab.RuntimeDir, LlorchBin: tab.LlorchBin, LibDir: tab.LibDir, Threads: 1, Log: tab.Log},
+	}
 }
 
 var poolSeq struct {
@@ -205,7 +219,7 @@ func TestEngineStartServesAndFencesOlderEpoch(t *testing.T) {
 	require.Equal(t, http.StatusOK, res.StatusCode, string(body))
 	assert.Contains(t, string(body), `"content"`)
 
-	b, err := os.ReadFile(pool.HandoffPath(f.acts.RuntimeDir, spec.PoolID))
+	b, err := os.ReadFile(pool.HandoffPath(f.acts.Table.RuntimeDir, spec.PoolID))
 	require.NoError(t, err)
 	var onDisk pool.Handoff
 	require.NoError(t, json.Unmarshal(b, &onDisk))
@@ -218,7 +232,7 @@ func TestEngineStartServesAndFencesOlderEpoch(t *testing.T) {
 	assert.NotEqual(t, h.URL, h2.URL)
 	assert.True(t, testenv.Alive(h2.PID))
 	assert.Equal(t, http.StatusOK, httpStatus(t, h2.URL+"/health"))
-	require.NoError(t, json.Unmarshal(mustRead(t, pool.HandoffPath(f.acts.RuntimeDir, spec.PoolID)), &onDisk))
+	require.NoError(t, json.Unmarshal(mustRead(t, pool.HandoffPath(f.acts.Table.RuntimeDir, spec.PoolID)), &onDisk))
 	assert.Equal(t, int64(2), onDisk.Epoch)
 	assert.Equal(t, h2.PID, onDisk.PID)
 
@@ -227,7 +241,7 @@ func TestEngineStartServesAndFencesOlderEpoch(t *testing.T) {
 	assert.True(t, testenv.Alive(h2.PID))
 	require.NoError(t, f.acts.StopEngine(context.Background(), activities.StopInput{PoolID: spec.PoolID, Epoch: 2}))
 	assert.False(t, testenv.Alive(h2.PID))
-	assert.NoFileExists(t, pool.HandoffPath(f.acts.RuntimeDir, spec.PoolID))
+	assert.NoFileExists(t, pool.HandoffPath(f.acts.Table.RuntimeDir, spec.PoolID))
 	require.NoError(t, f.acts.StopEngine(context.Background(), activities.StopInput{PoolID: spec.PoolID, Epoch: 2}), "idempotent")
 }
 
@@ -236,11 +250,7 @@ func TestEngineFencesEngineOfEarlierWorker(t *testing.T) {
 	spec := f.spec(t)
 	h := f.start(t, spec, 1)
 	// A fresh worker (no in-memory engines) finds the handoff file.
-	a := f.acts
-	fresh := &activities.EngineActivities{
-		NodeID: a.NodeID, RuntimeDir: a.RuntimeDir, Local: a.Local, Host: a.Host,
-		LlorchBin: a.LlorchBin, LibDir: a.LibDir, Threads: 1, Log: a.Log,
-	}
+	fresh := f.freshWorker()
 	f2 := &engineFixture{acts: fresh, local: f.local, sha: f.sha}
 	t.Cleanup(func() { _ = fresh.StopEngine(context.Background(), activities.StopInput{PoolID: spec.PoolID}) })
 	h2 := f2.start(t, spec, 2)
@@ -263,12 +273,12 @@ func TestEngineStartKeepsServingEpoch(t *testing.T) {
 	assert.True(t, testenv.Alive(h1.PID), "the serving engine is kept")
 	assert.True(t, testenv.Alive(h2.PID))
 	var onDisk pool.Handoff
-	require.NoError(t, json.Unmarshal(mustRead(t, pool.HandoffPath(f.acts.RuntimeDir, spec.PoolID)), &onDisk))
+	require.NoError(t, json.Unmarshal(mustRead(t, pool.HandoffPath(f.acts.Table.RuntimeDir, spec.PoolID)), &onDisk))
 	assert.Equal(t, int64(2), onDisk.Epoch, "the handoff names the new engine")
 	require.NoError(t, f.acts.StopEngine(context.Background(), activities.StopInput{PoolID: spec.PoolID, Epoch: 1}))
 	assert.False(t, testenv.Alive(h1.PID))
 	assert.True(t, testenv.Alive(h2.PID))
-	assert.FileExists(t, pool.HandoffPath(f.acts.RuntimeDir, spec.PoolID), "the new engine's handoff stays")
+	assert.FileExists(t, pool.HandoffPath(f.acts.Table.RuntimeDir, spec.PoolID), "the new engine's handoff stays")
 }
 
 // A worker that restarts adopts the engine of the epoch its pool still
@@ -278,18 +288,14 @@ func TestEngineAdoptedByFreshWorker(t *testing.T) {
 	f := newEngineFixture(t)
 	spec := f.spec(t)
 	h := f.start(t, spec, 3)
-	a := f.acts
-	fresh := &activities.EngineActivities{
-		NodeID: a.NodeID, RuntimeDir: a.RuntimeDir, Local: a.Local, Host: a.Host,
-		LlorchBin: a.LlorchBin, LibDir: a.LibDir, Threads: 1, Log: a.Log,
-	}
-	require.Contains(t, activities.LiveEngines(fresh), activities.LiveEngine{PoolID: spec.PoolID, Epoch: 3, PID: h.PID})
+	fresh := f.freshWorker()
+	require.Contains(t, fresh.Table.Live(), engines.Live{PoolID: spec.PoolID, Epoch: 3, PID: h.PID})
 	wrong := h
 	wrong.Epoch = 2
-	require.Error(t, activities.Adopt(fresh, wrong), "an epoch the process does not carry")
-	other := &activities.EngineActivities{NodeID: "node-other", RuntimeDir: a.RuntimeDir}
-	require.Error(t, activities.Adopt(other, h), "another node's engine")
-	require.NoError(t, activities.Adopt(fresh, h))
+	require.Error(t, fresh.Table.Adopt(wrong), "an epoch the process does not carry")
+	other := &engines.Table{NodeID: "node-other", RuntimeDir: f.acts.Table.RuntimeDir}
+	require.Error(t, other.Adopt(h), "another node's engine")
+	require.NoError(t, fresh.Table.Adopt(h))
 
 	f2 := &engineFixture{acts: fresh, local: f.local, sha: f.sha}
 	var once sync.Once
@@ -314,13 +320,13 @@ func TestEngineAdoptedByFreshWorker(t *testing.T) {
 // back), a built-in engine exits by itself: no orphan.
 func TestEngineExitsWhenLeaseLapses(t *testing.T) {
 	f := newEngineFixture(t)
-	f.acts.OrphanTimeout = 3 * time.Second
+	f.acts.Table.OrphanTimeout = 3 * time.Second
 	spec := f.spec(t)
 	h := f.start(t, spec, 1)
 	testenv.Eventually(t, time.Minute, "engine exits once its lease lapses", func() (bool, string) {
 		return !testenv.Alive(h.PID), fmt.Sprint(h.PID)
 	})
-	assert.Contains(t, string(mustRead(t, filepath.Join(f.acts.RuntimeDir, "engines", spec.PoolID+"@1.log"))), "no supervisor for")
+	assert.Contains(t, string(mustRead(t, filepath.Join(f.acts.Table.RuntimeDir, "engines", spec.PoolID+"@1.log"))), "no supervisor for")
 }
 
 func mustRead(t *testing.T, p string) []byte {
@@ -409,7 +415,7 @@ func TestSuperviseCancelStopsEngine(t *testing.T) {
 		t.Fatal("Supervise did not return after its context was cancelled")
 	}
 	assert.False(t, testenv.Alive(h.PID), "engine stopped")
-	assert.NoFileExists(t, pool.HandoffPath(f.acts.RuntimeDir, spec.PoolID))
+	assert.NoFileExists(t, pool.HandoffPath(f.acts.Table.RuntimeDir, spec.PoolID))
 }
 
 func TestEngineStartCorruptModelFails(t *testing.T) {
@@ -425,11 +431,11 @@ func TestEngineStartCorruptModelFails(t *testing.T) {
 	assert.True(t, app.NonRetryable())
 	assert.Contains(t, app.Error(), "engine exited with code")
 	assert.Contains(t, app.Error(), "last log lines")
-	logTail := mustRead(t, filepath.Join(f.acts.RuntimeDir, "engines", spec.PoolID+"@1.log"))
+	logTail := mustRead(t, filepath.Join(f.acts.Table.RuntimeDir, "engines", spec.PoolID+"@1.log"))
 	require.NotEmpty(t, logTail)
 	lines := strings.Split(strings.TrimSpace(string(logTail)), "\n")
 	assert.Contains(t, app.Error(), lines[len(lines)-1], "message carries the log tail")
-	assert.NoFileExists(t, pool.HandoffPath(f.acts.RuntimeDir, spec.PoolID))
+	assert.NoFileExists(t, pool.HandoffPath(f.acts.Table.RuntimeDir, spec.PoolID))
 	assert.Empty(t, enginePids(t, spec.PoolID), "no engine process left")
 }
 
@@ -459,7 +465,7 @@ func enginePids(t *testing.T, poolID string) []int {
 			continue
 		}
 		for _, kv := range strings.Split(string(env), "\x00") {
-			if kv == activities.EnvPoolID+"="+poolID {
+			if kv == engines.EnvPoolID+"="+poolID {
 				out = append(out, pid)
 			}
 		}

@@ -1,22 +1,19 @@
 package activities
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
-	"strings"
 	"sync"
 	"time"
 
 	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/temporal"
 
+	"github.com/llorch/llorch/engine/protocol"
 	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/tokenstream"
 )
@@ -36,29 +33,6 @@ type GenerateInput struct {
 	Request task.Request
 	Where   task.Where
 	Resume  task.Progress
-}
-
-func (g *GenerateActivities) client() *http.Client {
-	if g.Client != nil {
-		return g.Client
-	}
-	return http.DefaultClient
-}
-
-// engineChunk is one event of the engine's /completion stream.
-type engineChunk struct {
-	Content         string  `json:"content"`
-	Tokens          []int32 `json:"tokens"`
-	Stop            bool    `json:"stop"`
-	StopType        string  `json:"stop_type"`
-	TokensEvaluated int     `json:"tokens_evaluated"`
-	Timings         struct {
-		PredictedMs float64 `json:"predicted_ms"`
-	} `json:"timings"`
-	Error *struct {
-		Code    int    `json:"code"`
-		Message string `json:"message"`
-	} `json:"error"`
 }
 
 // Generate streams a completion from the pool's engine. Each token goes to
@@ -103,7 +77,8 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (ta
 		}
 	}()
 
-	promptToks, err := g.promptTokens(ctx, in)
+	eng := protocol.Client{URL: in.Where.URL, HTTP: g.Client}
+	promptToks, err := g.promptTokens(ctx, eng, in)
 	if err != nil {
 		return task.Result{}, err
 	}
@@ -114,39 +89,40 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (ta
 		push.Send(task.Event{Type: "end", TokensOut: len(prog.Tokens), TokensIn: res.TokensIn, StopType: res.StopType})
 		return res, nil
 	}
-	body := map[string]any{
-		"prompt": append(promptToks, prog.Tokens...), "n_predict": nPredict,
-		"temperature": req.Params.Temperature, "top_k": req.Params.TopK, "top_p": req.Params.TopP,
-		"seed": req.Params.Seed, "stop": req.Params.Stop, "stream": true, "return_tokens": true,
+	body := protocol.CompletionRequest{
+		Prompt: append(promptToks, prog.Tokens...), NPredict: nPredict,
+		Temperature: req.Params.Temperature, TopK: req.Params.TopK, TopP: req.Params.TopP,
+		Seed: req.Params.Seed, Stop: req.Params.Stop, Stream: true, ReturnTokens: true,
 	}
 	if resumed > 0 {
 		// The built-in engine decodes the produced tokens one by one, as
 		// they were generated: greedy output then continues exactly.
 		// llama-server ignores the field.
-		body["resume_at"] = len(promptToks)
+		body.ResumeAt = len(promptToks)
 	}
 	start := time.Now()
-	resp, err := g.post(ctx, in.Where.URL+"/completion", body)
+	stream, err := eng.Complete(ctx, body)
+	var status *protocol.StatusError
+	if errors.As(err, &status) {
+		return task.Result{}, temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("engine %s answered %d: %s", in.Where.URL, status.Code, status.Body), task.ErrEngine, nil)
+	}
 	if err != nil {
 		return task.Result{}, g.engineErr(ctx, in, err)
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return task.Result{}, temporal.NewNonRetryableApplicationError(
-			fmt.Sprintf("engine %s answered %d: %s", in.Where.URL, resp.StatusCode, b), task.ErrEngine, nil)
-	}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 64<<10), 4<<20)
+	defer stream.Close()
 	first := true
-	for sc.Scan() {
-		line := sc.Bytes()
-		if !bytes.HasPrefix(line, []byte("data: ")) {
-			continue
+	for {
+		ch, err := stream.Next()
+		var bad *protocol.EventError
+		if errors.As(err, &bad) {
+			return task.Result{}, fmt.Errorf("engine %s: bad stream event: %w", in.Where.URL, bad.Err)
 		}
-		var ch engineChunk
-		if err := json.Unmarshal(line[6:], &ch); err != nil {
-			return task.Result{}, fmt.Errorf("engine %s: bad stream event: %w", in.Where.URL, err)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return task.Result{}, g.engineErr(ctx, in, err)
 		}
 		if ch.Error != nil {
 			return task.Result{}, temporal.NewNonRetryableApplicationError(
@@ -175,11 +151,8 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (ta
 			break
 		}
 	}
-	if err := sc.Err(); err != nil || res.StopType == "" {
-		if err == nil {
-			err = io.ErrUnexpectedEOF
-		}
-		return task.Result{}, g.engineErr(ctx, in, err)
+	if res.StopType == "" {
+		return task.Result{}, g.engineErr(ctx, in, io.ErrUnexpectedEOF)
 	}
 	mu.Lock()
 	res.Tokens, res.Pieces = prog.Tokens, prog.Pieces
@@ -195,50 +168,23 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (ta
 // promptTokens renders chat messages with the engine's template and
 // tokenizes the prompt there, so a resumed generation sends exactly the
 // same token ids as the first one.
-func (g *GenerateActivities) promptTokens(ctx context.Context, in GenerateInput) ([]int32, error) {
+func (g *GenerateActivities) promptTokens(ctx context.Context, eng protocol.Client, in GenerateInput) ([]int32, error) {
 	prompt := in.Request.Prompt
 	if len(in.Request.Messages) > 0 {
-		var out struct {
-			Prompt string `json:"prompt"`
+		msgs := make([]protocol.Message, len(in.Request.Messages))
+		for i, m := range in.Request.Messages {
+			msgs[i] = protocol.Message(m)
 		}
-		if err := g.call(ctx, in.Where.URL+"/apply-template", map[string]any{"messages": in.Request.Messages}, &out); err != nil {
+		var err error
+		if prompt, err = eng.ApplyTemplate(ctx, msgs); err != nil {
 			return nil, g.engineErr(ctx, in, err)
 		}
-		prompt = out.Prompt
 	}
-	var out struct {
-		Tokens []int32 `json:"tokens"`
-	}
-	if err := g.call(ctx, in.Where.URL+"/tokenize", map[string]any{"content": prompt, "add_special": true}, &out); err != nil {
+	toks, err := eng.Tokenize(ctx, protocol.TokenizeRequest{Content: prompt, AddSpecial: true})
+	if err != nil {
 		return nil, g.engineErr(ctx, in, err)
 	}
-	return out.Tokens, nil
-}
-
-func (g *GenerateActivities) post(ctx context.Context, url string, body any) (*http.Response, error) {
-	b, err := json.Marshal(body)
-	if err != nil {
-		return nil, err
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(b))
-	if err != nil {
-		return nil, err
-	}
-	req.Header.Set("Content-Type", "application/json")
-	return g.client().Do(req)
-}
-
-func (g *GenerateActivities) call(ctx context.Context, url string, body, out any) error {
-	resp, err := g.post(ctx, url, body)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("%s answered %d: %s", url, resp.StatusCode, strings.TrimSpace(string(b)))
-	}
-	return json.Unmarshal(b, out)
+	return toks, nil
 }
 
 // engineErr: a canceled task stays canceled; an engine that cannot be

@@ -26,6 +26,7 @@ import (
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/testenv"
 	"github.com/llorch/llorch/workers"
+	"github.com/llorch/llorch/workers/agent"
 )
 
 var env *testenv.Env
@@ -337,7 +338,7 @@ func TestWorkerAgentNode(t *testing.T) {
 	host, err := inventory.New(inventory.Options{NVML: lib, ModelDir: t.TempDir(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	require.NoError(t, err)
 	id := "agent-api-1"
-	agent := &workers.Agent{
+	agent := &agent.Agent{
 		NodeID: id, Identity: "worker:" + id, HeartbeatInterval: 200 * time.Millisecond, Host: host,
 		Nodes:   &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace},
 		Log:     slog.New(slog.NewTextHandler(io.Discard, nil)),

@@ -25,7 +25,6 @@ import (
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/testenv"
-	"github.com/llorch/llorch/workers"
 )
 
 // tinyModel writes a generated GGUF model and returns its path, digest and size.
@@ -164,7 +163,7 @@ func TestStagingJoinsAndResumes(t *testing.T) {
 	}
 	require.NotNil(t, last)
 	require.EqualValues(t, 2, last.GetAttempt(), "one retry")
-	require.Equal(t, workers.ErrAttemptAbandoned, last.GetLastFailure().GetApplicationFailureInfo().GetType(),
+	require.Equal(t, model.ErrAttemptAbandoned, last.GetLastFailure().GetApplicationFailureInfo().GetType(),
 		"the killed worker's attempt was failed as abandoned, not timed out: %v", last.GetLastFailure())
 	recordHistory(t, model.StageWorkflowID(id, sha), "stage-killed-resumed")
 

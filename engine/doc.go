@@ -9,7 +9,8 @@
 // the model loads and /health answers 503 until it has; errors are
 // {"error":{code,message,type}}; /completion streams SSE without [DONE] while
 // /v1/chat/completions ends with data: [DONE]; a client disconnect cancels the
-// generation.
+// generation. The shapes the worker reads, and its client, are in
+// engine/protocol; the supervisor lease an engine watches is engine/lease.
 //
 // Each of the --parallel slots owns its own llama context: slots never share a
 // KV cache, so one request cannot disturb another's output, and a request that

@@ -11,6 +11,8 @@ import (
 	"strconv"
 
 	"github.com/hybridgroup/yzma/pkg/llama"
+
+	"github.com/llorch/llorch/engine/protocol"
 )
 
 // Error types as llama-server names them.
@@ -48,8 +50,8 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
-func errorBody(code int, typ, msg string) map[string]any {
-	return map[string]any{"error": map[string]any{"code": code, "message": msg, "type": typ}}
+func errorBody(code int, typ, msg string) protocol.ErrorBody {
+	return protocol.ErrorBody{Error: protocol.Error{Code: code, Message: msg, Type: typ}}
 }
 
 func writeError(w http.ResponseWriter, code int, typ, msg string) {
@@ -238,7 +240,7 @@ func (s *Server) handleTokenize(w http.ResponseWriter, r *http.Request) {
 	if !decodeBody(w, r, &req) {
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"tokens": tokenIDs(llama.Tokenize(s.vocab, req.Content, req.AddSpecial, true))})
+	writeJSON(w, http.StatusOK, protocol.TokenizeResponse{Tokens: tokenIDs(llama.Tokenize(s.vocab, req.Content, req.AddSpecial, true))})
 }
 
 // handleApplyTemplate is llama-server's /apply-template {messages}: the
@@ -253,7 +255,7 @@ func (s *Server) handleApplyTemplate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, errInvalidRequest, err.Error())
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"prompt": prompt})
+	writeJSON(w, http.StatusOK, protocol.ApplyTemplateResponse{Prompt: prompt})
 }
 
 // decodeBody reads JSON into v. Malformed JSON is a 500, as in llama-server

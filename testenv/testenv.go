@@ -24,10 +24,10 @@ import (
 	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/testsuite"
 
-	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/engine"
+	"github.com/llorch/llorch/workers/engines"
 )
 
 // Env is the set of real services shared by one test package.
@@ -306,7 +306,7 @@ func KillMentioning(s string) {
 // the marker llorch puts in each engine's environment.
 func EnginePIDs(poolID string) []int {
 	var out []int
-	for _, e := range activities.PoolEngines(poolID) {
+	for _, e := range engines.OfPool(poolID) {
 		out = append(out, e.PID)
 	}
 	return out

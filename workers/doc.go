@@ -1,4 +1,4 @@
-// Package workers says which workflows and activities run on which task
-// queue, and runs the node agent: a worker on the node's own queue that
-// registers the node when it starts and deregisters it on SIGTERM.
+// Package workers says which workflows and activities run on the control
+// queue, and holds the fx modules that run the control worker and the node
+// agent (workers/agent) with its metrics endpoint.
 package workers

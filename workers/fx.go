@@ -15,7 +15,9 @@ import (
 	"go.uber.org/fx"
 
 	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/scheduler"
+	"github.com/llorch/llorch/workers/agent"
 )
 
 // ControlModule runs the control worker for the life of the fx app.
@@ -27,7 +29,7 @@ var ControlModule = fx.Module("control-worker",
 				if err := w.Start(); err != nil {
 					return fmt.Errorf("start control worker: %w", err)
 				}
-				log.Info("control worker polling", "task_queue", "llorch.control")
+				log.Info("control worker polling", "task_queue", node.ControlTaskQueue)
 				return nil
 			},
 			OnStop: func(context.Context) error { w.Stop(); return nil },
@@ -37,7 +39,7 @@ var ControlModule = fx.Module("control-worker",
 
 // NodeModule runs the node agent and its metrics endpoint.
 var NodeModule = fx.Module("node-agent",
-	fx.Invoke(func(lc fx.Lifecycle, a *Agent) {
+	fx.Invoke(func(lc fx.Lifecycle, a *agent.Agent) {
 		lc.Append(fx.Hook{OnStart: a.Start, OnStop: a.Stop})
 	}),
 )

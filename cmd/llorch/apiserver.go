@@ -69,7 +69,7 @@ func runAPIServer(f *apiserverFlags) error {
 	if err != nil {
 		return err
 	}
-	tc, err := f.dial(log, workers.ClientIdentity("apiserver", "", hostname(), os.Getpid()))
+	tc, err := f.dial(log, clientIdentity("apiserver", "", hostname(), os.Getpid()))
 	if err != nil {
 		return err
 	}

@@ -177,3 +177,11 @@ func openStore(cfg config.S3, log *slog.Logger) (*modelstore.Store, error) {
 	}
 	return modelstore.New(cfg)
 }
+
+// clientIdentity names a process in the Temporal UI.
+func clientIdentity(role, nodeID, hostname string, pid int) string {
+	if nodeID != "" {
+		return fmt.Sprintf("%s:%s@%s/%d", role, nodeID, hostname, pid)
+	}
+	return fmt.Sprintf("%s@%s/%d", role, hostname, pid)
+}

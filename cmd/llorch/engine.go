@@ -14,6 +14,7 @@ import (
 
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/engine"
+	"github.com/llorch/llorch/engine/lease"
 )
 
 // llamaServerShorthands maps llama-server's multi-letter single-dash flags,
@@ -31,11 +32,11 @@ const exitLeaseLapsed = 75
 // libllama, for CPU nodes, dev and CI (DESIGN decision 7).
 func engineCmd() *cobra.Command {
 	var (
-		o        engine.Options
-		logs     logFlags
-		ngl      int
-		lease    string
-		leaseTTL time.Duration
+		o         engine.Options
+		logs      logFlags
+		ngl       int
+		leaseFile string
+		leaseTTL  time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "engine --model PATH [--host H] [--port N] [-c N] [-np N] [-t N] [-a ALIAS]",
@@ -86,10 +87,10 @@ func engineCmd() *cobra.Command {
 			// A supervised engine outlives a worker restart, not a worker
 			// that never returns.
 			lapsed := make(<-chan error)
-			if lease != "" {
+			if leaseFile != "" {
 				lctx, stop := context.WithCancel(context.Background())
 				defer stop()
-				lapsed = engine.WatchLease(lctx, lease, leaseTTL)
+				lapsed = lease.Watch(lctx, leaseFile, leaseTTL)
 			}
 			sigs := make(chan os.Signal, 1)
 			signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
@@ -134,7 +135,7 @@ func engineCmd() *cobra.Command {
 	fs.IntVar(&ngl, "n-gpu-layers", 0, "accepted for llama-server compatibility (-ngl); ignored: CPU only")
 	fs.Bool("metrics", true, "accepted for llama-server compatibility; /metrics is always on")
 	fs.Bool("no-ui", true, "accepted for llama-server compatibility; there is no UI")
-	fs.StringVar(&lease, "supervisor-lease", "", "llorch: exit when this file's mtime is older than --supervisor-timeout (the worker renews it)")
+	fs.StringVar(&leaseFile, "supervisor-lease", "", "llorch: exit when this file's mtime is older than --supervisor-timeout (the worker renews it)")
 	fs.DurationVar(&leaseTTL, "supervisor-timeout", time.Minute, "llorch: how long the engine runs without its supervisor")
 	logs.addFlags(fs)
 	fs.BoolP("help", "h", false, "help for engine")

@@ -24,6 +24,8 @@ import (
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/workers"
+	"github.com/llorch/llorch/workers/agent"
+	"github.com/llorch/llorch/workers/engines"
 )
 
 func workerCmd() *cobra.Command {
@@ -149,19 +151,19 @@ func runWorker(f *workerFlags) error {
 	}
 	defer host.Shutdown()
 	log = log.With("machine_id", host.Inventory().MachineID)
-	identity := workers.ClientIdentity("worker", f.nodeID, hostname(), os.Getpid())
+	identity := clientIdentity("worker", f.nodeID, hostname(), os.Getpid())
 	tc, err := f.dial(log, identity)
 	if err != nil {
 		return err
 	}
 	defer tc.Close()
 	reg := newRegistry()
-	agent := f.agent(log, identity, tc, reg, host, local, store)
-	if agent.Engines, err = f.engines(log, reg, host, local, engineCPUs); err != nil {
+	a := f.agent(log, identity, tc, reg, host, local, store)
+	if a.Engines, err = f.engines(log, reg, host, local, engineCPUs); err != nil {
 		return err
 	}
 	return runApp(log, f.pprof(log),
-		fx.Supply(log, agent, reg, fx.Annotate(reg, fx.As(new(prometheus.Registerer)))),
+		fx.Supply(log, a, reg, fx.Annotate(reg, fx.As(new(prometheus.Registerer)))),
 		fx.Invoke(func(lc fx.Lifecycle) { workers.MetricsServer(lc, f.metricsAddr, reg, log) }),
 		workers.NodeModule,
 	)
@@ -184,13 +186,13 @@ func (f *workerFlags) inventory(log *slog.Logger) (*inventory.Collector, error) 
 // agent is the node agent with its Temporal clients and every activity but
 // the engines'; staging only with a model bucket (store).
 func (f *workerFlags) agent(log *slog.Logger, identity string, tc client.Client, reg *prometheus.Registry,
-	host *inventory.Collector, local *modelstore.LocalCatalog, store *modelstore.Store) *workers.Agent {
+	host *inventory.Collector, local *modelstore.LocalCatalog, store *modelstore.Store) *agent.Agent {
 	nodes := &control.Nodes{Temporal: tc, Namespace: f.temporal.Namespace, ContinueAsNewAfterEvents: f.canAfter,
 		Via: "worker", Metrics: control.NewNodeMetrics(reg)}
 	staging := activities.NewStagingMetrics(reg)
-	agent := &workers.Agent{
+	a := &agent.Agent{
 		NodeID: f.nodeID, Identity: identity, HeartbeatInterval: f.heartbeat, Log: log,
-		Host:     workers.HostWithModels{InventorySource: host, Local: local, Log: log},
+		Host:     agent.HostWithModels{InventorySource: host, Local: local, Log: log},
 		Nodes:    nodes,
 		Metrics:  activities.NewNodeMetrics(reg),
 		GC:       &activities.GCActivities{Local: local, Log: log, Metrics: activities.NewGCMetrics(reg), Catalog: staging},
@@ -200,10 +202,10 @@ func (f *workerFlags) agent(log *slog.Logger, identity string, tc client.Client,
 		GCPolicy: f.gc, GCEvery: f.gcEvery,
 	}
 	if store != nil {
-		agent.Staging = &activities.StagingActivities{Store: store, Local: local, Client: tc, Log: log,
+		a.Staging = &activities.StagingActivities{Store: store, Local: local, Client: tc, Log: log,
 			Metrics: staging, DiskMargin: f.diskMarginBytes}
 	}
-	return agent
+	return a
 }
 
 // engines starts and supervises this node's engines: built-in ones run this
@@ -220,9 +222,11 @@ func (f *workerFlags) engines(log *slog.Logger, reg *prometheus.Registry, host *
 	} else {
 		log.Warn("libllama not found: built-in engines cannot start on this node (run `just tools` or set --llama-lib-dir)", "err", err)
 	}
-	return &activities.EngineActivities{NodeID: f.nodeID, RuntimeDir: f.runtimeDir, Local: local, Host: host,
-		LlorchBin: exe, LlamaServerBin: f.llamaServer, LibDir: libDir, Threads: f.engineThreads, Log: log,
-		OrphanTimeout: f.orphanTimeout, CPUs: cpus, Metrics: activities.NewEngineMetrics(reg)}, nil
+	return &activities.EngineActivities{NodeID: f.nodeID, Local: local, Host: host,
+		Table: &engines.Table{NodeID: f.nodeID, RuntimeDir: f.runtimeDir,
+			LlorchBin: exe, LlamaServerBin: f.llamaServer, LibDir: libDir, Threads: f.engineThreads, Log: log,
+			OrphanTimeout: f.orphanTimeout, CPUs: cpus},
+		Metrics: activities.NewEngineMetrics(reg)}, nil
 }
 
 // reserveEngineCPUs keeps this process off the CPUs of --engine-cpus, so an

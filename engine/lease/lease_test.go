@@ -1,4 +1,4 @@
-package engine
+package lease
 
 import (
 	"context"
@@ -11,17 +11,17 @@ import (
 
 func TestLeaseLapsesWithoutRenewal(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "p@1.lease")
-	require.NoError(t, TouchLease(path))
+	require.NoError(t, Touch(path))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	// Generous against a loaded machine's stalls; renewals come every 50 ms.
 	const timeout = 2 * time.Second
-	lapsed := WatchLease(ctx, path, timeout)
+	lapsed := Watch(ctx, path, timeout)
 
 	// Renewed well within the timeout for longer than the timeout: it holds.
 	renewUntil := time.Now().Add(3 * timeout / 2)
 	for time.Now().Before(renewUntil) {
-		require.NoError(t, TouchLease(path))
+		require.NoError(t, Touch(path))
 		select {
 		case err := <-lapsed:
 			t.Fatalf("lease lapsed while renewed: %v", err)
@@ -41,7 +41,7 @@ func TestLeaseMissingFileLapses(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	select {
-	case err := <-WatchLease(ctx, filepath.Join(t.TempDir(), "never"), 100*time.Millisecond):
+	case err := <-Watch(ctx, filepath.Join(t.TempDir(), "never"), 100*time.Millisecond):
 		require.ErrorContains(t, err, "not renewed")
 	case <-time.After(30 * time.Second):
 		t.Fatal("a lease never written never lapsed")

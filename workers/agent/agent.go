@@ -1,4 +1,4 @@
-package workers
+package agent
 
 import (
 	"context"
@@ -109,7 +109,7 @@ func (a *Agent) Start(ctx context.Context) error {
 		// After polling starts: an adopted engine's supervisor runs here.
 		wctx, cancel := context.WithCancel(context.Background())
 		a.stopWatcher, a.watcherDone = cancel, make(chan struct{})
-		w := &HandoffWatcher{NodeID: a.NodeID, Engines: a.Engines, Pools: a.Pools, Log: a.Log}
+		w := &HandoffWatcher{NodeID: a.NodeID, Engines: a.Engines.Table, Pools: a.Pools, Log: a.Log}
 		go func() {
 			defer close(a.watcherDone)
 			if err := w.Run(wctx); err != nil {
@@ -144,14 +144,6 @@ func (a *Agent) Stop(ctx context.Context) error {
 		a.worker.Stop()
 	}
 	return nil
-}
-
-// ClientIdentity names a process in the Temporal UI.
-func ClientIdentity(role, nodeID, hostname string, pid int) string {
-	if nodeID != "" {
-		return fmt.Sprintf("%s:%s@%s/%d", role, nodeID, hostname, pid)
-	}
-	return fmt.Sprintf("%s@%s/%d", role, hostname, pid)
 }
 
 // HostWithModels adds the local model catalog to a host's snapshots, so

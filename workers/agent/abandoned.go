@@ -1,4 +1,4 @@
-package workers
+package agent
 
 import (
 	"context"
@@ -11,10 +11,6 @@ import (
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 )
-
-// ErrAttemptAbandoned is the failure type of a download attempt whose worker
-// process is gone.
-const ErrAttemptAbandoned = "ATTEMPT_ABANDONED"
 
 // failAbandonedStagings fails the download attempts an earlier process of
 // this node left started when it died (kill -9, OOM, power): Temporal would
@@ -47,7 +43,7 @@ func (a *Agent) failAbandonedStagings(ctx context.Context) error {
 					a.NodeID, pa.GetLastWorkerIdentity(), a.Identity, pa.GetAttempt())
 				_, err := tc.WorkflowService().RespondActivityTaskFailedById(ctx, &workflowservice.RespondActivityTaskFailedByIdRequest{
 					Namespace: a.Nodes.Namespace, WorkflowId: wf.GetWorkflowId(), RunId: wf.GetRunId(), ActivityId: pa.GetActivityId(),
-					Failure:              temporal.GetDefaultFailureConverter().ErrorToFailure(temporal.NewApplicationError(msg, ErrAttemptAbandoned)),
+					Failure:              temporal.GetDefaultFailureConverter().ErrorToFailure(temporal.NewApplicationError(msg, model.ErrAttemptAbandoned)),
 					Identity:             a.Identity,
 					LastHeartbeatDetails: pa.GetHeartbeatDetails(),
 				})

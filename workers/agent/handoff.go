@@ -1,8 +1,7 @@
-package workers
+package agent
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -13,9 +12,9 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 
-	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/workers/engines"
 )
 
 // HandoffWatcher is the node side of engine handoff (DESIGN.md decision 8).
@@ -25,7 +24,7 @@ import (
 // the one of its serving epoch; any other is fenced (stopped) here.
 type HandoffWatcher struct {
 	NodeID  string
-	Engines *activities.EngineActivities
+	Engines *engines.Table
 	Pools   *control.Pools
 	Log     *slog.Logger
 }
@@ -34,7 +33,7 @@ const handoffUpdateTimeout = 15 * time.Second
 
 // Run watches until ctx ends.
 func (w *HandoffWatcher) Run(ctx context.Context) error {
-	dir := filepath.Join(w.Engines.RuntimeDir, "engines")
+	dir := w.Engines.Dir()
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
@@ -58,8 +57,8 @@ func (w *HandoffWatcher) Run(ctx context.Context) error {
 			if ev.Op&(fsnotify.Create|fsnotify.Write) == 0 || !strings.HasSuffix(ev.Name, ".json") {
 				continue
 			}
-			var h pool.Handoff
-			if readHandoff(ev.Name, &h) != nil || h.PoolID == "" {
+			h, err := engines.ReadHandoff(ev.Name)
+			if err != nil || h.PoolID == "" {
 				continue
 			}
 			go w.report(ctx, h, false)
@@ -71,28 +70,27 @@ func (w *HandoffWatcher) Run(ctx context.Context) error {
 // worker; one no handoff names (it never became ready) is fenced at once.
 func (w *HandoffWatcher) recover(ctx context.Context) {
 	live := map[string]bool{}
-	for _, e := range activities.LiveEngines(w.Engines) {
+	for _, e := range w.Engines.Live() {
 		live[fmt.Sprintf("%s@%d/%d", e.PoolID, e.Epoch, e.PID)] = true
-		var h pool.Handoff
-		err := readHandoff(pool.HandoffPath(w.Engines.RuntimeDir, e.PoolID), &h)
+		h, err := engines.ReadHandoff(pool.HandoffPath(w.Engines.RuntimeDir, e.PoolID))
 		if err != nil || h.Epoch != e.Epoch || h.PID != e.PID {
 			w.Log.Info("fencing an engine no handoff names", "pool", e.PoolID, "epoch", e.Epoch, "pid", e.PID)
-			activities.Fence(w.Engines, e.PoolID, e.Epoch)
+			w.Engines.StopEpoch(e.PoolID, e.Epoch)
 			continue
 		}
-		if err := activities.Adopt(w.Engines, h); err != nil {
+		if err := w.Engines.Adopt(h); err != nil {
 			w.Log.Warn("cannot adopt engine", "pool", e.PoolID, "err", err)
-			activities.Fence(w.Engines, e.PoolID, e.Epoch)
+			w.Engines.StopEpoch(e.PoolID, e.Epoch)
 			continue
 		}
 		w.report(ctx, h, true)
 	}
 	// Handoffs whose engine died while no worker watched: their pools
 	// restart them now instead of after the supervisor's timeout.
-	files, _ := filepath.Glob(filepath.Join(w.Engines.RuntimeDir, "engines", "*.json"))
+	files, _ := filepath.Glob(filepath.Join(w.Engines.Dir(), "*.json"))
 	for _, f := range files {
-		var h pool.Handoff
-		if readHandoff(f, &h) != nil || h.PoolID == "" || live[fmt.Sprintf("%s@%d/%d", h.PoolID, h.Epoch, h.PID)] {
+		h, err := engines.ReadHandoff(f)
+		if err != nil || h.PoolID == "" || live[fmt.Sprintf("%s@%d/%d", h.PoolID, h.Epoch, h.PID)] {
 			continue
 		}
 		uctx, cancel := context.WithTimeout(ctx, handoffUpdateTimeout)
@@ -127,16 +125,8 @@ func (w *HandoffWatcher) report(ctx context.Context, h pool.Handoff, adopt bool)
 			reason = err.Error()
 		}
 		log.Info("fencing engine its pool does not own", "reason", reason)
-		activities.Fence(w.Engines, h.PoolID, h.Epoch)
+		w.Engines.StopEpoch(h.PoolID, h.Epoch)
 	default:
 		log.Warn("cannot report handoff to its pool", "err", err)
 	}
-}
-
-func readHandoff(path string, h *pool.Handoff) error {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return err
-	}
-	return json.Unmarshal(b, h)
 }

@@ -1,4 +1,4 @@
-package engine
+package lease
 
 import (
 	"context"
@@ -7,13 +7,13 @@ import (
 	"time"
 )
 
-// WatchLease ends an engine nobody supervises. The node's supervisor touches
+// Watch ends an engine nobody supervises. The node's supervisor touches
 // the lease file every second; an engine keeps running through a worker
 // restart (so the new worker can adopt it) but not for longer than timeout
 // without a supervisor, so a worker that never returns leaves no orphan.
 // The channel receives once the lease has lapsed (or the file is gone for
 // longer than timeout), naming why.
-func WatchLease(ctx context.Context, path string, timeout time.Duration) <-chan error {
+func Watch(ctx context.Context, path string, timeout time.Duration) <-chan error {
 	out := make(chan error, 1)
 	go func() {
 		started := time.Now()
@@ -38,8 +38,8 @@ func WatchLease(ctx context.Context, path string, timeout time.Duration) <-chan 
 	return out
 }
 
-// TouchLease renews a lease file, creating it if needed.
-func TouchLease(path string) error {
+// Touch renews a lease file, creating it if needed.
+func Touch(path string) error {
 	now := time.Now()
 	if err := os.Chtimes(path, now, now); err == nil {
 		return nil

@@ -1,0 +1,85 @@
+package protocol
+
+// Props is the part of GET /props llorch reads.
+type Props struct {
+	TotalSlots int    `json:"total_slots"`
+	BuildInfo  string `json:"build_info"`
+}
+
+// Slot is the part of a GET /slots entry llorch reads.
+type Slot struct {
+	ID           int  `json:"id"`
+	IsProcessing bool `json:"is_processing"`
+}
+
+// TokenizeRequest is the body of POST /tokenize.
+type TokenizeRequest struct {
+	Content    string `json:"content"`
+	AddSpecial bool   `json:"add_special"`
+}
+
+// TokenizeResponse is what POST /tokenize answers.
+type TokenizeResponse struct {
+	Tokens []int32 `json:"tokens"`
+}
+
+// Message is one chat message.
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+// ApplyTemplateRequest is the body of POST /apply-template.
+type ApplyTemplateRequest struct {
+	Messages []Message `json:"messages"`
+}
+
+// ApplyTemplateResponse is what POST /apply-template answers: the prompt
+// the chat template renders from the messages.
+type ApplyTemplateResponse struct {
+	Prompt string `json:"prompt"`
+}
+
+// CompletionRequest is the body of POST /completion as llorch sends it: a
+// tokenized prompt, streamed back with the token ids.
+type CompletionRequest struct {
+	Prompt       []int32  `json:"prompt"`
+	NPredict     int      `json:"n_predict"`
+	Temperature  float64  `json:"temperature"`
+	TopK         int      `json:"top_k"`
+	TopP         float64  `json:"top_p"`
+	Seed         int64    `json:"seed"`
+	Stop         []string `json:"stop"`
+	Stream       bool     `json:"stream"`
+	ReturnTokens bool     `json:"return_tokens"`
+	// ResumeAt is llorch's: where a resumed generation's own tokens start
+	// in Prompt. llama-server ignores it.
+	ResumeAt int `json:"resume_at,omitempty"`
+}
+
+// Chunk is one event of the /completion stream.
+type Chunk struct {
+	Content         string  `json:"content"`
+	Tokens          []int32 `json:"tokens"`
+	Stop            bool    `json:"stop"`
+	StopType        string  `json:"stop_type"`
+	TokensEvaluated int     `json:"tokens_evaluated"`
+	Timings         struct {
+		PredictedMs float64 `json:"predicted_ms"`
+	} `json:"timings"`
+	Error *Error `json:"error"`
+}
+
+// ErrorBody is llama-server's error answer, and the event a stream ends
+// with when the generation fails.
+type ErrorBody struct {
+	Error Error `json:"error"`
+}
+
+// Error is the error inside an ErrorBody. Its fields stand in the order
+// the keys sort in, as in ErrorBody's bytes from a map.
+type Error struct {
+	Code    int    `json:"code"`
+	Message string `json:"message"`
+	Type    string `json:"type"`
+}
