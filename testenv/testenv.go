@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -290,16 +291,57 @@ func Alive(pid int) bool {
 // KillMentioning SIGKILLs every process whose command line names s (a
 // test's temp dir): nothing a test started outlives it.
 func KillMentioning(s string) {
+	for pid := range mentioning(s) {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
+
+// Mentioning describes ("pid: command line") each live process whose
+// command line names s: what a test would leave running.
+func Mentioning(s string) []string {
+	var out []string
+	for pid, cmdline := range mentioning(s) {
+		if Alive(pid) {
+			out = append(out, fmt.Sprintf("%d: %s", pid, cmdline))
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// mentioning maps the pid of each process but this one whose command line
+// names s to that command line.
+func mentioning(s string) map[int]string {
+	out := map[int]string{}
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
+		if err != nil || pid == os.Getpid() {
 			continue
 		}
 		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil && strings.Contains(string(b), s) {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
+			out[pid] = strings.ReplaceAll(string(b), "\x00", " ")
 		}
 	}
+	return out
+}
+
+// Buffer is a bytes.Buffer a process writes while a test reads it.
+type Buffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *Buffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *Buffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
 }
 
 // EnginePIDs lists the live engine processes of a pool on this machine, by
