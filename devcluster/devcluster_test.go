@@ -197,6 +197,15 @@ func TestResolveBinMissingSaysHowToInstall(t *testing.T) {
 	assert.Equal(t, "temporal", filepath.Base(p))
 }
 
+// fakeServers is a config that runs the scripts temporal and vgw as its
+// servers and a llorch that fails at once.
+func fakeServers(t *testing.T, temporal, vgw string) Config {
+	cfg := portsConfig(t)
+	cfg.TemporalBin, cfg.VersitygwBin, cfg.Exe = temporal, vgw, "/bin/false"
+	cfg.StopGrace = 5 * time.Second
+	return cfg
+}
+
 // TestRunChildCrashStopsEverything runs Run with fake servers: "temporal"
 // dies at once, "versitygw" would run forever. Run must name the dead child
 // and its status and output, and leave nothing running, grandchildren included.
@@ -215,9 +224,7 @@ exit 3
 	vgw := filepath.Join(dir, "versitygw")
 	require.NoError(t, os.WriteFile(vgw, []byte("#!/bin/sh\nwhile :; do sleep 0.2; done\n"), 0o755))
 
-	cfg := portsConfig(t)
-	cfg.TemporalBin, cfg.VersitygwBin, cfg.Exe = temporal, vgw, "/bin/false"
-	cfg.StopGrace = 5 * time.Second
+	cfg := fakeServers(t, temporal, vgw)
 	var out testenv.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -237,9 +244,7 @@ func TestRunInterruptedDuringStartStopsEverything(t *testing.T) {
 	dir := t.TempDir()
 	slow := filepath.Join(dir, "slow")
 	require.NoError(t, os.WriteFile(slow, []byte("#!/bin/sh\necho waiting\nwhile :; do sleep 0.2; done\n"), 0o755))
-	cfg := portsConfig(t)
-	cfg.TemporalBin, cfg.VersitygwBin, cfg.Exe = slow, slow, "/bin/false"
-	cfg.StopGrace = 5 * time.Second
+	cfg := fakeServers(t, slow, slow)
 	var out testenv.Buffer
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

@@ -49,16 +49,22 @@ func TestDevEndToEnd(t *testing.T) {
 	// Belt and braces for a failed run: nothing of ours may survive the
 	// test. Only processes whose command line names our temp home.
 	t.Cleanup(func() { testenv.KillMentioning(home) })
-
-	var tokens []string
-	for run := 1; run <= 2; run++ {
-		t.Logf("run %d", run)
-		p := freePorts(t, 5)
-		d := startDev(t, exe, tmp, "--home", home, "--node-id", nodeID,
+	// up starts llorch dev on the same home and new ports and waits until
+	// it is up; p[3] is the API's port, p[4] the worker's metrics port.
+	up := func() (d *devProc, p []int) {
+		p = freePorts(t, 5)
+		d = startDev(t, exe, tmp, "--home", home, "--node-id", nodeID,
 			"--temporal-bin", temporalBin, "--versitygw-bin", vgwBin,
 			"--temporal-port", strconv.Itoa(p[0]), "--ui-port", strconv.Itoa(p[1]), "--s3-port", strconv.Itoa(p[2]),
 			"--api-port", strconv.Itoa(p[3]), "--worker-metrics-port", strconv.Itoa(p[4]))
 		d.waitUp(t, 4*time.Minute)
+		return d, p
+	}
+
+	var tokens []string
+	for run := 1; run <= 2; run++ {
+		t.Logf("run %d", run)
+		d, p := up()
 
 		env, err := config.ReadDevEnv(home)
 		require.NoError(t, err)
@@ -91,12 +97,7 @@ func TestDevEndToEnd(t *testing.T) {
 	// A llorch dev killed outright cannot stop its children; their
 	// parent-death signal must.
 	t.Log("run 3: SIGKILL")
-	p := freePorts(t, 5)
-	d := startDev(t, exe, tmp, "--home", home, "--node-id", nodeID,
-		"--temporal-bin", temporalBin, "--versitygw-bin", vgwBin,
-		"--temporal-port", strconv.Itoa(p[0]), "--ui-port", strconv.Itoa(p[1]), "--s3-port", strconv.Itoa(p[2]),
-		"--api-port", strconv.Itoa(p[3]), "--worker-metrics-port", strconv.Itoa(p[4]))
-	d.waitUp(t, 4*time.Minute)
+	d, _ := up()
 	pids := d.childPIDs(t)
 	require.NoError(t, d.cmd.Process.Kill())
 	<-d.done
