@@ -49,7 +49,7 @@ type engineFixture struct {
 // commitModel puts data in the local catalog and returns its sha256.
 func commitModel(t *testing.T, local *modelstore.LocalCatalog, id string, data []byte) string {
 	t.Helper()
-	sha := sha256Hex(data)
+	sha := testenv.SHA256(data)
 	require.NoError(t, os.WriteFile(local.PartialPath(sha), data, 0o644))
 	require.NoError(t, local.Commit(sha, modelstore.Provenance{ModelID: id, Key: "models/" + id + ".gguf", Size: int64(len(data))}))
 	return sha

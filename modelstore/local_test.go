@@ -1,8 +1,6 @@
 package modelstore
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"os"
 	"path/filepath"
 	"testing"
@@ -10,17 +8,14 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-)
 
-func localDigest(b []byte) string {
-	s := sha256.Sum256(b)
-	return hex.EncodeToString(s[:])
-}
+	"github.com/llorch/llorch/testenv"
+)
 
 // writeLocalPartial writes data as the partial of its digest, as a download would.
 func writeLocalPartial(t *testing.T, c *LocalCatalog, data []byte) string {
 	t.Helper()
-	sha := localDigest(data)
+	sha := testenv.SHA256(data)
 	require.NoError(t, os.WriteFile(c.PartialPath(sha), data, 0o644))
 	return sha
 }
@@ -164,8 +159,8 @@ func TestLocalCatalogCommitChecks(t *testing.T) {
 	data := []byte("abc")
 	sha := writeLocalPartial(t, c, data)
 	assert.ErrorContains(t, c.Commit(sha, Provenance{Size: 4}), "has 3 bytes")
-	assert.Error(t, c.Commit(sha, Provenance{SHA256: localDigest([]byte("x")), Size: 3}))
-	assert.Error(t, c.Commit(localDigest([]byte("no partial")), Provenance{Size: 3}))
+	assert.Error(t, c.Commit(sha, Provenance{SHA256: testenv.SHA256([]byte("x")), Size: 3}))
+	assert.Error(t, c.Commit(testenv.SHA256([]byte("no partial")), Provenance{Size: 3}))
 	_, ok, err := c.Get(sha)
 	require.NoError(t, err)
 	assert.False(t, ok)
@@ -178,7 +173,7 @@ func TestLocalCatalogCommitChecks(t *testing.T) {
 
 func TestLocalCatalogRefusesBadDigests(t *testing.T) {
 	c := newLocalCatalog(t)
-	for _, bad := range []string{"../x", "", "ABC", localDigest(nil) + "/..", "../" + localDigest(nil)[3:], localDigest(nil)[:63] + "G"} {
+	for _, bad := range []string{"../x", "", "ABC", testenv.SHA256(nil) + "/..", "../" + testenv.SHA256(nil)[3:], testenv.SHA256(nil)[:63] + "G"} {
 		assert.Empty(t, c.Path(bad), bad)
 		assert.Empty(t, c.PartialPath(bad), bad)
 		_, _, err := c.Get(bad)
