@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 )
 
 // EngineMetrics are a node's pool and engine figures.
@@ -19,29 +20,28 @@ type EngineMetrics struct {
 
 // NewEngineMetrics registers the engine metrics on reg.
 func NewEngineMetrics(reg prometheus.Registerer) *EngineMetrics {
-	m := &EngineMetrics{
-		Ready: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+	f := promauto.With(reg)
+	return &EngineMetrics{
+		Ready: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "llorch_pool_ready", Help: "1 while the pool's engine on this node is ready.",
 		}, []string{"node_id", "pool_id"}),
-		Exits: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Exits: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_engine_exits_total", Help: "Engine runs that ended, by reason (exited, health, stopped, gone).",
 		}, []string{"node_id", "pool_id", "reason"}),
-		Handoff: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Handoff: f.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "llorch_engine_handoff_seconds", Help: "Engine spawn to first /health 200 and handoff written.",
 			Buckets: prometheus.ExponentialBuckets(0.01, 2, 14),
 		}, []string{"node_id"}),
-		SlotsTotal: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		SlotsTotal: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "llorch_pool_slots_total", Help: "Slots of the pool's engine.",
 		}, []string{"node_id", "pool_id"}),
-		SlotsFree: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		SlotsFree: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "llorch_pool_slots_free", Help: "Idle slots of the pool's engine.",
 		}, []string{"node_id", "pool_id"}),
-		Memory: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Memory: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "llorch_pool_memory_bytes", Help: "Memory the pool's engine holds: kind=ram (resident) or vram (NVML, all GPUs).",
 		}, []string{"node_id", "pool_id", "kind"}),
 	}
-	reg.MustRegister(m.Ready, m.Exits, m.Handoff, m.SlotsTotal, m.SlotsFree, m.Memory)
-	return m
 }
 
 func (m *EngineMetrics) ready(nodeID, poolID string, load time.Duration) {

@@ -49,7 +49,7 @@ type engineFixture struct {
 // commitModel puts data in the local catalog and returns its sha256.
 func commitModel(t *testing.T, local *modelstore.LocalCatalog, id string, data []byte) string {
 	t.Helper()
-	sha := sha256Hex(data)
+	sha := testenv.SHA256(data)
 	require.NoError(t, os.WriteFile(local.PartialPath(sha), data, 0o644))
 	require.NoError(t, local.Commit(sha, modelstore.Provenance{ModelID: id, Key: "models/" + id + ".gguf", Size: int64(len(data))}))
 	return sha
@@ -436,7 +436,7 @@ func TestEngineStartCorruptModelFails(t *testing.T) {
 	lines := strings.Split(strings.TrimSpace(string(logTail)), "\n")
 	assert.Contains(t, app.Error(), lines[len(lines)-1], "message carries the log tail")
 	assert.NoFileExists(t, pool.HandoffPath(f.acts.Table.RuntimeDir, spec.PoolID))
-	assert.Empty(t, enginePids(t, spec.PoolID), "no engine process left")
+	assert.Empty(t, testenv.EnginePIDs(spec.PoolID), "no engine process left")
 }
 
 func TestEngineLlamaServerNotInstalled(t *testing.T) {
@@ -446,29 +446,4 @@ func TestEngineLlamaServerNotInstalled(t *testing.T) {
 	_, err := f.exec(t, f.acts.StartEngine, activities.StartInput{Spec: spec, SHA256: f.sha, Epoch: 1})
 	app := applicationError(t, err, pool.ErrEngineStart)
 	assert.Contains(t, app.Error(), "llama-server is not installed on node node-e")
-}
-
-// enginePids are the live processes whose environment marks them as
-// engines of poolID.
-func enginePids(t *testing.T, poolID string) []int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc")
-	require.NoError(t, err)
-	var out []int
-	for _, e := range ents {
-		var pid int
-		if _, err := fmt.Sscanf(e.Name(), "%d", &pid); err != nil {
-			continue
-		}
-		env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
-		if err != nil || !testenv.Alive(pid) {
-			continue
-		}
-		for _, kv := range strings.Split(string(env), "\x00") {
-			if kv == engines.EnvPoolID+"="+poolID {
-				out = append(out, pid)
-			}
-		}
-	}
-	return out
 }

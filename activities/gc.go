@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 	"go.temporal.io/sdk/temporal"
 	"golang.org/x/sys/unix"
 
@@ -143,16 +144,15 @@ type GCMetrics struct {
 
 // NewGCMetrics registers the GC metrics on reg.
 func NewGCMetrics(reg prometheus.Registerer) *GCMetrics {
-	m := &GCMetrics{
-		Evictions: prometheus.NewCounterVec(prometheus.CounterOpts{
+	f := promauto.With(reg)
+	return &GCMetrics{
+		Evictions: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_gc_evictions_total", Help: "Files GC deleted from a node's model catalog, by reason.",
 		}, []string{"node_id", "reason"}),
-		EvictedBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+		EvictedBytes: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_gc_evicted_bytes_total", Help: "Bytes GC freed on a node, by reason.",
 		}, []string{"node_id", "reason"}),
 	}
-	reg.MustRegister(m.Evictions, m.EvictedBytes)
-	return m
 }
 
 func (m *GCMetrics) observe(nodeID string, e model.Eviction) {

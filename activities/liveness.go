@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 	"go.temporal.io/api/serviceerror"
 	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/client"
@@ -86,25 +87,24 @@ type NodeMetrics struct {
 
 // NewNodeMetrics registers the worker's node metrics on reg.
 func NewNodeMetrics(reg prometheus.Registerer) *NodeMetrics {
-	m := &NodeMetrics{
-		Heartbeats: prometheus.NewCounterVec(prometheus.CounterOpts{
+	f := promauto.With(reg)
+	return &NodeMetrics{
+		Heartbeats: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_node_heartbeats_total", Help: "Liveness heartbeats sent by this node.",
 		}, []string{"node_id"}),
-		GPUMemUsed: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		GPUMemUsed: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "llorch_gpu_memory_used_bytes", Help: "GPU memory in use, per GPU.",
 		}, []string{"node_id", "gpu"}),
-		GPUMemTotal: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		GPUMemTotal: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "llorch_gpu_memory_total_bytes", Help: "GPU memory, per GPU.",
 		}, []string{"node_id", "gpu"}),
-		GPUUtil: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		GPUUtil: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "llorch_gpu_utilization_ratio", Help: "GPU utilisation (0-1), per GPU.",
 		}, []string{"node_id", "gpu"}),
-		DiskFreeBytes: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		DiskFreeBytes: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "llorch_node_model_disk_free_bytes", Help: "Free bytes on the model dir's file system.",
 		}, []string{"node_id"}),
 	}
-	reg.MustRegister(m.Heartbeats, m.GPUMemUsed, m.GPUMemTotal, m.GPUUtil, m.DiskFreeBytes)
-	return m
 }
 
 func (m *NodeMetrics) observe(nodeID string, s node.Snapshot) {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/minio/minio-go/v7"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/temporal"
@@ -553,23 +554,22 @@ type StagingMetrics struct {
 
 // NewStagingMetrics registers the staging metrics on reg.
 func NewStagingMetrics(reg prometheus.Registerer) *StagingMetrics {
-	m := &StagingMetrics{
-		Bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+	f := promauto.With(reg)
+	return &StagingMetrics{
+		Bytes: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_staging_bytes_total", Help: "Bytes fetched from the object store into the local model catalog.",
 		}, []string{"node_id"}),
-		Duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Duration: f.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "llorch_staging_duration_seconds", Help: "Time to stage a model, from the first attempt's scheduling to its commit.",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 14), // 1 s .. ~2.3 h
 		}, []string{"node_id"}),
-		Failures: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Failures: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_staging_failures_total", Help: "Failed staging attempts, by reason (DISK_FULL, CHECKSUM_MISMATCH, OBJECT_MISSING, IO).",
 		}, []string{"node_id", "reason"}),
-		CatalogBytes: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		CatalogBytes: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "llorch_catalog_bytes", Help: "Bytes of verified models in the node's local catalog.",
 		}, []string{"node_id"}),
 	}
-	reg.MustRegister(m.Bytes, m.Duration, m.Failures, m.CatalogBytes)
-	return m
 }
 
 // ObserveCatalog sets llorch_catalog_bytes from the catalog; whatever

@@ -3,10 +3,8 @@ package activities_test
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -64,23 +62,10 @@ func newStageFixture(t *testing.T) *stageFixture {
 	}}
 }
 
-func randomBytes(t *testing.T, n int) []byte {
-	t.Helper()
-	b := make([]byte, n)
-	_, err := rand.Read(b)
-	require.NoError(t, err)
-	return b
-}
-
-func sha256Hex(b []byte) string {
-	s := sha256.Sum256(b)
-	return hex.EncodeToString(s[:])
-}
-
 // put uploads data with minio directly and returns the entry that names it.
 func (f *stageFixture) put(t *testing.T, data []byte) model.Entry {
 	t.Helper()
-	sha := sha256Hex(data)
+	sha := testenv.SHA256(data)
 	key := "models/stage-test-" + sha[:12] + ".gguf"
 	_, err := f.store.Client.PutObject(context.Background(), f.store.Bucket, key, bytes.NewReader(data), int64(len(data)), minio.PutObjectOptions{})
 	require.NoError(t, err)
@@ -150,7 +135,7 @@ func hashState(t *testing.T, data []byte) []byte {
 
 func TestStageModelDownloadsThenAlreadyPresent(t *testing.T) {
 	f := newStageFixture(t)
-	data := randomBytes(t, stageTestSize)
+	data := testenv.RandomBytes(t, stageTestSize)
 	e := f.put(t, data)
 	in := activities.StageInput{NodeID: "node-a", Entry: e}
 
@@ -201,7 +186,7 @@ func TestStageModelDownloadsThenAlreadyPresent(t *testing.T) {
 
 func TestStageModelResumesFromHeartbeat(t *testing.T) {
 	f := newStageFixture(t)
-	data := randomBytes(t, stageTestSize)
+	data := testenv.RandomBytes(t, stageTestSize)
 	e := f.put(t, data)
 	const k = 5<<20 + 12345
 
@@ -215,13 +200,13 @@ func TestStageModelResumesFromHeartbeat(t *testing.T) {
 	assert.Equal(t, e.Size-k, res.BytesTransferred, "only the rest is fetched")
 	got, err := os.ReadFile(res.Path)
 	require.NoError(t, err)
-	assert.Equal(t, e.SHA256, sha256Hex(got))
+	assert.Equal(t, e.SHA256, testenv.SHA256(got))
 }
 
 func TestStageModelResumesAfterCancellation(t *testing.T) {
 	f := newStageFixture(t)
 	f.acts.CheckpointEvery = time.Nanosecond // a checkpoint after every read
-	data := randomBytes(t, stageTestSize)
+	data := testenv.RandomBytes(t, stageTestSize)
 	e := f.put(t, data)
 	in := activities.StageInput{NodeID: "node-a", Entry: e}
 
@@ -266,9 +251,9 @@ func TestStageModelResumesAfterCancellation(t *testing.T) {
 
 func TestStageModelStartsOverWithoutProgress(t *testing.T) {
 	f := newStageFixture(t)
-	data := randomBytes(t, 3<<20)
+	data := testenv.RandomBytes(t, 3<<20)
 	e := f.put(t, data)
-	other := randomBytes(t, 1<<20)
+	other := testenv.RandomBytes(t, 1<<20)
 
 	// A partial with no heartbeat to vouch for it, then one whose
 	// checkpoint came from another version of the object.
@@ -292,7 +277,7 @@ func TestStageModelSignalsProgress(t *testing.T) {
 	f := newStageFixture(t)
 	f.acts.CheckpointEvery = time.Nanosecond
 	f.acts.Client = env.Temporal
-	data := randomBytes(t, stageTestSize)
+	data := testenv.RandomBytes(t, stageTestSize)
 	e := f.put(t, data)
 
 	// A workflow no worker runs still takes signals into its history.
@@ -334,16 +319,16 @@ func TestStageModelSignalsProgress(t *testing.T) {
 
 func TestStageModelChecksumMismatch(t *testing.T) {
 	f := newStageFixture(t)
-	data := randomBytes(t, 2<<20)
+	data := testenv.RandomBytes(t, 2<<20)
 	e := f.put(t, data)
-	want := sha256Hex(randomBytes(t, len(data)))
+	want := testenv.SHA256(testenv.RandomBytes(t, len(data)))
 	e.SHA256 = want
 
 	_, err := f.stage(t, activities.StageInput{NodeID: "node-a", Entry: e})
 	app := applicationError(t, err, model.ErrChecksumMismatch)
 	assert.True(t, app.NonRetryable())
 	assert.Contains(t, app.Error(), "expected sha256 "+want)
-	assert.Contains(t, app.Error(), "got sha256 "+sha256Hex(data))
+	assert.Contains(t, app.Error(), "got sha256 "+testenv.SHA256(data))
 	assert.Contains(t, app.Error(), "node-a")
 	f.assertNothingStaged(t, want)
 	assert.Equal(t, 1.0, value(t, f.acts.Metrics.Failures.WithLabelValues("node-a", model.ErrChecksumMismatch)))
@@ -358,7 +343,7 @@ func TestStageModelChecksumMismatch(t *testing.T) {
 
 func TestStageModelDiskFull(t *testing.T) {
 	f := newStageFixture(t)
-	data := randomBytes(t, 1<<20)
+	data := testenv.RandomBytes(t, 1<<20)
 	e := f.put(t, data)
 	f.acts.DiskMargin = 4096
 	f.acts.FreeBytes = func() (uint64, error) { return 1000, nil }
@@ -398,7 +383,7 @@ func TestStageModelDiskFull(t *testing.T) {
 
 func TestStageModelBusyPartial(t *testing.T) {
 	f := newStageFixture(t)
-	data := randomBytes(t, 1<<20)
+	data := testenv.RandomBytes(t, 1<<20)
 	e := f.put(t, data)
 	// An earlier attempt that timed out but still writes holds the lock.
 	held, err := os.OpenFile(f.local.PartialPath(e.SHA256), os.O_RDWR|os.O_CREATE, 0o644)
@@ -417,7 +402,7 @@ func TestStageModelBusyPartial(t *testing.T) {
 
 func TestStageModelObjectMissing(t *testing.T) {
 	f := newStageFixture(t)
-	sha := sha256Hex([]byte("never uploaded"))
+	sha := testenv.SHA256([]byte("never uploaded"))
 	e := model.Entry{ID: "ghost", Key: "models/ghost-" + sha[:8] + ".gguf", SHA256: sha, Size: 1234}
 
 	_, err := f.stage(t, activities.StageInput{NodeID: "node-a", Entry: e})
@@ -432,8 +417,8 @@ func TestStageModelRefusesBadInput(t *testing.T) {
 	f := newStageFixture(t)
 	for _, e := range []model.Entry{
 		{ID: "x", Key: "models/x.gguf", SHA256: "../../etc/passwd", Size: 1},
-		{ID: "x", Key: "../x.gguf", SHA256: sha256Hex(nil), Size: 1},
-		{ID: "x", Key: "models/x.gguf", SHA256: sha256Hex(nil), Size: 0},
+		{ID: "x", Key: "../x.gguf", SHA256: testenv.SHA256(nil), Size: 1},
+		{ID: "x", Key: "models/x.gguf", SHA256: testenv.SHA256(nil), Size: 0},
 	} {
 		_, err := f.stage(t, activities.StageInput{NodeID: "node-a", Entry: e})
 		applicationError(t, err, model.ErrInvalidStageInput)

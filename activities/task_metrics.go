@@ -4,6 +4,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 )
 
 // TaskMetrics are a node's generation figures. No task ids as labels.
@@ -16,24 +17,23 @@ type TaskMetrics struct {
 
 // NewTaskMetrics registers them on reg.
 func NewTaskMetrics(reg prometheus.Registerer) *TaskMetrics {
-	m := &TaskMetrics{
-		TokensIn: prometheus.NewCounterVec(prometheus.CounterOpts{
+	f := promauto.With(reg)
+	return &TaskMetrics{
+		TokensIn: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_task_tokens_in_total", Help: "Prompt tokens of generations run on this node.",
 		}, []string{"node_id"}),
-		TokensOut: prometheus.NewCounterVec(prometheus.CounterOpts{
+		TokensOut: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_task_tokens_out_total", Help: "Tokens generated on this node.",
 		}, []string{"node_id"}),
-		FirstToken: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		FirstToken: f.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "llorch_task_first_token_seconds", Help: "Engine request to first token, on the node.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 2, 16),
 		}, []string{"node_id"}),
-		Decode: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Decode: f.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "llorch_task_decode_seconds", Help: "Decode time of a generation, on the node.",
 			Buckets: prometheus.ExponentialBuckets(0.005, 2, 16),
 		}, []string{"node_id"}),
 	}
-	reg.MustRegister(m.TokensIn, m.TokensOut, m.FirstToken, m.Decode)
-	return m
 }
 
 func (m *TaskMetrics) firstToken(nodeID string, d time.Duration) {

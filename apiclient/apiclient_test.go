@@ -84,8 +84,8 @@ func TestCatalog(t *testing.T) {
 	err = c.DeleteModel(ctx, "busy")
 	var ae *Error
 	require.ErrorAs(t, err, &ae)
-	require.Equal(t, Error{Status: 409, Code: "MODEL_IN_USE", Message: "model busy is staged on node-1", Field: "id",
-		Retriable: true, RetryAfterMs: 500}, *ae)
+	require.Equal(t, Error{Status: 409, Envelope: Envelope{Code: "MODEL_IN_USE", Message: "model busy is staged on node-1", Field: "id",
+		Retriable: true, RetryAfterMs: 500}}, *ae)
 	require.EqualError(t, err, "MODEL_IN_USE: model busy is staged on node-1 (field id)")
 	require.False(t, IsNotFound(err))
 }

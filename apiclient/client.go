@@ -29,16 +29,22 @@ func New(baseURL, token string) (*Client, error) {
 	return &Client{base: u.String(), token: token, hc: &http.Client{}}, nil
 }
 
-// Error is an answer other than 2xx: its HTTP status and the API's error
-// envelope.
-type Error struct {
-	Status       int    `json:"-"`
+// Envelope is the body of every error response; the apiserver renders
+// this type, so both sides read the same fields.
+type Envelope struct {
 	Code         string `json:"code"`
 	Message      string `json:"message"`
 	Field        string `json:"field,omitempty"`
 	Retriable    bool   `json:"retriable,omitempty"`
 	RetryAfterMs int64  `json:"retry_after_ms,omitempty"`
 	PolicyLabel  string `json:"policy_label,omitempty"`
+}
+
+// Error is an answer other than 2xx: its HTTP status and the API's error
+// envelope.
+type Error struct {
+	Status int `json:"-"`
+	Envelope
 }
 
 func (e *Error) Error() string {
@@ -101,12 +107,12 @@ func (c *Client) call(ctx context.Context, method, path string, body any) ([]byt
 		return raw, nil
 	}
 	ae := &Error{}
-	if json.Unmarshal(raw, ae) != nil || ae.Code == "" {
+	if json.Unmarshal(raw, &ae.Envelope) != nil || ae.Code == "" {
 		text := truncate(strings.TrimSpace(string(raw)), 300)
 		if text == "" {
 			text = http.StatusText(resp.StatusCode)
 		}
-		ae = &Error{Code: "HTTP_" + strconv.Itoa(resp.StatusCode), Message: fmt.Sprintf("%s %s: %s", method, u, text)}
+		ae = &Error{Envelope: Envelope{Code: "HTTP_" + strconv.Itoa(resp.StatusCode), Message: fmt.Sprintf("%s %s: %s", method, u, text)}}
 	}
 	ae.Status = resp.StatusCode
 	return raw, ae

@@ -180,12 +180,9 @@ type stateRequest struct {
 }
 
 func (s *Server) setModelState(c *fiber.Ctx) error {
-	id, err := modelID(c)
-	if err != nil {
-		return err
-	}
 	var req stateRequest
-	if err := decode(c, &req, false); err != nil {
+	id, err := idAndBody(c, modelID, &req, false)
+	if err != nil {
 		return err
 	}
 	lc, err := model.ParseLifecycle(req.State)

@@ -19,6 +19,16 @@ func idParam(c *fiber.Ctx, validate func(string) error) (string, error) {
 	return id, nil
 }
 
+// idAndBody reads a request on one thing: its :id, read by param, then its
+// JSON body into dst (see decode).
+func idAndBody(c *fiber.Ctx, param func(*fiber.Ctx) (string, error), dst any, optional bool) (string, error) {
+	id, err := param(c)
+	if err != nil {
+		return "", err
+	}
+	return id, decode(c, dst, optional)
+}
+
 // decode reads a JSON body strictly: unknown fields and wrong types are
 // INVALID_PARAMS naming the field. An empty body is allowed when optional.
 func decode(c *fiber.Ctx, dst any, optional bool) error {

@@ -6,6 +6,8 @@ import (
 	"strconv"
 
 	"github.com/gofiber/fiber/v2"
+
+	"github.com/llorch/llorch/apiclient"
 )
 
 // Stable error codes of the envelope.
@@ -22,26 +24,17 @@ const (
 	CodeInternal      = "INTERNAL"
 )
 
-// Envelope is the body of every error response.
-type Envelope struct {
-	Code         string `json:"code"`
-	Message      string `json:"message"`
-	Field        string `json:"field,omitempty"`
-	Retriable    bool   `json:"retriable,omitempty"`
-	RetryAfterMs int64  `json:"retry_after_ms,omitempty"`
-	PolicyLabel  string `json:"policy_label,omitempty"`
-}
-
-// Error is an API error: an HTTP status and its envelope.
+// Error is an API error: an HTTP status and its envelope (the one type
+// apiclient reads, so the two cannot drift).
 type Error struct {
 	Status int
-	Envelope
+	apiclient.Envelope
 }
 
 func (e *Error) Error() string { return e.Code + ": " + e.Message }
 
 func apiError(status int, code, format string, args ...any) *Error {
-	return &Error{Status: status, Envelope: Envelope{Code: code, Message: fmt.Sprintf(format, args...)}}
+	return &Error{Status: status, Envelope: apiclient.Envelope{Code: code, Message: fmt.Sprintf(format, args...)}}
 }
 
 func invalidParam(field, format string, args ...any) *Error {

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 	"go.temporal.io/api/workflowservice/v1"
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/converter"
@@ -21,26 +22,25 @@ type metrics struct {
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
-	m := &metrics{
-		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+	f := promauto.With(reg)
+	return &metrics{
+		requests: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_api_requests_total", Help: "API requests by route, method and status.",
 		}, []string{"route", "method", "status"}),
-		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		latency: f.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "llorch_api_request_duration_seconds", Help: "API request latency by route.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
 		}, []string{"route", "method"}),
-		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+		authFailures: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_api_auth_failures_total", Help: "Requests refused by bearer auth, by code.",
 		}, []string{"code"}),
-		heartbeats: prometheus.NewCounterVec(prometheus.CounterOpts{
+		heartbeats: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_node_rest_heartbeats_total", Help: "Node heartbeats received over REST.",
 		}, []string{"node_id"}),
+		catalogChanges: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_catalog_changes_total", Help: "Catalog changes made through the API, by operation.",
+		}, []string{"op"}),
 	}
-	m.catalogChanges = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "llorch_catalog_changes_total", Help: "Catalog changes made through the API, by operation.",
-	}, []string{"op"})
-	reg.MustRegister(m.catalogChanges, m.requests, m.latency, m.authFailures, m.heartbeats)
-	return m
 }
 
 // nodeStateCollector reports how many nodes are in each state, read from

@@ -127,14 +127,23 @@ func notFound(id string, err error) error {
 	return err
 }
 
-func (s *Server) getNode(c *fiber.Ctx) error {
+// nodeParam reads the node named by :id.
+func (s *Server) nodeParam(c *fiber.Ctx) (control.NodeView, error) {
 	id, err := nodeID(c)
 	if err != nil {
-		return err
+		return control.NodeView{}, err
 	}
 	v, err := s.deps.Nodes.Get(c.UserContext(), id)
 	if err != nil {
-		return notFound(id, err)
+		return v, notFound(id, err)
+	}
+	return v, nil
+}
+
+func (s *Server) getNode(c *fiber.Ctx) error {
+	v, err := s.nodeParam(c)
+	if err != nil {
+		return err
 	}
 	return c.JSON(render(v, time.Now()))
 }
@@ -251,12 +260,9 @@ type heartbeatRequest struct {
 }
 
 func (s *Server) heartbeatNode(c *fiber.Ctx) error {
-	id, err := nodeID(c)
-	if err != nil {
-		return err
-	}
 	var req heartbeatRequest
-	if err := decode(c, &req, true); err != nil {
+	id, err := idAndBody(c, nodeID, &req, true)
+	if err != nil {
 		return err
 	}
 	if err := validateUsage(req.GPUs); err != nil {
@@ -284,12 +290,9 @@ type changeRequest struct {
 
 func (s *Server) updateNode(name string) fiber.Handler {
 	return func(c *fiber.Ctx) error {
-		id, err := nodeID(c)
-		if err != nil {
-			return err
-		}
 		var req changeRequest
-		if err := decode(c, &req, true); err != nil {
+		id, err := idAndBody(c, nodeID, &req, true)
+		if err != nil {
 			return err
 		}
 		if len(req.Reason) > node.MaxReasonLen {

@@ -138,12 +138,9 @@ func (s *Server) poolHealth(c *fiber.Ctx) error {
 }
 
 func (s *Server) drainPool(c *fiber.Ctx) error {
-	id, err := poolID(c)
-	if err != nil {
-		return err
-	}
 	var req pool.DrainRequest
-	if err := decode(c, &req, true); err != nil {
+	id, err := idAndBody(c, poolID, &req, true)
+	if err != nil {
 		return err
 	}
 	if req.DeadlineMs < 0 {
@@ -169,12 +166,9 @@ type reloadRequest struct {
 // the old engine is drained first); the switch is followed in the pool's
 // health (reload).
 func (s *Server) reloadPool(c *fiber.Ctx) error {
-	id, err := poolID(c)
-	if err != nil {
-		return err
-	}
 	var req reloadRequest
-	if err := decode(c, &req, false); err != nil {
+	id, err := idAndBody(c, poolID, &req, false)
+	if err != nil {
 		return err
 	}
 	if err := model.ValidateID(req.ModelID); err != nil {

@@ -12,18 +12,11 @@ import (
 
 // liveNode reads a node that can take work on its disk.
 func (s *Server) liveNode(c *fiber.Ctx) (control.NodeView, error) {
-	id, err := nodeID(c)
-	if err != nil {
-		return control.NodeView{}, err
+	v, err := s.nodeParam(c)
+	if err == nil && v.State == node.Left {
+		err = notFound(c.Params("id"), control.ErrNodeLeft)
 	}
-	v, err := s.deps.Nodes.Get(c.UserContext(), id)
-	if err != nil {
-		return v, notFound(id, err)
-	}
-	if v.State == node.Left {
-		return v, notFound(id, control.ErrNodeLeft)
-	}
-	return v, nil
+	return v, err
 }
 
 // stageModel starts, or joins, the staging of a catalog model onto a node.

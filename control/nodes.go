@@ -19,13 +19,6 @@ import (
 	"github.com/llorch/llorch/node"
 )
 
-// Errors of node calls, which callers map to API codes.
-var (
-	ErrNodeNotFound = errors.New("node not found")
-	ErrNodeLeft     = errors.New("node has left")
-	ErrAgentManaged = errors.New("node is managed by its llorch worker")
-)
-
 // Nodes is the client side of the node registry: the calls the apiserver
 // and the node agent make on node workflows (register, heartbeat, drain,
 // deregister, read). It maps Temporal's answers to the registry's own

@@ -17,13 +17,6 @@ import (
 	"github.com/llorch/llorch/pool"
 )
 
-// Errors of pool calls, which callers map to API codes.
-var (
-	ErrPoolNotFound = errors.New("pool not found")
-	ErrPoolExists   = errors.New("pool exists")
-	ErrPoolEnded    = errors.New("pool has ended")
-)
-
 // Pools is the client side of pools: create, find, read, reload and
 // drain pool workflows, and report engines' handoffs to them.
 type Pools struct {
@@ -129,19 +122,25 @@ func (c *Pools) ListPartial(ctx context.Context) (pools []pool.Health, unread []
 	return out, unread, nil
 }
 
-// Drain stops a pool and returns its final health.
-func (c *Pools) Drain(ctx context.Context, poolID string, r pool.DrainRequest) (pool.Health, error) {
+// update sends an update to a pool's running workflow: ErrPoolNotFound
+// when there is no such pool, ErrPoolEnded when it has ended.
+func (c *Pools) update(ctx context.Context, poolID, name string, arg any, stage client.WorkflowUpdateStage) (client.WorkflowUpdateHandle, error) {
 	e, running, err := c.find(ctx, poolID)
 	if err != nil {
-		return pool.Health{}, err
+		return nil, err
 	}
 	if !running {
-		return pool.Health{}, ErrPoolEnded
+		return nil, ErrPoolEnded
 	}
-	h, err := c.Temporal.UpdateWorkflow(ctx, client.UpdateWorkflowOptions{
-		WorkflowID: e.id, RunID: e.run, UpdateName: pool.UpdateDrain, Args: []any{r},
-		WaitForStage: client.WorkflowUpdateStageCompleted,
+	return c.Temporal.UpdateWorkflow(ctx, client.UpdateWorkflowOptions{
+		WorkflowID: e.id, RunID: e.run, UpdateName: name, Args: []any{arg},
+		WaitForStage: stage,
 	})
+}
+
+// Drain stops a pool and returns its final health.
+func (c *Pools) Drain(ctx context.Context, poolID string, r pool.DrainRequest) (pool.Health, error) {
+	h, err := c.update(ctx, poolID, pool.UpdateDrain, r, client.WorkflowUpdateStageCompleted)
 	var out pool.Health
 	if err == nil {
 		err = h.Get(ctx, &out)
@@ -149,26 +148,12 @@ func (c *Pools) Drain(ctx context.Context, poolID string, r pool.DrainRequest) (
 	return out, err
 }
 
-// ErrPoolBusy is a reload refused because the pool drains or already reloads;
-// the error's text says which.
-var ErrPoolBusy = errors.New("pool is busy")
-
 // Reload switches a pool to another model. It returns once the mode is
 // known (side by side, or drain first) or the reload failed before that; if
 // that takes longer than wait (a large model staging), it returns the
 // reload as far as it got, Step saying where.
 func (c *Pools) Reload(ctx context.Context, poolID string, r pool.ReloadRequest, wait time.Duration) (pool.ReloadStatus, error) {
-	e, running, err := c.find(ctx, poolID)
-	if err != nil {
-		return pool.ReloadStatus{}, err
-	}
-	if !running {
-		return pool.ReloadStatus{}, ErrPoolEnded
-	}
-	h, err := c.Temporal.UpdateWorkflow(ctx, client.UpdateWorkflowOptions{
-		WorkflowID: e.id, RunID: e.run, UpdateName: pool.UpdateReload, Args: []any{r},
-		WaitForStage: client.WorkflowUpdateStageAccepted,
-	})
+	h, err := c.update(ctx, poolID, pool.UpdateReload, r, client.WorkflowUpdateStageAccepted)
 	if err != nil {
 		return pool.ReloadStatus{}, rejection(err)
 	}

@@ -15,12 +15,6 @@ import (
 	"github.com/llorch/llorch/task"
 )
 
-// Errors of task calls, which callers map to API codes.
-var (
-	ErrTaskNotFound = errors.New("task not found")
-	ErrTaskExists   = errors.New("task exists")
-)
-
 // Tasks is the client side of task workflows: start, read, wait for and
 // cancel them.
 type Tasks struct {

@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,6 +17,7 @@ import (
 
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/testenv"
 )
 
 // freePorts returns n distinct free ports below the kernel's ephemeral range.
@@ -197,6 +197,15 @@ func TestResolveBinMissingSaysHowToInstall(t *testing.T) {
 	assert.Equal(t, "temporal", filepath.Base(p))
 }
 
+// fakeServers is a config that runs the scripts temporal and vgw as its
+// servers and a llorch that fails at once.
+func fakeServers(t *testing.T, temporal, vgw string) Config {
+	cfg := portsConfig(t)
+	cfg.TemporalBin, cfg.VersitygwBin, cfg.Exe = temporal, vgw, "/bin/false"
+	cfg.StopGrace = 5 * time.Second
+	return cfg
+}
+
 // TestRunChildCrashStopsEverything runs Run with fake servers: "temporal"
 // dies at once, "versitygw" would run forever. Run must name the dead child
 // and its status and output, and leave nothing running, grandchildren included.
@@ -215,10 +224,8 @@ exit 3
 	vgw := filepath.Join(dir, "versitygw")
 	require.NoError(t, os.WriteFile(vgw, []byte("#!/bin/sh\nwhile :; do sleep 0.2; done\n"), 0o755))
 
-	cfg := portsConfig(t)
-	cfg.TemporalBin, cfg.VersitygwBin, cfg.Exe = temporal, vgw, "/bin/false"
-	cfg.StopGrace = 5 * time.Second
-	var out lockedBuffer
+	cfg := fakeServers(t, temporal, vgw)
+	var out testenv.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	err := Run(ctx, cfg, &out)
@@ -228,7 +235,7 @@ exit 3
 	assert.Contains(t, err.Error(), "boom: no database")
 	assert.Contains(t, out.String(), "[temporal]")
 	assert.Contains(t, out.String(), "stopping s3")
-	assert.Empty(t, processesMentioning(t, cfg.Home), "no child may outlive Run")
+	assert.Empty(t, testenv.Mentioning(cfg.Home), "no child may outlive Run")
 }
 
 // TestRunInterruptedDuringStartStopsEverything cancels while a child is
@@ -237,10 +244,8 @@ func TestRunInterruptedDuringStartStopsEverything(t *testing.T) {
 	dir := t.TempDir()
 	slow := filepath.Join(dir, "slow")
 	require.NoError(t, os.WriteFile(slow, []byte("#!/bin/sh\necho waiting\nwhile :; do sleep 0.2; done\n"), 0o755))
-	cfg := portsConfig(t)
-	cfg.TemporalBin, cfg.VersitygwBin, cfg.Exe = slow, slow, "/bin/false"
-	cfg.StopGrace = 5 * time.Second
-	var out lockedBuffer
+	cfg := fakeServers(t, slow, slow)
+	var out testenv.Buffer
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- Run(ctx, cfg, &out) }()
@@ -253,48 +258,5 @@ func TestRunInterruptedDuringStartStopsEverything(t *testing.T) {
 		t.Fatalf("Run did not return after cancel; output:\n%s", out.String())
 	}
 	assert.Contains(t, out.String(), "all stopped")
-	assert.Empty(t, processesMentioning(t, cfg.Home))
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-// processesMentioning lists live processes (not zombies) whose command line
-// holds s, other than this test process.
-func processesMentioning(t *testing.T, s string) []string {
-	t.Helper()
-	entries, err := os.ReadDir("/proc")
-	require.NoError(t, err)
-	var out []string
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil || !strings.Contains(string(cmdline), s) {
-			continue
-		}
-		if st, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat")); err == nil {
-			if f := strings.Fields(string(st[strings.LastIndexByte(string(st), ')')+1:])); len(f) > 0 && f[0] == "Z" {
-				continue
-			}
-		}
-		out = append(out, fmt.Sprintf("%d: %s", pid, strings.ReplaceAll(string(cmdline), "\x00", " ")))
-	}
-	return out
+	assert.Empty(t, testenv.Mentioning(cfg.Home))
 }

@@ -20,22 +20,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llorch/llorch/config"
+	"github.com/llorch/llorch/testenv"
 )
-
-// repoRoot walks up from the package dir to go.mod.
-func repoRoot(t *testing.T) string {
-	t.Helper()
-	dir, err := os.Getwd()
-	require.NoError(t, err)
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir
-		}
-		parent := filepath.Dir(dir)
-		require.NotEqual(t, parent, dir, "no go.mod above the test dir")
-		dir = parent
-	}
-}
 
 // TestDevEndToEnd builds llorch and runs `llorch dev` as a user would: waits
 // for "is up", sees its node Online through the REST API with the token from
@@ -47,7 +33,7 @@ func TestDevEndToEnd(t *testing.T) {
 	if testing.Short() {
 		t.Skip("end-to-end: builds llorch and starts Temporal (-short)")
 	}
-	root := repoRoot(t)
+	root := testenv.RepoRoot()
 	temporalBin, vgwBin := filepath.Join(root, "bin", "temporal"), filepath.Join(root, "bin", "versitygw")
 	for _, b := range []string{temporalBin, vgwBin} {
 		if _, err := os.Stat(b); err != nil {
@@ -56,34 +42,29 @@ func TestDevEndToEnd(t *testing.T) {
 		}
 	}
 	tmp := t.TempDir()
-	exe := filepath.Join(tmp, "llorch")
-	build := exec.Command("go", "build", "-o", exe, "./cmd/llorch")
-	build.Dir = root
-	build.Env = append(os.Environ(), "CGO_CFLAGS=-O2 -g -Wno-deprecated-declarations")
-	b, err := build.CombinedOutput()
-	require.NoError(t, err, "go build: %s", b)
+	exe := testenv.Llorch(t)
 
 	home := filepath.Join(tmp, "home")
 	const nodeID = "e2e-node"
-	t.Cleanup(func() {
-		// Belt and braces for a failed run: nothing of ours may survive the
-		// test. Only processes whose command line names our temp home.
-		for _, p := range processesMentioning(t, home) {
-			if pid, err := strconv.Atoi(strings.SplitN(p, ":", 2)[0]); err == nil {
-				_ = syscall.Kill(pid, syscall.SIGKILL)
-			}
-		}
-	})
-
-	var tokens []string
-	for run := 1; run <= 2; run++ {
-		t.Logf("run %d", run)
-		p := freePorts(t, 5)
-		d := startDev(t, exe, tmp, "--home", home, "--node-id", nodeID,
+	// Belt and braces for a failed run: nothing of ours may survive the
+	// test. Only processes whose command line names our temp home.
+	t.Cleanup(func() { testenv.KillMentioning(home) })
+	// up starts llorch dev on the same home and new ports and waits until
+	// it is up; p[3] is the API's port, p[4] the worker's metrics port.
+	up := func() (d *devProc, p []int) {
+		p = freePorts(t, 5)
+		d = startDev(t, exe, tmp, "--home", home, "--node-id", nodeID,
 			"--temporal-bin", temporalBin, "--versitygw-bin", vgwBin,
 			"--temporal-port", strconv.Itoa(p[0]), "--ui-port", strconv.Itoa(p[1]), "--s3-port", strconv.Itoa(p[2]),
 			"--api-port", strconv.Itoa(p[3]), "--worker-metrics-port", strconv.Itoa(p[4]))
 		d.waitUp(t, 4*time.Minute)
+		return d, p
+	}
+
+	var tokens []string
+	for run := 1; run <= 2; run++ {
+		t.Logf("run %d", run)
+		d, p := up()
 
 		env, err := config.ReadDevEnv(home)
 		require.NoError(t, err)
@@ -104,11 +85,11 @@ func TestDevEndToEnd(t *testing.T) {
 		require.NoError(t, d.cmd.Process.Signal(syscall.SIGTERM))
 		d.waitExit(t, 2*time.Minute)
 		for tag, pid := range pids {
-			assert.Eventually(t, func() bool { return alive(pid) == nil }, 30*time.Second, 50*time.Millisecond,
+			assert.Eventually(t, func() bool { return !testenv.Alive(pid) }, 30*time.Second, 50*time.Millisecond,
 				"%s (pid %d) outlived llorch dev", tag, pid)
 		}
-		assert.Eventually(t, func() bool { return len(processesMentioning(t, home)) == 0 }, 30*time.Second, 50*time.Millisecond,
-			"processes left behind after run %d: %v", run, processesMentioning(t, home))
+		assert.Eventually(t, func() bool { return len(testenv.Mentioning(home)) == 0 }, 30*time.Second, 50*time.Millisecond,
+			"processes left behind after run %d: %v", run, testenv.Mentioning(home))
 		assert.Contains(t, d.output(), "all stopped")
 	}
 	assert.Equal(t, tokens[0], tokens[1], "the second run reuses the token")
@@ -116,28 +97,23 @@ func TestDevEndToEnd(t *testing.T) {
 	// A llorch dev killed outright cannot stop its children; their
 	// parent-death signal must.
 	t.Log("run 3: SIGKILL")
-	p := freePorts(t, 5)
-	d := startDev(t, exe, tmp, "--home", home, "--node-id", nodeID,
-		"--temporal-bin", temporalBin, "--versitygw-bin", vgwBin,
-		"--temporal-port", strconv.Itoa(p[0]), "--ui-port", strconv.Itoa(p[1]), "--s3-port", strconv.Itoa(p[2]),
-		"--api-port", strconv.Itoa(p[3]), "--worker-metrics-port", strconv.Itoa(p[4]))
-	d.waitUp(t, 4*time.Minute)
+	d, _ := up()
 	pids := d.childPIDs(t)
 	require.NoError(t, d.cmd.Process.Kill())
 	<-d.done
-	require.Eventually(t, func() bool { return len(processesMentioning(t, home)) == 0 }, time.Minute, 50*time.Millisecond,
-		"children outlived a SIGKILLed llorch dev: %v", processesMentioning(t, home))
+	require.Eventually(t, func() bool { return len(testenv.Mentioning(home)) == 0 }, time.Minute, 50*time.Millisecond,
+		"children outlived a SIGKILLed llorch dev: %v", testenv.Mentioning(home))
 	for tag, pid := range pids {
 		// A dying process loses its command line before it is a zombie:
 		// wait for it to get there rather than catch it mid-exit.
-		assert.Eventually(t, func() bool { return alive(pid) == nil }, time.Minute, 50*time.Millisecond,
+		assert.Eventually(t, func() bool { return !testenv.Alive(pid) }, time.Minute, 50*time.Millisecond,
 			"%s (pid %d) outlived a SIGKILLed llorch dev", tag, pid)
 	}
 }
 
 type devProc struct {
 	cmd  *exec.Cmd
-	out  *lockedBuffer
+	out  *testenv.Buffer
 	up   chan struct{}
 	done chan struct{}
 	err  error
@@ -161,7 +137,7 @@ func startDev(t *testing.T, exe, dir string, args ...string) *devProc {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	require.NoError(t, cmd.Start())
 	w.Close()
-	d := &devProc{cmd: cmd, out: &lockedBuffer{}, up: make(chan struct{}), done: make(chan struct{})}
+	d := &devProc{cmd: cmd, out: &testenv.Buffer{}, up: make(chan struct{}), done: make(chan struct{})}
 	scanned := make(chan struct{})
 	go func() {
 		defer close(scanned)
@@ -251,19 +227,6 @@ func (d *devProc) childPIDs(t *testing.T) map[string]int {
 		out[f[0]] = pid
 	}
 	return out
-}
-
-// alive errors if pid is a live process (a zombie counts as gone).
-func alive(pid int) error {
-	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return nil
-	}
-	s := string(st)
-	if f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:]); len(f) > 0 && f[0] == "Z" {
-		return nil
-	}
-	return fmt.Errorf("pid %d still running", pid)
 }
 
 func waitNodeOnline(t *testing.T, d *devProc, apiURL, token, nodeID string, timeout time.Duration) {

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -12,7 +11,6 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -37,21 +35,9 @@ const token = "e2e-token"
 type proc struct {
 	name string
 	cmd  *exec.Cmd
-	out  *syncBuffer
+	out  *testenv.Buffer
 	done chan struct{}
 }
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
 
 type cluster struct {
 	t       *testing.T
@@ -64,7 +50,7 @@ type cluster struct {
 
 func start(t *testing.T, name string, args ...string) *proc {
 	t.Helper()
-	p := &proc{name: name, out: &syncBuffer{}, done: make(chan struct{})}
+	p := &proc{name: name, out: &testenv.Buffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(testenv.Llorch(t), args...)
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	// Nothing from the developer's shell or dev cluster leaks in.
@@ -150,6 +136,21 @@ func (c *cluster) worker(id string, extra ...string) *proc {
 	args := append([]string{"worker", "--node-id", id, "--temporal-address", env.TemporalAddr, "--home", c.home,
 		"--metrics-addr", "127.0.0.1:0", "--heartbeat-interval", "1s"}, s3Flags(env.S3.Endpoint)...)
 	return start(c.t, "worker "+id, append(args, extra...)...)
+}
+
+// onlineWorker starts a worker for node id and waits for the node to be Online.
+func (c *cluster) onlineWorker(id string, extra ...string) *proc {
+	c.t.Helper()
+	w := c.worker(id, extra...)
+	c.waitState(id, node.Online, 60*time.Second)
+	return w
+}
+
+// leave stops worker w of node id (SIGTERM) and waits for the node to have Left.
+func (c *cluster) leave(w *proc, id string) {
+	c.t.Helper()
+	w.signal(c.t, syscall.SIGTERM)
+	c.waitState(id, node.Left, 20*time.Second)
 }
 
 // s3Flags point a process at the test bucket (through endpoint, which may
@@ -313,8 +314,7 @@ func TestKillDetectionTime(t *testing.T) {
 func TestHeartbeatsDoNotGrowHistory(t *testing.T) {
 	c := newCluster(t)
 	id := "e2e-quiet"
-	w := c.worker(id, "--heartbeat-interval", "200ms")
-	c.waitState(id, node.Online, 60*time.Second)
+	w := c.onlineWorker(id, "--heartbeat-interval", "200ms")
 	length := func() int64 {
 		d, err := env.Temporal.DescribeWorkflowExecution(context.Background(), node.WorkflowID(id), "")
 		require.NoError(t, err)
@@ -335,8 +335,7 @@ func TestHeartbeatsDoNotGrowHistory(t *testing.T) {
 		return liveAt().Sub(first) >= 2*time.Second, liveAt().String()
 	})
 	require.Equal(t, before, length(), "history grew while the node only heartbeat")
-	w.signal(t, syscall.SIGTERM)
-	c.waitState(id, node.Left, 20*time.Second)
+	c.leave(w, id)
 }
 
 // A network cut (not a crash): the worker process lives on, its link to
@@ -358,8 +357,7 @@ func TestNetworkCut(t *testing.T) {
 	d = c.waitState("e2e-cut", node.Online, 60*time.Second)
 	t.Logf("back Online %s after the link was restored", d)
 	trial.Recovered(d, "node Online after the link is back")
-	w.signal(t, syscall.SIGTERM)
-	c.waitState("e2e-cut", node.Left, 20*time.Second)
+	c.leave(w, "e2e-cut")
 }
 
 // Continue-as-new forced early: the node's state (drain flag, inventory,
@@ -367,8 +365,7 @@ func TestNetworkCut(t *testing.T) {
 func TestContinueAsNewKeepsState(t *testing.T) {
 	c := newCluster(t)
 	id := "e2e-can"
-	w := c.worker(id, "--nvml-mock", "dgxa100", "--node-continue-as-new-events", "40")
-	c.waitState(id, node.Online, 60*time.Second)
+	w := c.onlineWorker(id, "--nvml-mock", "dgxa100", "--node-continue-as-new-events", "40")
 	first := c.node(id)["workflow"].(map[string]any)["run_id"].(string)
 	for i := 0; ; i++ {
 		require.Less(t, i, 30, "no continue-as-new after 30 drain/undrain rounds")
@@ -400,8 +397,7 @@ func TestContinueAsNewKeepsState(t *testing.T) {
 	w = c.worker(id, "--nvml-mock", "dgxa100", "--node-continue-as-new-events", "40")
 	c.waitState(id, node.Draining, 30*time.Second)
 	recordRun(t, node.WorkflowID(id), first, "node-worker-continued-as-new")
-	w.signal(t, syscall.SIGTERM)
-	c.waitState(id, node.Left, 20*time.Second)
+	c.leave(w, id)
 }
 
 // A node registered over REST whose heartbeats stop, then resume.

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -13,7 +12,6 @@ import (
 	"github.com/openai/openai-go/v3/option"
 	"github.com/stretchr/testify/require"
 
-	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/testenv"
 )
 
@@ -23,8 +21,7 @@ import (
 func TestOpenAICompatible(t *testing.T) {
 	c := newCluster(t)
 	id := "e2e-openai"
-	w := c.worker(id)
-	c.waitState(id, node.Online, 60*time.Second)
+	w := c.onlineWorker(id)
 	h := c.readyPool(id, "op1", "oai-tiny", 81, `,"slots":2,"ctx":8192`)
 	ctx := context.Background()
 	cl := openai.NewClient(option.WithBaseURL("http://"+c.api+"/v1/"), option.WithAPIKey(token), option.WithMaxRetries(0))
@@ -115,6 +112,5 @@ func TestOpenAICompatible(t *testing.T) {
 		return rec["state"] == "Canceled", fmt.Sprint(rec)
 	})
 	testenv.Eventually(t, 30*time.Second, "engine slot freed", func() (bool, string) { return engineIdle(slow["url"].(string)) })
-	w.signal(t, syscall.SIGTERM)
-	c.waitState(id, node.Left, 20*time.Second)
+	c.leave(w, id)
 }

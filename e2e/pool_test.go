@@ -68,8 +68,7 @@ func TestPoolLifecycle(t *testing.T) {
 	if have.Count() >= 2 {
 		args = append(args, "--engine-cpus", strconv.Itoa(last))
 	}
-	w := c.worker(id, args...)
-	c.waitState(id, node.Online, 60*time.Second)
+	w := c.onlineWorker(id, args...)
 	h := c.readyPool(id, "p1", "pool-tiny", 21, `,"slots":2`)
 	if have.Count() >= 2 {
 		engineCPUs, err := cpuset.Of(int(h["pid"].(float64)))
@@ -158,8 +157,7 @@ func TestPoolLifecycle(t *testing.T) {
 	status, body = c.send("GET", "/v2/pools/ghost/health", "")
 	require.Equal(t, 404, status, body)
 	require.Equal(t, "POOL_NOT_FOUND", body["code"])
-	w.signal(t, syscall.SIGTERM)
-	c.waitState(id, node.Left, 20*time.Second)
+	c.leave(w, id)
 }
 
 // Drain with a generation in flight: the drain waits for it (up to its
@@ -167,8 +165,7 @@ func TestPoolLifecycle(t *testing.T) {
 func TestPoolDrainWaitsForInFlight(t *testing.T) {
 	c := newCluster(t)
 	id := "e2e-drain"
-	w := c.worker(id)
-	c.waitState(id, node.Online, 60*time.Second)
+	w := c.onlineWorker(id)
 	h := c.readyPool(id, "d1", "drain-tiny", 31, `,"ctx":8192`)
 	url := h["url"].(string)
 
@@ -213,8 +210,7 @@ func TestPoolDrainWaitsForInFlight(t *testing.T) {
 		t.Fatal("the in-flight generation never answered")
 	}
 	recordHistory(t, pool.WorkflowID(id, "d1"), "pool-drain-waits-for-in-flight")
-	w.signal(t, syscall.SIGTERM)
-	c.waitState(id, node.Left, 20*time.Second)
+	c.leave(w, id)
 }
 
 // Kill the worker, not the engine. The built-in engine keeps serving; the
@@ -227,8 +223,7 @@ func TestPoolEngineAdoptedFencedOrphaned(t *testing.T) {
 	c := newCluster(t)
 	id := "e2e-wkill"
 	orphan := []string{"--engine-orphan-timeout", "10s"}
-	w := c.worker(id, orphan...)
-	c.waitState(id, node.Online, 60*time.Second)
+	w := c.onlineWorker(id, orphan...)
 	h := c.readyPool(id, "k1", "wkill-tiny", 41, "")
 	enginePID := int(h["pid"].(float64))
 	url := h["url"].(string)
@@ -309,8 +304,7 @@ func TestPoolEngineAdoptedFencedOrphaned(t *testing.T) {
 func TestPoolReload(t *testing.T) {
 	c := newCluster(t)
 	id := "e2e-reload"
-	w := c.worker(id)
-	c.waitState(id, node.Online, 60*time.Second)
+	w := c.onlineWorker(id)
 	h := c.readyPool(id, "r1", "reload-a", 51, "")
 	oldPID := int(h["pid"].(float64))
 	path, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 52})

@@ -99,8 +99,7 @@ func TestStagingJoinsAndResumes(t *testing.T) {
 	require.NoError(t, err)
 	t.Cleanup(proxy.Close)
 	id := "e2e-stage"
-	w := c.worker(id, "--s3-endpoint", proxy.Addr)
-	c.waitState(id, node.Online, 60*time.Second)
+	w := c.onlineWorker(id, "--s3-endpoint", proxy.Addr)
 
 	path, sha, size := tinyModel(t, modelstore.TinyOptions{Layers: 2, Embd: 512, Vocab: 600, Seed: 7})
 	entry := c.push("big-tiny", path)
@@ -170,8 +169,7 @@ func TestStagingJoinsAndResumes(t *testing.T) {
 	// Availability says where it is.
 	_, av := c.get("/v2/catalog/availability")
 	require.Contains(t, fmt.Sprint(av["models"]), id)
-	w.signal(t, syscall.SIGTERM)
-	c.waitState(id, node.Left, 20*time.Second)
+	c.leave(w, id)
 }
 
 func hashFile(t *testing.T, path string) (string, string, int64) {
@@ -257,8 +255,7 @@ func TestGC(t *testing.T) {
 	id := "e2e-gc"
 	// Three models of 568,832 bytes; a 1.6 MB budget: three are above the
 	// high watermark (0.9 x 1.6 MB), two are below the low one (0.75 x 1.6 MB).
-	w := c.worker(id, "--gc-budget", "1.6MB", "--gc-high-watermark", "0.9", "--gc-low-watermark", "0.75", "--gc-interval", "0")
-	c.waitState(id, node.Online, 60*time.Second)
+	w := c.onlineWorker(id, "--gc-budget", "1.6MB", "--gc-high-watermark", "0.9", "--gc-low-watermark", "0.75", "--gc-interval", "0")
 	var shas []string
 	for i, name := range []string{"gc-a", "gc-b", "gc-c"} {
 		path, sha, size := tinyModel(t, modelstore.TinyOptions{Seed: int64(100 + i)})
@@ -303,8 +300,7 @@ func TestGC(t *testing.T) {
 	require.Equal(t, 409, status, body)
 	require.Equal(t, "MODEL_RETIRED", body["code"])
 
-	w.signal(t, syscall.SIGTERM)
-	c.waitState(id, node.Left, 20*time.Second)
+	c.leave(w, id)
 }
 
 // The models CLI against a running cluster: gen-tiny, push (then the same

@@ -41,8 +41,7 @@ func (c *cluster) submit(body string) (int, map[string]any) {
 func TestTasksV2(t *testing.T) {
 	c := newCluster(t)
 	id := "e2e-tasks"
-	w := c.worker(id)
-	c.waitState(id, node.Online, 60*time.Second)
+	w := c.onlineWorker(id)
 	h := c.readyPool(id, "tp1", "task-tiny", 61, `,"slots":2,"ctx":8192`)
 	url := h["url"].(string)
 
@@ -168,8 +167,7 @@ func TestTasksV2(t *testing.T) {
 	status, body = c.get("/v2/sessions/s-1")
 	require.Equal(t, 404, status, body)
 	require.Equal(t, "SESSION_NOT_FOUND", body["code"])
-	w.signal(t, syscall.SIGTERM)
-	c.waitState(id, node.Left, 20*time.Second)
+	c.leave(w, id)
 }
 
 // slowPool makes a Ready pool of the slow model on nodeID.
@@ -295,8 +293,7 @@ func engineIdle(url string) (bool, string) {
 func TestAdmissionPriorityPlacementDeadline(t *testing.T) {
 	c := newCluster(t, "--queue-capacity", "1")
 	id := "e2e-admit"
-	w := c.worker(id)
-	c.waitState(id, node.Online, 60*time.Second)
+	w := c.onlineWorker(id)
 	c.push("adm-model", slowModel(t))
 	status, body := c.send("POST", "/v2/pools", `{"pool_id":"ap1","model_id":"adm-model","node_id":"`+id+`","ctx":4096,"slots":1}`)
 	require.Equal(t, 202, status, body)
@@ -376,8 +373,7 @@ func TestAdmissionPriorityPlacementDeadline(t *testing.T) {
 	})
 	recordHistory(t, "task:t-late", "task-deadline")
 	recordHistory(t, "task:t-b", "task-completed")
-	w.signal(t, syscall.SIGTERM)
-	c.waitState(id, node.Left, 20*time.Second)
+	c.leave(w, id)
 }
 
 // SIGTERM of the apiserver mid-stream, then a restart on the same address:
@@ -387,8 +383,7 @@ func TestAdmissionPriorityPlacementDeadline(t *testing.T) {
 func TestAPIServerRestartMidStream(t *testing.T) {
 	c := newCluster(t)
 	id := "e2e-apirestart"
-	c.worker(id)
-	c.waitState(id, node.Online, 60*time.Second)
+	c.onlineWorker(id)
 	c.push("rs-model", slowModel(t))
 	status, body := c.send("POST", "/v2/pools", `{"pool_id":"rp1","model_id":"rs-model","node_id":"`+id+`","ctx":4096,"slots":2}`)
 	require.Equal(t, 202, status, body)
@@ -461,8 +456,7 @@ func TestAPIServerRestartMidStream(t *testing.T) {
 func TestTaskStartsPool(t *testing.T) {
 	c := newCluster(t, "--auto-pools", "--auto-pool-ctx", "2048")
 	id := "e2e-autopool"
-	c.worker(id)
-	c.waitState(id, node.Online, 60*time.Second)
+	c.onlineWorker(id)
 	path, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 91})
 	c.push("auto-tiny", path)
 	status, body := c.submit(`{"task_id":"t-auto","model_ref":"auto-tiny","prompt":"the","max_tokens":16,"determinism":"strict"}`)

@@ -1,8 +1,6 @@
 package modelstore
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"os"
 	"path/filepath"
 	"testing"
@@ -10,18 +8,30 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-)
 
-func localDigest(b []byte) string {
-	s := sha256.Sum256(b)
-	return hex.EncodeToString(s[:])
-}
+	"github.com/llorch/llorch/testenv"
+)
 
 // writeLocalPartial writes data as the partial of its digest, as a download would.
 func writeLocalPartial(t *testing.T, c *LocalCatalog, data []byte) string {
 	t.Helper()
-	sha := localDigest(data)
+	sha := testenv.SHA256(data)
 	require.NoError(t, os.WriteFile(c.PartialPath(sha), data, 0o644))
+	return sha
+}
+
+func newLocalCatalog(t *testing.T) *LocalCatalog {
+	t.Helper()
+	c, err := NewLocalCatalog(t.TempDir())
+	require.NoError(t, err)
+	return c
+}
+
+// commitLocal puts data in c as model modelID and returns its digest.
+func commitLocal(t *testing.T, c *LocalCatalog, modelID string, data []byte) string {
+	t.Helper()
+	sha := writeLocalPartial(t, c, data)
+	require.NoError(t, c.Commit(sha, Provenance{ModelID: modelID, Size: int64(len(data))}))
 	return sha
 }
 
@@ -89,11 +99,8 @@ func TestLocalCatalogCommitGetList(t *testing.T) {
 }
 
 func TestLocalCatalogTouchRemove(t *testing.T) {
-	c, err := NewLocalCatalog(t.TempDir())
-	require.NoError(t, err)
-	data := []byte("gguf bytes")
-	sha := writeLocalPartial(t, c, data)
-	require.NoError(t, c.Commit(sha, Provenance{ModelID: "m", Size: int64(len(data))}))
+	c := newLocalCatalog(t)
+	sha := commitLocal(t, c, "m", []byte("gguf bytes"))
 
 	used := time.Date(2030, 5, 6, 7, 8, 9, 0, time.UTC)
 	require.NoError(t, c.Touch(sha, used))
@@ -123,11 +130,8 @@ func TestLocalCatalogTouchRemove(t *testing.T) {
 }
 
 func TestLocalCatalogHalfPresentIsAbsent(t *testing.T) {
-	c, err := NewLocalCatalog(t.TempDir())
-	require.NoError(t, err)
-	data := []byte("0123456789")
-	sha := writeLocalPartial(t, c, data)
-	require.NoError(t, c.Commit(sha, Provenance{ModelID: "m", Size: int64(len(data))}))
+	c := newLocalCatalog(t)
+	sha := commitLocal(t, c, "m", []byte("0123456789"))
 
 	// A file without its sidecar (crash between rename and sidecar).
 	require.NoError(t, os.Remove(filepath.Join(c.Dir, sha+".json")))
@@ -136,16 +140,14 @@ func TestLocalCatalogHalfPresentIsAbsent(t *testing.T) {
 	assert.False(t, ok)
 
 	// A sidecar without its file (crash inside Remove).
-	sha2 := writeLocalPartial(t, c, []byte("other"))
-	require.NoError(t, c.Commit(sha2, Provenance{ModelID: "m2", Size: 5}))
+	sha2 := commitLocal(t, c, "m2", []byte("other"))
 	require.NoError(t, os.Remove(c.Path(sha2)))
 	list, err := c.List()
 	require.NoError(t, err)
 	assert.Empty(t, list)
 
 	// A truncated file does not count either.
-	sha3 := writeLocalPartial(t, c, []byte("third model"))
-	require.NoError(t, c.Commit(sha3, Provenance{ModelID: "m3", Size: 11}))
+	sha3 := commitLocal(t, c, "m3", []byte("third model"))
 	require.NoError(t, os.Truncate(c.Path(sha3), 4))
 	_, ok, err = c.Get(sha3)
 	require.NoError(t, err)
@@ -153,13 +155,12 @@ func TestLocalCatalogHalfPresentIsAbsent(t *testing.T) {
 }
 
 func TestLocalCatalogCommitChecks(t *testing.T) {
-	c, err := NewLocalCatalog(t.TempDir())
-	require.NoError(t, err)
+	c := newLocalCatalog(t)
 	data := []byte("abc")
 	sha := writeLocalPartial(t, c, data)
 	assert.ErrorContains(t, c.Commit(sha, Provenance{Size: 4}), "has 3 bytes")
-	assert.Error(t, c.Commit(sha, Provenance{SHA256: localDigest([]byte("x")), Size: 3}))
-	assert.Error(t, c.Commit(localDigest([]byte("no partial")), Provenance{Size: 3}))
+	assert.Error(t, c.Commit(sha, Provenance{SHA256: testenv.SHA256([]byte("x")), Size: 3}))
+	assert.Error(t, c.Commit(testenv.SHA256([]byte("no partial")), Provenance{Size: 3}))
 	_, ok, err := c.Get(sha)
 	require.NoError(t, err)
 	assert.False(t, ok)
@@ -171,9 +172,8 @@ func TestLocalCatalogCommitChecks(t *testing.T) {
 }
 
 func TestLocalCatalogRefusesBadDigests(t *testing.T) {
-	c, err := NewLocalCatalog(t.TempDir())
-	require.NoError(t, err)
-	for _, bad := range []string{"../x", "", "ABC", localDigest(nil) + "/..", "../" + localDigest(nil)[3:], localDigest(nil)[:63] + "G"} {
+	c := newLocalCatalog(t)
+	for _, bad := range []string{"../x", "", "ABC", testenv.SHA256(nil) + "/..", "../" + testenv.SHA256(nil)[3:], testenv.SHA256(nil)[:63] + "G"} {
 		assert.Empty(t, c.Path(bad), bad)
 		assert.Empty(t, c.PartialPath(bad), bad)
 		_, _, err := c.Get(bad)

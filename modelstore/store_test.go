@@ -3,9 +3,6 @@ package modelstore_test
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -19,6 +16,8 @@ import (
 
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/modelstore"
+
+	"github.com/llorch/llorch/testenv"
 )
 
 // newTestStore connects to the package's versitygw and makes sure the
@@ -40,18 +39,6 @@ func testCtx(t *testing.T) context.Context {
 	return ctx
 }
 
-func randomBytes(t *testing.T, n int) []byte {
-	b := make([]byte, n)
-	_, err := rand.Read(b)
-	require.NoError(t, err)
-	return b
-}
-
-func sha256Hex(b []byte) string {
-	h := sha256.Sum256(b)
-	return hex.EncodeToString(h[:])
-}
-
 func TestStoreNewRefusesIncompleteConfig(t *testing.T) {
 	cfg := env.S3
 	cfg.Endpoint = ""
@@ -69,7 +56,7 @@ func TestCatalogCRUD(t *testing.T) {
 	created := time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)
 	entry := func(id string, size int64) model.Entry {
 		return model.Entry{
-			ID: id, Key: model.DefaultKey(id), SHA256: sha256Hex([]byte(id)), Size: size,
+			ID: id, Key: model.DefaultKey(id), SHA256: testenv.SHA256([]byte(id)), Size: size,
 			Metadata: model.Metadata{Architecture: "llama", Parameters: 8_030_000_000, ContextLength: 8192,
 				Quantization: "Q4_K_M", Layers: 32},
 			Lifecycle: model.Active, CreatedAt: created, VerifiedAt: created.Add(time.Minute),
@@ -124,7 +111,7 @@ func TestCatalogCRUD(t *testing.T) {
 func TestCatalogRefusesInvalidEntries(t *testing.T) {
 	s := newTestStore(t)
 	ctx := testCtx(t)
-	good := model.Entry{ID: "ok", Key: "models/ok.gguf", SHA256: sha256Hex(nil), Size: 1}
+	good := model.Entry{ID: "ok", Key: "models/ok.gguf", SHA256: testenv.SHA256(nil), Size: 1}
 	for name, mutate := range map[string]func(*model.Entry){
 		"upper-case id": func(e *model.Entry) { e.ID = "Llama" },
 		"traversal id":  func(e *model.Entry) { e.ID = "../x" },
@@ -149,8 +136,8 @@ func TestCatalogRefusesInvalidEntries(t *testing.T) {
 func TestUploadMultipartHashesWhileSending(t *testing.T) {
 	s := newTestStore(t)
 	ctx := testCtx(t)
-	data := randomBytes(t, 24<<20)
-	want := sha256Hex(data)
+	data := testenv.RandomBytes(t, 24<<20)
+	want := testenv.SHA256(data)
 	key := "models/upload-multipart.gguf"
 	var seen byteCounter
 	got, err := s.Upload(ctx, bytes.NewReader(data), int64(len(data)), key, &seen, modelstore.PartSize(5<<20))
@@ -177,25 +164,25 @@ func TestUploadMultipartHashesWhileSending(t *testing.T) {
 func TestUploadUnknownSizeAndMetadata(t *testing.T) {
 	s := newTestStore(t)
 	ctx := testCtx(t)
-	data := randomBytes(t, 11<<20)
+	data := testenv.RandomBytes(t, 11<<20)
 	key := "models/upload-unknown-size.gguf"
 	got, err := s.Upload(ctx, io.MultiReader(bytes.NewReader(data)), -1, key, nil,
-		modelstore.PartSize(5<<20), modelstore.UserMetadata(map[string]string{"sha256": sha256Hex(data)}))
+		modelstore.PartSize(5<<20), modelstore.UserMetadata(map[string]string{"sha256": testenv.SHA256(data)}))
 	require.NoError(t, err)
-	require.Equal(t, sha256Hex(data), got)
+	require.Equal(t, testenv.SHA256(data), got)
 	info, err := s.Stat(ctx, key)
 	require.NoError(t, err)
 	require.Equal(t, int64(len(data)), info.Size)
-	require.Equal(t, sha256Hex(data), info.UserMetadata["Sha256"], "metadata %v", info.UserMetadata)
+	require.Equal(t, testenv.SHA256(data), info.UserMetadata["Sha256"], "metadata %v", info.UserMetadata)
 
 	// A small object goes in one PUT.
 	small := []byte("tiny model")
 	got, err = s.Upload(ctx, bytes.NewReader(small), int64(len(small)), "models/upload-small.gguf", nil)
 	require.NoError(t, err)
-	require.Equal(t, sha256Hex(small), got)
+	require.Equal(t, testenv.SHA256(small), got)
 	sha, size, err := s.HashObject(ctx, "models/upload-small.gguf")
 	require.NoError(t, err)
-	require.Equal(t, sha256Hex(small), sha)
+	require.Equal(t, testenv.SHA256(small), sha)
 	require.Equal(t, int64(len(small)), size)
 }
 
@@ -229,7 +216,7 @@ func (f *failingReader) Read(p []byte) (int, error) {
 func TestUploadFailingMidwayLeavesNoObject(t *testing.T) {
 	s := newTestStore(t)
 	ctx := testCtx(t)
-	data := randomBytes(t, 16<<20)
+	data := testenv.RandomBytes(t, 16<<20)
 	boom := errors.New("disk read error")
 	for _, tc := range []struct {
 		name     string
@@ -273,7 +260,7 @@ func TestUploadFailingMidwayLeavesNoObject(t *testing.T) {
 	require.ErrorContains(t, err, boom.Error())
 	sha, _, err := s.HashObject(ctx, key)
 	require.NoError(t, err)
-	require.Equal(t, sha256Hex(old), sha)
+	require.Equal(t, testenv.SHA256(old), sha)
 
 	// A cancelled upload leaves nothing either.
 	cctx, cancel := context.WithCancel(ctx)
@@ -335,7 +322,7 @@ func TestStatMissingObject(t *testing.T) {
 func TestPresignGetFetchable(t *testing.T) {
 	s := newTestStore(t)
 	ctx := testCtx(t)
-	data := randomBytes(t, 1<<20+17)
+	data := testenv.RandomBytes(t, 1<<20+17)
 	key := "models/presign.gguf"
 	_, err := s.Upload(ctx, bytes.NewReader(data), int64(len(data)), key, nil)
 	require.NoError(t, err)
@@ -353,7 +340,7 @@ func TestPresignGetFetchable(t *testing.T) {
 	}
 	code, body := fetch(u)
 	require.Equal(t, 200, code)
-	require.Equal(t, sha256Hex(data), sha256Hex(body))
+	require.Equal(t, testenv.SHA256(data), testenv.SHA256(body))
 
 	// The signature is checked: a tampered URL is refused.
 	code, _ = fetch(strings.Replace(u, "X-Amz-Signature=", "X-Amz-Signature=0", 1))

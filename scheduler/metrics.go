@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 
 	"github.com/llorch/llorch/task"
 )
@@ -18,28 +19,27 @@ type Metrics struct {
 
 // NewMetrics registers the scheduler's metrics on reg.
 func NewMetrics(reg prometheus.Registerer) *Metrics {
-	m := &Metrics{
-		Enqueued: prometheus.NewCounterVec(prometheus.CounterOpts{
+	f := promauto.With(reg)
+	return &Metrics{
+		Enqueued: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_tasks_enqueued_total", Help: "Tasks admitted to the queue, by priority.",
 		}, []string{"priority"}),
-		Rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Rejected: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_tasks_rejected_total", Help: "Tasks refused at admission, by reason.",
 		}, []string{"reason"}),
-		Placement: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Placement: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_placement_decisions_total", Help: "Placement decisions by outcome (placed, no_pool).",
 		}, []string{"outcome"}),
-		Depth: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Depth: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "llorch_queue_depth", Help: "Tasks waiting for a slot, by priority.",
 		}, []string{"priority"}),
+		Finished: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_tasks_finished_total", Help: "Tasks that ended, by state (Completed, Failed, Canceled) and error code.",
+		}, []string{"state", "code"}),
+		Started: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_tasks_started_total", Help: "Tasks given a slot, by priority.",
+		}, []string{"priority"}),
 	}
-	m.Finished = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "llorch_tasks_finished_total", Help: "Tasks that ended, by state (Completed, Failed, Canceled) and error code.",
-	}, []string{"state", "code"})
-	m.Started = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "llorch_tasks_started_total", Help: "Tasks given a slot, by priority.",
-	}, []string{"priority"})
-	reg.MustRegister(m.Enqueued, m.Rejected, m.Placement, m.Depth, m.Finished, m.Started)
-	return m
 }
 
 func (m *Metrics) enqueued(p task.Priority) {

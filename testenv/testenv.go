@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -19,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/require"
 	"go.temporal.io/api/workflowservice/v1"
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/temporal"
@@ -206,6 +209,21 @@ func randomHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
+// RandomBytes is n random bytes: content no two tests share.
+func RandomBytes(t testing.TB, n int) []byte {
+	t.Helper()
+	b := make([]byte, n)
+	_, err := rand.Read(b)
+	require.NoError(t, err)
+	return b
+}
+
+// SHA256 is the hex SHA-256 of b, the digest the catalog names content by.
+func SHA256(b []byte) string {
+	s := sha256.Sum256(b)
+	return hex.EncodeToString(s[:])
+}
+
 var (
 	buildOnce sync.Once
 	buildPath string
@@ -290,16 +308,57 @@ func Alive(pid int) bool {
 // KillMentioning SIGKILLs every process whose command line names s (a
 // test's temp dir): nothing a test started outlives it.
 func KillMentioning(s string) {
+	for pid := range mentioning(s) {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
+
+// Mentioning describes ("pid: command line") each live process whose
+// command line names s: what a test would leave running.
+func Mentioning(s string) []string {
+	var out []string
+	for pid, cmdline := range mentioning(s) {
+		if Alive(pid) {
+			out = append(out, fmt.Sprintf("%d: %s", pid, cmdline))
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// mentioning maps the pid of each process but this one whose command line
+// names s to that command line.
+func mentioning(s string) map[int]string {
+	out := map[int]string{}
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
+		if err != nil || pid == os.Getpid() {
 			continue
 		}
 		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil && strings.Contains(string(b), s) {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
+			out[pid] = strings.ReplaceAll(string(b), "\x00", " ")
 		}
 	}
+	return out
+}
+
+// Buffer is a bytes.Buffer a process writes while a test reads it.
+type Buffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *Buffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *Buffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
 }
 
 // EnginePIDs lists the live engine processes of a pool on this machine, by

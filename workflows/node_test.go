@@ -54,13 +54,15 @@ func workerRegistration(id string) node.Registration {
 // at runs fn at workflow time d after start.
 func (s *nodeSuite) at(d time.Duration, fn func()) { s.env.RegisterDelayedCallback(fn, d) }
 
-func (s *nodeSuite) state() node.State {
+func (s *nodeSuite) status() node.Status {
 	v, err := s.env.QueryWorkflow(node.QueryStatus)
 	s.Require().NoError(err)
 	var st node.Status
 	s.Require().NoError(v.Get(&st))
-	return st.State
+	return st
 }
+
+func (s *nodeSuite) state() node.State { return s.status().State }
 
 func (s *nodeSuite) expectState(d time.Duration, want node.State) {
 	s.at(d, func() { s.Equal(want, s.state(), "state at %s", d) })
@@ -74,6 +76,32 @@ func (s *nodeSuite) update(name string) {
 	}, node.Request{Reason: "test", Identity: "token:abcdef"})
 }
 
+func (s *nodeSuite) register(d time.Duration, r node.Registration) {
+	s.at(d, func() { s.env.SignalWorkflow(node.SignalRegister, r) })
+}
+
+func (s *nodeSuite) alive(d time.Duration, session int) {
+	s.at(d, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: session}) })
+}
+
+// runUntilDeregistered deregisters the node at d and runs its workflow,
+// which must end without error.
+func (s *nodeSuite) runUntilDeregistered(d time.Duration, nodeID string) {
+	s.at(d, func() { s.update(node.UpdateDeregister) })
+	s.env.ExecuteWorkflow(Node, node.Input{NodeID: nodeID})
+	s.Require().NoError(s.env.GetWorkflowError())
+}
+
+// continuedAsNew is the input the workflow continued as new with.
+func (s *nodeSuite) continuedAsNew() node.Input {
+	err := s.env.GetWorkflowError()
+	var can *workflow.ContinueAsNewError
+	s.Require().True(errors.As(err, &can), "want continue-as-new, got %v", err)
+	var in node.Input
+	s.Require().NoError(converter.GetDefaultDataConverter().FromPayloads(can.Input, &in))
+	return in
+}
+
 // The worker-agent life: Registering -> Online -> Offline (heartbeat
 // timeout) -> Online (probe served) -> Draining -> Online -> Left.
 func (s *nodeSuite) TestWorkerLifecycle() {
@@ -82,25 +110,22 @@ func (s *nodeSuite) TestWorkerLifecycle() {
 	s.env.OnActivity(na.Liveness, mock.Anything, mock.Anything).After(time.Hour).Return(nil)
 
 	s.expectState(500*time.Millisecond, node.Registering)
-	s.at(time.Second, func() { s.env.SignalWorkflow(node.SignalRegister, workerRegistration("gpu-1")) })
+	s.register(time.Second, workerRegistration("gpu-1"))
 	s.expectState(1500*time.Millisecond, node.Registering)
 	s.at(2*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1, Identity: "worker@test"}) })
 	s.expectState(3*time.Second, node.Online)
 	s.expectState(12*time.Second, node.Offline)
 	// A late alive from the timed-out session must not revive the node.
-	s.at(13*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
+	s.alive(13*time.Second, 1)
 	s.expectState(14*time.Second, node.Offline)
-	s.at(15*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 2}) })
+	s.alive(15*time.Second, 2)
 	s.expectState(16*time.Second, node.Online)
 	s.at(20*time.Second, func() { s.update(node.UpdateDrain) })
 	s.expectState(21*time.Second, node.Draining)
 	s.at(22*time.Second, func() { s.update(node.UpdateUndrain) })
 	s.expectState(23*time.Second, node.Online)
-	s.at(25*time.Second, func() { s.update(node.UpdateDeregister) })
-
-	s.env.ExecuteWorkflow(Node, node.Input{NodeID: "gpu-1"})
+	s.runUntilDeregistered(25*time.Second, "gpu-1")
 	s.Require().True(s.env.IsWorkflowCompleted())
-	s.Require().NoError(s.env.GetWorkflowError())
 	var st node.Status
 	s.Require().NoError(s.env.GetWorkflowResult(&st))
 	s.Equal(node.Left, st.State)
@@ -118,16 +143,14 @@ func (s *nodeSuite) TestDrainSurvivesOutage() {
 	s.env.OnActivity(na.Liveness, mock.Anything, session(1)).After(5 * time.Second).Return(heartbeatTimeout())
 	s.env.OnActivity(na.Liveness, mock.Anything, mock.Anything).After(time.Hour).Return(nil)
 
-	s.at(time.Second, func() { s.env.SignalWorkflow(node.SignalRegister, workerRegistration("gpu-2")) })
-	s.at(2*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
+	s.register(time.Second, workerRegistration("gpu-2"))
+	s.alive(2*time.Second, 1)
 	s.at(3*time.Second, func() { s.update(node.UpdateDrain) })
 	s.expectState(4*time.Second, node.Draining)
 	s.expectState(7*time.Second, node.Offline)
-	s.at(8*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 2}) })
+	s.alive(8*time.Second, 2)
 	s.expectState(9*time.Second, node.Draining)
-	s.at(10*time.Second, func() { s.update(node.UpdateDeregister) })
-	s.env.ExecuteWorkflow(Node, node.Input{NodeID: "gpu-2"})
-	s.Require().NoError(s.env.GetWorkflowError())
+	s.runUntilDeregistered(10*time.Second, "gpu-2")
 }
 
 // A worker that is registered but never serves its session goes Offline
@@ -136,29 +159,25 @@ func (s *nodeSuite) TestRegisteredButNeverServed() {
 	s.env.OnActivity(na.Liveness, mock.Anything, session(1)).After(3 * time.Second).
 		Return(temporal.NewTimeoutError(enumspb.TIMEOUT_TYPE_SCHEDULE_TO_START, nil))
 	s.env.OnActivity(na.Liveness, mock.Anything, mock.Anything).After(time.Hour).Return(nil)
-	s.at(time.Second, func() { s.env.SignalWorkflow(node.SignalRegister, workerRegistration("gpu-3")) })
+	s.register(time.Second, workerRegistration("gpu-3"))
 	s.expectState(2*time.Second, node.Registering)
 	s.expectState(5*time.Second, node.Offline)
-	s.at(6*time.Second, func() { s.update(node.UpdateDeregister) })
-	s.env.ExecuteWorkflow(Node, node.Input{NodeID: "gpu-3"})
-	s.Require().NoError(s.env.GetWorkflowError())
+	s.runUntilDeregistered(6*time.Second, "gpu-3")
 }
 
 // A re-registration (restarted worker) replaces the running session.
 func (s *nodeSuite) TestReRegistrationStartsNewSession() {
 	s.env.OnActivity(na.Liveness, mock.Anything, mock.Anything).After(time.Hour).Return(nil)
-	s.at(time.Second, func() { s.env.SignalWorkflow(node.SignalRegister, workerRegistration("gpu-4")) })
-	s.at(2*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
+	s.register(time.Second, workerRegistration("gpu-4"))
+	s.alive(2*time.Second, 1)
 	s.expectState(3*time.Second, node.Online)
-	s.at(4*time.Second, func() { s.env.SignalWorkflow(node.SignalRegister, workerRegistration("gpu-4")) })
+	s.register(4*time.Second, workerRegistration("gpu-4"))
 	s.expectState(5*time.Second, node.Registering)
-	s.at(6*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
+	s.alive(6*time.Second, 1)
 	s.expectState(7*time.Second, node.Registering)
-	s.at(8*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 2}) })
+	s.alive(8*time.Second, 2)
 	s.expectState(9*time.Second, node.Online)
-	s.at(10*time.Second, func() { s.update(node.UpdateDeregister) })
-	s.env.ExecuteWorkflow(Node, node.Input{NodeID: "gpu-4"})
-	s.Require().NoError(s.env.GetWorkflowError())
+	s.runUntilDeregistered(10*time.Second, "gpu-4")
 }
 
 // An HTTP agent is Online on registration, Offline when its beats stop, and
@@ -167,41 +186,32 @@ func (s *nodeSuite) TestHTTPAgentLifecycle() {
 	s.env.OnActivity(ca.AwaitHTTPHeartbeats, mock.Anything, session(1)).After(30 * time.Second).Return(heartbeatTimeout())
 	s.env.OnActivity(ca.AwaitHTTPHeartbeats, mock.Anything, mock.Anything).After(time.Hour).Return(nil)
 	reg := node.Registration{NodeID: "ext-1", Agent: node.AgentHTTP, Identity: "token:abcdef", HeartbeatInterval: 10 * time.Second}
-	s.at(time.Second, func() { s.env.SignalWorkflow(node.SignalRegister, reg) })
+	s.register(time.Second, reg)
 	s.expectState(2*time.Second, node.Online)
 	s.expectState(32*time.Second, node.Offline)
-	s.at(40*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
+	s.alive(40*time.Second, 1)
 	s.expectState(41*time.Second, node.Online)
 	s.at(42*time.Second, func() {
-		v, err := s.env.QueryWorkflow(node.QueryStatus)
-		s.Require().NoError(err)
-		var st node.Status
-		s.Require().NoError(v.Get(&st))
+		st := s.status()
 		s.Equal(2, st.Session)
 		s.Equal("liveness-2", st.LivenessActivityID)
 	})
-	s.at(43*time.Second, func() { s.update(node.UpdateDeregister) })
-	s.env.ExecuteWorkflow(Node, node.Input{NodeID: "ext-1"})
-	s.Require().NoError(s.env.GetWorkflowError())
+	s.runUntilDeregistered(43*time.Second, "ext-1")
 }
 
 // Continue-as-new carries the node's state: agent, inventory, drain flag,
 // transitions and the session counter.
 func (s *nodeSuite) TestContinueAsNewCarriesState() {
 	s.env.OnActivity(na.Liveness, mock.Anything, mock.Anything).After(time.Hour).Return(nil)
-	s.at(time.Second, func() { s.env.SignalWorkflow(node.SignalRegister, workerRegistration("gpu-6")) })
-	s.at(2*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
+	s.register(time.Second, workerRegistration("gpu-6"))
+	s.alive(2*time.Second, 1)
 	s.at(3*time.Second, func() { s.update(node.UpdateDrain) })
 	// The test environment keeps no history: set the length the server would report.
 	s.at(4*time.Second, func() { s.env.SetCurrentHistoryLength(30) })
-	s.at(5*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
+	s.alive(5*time.Second, 1)
 	s.env.ExecuteWorkflow(Node, node.Input{NodeID: "gpu-6", ContinueAsNewAfterEvents: 25})
 
-	err := s.env.GetWorkflowError()
-	var can *workflow.ContinueAsNewError
-	s.Require().True(errors.As(err, &can), "want continue-as-new, got %v", err)
-	var in node.Input
-	s.Require().NoError(converter.GetDefaultDataConverter().FromPayloads(can.Input, &in))
+	in := s.continuedAsNew()
 	s.Require().NotNil(in.Carried)
 	s.Equal(node.Draining, in.Carried.State)
 	s.True(in.Carried.Draining)
@@ -225,13 +235,10 @@ func TestWorkflowIDs(t *testing.T) {
 // The server's suggestion alone triggers continue-as-new.
 func (s *nodeSuite) TestContinueAsNewOnSuggestion() {
 	s.env.OnActivity(na.Liveness, mock.Anything, mock.Anything).After(time.Hour).Return(nil)
-	s.at(time.Second, func() { s.env.SignalWorkflow(node.SignalRegister, workerRegistration("gpu-8")) })
+	s.register(time.Second, workerRegistration("gpu-8"))
 	s.at(2*time.Second, func() { s.env.SetContinueAsNewSuggested(true) })
-	s.at(3*time.Second, func() { s.env.SignalWorkflow(node.SignalAlive, node.Alive{Session: 1}) })
+	s.alive(3*time.Second, 1)
 	s.env.ExecuteWorkflow(Node, node.Input{NodeID: "gpu-8"})
-	var can *workflow.ContinueAsNewError
-	s.Require().True(errors.As(s.env.GetWorkflowError(), &can))
-	var in node.Input
-	s.Require().NoError(converter.GetDefaultDataConverter().FromPayloads(can.Input, &in))
+	in := s.continuedAsNew()
 	s.Equal(node.Online, in.Carried.State, "the alive that arrived before the hand-over is applied")
 }

@@ -51,10 +51,7 @@ func TestPoolCircuitOpensAfterRepeatedFailures(t *testing.T) {
 	env.OnActivity(ea.Supervise, mock.Anything, mock.Anything).After(2*time.Second).
 		Return(activities.SuperviseResult{Exited: true, ExitCode: 1, Reason: "engine exited with code 1", LogTail: "bad model", UptimeMs: 2000}, nil)
 	begin := env.Now()
-	env.ExecuteWorkflow(Pool, pool.Input{Spec: spec})
-	require.NoError(t, env.GetWorkflowError())
-	var h pool.Health
-	require.NoError(t, env.GetWorkflowResult(&h))
+	h := runPool(t, env)
 	require.Equal(t, pool.Failed, h.State)
 	require.Equal(t, pool.MaxConsecutiveFailures, starts)
 	require.Contains(t, h.LastError, "circuit open after 5 consecutive failures")
@@ -81,16 +78,10 @@ func TestPoolSupervisorNeverStartedIsNodeLost(t *testing.T) {
 		return activities.SuperviseResult{}, temporal.NewApplicationError("stop here", "TEST_END")
 	})
 	var seen pool.Health
-	env.RegisterDelayedCallback(func() {
-		v, err := env.QueryWorkflow(pool.QueryHealth)
-		require.NoError(t, err)
-		require.NoError(t, v.Get(&seen))
-	}, time.Second)
-	env.ExecuteWorkflow(Pool, pool.Input{Spec: spec})
+	env.RegisterDelayedCallback(func() { seen = health(t, env) }, time.Second)
+	runPool(t, env)
 	require.Equal(t, pool.Unready, seen.State)
 	require.Contains(t, seen.LastError, "NODE_OFFLINE")
-	var h pool.Health
-	require.NoError(t, env.GetWorkflowResult(&h))
 	// Six lost supervisors did not open the circuit (5 failures would).
 	require.GreaterOrEqual(t, starts, 7)
 }
@@ -99,9 +90,7 @@ func TestPoolSupervisorNeverStartedIsNodeLost(t *testing.T) {
 func TestPoolStartFailuresFail(t *testing.T) {
 	env, ea := poolEnv(t)
 	env.OnActivity(ea.StartEngine, mock.Anything, mock.Anything).Return(pool.Handoff{}, errors.New("engine exited before /health: code 1"))
-	env.ExecuteWorkflow(Pool, pool.Input{Spec: spec})
-	var h pool.Health
-	require.NoError(t, env.GetWorkflowResult(&h))
+	h := runPool(t, env)
 	require.Equal(t, pool.Failed, h.State)
 	require.Equal(t, 4, h.Restarts)
 }
@@ -118,24 +107,24 @@ func TestPoolDrain(t *testing.T) {
 	env.OnActivity(ea.Supervise, mock.Anything, mock.Anything).After(time.Hour).Return(activities.SuperviseResult{Reason: "stopped"}, nil)
 	var drained pool.Health
 	env.RegisterDelayedCallback(func() {
-		v, err := env.QueryWorkflow(pool.QueryHealth)
-		require.NoError(t, err)
-		var h pool.Health
-		require.NoError(t, v.Get(&h))
+		h := health(t, env)
 		require.Equal(t, pool.Ready, h.State)
 		require.True(t, h.Ready)
 		require.Equal(t, 2, h.SlotsTotal)
-		env.UpdateWorkflow(pool.UpdateDrain, "", &testsuite.TestUpdateCallback{
-			OnReject: func(err error) { t.Error(err) }, OnAccept: func() {},
-			OnComplete: func(v any, err error) { require.NoError(t, err); drained = v.(pool.Health) },
-		}, pool.DrainRequest{DeadlineMs: 1000})
+		update(t, env, pool.UpdateDrain, pool.DrainRequest{DeadlineMs: 1000}, into(t, &drained))
 	}, time.Minute)
-	env.ExecuteWorkflow(Pool, pool.Input{Spec: spec})
-	var h pool.Health
-	require.NoError(t, env.GetWorkflowResult(&h))
+	h := runPool(t, env)
 	require.Equal(t, pool.Stopped, h.State)
 	require.Equal(t, pool.Stopped, drained.State)
 	require.Equal(t, 0, h.Restarts)
+}
+
+// runPool runs the pool workflow over spec and returns its final health.
+func runPool(t *testing.T, env *testsuite.TestWorkflowEnvironment) pool.Health {
+	env.ExecuteWorkflow(Pool, pool.Input{Spec: spec})
+	var h pool.Health
+	require.NoError(t, env.GetWorkflowResult(&h))
+	return h
 }
 
 // update sends an update and returns its outcome once it completes.
@@ -143,6 +132,14 @@ func update(t *testing.T, env *testsuite.TestWorkflowEnvironment, name string, a
 	env.UpdateWorkflow(name, "", &testsuite.TestUpdateCallback{
 		OnReject: func(err error) { out(nil, err) }, OnAccept: func() {}, OnComplete: out,
 	}, arg)
+}
+
+// into is an update outcome that must succeed; it keeps the result in *v.
+func into[T any](t *testing.T, v *T) func(any, error) {
+	return func(r any, err error) {
+		require.NoError(t, err)
+		*v = r.(T)
+	}
 }
 
 func health(t *testing.T, env *testsuite.TestWorkflowEnvironment) pool.Health {
@@ -193,10 +190,7 @@ func TestPoolReloadSideBySide(t *testing.T) {
 	})
 	var reply pool.ReloadStatus
 	env.RegisterDelayedCallback(func() {
-		update(t, env, pool.UpdateReload, pool.ReloadRequest{ModelID: "big"}, func(v any, err error) {
-			require.NoError(t, err)
-			reply = v.(pool.ReloadStatus)
-		})
+		update(t, env, pool.UpdateReload, pool.ReloadRequest{ModelID: "big"}, into(t, &reply))
 	}, time.Minute)
 	env.RegisterDelayedCallback(func() {
 		h := health(t, env)
@@ -208,9 +202,7 @@ func TestPoolReloadSideBySide(t *testing.T) {
 		require.Equal(t, 0, h.Restarts, "a reload is not a restart")
 	}, 2*time.Minute)
 	drainAt(t, env, 3*time.Minute)
-	env.ExecuteWorkflow(Pool, pool.Input{Spec: spec})
-	var h pool.Health
-	require.NoError(t, env.GetWorkflowResult(&h))
+	h := runPool(t, env)
 	require.Equal(t, pool.SideBySide, reply.Mode)
 	require.Equal(t, "tiny", reply.FromModel)
 	require.Equal(t, "big", reply.ToModel)
@@ -258,9 +250,7 @@ func TestPoolReloadFailureKeepsOldEngine(t *testing.T) {
 		})
 	}, 2*time.Minute)
 	drainAt(t, env, 3*time.Minute)
-	env.ExecuteWorkflow(Pool, pool.Input{Spec: spec})
-	var h pool.Health
-	require.NoError(t, env.GetWorkflowResult(&h))
+	h := runPool(t, env)
 	require.Equal(t, pool.Stopped, h.State)
 	require.Equal(t, 1, supervises, "the old engine was supervised throughout")
 }
@@ -285,15 +275,10 @@ func TestPoolReloadDrainsFirstWithoutRoom(t *testing.T) {
 	env.OnActivity(ea.Supervise, mock.Anything, mock.Anything).After(time.Hour).Return(activities.SuperviseResult{Reason: "stopped"}, nil)
 	var reply pool.ReloadStatus
 	env.RegisterDelayedCallback(func() {
-		update(t, env, pool.UpdateReload, pool.ReloadRequest{ModelID: "big", DeadlineMs: 5000}, func(v any, err error) {
-			require.NoError(t, err)
-			reply = v.(pool.ReloadStatus)
-		})
+		update(t, env, pool.UpdateReload, pool.ReloadRequest{ModelID: "big", DeadlineMs: 5000}, into(t, &reply))
 	}, time.Minute)
 	drainAt(t, env, 3*time.Minute)
-	env.ExecuteWorkflow(Pool, pool.Input{Spec: spec})
-	var h pool.Health
-	require.NoError(t, env.GetWorkflowResult(&h))
+	h := runPool(t, env)
 	require.Equal(t, pool.DrainFirst, reply.Mode)
 	require.Equal(t, "big", h.ModelID)
 	require.Equal(t, "done", h.Reload.Step)
@@ -322,14 +307,8 @@ func TestPoolAdoptsServingEpochOnly(t *testing.T) {
 	})
 	var stale, adopted pool.HandoffReply
 	env.RegisterDelayedCallback(func() {
-		update(t, env, pool.UpdateHandoff, pool.HandoffEvent{Adopt: true, Handoff: pool.Handoff{Epoch: 9, PID: 99}}, func(v any, err error) {
-			require.NoError(t, err)
-			stale = v.(pool.HandoffReply)
-		})
-		update(t, env, pool.UpdateHandoff, pool.HandoffEvent{Adopt: true, Handoff: pool.Handoff{Epoch: 1, PID: 8, URL: "http://adopted", Slots: 2}}, func(v any, err error) {
-			require.NoError(t, err)
-			adopted = v.(pool.HandoffReply)
-		})
+		update(t, env, pool.UpdateHandoff, pool.HandoffEvent{Adopt: true, Handoff: pool.Handoff{Epoch: 9, PID: 99}}, into(t, &stale))
+		update(t, env, pool.UpdateHandoff, pool.HandoffEvent{Adopt: true, Handoff: pool.Handoff{Epoch: 1, PID: 8, URL: "http://adopted", Slots: 2}}, into(t, &adopted))
 	}, time.Minute)
 	env.RegisterDelayedCallback(func() {
 		h := health(t, env)

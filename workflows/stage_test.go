@@ -19,11 +19,16 @@ import (
 
 var entry = model.Entry{ID: "tiny", Key: "models/tiny.gguf", SHA256: strings.Repeat("ab", 32), Size: 1000}
 
-func TestStageReportsProgressAndResult(t *testing.T) {
+func stageEnv() (*testsuite.TestWorkflowEnvironment, *activities.StagingActivities) {
 	var ts testsuite.WorkflowTestSuite
 	env := ts.NewTestWorkflowEnvironment()
 	var sa *activities.StagingActivities
 	env.RegisterActivity(sa)
+	return env, sa
+}
+
+func TestStageReportsProgressAndResult(t *testing.T) {
+	env, sa := stageEnv()
 	env.OnActivity(sa.StageModel, mock.Anything, mock.MatchedBy(func(in activities.StageInput) bool {
 		return in.NodeID == "n1" && in.Entry.SHA256 == entry.SHA256 && in.WorkflowID != ""
 	})).After(10*time.Second).Return(model.StageResult{SHA256: entry.SHA256, Size: 1000, BytesTransferred: 1000}, nil)
@@ -48,10 +53,7 @@ func TestStageReportsProgressAndResult(t *testing.T) {
 
 // A checksum mismatch is final: no retry, the workflow fails with its type.
 func TestStageChecksumMismatchIsNotRetried(t *testing.T) {
-	var ts testsuite.WorkflowTestSuite
-	env := ts.NewTestWorkflowEnvironment()
-	var sa *activities.StagingActivities
-	env.RegisterActivity(sa)
+	env, sa := stageEnv()
 	calls := 0
 	env.OnActivity(sa.StageModel, mock.Anything, mock.Anything).Return(func(context.Context, activities.StageInput) (model.StageResult, error) {
 		calls++
@@ -66,10 +68,7 @@ func TestStageChecksumMismatchIsNotRetried(t *testing.T) {
 
 // A worker lost mid-download (heartbeat timeout) is retried until it works.
 func TestStageRetriesAfterHeartbeatTimeout(t *testing.T) {
-	var ts testsuite.WorkflowTestSuite
-	env := ts.NewTestWorkflowEnvironment()
-	var sa *activities.StagingActivities
-	env.RegisterActivity(sa)
+	env, sa := stageEnv()
 	calls := 0
 	env.OnActivity(sa.StageModel, mock.Anything, mock.Anything).Return(func(context.Context, activities.StageInput) (model.StageResult, error) {
 		calls++
