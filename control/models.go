@@ -148,7 +148,7 @@ func (c *Models) failed(ctx context.Context, wid string, e *workflowpb.WorkflowE
 		first.GetWorkflowExecutionStartedEventAttributes().GetInput(), &in); err != nil {
 		return nil
 	}
-	code, reason := "FAILED", "staging "+strings.ToLower(e.GetStatus().String())
+	code, reason := model.ErrStagingFailed, "staging "+strings.ToLower(e.GetStatus().String())
 	if err := c.Temporal.GetWorkflow(ctx, wid, runID).Get(ctx, nil); err != nil {
 		code, reason = stagingFailure(err)
 	}
@@ -164,9 +164,9 @@ func stagingFailure(err error) (code, reason string) {
 	}
 	var timeout *temporal.TimeoutError
 	if errors.As(err, &timeout) {
-		return "TIMEOUT", err.Error()
+		return model.ErrStagingTimedOut, err.Error()
 	}
-	return "FAILED", err.Error()
+	return model.ErrStagingFailed, err.Error()
 }
 
 // RunGC runs GC on a node now and waits for its result. A real run joins

@@ -58,6 +58,10 @@ const (
 	ErrInUse = "IN_USE"
 	// ErrInvalidEviction: an eviction names no file GC may delete.
 	ErrInvalidEviction = "INVALID"
+	// ErrStagingFailed and ErrStagingTimedOut describe a staging that ended
+	// without a typed error (terminated, canceled, timed out).
+	ErrStagingFailed   = "FAILED"
+	ErrStagingTimedOut = "TIMEOUT"
 )
 
 // Lifecycle of a catalog entry.
