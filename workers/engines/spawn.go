@@ -143,22 +143,34 @@ type spawnReq struct {
 func startLocked(cmd *exec.Cmd, cpus *unix.CPUSet) error {
 	spawnOnce.Do(func() {
 		spawnCh = make(chan spawnReq)
-		go func() {
-			runtime.LockOSThread() // never unlocked: the thread lives as long as the worker
-			for r := range spawnCh {
-				if r.cpus != nil {
-					if err := unix.SchedSetaffinity(0, r.cpus); err != nil {
-						r.err <- fmt.Errorf("pin to CPUs %s: %w", cpuset.Format(*r.cpus), err)
-						continue
-					}
-				}
-				r.err <- r.cmd.Start()
-			}
-		}()
+		go spawner()
 	})
 	r := spawnReq{cmd: cmd, cpus: cpus, err: make(chan error, 1)}
 	spawnCh <- r
 	return <-r.err
+}
+
+// spawner serves spawnCh from a thread of its own, never unlocked: the
+// thread lives as long as the worker. It is never the main thread, whose
+// affinity is the process's as others see it (sched_getaffinity(pid)): the
+// engines' CPUs there would pin the worker to them too.
+func spawner() {
+	runtime.LockOSThread()
+	if unix.Gettid() == os.Getpid() {
+		// Hold the main thread, so the spawner cannot land on it, and
+		// start it again on another.
+		go spawner()
+		select {}
+	}
+	for r := range spawnCh {
+		if r.cpus != nil {
+			if err := unix.SchedSetaffinity(0, r.cpus); err != nil {
+				r.err <- fmt.Errorf("pin to CPUs %s: %w", cpuset.Format(*r.cpus), err)
+				continue
+			}
+		}
+		r.err <- r.cmd.Start()
+	}
 }
 
 func exitCode(st *os.ProcessState) int {
