@@ -52,8 +52,12 @@ func (g *Generations) Running(poolID, url string) int {
 }
 
 // Changed receives after a count changed; changes between two receives
-// coalesce into one. It has one reader: the node link's feeder.
+// coalesce into one. It has one reader: the node link's feeder. A nil
+// Generations never changes.
 func (g *Generations) Changed() <-chan struct{} {
+	if g == nil {
+		return nil
+	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	return g.changedLocked()
