@@ -79,7 +79,7 @@ func NewServer(src *Source, opts Options) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Server{source: src, key: bearer.NewKey(opts.Token, TokenEnv), log: log.With("component", "link"),
+	return &Server{source: src, key: bearer.NewKey(opts.Token, TokenEnv), log: log,
 		waiters: make(chan struct{}, n)}
 }
 

@@ -66,8 +66,9 @@ func (a *Agent) stopLink(ctx context.Context) error {
 }
 
 // feedLink keeps the link's source true to the node: the host's figures
-// and models once per heartbeat interval, the pools every linkPoolPoll, and
-// their busy slots as soon as a generation starts or ends.
+// and models once per heartbeat interval and when an engine comes or goes,
+// the pools every linkPoolPoll, and their busy slots as soon as a
+// generation starts or ends.
 func (a *Agent) feedLink(ctx context.Context) {
 	host := a.Host.Snapshot()
 	handoffs := a.handoffs()
@@ -88,7 +89,13 @@ func (a *Agent) feedLink(ctx context.Context) {
 		case <-figures.C:
 			host = a.Host.Snapshot()
 		case <-pools.C:
-			handoffs = a.handoffs()
+			next := a.handoffs()
+			if !sameEngines(handoffs, next) {
+				// A new engine may use a model staged since the last
+				// beat: the state never names a pool without its model.
+				host = a.Host.Snapshot()
+			}
+			handoffs = next
 		case <-running:
 		}
 	}
@@ -109,6 +116,13 @@ func (a *Agent) handoffs() []pool.Handoff {
 	}
 	slices.SortFunc(out, func(x, y pool.Handoff) int { return strings.Compare(x.PoolID, y.PoolID) })
 	return out
+}
+
+// sameEngines says whether a and b name the same engines.
+func sameEngines(a, b []pool.Handoff) bool {
+	return slices.EqualFunc(a, b, func(x, y pool.Handoff) bool {
+		return x.PoolID == y.PoolID && x.Epoch == y.Epoch && x.PID == y.PID && x.URL == y.URL
+	})
 }
 
 // linkPools is each handoff's pool as the node sees it now: ready while
