@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"path/filepath"
@@ -33,8 +34,10 @@ const linkPoolPoll = 250 * time.Millisecond
 // returns the URL the registration publishes.
 func (a *Agent) startLink() (string, error) {
 	l := a.Link
-	if err := l.Server.Listen(l.Addr); err != nil {
-		return "", fmt.Errorf("node link cannot listen on %s: %w (change it with --link-addr or LLORCH_LINK_ADDR; an address other than loopback needs --link-token or LLORCH_LINK_TOKEN)", l.Addr, err)
+	if err := l.Server.Listen(l.Addr); errors.Is(err, link.ErrOpen) {
+		return "", fmt.Errorf("node link: %w (set --link-token or LLORCH_LINK_TOKEN)", err)
+	} else if err != nil {
+		return "", fmt.Errorf("node link cannot listen on %s: %w (change it with --link-addr or LLORCH_LINK_ADDR)", l.Addr, err)
 	}
 	advertise := l.Advertise
 	if ip := l.Server.Addr().(*net.TCPAddr).IP; advertise == "" && ip.IsUnspecified() {
