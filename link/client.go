@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -34,7 +33,7 @@ const answerMargin = 10 * time.Second
 
 // State reads the node's current state.
 func (c *Client) State(ctx context.Context) (node.LinkState, error) {
-	return c.get(ctx, nil, answerMargin)
+	return c.get(ctx, "", answerMargin)
 }
 
 // Watch long-polls: it returns once the node's version differs from after,
@@ -44,16 +43,14 @@ func (c *Client) Watch(ctx context.Context, after uint64) (node.LinkState, error
 	if wait <= 0 {
 		wait = node.LinkDefaultWait
 	}
-	q := url.Values{node.LinkAfterParam: {strconv.FormatUint(after, 10)}, node.LinkWaitParam: {wait.String()}}
-	return c.get(ctx, q, wait+answerMargin)
+	query := "?" + node.LinkAfterParam + "=" + strconv.FormatUint(after, 10) + "&" + node.LinkWaitParam + "=" + wait.String()
+	return c.get(ctx, query, wait+answerMargin)
 }
 
-func (c *Client) get(ctx context.Context, q url.Values, bound time.Duration) (node.LinkState, error) {
+// get reads the state with query ("" or "?..."), within bound.
+func (c *Client) get(ctx context.Context, query string, bound time.Duration) (node.LinkState, error) {
 	var st node.LinkState
-	u := strings.TrimRight(c.URL, "/") + node.LinkStatePath
-	if q != nil {
-		u += "?" + q.Encode()
-	}
+	u := strings.TrimRight(c.URL, "/") + node.LinkStatePath + query
 	ctx, cancel := context.WithTimeout(ctx, bound)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
