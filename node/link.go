@@ -28,8 +28,8 @@ type LinkState struct {
 	// readiness, engine or slots, the models held, or a GPU's free memory
 	// or the free disk by more than a step. Between bumps the figures may
 	// still refresh (At moves). It starts at the worker's start time in
-	// nanoseconds, so a restarted worker's versions exceed its
-	// predecessor's.
+	// microseconds, so a restarted worker's versions exceed its
+	// predecessor's, and stays below 2^53 (exact in every JSON reader).
 	Version uint64 `json:"version"`
 	LinkFacts
 }
