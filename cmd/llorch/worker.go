@@ -200,7 +200,6 @@ func (f *workerFlags) agent(log *slog.Logger, identity string, tc client.Client,
 	nodes := &control.Nodes{Temporal: tc, Namespace: f.temporal.Namespace, ContinueAsNewAfterEvents: f.canAfter,
 		Via: "worker", Metrics: control.NewNodeMetrics(reg)}
 	staging := activities.NewStagingMetrics(reg)
-	// Running: the busy slots the node link reports.
 	generate := &activities.GenerateActivities{NodeID: f.nodeID, Log: log, Metrics: activities.NewTaskMetrics(reg),
 		Running: &activities.Generations{}}
 	a := &agent.Agent{

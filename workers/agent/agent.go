@@ -60,7 +60,7 @@ type Agent struct {
 func (a *Agent) Start(ctx context.Context) (err error) {
 	inv := a.Host.Inventory()
 	if a.Link != nil {
-		if inv.LinkURL, err = a.startLink(); err != nil {
+		if inv.LinkURL, err = a.startLink(inv.Hostname); err != nil {
 			return err
 		}
 		defer func() {

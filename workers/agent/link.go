@@ -31,8 +31,9 @@ type Link struct {
 const linkPoolPoll = 250 * time.Millisecond
 
 // startLink binds the link and feeds its source until stopLink; it
-// returns the URL the registration publishes.
-func (a *Agent) startLink() (string, error) {
+// returns the URL the registration publishes (with hostname when the link
+// binds every address and no advertise address is set).
+func (a *Agent) startLink(hostname string) (string, error) {
 	l := a.Link
 	if err := l.Server.Listen(l.Addr); errors.Is(err, link.ErrOpen) {
 		return "", fmt.Errorf("node link: %w (set --link-token or LLORCH_LINK_TOKEN)", err)
@@ -41,7 +42,7 @@ func (a *Agent) startLink() (string, error) {
 	}
 	advertise := l.Advertise
 	if ip := l.Server.Addr().(*net.TCPAddr).IP; advertise == "" && ip.IsUnspecified() {
-		advertise = a.Host.Inventory().Hostname
+		advertise = hostname
 		a.Log.Warn("the node link listens on every address but --advertise-address is empty: publishing the hostname",
 			"hostname", advertise)
 	}
