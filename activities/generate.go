@@ -25,6 +25,9 @@ type GenerateActivities struct {
 	Metrics *TaskMetrics
 	// Client talks to the engines and pushes tokens; nil: a default.
 	Client *http.Client
+	// Running counts the generations in flight per engine (the busy slots
+	// the node link reports); nil: not counted.
+	Running *Generations
 }
 
 // GenerateInput is one generation of a task on one pool; Resume holds the
@@ -39,6 +42,7 @@ type GenerateInput struct {
 // the task's sink out of band and into the activity's heartbeat (so a lost
 // node's tokens are not lost); the result is the whole generation.
 func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (task.Result, error) {
+	defer g.Running.begin(in.Where.PoolID, in.Where.URL)()
 	req := in.Request
 	log := g.log().With("task_id", req.TaskID, "pool", in.Where.PoolID, "correlation_id", req.CorrelationID)
 	push := tokenstream.NewPusher(req.Sink, req.TaskID, nil)

@@ -106,16 +106,22 @@ func (c *Client) call(ctx context.Context, method, path string, body any) ([]byt
 	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
 		return raw, nil
 	}
-	ae := &Error{}
-	if json.Unmarshal(raw, &ae.Envelope) != nil || ae.Code == "" {
-		text := truncate(strings.TrimSpace(string(raw)), 300)
+	return raw, ErrorOf(method, u, resp.StatusCode, raw)
+}
+
+// ErrorOf is the *Error of an answer other than 2xx to method url: its
+// envelope, or for a body that is none, one with the HTTP status as its
+// code and the body's start as its message.
+func ErrorOf(method, url string, status int, body []byte) *Error {
+	ae := &Error{Status: status}
+	if json.Unmarshal(body, &ae.Envelope) != nil || ae.Code == "" {
+		text := truncate(strings.TrimSpace(string(body)), 300)
 		if text == "" {
-			text = http.StatusText(resp.StatusCode)
+			text = http.StatusText(status)
 		}
-		ae = &Error{Envelope: Envelope{Code: "HTTP_" + strconv.Itoa(resp.StatusCode), Message: fmt.Sprintf("%s %s: %s", method, u, text)}}
+		ae.Envelope = Envelope{Code: "HTTP_" + strconv.Itoa(status), Message: fmt.Sprintf("%s %s: %s", method, url, text)}
 	}
-	ae.Status = resp.StatusCode
-	return raw, ae
+	return ae
 }
 
 func truncate(s string, n int) string {

@@ -20,6 +20,7 @@ import (
 
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/apiserver"
+	"github.com/llorch/llorch/bearer"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/inventory"
 	"github.com/llorch/llorch/modelstore"
@@ -157,8 +158,8 @@ func TestAuth(t *testing.T) {
 	// The token never appears in logs, errors or metrics; its identity does.
 	require.NotContains(t, a.logs.String(), token)
 	require.NotContains(t, m.raw, token)
-	require.Contains(t, a.logs.String(), apiserver.TokenIdentity(token))
-	require.Regexp(t, `^token:[0-9a-f]{6}$`, apiserver.TokenIdentity(token))
+	require.Contains(t, a.logs.String(), bearer.Fingerprint(token))
+	require.Regexp(t, `^token:[0-9a-f]{6}$`, bearer.Fingerprint(token))
 }
 
 func TestRefusesPublicBindWithoutToken(t *testing.T) {

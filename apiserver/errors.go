@@ -8,13 +8,14 @@ import (
 	"github.com/gofiber/fiber/v2"
 
 	"github.com/llorch/llorch/apiclient"
+	"github.com/llorch/llorch/bearer"
 )
 
 // Stable error codes of the envelope.
 const (
 	CodeInvalidParams = "INVALID_PARAMS"
-	CodeMissingToken  = "MISSING_TOKEN"
-	CodeBadToken      = "BAD_TOKEN"
+	CodeMissingToken  = bearer.CodeMissing
+	CodeBadToken      = bearer.CodeBad
 	CodeNotFound      = "NOT_FOUND"
 	CodeNodeNotFound  = "NODE_NOT_FOUND"
 	CodeNodeLeft      = "NODE_LEFT"

@@ -2,7 +2,6 @@ package apiserver
 
 import (
 	"context"
-	"crypto/sha256"
 	"fmt"
 	"log/slog"
 	"net"
@@ -15,6 +14,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/llorch/llorch/bearer"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/scheduler"
@@ -46,16 +46,16 @@ type Deps struct {
 
 // Server is the REST API.
 type Server struct {
-	app         *fiber.App
-	cfg         Config
-	deps        Deps
-	streamKey   []byte
-	closing     chan struct{} // closed at shutdown: event streams end
-	closeOnce   sync.Once
-	metrics     *metrics
-	tokenDigest []byte
-	identity    string
-	ln          net.Listener
+	app       *fiber.App
+	cfg       Config
+	deps      Deps
+	streamKey []byte
+	closing   chan struct{} // closed at shutdown: event streams end
+	closeOnce sync.Once
+	metrics   *metrics
+	key       *bearer.Key // nil: no token, every call is "anonymous"
+	identity  string
+	ln        net.Listener
 }
 
 const (
@@ -67,13 +67,13 @@ const (
 
 // New builds the server; it does not listen yet.
 func New(cfg Config, d Deps) (*Server, error) {
-	if cfg.Token == "" && !isLoopback(cfg.Addr) {
+	if cfg.Token == "" && !bearer.Loopback(cfg.Addr) {
 		return nil, fmt.Errorf("refusing to listen on %s without a token: set LLORCH_API_TOKEN (or --api-token), or bind a loopback address", cfg.Addr)
 	}
-	s := &Server{cfg: cfg, deps: d, metrics: newMetrics(d.Registry), streamKey: streamKeyFor(cfg.Token), closing: make(chan struct{})}
+	s := &Server{cfg: cfg, deps: d, metrics: newMetrics(d.Registry), streamKey: streamKeyFor(cfg.Token), closing: make(chan struct{}),
+		key: bearer.NewKey(cfg.Token, "LLORCH_API_TOKEN"), identity: "anonymous"}
 	if cfg.Token != "" {
-		sum := sha256.Sum256([]byte(cfg.Token))
-		s.tokenDigest, s.identity = sum[:], TokenIdentity(cfg.Token)
+		s.identity = bearer.Fingerprint(cfg.Token)
 	} else {
 		d.Logger.Warn("no API token set: the API is open to every local process (loopback only)")
 	}
@@ -179,16 +179,4 @@ func (s *Server) health(c *fiber.Ctx) error {
 		return c.Status(fiber.StatusServiceUnavailable).JSON(fiber.Map{"status": "degraded", "temporal": err.Error()})
 	}
 	return c.JSON(fiber.Map{"status": "ok", "temporal": "ok"})
-}
-
-func isLoopback(addr string) bool {
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return false
-	}
-	if host == "localhost" {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
 }

@@ -20,6 +20,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llorch/llorch/config"
+	"github.com/llorch/llorch/link"
+	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/testenv"
 )
 
@@ -75,6 +77,7 @@ func TestDevEndToEnd(t *testing.T) {
 		require.Equal(t, "http://127.0.0.1:"+strconv.Itoa(p[3]), apiURL)
 
 		waitNodeOnline(t, d, apiURL, token, nodeID, 2*time.Minute)
+		requireLink(t, apiURL, token, env["LLORCH_LINK_TOKEN"], nodeID)
 		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", p[4]))
 		require.NoError(t, err)
 		resp.Body.Close()
@@ -249,6 +252,26 @@ func waitNodeOnline(t *testing.T, d *devProc, apiURL, token, nodeID string, time
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+// requireLink reads the node's link, at the URL its registration gives,
+// with the link token from dev.env.
+func requireLink(t *testing.T, apiURL, token, linkToken, nodeID string) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, apiURL+"/v2/nodes/"+nodeID, nil)
+	require.NoError(t, err)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	var n struct {
+		Inventory node.Inventory `json:"inventory"`
+	}
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&n))
+	require.NotEmpty(t, n.Inventory.LinkURL, "the registration carries the link's URL")
+	st, err := (&link.Client{URL: n.Inventory.LinkURL, Token: linkToken}).State(context.Background())
+	require.NoError(t, err, "the dev worker's link takes the token of dev.env")
+	require.Equal(t, nodeID, st.NodeID)
 }
 
 // listedState finds nodeID in GET /v2/nodes, as a user's curl would.

@@ -199,7 +199,7 @@ func (s *supervisor) run(ctx context.Context, st State, temporalBin, vgwBin, exe
 // production settings (TLS, API keys) that the local servers do not speak.
 // Logging and simulation knobs (LLORCH_LOG_LEVEL, LLORCH_NVML_MOCK) pass.
 func childEnv(extra ...string) []string {
-	drop := []string{"LLORCH_TEMPORAL_", "LLORCH_API_", "LLORCH_S3_", "LLORCH_HOME=", "LLORCH_NODE_ID=",
+	drop := []string{"LLORCH_TEMPORAL_", "LLORCH_API_", "LLORCH_LINK_", "LLORCH_S3_", "LLORCH_HOME=", "LLORCH_NODE_ID=",
 		"LLORCH_METRICS_ADDR=", "LLORCH_MODEL_DIR=", "TEMPORAL_", "VGW_", "ROOT_ACCESS_KEY", "ROOT_SECRET"}
 	var env []string
 next:

@@ -17,6 +17,7 @@ import (
 // llorch commands, so config.Apply feeds them in as lower-precedence defaults.
 const (
 	envToken               = "LLORCH_API_TOKEN"
+	envLinkToken           = "LLORCH_LINK_TOKEN"
 	envTemporal            = "LLORCH_TEMPORAL_ADDRESS"
 	envTemporalCompression = "LLORCH_TEMPORAL_GRPC_COMPRESSION"
 	envS3Endpoint          = "LLORCH_S3_ENDPOINT"
@@ -30,6 +31,7 @@ const (
 type State struct {
 	Home      string // absolute
 	Token     string
+	LinkToken string // the node links' cluster secret
 	AccessKey string
 	SecretKey string
 }
@@ -51,11 +53,11 @@ func Setup(cfg Config) (State, error) {
 	if err != nil {
 		return State{}, fmt.Errorf("read %s: %w", config.DevEnvFile(home), err)
 	}
-	st := State{Home: home, Token: old[envToken], AccessKey: old[envS3Access], SecretKey: old[envS3Secret]}
+	st := State{Home: home, Token: old[envToken], LinkToken: old[envLinkToken], AccessKey: old[envS3Access], SecretKey: old[envS3Secret]}
 	for _, s := range []struct {
 		v *string
 		n int
-	}{{&st.Token, 32}, {&st.AccessKey, 10}, {&st.SecretKey, 20}} {
+	}{{&st.Token, 32}, {&st.LinkToken, 32}, {&st.AccessKey, 10}, {&st.SecretKey, 20}} {
 		if *s.v == "" {
 			if *s.v, err = randomHex(s.n); err != nil {
 				return State{}, err
@@ -67,6 +69,7 @@ func Setup(cfg Config) (State, error) {
 	st.AccessKey = strings.ToUpper(st.AccessKey)
 	err = config.WriteDevEnv(home, [][2]string{
 		{envToken, st.Token},
+		{envLinkToken, st.LinkToken},
 		{envTemporal, hostPort(cfg.TemporalPort)},
 		// Everything is on this host: gzip would only cost CPU.
 		{envTemporalCompression, "none"},

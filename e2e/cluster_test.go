@@ -19,7 +19,7 @@ import (
 	historypb "go.temporal.io/api/history/v1"
 	"google.golang.org/protobuf/encoding/protojson"
 
-	"github.com/llorch/llorch/apiserver"
+	"github.com/llorch/llorch/bearer"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/testenv"
@@ -381,7 +381,7 @@ func TestContinueAsNewKeepsState(t *testing.T) {
 	require.NotEqual(t, first, n["workflow"].(map[string]any)["run_id"])
 	require.Len(t, n["inventory"].(map[string]any)["gpus"], 8)
 	require.NotEmpty(t, n["transitions"])
-	require.Equal(t, "drain by "+apiserver.TokenIdentity(token)+": round", lastTransition(n)["reason"])
+	require.Equal(t, "drain by "+bearer.Fingerprint(token)+": round", lastTransition(n)["reason"])
 	_, list := c.get("/v2/nodes")
 	seen := 0
 	for _, n := range list["nodes"].([]any) {

@@ -21,6 +21,7 @@ type Inventory struct {
 	MachineID        string    `json:"machine_id,omitempty"`
 	Hostname         string    `json:"hostname,omitempty"`
 	Address          string    `json:"address,omitempty"`
+	LinkURL          string    `json:"link_url,omitempty"` // where the node link serves (node/link.go); "" without one
 	GPUs             []GPU     `json:"gpus"`
 	DriverVersion    string    `json:"driver_version,omitempty"`
 	CPUOnly          bool      `json:"cpu_only"`

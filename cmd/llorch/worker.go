@@ -16,11 +16,13 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/bearer"
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/cpuset"
 	"github.com/llorch/llorch/engine"
 	"github.com/llorch/llorch/inventory"
+	"github.com/llorch/llorch/link"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/workers"
@@ -52,6 +54,7 @@ func workerCmd() *cobra.Command {
 type workerFlags struct {
 	common
 	nodeID, machineID, advertiseAddr, modelDir, metricsAddr, nvmlMock string
+	linkAddr, linkToken                                               string
 	heartbeat                                                         time.Duration
 	canAfter                                                          int
 	s3                                                                config.S3
@@ -73,6 +76,8 @@ func (f *workerFlags) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.advertiseAddr, "advertise-address", "", "address other hosts reach this node's engines at")
 	fs.StringVar(&f.modelDir, "model-dir", "", "local model catalog dir (default <home>/nodes/<node-id>/models)")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "127.0.0.1:0", "listen address of the worker's /metrics (port 0: any free port, logged)")
+	fs.StringVar(&f.linkAddr, "link-addr", "127.0.0.1:0", "listen address of the node link, the live state apiservers follow (port 0: any free port; its URL is in the registration)")
+	fs.StringVar(&f.linkToken, "link-token", "", "cluster secret apiservers present to the node link; required to bind a non-loopback --link-addr")
 	fs.DurationVar(&f.heartbeat, "heartbeat-interval", node.DefaultHeartbeatInterval, "liveness heartbeat interval; the node is Offline after 3 missed beats")
 	fs.StringVar(&f.nvmlMock, "nvml-mock", "", "simulate GPUs with a go-nvml mock server (dgxa100, dgxh100, dgxh200): demos and tests only")
 	fs.IntVar(&f.canAfter, "node-continue-as-new-events", 0, "continue the node workflow as new after this many history events when this worker starts it (0: when Temporal suggests)")
@@ -99,6 +104,9 @@ func (f *workerFlags) check() error {
 	}
 	if err := node.ValidateID(f.nodeID); err != nil {
 		return fmt.Errorf("--node-id: %w", err)
+	}
+	if f.linkToken == "" && !bearer.Loopback(f.linkAddr) {
+		return fmt.Errorf("--link-addr %s: refusing a node link on a non-loopback address without a token: set --link-token (or LLORCH_LINK_TOKEN), or bind a loopback address", f.linkAddr)
 	}
 	if f.heartbeat < node.MinHeartbeatInterval || f.heartbeat > node.MaxHeartbeatInterval {
 		return fmt.Errorf("--heartbeat-interval %s: must be between %s and %s", f.heartbeat, node.MinHeartbeatInterval, node.MaxHeartbeatInterval)
@@ -162,6 +170,8 @@ func runWorker(f *workerFlags) error {
 	if a.Engines, err = f.engines(log, reg, host, local, engineCPUs); err != nil {
 		return err
 	}
+	a.Link = &agent.Link{Source: link.NewSource(f.nodeID), Addr: f.linkAddr, Advertise: f.advertiseAddr}
+	a.Link.Server = link.NewServer(a.Link.Source, link.Options{Token: f.linkToken, Log: log})
 	return runApp(log, f.pprof(log),
 		fx.Supply(log, a, reg, fx.Annotate(reg, fx.As(new(prometheus.Registerer)))),
 		fx.Invoke(func(lc fx.Lifecycle) { workers.MetricsServer(lc, f.metricsAddr, reg, log) }),
@@ -190,13 +200,15 @@ func (f *workerFlags) agent(log *slog.Logger, identity string, tc client.Client,
 	nodes := &control.Nodes{Temporal: tc, Namespace: f.temporal.Namespace, ContinueAsNewAfterEvents: f.canAfter,
 		Via: "worker", Metrics: control.NewNodeMetrics(reg)}
 	staging := activities.NewStagingMetrics(reg)
+	generate := &activities.GenerateActivities{NodeID: f.nodeID, Log: log, Metrics: activities.NewTaskMetrics(reg),
+		Running: &activities.Generations{}}
 	a := &agent.Agent{
 		NodeID: f.nodeID, Identity: identity, HeartbeatInterval: f.heartbeat, Log: log,
 		Host:     agent.HostWithModels{InventorySource: host, Local: local, Log: log},
 		Nodes:    nodes,
 		Metrics:  activities.NewNodeMetrics(reg),
 		GC:       &activities.GCActivities{Local: local, Log: log, Metrics: activities.NewGCMetrics(reg), Catalog: staging},
-		Generate: &activities.GenerateActivities{NodeID: f.nodeID, Log: log, Metrics: activities.NewTaskMetrics(reg)},
+		Generate: generate,
 		Models:   &control.Models{Temporal: tc, Namespace: f.temporal.Namespace, Nodes: nodes},
 		Pools:    &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace},
 		GCPolicy: f.gc, GCEvery: f.gcEvery,

@@ -43,15 +43,32 @@ type Agent struct {
 	Models   *control.Models
 	// Pools receive the node's handoff events (readiness, adoption).
 	Pools *control.Pools
+	// Link serves the node's live state; the agent feeds it from Host,
+	// Engines and Generate while it runs. nil: no link.
+	Link *Link
 
 	worker      worker.Worker
 	stopWatcher context.CancelFunc
 	watcherDone chan struct{}
+	stopFeed    context.CancelFunc
+	feedDone    chan struct{}
 }
 
-// Start polls the node's queue first, then registers, so the liveness
-// session the registration starts is served at once.
-func (a *Agent) Start(ctx context.Context) error {
+// Start binds the node link, then polls the node's queue, then registers,
+// so the liveness session the registration starts is served at once and
+// the registration says where the link is.
+func (a *Agent) Start(ctx context.Context) (err error) {
+	inv := a.Host.Inventory()
+	if a.Link != nil {
+		if inv.LinkURL, err = a.startLink(inv.Hostname); err != nil {
+			return err
+		}
+		defer func() {
+			if err != nil {
+				_ = a.stopLink(ctx)
+			}
+		}()
+	}
 	a.worker = worker.New(a.Nodes.Temporal, node.TaskQueue(a.NodeID), worker.Options{
 		Identity: a.Identity,
 		// Every beat reaches the server: the control plane's view of free
@@ -78,9 +95,8 @@ func (a *Agent) Start(ctx context.Context) error {
 	if err := a.worker.Start(); err != nil {
 		return fmt.Errorf("start worker on %s: %w", node.TaskQueue(a.NodeID), err)
 	}
-	inv := a.Host.Inventory()
 	inv.GC = a.GCPolicy
-	err := a.Nodes.Register(ctx, node.Registration{
+	err = a.Nodes.Register(ctx, node.Registration{
 		NodeID: a.NodeID, Agent: node.AgentWorker, Identity: a.Identity,
 		HeartbeatInterval: a.HeartbeatInterval, Inventory: inv,
 	})
@@ -94,7 +110,7 @@ func (a *Agent) Start(ctx context.Context) error {
 		}
 	}
 	a.Log.Info("node registered", "gpus", len(inv.GPUs), "cpu_only", inv.CPUOnly,
-		"workflow_id", node.WorkflowID(a.NodeID), "task_queue", node.TaskQueue(a.NodeID))
+		"workflow_id", node.WorkflowID(a.NodeID), "task_queue", node.TaskQueue(a.NodeID), "link_url", inv.LinkURL)
 	if a.Staging != nil {
 		// After polling starts, so the retries it causes are served here.
 		go func() {
@@ -139,6 +155,9 @@ func (a *Agent) Stop(ctx context.Context) error {
 	if a.stopWatcher != nil {
 		a.stopWatcher()
 		<-a.watcherDone
+	}
+	if err := a.stopLink(ctx); err != nil {
+		a.Log.Warn("node link did not stop in time", "err", err)
 	}
 	if a.worker != nil {
 		a.worker.Stop()
