@@ -43,6 +43,9 @@ type Agent struct {
 	Models   *control.Models
 	// Pools receive the node's handoff events (readiness, adoption).
 	Pools *control.Pools
+	// ActivityPollers polls node.<id> with this many pollers (0: the SDK's
+	// default); `llorch sim nodes` runs many agents on one connection.
+	ActivityPollers int
 
 	worker      worker.Worker
 	stopWatcher context.CancelFunc
@@ -59,6 +62,7 @@ func (a *Agent) Start(ctx context.Context) error {
 		MaxHeartbeatThrottleInterval:     a.HeartbeatInterval,
 		DefaultHeartbeatThrottleInterval: a.HeartbeatInterval,
 		WorkerStopTimeout:                5 * time.Second,
+		MaxConcurrentActivityTaskPollers: a.ActivityPollers,
 	})
 	a.worker.RegisterActivity(&activities.NodeActivities{
 		Client: a.Nodes.Temporal, Source: a.Host, Identity: a.Identity, Log: a.Log, Metrics: a.Metrics,
