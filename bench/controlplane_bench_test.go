@@ -2,6 +2,7 @@ package bench
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"flag"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -32,6 +34,8 @@ const (
 	idleStartRate = 50               // the simulator's --start-rate
 	idleSettle    = 10 * time.Second // after the nodes are Online, before measuring
 	idleWindow    = 20 * time.Second // what is measured
+	// heartbeatsWindow measures Temporal with the apiserver stopped.
+	heartbeatsWindow = 10 * time.Second
 	// idleOnlineSlack bounds the wait for every node Online beyond the
 	// start itself (count / idleStartRate): a cluster that cannot hold them
 	// is measured as it is.
@@ -46,7 +50,23 @@ type idleRun struct {
 	online, offline, registering, left int                // at the end of the window; left after the simulator stopped
 	onlineBefore                       int                // when the window began
 	toOnline, stopTook                 time.Duration
-	beatsPerSec                        float64 // liveness beats the simulator sent, over the window
+	beatsPerSec                        float64            // liveness beats the simulator sent, over the window
+	calls                              map[string]float64 // Temporal frontend requests per second, by operation
+	heartbeatsOnly                     float64            // Temporal's cores with the apiserver stopped
+}
+
+// rates renders requests per second by operation, busiest first.
+func rates(calls map[string]float64) string {
+	ops := make([]string, 0, len(calls))
+	for op := range calls {
+		ops = append(ops, op)
+	}
+	slices.SortFunc(ops, func(a, b string) int { return cmp.Compare(calls[b], calls[a]) })
+	parts := make([]string, len(ops))
+	for i, op := range ops {
+		parts[i] = fmt.Sprintf("%s %.1f", op, calls[op])
+	}
+	return strings.Join(parts, ", ")
 }
 
 func (r idleRun) controlPlane() float64 { return r.cores["apiserver"] + r.cores["temporal server"] }
@@ -84,24 +104,28 @@ func BenchmarkControlPlaneIdle(b *testing.B) {
 	if len(runs) == 0 {
 		return
 	}
-	base, haveBase := 0.0, runs[0].nodes == 0
+	base, baseBeats, haveBase := 0.0, 0.0, runs[0].nodes == 0
 	if haveBase {
-		base = runs[0].controlPlane()
+		base, baseBeats = runs[0].controlPlane(), runs[0].heartbeatsOnly
 	}
 	var table strings.Builder
-	table.WriteString("\n| nodes | Online at end | apiserver | Temporal | control plane | per node (ms CPU/s) | simulator | beats/s | machine busy | to Online | stop, Left |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+	table.WriteString("\n| nodes | Online at end | apiserver | Temporal | control plane | per node (ms CPU/s) | Temporal, apiserver stopped (per node) | simulator | beats/s | machine busy | to Online | stop, Left |\n" +
+		"|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	res := map[string]any{"window_s": idleWindow.Seconds(), "heartbeat_s": node.DefaultHeartbeatInterval.Seconds(), "cpus": runtime.NumCPU()}
 	for _, r := range runs {
-		perNode := "-"
+		perNode, perNodeBeats := "-", "-"
 		k := fmt.Sprintf("n%d_", r.nodes)
 		if haveBase && r.nodes > 0 {
 			m := 1000 * (r.controlPlane() - base) / float64(r.nodes)
 			perNode = fmt.Sprintf("%.2f", m)
 			res[k+"marginal_ms_per_s_per_node"] = m
+			h := 1000 * (r.heartbeatsOnly - baseBeats) / float64(r.nodes)
+			perNodeBeats = fmt.Sprintf("%.2f", h)
+			res[k+"heartbeats_only_ms_per_s_per_node"] = h
 		}
-		fmt.Fprintf(&table, "| %d | %d (Offline %d, Registering %d) | %.3f | %.3f | %.3f | %s | %.3f | %.0f | %.2f of %d | %s | %s, %d |\n",
+		fmt.Fprintf(&table, "| %d | %d (Offline %d, Registering %d) | %.3f | %.3f | %.3f | %s | %.3f (%s) | %.3f | %.0f | %.2f of %d | %s | %s, %d |\n",
 			r.nodes, r.online, r.offline, r.registering, r.cores["apiserver"], r.cores["temporal server"], r.controlPlane(), perNode,
-			r.cores["simulator"], r.beatsPerSec, r.machine, runtime.NumCPU(), r.toOnline.Round(100*time.Millisecond), r.stopTook.Round(100*time.Millisecond), r.left)
+			r.heartbeatsOnly, perNodeBeats, r.cores["simulator"], r.beatsPerSec, r.machine, runtime.NumCPU(), r.toOnline.Round(100*time.Millisecond), r.stopTook.Round(100*time.Millisecond), r.left)
 		res[k+"nodes"] = r.nodes
 		res[k+"online"] = r.online
 		res[k+"online_before_window"] = r.onlineBefore
@@ -115,6 +139,8 @@ func BenchmarkControlPlaneIdle(b *testing.B) {
 		res[k+"to_online_s"] = r.toOnline.Seconds()
 		res[k+"left_after_stop"] = r.left
 		res[k+"stop_s"] = r.stopTook.Seconds()
+		res[k+"frontend_requests_per_s"] = r.calls
+		res[k+"temporal_cores_apiserver_stopped"] = r.heartbeatsOnly
 	}
 	// On stdout: a parent benchmark's own log is not printed beside its sub-benchmarks'.
 	fmt.Println(table.String())
@@ -125,12 +151,16 @@ func controlPlaneIdle(b *testing.B, nodes int) idleRun {
 	r := idleRun{nodes: nodes}
 	home := b.TempDir()
 	bin := testenv.Llorch(b)
-	temporalPID, tc, addr := startTemporal(b)
+	temporal := startTemporal(b)
+	tc, addr := temporal.client, temporal.addr
 	apiPort, err := testenv.FreePort()
 	require.NoError(b, err)
 	api := fmt.Sprintf("127.0.0.1:%d", apiPort)
 	apiOut := &testenv.Buffer{}
-	apiserver := spawn(b, apiOut, bin, "apiserver", "--addr", api, "--temporal-address", addr, "--home", home,
+	// With LLORCH_BENCH_PROFILE, the apiserver and the simulator serve pprof
+	// and their CPU profiles over the window land there.
+	apiPprof, simPprof := pprofAddr(b), pprofAddr(b)
+	apiserver := spawn(b, apiOut, bin, "apiserver", "--addr", api, "--temporal-address", addr, "--home", home, "--pprof-addr", apiPprof,
 		"--s3-endpoint", env.S3.Endpoint, "--s3-access-key", env.S3.AccessKey, "--s3-secret-key", env.S3.SecretKey, "--s3-bucket", env.S3.Bucket)
 	testenv.Eventually(b, time.Minute, "apiserver healthy", func() (bool, string) {
 		res, err := http.Get("http://" + api + "/health")
@@ -140,7 +170,7 @@ func controlPlaneIdle(b *testing.B, nodes int) idleRun {
 		res.Body.Close()
 		return res.StatusCode == 200, res.Status
 	})
-	pids := map[string]int{"apiserver": apiserver.Process.Pid, "temporal server": temporalPID}
+	pids := map[string]int{"apiserver": apiserver.Process.Pid, "temporal server": temporal.pid}
 
 	var simulator *exec.Cmd
 	simOut := &testenv.Buffer{}
@@ -150,7 +180,8 @@ func controlPlaneIdle(b *testing.B, nodes int) idleRun {
 	if nodes > 0 {
 		began := time.Now()
 		simulator = spawn(b, simOut, bin, "sim", "nodes", "--count", strconv.Itoa(nodes), "--temporal-address", addr, "--home", home,
-			"--heartbeat-interval", node.DefaultHeartbeatInterval.String(), "--start-rate", strconv.Itoa(idleStartRate), "--metrics-addr", metrics)
+			"--heartbeat-interval", node.DefaultHeartbeatInterval.String(), "--start-rate", strconv.Itoa(idleStartRate), "--metrics-addr", metrics,
+			"--pprof-addr", simPprof)
 		pids["simulator"] = simulator.Process.Pid
 		bound := time.Duration(nodes/idleStartRate)*time.Second + idleOnlineSlack
 		for {
@@ -168,11 +199,24 @@ func controlPlaneIdle(b *testing.B, nodes int) idleRun {
 	time.Sleep(idleSettle)
 
 	r.onlineBefore = countNodes(b, tc, node.Online)
-	beats0 := heartbeatsSent(metrics, simulator != nil)
+	beats0, calls0 := heartbeatsSent(metrics, simulator != nil), frontendCalls(temporal.metrics)
+	profiled := cpuProfileOf(b, apiPprof, fmt.Sprintf("idle-%d-apiserver", nodes), int(idleWindow.Seconds()))
+	profiledSim := func() {}
+	if simulator != nil {
+		profiledSim = cpuProfileOf(b, simPprof, fmt.Sprintf("idle-%d-simulator", nodes), int(idleWindow.Seconds()))
+	}
 	cpu0, busy0, began := pidTicks(pids), machineTicks(), time.Now()
 	time.Sleep(idleWindow)
 	cpu1, busy1, wall := pidTicks(pids), machineTicks(), time.Since(began)
-	beats1 := heartbeatsSent(metrics, simulator != nil)
+	beats1, calls1 := heartbeatsSent(metrics, simulator != nil), frontendCalls(temporal.metrics)
+	r.calls = map[string]float64{}
+	for op, n := range calls1 {
+		if d := (n - calls0[op]) / wall.Seconds(); d >= 0.05 {
+			r.calls[op] = d
+		}
+	}
+	profiled()
+	profiledSim()
 	r.cores = map[string]float64{}
 	for role, s := range cpuSeconds(cpu0, cpu1) {
 		r.cores[role] = s / wall.Seconds()
@@ -180,8 +224,19 @@ func controlPlaneIdle(b *testing.B, nodes int) idleRun {
 	r.machine = float64(busy1-busy0) / 100 / wall.Seconds()
 	r.beatsPerSec = (beats1 - beats0) / wall.Seconds()
 	r.online, r.offline, r.registering = countNodes(b, tc, node.Online), countNodes(b, tc, node.Offline), countNodes(b, tc, node.Registering)
-	b.Logf("%d nodes: Online %d (at the window's start %d), apiserver %.3f, Temporal %.3f, simulator %.3f cores, machine %.2f of %d busy",
-		nodes, r.online, r.onlineBefore, r.cores["apiserver"], r.cores["temporal server"], r.cores["simulator"], r.machine, runtime.NumCPU())
+	b.Logf("%d nodes: Online %d (at the window's start %d), apiserver %.3f, Temporal %.3f, simulator %.3f cores, machine %.2f of %d busy; Temporal frontend requests/s: %s",
+		nodes, r.online, r.onlineBefore, r.cores["apiserver"], r.cores["temporal server"], r.cores["simulator"], r.machine, runtime.NumCPU(), rates(r.calls))
+
+	// Heartbeats alone: with the apiserver stopped (SIGSTOP) nothing reads
+	// the cluster view, and what Temporal still spends is the nodes' liveness.
+	require.NoError(b, apiserver.Process.Signal(syscall.SIGSTOP))
+	delete(pids, "apiserver")
+	cpu0, began = pidTicks(pids), time.Now()
+	time.Sleep(heartbeatsWindow)
+	cpu1, wall = pidTicks(pids), time.Since(began)
+	require.NoError(b, apiserver.Process.Signal(syscall.SIGCONT))
+	r.heartbeatsOnly = cpuSeconds(cpu0, cpu1)["temporal server"] / wall.Seconds()
+	b.Logf("%d nodes, apiserver stopped: Temporal %.3f cores", nodes, r.heartbeatsOnly)
 
 	if simulator != nil {
 		r.stopTook, r.left = stopSimulator(b, simulator, tc, nodes)
@@ -192,15 +247,26 @@ func controlPlaneIdle(b *testing.B, nodes int) idleRun {
 	return r
 }
 
+// devTemporal is a Temporal dev server of one benchmark run.
+type devTemporal struct {
+	pid     int
+	client  client.Client
+	addr    string
+	metrics string // its Prometheus endpoint
+}
+
 // startTemporal runs a Temporal dev server of its own (in-memory, llorch's
-// search attributes) until the benchmark ends: its pid, a client, its address.
-func startTemporal(b *testing.B) (int, client.Client, string) {
+// search attributes) until the benchmark ends.
+func startTemporal(b *testing.B) devTemporal {
 	bin, err := testenv.Tool("temporal")
 	require.NoError(b, err)
 	port, err := testenv.FreePort()
 	require.NoError(b, err)
+	metricsPort, err := testenv.FreePort()
+	require.NoError(b, err)
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	args := []string{"server", "start-dev", "--ip", "127.0.0.1", "--port", strconv.Itoa(port), "--headless",
+		"--metrics-port", strconv.Itoa(metricsPort),
 		"--namespace", "default", "--log-level", "error", "--dynamic-config-value", "frontend.enableServerVersionCheck=false"}
 	for _, k := range control.SearchAttributes {
 		args = append(args, "--search-attribute", k.GetName()+"=Keyword")
@@ -223,7 +289,33 @@ func startTemporal(b *testing.B) (int, client.Client, string) {
 		return true, ""
 	})
 	b.Cleanup(tc.Close)
-	return cmd.Process.Pid, tc, addr
+	return devTemporal{pid: cmd.Process.Pid, client: tc, addr: addr, metrics: fmt.Sprintf("http://127.0.0.1:%d/metrics", metricsPort)}
+}
+
+// frontendCalls counts the requests the Temporal frontend served, by
+// operation: what the control plane's CPU goes to.
+func frontendCalls(url string) map[string]float64 {
+	out := map[string]float64{}
+	res, err := http.Get(url)
+	if err != nil {
+		return out
+	}
+	defer res.Body.Close()
+	sc := bufio.NewScanner(res.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, "service_requests{") || !strings.Contains(line, `service_name="frontend"`) {
+			continue
+		}
+		_, op, ok := strings.Cut(line, `operation="`)
+		op, _, _ = strings.Cut(op, `"`)
+		v, err := strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
+		if ok && err == nil {
+			out[op] += v
+		}
+	}
+	return out
 }
 
 // countNodes counts running node workflows in state st by the NodeState
@@ -324,6 +416,17 @@ func machineTicks() uint64 {
 		}
 	}
 	return busy
+}
+
+// pprofAddr is a free loopback address for --pprof-addr with
+// LLORCH_BENCH_PROFILE, "" (off) without.
+func pprofAddr(b *testing.B) string {
+	if profileDir == "" {
+		return ""
+	}
+	p, err := testenv.FreePort()
+	require.NoError(b, err)
+	return fmt.Sprintf("127.0.0.1:%d", p)
 }
 
 func lastBytes(s string, n int) string { return s[max(0, len(s)-n):] }
