@@ -115,8 +115,10 @@ func New(o Options) (*Fleet, error) {
 			Host:    agent.HostWithModels{InventorySource: host, Local: local, Log: log},
 			Nodes:   nodes,
 			Metrics: metrics,
-			// Liveness is one long activity at a time: one poller serves it.
-			ActivityPollers: 1,
+			// Liveness is one long activity at a time: one poller serves it,
+			// and a thousand nodes stay within the dev server's 1200
+			// concurrent polls per namespace (frontend.namespaceCount).
+			ActivityPollers: 1, NoWorkflowPollers: true,
 		}}
 	}
 	return f, nil

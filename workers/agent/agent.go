@@ -44,8 +44,11 @@ type Agent struct {
 	// Pools receive the node's handoff events (readiness, adoption).
 	Pools *control.Pools
 	// ActivityPollers polls node.<id> with this many pollers (0: the SDK's
-	// default); `llorch sim nodes` runs many agents on one connection.
-	ActivityPollers int
+	// default), and NoWorkflowPollers stops the SDK polling it for workflow
+	// tasks, which it does though the agent runs none: `llorch sim nodes`
+	// runs a thousand agents within the namespace's concurrent poll limit.
+	ActivityPollers   int
+	NoWorkflowPollers bool
 
 	worker      worker.Worker
 	stopWatcher context.CancelFunc
@@ -63,6 +66,7 @@ func (a *Agent) Start(ctx context.Context) error {
 		DefaultHeartbeatThrottleInterval: a.HeartbeatInterval,
 		WorkerStopTimeout:                5 * time.Second,
 		MaxConcurrentActivityTaskPollers: a.ActivityPollers,
+		DisableWorkflowWorker:            a.NoWorkflowPollers,
 	})
 	a.worker.RegisterActivity(&activities.NodeActivities{
 		Client: a.Nodes.Temporal, Source: a.Host, Identity: a.Identity, Log: a.Log, Metrics: a.Metrics,
