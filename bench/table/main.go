@@ -127,10 +127,10 @@ func idleRow(n int, aim string, met func(v []float64) bool) row {
 	k := fmt.Sprintf("n%d_", n)
 	return row{fmt.Sprintf("control plane idle, %d simulated nodes (1 s heartbeats)", n), "control_plane_idle",
 		[]string{k + "apiserver_cores", k + "temporal_cores", k + "control_plane_cores", k + "online", k + "nodes",
-			"n0_control_plane_cores", k + "marginal_ms_per_s_per_node", k + "simulator_cores", k + "online_fewest_in_window"},
+			"n0_control_plane_cores", k + "marginal_ms_per_s_per_node", k + "simulator_cores", k + "online_fewest_in_window", k + "cluster_view_every_s"},
 		func(v []float64) (string, string, string) {
-			return fmt.Sprintf("apiserver %.3f + Temporal %.3f = %.3f cores; %.0f of %.0f Online at the end, fewest %.0f (simulator %.2f cores)",
-					v[0], v[1], v[2], v[3], v[4], v[8], v[7]),
+			return fmt.Sprintf("apiserver %.3f + Temporal %.3f = %.3f cores; %.0f of %.0f Online at the end, fewest %.0f; cluster view read every %.1f s (simulator %.2f cores)",
+					v[0], v[1], v[2], v[3], v[4], v[8], v[9], v[7]),
 				fmt.Sprintf("0 nodes: %.3f cores", v[5]), fmt.Sprintf("+%.2f ms CPU/s per node", v[6])
 		}, aim, met}
 }
