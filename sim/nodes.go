@@ -55,9 +55,9 @@ const (
 	// maxStopping bounds deregistrations in flight.
 	maxStopping = 100
 	// workerStopGrace is what an agent's worker may take to stop after its
-	// deregistration (the agent's WorkerStopTimeout is 5 s); Stop keeps it
-	// free before its deadline.
-	workerStopGrace = 6 * time.Second
+	// deregistration (the agent's WorkerStopTimeout is 5 s, and a saturated
+	// machine adds to it); Stop keeps it free before its deadline.
+	workerStopGrace = 8 * time.Second
 	progressEvery   = 5 * time.Second
 )
 
