@@ -116,8 +116,8 @@ func New(o Options) (*Fleet, error) {
 			Nodes:   nodes,
 			Metrics: metrics,
 			// Liveness is one long activity at a time: one poller serves it,
-			// and a thousand nodes stay within the dev server's 1200
-			// concurrent polls per namespace (frontend.namespaceCount).
+			// and a thousand nodes stay within Temporal's 1200 concurrent
+			// polls per namespace and method (frontend.namespaceCount).
 			ActivityPollers: 1, NoWorkflowPollers: true,
 		}}
 	}
