@@ -72,6 +72,7 @@ bench: tools
     go test -run '^$' -bench 'Concurrency' -benchtime 3x -timeout 20m ./bench
     go test -run '^$' -bench 'DetectionAndHandoff' -benchtime 10x -timeout 20m ./bench
     go test -run '^$' -bench 'Staging' -benchtime 3x ./bench
+    go test -run '^$' -bench 'ControlPlaneIdle' -benchtime 1x -timeout 20m ./bench
     go test -run '^$' -bench . ./placement
     @echo "results: bench/out/results.json"
     go run ./bench/table

@@ -23,11 +23,11 @@ var profileDir = os.Getenv("LLORCH_BENCH_PROFILE")
 // cpuProfile fetches a CPU profile of the apiserver over the next seconds
 // into profileDir/name.pprof; wait blocks until it is written.
 func (c *benchCluster) cpuProfile(b *testing.B, name string, seconds int) (wait func()) {
-	return c.cpuProfileOf(b, c.pprof, name, seconds)
+	return cpuProfileOf(b, c.pprof, name, seconds)
 }
 
 // cpuProfileOf is cpuProfile of the process serving pprof at addr.
-func (c *benchCluster) cpuProfileOf(b *testing.B, addr, name string, seconds int) (wait func()) {
+func cpuProfileOf(b *testing.B, addr, name string, seconds int) (wait func()) {
 	if profileDir == "" || addr == "" {
 		return func() {}
 	}

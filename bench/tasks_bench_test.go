@@ -66,24 +66,11 @@ func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody strin
 	c := &benchCluster{api: fmt.Sprintf("127.0.0.1:%d", port), home: home}
 	s3 := []string{"--temporal-address", env.TemporalAddr, "--home", home, "--s3-endpoint", env.S3.Endpoint,
 		"--s3-access-key", env.S3.AccessKey, "--s3-secret-key", env.S3.SecretKey, "--s3-bucket", env.S3.Bucket}
-	c.spawn = func(args ...string) *exec.Cmd {
-		cmd := exec.Command(bin, args...)
-		cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + benchToken, "LLORCH_LOG_LEVEL=warn",
-			"LLORCH_TEMPORAL_GRPC_COMPRESSION=" + os.Getenv("LLORCH_TEMPORAL_GRPC_COMPRESSION")}
-		cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
-		require.NoError(b, cmd.Start())
-		b.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-		return cmd
-	}
+	c.spawn = func(args ...string) *exec.Cmd { return spawn(b, io.Discard, bin, args...) }
 	// With LLORCH_BENCH_PROFILE, the apiserver and the first worker serve pprof.
-	pprofAddr := func() string {
-		p, err := testenv.FreePort()
-		require.NoError(b, err)
-		return fmt.Sprintf("127.0.0.1:%d", p)
-	}
 	apiArgs := append([]string{"apiserver", "--addr", c.api}, s3...)
 	if profileDir != "" {
-		c.pprof = pprofAddr()
+		c.pprof = pprofAddr(b)
 		apiArgs = append(apiArgs, "--pprof-addr", c.pprof)
 	}
 	c.spawn(apiArgs...)
@@ -91,7 +78,7 @@ func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody strin
 		args := append([]string{"worker", "--node-id", nodeID(i), "--metrics-addr", "127.0.0.1:0", "--heartbeat-interval", "1s"}, s3...)
 		args = append(args, workerArgs...)
 		if profileDir != "" && i == 0 {
-			c.workerPprof = pprofAddr()
+			c.workerPprof = pprofAddr(b)
 			args = append(args, "--pprof-addr", c.workerPprof)
 		}
 		c.workerArgs = append(c.workerArgs, args)
@@ -135,6 +122,18 @@ func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody strin
 		})
 	}
 	return c
+}
+
+// spawn starts a llorch process of the benchmark, with its output to out;
+// it is killed when the benchmark ends.
+func spawn(b *testing.B, out io.Writer, bin string, args ...string) *exec.Cmd {
+	cmd := exec.Command(bin, args...)
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + benchToken, "LLORCH_LOG_LEVEL=warn",
+		"LLORCH_TEMPORAL_GRPC_COMPRESSION=" + os.Getenv("LLORCH_TEMPORAL_GRPC_COMPRESSION")}
+	cmd.Stdout, cmd.Stderr = out, out
+	require.NoError(b, cmd.Start())
+	b.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	return cmd
 }
 
 func (c *benchCluster) call(method, path, body string) (int, string) {
@@ -407,7 +406,7 @@ func streamingThroughput(b *testing.B, isolate bool) {
 	streamCPU := map[*[]float64]map[string]float64{&dRate: {}, &lRate: {}}
 	streamWall := map[*[]float64]time.Duration{}
 	profiled := c.cpuProfile(b, "throughput-apiserver", 5)
-	profiledWorker := c.cpuProfileOf(b, c.workerPprof, "throughput-worker", 5)
+	profiledWorker := cpuProfileOf(b, c.workerPprof, "throughput-worker", 5)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		for _, m := range []struct {

@@ -82,6 +82,12 @@ func main() {
 			func(v []float64) (string, string, string) {
 				return fmt.Sprintf("%.0f MB/s", v[0]), fmt.Sprintf("FGetObject %.0f MB/s", v[1]), fmt.Sprintf("%.2f (%.2f vs FGetObject + fsync)", v[2], v[3])
 			}, ">= 0.9", func(v []float64) bool { return v[2] >= 0.9 }},
+		{"control plane idle, 0 nodes", "control_plane_idle", []string{"n0_apiserver_cores", "n0_temporal_cores", "n0_control_plane_cores"},
+			func(v []float64) (string, string, string) {
+				return fmt.Sprintf("apiserver %.3f + Temporal %.3f = %.3f cores", v[0], v[1], v[2]), "", ""
+			}, "", nil},
+		idleRow(100, "", nil),
+		idleRow(1000, "apiserver + Temporal < 1 core at 1000 nodes, all Online", func(v []float64) bool { return v[2] < 1 && v[8] == v[4] }),
 	}
 	fmt.Println("| what | llorch | baseline | ratio / overhead | aim | met |")
 	fmt.Println("|---|---|---|---|---|---|")
@@ -112,4 +118,19 @@ func main() {
 	if missed > 0 {
 		fmt.Printf("\n%d aim(s) missed: see docs/benchmarks.md for why.\n", missed)
 	}
+}
+
+// idleRow is BenchmarkControlPlaneIdle at n simulated nodes beside its
+// 0-node run: cores of apiserver and Temporal, nodes Online (at the end of
+// the window and the fewest during it), cost per node.
+func idleRow(n int, aim string, met func(v []float64) bool) row {
+	k := fmt.Sprintf("n%d_", n)
+	return row{fmt.Sprintf("control plane idle, %d simulated nodes (1 s heartbeats)", n), "control_plane_idle",
+		[]string{k + "apiserver_cores", k + "temporal_cores", k + "control_plane_cores", k + "online", k + "nodes",
+			"n0_control_plane_cores", k + "marginal_ms_per_s_per_node", k + "simulator_cores", k + "online_fewest_in_window", k + "cluster_view_every_s"},
+		func(v []float64) (string, string, string) {
+			return fmt.Sprintf("apiserver %.3f + Temporal %.3f = %.3f cores; %.0f of %.0f Online at the end, fewest %.0f; cluster view read every %.1f s (simulator %.2f cores)",
+					v[0], v[1], v[2], v[3], v[4], v[8], v[9], v[7]),
+				fmt.Sprintf("0 nodes: %.3f cores", v[5]), fmt.Sprintf("+%.2f ms CPU/s per node", v[6])
+		}, aim, met}
 }

@@ -54,13 +54,14 @@ func TestFlagEnvTable(t *testing.T) {
 // readmeSections names the commands each section of README.md's
 // configuration table is about.
 var readmeSections = map[string][]string{
-	"all long-running commands":             {"apiserver", "worker"},
+	"all long-running commands":             {"apiserver", "worker", "sim nodes"},
 	"S3 (apiserver, worker, `models push`)": {"apiserver", "worker", "models push"},
 	"`llorch apiserver`":                    {"apiserver"},
 	"`llorch worker`":                       {"worker"},
 	"`llorch models`":                       {"models push", "models ls", "models rm"},
 	"`llorch engine`":                       {"engine"},
 	"`llorch dev`":                          {"dev"},
+	"`llorch sim nodes`":                    {"sim nodes"},
 }
 
 // Every env var in README.md's configuration table is the one of its flag in

@@ -46,6 +46,12 @@ type Agent struct {
 	// Link serves the node's live state; the agent feeds it from Host,
 	// Engines and Generate while it runs. nil: no link.
 	Link *Link
+	// ActivityPollers polls node.<id> with this many pollers (0: the SDK's
+	// default), and NoWorkflowPollers stops the SDK polling it for workflow
+	// tasks, which it does though the agent runs none: `llorch sim nodes`
+	// runs a thousand agents within the namespace's concurrent poll limit.
+	ActivityPollers   int
+	NoWorkflowPollers bool
 
 	worker      worker.Worker
 	stopWatcher context.CancelFunc
@@ -76,6 +82,8 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 		MaxHeartbeatThrottleInterval:     a.HeartbeatInterval,
 		DefaultHeartbeatThrottleInterval: a.HeartbeatInterval,
 		WorkerStopTimeout:                5 * time.Second,
+		MaxConcurrentActivityTaskPollers: a.ActivityPollers,
+		DisableWorkflowWorker:            a.NoWorkflowPollers,
 	})
 	a.worker.RegisterActivity(&activities.NodeActivities{
 		Client: a.Nodes.Temporal, Source: a.Host, Identity: a.Identity, Log: a.Log, Metrics: a.Metrics,
