@@ -118,7 +118,7 @@ func New(o Options) (*Fleet, error) {
 			// Liveness is one long activity at a time: one poller serves it,
 			// and a thousand nodes stay within Temporal's 1200 concurrent
 			// polls per namespace and method (frontend.namespaceCount).
-			ActivityPollers: 1, NoWorkflowPollers: true,
+			ActivityPollers: 1,
 		}}
 	}
 	return f, nil

@@ -47,11 +47,8 @@ type Agent struct {
 	// Engines and Generate while it runs. nil: no link.
 	Link *Link
 	// ActivityPollers polls node.<id> with this many pollers (0: the SDK's
-	// default), and NoWorkflowPollers stops the SDK polling it for workflow
-	// tasks, which it does though the agent runs none: `llorch sim nodes`
-	// runs a thousand agents within the namespace's concurrent poll limit.
-	ActivityPollers   int
-	NoWorkflowPollers bool
+	// default): `llorch sim nodes` runs a thousand agents with one each.
+	ActivityPollers int
 
 	worker      worker.Worker
 	stopWatcher context.CancelFunc
@@ -83,7 +80,10 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 		DefaultHeartbeatThrottleInterval: a.HeartbeatInterval,
 		WorkerStopTimeout:                5 * time.Second,
 		MaxConcurrentActivityTaskPollers: a.ActivityPollers,
-		DisableWorkflowWorker:            a.NoWorkflowPollers,
+		// node.<id> carries activities only (DESIGN.md decision 2): workflow
+		// pollers there would only spend the namespace's concurrent poll
+		// limit (1200 per API), which caps a cluster near 600 nodes.
+		DisableWorkflowWorker: true,
 	})
 	a.worker.RegisterActivity(&activities.NodeActivities{
 		Client: a.Nodes.Temporal, Source: a.Host, Identity: a.Identity, Log: a.Log, Metrics: a.Metrics,
