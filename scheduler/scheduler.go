@@ -3,7 +3,7 @@
 // for it under AutoPools), its session must have a turn left, and its
 // queue room, before its workflow is started. Then a bounded queue per
 // priority (interactive before batch, FIFO within each), a cached snapshot
-// of pools (ClusterSource) refreshed in the background, and slot grants
+// of pools (from the LinkView, which follows the nodes) copied every Refresh, and slot grants
 // counted here. It lives in the apiserver beside the control worker; the truth of
 // which tasks exist is in Temporal (each task is a workflow), so a
 // restarted apiserver rebuilds its queue as the tasks' Place activities are
@@ -360,7 +360,7 @@ func (s *Scheduler) Run(ctx context.Context) {
 func (s *Scheduler) refresh(ctx context.Context) {
 	cands, err := s.Source(ctx)
 	if err != nil {
-		if s.Log != nil && ctx.Err() == nil {
+		if s.Log != nil && ctx.Err() == nil && !errors.Is(err, ErrNoView) {
 			s.Log.Warn("scheduler: cannot list pools", "err", err)
 		}
 		return
