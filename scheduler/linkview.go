@@ -60,8 +60,12 @@ type LinkView struct {
 	Stale   time.Duration
 	Log     *slog.Logger
 	Metrics *ViewMetrics
+	// Changed, when set, is told of every change a link brings and of
+	// every membership read (Scheduler.Changed); it must not block.
+	Changed func()
 
 	mu       sync.Mutex
+	run      context.Context // Run's: followers live as long as it
 	listed   bool
 	pools    []control.PoolEntry
 	members  map[string]control.NodeEntry
@@ -80,6 +84,16 @@ type follower struct {
 	polling       bool            // a long-poll is open after a good answer
 	noLink        bool            // the node serves no link: read by Get
 	snapshot      node.Snapshot   // noLink: its latest figures
+	first         chan struct{}   // closed once the link first answered or failed
+	tried         bool            // first is closed
+}
+
+// settled closes first once. Called with LinkView.mu held.
+func (f *follower) settled() {
+	if !f.tried {
+		f.tried = true
+		close(f.first)
+	}
 }
 
 // ViewMetrics are the view's figures.
@@ -134,6 +148,9 @@ func (v *LinkView) every() time.Duration {
 // Run keeps the view until ctx ends: membership every Every, links followed
 // in their own goroutines, which end with it.
 func (v *LinkView) Run(ctx context.Context) {
+	v.mu.Lock()
+	v.run = ctx
+	v.mu.Unlock()
 	tick := time.NewTicker(v.every())
 	defer tick.Stop()
 	for {
@@ -191,8 +208,12 @@ func (v *LinkView) Refresh(ctx context.Context) error {
 		if _, followed := v.follow[id]; followed || !ok || m.State != node.Online {
 			continue
 		}
-		fctx, cancel := context.WithCancel(ctx)
-		f := &follower{nodeID: id, runID: m.RunID, cancel: cancel, at: time.Now()}
+		base := v.run
+		if base == nil {
+			base = ctx
+		}
+		fctx, cancel := context.WithCancel(base)
+		f := &follower{nodeID: id, runID: m.RunID, cancel: cancel, at: time.Now(), first: make(chan struct{})}
 		v.follow[id] = f
 		go v.followLink(fctx, f)
 	}
@@ -229,6 +250,9 @@ func (v *LinkView) Refresh(ctx context.Context) error {
 		}
 	}
 	v.fallback = kept
+	if v.Changed != nil {
+		v.Changed()
+	}
 	return nil
 }
 
@@ -291,9 +315,10 @@ func (v *LinkView) followLink(ctx context.Context, f *follower) {
 				f.at = time.Now() // an open long-poll kept the state current until now
 			}
 			f.polling = false
+			f.settled()
 			v.mu.Unlock()
-			if v.Log != nil {
-				v.Log.Debug("cluster view: node link failed", "node_id", f.nodeID, "err", err)
+			if v.Log != nil && backoff == first {
+				v.Log.Warn("cluster view: cannot follow node link; retrying", "node_id", f.nodeID, "err", err)
 			}
 			c, after = nil, 0
 			sleep(ctx, backoff/2+rand.N(backoff/2+1))
@@ -301,10 +326,15 @@ func (v *LinkView) followLink(ctx context.Context, f *follower) {
 			continue
 		}
 		backoff = first
+		news := st.Version != after
 		after = st.Version
 		v.mu.Lock()
 		f.state, f.at, f.polling = &st, time.Now(), true
+		f.settled()
 		v.mu.Unlock()
+		if news && v.Changed != nil {
+			v.Changed()
+		}
 	}
 }
 
@@ -332,6 +362,7 @@ func (v *LinkView) learn(ctx context.Context, f *follower) (*link.Client, error)
 			f.snapshot = *nv.Live
 		}
 		f.at = time.Now()
+		f.settled()
 		return nil, nil
 	}
 	f.noLink = false
@@ -346,6 +377,41 @@ func sleep(ctx context.Context, d time.Duration) {
 	case <-t.C:
 	}
 }
+
+// Fresh reads the membership now and answers the view: the scheduler's
+// second look when its snapshot cannot serve a task (a pool just created).
+// Two list calls; links are followed as always.
+func (v *LinkView) Fresh(ctx context.Context) ([]placement.Candidate, error) {
+	if err := v.Refresh(ctx); err != nil {
+		return nil, err
+	}
+	// A node just followed answers within a round trip: wait for it (a
+	// little), so a pool that is ready places as it did before.
+	v.mu.Lock()
+	var firsts []chan struct{}
+	for _, f := range v.follow {
+		if !f.tried {
+			firsts = append(firsts, f.first)
+		}
+	}
+	v.mu.Unlock()
+	wait := time.NewTimer(freshWait)
+	defer wait.Stop()
+	for _, ch := range firsts {
+		select {
+		case <-ch:
+		case <-wait.C:
+			return v.Candidates(ctx)
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	return v.Candidates(ctx)
+}
+
+// freshWait bounds how long Fresh waits for links it has just started to
+// follow.
+const freshWait = time.Second
 
 // ErrNoView: the view has read no membership yet (the scheduler waits).
 var ErrNoView = errors.New("cluster view: no membership read yet")

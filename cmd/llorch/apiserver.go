@@ -89,7 +89,8 @@ func runAPIServer(f *apiserverFlags) error {
 	pools, tasks := &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace}, &control.Tasks{Temporal: tc}
 	view := &scheduler.LinkView{Pools: pools, Nodes: nodes, Token: f.linkToken, Log: log, Metrics: scheduler.NewViewMetrics(reg)}
 	sched := &scheduler.Scheduler{Capacity: f.queueCap, Policy: f.policy, Log: log, Metrics: scheduler.NewMetrics(reg),
-		Source: view.Candidates, Tasks: tasks}
+		Source: view.Candidates, Fresh: view.Fresh, Tasks: tasks}
+	view.Changed = sched.Changed
 	if f.autoPoolsOn {
 		f.autoPools.Pools, f.autoPools.Nodes = pools, nodes
 		sched.AutoPools = &f.autoPools
