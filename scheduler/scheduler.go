@@ -48,7 +48,7 @@ type Scheduler struct {
 	// Fresh is the second look Admit takes when the snapshot cannot serve
 	// a task (a pool just created may be missing); nil: Source.
 	Fresh Source
-	Tasks  TaskStarter
+	Tasks TaskStarter
 	// AutoPools, when set, starts a pool for a task no pool serves (else
 	// the task is refused).
 	AutoPools *AutoPools
