@@ -247,3 +247,51 @@ func TestLinkViewFollowsNodes(t *testing.T) {
 }
 
 func stringOf(m map[string]placement.Candidate) string { return fmt.Sprintf("%+v", m) }
+
+// The merge of visibility and link: the link's word on the engine within
+// the workflow's state.
+func TestLinkViewMergesStateAndLink(t *testing.T) {
+	now := time.Now()
+	lp := node.LinkPool{PoolID: "p", ModelID: "m", Epoch: 2, URL: "http://e", SlotsTotal: 4}
+	cases := []struct {
+		name   string
+		state  pool.State
+		link   *node.LinkPool
+		linkAt time.Time
+		want   pool.State
+		url    string
+	}{
+		{"starting, engine ready on the link", pool.Starting, &node.LinkPool{Ready: true}, now, pool.Ready, "http://e"},
+		{"starting, no engine yet", pool.Starting, nil, now, pool.Starting, ""},
+		{"ready, engine ready", pool.Ready, &node.LinkPool{Ready: true}, now, pool.Ready, "http://e"},
+		{"ready, engine not ready on the link", pool.Ready, &node.LinkPool{}, now, pool.Unready, "http://e"},
+		{"ready, engine gone from the link", pool.Ready, nil, now, pool.Unready, ""},
+		{"ready, link state too old", pool.Ready, &node.LinkPool{Ready: true}, now.Add(-time.Minute), pool.Unready, ""},
+		{"unready stays unready until the workflow says", pool.Unready, &node.LinkPool{Ready: true}, now, pool.Unready, "http://e"},
+		{"draining", pool.Draining, &node.LinkPool{Ready: true}, now, pool.Draining, "http://e"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			st := &node.LinkState{NodeID: "n"}
+			if tc.link != nil {
+				p := lp
+				p.Ready = tc.link.Ready
+				st.Pools = []node.LinkPool{p}
+			}
+			v := &LinkView{listed: true,
+				pools:   []control.PoolEntry{{PoolID: "p", NodeID: "n", ModelID: "m", State: tc.state, CtxSize: 8192, Listed: true}},
+				members: map[string]control.NodeEntry{"n": {NodeID: "n", State: node.Online}},
+				follow:  map[string]*follower{"n": {nodeID: "n", state: st, at: tc.linkAt, stale: 3 * time.Second}}}
+			cands, err := v.Candidates(context.Background())
+			require.NoError(t, err)
+			require.Len(t, cands, 1)
+			c := cands[0]
+			require.Equal(t, tc.want, c.State)
+			require.Equal(t, tc.url, c.URL)
+			require.Equal(t, tc.state == pool.Draining, c.Draining)
+			if tc.url != "" {
+				require.Equal(t, 2048, c.CtxPerSlot, "ctx from the memo over the link's slots")
+			}
+		})
+	}
+}
