@@ -240,7 +240,6 @@ func (v *LinkView) Refresh(ctx context.Context) error {
 			SlotsTotal: h.SlotsTotal, CtxPerSlot: h.CtxSize / max(h.SlotsTotal, 1)}
 	}
 	v.mu.Lock()
-	defer v.mu.Unlock()
 	kept := make(map[string]placement.Candidate, len(old))
 	for _, p := range old {
 		if c, ok := read[p.PoolID]; ok {
@@ -250,6 +249,7 @@ func (v *LinkView) Refresh(ctx context.Context) error {
 		}
 	}
 	v.fallback = kept
+	v.mu.Unlock()
 	if v.Changed != nil {
 		v.Changed()
 	}
