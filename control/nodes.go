@@ -11,6 +11,7 @@ import (
 
 	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/api/serviceerror"
+	workflowpb "go.temporal.io/api/workflow/v1"
 	"go.temporal.io/api/workflowservice/v1"
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/converter"
@@ -277,4 +278,29 @@ func (c *Nodes) Heartbeat(ctx context.Context, nodeID, identity string, snap nod
 		return v.Status, c.mapErr(ctx, nodeID, err)
 	}
 	return v.Status, nil
+}
+
+// NodeEntry is a running node workflow as a visibility list shows it.
+type NodeEntry struct {
+	NodeID, RunID string
+	State         node.State
+}
+
+// Running lists every running node workflow with its NodeState from
+// visibility alone: one call per 1000 nodes, no read per node.
+func (c *Nodes) Running(ctx context.Context) ([]NodeEntry, error) {
+	var out []NodeEntry
+	err := listAll(ctx, c.Temporal, c.Namespace,
+		fmt.Sprintf("WorkflowType = '%s' AND ExecutionStatus = 'Running'", node.WorkflowType),
+		func(e *workflowpb.WorkflowExecutionInfo) {
+			id, ok := node.IDFromWorkflowID(e.GetExecution().GetWorkflowId())
+			if ok {
+				out = append(out, NodeEntry{NodeID: id, RunID: e.GetExecution().GetRunId(),
+					State: node.State(keyword(e.GetSearchAttributes(), node.NodeStateKey.GetName()))})
+			}
+		})
+	if err != nil {
+		return nil, fmt.Errorf("list node workflows: %w", err)
+	}
+	return out, nil
 }

@@ -6,10 +6,13 @@ import (
 	"fmt"
 	"time"
 
+	commonpb "go.temporal.io/api/common/v1"
 	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/api/serviceerror"
+	workflowpb "go.temporal.io/api/workflow/v1"
 	"go.temporal.io/api/workflowservice/v1"
 	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/converter"
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/llorch/llorch/model"
@@ -36,7 +39,8 @@ func (c *Pools) Create(ctx context.Context, s pool.Spec) (string, error) {
 		WorkflowIDConflictPolicy: enumspb.WORKFLOW_ID_CONFLICT_POLICY_FAIL,
 		WorkflowIDReusePolicy:    enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
 		TypedSearchAttributes: temporal.NewSearchAttributes(pool.PoolIDKey.ValueSet(s.PoolID),
-			node.NodeIDKey.ValueSet(s.NodeID), model.ModelIDKey.ValueSet(s.ModelID)),
+			node.NodeIDKey.ValueSet(s.NodeID), model.ModelIDKey.ValueSet(s.ModelID), pool.StateKey.ValueSet(string(pool.Starting))),
+		Memo:          s.Memo(),
 		StaticSummary: fmt.Sprintf("pool %s: %s on node %s (%s engine)", s.PoolID, s.ModelID, s.NodeID, s.Engine),
 	}, pool.WorkflowType, pool.Input{Spec: s})
 	var started *serviceerror.WorkflowExecutionAlreadyStarted
@@ -200,4 +204,87 @@ func (c *Pools) Handoff(ctx context.Context, nodeID string, ev pool.HandoffEvent
 		return reply, ErrPoolNotFound
 	}
 	return reply, rejection(err)
+}
+
+// PoolEntry is a running pool as a visibility list shows it: its search
+// attributes and memo, no query. Listed is false for a pool started before
+// pools carried PoolState and a memo; only Health reads such a pool.
+type PoolEntry struct {
+	PoolID, NodeID, ModelID string
+	WorkflowID, RunID       string
+	State                   pool.State
+	Slots, CtxSize          int
+	Engine                  pool.Engine
+	Listed                  bool
+}
+
+// Running lists every running pool from visibility alone: one call per
+// 1000 pools, however many pools there are.
+func (c *Pools) Running(ctx context.Context) ([]PoolEntry, error) {
+	var out []PoolEntry
+	err := listAll(ctx, c.Temporal, c.Namespace,
+		fmt.Sprintf("WorkflowType = '%s' AND ExecutionStatus = 'Running'", pool.WorkflowType),
+		func(e *workflowpb.WorkflowExecutionInfo) {
+			sa := e.GetSearchAttributes()
+			p := PoolEntry{WorkflowID: e.GetExecution().GetWorkflowId(), RunID: e.GetExecution().GetRunId(),
+				PoolID: keyword(sa, pool.PoolIDKey.GetName()), NodeID: keyword(sa, node.NodeIDKey.GetName()),
+				ModelID: keyword(sa, model.ModelIDKey.GetName()), State: pool.State(keyword(sa, pool.StateKey.GetName()))}
+			if p.PoolID == "" {
+				p.PoolID, _ = pool.IDFromWorkflowID(p.WorkflowID)
+			}
+			f := e.GetMemo().GetFields()
+			_, memo := f[pool.MemoSlots]
+			p.Listed = p.State != "" && memo
+			if memo {
+				dc := converter.GetDefaultDataConverter()
+				_ = dc.FromPayload(f[pool.MemoSlots], &p.Slots)
+				_ = dc.FromPayload(f[pool.MemoCtxSize], &p.CtxSize)
+				_ = dc.FromPayload(f[pool.MemoEngine], &p.Engine)
+			}
+			out = append(out, p)
+		})
+	return out, err
+}
+
+// QueryHealth reads one running pool's health by query (Health finds it
+// by id first; this takes the run a list returned).
+func (c *Pools) QueryHealth(ctx context.Context, workflowID, runID string) (pool.Health, error) {
+	var h pool.Health
+	v, err := c.Temporal.QueryWorkflow(ctx, workflowID, runID, pool.QueryHealth)
+	if err == nil {
+		err = v.Get(&h)
+	}
+	return h, err
+}
+
+// listAll pages through a visibility query, 1000 executions a call.
+func listAll(ctx context.Context, tc client.Client, namespace, query string, each func(*workflowpb.WorkflowExecutionInfo)) error {
+	var token []byte
+	for {
+		resp, err := tc.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{
+			Namespace: namespace, PageSize: 1000, NextPageToken: token, Query: query,
+		})
+		if err != nil {
+			return err
+		}
+		for _, e := range resp.GetExecutions() {
+			each(e)
+		}
+		if token = resp.GetNextPageToken(); len(token) == 0 {
+			return nil
+		}
+	}
+}
+
+// keyword reads a Keyword search attribute of a list result ("" if unset).
+func keyword(sa *commonpb.SearchAttributes, name string) string {
+	p, ok := sa.GetIndexedFields()[name]
+	if !ok {
+		return ""
+	}
+	var s string
+	if err := converter.GetDefaultDataConverter().FromPayload(p, &s); err != nil {
+		return ""
+	}
+	return s
 }

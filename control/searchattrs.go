@@ -17,7 +17,7 @@ import (
 // SearchAttributes are the typed (Keyword) search attributes llorch's
 // workflows set, so every place that registers them (llorch dev, the
 // apiserver, the test harness) registers the same set.
-var SearchAttributes = []temporal.SearchAttributeKeyKeyword{node.NodeIDKey, node.NodeStateKey, model.ModelIDKey, pool.PoolIDKey}
+var SearchAttributes = []temporal.SearchAttributeKeyKeyword{node.NodeIDKey, node.NodeStateKey, model.ModelIDKey, pool.PoolIDKey, pool.StateKey}
 
 // EnsureSearchAttributes registers llorch's typed search attributes when the
 // namespace lacks them. Managed clusters may forbid it; then it only warns,
@@ -43,7 +43,7 @@ func EnsureSearchAttributes(ctx context.Context, c client.Client, namespace stri
 	if _, err := c.OperatorService().AddSearchAttributes(ctx, &operatorservice.AddSearchAttributesRequest{
 		Namespace: namespace, SearchAttributes: want,
 	}); err != nil {
-		log.Warn("cannot add search attributes; add NodeId, NodeState and ModelId (Keyword) to the namespace", "err", err)
+		log.Warn("cannot add search attributes; add NodeId, NodeState, ModelId, PoolId and PoolState (Keyword) to the namespace", "err", err)
 		return
 	}
 	log.Info("registered search attributes", "namespace", namespace)

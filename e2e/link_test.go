@@ -38,7 +38,7 @@ func follow(t *testing.T, c *link.Client, timeout time.Duration, what string, co
 // pool starts, its slots busy while generations run and free after, and an
 // idle node's long-poll answers at its bound, not at every heartbeat.
 func TestNodeLink(t *testing.T) {
-	c := newCluster(t)
+	c := newCluster(t, "--link-token", linkToken) // the scheduler follows the link too
 	id := "e2e-link"
 	w := c.onlineWorker(id, "--link-token", linkToken)
 	inv, _ := c.node(id)["inventory"].(map[string]any)

@@ -150,7 +150,7 @@ func TestPoolLifecycle(t *testing.T) {
 	})
 	_, err = os.Stat(handoff)
 	require.True(t, os.IsNotExist(err), "handoff removed")
-	recordHistory(t, pool.WorkflowID(id, "p1"), "pool-ready-restarted-drained")
+	recordHistory(t, pool.WorkflowID(id, "p1"), "pool-state-ready-restarted-drained")
 
 	status, body = c.send("POST", "/v2/pools", `{"pool_id":"p1","model_id":"nope","node_id":"`+id+`"}`)
 	require.Equal(t, 404, status, body)

@@ -32,6 +32,23 @@ func IDFromWorkflowID(workflowID string) (string, bool) {
 // PoolIDKey finds a pool's workflow by pool id.
 var PoolIDKey = temporal.NewSearchAttributeKeyKeyword("PoolId")
 
+// StateKey is a pool's State, kept current by its workflow, so a list of
+// pools shows their lifecycle without a query per pool.
+var StateKey = temporal.NewSearchAttributeKeyKeyword("PoolState")
+
+// Memo fields a pool's workflow gets at creation, so a list of pools has
+// its figures without a query per pool (see Memo).
+const (
+	MemoSlots   = "slots"
+	MemoCtxSize = "ctx_size"
+	MemoEngine  = "engine"
+)
+
+// Memo is what Create puts in a pool workflow's memo.
+func (s Spec) Memo() map[string]any {
+	return map[string]any{MemoSlots: s.Slots, MemoCtxSize: s.CtxSize, MemoEngine: string(s.Engine)}
+}
+
 var idPattern = regexp.MustCompile(`^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$`)
 
 // ValidateID checks a pool id (unique in the cluster).

@@ -71,7 +71,7 @@ func (s *Scheduler) Admit(ctx context.Context, req task.Request) (Admission, err
 	err := s.servable(pr)
 	if err != nil {
 		// The snapshot may predate a pool just created: look again.
-		s.refresh(ctx)
+		s.reread(ctx)
 		err = s.servable(pr)
 	}
 	var prepared *pool.Spec

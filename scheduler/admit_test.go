@@ -2,7 +2,6 @@ package scheduler
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -174,40 +173,4 @@ func TestAutoPoolID(t *testing.T) {
 	long := autoPoolID(string(make([]byte, 80))+"m", "n")
 	require.NoError(t, pool.ValidateID(long))
 	require.Len(t, long, 63)
-}
-
-// partial answers ListPartial from its fields.
-type partial struct {
-	pools  []pool.Health
-	unread []string
-	err    error
-}
-
-func (p *partial) ListPartial(context.Context) ([]pool.Health, []string, error) {
-	return p.pools, p.unread, p.err
-}
-
-func TestClusterSourceKeepsUnreadPools(t *testing.T) {
-	pl := &partial{pools: []pool.Health{{PoolID: "p", NodeID: "n", ModelID: "m", State: pool.Ready, SlotsTotal: 2, CtxSize: 8192}}}
-	live := nodeView("n", node.Online, 0)
-	live.Live = &node.Snapshot{GPUs: []node.GPUUsage{{MemoryTotalBytes: 10, MemoryFreeBytes: 7}}}
-	ns := nodes{live}
-	src := &ClusterSource{Pools: pl, Nodes: ns}
-	cands, err := src.Candidates(context.Background())
-	require.NoError(t, err)
-	want := placement.Candidate{PoolID: "p", NodeID: "n", ModelID: "m", State: pool.Ready, NodeOnline: true,
-		SlotsTotal: 2, CtxPerSlot: 4096, FreeVRAM: 7}
-	require.Equal(t, []placement.Candidate{want}, cands)
-
-	// The pool's query fails: its last figures stand, with its node's state now.
-	pl.pools, pl.unread = nil, []string{"p", "never-read"}
-	src.Nodes = nodes{nodeView("n", node.Offline, 0)}
-	cands, err = src.Candidates(context.Background())
-	require.NoError(t, err)
-	want.NodeOnline = false
-	require.Equal(t, []placement.Candidate{want}, cands)
-
-	pl.err = errors.New("visibility down")
-	_, err = src.Candidates(context.Background())
-	require.ErrorIs(t, err, pl.err)
 }

@@ -3,7 +3,7 @@
 // for it under AutoPools), its session must have a turn left, and its
 // queue room, before its workflow is started. Then a bounded queue per
 // priority (interactive before batch, FIFO within each), a cached snapshot
-// of pools (ClusterSource) refreshed in the background, and slot grants
+// of pools (from the LinkView, which follows the nodes) copied every Refresh, and slot grants
 // counted here. It lives in the apiserver beside the control worker; the truth of
 // which tasks exist is in Temporal (each task is a workflow), so a
 // restarted apiserver rebuilds its queue as the tasks' Place activities are
@@ -45,7 +45,10 @@ type Source func(ctx context.Context) ([]placement.Candidate, error)
 // Scheduler is the admission queue and the slot ledger.
 type Scheduler struct {
 	Source Source
-	Tasks  TaskStarter
+	// Fresh is the second look Admit takes when the snapshot cannot serve
+	// a task (a pool just created may be missing); nil: Source.
+	Fresh Source
+	Tasks TaskStarter
 	// AutoPools, when set, starts a pool for a task no pool serves (else
 	// the task is refused).
 	AutoPools *AutoPools
@@ -56,6 +59,9 @@ type Scheduler struct {
 	Metrics   *Metrics
 
 	sessions sessionTable // its own lock
+
+	pokeOnce sync.Once
+	pokes    chan struct{} // Changed: refresh before the next tick
 
 	mu      sync.Mutex
 	cands   []placement.Candidate
@@ -352,15 +358,42 @@ func (s *Scheduler) Run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
+		case <-s.poked():
 		}
 	}
 }
 
+// Changed says the Source has news (a node's link answered): Run takes a
+// snapshot now rather than at its next tick. It never blocks.
+func (s *Scheduler) Changed() {
+	select {
+	case s.poked() <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Scheduler) poked() chan struct{} {
+	s.pokeOnce.Do(func() { s.pokes = make(chan struct{}, 1) })
+	return s.pokes
+}
+
 // refresh reads the pools once and dispatches.
-func (s *Scheduler) refresh(ctx context.Context) {
-	cands, err := s.Source(ctx)
+func (s *Scheduler) refresh(ctx context.Context) { s.read(ctx, s.Source) }
+
+// reread takes the fresh look of an admission.
+func (s *Scheduler) reread(ctx context.Context) {
+	if s.Fresh != nil {
+		s.read(ctx, s.Fresh)
+		return
+	}
+	s.refresh(ctx)
+}
+
+// read takes a snapshot from src and dispatches.
+func (s *Scheduler) read(ctx context.Context, src Source) {
+	cands, err := src(ctx)
 	if err != nil {
-		if s.Log != nil && ctx.Err() == nil {
+		if s.Log != nil && ctx.Err() == nil && !errors.Is(err, ErrNoView) {
 			s.Log.Warn("scheduler: cannot list pools", "err", err)
 		}
 		return

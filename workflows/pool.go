@@ -572,8 +572,14 @@ func (p *poolWF) set(ctx workflow.Context, st pool.State, lastErr string) {
 	}
 	p.h.Ready = st == pool.Ready
 	p.h.Live = st == pool.Ready || st == pool.Draining
-	_ = workflow.UpsertTypedSearchAttributes(ctx, pool.PoolIDKey.ValueSet(p.spec.PoolID),
-		node.NodeIDKey.ValueSet(p.spec.NodeID), model.ModelIDKey.ValueSet(p.spec.ModelID))
+	attrs := []temporal.SearchAttributeUpdate{pool.PoolIDKey.ValueSet(p.spec.PoolID),
+		node.NodeIDKey.ValueSet(p.spec.NodeID), model.ModelIDKey.ValueSet(p.spec.ModelID)}
+	// Runs recorded before the cluster view read pool states from
+	// visibility upserted no PoolState, and replay as they ran.
+	if workflow.GetVersion(ctx, "pool-state-search-attribute", workflow.DefaultVersion, 1) >= 1 {
+		attrs = append(attrs, pool.StateKey.ValueSet(string(p.h.State)))
+	}
+	_ = workflow.UpsertTypedSearchAttributes(ctx, attrs...)
 	reload := ""
 	if r := p.h.Reload; r != nil {
 		reload = fmt.Sprintf("\n\nreload %s → %s: %s %s %s", r.FromModel, r.ToModel, r.Mode, r.Step, r.Error)

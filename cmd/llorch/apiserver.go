@@ -42,7 +42,7 @@ type apiserverFlags struct {
 	common
 	api                apiserver.Config
 	canAfter, queueCap int
-	policy             string
+	policy, linkToken  string
 	autoPools          scheduler.AutoPools // Pools and Nodes set when --auto-pools
 	autoPoolsOn        bool
 	s3                 config.S3
@@ -57,6 +57,7 @@ func (f *apiserverFlags) addFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&f.autoPools.Ctx, "auto-pool-ctx", 0, "context of a pool started for a task (0: the model's)")
 	fs.IntVar(&f.queueCap, "queue-capacity", 1024, "tasks that may wait per priority (interactive, batch); more get 429 ADMISSION_REJECT")
 	fs.StringVar(&f.policy, "admission-policy", scheduler.Reject, "when a queue is full: reject (429 ADMISSION_REJECT) or drop-lru (fail the longest-waiting task instead)")
+	fs.StringVar(&f.linkToken, "link-token", "", "cluster secret presented to the node links the scheduler follows (the workers' --link-token)")
 	fs.StringVar(&f.api.Token, "api-token", "", "bearer token every /v2 call must present; required to bind a non-loopback address")
 	fs.IntVar(&f.canAfter, "node-continue-as-new-events", 0, "continue node workflows as new after this many history events (0: when Temporal suggests)")
 	config.AddS3Flags(fs, &f.s3)
@@ -86,8 +87,10 @@ func runAPIServer(f *apiserverFlags) error {
 		return fmt.Errorf("--admission-policy: want %s or %s, got %q", scheduler.Reject, scheduler.DropLRU, f.policy)
 	}
 	pools, tasks := &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace}, &control.Tasks{Temporal: tc}
+	view := &scheduler.LinkView{Pools: pools, Nodes: nodes, Token: f.linkToken, Log: log, Metrics: scheduler.NewViewMetrics(reg)}
 	sched := &scheduler.Scheduler{Capacity: f.queueCap, Policy: f.policy, Log: log, Metrics: scheduler.NewMetrics(reg),
-		Source: (&scheduler.ClusterSource{Pools: pools, Nodes: nodes}).Candidates, Tasks: tasks}
+		Source: view.Candidates, Fresh: view.Fresh, Tasks: tasks}
+	view.Changed = sched.Changed
 	if f.autoPoolsOn {
 		f.autoPools.Pools, f.autoPools.Nodes = pools, nodes
 		sched.AutoPools = &f.autoPools
@@ -108,7 +111,7 @@ func runAPIServer(f *apiserverFlags) error {
 		workers.ControlModule,
 		fx.Invoke(func(lc fx.Lifecycle) {
 			lc.Append(fx.Hook{
-				OnStart: func(context.Context) error { go sched.Run(schedCtx); return nil },
+				OnStart: func(context.Context) error { go view.Run(schedCtx); go sched.Run(schedCtx); return nil },
 				OnStop:  func(context.Context) error { stopSched(); return nil },
 			})
 		}),

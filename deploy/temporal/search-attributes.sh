@@ -17,7 +17,7 @@ until temporal operator search-attribute list --address "$address" --namespace "
 	sleep 1
 done
 
-for name in NodeId NodeState ModelId PoolId; do
+for name in NodeId NodeState ModelId PoolId PoolState; do
 	if temporal operator search-attribute list --address "$address" --namespace "$namespace" | grep -qw "$name"; then
 		echo "search attribute $name already in namespace $namespace"
 	else
