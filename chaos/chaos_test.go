@@ -62,6 +62,10 @@ func TestMain(m *testing.M) {
 
 const token = "chaos-token-0123456789abcdef0123456789abcdef"
 
+// linkToken is the cluster's node link secret (a node in its own network
+// namespace serves its link on a non-loopback address, which needs one).
+const linkToken = "chaos-link-0123456789abcdef0123456789abcdef"
+
 // proc is a child process that can be killed and started again.
 type proc struct {
 	t    *testing.T
@@ -83,7 +87,8 @@ func start(t *testing.T, name, bin string, args ...string) *proc {
 
 func (p *proc) start() {
 	p.cmd = exec.Command(p.bin, p.args...)
-	p.cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + token}
+	p.cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + token,
+		"LLORCH_LINK_TOKEN=" + linkToken}
 	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
 	require.NoError(p.t, p.cmd.Start())
 }

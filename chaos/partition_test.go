@@ -22,6 +22,7 @@ import (
 type netns struct {
 	name, host string // namespace, host end of the veth
 	hostIP     string // address of the host end, the node's way out
+	nodeIP     string // address of the namespace's end, where its link is
 }
 
 // requireRoot skips a scenario that needs namespaces or mounts.
@@ -48,7 +49,8 @@ func newNetns(t *testing.T) *netns {
 	sub := fmt.Sprintf("10.231.%d.%d", id%250, (id/250)%64*4)
 	base := net.ParseIP(sub).To4()
 	n.hostIP = net.IPv4(base[0], base[1], base[2], base[3]+1).String()
-	peerIP := net.IPv4(base[0], base[1], base[2], base[3]+2).String()
+	n.nodeIP = net.IPv4(base[0], base[1], base[2], base[3]+2).String()
+	peerIP := n.nodeIP
 	_ = exec.Command("ip", "link", "del", n.host).Run() // left by a killed run
 	_ = exec.Command("ip", "netns", "del", n.name).Run()
 	sh(t, "ip", "netns", "add", n.name)
@@ -102,9 +104,11 @@ func TestNetworkPartition(t *testing.T) {
 		return append([]string{"worker", "--node-id", id, "--temporal-address", temporal, "--home", filepath.Join(dir, "home"),
 			"--metrics-addr", "127.0.0.1:0", "--heartbeat-interval", "1s"}, s3Flags(s3)...)
 	}
-	// Node A lives in the namespace; B beside the servers.
+	// Node A lives in the namespace, its link on the namespace's end of
+	// the veth (the apiserver follows it there); B beside the servers.
 	wa := start(t, "worker-a", "ip", append([]string{"netns", "exec", ns.name, bin},
-		worker("part-a", ns.offer(t, env.TemporalAddr), ns.offer(t, env.S3.Endpoint))...)...)
+		append(worker("part-a", ns.offer(t, env.TemporalAddr), ns.offer(t, env.S3.Endpoint)),
+			"--link-addr", ns.nodeIP+":0")...)...)
 	start(t, "worker-b", bin, worker("part-b", env.TemporalAddr, env.S3.Endpoint)...)
 	a.waitNode("part-a", "Online", 2*time.Minute)
 	a.waitNode("part-b", "Online", 2*time.Minute)
