@@ -74,6 +74,7 @@ bench: tools
     go test -run '^$' -bench 'Staging' -benchtime 3x ./bench
     go test -run '^$' -bench 'ControlPlaneIdle' -benchtime 1x -timeout 20m ./bench
     go test -run '^$' -bench . ./placement
+    go test -run '^$' -bench Admit1000Nodes -benchtime 2000x ./scheduler
     @echo "results: bench/out/results.json"
     go run ./bench/table
 
