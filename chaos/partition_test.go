@@ -178,9 +178,18 @@ func TestNetworkPartition(t *testing.T) {
 	_, rec := a.call("GET", "/v2/tasks/"+task1, "")
 	require.Equal(t, "Completed", rec["state"], rec)
 	require.Equal(t, want, rec["text"])
-	code, body = a.call("POST", "/v2/tasks", `{"task_id":"`+task2+`","model_ref":"part-model","prompt":"the","max_tokens":16,
-		"placement":{"mode":"pin","pin_pool_id":"pa"}}`)
+	// The cluster view follows the node's link again once it is back: a
+	// pinned task is refused with a retriable 503 until then, and a client
+	// retries it.
+	var accepted time.Duration
+	testenv.Eventually(t, 30*time.Second, "a task pinned to the recovered pool accepted", func() (bool, string) {
+		code, body = a.call("POST", "/v2/tasks", `{"task_id":"`+task2+`","model_ref":"part-model","prompt":"the","max_tokens":16,
+			"placement":{"mode":"pin","pin_pool_id":"pa"}}`)
+		accepted = time.Since(restoredAt)
+		return code == 202 || !(code == 503 && body["retriable"] == true), fmt.Sprint(code, body)
+	})
 	require.Equal(t, 202, code, body)
+	t.Logf("pinned task accepted %s after the link came back", accepted.Round(time.Millisecond))
 	testenv.Eventually(t, time.Minute, "task on the recovered pool", func() (bool, string) {
 		_, s := a.call("GET", "/v2/tasks/"+task2, "")
 		return s["state"] == "Completed", fmt.Sprint(s)
