@@ -55,6 +55,7 @@ type Agent struct {
 	watcherDone chan struct{}
 	stopFeed    context.CancelFunc
 	feedDone    chan struct{}
+	feedNow     chan chan struct{} // syncLink asks feedLink for a read of the handoffs
 }
 
 // Start binds the node link, then polls the node's queue, then registers,
@@ -133,7 +134,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 		// After polling starts: an adopted engine's supervisor runs here.
 		wctx, cancel := context.WithCancel(context.Background())
 		a.stopWatcher, a.watcherDone = cancel, make(chan struct{})
-		w := &HandoffWatcher{NodeID: a.NodeID, Engines: a.Engines.Table, Pools: a.Pools, Log: a.Log}
+		w := &HandoffWatcher{NodeID: a.NodeID, Engines: a.Engines.Table, Pools: a.Pools, Log: a.Log, BeforeReport: a.syncLink}
 		go func() {
 			defer close(a.watcherDone)
 			if err := w.Run(wctx); err != nil {

@@ -27,6 +27,9 @@ type HandoffWatcher struct {
 	Engines *engines.Table
 	Pools   *control.Pools
 	Log     *slog.Logger
+	// BeforeReport, when set, runs before each handoff is reported: the
+	// agent brings its node link up to date with it.
+	BeforeReport func(context.Context)
 }
 
 const handoffUpdateTimeout = 15 * time.Second
@@ -111,6 +114,9 @@ func (w *HandoffWatcher) report(ctx context.Context, h pool.Handoff, adopt bool)
 	uctx, cancel := context.WithTimeout(ctx, handoffUpdateTimeout)
 	defer cancel()
 	log := w.Log.With("pool", h.PoolID, "epoch", h.Epoch, "pid", h.PID, "adopt", adopt)
+	if w.BeforeReport != nil {
+		w.BeforeReport(uctx)
+	}
 	reply, err := w.Pools.Handoff(uctx, w.NodeID, pool.HandoffEvent{Handoff: h, Adopt: adopt})
 	switch {
 	case err == nil && reply.Accept:

@@ -48,7 +48,7 @@ func (a *Agent) startLink(hostname string) (string, error) {
 	}
 	url := link.URL(advertise, l.Server.Addr())
 	ctx, cancel := context.WithCancel(context.Background())
-	a.stopFeed, a.feedDone = cancel, make(chan struct{})
+	a.stopFeed, a.feedDone, a.feedNow = cancel, make(chan struct{}), make(chan chan struct{})
 	go func() {
 		defer close(a.feedDone)
 		a.feedLink(ctx)
@@ -101,7 +101,36 @@ func (a *Agent) feedLink(ctx context.Context) {
 			}
 			handoffs = next
 		case <-running:
+		case done := <-a.feedNow:
+			next := a.handoffs()
+			if !sameEngines(handoffs, next) {
+				host = a.Host.Snapshot()
+			}
+			handoffs = next
+			a.Link.Source.Set(node.LinkFacts{At: host.At, Pools: a.linkPools(handoffs), GPUs: host.GPUs,
+				DiskFreeBytes: host.DiskFreeBytes, Models: host.Models, ModelBytes: host.ModelBytes})
+			close(done)
 		}
+	}
+}
+
+// syncLink has the link read the handoff files now and returns once its
+// state holds them (or ctx ends): a handoff is reported to its pool only
+// after the link shows it, so a replica that sees the pool Ready finds its
+// engine on the link too. Without a link it returns at once.
+func (a *Agent) syncLink(ctx context.Context) {
+	if a.feedNow == nil {
+		return
+	}
+	done := make(chan struct{})
+	select {
+	case a.feedNow <- done:
+		select {
+		case <-done:
+		case <-ctx.Done():
+		}
+	case <-a.feedDone:
+	case <-ctx.Done():
 	}
 }
 
