@@ -84,31 +84,32 @@ func (a *Agent) feedLink(ctx context.Context) {
 	if a.Generate != nil {
 		running = a.Generate.Running.Changed()
 	}
-	for {
+	set := func() {
 		a.Link.Source.Set(node.LinkFacts{At: host.At, Pools: a.linkPools(handoffs), GPUs: host.GPUs,
 			DiskFreeBytes: host.DiskFreeBytes, Models: host.Models, ModelBytes: host.ModelBytes})
+	}
+	rereadPools := func() {
+		next := a.handoffs()
+		if !sameEngines(handoffs, next) {
+			// A new engine may use a model staged since the last beat:
+			// the state never names a pool without its model.
+			host = a.Host.Snapshot()
+		}
+		handoffs = next
+	}
+	for {
+		set()
 		select {
 		case <-ctx.Done():
 			return
 		case <-figures.C:
 			host = a.Host.Snapshot()
 		case <-pools.C:
-			next := a.handoffs()
-			if !sameEngines(handoffs, next) {
-				// A new engine may use a model staged since the last
-				// beat: the state never names a pool without its model.
-				host = a.Host.Snapshot()
-			}
-			handoffs = next
+			rereadPools()
 		case <-running:
 		case done := <-a.feedNow:
-			next := a.handoffs()
-			if !sameEngines(handoffs, next) {
-				host = a.Host.Snapshot()
-			}
-			handoffs = next
-			a.Link.Source.Set(node.LinkFacts{At: host.At, Pools: a.linkPools(handoffs), GPUs: host.GPUs,
-				DiskFreeBytes: host.DiskFreeBytes, Models: host.Models, ModelBytes: host.ModelBytes})
+			rereadPools()
+			set()
 			close(done)
 		}
 	}
