@@ -76,6 +76,13 @@ func (a *NodeActivities) Liveness(ctx context.Context, in node.LivenessInput) er
 	}
 }
 
+// Probe answers a suspected node's probe: being taken from the node's
+// queue and completed at once is the proof a live worker gives.
+func (a *NodeActivities) Probe(_ context.Context, in node.ProbeInput) error {
+	a.Log.Info("answered a liveness probe (an apiserver lost this node's link)", "node_id", in.NodeID, "session", in.Session)
+	return nil
+}
+
 // NodeMetrics are the per-node gauges and counters a worker exports.
 type NodeMetrics struct {
 	Heartbeats    *prometheus.CounterVec

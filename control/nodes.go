@@ -86,6 +86,16 @@ func inventoryDetails(inv node.Inventory) string {
 	return b.String()
 }
 
+// Suspect reports that the node's link was lost: its workflow probes the
+// node through Temporal and marks it Offline if the probe goes unanswered.
+func (c *Nodes) Suspect(ctx context.Context, nodeID string, s node.Suspicion) error {
+	err := c.Temporal.SignalWorkflow(ctx, node.WorkflowID(nodeID), "", node.SignalSuspect, s)
+	if err != nil {
+		return c.mapErr(ctx, nodeID, err)
+	}
+	return nil
+}
+
 // Update runs a drain, undrain or deregister update and returns the new status.
 func (c *Nodes) Update(ctx context.Context, nodeID, name string, req node.Request) (node.Status, error) {
 	var st node.Status

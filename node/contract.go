@@ -24,6 +24,10 @@ const (
 	// SignalAlive carries an Alive: proof that an agent serves the current
 	// liveness session. Sent once per session, never once per beat.
 	SignalAlive = "alive"
+	// SignalSuspect carries a Suspicion: an apiserver lost the node's link.
+	// The workflow confirms it through Temporal with a probe on the node's
+	// queue; only an unanswered probe makes the node Offline.
+	SignalSuspect = "suspect"
 
 	UpdateDrain      = "drain"
 	UpdateUndrain    = "undrain"
@@ -110,8 +114,15 @@ const (
 )
 
 // Heartbeat bounds. Liveness times out after MissedBeats intervals.
+//
+// The heartbeat through Temporal is the slow, durable proof of life: every
+// beat is a persisted write (about 3 ms of Temporal's CPU on the dev
+// server), so the default is 10 s. A node that dies is noticed sooner by
+// the apiservers following its link (its connections reset, or go silent
+// past the keep-alive): they signal a Suspicion and the workflow's probe
+// decides within ProbeTimeout (docs/node-link.md, "Liveness").
 const (
-	DefaultHeartbeatInterval = time.Second
+	DefaultHeartbeatInterval = 10 * time.Second
 	MinHeartbeatInterval     = 100 * time.Millisecond
 	MaxHeartbeatInterval     = time.Minute
 	MissedBeats              = 3
@@ -119,6 +130,18 @@ const (
 
 // LivenessTimeout is how long a node may stay silent before it is Offline.
 func LivenessTimeout(interval time.Duration) time.Duration { return MissedBeats * interval }
+
+// ProbeTimeout bounds a suspected node's probe: a worker polling its queue
+// takes it within milliseconds; a loaded server may take a second or two.
+// Unanswered by then (not taken, or taken and not completed), the node is
+// Offline.
+const ProbeTimeout = 3 * time.Second
+
+// ProbeInput asks a suspected node's worker to answer.
+type ProbeInput struct {
+	NodeID  string
+	Session int
+}
 
 // Input starts a node workflow, or carries its state across continue-as-new.
 type Input struct {

@@ -118,6 +118,13 @@ type Alive struct {
 	Snapshot Snapshot `json:"snapshot"`
 }
 
+// Suspicion is the payload of SignalSuspect: who lost the node's link and
+// how.
+type Suspicion struct {
+	By     string `json:"by"` // the apiserver's identity
+	Reason string `json:"reason"`
+}
+
 // Transition is one state change with its reason, kept for the UI and API.
 type Transition struct {
 	From   State     `json:"from"`
@@ -145,6 +152,9 @@ type Status struct {
 	LastSnapshot       Snapshot      `json:"last_snapshot"`
 	Transitions        []Transition  `json:"transitions"`
 	Runs               int           `json:"runs"` // continue-as-new generations so far
+	// Suspicions counts apiservers' reports of a lost link that the node's
+	// probe answered (the node was alive: a network problem between them).
+	Suspicions int `json:"suspicions"`
 }
 
 // MaxTransitions bounds the transition log carried across continue-as-new.

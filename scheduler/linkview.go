@@ -4,15 +4,19 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
 
+	"github.com/llorch/llorch/apiclient"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/link"
 	"github.com/llorch/llorch/node"
@@ -37,9 +41,15 @@ type NodeMembers interface {
 // LinkView is the scheduler's view of the cluster, kept by events: the
 // members come from two visibility lists every Every (pools with PoolState
 // and their memo, nodes with NodeState), whose count does not grow with the
-// cluster; each Online node with pools is followed on its node link by one
-// long-poll at a time, so a change on a node is in the view within a round
-// trip. Candidates answers from memory, with no Temporal call.
+// cluster; each Online node is followed on its node link by one long-poll
+// at a time, so a change on a node is in the view within a round trip.
+// Candidates answers from memory, with no Temporal call.
+//
+// Following the links is also the fast failure detector: a link whose
+// connection fails (a killed worker's resets at once; a lost machine's
+// goes silent past the TCP keep-alive) is reported to the node's workflow
+// through Suspect, which probes the node and marks it Offline when the
+// probe goes unanswered.
 //
 // Pools that predate PoolState, and pools on nodes that serve no link (an
 // older worker), are read the old way, by one query each per refresh (and
@@ -49,20 +59,27 @@ type LinkView struct {
 	Nodes NodeMembers
 	// Token is the cluster secret presented to node links (--link-token).
 	Token string
-	// HTTP sends link requests; nil: http.DefaultClient.
+	// HTTP sends link requests; nil: one with TCP keep-alive probes every
+	// second after 2 s idle (linkHTTP), so a silent machine's long-poll
+	// fails in about 5 s instead of at its wait bound.
 	HTTP *http.Client
 	// Every is the membership period; 0: 1 s.
 	Every time.Duration
 	// Wait bounds each long-poll; 0: the link's default.
 	Wait time.Duration
 	// Stale is how long an unreachable link's last state stands; 0: three
-	// of the node's heartbeat intervals (30 s when it has none).
+	// of the node's heartbeat intervals, at most maxStale.
 	Stale   time.Duration
 	Log     *slog.Logger
 	Metrics *ViewMetrics
 	// Changed, when set, is told of every change a link brings and of
 	// every membership read (Scheduler.Changed); it must not block.
 	Changed func()
+	// Suspect, when set, reports a node whose link failed
+	// (control.Nodes.Suspect); at most once per suspectEvery per node.
+	Suspect func(ctx context.Context, nodeID string, s node.Suspicion) error
+	// Identity names this apiserver in suspicions.
+	Identity string
 
 	mu       sync.Mutex
 	run      context.Context // Run's: followers live as long as it
@@ -71,6 +88,9 @@ type LinkView struct {
 	members  map[string]control.NodeEntry
 	follow   map[string]*follower
 	fallback map[string]placement.Candidate // pool id -> last read by query
+	// noLink are nodes (id -> run id) known to serve no link: followed
+	// (read by Get) only while they have pools.
+	noLink map[string]string
 }
 
 // follower is one node's link as the view follows it; its fields are
@@ -86,6 +106,7 @@ type follower struct {
 	snapshot      node.Snapshot   // noLink: its latest figures
 	first         chan struct{}   // closed once the link first answered or failed
 	tried         bool            // first is closed
+	suspected     time.Time       // the last Suspect sent
 }
 
 // settled closes first once. Called with LinkView.mu held.
@@ -103,6 +124,7 @@ type ViewMetrics struct {
 	age        prometheus.Gauge
 	lists      prometheus.Counter
 	nodeReads  prometheus.Counter
+	suspicions prometheus.Counter
 }
 
 // NewViewMetrics registers the view's metrics on reg.
@@ -124,6 +146,9 @@ func NewViewMetrics(reg prometheus.Registerer) *ViewMetrics {
 		nodeReads: f.NewCounter(prometheus.CounterOpts{
 			Name: "llorch_view_node_reads_total", Help: "Reads of one node the cluster view made: to learn a link, or for a node without one.",
 		}),
+		suspicions: f.NewCounter(prometheus.CounterOpts{
+			Name: "llorch_view_suspicions_total", Help: "Nodes reported to their workflow because their link failed (each is then probed through Temporal).",
+		}),
 	}
 }
 
@@ -137,6 +162,7 @@ func (m *ViewMetrics) count(c func(*ViewMetrics) prometheus.Counter) {
 func lists(m *ViewMetrics) prometheus.Counter      { return m.lists }
 func linkErrors(m *ViewMetrics) prometheus.Counter { return m.linkErrors }
 func nodeReads(m *ViewMetrics) prometheus.Counter  { return m.nodeReads }
+func suspicions(m *ViewMetrics) prometheus.Counter { return m.suspicions }
 
 func (v *LinkView) every() time.Duration {
 	if v.Every <= 0 {
@@ -195,18 +221,28 @@ func (v *LinkView) Refresh(ctx context.Context) error {
 
 	v.mu.Lock()
 	if v.follow == nil {
-		v.follow, v.fallback = map[string]*follower{}, map[string]placement.Candidate{}
+		v.follow, v.fallback, v.noLink = map[string]*follower{}, map[string]placement.Candidate{}, map[string]string{}
 	}
 	for id, f := range v.follow {
-		if m, ok := members[id]; !ok || m.RunID != f.runID || m.State != node.Online || !hasPools[id] {
+		if f.noLink {
+			v.noLink[id] = f.runID
+		}
+		if m, ok := members[id]; !ok || m.RunID != f.runID || m.State != node.Online || (f.noLink && !hasPools[id]) {
 			f.cancel()
 			delete(v.follow, id)
 		}
 	}
-	for id := range hasPools {
-		m, ok := members[id]
-		if _, followed := v.follow[id]; followed || !ok || m.State != node.Online {
+	for id, runID := range v.noLink {
+		if m, ok := members[id]; !ok || m.RunID != runID {
+			delete(v.noLink, id) // re-registered: it may serve a link now
+		}
+	}
+	for id, m := range members {
+		if _, followed := v.follow[id]; followed || m.State != node.Online {
 			continue
+		}
+		if runID, ok := v.noLink[id]; ok && runID == m.RunID && !hasPools[id] {
+			continue // no link and nothing to place on: nothing to read
 		}
 		base := v.run
 		if base == nil {
@@ -316,7 +352,14 @@ func (v *LinkView) followLink(ctx context.Context, f *follower) {
 			}
 			f.polling = false
 			f.settled()
+			report := c != nil && transportFailure(err) && time.Since(f.suspected) >= suspectEvery
+			if report {
+				f.suspected = time.Now()
+			}
 			v.mu.Unlock()
+			if report {
+				v.suspect(ctx, f.nodeID, err)
+			}
 			if v.Log != nil && backoff == first {
 				v.Log.Warn("cluster view: cannot follow node link; retrying", "node_id", f.nodeID, "err", err)
 			}
@@ -338,6 +381,37 @@ func (v *LinkView) followLink(ctx context.Context, f *follower) {
 	}
 }
 
+// suspectEvery bounds how often one view reports one node's failing link.
+const suspectEvery = 5 * time.Second
+
+// suspect reports a node whose link failed to its workflow.
+func (v *LinkView) suspect(ctx context.Context, nodeID string, cause error) {
+	if v.Suspect == nil {
+		return
+	}
+	v.Metrics.count(suspicions)
+	err := v.Suspect(ctx, nodeID, node.Suspicion{By: v.Identity, Reason: cause.Error()})
+	if v.Log != nil {
+		if err != nil {
+			v.Log.Warn("cluster view: cannot report a node's lost link", "node_id", nodeID, "err", err)
+		} else {
+			v.Log.Info("cluster view: node link lost; the node's workflow probes it", "node_id", nodeID, "cause", cause)
+		}
+	}
+}
+
+// transportFailure says the link did not answer at all (refused, reset,
+// silent past the keep-alive or the wait bound): what a dead node looks
+// like. An HTTP answer (a refused token, another node's link) is a
+// configuration problem, not a death.
+func transportFailure(err error) bool {
+	var answered *apiclient.Error
+	var ne net.Error
+	return !errors.As(err, &answered) && (errors.As(err, &ne) || errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNREFUSED) ||
+		errors.Is(err, syscall.ECONNRESET))
+}
+
 // learn reads a node once for its link URL and heartbeat interval; nil
 // with no error: the node serves no link (its figures are kept instead).
 func (v *LinkView) learn(ctx context.Context, f *follower) (*link.Client, error) {
@@ -348,9 +422,9 @@ func (v *LinkView) learn(ctx context.Context, f *follower) (*link.Client, error)
 	}
 	stale := v.Stale
 	if stale <= 0 {
-		stale = 30 * time.Second
+		stale = maxStale
 		if nv.HeartbeatInterval > 0 {
-			stale = 3 * nv.HeartbeatInterval
+			stale = min(3*nv.HeartbeatInterval, maxStale)
 		}
 	}
 	v.mu.Lock()
@@ -366,8 +440,28 @@ func (v *LinkView) learn(ctx context.Context, f *follower) (*link.Client, error)
 		return nil, nil
 	}
 	f.noLink = false
-	return &link.Client{URL: nv.Inventory.LinkURL, Token: v.Token, HTTP: v.HTTP, Wait: v.Wait}, nil
+	hc := v.HTTP
+	if hc == nil {
+		hc = linkHTTP
+	}
+	return &link.Client{URL: nv.Inventory.LinkURL, Token: v.Token, HTTP: hc, Wait: v.Wait}, nil
 }
+
+// maxStale bounds how long an unreachable link's state stands by default:
+// a dead node is Offline sooner (its probe), a live one that this view
+// cannot reach should not take tasks for long.
+const maxStale = 10 * time.Second
+
+// linkHTTP follows links: TCP keep-alive probes find a silent peer in
+// about 5 s; idle connections are kept for every node (a long-poll's
+// connection is idle between two answers), not the default's 100 in all.
+var linkHTTP = &http.Client{Transport: &http.Transport{
+	Proxy: http.ProxyFromEnvironment,
+	DialContext: (&net.Dialer{Timeout: 5 * time.Second,
+		KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 2 * time.Second, Interval: time.Second, Count: 3}}).DialContext,
+	MaxIdleConnsPerHost: 4,
+	IdleConnTimeout:     90 * time.Second,
+}}
 
 func sleep(ctx context.Context, d time.Duration) {
 	t := time.NewTimer(d)

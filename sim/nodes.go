@@ -18,6 +18,7 @@ import (
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/inventory"
+	"github.com/llorch/llorch/link"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/workers/agent"
@@ -32,6 +33,10 @@ type Options struct {
 	Prefix            string
 	Count             int
 	HeartbeatInterval time.Duration
+	// LinkToken is the cluster secret each node's link checks (every node
+	// serves one on a loopback port, as a worker does): the apiservers
+	// follow them, and detect a node's death by them.
+	LinkToken string
 	// StartRate is how many nodes begin registering per second.
 	StartRate float64
 	// NVMLMock names the go-nvml mock server each node simulates
@@ -115,6 +120,7 @@ func New(o Options) (*Fleet, error) {
 			Host:    agent.HostWithModels{InventorySource: host, Local: local, Log: log},
 			Nodes:   nodes,
 			Metrics: metrics,
+			Link:    simLink(id, o.LinkToken, quiet),
 			// Liveness is one long activity at a time: one poller serves it,
 			// and a thousand nodes stay within Temporal's 1200 concurrent
 			// polls per namespace and method (frontend.namespaceCount).
@@ -122,6 +128,12 @@ func New(o Options) (*Fleet, error) {
 		}}
 	}
 	return f, nil
+}
+
+// simLink is a node's link on a free loopback port.
+func simLink(nodeID, token string, log *slog.Logger) *agent.Link {
+	src := link.NewSource(nodeID)
+	return &agent.Link{Source: src, Server: link.NewServer(src, link.Options{Token: token, Log: log}), Addr: "127.0.0.1:0"}
 }
 
 func (o *Options) check() error {

@@ -35,6 +35,9 @@ type nodeWF struct {
 	wake           workflow.Channel // handlers nudge the main loop
 	liveness       workflow.Future  // current session; nil when none runs
 	cancelLiveness workflow.CancelFunc
+	probe          workflow.Future // a suspicion's probe; nil when none runs
+	probeSession   int             // the session the probe checks
+	suspicion      node.Suspicion  // what started the probe
 }
 
 func newNodeWF(ctx workflow.Context, in node.Input) *nodeWF {
@@ -82,6 +85,7 @@ func (n *nodeWF) run(ctx workflow.Context) (node.Status, error) {
 	log := workflow.GetLogger(ctx)
 	register := workflow.GetSignalChannel(ctx, node.SignalRegister)
 	alive := workflow.GetSignalChannel(ctx, node.SignalAlive)
+	suspect := workflow.GetSignalChannel(ctx, node.SignalSuspect)
 
 	// A carried node with an agent resumes its liveness at once: a worker
 	// agent proves itself again within one timeout or goes Offline.
@@ -102,9 +106,17 @@ func (n *nodeWF) run(ctx workflow.Context) (node.Status, error) {
 			c.Receive(ctx, &a)
 			n.onAlive(ctx, a)
 		})
+		sel.AddReceive(suspect, func(c workflow.ReceiveChannel, _ bool) {
+			var s node.Suspicion
+			c.Receive(ctx, &s)
+			n.onSuspect(ctx, s)
+		})
 		sel.AddReceive(n.wake, func(c workflow.ReceiveChannel, _ bool) { c.Receive(ctx, nil) })
 		if f := n.liveness; f != nil {
 			sel.AddFuture(f, func(f workflow.Future) { n.onLivenessEnded(ctx, f) })
+		}
+		if f := n.probe; f != nil {
+			sel.AddFuture(f, func(f workflow.Future) { n.onProbeEnded(ctx, f) })
 		}
 		sel.Select(ctx)
 
@@ -116,6 +128,7 @@ func (n *nodeWF) run(ctx workflow.Context) (node.Status, error) {
 				return n.st, err
 			}
 			n.drainSignals(ctx, register, alive) // any that arrived while handlers finished
+			drainSuspicions(suspect)
 			if n.left {
 				break
 			}
@@ -134,6 +147,7 @@ func (n *nodeWF) run(ctx workflow.Context) (node.Status, error) {
 		return n.st, err
 	}
 	n.drainSignals(ctx, register, alive)
+	drainSuspicions(suspect)
 	if n.rejoin != nil {
 		// The node registered again while it was leaving (a worker
 		// restarted at that moment): its new life is a fresh run.
@@ -223,6 +237,54 @@ func (n *nodeWF) onAlive(ctx workflow.Context, a node.Alive) {
 	n.st.LastSeen = workflow.Now(ctx)
 	n.st.LastSnapshot = a.Snapshot
 	n.setState(ctx, fmt.Sprintf("liveness session %d confirmed by %s", n.st.Session, a.Identity))
+}
+
+// drainSuspicions drops suspicions delivered before the run ends: the next
+// run's liveness session proves the node alive or not by itself.
+func drainSuspicions(suspect workflow.ReceiveChannel) {
+	for suspect.ReceiveAsync(nil) {
+	}
+}
+
+// onSuspect probes a worker node an apiserver lost the link of: a task on
+// the node's own queue that a live worker answers at once. One probe at a
+// time; a node not believed alive needs none (its parked liveness session
+// brings it back).
+func (n *nodeWF) onSuspect(ctx workflow.Context, s node.Suspicion) {
+	if n.left || n.st.Agent != node.AgentWorker || !n.st.Connected || n.probe != nil {
+		return
+	}
+	n.suspicion, n.probeSession = s, n.st.Session
+	opts := workflow.ActivityOptions{
+		TaskQueue:              node.TaskQueue(n.st.NodeID),
+		ScheduleToStartTimeout: node.ProbeTimeout,
+		StartToCloseTimeout:    node.ProbeTimeout,
+		RetryPolicy:            &temporal.RetryPolicy{MaximumAttempts: 1},
+		Summary:                fmt.Sprintf("probe %s: %s lost its link (%s)", n.st.NodeID, s.By, s.Reason),
+	}
+	var na *activities.NodeActivities
+	n.probe = workflow.ExecuteActivity(workflow.WithActivityOptions(ctx, opts), na.Probe,
+		node.ProbeInput{NodeID: n.st.NodeID, Session: n.st.Session})
+}
+
+// onProbeEnded: an answered probe clears the suspicion; an unanswered one
+// makes the node Offline at once, as a missed heartbeat would later.
+func (n *nodeWF) onProbeEnded(ctx workflow.Context, f workflow.Future) {
+	n.probe = nil
+	err := f.Get(ctx, nil)
+	if n.left || n.st.Session != n.probeSession || !n.st.Connected {
+		return // the session changed meanwhile: the probe is about the past
+	}
+	if err == nil {
+		n.st.Suspicions++
+		workflow.GetLogger(ctx).Info("node answered its probe; suspicion cleared", "node_id", n.st.NodeID,
+			"by", n.suspicion.By, "reason", n.suspicion.Reason)
+		n.publish(ctx)
+		return
+	}
+	n.st.Connected, n.registering = false, false
+	n.startLiveness(ctx) // parks a probe session that the next worker brings back
+	n.setState(ctx, fmt.Sprintf("link lost (%s: %s) and no answer to a probe within %s", n.suspicion.By, n.suspicion.Reason, node.ProbeTimeout))
 }
 
 func (n *nodeWF) onLivenessEnded(ctx workflow.Context, f workflow.Future) {

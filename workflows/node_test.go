@@ -1,6 +1,7 @@
 package workflows
 
 import (
+	"context"
 	"errors"
 	"testing"
 	"time"
@@ -135,6 +136,49 @@ func (s *nodeSuite) TestWorkerLifecycle() {
 	}
 	s.Equal([]node.State{node.Online, node.Offline, node.Online, node.Draining, node.Online, node.Left}, path)
 	s.Contains(st.Transitions[1].Reason, "no heartbeat for 3s")
+}
+
+// A suspicion (an apiserver lost the node's link) is confirmed by a probe
+// on the node's queue: answered, the node stays Online (and the suspicion
+// is counted); unanswered, it is Offline at once, long before its
+// heartbeat would time out, and the next session's alive brings it back.
+func (s *nodeSuite) TestSuspicionProbed() {
+	s.env.OnActivity(na.Liveness, mock.Anything, mock.Anything).After(time.Hour).Return(nil)
+	probes := 0
+	s.env.OnActivity(na.Probe, mock.Anything, mock.Anything).Return(func(_ context.Context, in node.ProbeInput) error {
+		probes++
+		s.Equal("gpu-1", in.NodeID)
+		if probes == 1 {
+			return nil
+		}
+		return temporal.NewTimeoutError(enumspb.TIMEOUT_TYPE_SCHEDULE_TO_START, errors.New("not taken"))
+	})
+	r := workerRegistration("gpu-1")
+	r.HeartbeatInterval = 10 * time.Second // the heartbeat alone would take 30 s
+	s.register(time.Second, r)
+	s.alive(2*time.Second, 1)
+	s.expectState(3*time.Second, node.Online)
+	suspect := func(d time.Duration) {
+		s.at(d, func() { s.env.SignalWorkflow(node.SignalSuspect, node.Suspicion{By: "apiserver@a", Reason: "connection refused"}) })
+	}
+	suspect(4 * time.Second)
+	s.at(5*time.Second, func() {
+		st := s.status()
+		s.Equal(node.Online, st.State, "an answered probe clears the suspicion")
+		s.Equal(1, st.Suspicions)
+	})
+	suspect(6 * time.Second)
+	s.expectState(7*time.Second, node.Offline)
+	s.at(7500*time.Millisecond, func() {
+		st := s.status()
+		s.Contains(st.Transitions[len(st.Transitions)-1].Reason, "link lost (apiserver@a: connection refused) and no answer to a probe within 3s")
+		s.Equal(2, st.Session, "a parked session waits for the node")
+	})
+	suspect(8 * time.Second) // an Offline node needs no probe
+	s.alive(9*time.Second, 2)
+	s.expectState(10*time.Second, node.Online)
+	s.runUntilDeregistered(12*time.Second, "gpu-1")
+	s.Equal(2, probes)
 }
 
 // Draining is sticky across an outage: a drained node that comes back is

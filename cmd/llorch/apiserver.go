@@ -70,7 +70,8 @@ func runAPIServer(f *apiserverFlags) error {
 	if err != nil {
 		return err
 	}
-	tc, err := f.dial(log, clientIdentity("apiserver", "", hostname(), os.Getpid()))
+	identity := clientIdentity("apiserver", "", hostname(), os.Getpid())
+	tc, err := f.dial(log, identity)
 	if err != nil {
 		return err
 	}
@@ -87,7 +88,8 @@ func runAPIServer(f *apiserverFlags) error {
 		return fmt.Errorf("--admission-policy: want %s or %s, got %q", scheduler.Reject, scheduler.DropLRU, f.policy)
 	}
 	pools, tasks := &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace}, &control.Tasks{Temporal: tc}
-	view := &scheduler.LinkView{Pools: pools, Nodes: nodes, Token: f.linkToken, Log: log, Metrics: scheduler.NewViewMetrics(reg)}
+	view := &scheduler.LinkView{Pools: pools, Nodes: nodes, Token: f.linkToken, Log: log, Metrics: scheduler.NewViewMetrics(reg),
+		Suspect: nodes.Suspect, Identity: identity}
 	sched := &scheduler.Scheduler{Capacity: f.queueCap, Policy: f.policy, Log: log, Metrics: scheduler.NewMetrics(reg),
 		Source: view.Candidates, Fresh: view.Fresh, Tasks: tasks}
 	view.Changed = sched.Changed

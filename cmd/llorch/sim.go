@@ -53,6 +53,7 @@ type simNodesFlags struct {
 	common
 	count                         int
 	prefix, nvmlMock, metricsAddr string
+	linkToken                     string
 	heartbeat                     time.Duration
 	startRate                     float64
 }
@@ -65,6 +66,7 @@ func (f *simNodesFlags) addFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&f.heartbeat, "heartbeat-interval", node.DefaultHeartbeatInterval, "liveness heartbeat interval of every node")
 	fs.Float64Var(&f.startRate, "start-rate", 50, "registrations started per second while the nodes start")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve the agents' /metrics and /health here (off when empty)")
+	fs.StringVar(&f.linkToken, "link-token", "", "cluster secret the nodes' links check (the apiservers' --link-token)")
 }
 
 // runSimNodes runs the fleet until SIGINT or SIGTERM.
@@ -97,7 +99,7 @@ func runSimNodes(f *simNodesFlags) error {
 	reg := newRegistry()
 	fleet, err := sim.New(sim.Options{
 		Temporal: tc, Namespace: f.temporal.Namespace,
-		Prefix: f.prefix, Count: f.count, HeartbeatInterval: f.heartbeat, StartRate: f.startRate,
+		Prefix: f.prefix, Count: f.count, HeartbeatInterval: f.heartbeat, StartRate: f.startRate, LinkToken: f.linkToken,
 		NVMLMock: f.nvmlMock, Dir: dir, Version: version(), Registry: reg,
 		Identity: func(id string) string { return clientIdentity("sim", id, host, pid) },
 		Log:      log, NodeLog: nodeLog,

@@ -78,8 +78,12 @@ func (a *Agent) feedLink(ctx context.Context) {
 	handoffs := a.handoffs()
 	figures := time.NewTicker(a.HeartbeatInterval)
 	defer figures.Stop()
-	pools := time.NewTicker(min(linkPoolPoll, a.HeartbeatInterval))
-	defer pools.Stop()
+	var pollPools <-chan time.Time // a node without engines (simulated) has no pools to read
+	if a.Engines != nil {
+		pools := time.NewTicker(min(linkPoolPoll, a.HeartbeatInterval))
+		defer pools.Stop()
+		pollPools = pools.C
+	}
 	var running <-chan struct{}
 	if a.Generate != nil {
 		running = a.Generate.Running.Changed()
@@ -104,7 +108,7 @@ func (a *Agent) feedLink(ctx context.Context) {
 			return
 		case <-figures.C:
 			host = a.Host.Snapshot()
-		case <-pools.C:
+		case <-pollPools:
 			rereadPools()
 		case <-running:
 		case done := <-a.feedNow:
