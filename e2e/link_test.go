@@ -3,8 +3,12 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"regexp"
+	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -104,4 +108,59 @@ func TestNodeLink(t *testing.T) {
 	require.NotContains(t, w.out.String(), linkToken, "the token is never logged")
 	require.False(t, strings.Contains(fmt.Sprint(c.node(id)), linkToken), "nor registered")
 	c.leave(w, id)
+}
+
+// With the default 10 s heartbeat (30 s until a missed-beat timeout), a
+// killed worker is Offline within seconds all the same: the apiserver
+// following its link sees the connection fail, signals a suspicion, and
+// the node workflow's probe on the node's queue goes unanswered. A live
+// node the apiserver merely lost (its link restarted elsewhere) answers
+// the probe and stays Online.
+func TestKillDetectedByLink(t *testing.T) {
+	c := newCluster(t)
+	id := "e2e-link-kill"
+	const rounds = 3
+	var times []time.Duration
+	w := c.worker(id, "--heartbeat-interval", "10s")
+	for i := 0; i < rounds; i++ {
+		c.waitState(id, node.Online, 60*time.Second)
+		// The view holds a long-poll on this worker's link before the kill
+		// (membership is listed once a second; a restarted worker's new
+		// link is learned after the old one's retry backoff).
+		testenv.Eventually(t, 20*time.Second, "apiserver follows the link", func() (bool, string) {
+			m := c.metrics()
+			return strings.Contains(m, "\nllorch_view_links 1\n") && strings.Contains(m, "\nllorch_view_age_seconds 0\n"), m
+		})
+		w.signal(t, syscall.SIGKILL)
+		w.wait(t, 10*time.Second)
+		times = append(times, c.waitState(id, node.Offline, 20*time.Second))
+		if i == 0 {
+			recordHistory(t, node.WorkflowID(id), "node-suspected-offline")
+		}
+		w = c.worker(id, "--heartbeat-interval", "10s")
+	}
+	slices.Sort(times)
+	t.Logf("kill -9 to Offline over %d kills (heartbeat 10s, timeout 30s; by the link and a %s probe): median %s, max %s, all %v",
+		rounds, node.ProbeTimeout, times[rounds/2], times[rounds-1], times)
+	require.Less(t, times[rounds-1], 10*time.Second, "detected by the link, not by the 30 s heartbeat timeout")
+	c.waitState(id, node.Online, 30*time.Second) // the restarted worker brings the node back
+	n := c.node(id)
+	var reasons []string
+	for _, tr := range n["transitions"].([]any) {
+		reasons = append(reasons, fmt.Sprint(tr.(map[string]any)["reason"]))
+	}
+	require.Contains(t, strings.Join(reasons, "\n"), "no answer to a probe", "Offline by the probe: %v", reasons)
+}
+
+// metrics is the apiserver's /metrics page.
+func (c *cluster) metrics() string {
+	req, _ := http.NewRequest(http.MethodGet, "http://"+c.api+"/metrics", nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err.Error()
+	}
+	defer res.Body.Close()
+	raw, _ := io.ReadAll(res.Body)
+	return string(raw)
 }

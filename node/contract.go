@@ -132,10 +132,10 @@ const (
 func LivenessTimeout(interval time.Duration) time.Duration { return MissedBeats * interval }
 
 // ProbeTimeout bounds a suspected node's probe: a worker polling its queue
-// takes it within milliseconds; a loaded server may take a second or two.
+// takes it within milliseconds, a loaded server within a second.
 // Unanswered by then (not taken, or taken and not completed), the node is
 // Offline.
-const ProbeTimeout = 3 * time.Second
+const ProbeTimeout = 2 * time.Second
 
 // ProbeInput asks a suspected node's worker to answer.
 type ProbeInput struct {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
+	"golang.org/x/time/rate"
 
 	"github.com/llorch/llorch/apiclient"
 	"github.com/llorch/llorch/control"
@@ -76,10 +77,15 @@ type LinkView struct {
 	// every membership read (Scheduler.Changed); it must not block.
 	Changed func()
 	// Suspect, when set, reports a node whose link failed
-	// (control.Nodes.Suspect); at most once per suspectEvery per node.
+	// (control.Nodes.Suspect): once when it fails after an answer, then at
+	// most once per suspectEvery while it keeps failing.
 	Suspect func(ctx context.Context, nodeID string, s node.Suspicion) error
 	// Identity names this apiserver in suspicions.
 	Identity string
+	// suspects bounds this view's suspicions in all (maxSuspicions): an
+	// apiserver cut off from every node must not flood Temporal.
+	suspects     *rate.Limiter
+	suspectsOnce sync.Once
 
 	mu       sync.Mutex
 	run      context.Context // Run's: followers live as long as it
@@ -373,6 +379,7 @@ func (v *LinkView) followLink(ctx context.Context, f *follower) {
 		after = st.Version
 		v.mu.Lock()
 		f.state, f.at, f.polling = &st, time.Now(), true
+		f.suspected = time.Time{} // answered: its next failure is news
 		f.settled()
 		v.mu.Unlock()
 		if news && v.Changed != nil {
@@ -381,13 +388,21 @@ func (v *LinkView) followLink(ctx context.Context, f *follower) {
 	}
 }
 
-// suspectEvery bounds how often one view reports one node's failing link.
-const suspectEvery = 5 * time.Second
+// suspectEvery bounds how often one view reports one node's failing link;
+// maxSuspicions, per second, all of them.
+const (
+	suspectEvery  = 5 * time.Second
+	maxSuspicions = 20
+)
 
 // suspect reports a node whose link failed to its workflow.
 func (v *LinkView) suspect(ctx context.Context, nodeID string, cause error) {
 	if v.Suspect == nil {
 		return
+	}
+	v.suspectsOnce.Do(func() { v.suspects = rate.NewLimiter(maxSuspicions, maxSuspicions) })
+	if !v.suspects.Allow() {
+		return // the node's heartbeat timeout still catches it
 	}
 	v.Metrics.count(suspicions)
 	err := v.Suspect(ctx, nodeID, node.Suspicion{By: v.Identity, Reason: cause.Error()})

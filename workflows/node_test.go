@@ -171,7 +171,7 @@ func (s *nodeSuite) TestSuspicionProbed() {
 	s.expectState(7*time.Second, node.Offline)
 	s.at(7500*time.Millisecond, func() {
 		st := s.status()
-		s.Contains(st.Transitions[len(st.Transitions)-1].Reason, "link lost (apiserver@a: connection refused) and no answer to a probe within 3s")
+		s.Contains(st.Transitions[len(st.Transitions)-1].Reason, "link lost (apiserver@a: connection refused) and no answer to a probe within 2s")
 		s.Equal(2, st.Session, "a parked session waits for the node")
 	})
 	suspect(8 * time.Second) // an Offline node needs no probe
