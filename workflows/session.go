@@ -61,11 +61,16 @@ func (s *sessionWF) run(ctx workflow.Context) error {
 		left := s.info.ExpiresAt.Sub(workflow.Now(ctx))
 		expired := left <= 0
 		if !expired {
-			ok, err := workflow.AwaitWithTimeout(ctx, left, func() bool { return s.changed || s.end != "" })
+			// Its own timer, canceled when a turn moves the expiry
+			// (AwaitWithTimeout would leave each one pending).
+			tctx, cancel := workflow.WithCancel(ctx)
+			timer := workflow.NewTimerWithOptions(tctx, left, workflow.TimerOptions{Summary: "session expiry"})
+			err := workflow.Await(ctx, func() bool { return s.changed || s.end != "" || timer.IsReady() })
+			expired = timer.IsReady()
+			cancel()
 			if err != nil {
 				return err
 			}
-			expired = !ok
 		}
 		if s.changed && s.end == "" {
 			continue // a turn in the same task as the timer keeps the session
