@@ -97,7 +97,12 @@ func TestSessionsSharedByReplicas(t *testing.T) {
 		require.Equal(t, 404, status, body)
 		require.Equal(t, "SESSION_NOT_FOUND", body["code"])
 	}
-	status, body := a.send("DELETE", "/v2/sessions/"+sid, "")
+	for _, path := range []string{"/v2/sessions/" + sid, "/v2/sessions/never-" + sid} {
+		status, body := a.send("DELETE", path, "")
+		require.Equal(t, 404, status, body)
+		require.Equal(t, "SESSION_NOT_FOUND", body["code"])
+	}
+	status, body := b.get("/v2/sessions/never-" + sid)
 	require.Equal(t, 404, status, body)
 	require.Equal(t, "SESSION_NOT_FOUND", body["code"])
 	recordHistory(t, session.WorkflowID(sid), "session-turns-limit-ended")
