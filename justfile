@@ -101,5 +101,5 @@ chaos TRIALS="1": tools
 
 # Re-record the workflow histories the replay tests use, from a real run.
 record-histories: tools
-    LLORCH_RECORD_HISTORIES=1 go test -count=1 -run 'TestThreeNodesJoinDieReturnLeave|TestContinueAsNewKeepsState|TestHTTPAgentRecorded|TestStagingJoinsAndResumes|TestStagingFailuresAreClean|TestGC|TestPoolLifecycle|TestPoolDrainWaitsForInFlight|TestPoolReload|TestPoolEngineAdoptedFencedOrphaned|TestTasksV2|TestTaskMovesOffLostNode|TestAdmissionPriorityPlacementDeadline|TestAPIServerRestartMidStream' ./e2e
+    LLORCH_RECORD_HISTORIES=1 go test -count=1 -run 'TestThreeNodesJoinDieReturnLeave|TestContinueAsNewKeepsState|TestHTTPAgentRecorded|TestStagingJoinsAndResumes|TestStagingFailuresAreClean|TestGC|TestPoolLifecycle|TestPoolDrainWaitsForInFlight|TestPoolReload|TestPoolEngineAdoptedFencedOrphaned|TestTasksV2|TestTaskMovesOffLostNode|TestAdmissionPriorityPlacementDeadline|TestAPIServerRestartMidStream|TestSessionsSharedByReplicas' ./e2e
     go test -count=1 ./replay_tests

@@ -40,6 +40,7 @@ type Deps struct {
 	// Scheduler and Hub serve tasks; nil: the task routes are absent.
 	Scheduler *scheduler.Scheduler
 	Hub       *tokenstream.Hub
+	Sessions  *control.Sessions // sessions' reads and ends, with Scheduler
 	Registry  *prometheus.Registry
 	Logger    *slog.Logger
 }

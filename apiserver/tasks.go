@@ -20,6 +20,7 @@ import (
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
 	"github.com/llorch/llorch/scheduler"
+	"github.com/llorch/llorch/session"
 	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/tokenstream"
 )
@@ -350,12 +351,15 @@ func (s *Server) getSession(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	sess, ok := s.deps.Scheduler.Session(id)
-	if !ok {
+	sess, err := s.deps.Sessions.Get(c.UserContext(), id)
+	if errors.Is(err, control.ErrSessionNotFound) {
 		return sessionNotFound(id)
 	}
-	return c.JSON(fiber.Map{"session_id": sess.ID, "model_id": sess.ModelID, "turns": len(sess.Turns), "max_turns": scheduler.SessionMaxTurns,
-		"task_ids": sess.Turns, "created_at": sess.CreatedAt, "last_used": sess.LastUsed, "expires_at": sess.ExpiresAt,
+	if err != nil {
+		return err
+	}
+	return c.JSON(fiber.Map{"session_id": sess.SessionID, "model_id": sess.ModelID, "turns": len(sess.TaskIDs), "max_turns": session.MaxTurns,
+		"task_ids": sess.TaskIDs, "created_at": sess.CreatedAt, "last_used": sess.LastUsed, "expires_at": sess.ExpiresAt,
 		"ttl_ms": time.Until(sess.ExpiresAt).Milliseconds()})
 }
 
@@ -364,8 +368,12 @@ func (s *Server) deleteSession(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	if !s.deps.Scheduler.EndSession(id) {
+	err = s.deps.Sessions.End(c.UserContext(), id)
+	if errors.Is(err, control.ErrSessionNotFound) {
 		return sessionNotFound(id)
+	}
+	if err != nil {
+		return err
 	}
 	return c.SendStatus(fiber.StatusNoContent)
 }

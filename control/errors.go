@@ -18,3 +18,11 @@ var (
 	ErrTaskNotFound = errors.New("task not found")
 	ErrTaskExists   = errors.New("task exists")
 )
+
+// Errors of session calls.
+var (
+	ErrSessionNotFound = errors.New("session not found")
+	// ErrSessionFull is a turn refused because the session has had all its
+	// turns.
+	ErrSessionFull = errors.New("session has had all its turns")
+)

@@ -14,6 +14,7 @@ import (
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/session"
 	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/workflows"
 )
@@ -26,6 +27,7 @@ var workflowTypes = map[string]any{
 	model.GCWorkflowType:    workflows.GC,
 	pool.WorkflowType:       workflows.Pool,
 	task.WorkflowType:       workflows.Task,
+	session.WorkflowType:    workflows.Session,
 }
 
 func TestReplayRecordedHistories(t *testing.T) {

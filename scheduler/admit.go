@@ -84,19 +84,21 @@ func (s *Scheduler) Admit(ctx context.Context, req task.Request) (Admission, err
 		s.Metrics.rejected("pool_unavailable")
 		return Admission{Prepared: prepared}, &NoPoolError{ModelID: req.ModelID, Err: err}
 	}
-	if err := s.sessions.check(req.SessionID); err != nil {
+	turn, err := s.takeTurn(ctx, req)
+	if err != nil {
 		return Admission{Prepared: prepared}, err
 	}
 	adm, err := s.enqueue(req.TaskID, req.Priority, pr, req.EnqueuedAt)
 	adm.Prepared = prepared
 	if err != nil {
+		s.giveBack(ctx, req, turn)
 		return adm, &QueueFullError{Priority: req.Priority, Backoff: s.backoff()}
 	}
 	if err := s.Tasks.Start(ctx, req); err != nil {
 		s.Forget(req.TaskID)
+		s.giveBack(ctx, req, turn)
 		return adm, err
 	}
-	s.sessions.turn(req.SessionID, req.TaskID, req.ModelID)
 	return adm, nil
 }
 

@@ -3,6 +3,7 @@ package scheduler
 import (
 	"context"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -12,6 +13,7 @@ import (
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/placement"
 	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/session"
 	"github.com/llorch/llorch/task"
 )
 
@@ -111,28 +113,91 @@ func TestAdmitForgetsAFailedStart(t *testing.T) {
 	s.mu.Unlock()
 }
 
+// turns is a session store for admission tests: the workflow's rules
+// (workflows/session_test.go tests the workflow itself).
+type turns struct {
+	tasks    map[string][]string
+	released []string
+}
+
+func (f *turns) Turn(_ context.Context, sessionID, taskID, _ string) (session.TurnResult, error) {
+	if f.tasks == nil {
+		f.tasks = map[string][]string{}
+	}
+	if i := slices.Index(f.tasks[sessionID], taskID); i >= 0 {
+		return session.TurnResult{Turn: i + 1}, nil
+	}
+	if len(f.tasks[sessionID]) >= session.MaxTurns {
+		return session.TurnResult{}, fmt.Errorf("%w: session %s", control.ErrSessionFull, sessionID)
+	}
+	f.tasks[sessionID] = append(f.tasks[sessionID], taskID)
+	return session.TurnResult{Turn: len(f.tasks[sessionID]), New: true}, nil
+}
+
+func (f *turns) Release(_ context.Context, sessionID, taskID string) error {
+	f.released = append(f.released, taskID)
+	f.tasks[sessionID] = slices.DeleteFunc(f.tasks[sessionID], func(id string) bool { return id == taskID })
+	return nil
+}
+
+// A session's turn is taken before its task starts and given back when the
+// task does not start; a refused turn starts nothing and queues nothing.
 func TestAdmitSessionTurns(t *testing.T) {
-	s := &Scheduler{Source: oneSlot(true), Tasks: &starter{}}
+	st, ss := &starter{}, &turns{}
+	s := &Scheduler{Source: oneSlot(true), Tasks: st, Sessions: ss}
 	s.refresh(context.Background())
-	for i := range SessionMaxTurns {
+	for i := range session.MaxTurns {
 		req := taskReq(fmt.Sprint("t", i))
 		req.SessionID = "sess"
 		_, err := s.Admit(context.Background(), req)
 		require.NoError(t, err)
 	}
-	sess, ok := s.Session("sess")
-	require.True(t, ok)
-	require.Len(t, sess.Turns, SessionMaxTurns)
+	require.Len(t, ss.tasks["sess"], session.MaxTurns)
 	req := taskReq("over")
 	req.SessionID = "sess"
 	_, err := s.Admit(context.Background(), req)
 	var sf *SessionFullError
 	require.ErrorAs(t, err, &sf)
 	require.EqualError(t, err, "session sess has had its 8 turns; start a new session")
-	require.True(t, s.EndSession("sess"))
-	require.False(t, s.EndSession("sess"))
+	require.NotContains(t, st.started, "over")
+	s.mu.Lock()
+	require.NotContains(t, s.tickets, "over", "a refused turn leaves no ticket")
+	s.mu.Unlock()
+
+	// A retried admission of a task with a turn keeps that turn.
+	s.Tasks = &starter{err: control.ErrTaskExists}
+	req = taskReq("t0")
+	req.SessionID = "sess"
 	_, err = s.Admit(context.Background(), req)
-	require.NoError(t, err, "an ended session starts afresh")
+	require.ErrorIs(t, err, control.ErrTaskExists)
+	require.Empty(t, ss.released)
+	// A new task that cannot start gives its turn back.
+	req = taskReq("other")
+	req.SessionID = "s2"
+	_, err = s.Admit(context.Background(), req)
+	require.ErrorIs(t, err, control.ErrTaskExists)
+	require.Equal(t, []string{"other"}, ss.released)
+	require.Empty(t, ss.tasks["s2"])
+
+	// Without Sessions a session's task is refused, not run sessionless.
+	s = &Scheduler{Source: oneSlot(true), Tasks: st}
+	s.refresh(context.Background())
+	_, err = s.Admit(context.Background(), req)
+	require.ErrorIs(t, err, errNoSessions)
+}
+
+// A turn taken for a task its queue has no room for is given back.
+func TestAdmitQueueFullGivesTheTurnBack(t *testing.T) {
+	ss := &turns{}
+	s := &Scheduler{Source: oneSlot(false), Tasks: &starter{}, Sessions: ss, Capacity: 1}
+	s.refresh(context.Background())
+	_, err := s.Admit(context.Background(), taskReq("a"))
+	require.NoError(t, err)
+	req := taskReq("b")
+	req.SessionID = "sess"
+	_, err = s.Admit(context.Background(), req)
+	require.ErrorIs(t, err, ErrQueueFull)
+	require.Equal(t, []string{"b"}, ss.released)
 }
 
 func TestAdmitStartsAPool(t *testing.T) {

@@ -58,7 +58,8 @@ type Scheduler struct {
 	Log       *slog.Logger
 	Metrics   *Metrics
 
-	sessions sessionTable // its own lock
+	// Sessions takes the turns of tasks with a session (required for them).
+	Sessions Sessions
 
 	pokeOnce sync.Once
 	pokes    chan struct{} // Changed: refresh before the next tick

@@ -1,106 +1,63 @@
 package scheduler
 
 import (
+	"context"
+	"errors"
 	"fmt"
-	"sync"
 	"time"
+
+	"github.com/llorch/llorch/control"
+	"github.com/llorch/llorch/session"
+	"github.com/llorch/llorch/task"
 )
 
-// Session limits from the original plan.
-const (
-	sessionTTL      = 10 * time.Minute
-	SessionMaxTurns = 8
-)
-
-// Session is metadata only: which tasks made its turns. Prompts are not
-// kept; a client sends its conversation with each task.
-type Session struct {
-	ID        string
-	ModelID   string
-	Turns     []string // task ids
-	CreatedAt time.Time
-	LastUsed  time.Time
-	ExpiresAt time.Time
+// Sessions takes and gives back sessions' turns (control.Sessions). They
+// live in Temporal, one workflow per session, so every replica counts the
+// same turns.
+type Sessions interface {
+	Turn(ctx context.Context, sessionID, taskID, modelID string) (session.TurnResult, error)
+	Release(ctx context.Context, sessionID, taskID string) error
 }
 
 // SessionFullError refuses a task of a session that has had all its turns.
 type SessionFullError struct{ SessionID string }
 
 func (e *SessionFullError) Error() string {
-	return fmt.Sprintf("session %s has had its %d turns; start a new session", e.SessionID, SessionMaxTurns)
+	return fmt.Sprintf("session %s has had its %d turns; start a new session", e.SessionID, session.MaxTurns)
 }
 
-type sessionTable struct {
-	mu sync.Mutex
-	m  map[string]*Session
-}
+// errNoSessions refuses a session's task on a scheduler built without
+// Sessions.
+var errNoSessions = errors.New("this scheduler keeps no sessions")
 
-func (t *sessionTable) gc(now time.Time) {
-	for id, s := range t.m {
-		if now.After(s.ExpiresAt) {
-			delete(t.m, id)
-		}
+// takeTurn takes req's turn in its session (none: no session, no round
+// trip). Taken before the task's workflow starts, so the limit holds
+// across replicas; giveBack returns it if the task then does not start.
+func (s *Scheduler) takeTurn(ctx context.Context, req task.Request) (session.TurnResult, error) {
+	if req.SessionID == "" {
+		return session.TurnResult{}, nil
 	}
+	if s.Sessions == nil {
+		return session.TurnResult{}, errNoSessions
+	}
+	r, err := s.Sessions.Turn(ctx, req.SessionID, req.TaskID, req.ModelID)
+	if errors.Is(err, control.ErrSessionFull) {
+		return r, &SessionFullError{SessionID: req.SessionID}
+	}
+	return r, err
 }
 
-// check refuses a session that has had all its turns.
-func (t *sessionTable) check(id string) error {
-	if id == "" {
-		return nil
-	}
-	if s, ok := t.get(id); ok && len(s.Turns) >= SessionMaxTurns {
-		return &SessionFullError{SessionID: id}
-	}
-	return nil
-}
-
-// turn records a task as a session's next turn (none: no session), unless
-// a racing task took the last one.
-func (t *sessionTable) turn(id, taskID, modelID string) {
-	if id == "" {
+// giveBack returns a turn this admission took for a task that did not
+// start; a turn the task already had (a retried admission) stays.
+func (s *Scheduler) giveBack(ctx context.Context, req task.Request, r session.TurnResult) {
+	if req.SessionID == "" || !r.New {
 		return
 	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	now := time.Now().UTC()
-	if t.m == nil {
-		t.m = map[string]*Session{}
+	// The client may have gone: the turn is still given back.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if err := s.Sessions.Release(ctx, req.SessionID, req.TaskID); err != nil && s.Log != nil {
+		s.Log.Warn("a session keeps the turn of a task that did not start", "session_id", req.SessionID,
+			"task_id", req.TaskID, "turn", r.Turn, "err", err)
 	}
-	t.gc(now)
-	s := t.m[id]
-	if s == nil {
-		s = &Session{ID: id, ModelID: modelID, CreatedAt: now}
-		t.m[id] = s
-	}
-	if len(s.Turns) >= SessionMaxTurns {
-		return
-	}
-	s.Turns = append(s.Turns, taskID)
-	s.LastUsed, s.ExpiresAt = now, now.Add(sessionTTL)
 }
-
-func (t *sessionTable) get(id string) (Session, bool) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.gc(time.Now())
-	s, ok := t.m[id]
-	if !ok {
-		return Session{}, false
-	}
-	return *s, true
-}
-
-func (t *sessionTable) remove(id string) bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.gc(time.Now())
-	_, ok := t.m[id]
-	delete(t.m, id)
-	return ok
-}
-
-// Session reads a session that has not expired.
-func (s *Scheduler) Session(id string) (Session, bool) { return s.sessions.get(id) }
-
-// EndSession forgets a session; false if there was none.
-func (s *Scheduler) EndSession(id string) bool { return s.sessions.remove(id) }

@@ -10,6 +10,7 @@ import (
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
 	"github.com/llorch/llorch/scheduler"
+	"github.com/llorch/llorch/session"
 	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/workflows"
 )
@@ -23,6 +24,7 @@ func NewControl(c client.Client, catalog *activities.CatalogActivities, tasks *s
 	w.RegisterWorkflowWithOptions(workflows.Stage, workflow.RegisterOptions{Name: model.StageWorkflowType})
 	w.RegisterWorkflowWithOptions(workflows.GC, workflow.RegisterOptions{Name: model.GCWorkflowType})
 	w.RegisterWorkflowWithOptions(workflows.Pool, workflow.RegisterOptions{Name: pool.WorkflowType})
+	w.RegisterWorkflowWithOptions(workflows.Session, workflow.RegisterOptions{Name: session.WorkflowType})
 	if tasks != nil {
 		w.RegisterWorkflowWithOptions(workflows.Task, workflow.RegisterOptions{Name: task.WorkflowType})
 		w.RegisterActivity(tasks)

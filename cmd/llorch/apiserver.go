@@ -88,10 +88,11 @@ func runAPIServer(f *apiserverFlags) error {
 		return fmt.Errorf("--admission-policy: want %s or %s, got %q", scheduler.Reject, scheduler.DropLRU, f.policy)
 	}
 	pools, tasks := &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace}, &control.Tasks{Temporal: tc}
+	sessions := &control.Sessions{Temporal: tc}
 	view := &scheduler.LinkView{Pools: pools, Nodes: nodes, Token: f.linkToken, Log: log, Metrics: scheduler.NewViewMetrics(reg),
 		Suspect: nodes.Suspect, Identity: identity}
 	sched := &scheduler.Scheduler{Capacity: f.queueCap, Policy: f.policy, Log: log, Metrics: scheduler.NewMetrics(reg),
-		Source: view.Candidates, Fresh: view.Fresh, Tasks: tasks}
+		Source: view.Candidates, Fresh: view.Fresh, Tasks: tasks, Sessions: sessions}
 	view.Changed = sched.Changed
 	if f.autoPoolsOn {
 		f.autoPools.Pools, f.autoPools.Nodes = pools, nodes
@@ -100,7 +101,7 @@ func runAPIServer(f *apiserverFlags) error {
 	srv, err := apiserver.New(f.api, apiserver.Deps{
 		Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub,
 		Models: &control.Models{Temporal: tc, Namespace: f.temporal.Namespace, Nodes: nodes},
-		Pools:  pools, Tasks: tasks,
+		Pools:  pools, Tasks: tasks, Sessions: sessions,
 	})
 	if err != nil {
 		return err
