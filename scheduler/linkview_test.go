@@ -197,7 +197,7 @@ func TestLinkViewFollowsNodes(t *testing.T) {
 
 	// A drained pool shows Draining (PoolState).
 	require.NoError(t, env.Temporal.SignalWorkflow(ctx, pool.WorkflowID("v-n2", "v-p2"), "", "state", pool.Draining))
-	testenv.Eventually(t, 5*time.Second, "drained pool shows Draining", func() (bool, string) {
+	testenv.Eventually(t, 15*time.Second, "drained pool shows Draining", func() (bool, string) {
 		c := view1()["v-p2"]
 		return c.Draining && c.State == pool.Draining, stringOf(view1())
 	})
@@ -208,7 +208,7 @@ func TestLinkViewFollowsNodes(t *testing.T) {
 		pool.WorkflowType, pool.Input{Spec: pool.Spec{PoolID: "v-old", NodeID: "v-n1", ModelID: "m", CtxSize: 3000}})
 	require.NoError(t, err)
 	require.NoError(t, env.Temporal.SignalWorkflow(ctx, pool.WorkflowID("v-n1", "v-old"), "", "state", pool.Ready))
-	testenv.Eventually(t, 5*time.Second, "old pool read by query", func() (bool, string) {
+	testenv.Eventually(t, 15*time.Second, "old pool read by query", func() (bool, string) {
 		c := view1()["v-old"]
 		return c == placement.Candidate{PoolID: "v-old", NodeID: "v-n1", ModelID: "m", URL: "http://old-engine", Epoch: 7,
 			State: pool.Ready, NodeOnline: true, SlotsTotal: 3, CtxPerSlot: 1000, FreeVRAM: 40 << 30}, stringOf(view1())
@@ -222,7 +222,7 @@ func TestLinkViewFollowsNodes(t *testing.T) {
 
 	// A node that leaves drops out: its link is no longer followed.
 	require.NoError(t, env.Temporal.SignalWorkflow(ctx, node.WorkflowID("v-n2"), "", "leave", nil))
-	testenv.Eventually(t, 5*time.Second, "left node drops out", func() (bool, string) {
+	testenv.Eventually(t, 15*time.Second, "left node drops out", func() (bool, string) {
 		c := view1()["v-p2"]
 		return !c.NodeOnline && testutil.ToFloat64(view.Metrics.links) == 1, stringOf(view1())
 	})
@@ -234,13 +234,13 @@ func TestLinkViewFollowsNodes(t *testing.T) {
 	// Shutdown returned come 0.3 ms late).
 	lost := time.Now()
 	require.NoError(t, links["v-n1"].srv.Shutdown(context.Background()))
-	testenv.Eventually(t, 5*time.Second, "link errors counted", func() (bool, string) {
+	testenv.Eventually(t, 15*time.Second, "link errors counted", func() (bool, string) {
 		return testutil.ToFloat64(view.Metrics.linkErrors) > 0, ""
 	})
 	if time.Since(lost) < time.Second {
 		require.Equal(t, pool.Ready, view1()["v-p1"].State, "last state stands while the link is briefly unreachable")
 	}
-	testenv.Eventually(t, 5*time.Second, "unreachable link's pool unready", func() (bool, string) {
+	testenv.Eventually(t, 15*time.Second, "unreachable link's pool unready", func() (bool, string) {
 		return view1()["v-p1"].State == pool.Unready, stringOf(view1())
 	})
 	require.GreaterOrEqual(t, time.Since(lost), 1500*time.Millisecond, "the last state stood for Stale")
