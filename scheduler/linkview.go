@@ -77,6 +77,7 @@ type LinkView struct {
 // guarded by LinkView.mu.
 type follower struct {
 	nodeID, runID string
+	url           string // the link's, as last learned
 	cancel        context.CancelFunc
 	stale         time.Duration
 	state         *node.LinkState // nil until the link first answered
@@ -365,8 +366,21 @@ func (v *LinkView) learn(ctx context.Context, f *follower) (*link.Client, error)
 		f.settled()
 		return nil, nil
 	}
-	f.noLink = false
+	f.noLink, f.url = false, nv.Inventory.LinkURL
 	return &link.Client{URL: nv.Inventory.LinkURL, Token: v.Token, HTTP: v.HTTP, Wait: v.Wait}, nil
+}
+
+// LinkURL is where node nodeID's link serves, as the view last learned it
+// from the node's registration; false: the view follows no link of the
+// node (it has no pools, is not Online, or serves none).
+func (v *LinkView) LinkURL(nodeID string) (string, bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	f := v.follow[nodeID]
+	if f == nil || f.url == "" || f.noLink {
+		return "", false
+	}
+	return f.url, true
 }
 
 func sleep(ctx context.Context, d time.Duration) {
