@@ -343,3 +343,10 @@ func FinishFromStatus(st *Stream, res task.Status) {
 	evs = append(evs, task.Event{Type: "end", TokensOut: res.TokensOut, DecodeTimeMs: res.DecodeMs, TokensIn: res.TokensIn, StopType: res.StopType})
 	_, _ = st.Push(evs)
 }
+
+// Running is how many tasks are followed now.
+func (f *Follower) Running() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.tasks)
+}
