@@ -174,7 +174,7 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ 
 // apiserver admitted (Sink.URL set, a rolling upgrade), pushed there too.
 type eventSink struct {
 	taskID string
-	st     *tokenstream.Stream  // nil: the node keeps no streams
+	st     *tokenstream.Stream // nil: the node keeps no streams
 	push   *tokenstream.Pusher // nil: no legacy sink
 }
 

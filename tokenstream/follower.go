@@ -220,7 +220,7 @@ func (f *Follower) run(ctx context.Context, taskID string, st *Stream, where *ta
 	if where != nil {
 		key = whereKey(*where, 0)
 	}
-	dead := ""                    // the generation whose node stream ended with an error
+	dead := ""                      // the generation whose node stream ended with an error
 	metricsSeen := map[string]int{} // per generation: metrics taken already
 	for ctx.Err() == nil && !st.Ended() {
 		if where == nil {

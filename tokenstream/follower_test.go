@@ -24,7 +24,9 @@ func nodeLink(t *testing.T, nodeID string) (*tokenstream.Hub, string) {
 	return hub, link.URL("", srv.Addr())
 }
 
-func tokEv(i int) task.Event { return task.Event{Type: "token", I: i, T: fmt.Sprint(i, " "), Tok: int32(i)} }
+func tokEv(i int) task.Event {
+	return task.Event{Type: "token", I: i, T: fmt.Sprint(i, " "), Tok: int32(i)}
+}
 
 func waitFor(t *testing.T, what string, ok func() bool) {
 	t.Helper()
