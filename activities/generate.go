@@ -28,6 +28,9 @@ type GenerateActivities struct {
 	// Running counts the generations in flight per engine (the busy slots
 	// the node link reports); nil: not counted.
 	Running *Generations
+	// Streams holds each task's events on this node, as the node link
+	// serves them to apiserver replicas; nil: none kept (tests).
+	Streams *tokenstream.Hub
 }
 
 // GenerateInput is one generation of a task on one pool; Resume holds the
@@ -41,22 +44,19 @@ type GenerateInput struct {
 // Generate streams a completion from the pool's engine. Each token goes to
 // the task's sink out of band and into the activity's heartbeat (so a lost
 // node's tokens are not lost); the result is the whole generation.
-func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (task.Result, error) {
+func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ task.Result, err error) {
 	defer g.Running.begin(in.Where.PoolID, in.Where.URL)()
 	req := in.Request
 	log := g.log().With("task_id", req.TaskID, "pool", in.Where.PoolID, "correlation_id", req.CorrelationID)
-	push := tokenstream.NewPusher(req.Sink, req.TaskID, nil)
-	defer func() {
-		if err := push.Close(5 * time.Second); err != nil {
-			log.Warn("token stream: events not delivered", "err", err)
-		}
-	}()
+	push := g.openSink(in)
+	defer func() { push.close(ctx, err, log) }()
 	prog := task.Progress{Tokens: append([]int32(nil), in.Resume.Tokens...), Pieces: append([]string(nil), in.Resume.Pieces...)}
 	resumed := len(prog.Tokens)
 	push.Send(task.Event{Type: "started", NodeID: in.Where.NodeID, PoolID: in.Where.PoolID})
 	if resumed > 0 {
 		push.Send(task.Event{Type: "metrics", Metrics: map[string]any{
 			"resumed_at_token": resumed, "node_id": in.Where.NodeID, "pool_id": in.Where.PoolID}})
+		push.resumed(in.Resume)
 	}
 
 	var mu sync.Mutex
@@ -167,6 +167,89 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (ta
 	log.Info("generation done", "tokens_in", res.TokensIn, "tokens_out", len(res.Tokens), "resumed", resumed,
 		"first_token_ms", res.FirstTokenMs, "decode_ms", res.DecodeMs)
 	return res, nil
+}
+
+// eventSink takes a generation's events: into the node's stream of the
+// task (the node link serves it to every replica) and, for a task an older
+// apiserver admitted (Sink.URL set, a rolling upgrade), pushed there too.
+type eventSink struct {
+	taskID string
+	st     *tokenstream.Stream // nil: the node keeps no streams
+	push   *tokenstream.Pusher // nil: no legacy sink
+}
+
+func (g *GenerateActivities) openSink(in GenerateInput) *eventSink {
+	e := &eventSink{taskID: in.Request.TaskID}
+	if g.Streams != nil {
+		// A moved task's stream holds the resumed tokens too (resumed
+		// seeds them), so a replica that saw fewer than the resume point
+		// gets the rest with no gap. Without their pieces it starts at the
+		// resume index: the tokens below are not held here.
+		base := 0
+		if len(in.Resume.Pieces) != len(in.Resume.Tokens) {
+			base = len(in.Resume.Tokens)
+		}
+		e.st = g.Streams.Open(in.Request.TaskID, base)
+	}
+	if in.Request.Sink.URL != "" {
+		e.push = tokenstream.NewPusher(in.Request.Sink, in.Request.TaskID, nil)
+	}
+	return e
+}
+
+// Send takes events in order.
+func (e *eventSink) Send(evs ...task.Event) {
+	if e.st != nil {
+		_, _ = e.st.Push(evs) // the generation's own order: no gap
+	}
+	if e.push != nil {
+		e.push.Send(evs...)
+	}
+}
+
+// resumed seeds the node stream with the tokens an earlier generation
+// produced (the legacy sink has them).
+func (e *eventSink) resumed(p task.Progress) {
+	if e.st == nil || e.st.Base() > 0 {
+		return
+	}
+	evs := make([]task.Event, len(p.Tokens))
+	for i, tok := range p.Tokens {
+		evs[i] = task.Event{Type: "token", I: i, T: p.Pieces[i], Tok: tok}
+	}
+	_, _ = e.st.Push(evs)
+}
+
+// close ends the node stream with the error the generation failed with
+// (a canceled one with CANCELED), and flushes the legacy sink.
+func (e *eventSink) close(ctx context.Context, err error, log *slog.Logger) {
+	if e.st != nil && err != nil {
+		e.st.Finish(task.Event{Type: "error", Error: generationError(ctx, err)})
+	}
+	if e.push != nil {
+		if perr := e.push.Close(5 * time.Second); perr != nil {
+			log.Warn("token stream: events not delivered", "err", perr)
+		}
+	}
+}
+
+// generationError is a failed generation as the workflow records it
+// (workflows/task.go asTaskError): a canceled one is CANCELED (the
+// workflow's own record says why: a cancel or a deadline).
+func generationError(ctx context.Context, err error) *task.Error {
+	if ctx.Err() != nil || errors.Is(err, context.Canceled) {
+		return &task.Error{Code: task.ErrCanceled, Message: "generation canceled"}
+	}
+	var app *temporal.ApplicationError
+	if errors.As(err, &app) {
+		retriable := app.Type() == task.ErrPoolUnavailable || app.Type() == task.ErrWorkerReset
+		e := &task.Error{Code: app.Type(), Message: app.Message(), Retriable: retriable}
+		if retriable {
+			e.RetryAfterMs = 1000
+		}
+		return e
+	}
+	return &task.Error{Code: task.ErrEngine, Message: err.Error()}
 }
 
 // promptTokens renders chat messages with the engine's template and

@@ -228,7 +228,6 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 			"choices": []any{choice}, "usage": usage(st.TokensIn, st.TokensOut)})
 	}
 	includeUsage := r.StreamOptions != nil && r.StreamOptions.IncludeUsage
-	stream := s.deps.Hub.Stream(req.TaskID)
 	c.Set(fiber.HeaderContentType, "text/event-stream")
 	c.Set(fiber.HeaderCacheControl, "no-cache")
 	c.Set("X-Accel-Buffering", "no")
@@ -247,9 +246,8 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 		return fiber.Map{"id": id, "object": chunkObject, "created": created, "model": req.ModelID, "choices": []any{ch}}
 	}
 	c.Context().SetBodyStreamWriter(func(w *bufio.Writer) {
-		ctx, cancel := context.WithCancel(context.Background())
-		defer cancel()
-		go s.follow(ctx, req.TaskID, stream)
+		stream, release := s.readStream(req.TaskID)
+		defer release()
 		if chat {
 			_, _ = w.Write(sseData(chunk(fiber.Map{"role": "assistant", "content": ""}, "", nil)))
 		}

@@ -16,8 +16,10 @@ import (
 
 	"github.com/llorch/llorch/bearer"
 	"github.com/llorch/llorch/control"
+	"github.com/llorch/llorch/link"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/scheduler"
+	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/tokenstream"
 )
 
@@ -41,6 +43,13 @@ type Deps struct {
 	Scheduler *scheduler.Scheduler
 	Hub       *tokenstream.Hub
 	Sessions  *control.Sessions // sessions' reads and ends, with Scheduler
+	// Links finds a node's link URL from the cluster view (the
+	// scheduler's LinkView); nil or unknown: the node's registration.
+	Links interface {
+		LinkURL(nodeID string) (string, bool)
+	}
+	// LinkToken is presented to node links (--link-token).
+	LinkToken string
 	Registry  *prometheus.Registry
 	Logger    *slog.Logger
 }
@@ -57,6 +66,9 @@ type Server struct {
 	key       *bearer.Key // nil: no token, every call is "anonymous"
 	identity  string
 	ln        net.Listener
+	// follower feeds Hub from the nodes' task streams; nil without the
+	// task routes.
+	follower *tokenstream.Follower
 }
 
 const (
@@ -93,9 +105,34 @@ func New(cfg Config, d Deps) (*Server, error) {
 		ReadTimeout:       30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 	})
+	if d.Scheduler != nil && d.Hub != nil && d.Tasks != nil {
+		s.follower = &tokenstream.Follower{Hub: d.Hub, Status: d.Tasks.Status, LinkURL: s.linkURL,
+			Subscribe: func(ctx context.Context, url, taskID string, after int, each func(task.Event) error) error {
+				return (&link.Client{URL: url, Token: d.LinkToken}).Events(ctx, taskID, after, each)
+			},
+			Ended: d.Scheduler.Finished, Log: d.Logger, Metrics: tokenstream.NewFollowMetrics(d.Registry)}
+	}
 	s.app.Use(s.correlate)
 	s.routes()
 	return s, nil
+}
+
+// linkURL is where node nodeID's link serves: from the cluster view, else
+// from the node's registration.
+func (s *Server) linkURL(ctx context.Context, nodeID string) (string, error) {
+	if s.deps.Links != nil {
+		if u, ok := s.deps.Links.LinkURL(nodeID); ok {
+			return u, nil
+		}
+	}
+	nv, err := s.deps.Nodes.Get(ctx, nodeID)
+	if err != nil {
+		return "", fmt.Errorf("node %s: %w", nodeID, err)
+	}
+	if nv.Inventory.LinkURL == "" {
+		return "", fmt.Errorf("node %s serves no node link (an older worker)", nodeID)
+	}
+	return nv.Inventory.LinkURL, nil
 }
 
 // App exposes the fiber app (tests drive it with app.Test).
@@ -125,6 +162,9 @@ func (s *Server) Addr() string { return s.ln.Addr().String() }
 // Last-Event-ID to another or the restarted apiserver).
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.closeOnce.Do(func() { close(s.closing) })
+	if s.follower != nil {
+		s.follower.Close()
+	}
 	return s.app.ShutdownWithContext(ctx)
 }
 

@@ -16,6 +16,7 @@ import (
 	"github.com/gofiber/fiber/v2"
 
 	"github.com/llorch/llorch/control"
+	"github.com/llorch/llorch/link"
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
@@ -232,7 +233,11 @@ func (s *Server) buildTask(c *fiber.Ctx, in taskInput, maxTokensField string) (t
 		req.Params.MaxTokens = min(req.Params.MaxTokens, ctxLen)
 	}
 	req.ModelID, req.CorrelationID, req.EnqueuedAt = e.ID, correlationID(c), time.Now().UTC()
-	req.Sink = task.Sink{URL: s.sinkURL(), Token: tokenstream.SinkToken(s.streamKey, req.TaskID)}
+	if s.follower == nil {
+		// Without a follower the node pushes to this apiserver (the older
+		// path); with one, every replica reads the node's link instead.
+		req.Sink = task.Sink{URL: s.sinkURL(), Token: tokenstream.SinkToken(s.streamKey, req.TaskID)}
+	}
 	return req, e, nil
 }
 
@@ -263,6 +268,15 @@ func (s *Server) submit(c *fiber.Ctx, req task.Request) (scheduler.Admission, er
 		_, _ = st.Push([]task.Event{{Type: "metrics", Metrics: map[string]any{
 			"preparing": "starting pool " + prepared.PoolID + " for model " + prepared.ModelID + " on node " + prepared.NodeID,
 			"pool_id":   prepared.PoolID, "node_id": prepared.NodeID}}})
+	}
+	if s.follower != nil {
+		// The granted slot says where the generation runs: the first token
+		// need not wait for a status read.
+		var hint *task.Where
+		if w, ok := s.deps.Scheduler.Granted(req.TaskID); ok {
+			hint = &w
+		}
+		s.follower.Start(req.TaskID, hint)
 	}
 	s.log(c).Info("task admitted", "task_id", req.TaskID, "model_id", req.ModelID, "priority", req.Priority,
 		"queue_position", adm.Position, "session_id", req.SessionID)
@@ -433,10 +447,41 @@ func (s *Server) cancel(ctx context.Context, id, reason string) error {
 		return apiError(fiber.StatusConflict, CodeTaskEnded, "task %s has ended (%s)", id, st.State)
 	}
 	s.deps.Hub.Stream(id).Finish(task.Event{Type: "error", Error: &task.Error{Code: task.ErrCanceled, Message: "canceled " + reason}})
+	if st.Where != nil && s.follower != nil {
+		// Every replica's readers stop at once too: the node ends its
+		// stream. Best effort: the workflow's cancel stops the generation.
+		if err := s.cancelOnNode(ctx, id, st.Where.NodeID, reason); err != nil {
+			s.deps.Logger.Info("cancel: the node's stream was not ended", "task_id", id, "node_id", st.Where.NodeID, "err", err)
+		}
+	}
 	return s.deps.Tasks.Cancel(ctx, id, reason)
 }
 
-// follow ends a task's stream from its workflow's result once it closes:
+func (s *Server) cancelOnNode(ctx context.Context, id, nodeID, reason string) error {
+	url, err := s.linkURL(ctx, nodeID)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	return (&link.Client{URL: url, Token: s.deps.LinkToken}).Cancel(ctx, id, "canceled "+reason)
+}
+
+// readStream attaches a reader to the task's local stream: fed by the
+// follower from the node's link, or (without one) by pushes and finished
+// by follow. release detaches the reader.
+func (s *Server) readStream(id string) (st *tokenstream.Stream, release func()) {
+	if s.follower != nil {
+		return s.follower.Read(id)
+	}
+	st = s.deps.Hub.Stream(id)
+	ctx, cancel := context.WithCancel(context.Background())
+	go s.follow(ctx, id, st)
+	return st, cancel
+}
+
+// follow (without a follower) ends a task's stream from its workflow's
+// result once it closes:
 // the tokens the stream lacks (an apiserver that restarted mid-stream) and
 // end, or the error. It returns when the workflow closes or ctx ends.
 func (s *Server) follow(ctx context.Context, id string, st *tokenstream.Stream) {
@@ -448,27 +493,7 @@ func (s *Server) follow(ctx context.Context, id string, st *tokenstream.Stream) 
 		st.Finish(task.Event{Type: "error", Error: &task.Error{Code: "INTERNAL", Message: err.Error()}})
 		return
 	}
-	finishFromStatus(st, res)
-}
-
-func finishFromStatus(st *tokenstream.Stream, res task.Status) {
-	if res.State != task.Completed {
-		e := res.Error
-		if e == nil {
-			e = &task.Error{Code: "INTERNAL", Message: "task ended " + string(res.State)}
-		}
-		st.Finish(task.Event{Type: "error", Error: e})
-		return
-	}
-	var evs []task.Event
-	if res.Where != nil {
-		evs = append(evs, task.Event{Type: "started", NodeID: res.Where.NodeID, PoolID: res.Where.PoolID})
-	}
-	for i := st.Tokens(); i < len(res.Pieces); i++ {
-		evs = append(evs, task.Event{Type: "token", I: i, T: res.Pieces[i]})
-	}
-	evs = append(evs, task.Event{Type: "end", TokensOut: res.TokensOut, DecodeTimeMs: res.DecodeMs, TokensIn: res.TokensIn, StopType: res.StopType})
-	_, _ = st.Push(evs)
+	tokenstream.FinishFromStatus(st, res)
 }
 
 // taskEvents is the /v2 SSE stream: started, token*, metrics, then end or
@@ -498,15 +523,13 @@ func (s *Server) taskEvents(c *fiber.Ctx) error {
 		}
 		cur = tokenstream.Cursor{Started: true, Next: n + 1}
 	}
-	stream := s.deps.Hub.Stream(id)
 	c.Set(fiber.HeaderContentType, "text/event-stream")
 	c.Set(fiber.HeaderCacheControl, "no-cache")
 	c.Set("X-Accel-Buffering", "no")
 	log := s.log(c).With("task_id", id)
 	c.Context().SetBodyStreamWriter(func(w *bufio.Writer) {
-		ctx, cancel := context.WithCancel(context.Background())
-		defer cancel()
-		go s.follow(ctx, id, stream)
+		stream, release := s.readStream(id)
+		defer release()
 		_ = s.writeStream(w, stream, cur, func(ev task.Event) []byte { return sseV2(ev) })
 		log.Debug("event stream closed")
 	})
@@ -573,7 +596,8 @@ func sseV2(ev task.Event) []byte {
 	return []byte(sb.String())
 }
 
-// pushEvents receives a node's batch of a task's events.
+// pushEvents receives a node's batch of a task's events: the older path,
+// for workers of a rolling upgrade that push to the admitting apiserver.
 func (s *Server) pushEvents(c *fiber.Ctx) error {
 	id, err := taskID(c)
 	if err != nil {

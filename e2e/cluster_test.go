@@ -132,6 +132,31 @@ func (c *cluster) startAPI() {
 	})
 }
 
+// extraAPI starts another apiserver replica on its own port, with the same
+// Temporal, bucket and token, and waits until it is healthy; its address.
+func (c *cluster) extraAPI() string {
+	c.t.Helper()
+	port, err := testenv.FreePort()
+	require.NoError(c.t, err)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	args := append([]string(nil), c.apiArgs...)
+	for i := range args {
+		if args[i] == "--addr" {
+			args[i+1] = addr
+		}
+	}
+	api := start(c.t, "apiserver "+addr, args...)
+	testenv.Eventually(c.t, 60*time.Second, "second apiserver healthy", func() (bool, string) {
+		res, err := http.Get("http://" + addr + "/health")
+		if err != nil {
+			return false, err.Error() + "\n" + api.out.String()
+		}
+		res.Body.Close()
+		return res.StatusCode == 200, res.Status
+	})
+	return addr
+}
+
 func (c *cluster) worker(id string, extra ...string) *proc {
 	args := append([]string{"worker", "--node-id", id, "--temporal-address", env.TemporalAddr, "--home", c.home,
 		"--metrics-addr", "127.0.0.1:0", "--heartbeat-interval", "1s"}, s3Flags(env.S3.Endpoint)...)

@@ -487,3 +487,50 @@ func TestTaskStartsPool(t *testing.T) {
 	require.Equal(t, 410, status, body)
 	require.Equal(t, "MODEL_DEPRECATED", body["code"])
 }
+
+// A task admitted by one apiserver replica is read through another that
+// did not admit it (no stickiness behind a load balancer): its text equals
+// the greedy output, and resuming with Last-Event-ID on that replica
+// mid-stream gives the rest with no gap and no duplicate.
+func TestStreamThroughAnotherReplica(t *testing.T) {
+	c := newCluster(t)
+	id := "e2e-replica"
+	w := c.onlineWorker(id)
+	h := c.slowPool(id, "rep1", "rep-model")
+	const n = 400
+	want := greedy(t, h["url"].(string), "Once upon a time", n)
+	api2 := c.extraAPI()
+
+	tid := testenv.Unique("t-replica")
+	status, body := c.submit(`{"task_id":"` + tid + `","model_ref":"rep-model","prompt":"Once upon a time","max_tokens":400,"determinism":"strict"}`)
+	require.Equal(t, 202, status, body)
+	ch, stop := testenv.Follow(t, api2, token, tid, "")
+	var first []sseEvent
+	for ev := range ch {
+		first = append(first, ev)
+		if ev.Name == "token" && ev.Data["i"].(float64) == 60 {
+			break
+		}
+	}
+	stop()
+	require.Equal(t, "rep1", first[0].Data["pool_id"])
+	ch, stop = testenv.Follow(t, api2, token, tid, first[len(first)-1].ID)
+	rest, _ := collect(t, ch, 120*time.Second)
+	stop()
+	all := append(first, rest...)
+	require.Equal(t, n, checkOrder(t, all, 0))
+	require.Equal(t, want, testenv.Text(all), "the text read on the other replica is the greedy output")
+
+	// Read again on the other replica once the task has ended: the whole
+	// stream, the same text.
+	testenv.Eventually(t, 30*time.Second, "task recorded", func() (bool, string) {
+		_, rec := c.get("/v2/tasks/" + tid)
+		return rec["state"] == "Completed", fmt.Sprint(rec)
+	})
+	ch, stop = testenv.Follow(t, api2, token, tid, "")
+	again, text := collect(t, ch, 60*time.Second)
+	stop()
+	checkOrder(t, again, 0)
+	require.Equal(t, want, text)
+	c.leave(w, id)
+}

@@ -1,8 +1,11 @@
 package link
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -12,6 +15,7 @@ import (
 
 	"github.com/llorch/llorch/apiclient"
 	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/task"
 )
 
 // Client reads one node's link.
@@ -81,4 +85,103 @@ func (c *Client) get(ctx context.Context, query string, bound time.Duration) (no
 		return st, fmt.Errorf("node link %s: not a node state: %w", c.URL, err)
 	}
 	return st, nil
+}
+
+// silentLimit is how long an event stream may stay silent (no event, no
+// keep-alive) before the client takes the node for gone.
+const silentLimit = 3 * node.LinkKeepAlive
+
+// ErrStreamCut says an event stream ended before its final event.
+var ErrStreamCut = errors.New("task stream ended before its final event")
+
+// Events subscribes to the task's events after token index after (-1: from
+// the start) and hands each to each, in order, until the final event (nil
+// error), a failure of each (its error), or a broken or silent stream. A
+// node that does not hold the task answers, after its wait, an
+// *apiclient.Error with code node.CodeTaskNotOnNode.
+func (c *Client) Events(ctx context.Context, taskID string, after int, each func(task.Event) error) error {
+	u := strings.TrimRight(c.URL, "/") + node.LinkTaskEventsPath(taskID) + "?" + node.LinkEventsAfterParam + "=" + strconv.Itoa(after)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return fmt.Errorf("node link %s: %w", c.URL, err)
+	}
+	req.Header.Set("Accept", "application/x-ndjson")
+	c.auth(req)
+	// Silence past silentLimit cancels the request: a node that went away
+	// without closing the connection is noticed.
+	silent := time.AfterFunc(node.LinkDefaultWait+answerMargin, cancel)
+	defer silent.Stop()
+	res, err := c.http().Do(req)
+	if err != nil {
+		return fmt.Errorf("node link %s: task %s events: %w", c.URL, taskID, err)
+	}
+	defer res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		raw, _ := io.ReadAll(io.LimitReader(res.Body, 64<<10))
+		return apiclient.ErrorOf(http.MethodGet, u, res.StatusCode, raw)
+	}
+	sc := bufio.NewScanner(res.Body)
+	sc.Buffer(make([]byte, 0, 64<<10), 16<<20)
+	for {
+		silent.Reset(silentLimit)
+		if !sc.Scan() {
+			break
+		}
+		line := bytes.TrimSpace(sc.Bytes())
+		if len(line) == 0 || string(line) == "{}" {
+			continue // keep-alive
+		}
+		var ev task.Event
+		if err := json.Unmarshal(line, &ev); err != nil {
+			return fmt.Errorf("node link %s: task %s: not an event: %w", c.URL, taskID, err)
+		}
+		if err := each(ev); err != nil {
+			return err
+		}
+		if ev.Type == "end" || ev.Type == "error" {
+			return nil
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("node link %s: task %s events: %w", c.URL, taskID, err)
+	}
+	return fmt.Errorf("node link %s: task %s: %w", c.URL, taskID, ErrStreamCut)
+}
+
+// Cancel ends the task's node stream with CANCELED (reason says why).
+func (c *Client) Cancel(ctx context.Context, taskID, reason string) error {
+	u := strings.TrimRight(c.URL, "/") + node.LinkTaskCancelPath(taskID)
+	ctx, cancel := context.WithTimeout(ctx, answerMargin)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, strings.NewReader(reason))
+	if err != nil {
+		return fmt.Errorf("node link %s: %w", c.URL, err)
+	}
+	req.Header.Set("Content-Type", "text/plain; charset=utf-8")
+	c.auth(req)
+	res, err := c.http().Do(req)
+	if err != nil {
+		return fmt.Errorf("node link %s: cancel task %s: %w", c.URL, taskID, err)
+	}
+	defer res.Body.Close()
+	raw, _ := io.ReadAll(io.LimitReader(res.Body, 64<<10))
+	if res.StatusCode != http.StatusNoContent {
+		return apiclient.ErrorOf(http.MethodPost, u, res.StatusCode, raw)
+	}
+	return nil
+}
+
+func (c *Client) auth(req *http.Request) {
+	if c.Token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.Token)
+	}
+}
+
+func (c *Client) http() *http.Client {
+	if c.HTTP == nil {
+		return http.DefaultClient
+	}
+	return c.HTTP
 }

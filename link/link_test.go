@@ -19,7 +19,9 @@ import (
 	"github.com/llorch/llorch/apiclient"
 	"github.com/llorch/llorch/bearer"
 	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/testenv"
+	"github.com/llorch/llorch/tokenstream"
 )
 
 const token = "link-secret"
@@ -350,4 +352,112 @@ func TestSourceVersions(t *testing.T) {
 	js, err := json.Marshal(NewSource("n2").State())
 	require.NoError(t, err)
 	require.True(t, strings.Contains(string(js), `"pools":[]`) && strings.Contains(string(js), `"node_id":"n2"`), string(js))
+}
+
+// Task streams: bearer auth, a bad id, the wait for a task that never
+// comes, the events in order after the caller's index until the final one,
+// and cancel ending the stream for every subscriber at once.
+func TestTaskEvents(t *testing.T) {
+	hub := &tokenstream.Hub{}
+	f := serve(t, Options{Token: token, Streams: hub})
+	res, env := f.get(t, node.LinkTaskEventsPath("t1"), "")
+	require.Equal(t, http.StatusUnauthorized, res.StatusCode)
+	require.NotEmpty(t, env.Code)
+	res, env = f.get(t, node.LinkTaskEventsPath("bad id!"), "Bearer "+token)
+	require.Equal(t, http.StatusBadRequest, res.StatusCode)
+	require.Equal(t, codeInvalidParams, env.Code)
+	res, env = f.get(t, node.LinkTaskEventsPath("t1")+"?after=x", "Bearer "+token)
+	require.Equal(t, http.StatusBadRequest, res.StatusCode)
+	require.Equal(t, node.LinkEventsAfterParam, env.Field)
+	res, env = f.get(t, node.LinkTaskEventsPath("t1")+"?wait=2m", "Bearer "+token)
+	require.Equal(t, http.StatusBadRequest, res.StatusCode)
+	require.Equal(t, node.LinkWaitParam, env.Field)
+	start := time.Now()
+	res, env = f.get(t, node.LinkTaskEventsPath("t-absent")+"?wait=50ms", "Bearer "+token)
+	require.Equal(t, http.StatusNotFound, res.StatusCode)
+	require.Equal(t, node.CodeTaskNotOnNode, env.Code)
+	require.GreaterOrEqual(t, time.Since(start), 50*time.Millisecond)
+	require.Nil(t, hub.Peek("t-absent"), "a subscriber creates no stream")
+	res, env = f.get(t, node.LinkTaskCancelPath("t1"), "Bearer "+token)
+	require.Equal(t, http.StatusMethodNotAllowed, res.StatusCode, env)
+
+	// A subscriber that comes before the generation waits for it, then
+	// gets everything after its index in order.
+	got := make(chan []task.Event, 1)
+	errs := make(chan error, 1)
+	go func() {
+		var evs []task.Event
+		errs <- f.client().Events(context.Background(), "t1", 1, func(ev task.Event) error { evs = append(evs, ev); return nil })
+		got <- evs
+	}()
+	testenv.Eventually(t, 10*time.Second, "subscriber waiting", func() (bool, string) {
+		return len(f.srv.subs) == 1, fmt.Sprint(len(f.srv.subs))
+	})
+	st := hub.Open("t1", 0)
+	_, _ = st.Push([]task.Event{{Type: "started", NodeID: "n1"}, tok(0), tok(1), tok(2)})
+	_, _ = st.Push([]task.Event{tok(3), {Type: "end", TokensOut: 4}})
+	require.NoError(t, <-errs)
+	evs := <-got
+	require.Equal(t, []string{"started", "token", "token", "end"}, types(evs))
+	require.Equal(t, 2, evs[1].I)
+	require.Equal(t, 3, evs[2].I)
+
+	// Cancel: both subscribers get the error and their streams close.
+	st = hub.Open("t2", 0)
+	_, _ = st.Push([]task.Event{tok(0)})
+	var wg sync.WaitGroup
+	finals := make(chan task.Event, 2)
+	for range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_ = f.client().Events(context.Background(), "t2", -1, func(ev task.Event) error {
+				if ev.Type == "error" {
+					finals <- ev
+				}
+				return nil
+			})
+		}()
+	}
+	testenv.Eventually(t, 10*time.Second, "two subscribers", func() (bool, string) {
+		return len(f.srv.subs) == 2, fmt.Sprint(len(f.srv.subs))
+	})
+	require.NoError(t, f.client().Cancel(context.Background(), "t2", "by test"))
+	wg.Wait()
+	for range 2 {
+		ev := <-finals
+		require.Equal(t, task.ErrCanceled, ev.Error.Code)
+		require.Contains(t, ev.Error.Message, "by test")
+	}
+	_, _ = st.Push([]task.Event{tok(1)})
+	require.Equal(t, 1, st.Tokens(), "no token after the cancel")
+	var ae *apiclient.Error
+	require.ErrorAs(t, f.client().Cancel(context.Background(), "t-absent", ""), &ae)
+	require.Equal(t, node.CodeTaskNotOnNode, ae.Code)
+}
+
+// Beyond MaxStreams a subscription is refused with a retriable 503.
+func TestTaskEventsCap(t *testing.T) {
+	hub := &tokenstream.Hub{}
+	f := serve(t, Options{Token: token, Streams: hub, MaxStreams: 1})
+	go func() {
+		_ = f.client().Events(context.Background(), "t1", -1, func(task.Event) error { return nil })
+	}()
+	testenv.Eventually(t, 10*time.Second, "one subscriber", func() (bool, string) {
+		return len(f.srv.subs) == 1, fmt.Sprint(len(f.srv.subs))
+	})
+	res, env := f.get(t, node.LinkTaskEventsPath("t2")+"?wait=0s", "Bearer "+token)
+	require.Equal(t, http.StatusServiceUnavailable, res.StatusCode)
+	require.True(t, env.Retriable)
+	hub.Open("t1", 0).Finish(task.Event{Type: "end"})
+}
+
+func tok(i int) task.Event { return task.Event{Type: "token", I: i, T: fmt.Sprint(i), Tok: int32(i)} }
+
+func types(evs []task.Event) []string {
+	var out []string
+	for _, ev := range evs {
+		out = append(out, ev.Type)
+	}
+	return out
 }

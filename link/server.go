@@ -5,21 +5,31 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/llorch/llorch/apiclient"
 	"github.com/llorch/llorch/bearer"
 	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/task"
+	"github.com/llorch/llorch/tokenstream"
 )
 
 // DefaultMaxWaiters bounds the long-polls a link holds at once: one per
 // apiserver replica is the need; the rest of the room is for restarts.
 const DefaultMaxWaiters = 1024
+
+// DefaultMaxStreams bounds the task event subscriptions a link serves at
+// once: one per task with readers per replica.
+const DefaultMaxStreams = 4096
 
 // TokenEnv is where the link token is configured, as a refusal names it.
 const TokenEnv = "LLORCH_LINK_TOKEN"
@@ -54,6 +64,32 @@ type Options struct {
 	Log   *slog.Logger
 	// MaxWaiters bounds concurrent long-polls; 0: DefaultMaxWaiters.
 	MaxWaiters int
+	// Streams holds the node's task event streams (the generations write
+	// them); nil: the task routes answer 404 TASK_NOT_ON_NODE at once.
+	Streams *tokenstream.Hub
+	// MaxStreams bounds concurrent event subscriptions; 0:
+	// DefaultMaxStreams.
+	MaxStreams int
+	Metrics    *Metrics
+}
+
+// Metrics are the link's figures; nil: not counted.
+type Metrics struct {
+	subscriptions prometheus.Gauge
+}
+
+// NewMetrics registers the link's metrics on reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{subscriptions: prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "llorch_link_task_subscriptions", Help: "Task event streams the node link serves now."})}
+	reg.MustRegister(m.subscriptions)
+	return m
+}
+
+func (m *Metrics) subscribed(d float64) {
+	if m != nil {
+		m.subscriptions.Add(d)
+	}
 }
 
 // Server serves a Source over HTTP.
@@ -63,6 +99,9 @@ type Server struct {
 	log     *slog.Logger
 	waiters chan struct{} // one element per long-poll in progress
 	waiting atomic.Int64  // long-polls blocked in Wait, for tests
+	streams *tokenstream.Hub
+	subs    chan struct{} // one element per event subscription
+	metrics *Metrics
 
 	srv    *http.Server
 	ln     net.Listener
@@ -79,8 +118,12 @@ func NewServer(src *Source, opts Options) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
+	ns := opts.MaxStreams
+	if ns <= 0 {
+		ns = DefaultMaxStreams
+	}
 	return &Server{source: src, key: bearer.NewKey(opts.Token, TokenEnv), log: log,
-		waiters: make(chan struct{}, n)}
+		waiters: make(chan struct{}, n), streams: opts.Streams, subs: make(chan struct{}, ns), metrics: opts.Metrics}
 }
 
 // Listen binds addr synchronously (a taken port fails at once) and serves
@@ -154,6 +197,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.log.Warn("node link refused a request", "code", refused.Code, "presented", presented,
 			"remote", r.RemoteAddr, "path", r.URL.Path)
 		writeError(w, http.StatusUnauthorized, apiclient.Envelope{Code: refused.Code, Message: refused.Message})
+		return
+	}
+	if rest, ok := strings.CutPrefix(r.URL.Path, node.LinkTasksPrefix); ok {
+		s.taskRoute(w, r, rest)
 		return
 	}
 	if r.URL.Path != node.LinkStatePath {
@@ -244,3 +291,168 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 func writeError(w http.ResponseWriter, status int, e apiclient.Envelope) { writeJSON(w, status, e) }
+
+// taskRoute serves rest = "<task id>/events" (GET) or "<task id>/cancel"
+// (POST).
+func (s *Server) taskRoute(w http.ResponseWriter, r *http.Request, rest string) {
+	id, verb, ok := strings.Cut(rest, "/")
+	method := map[string]string{"events": http.MethodGet, "cancel": http.MethodPost}[verb]
+	if !ok || method == "" {
+		writeError(w, http.StatusNotFound, apiclient.Envelope{Code: codeNotFound, Message: "no node link path " + r.URL.Path})
+		return
+	}
+	if err := task.ValidateID(id); err != nil {
+		writeError(w, http.StatusBadRequest, apiclient.Envelope{Code: codeInvalidParams, Field: "task_id", Message: "task id: " + err.Error()})
+		return
+	}
+	if r.Method != method {
+		w.Header().Set("Allow", method)
+		writeError(w, http.StatusMethodNotAllowed, apiclient.Envelope{Code: codeMethod, Message: r.Method + " " + r.URL.Path + ": only " + method})
+		return
+	}
+	if verb == "cancel" {
+		s.cancelTask(w, r, id)
+		return
+	}
+	s.taskEvents(w, r, id)
+}
+
+// maxReason bounds a cancel's reason.
+const maxReason = 1024
+
+// cancelTask ends the task's node stream with CANCELED, so no replica's
+// reader gets another token; the workflow's cancel stops the generation.
+// A task the node does not hold is a 404 (the caller's best effort ends).
+func (s *Server) cancelTask(w http.ResponseWriter, r *http.Request, id string) {
+	b, err := io.ReadAll(io.LimitReader(r.Body, maxReason+1))
+	if err != nil || len(b) > maxReason {
+		writeError(w, http.StatusBadRequest, apiclient.Envelope{Code: codeInvalidParams, Field: "reason",
+			Message: fmt.Sprintf("reason: want at most %d bytes of text", maxReason)})
+		return
+	}
+	var st *tokenstream.Stream
+	if s.streams != nil {
+		st = s.streams.Peek(id)
+	}
+	if st == nil {
+		writeError(w, http.StatusNotFound, apiclient.Envelope{Code: node.CodeTaskNotOnNode,
+			Message: "task " + id + " has no stream on node " + s.nodeID()})
+		return
+	}
+	msg := "canceled"
+	if reason := strings.TrimSpace(string(b)); reason != "" {
+		msg += ": " + reason
+	}
+	if st.Finish(task.Event{Type: "error", Error: &task.Error{Code: task.ErrCanceled, Message: msg}}) {
+		s.log.Info("task stream canceled on the link", "task_id", id, "reason", msg)
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// taskEvents streams the task's events after the caller's last token as
+// NDJSON, flushed per batch, until the final event; an empty line every
+// node.LinkKeepAlive while idle.
+func (s *Server) taskEvents(w http.ResponseWriter, r *http.Request, id string) {
+	after, wait, bad := parseEvents(r)
+	if bad != nil {
+		writeError(w, http.StatusBadRequest, *bad)
+		return
+	}
+	select {
+	case s.subs <- struct{}{}:
+		defer func() { <-s.subs }()
+	default:
+		w.Header().Set("Retry-After", strconv.Itoa(int(retryAfter.Seconds())))
+		writeError(w, http.StatusServiceUnavailable, apiclient.Envelope{Code: codeUnavailable, Retriable: true,
+			RetryAfterMs: retryAfter.Milliseconds(),
+			Message:      fmt.Sprintf("node %s serves %d task streams already: retry", s.nodeID(), cap(s.subs))})
+		return
+	}
+	s.metrics.subscribed(1)
+	defer s.metrics.subscribed(-1)
+	var st *tokenstream.Stream
+	if s.streams != nil {
+		ctx, cancel := context.WithTimeout(r.Context(), wait)
+		st = s.streams.Wait(ctx, id)
+		cancel()
+	}
+	if st == nil {
+		if r.Context().Err() != nil {
+			return
+		}
+		writeError(w, http.StatusNotFound, apiclient.Envelope{Code: node.CodeTaskNotOnNode,
+			Message: fmt.Sprintf("node %s holds no stream of task %s (waited %s)", s.nodeID(), id, wait)})
+		return
+	}
+	rc := http.NewResponseController(w)
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(http.StatusOK)
+	enc := json.NewEncoder(w)
+	cur := tokenstream.Cursor{Next: after + 1}
+	idle := time.NewTimer(node.LinkKeepAlive)
+	defer idle.Stop()
+	for {
+		evs, next, changed := st.Read(cur)
+		cur = next
+		// A stream outlives the server's write timeout: each batch gets
+		// its own.
+		_ = rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+		for _, ev := range evs {
+			if enc.Encode(ev) != nil {
+				return
+			}
+		}
+		if rc.Flush() != nil || cur.Done {
+			return
+		}
+		idle.Reset(node.LinkKeepAlive)
+		select {
+		case <-changed:
+		case <-r.Context().Done():
+			return
+		case <-idle.C:
+			_ = rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+			if _, err := w.Write([]byte("\n")); err != nil || rc.Flush() != nil {
+				return
+			}
+			// The next Read returns nothing new: loop to wait again.
+		}
+	}
+}
+
+// parseEvents reads ?after=I&wait=D of an event subscription.
+func parseEvents(r *http.Request) (after int, wait time.Duration, bad *apiclient.Envelope) {
+	q := r.URL.Query()
+	invalid := func(field, format string, args ...any) *apiclient.Envelope {
+		return &apiclient.Envelope{Code: codeInvalidParams, Field: field, Message: field + ": " + fmt.Sprintf(format, args...)}
+	}
+	for k, v := range q {
+		if k != node.LinkEventsAfterParam && k != node.LinkWaitParam {
+			return 0, 0, invalid(k, "unknown parameter (want %s and %s)", node.LinkEventsAfterParam, node.LinkWaitParam)
+		}
+		if len(v) > 1 {
+			return 0, 0, invalid(k, "given %d times", len(v))
+		}
+	}
+	after, wait = -1, node.LinkDefaultWait
+	if q.Has(node.LinkEventsAfterParam) {
+		v := q.Get(node.LinkEventsAfterParam)
+		n, err := strconv.Atoi(v)
+		if err != nil || n < -1 {
+			return 0, 0, invalid(node.LinkEventsAfterParam, "%q: want the last token index you hold, -1 for none", v)
+		}
+		after = n
+	}
+	if q.Has(node.LinkWaitParam) {
+		v := q.Get(node.LinkWaitParam)
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 || d > node.LinkMaxWait {
+			return 0, 0, invalid(node.LinkWaitParam, "%q: want a duration from 0s to %s, e.g. 30s", v, node.LinkMaxWait)
+		}
+		wait = d
+	}
+	return after, wait, nil
+}
+
+func (s *Server) nodeID() string { return s.source.State().NodeID }

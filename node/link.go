@@ -5,7 +5,7 @@ import "time"
 // The node link (DESIGN.md decisions 5, 10, 11; docs/node-link.md): every
 // `llorch worker` serves its live state over authenticated HTTP at
 // Inventory.LinkURL, so any apiserver replica can follow it without asking
-// Temporal. Later steps add task event streams and slot claims here.
+// Temporal. Later steps add slot claims here.
 const (
 	// LinkStatePath answers the node's LinkState. With LinkAfterParam it
 	// long-polls: the answer comes once Version differs from after, or at
@@ -20,6 +20,33 @@ const (
 	LinkDefaultWait = 30 * time.Second
 	LinkMaxWait     = 60 * time.Second
 )
+
+// Task streams on the link: the node keeps each task's events (started,
+// metrics, token, then end or error) and any replica subscribes.
+const (
+	// LinkTasksPrefix starts the task routes: LinkTaskEventsPath and
+	// LinkTaskCancelPath.
+	LinkTasksPrefix = "/link/v1/tasks/"
+	// LinkEventsAfterParam is the last token index the caller holds (-1 or
+	// absent: from the start); LinkWaitParam bounds the wait for a task
+	// the node does not hold yet (default LinkDefaultWait, at most
+	// LinkMaxWait), after which it answers 404 CodeTaskNotOnNode.
+	LinkEventsAfterParam = "after"
+	// LinkKeepAlive is how often an idle event stream writes an empty line.
+	LinkKeepAlive = 15 * time.Second
+	// CodeTaskNotOnNode: the node holds no stream of the task (it never
+	// ran here, or ended longer ago than the node keeps streams).
+	CodeTaskNotOnNode = "TASK_NOT_ON_NODE"
+)
+
+// LinkTaskEventsPath streams a task's events as NDJSON (one task.Event per
+// line, an empty line as keep-alive) until the final event.
+func LinkTaskEventsPath(taskID string) string { return LinkTasksPrefix + taskID + "/events" }
+
+// LinkTaskCancelPath (POST, optional body: the reason) ends the task's
+// node stream with error CANCELED at once; the workflow's cancel stops the
+// generation.
+func LinkTaskCancelPath(taskID string) string { return LinkTasksPrefix + taskID + "/cancel" }
 
 // LinkState is a node's live state as its link serves it.
 type LinkState struct {

@@ -103,6 +103,7 @@ type LinkView struct {
 // guarded by LinkView.mu.
 type follower struct {
 	nodeID, runID string
+	url           string // the link's, as last learned
 	cancel        context.CancelFunc
 	stale         time.Duration
 	state         *node.LinkState // nil until the link first answered
@@ -454,7 +455,7 @@ func (v *LinkView) learn(ctx context.Context, f *follower) (*link.Client, error)
 		f.settled()
 		return nil, nil
 	}
-	f.noLink = false
+	f.noLink, f.url = false, nv.Inventory.LinkURL
 	hc := v.HTTP
 	if hc == nil {
 		hc = linkHTTP
@@ -477,6 +478,19 @@ var linkHTTP = &http.Client{Transport: &http.Transport{
 	MaxIdleConnsPerHost: 4,
 	IdleConnTimeout:     90 * time.Second,
 }}
+
+// LinkURL is where node nodeID's link serves, as the view last learned it
+// from the node's registration; false: the view follows no link of the
+// node (it is not Online, or serves none).
+func (v *LinkView) LinkURL(nodeID string) (string, bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	f := v.follow[nodeID]
+	if f == nil || f.url == "" || f.noLink {
+		return "", false
+	}
+	return f.url, true
+}
 
 func sleep(ctx context.Context, d time.Duration) {
 	t := time.NewTimer(d)

@@ -1,13 +1,29 @@
 // Package tokenstream carries a task's tokens out of band (DESIGN.md
-// decision 5): the node's generation activity pushes batches of events over
-// authenticated HTTP to the apiserver that admitted the task; the Hub keeps
-// each task's events and fans them out to SSE readers. Nothing here enters
-// workflow history. Pushes are idempotent by token index, so a pusher that
-// lost its connection, or an apiserver that restarted with an empty Hub,
-// recovers by resending from the start.
+// decision 5). The node's generation activity writes each task's events
+// into the node's Hub, which the node link serves (docs/node-link.md, "Task
+// streams"); on every apiserver replica with a reader of the task, one
+// Follower subscribes to that node's stream and feeds the replica's own
+// Hub, which fans the events out to SSE readers. Nothing here enters
+// workflow history.
+//
+// Invariants:
+//   - a stream's tokens are contiguous by index from its base (0 unless
+//     opened with Hub.Open at a base): a push is idempotent by index and a
+//     gap is refused (ErrGap), so a subscriber that lost its connection
+//     resumes from what it holds, with no gap and no duplicate;
+//   - nothing is taken after the final event (end or error): a canceled
+//     task delivers no token after its cancel;
+//   - a stream goes away Keep after it finished, or Keep after it was
+//     created if it never got an event (a reader asking for a task that
+//     never comes leaks nothing).
+//
+// Pusher is the older path, kept for tasks an older apiserver admitted
+// during a rolling upgrade: the node pushes batches to the admitting
+// apiserver's /internal/v1/streams route.
 package tokenstream
 
 import (
+	"context"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
@@ -30,13 +46,16 @@ type Hub struct {
 
 	mu      sync.Mutex
 	streams map[string]*Stream
-	swept   time.Time // last gc
+	swept   time.Time     // last gc
+	added   chan struct{} // closed (and replaced) when a stream is added
 }
 
 // Stream is one task's events: started, tokens by index, metrics, and the
 // final end or error.
 type Stream struct {
 	mu       sync.Mutex
+	base     int // index of tokens[0]: indexes below are not held here
+	created  time.Time
 	started  *task.Event
 	tokens   []task.Event
 	metrics  []task.Event
@@ -54,15 +73,74 @@ func (h *Hub) Stream(taskID string) *Stream {
 	}
 	s := h.streams[taskID]
 	if s == nil {
-		s = &Stream{changed: make(chan struct{})}
-		h.streams[taskID] = s
+		s = h.add(taskID, 0)
 	}
 	h.gc()
 	return s
 }
 
-// gc drops streams finished longer than Keep ago. It sweeps at most once
-// per tenth of Keep: Stream is on the path of every push and reader.
+// Open starts a new stream for the task whose first token is base,
+// replacing any stream held (a later generation of the task on this node).
+// A replaced stream that had not ended ends with a retriable WORKER_RESET,
+// so its readers look again.
+func (h *Hub) Open(taskID string, base int) *Stream {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if old := h.streams[taskID]; old != nil {
+		old.Finish(task.Event{Type: "error", Error: &task.Error{Code: task.ErrWorkerReset, Retriable: true, RetryAfterMs: 1000,
+			Message: "a newer generation of task " + taskID + " replaced this stream"}})
+	}
+	s := h.add(taskID, base)
+	h.gc()
+	return s
+}
+
+// add creates the stream and wakes Wait. Called with h.mu held.
+func (h *Hub) add(taskID string, base int) *Stream {
+	if h.streams == nil {
+		h.streams = map[string]*Stream{}
+	}
+	s := &Stream{base: base, created: time.Now(), changed: make(chan struct{})}
+	h.streams[taskID] = s
+	if h.added != nil {
+		close(h.added)
+		h.added = nil
+	}
+	return s
+}
+
+// Wait returns the task's stream once the hub holds one, or nil when ctx
+// ends first. It creates nothing.
+func (h *Hub) Wait(ctx context.Context, taskID string) *Stream {
+	for {
+		h.mu.Lock()
+		s := h.streams[taskID]
+		if s == nil && h.added == nil {
+			h.added = make(chan struct{})
+		}
+		added := h.added
+		h.mu.Unlock()
+		if s != nil {
+			return s
+		}
+		select {
+		case <-added:
+		case <-ctx.Done():
+			return nil
+		}
+	}
+}
+
+// Len is how many streams the hub holds.
+func (h *Hub) Len() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.streams)
+}
+
+// gc drops streams finished longer than Keep ago, and streams that never
+// got an event and were created longer than Keep ago. It sweeps at most
+// once per tenth of Keep: Stream is on the path of every push and reader.
 // Called with h.mu held.
 func (h *Hub) gc() {
 	keep := h.Keep
@@ -76,6 +154,8 @@ func (h *Hub) gc() {
 	for id, s := range h.streams {
 		s.mu.Lock()
 		old := s.final != nil && time.Since(s.finished) > keep
+		empty := s.started == nil && len(s.tokens) == 0 && len(s.metrics) == 0 && s.final == nil
+		old = old || (empty && time.Since(s.created) > keep)
 		s.mu.Unlock()
 		if old {
 			delete(h.streams, id)
@@ -103,7 +183,7 @@ func (s *Stream) Push(evs []task.Event) (have int, err error) {
 	}()
 	for _, ev := range evs {
 		if s.final != nil {
-			return len(s.tokens), nil
+			return s.base + len(s.tokens), nil
 		}
 		switch ev.Type {
 		case "started":
@@ -112,11 +192,11 @@ func (s *Stream) Push(evs []task.Event) (have int, err error) {
 				s.started, changed = &e, true
 			}
 		case "token":
-			switch {
-			case ev.I < len(s.tokens):
+			switch next := s.base + len(s.tokens); {
+			case ev.I < next:
 				continue
-			case ev.I > len(s.tokens):
-				return len(s.tokens), ErrGap
+			case ev.I > next:
+				return next, ErrGap
 			}
 			s.tokens, changed = append(s.tokens, ev), true
 		case "metrics":
@@ -126,7 +206,7 @@ func (s *Stream) Push(evs []task.Event) (have int, err error) {
 			s.final, s.finished, changed = &e, time.Now(), true
 		}
 	}
-	return len(s.tokens), nil
+	return s.base + len(s.tokens), nil
 }
 
 // Finish ends the stream with ev unless it has ended; it reports whether ev
@@ -151,7 +231,8 @@ type Cursor struct {
 }
 
 // Read returns the events after c, the advanced cursor, and a channel that
-// closes when more arrive.
+// closes when more arrive. A cursor below the stream's base gets the tokens
+// from the base (those below are not held here).
 func (s *Stream) Read(c Cursor) ([]task.Event, Cursor, <-chan struct{}) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -163,8 +244,9 @@ func (s *Stream) Read(c Cursor) ([]task.Event, Cursor, <-chan struct{}) {
 	for ; c.Metrics < len(s.metrics); c.Metrics++ {
 		out = append(out, s.metrics[c.Metrics])
 	}
-	for ; c.Next < len(s.tokens); c.Next++ {
-		out = append(out, s.tokens[c.Next])
+	c.Next = max(c.Next, s.base)
+	for ; c.Next < s.base+len(s.tokens); c.Next++ {
+		out = append(out, s.tokens[c.Next-s.base])
 	}
 	if !c.Done && s.final != nil {
 		out = append(out, *s.final)
@@ -173,11 +255,19 @@ func (s *Stream) Read(c Cursor) ([]task.Event, Cursor, <-chan struct{}) {
 	return out, c, s.changed
 }
 
-// Tokens is how many tokens the stream holds.
+// Tokens is the index after the last token the stream holds (its base
+// plus the tokens held).
 func (s *Stream) Tokens() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return len(s.tokens)
+	return s.base + len(s.tokens)
+}
+
+// Base is the index of the first token the stream can hold.
+func (s *Stream) Base() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.base
 }
 
 // Ended says whether the stream has its final event.
@@ -201,10 +291,14 @@ func CheckSinkToken(key []byte, taskID, got string) bool {
 	return hmac.Equal([]byte(SinkToken(key, taskID)), []byte(got))
 }
 
-// Progress is the tokens the stream holds, as a generation resumes from.
+// Progress is the tokens the stream holds, as a generation resumes from;
+// empty for a stream with a base (it lacks the first tokens).
 func (s *Stream) Progress() task.Progress {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.base > 0 {
+		return task.Progress{}
+	}
 	p := task.Progress{Tokens: make([]int32, len(s.tokens)), Pieces: make([]string, len(s.tokens))}
 	for i, ev := range s.tokens {
 		p.Tokens[i], p.Pieces[i] = ev.Tok, ev.T

@@ -1,6 +1,7 @@
 package tokenstream
 
 import (
+	"context"
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
@@ -102,4 +103,63 @@ func TestPusherRecovers(t *testing.T) {
 	s := hub.Load().Stream("t")
 	require.Equal(t, 20, s.Tokens(), "everything resent to the empty hub")
 	require.True(t, s.Ended())
+}
+
+// A stream opened at a base takes its first token there; a reader from
+// below the base gets what exists from the base.
+func TestStreamBase(t *testing.T) {
+	var h Hub
+	s := h.Open("t", 5)
+	_, err := s.Push([]task.Event{tok(4)})
+	require.NoError(t, err, "below the base: not held here, skipped")
+	have, err := s.Push([]task.Event{tok(6)})
+	require.ErrorIs(t, err, ErrGap)
+	require.Equal(t, 5, have)
+	have, err = s.Push([]task.Event{tok(5), tok(6)})
+	require.NoError(t, err)
+	require.Equal(t, 7, have)
+	require.Equal(t, 7, s.Tokens())
+	evs, cur, _ := s.Read(Cursor{Started: true})
+	require.Len(t, evs, 2)
+	require.Equal(t, 5, evs[0].I)
+	require.Equal(t, 7, cur.Next)
+	require.Empty(t, s.Progress().Tokens, "a stream lacking its first tokens is no resume point")
+
+	// A newer generation replaces the stream; the old one's readers end.
+	s2 := h.Open("t", 0)
+	require.True(t, s.Ended())
+	evs, _, _ = s.Read(cur)
+	require.Equal(t, task.ErrWorkerReset, evs[0].Error.Code)
+	require.Same(t, s2, h.Peek("t"))
+}
+
+// Streams that never got an event go away after Keep, as finished ones do;
+// Wait sees a stream that appears and creates none.
+func TestHubGCAndWait(t *testing.T) {
+	h := Hub{Keep: 20 * time.Millisecond}
+	h.Stream("never")
+	h.Stream("done").Finish(task.Event{Type: "end"})
+	live := h.Stream("live")
+	_, _ = live.Push([]task.Event{tok(0)})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Millisecond)
+	require.Nil(t, h.Wait(ctx, "absent"))
+	cancel()
+	require.Nil(t, h.Peek("absent"), "Wait creates nothing")
+	deadline := time.Now().Add(10 * time.Second)
+	for h.Peek("never") != nil || h.Peek("done") != nil {
+		require.True(t, time.Now().Before(deadline), "old streams kept")
+		time.Sleep(5 * time.Millisecond)
+		h.Stream("other") // gc runs on the hub's path
+	}
+	require.NotNil(t, h.Peek("live"), "a stream with events that has not ended stays")
+
+	got := make(chan *Stream)
+	go func() { got <- h.Wait(context.Background(), "late") }()
+	s := h.Open("late", 0)
+	select {
+	case w := <-got:
+		require.Same(t, s, w)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Wait did not see the stream appear")
+	}
 }

@@ -99,7 +99,7 @@ func runAPIServer(f *apiserverFlags) error {
 		sched.AutoPools = &f.autoPools
 	}
 	srv, err := apiserver.New(f.api, apiserver.Deps{
-		Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub,
+		Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub, Links: view, LinkToken: f.linkToken,
 		Models: &control.Models{Temporal: tc, Namespace: f.temporal.Namespace, Nodes: nodes},
 		Pools:  pools, Tasks: tasks, Sessions: sessions,
 	})

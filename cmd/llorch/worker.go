@@ -25,6 +25,7 @@ import (
 	"github.com/llorch/llorch/link"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/tokenstream"
 	"github.com/llorch/llorch/workers"
 	"github.com/llorch/llorch/workers/agent"
 	"github.com/llorch/llorch/workers/engines"
@@ -171,7 +172,8 @@ func runWorker(f *workerFlags) error {
 		return err
 	}
 	a.Link = &agent.Link{Source: link.NewSource(f.nodeID), Addr: f.linkAddr, Advertise: f.advertiseAddr}
-	a.Link.Server = link.NewServer(a.Link.Source, link.Options{Token: f.linkToken, Log: log})
+	a.Link.Server = link.NewServer(a.Link.Source, link.Options{Token: f.linkToken, Log: log,
+		Streams: a.Generate.Streams, Metrics: link.NewMetrics(reg)})
 	return runApp(log, f.pprof(log),
 		fx.Supply(log, a, reg, fx.Annotate(reg, fx.As(new(prometheus.Registerer)))),
 		fx.Invoke(func(lc fx.Lifecycle) { workers.MetricsServer(lc, f.metricsAddr, reg, log) }),
@@ -201,7 +203,7 @@ func (f *workerFlags) agent(log *slog.Logger, identity string, tc client.Client,
 		Via: "worker", Metrics: control.NewNodeMetrics(reg)}
 	staging := activities.NewStagingMetrics(reg)
 	generate := &activities.GenerateActivities{NodeID: f.nodeID, Log: log, Metrics: activities.NewTaskMetrics(reg),
-		Running: &activities.Generations{}}
+		Running: &activities.Generations{}, Streams: &tokenstream.Hub{}}
 	a := &agent.Agent{
 		NodeID: f.nodeID, Identity: identity, HeartbeatInterval: f.heartbeat, Log: log,
 		Host:     agent.HostWithModels{InventorySource: host, Local: local, Log: log},
