@@ -170,8 +170,11 @@ func (w lineWriter) Write(p []byte) (int, error) {
 // replicaLines are the banner's lines on the replicas (under s.mu).
 func replicaLines(rs []*replica, children []*child) string {
 	var b strings.Builder
+	if len(rs) > 0 {
+		fmt.Fprintf(&b, "\n  balancer     round-robin over %d apiserver replicas on the REST API port; a killed one is restarted", len(rs))
+	}
 	for _, r := range rs {
-		fmt.Fprintf(&b, "\n  apiserver replica %d/%d pid %d on http://%s", r.i, r.n, children[r.slot].pid(), r.addr)
+		fmt.Fprintf(&b, "\n    apiserver replica %d/%d pid %d on http://%s", r.i, r.n, children[r.slot].pid(), r.addr)
 	}
 	return b.String()
 }

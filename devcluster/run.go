@@ -418,14 +418,12 @@ func (s *supervisor) banner(st State, state string) {
 	replicas := replicaLines(s.replicas, s.children)
 	s.mu.Unlock()
 	apiMetrics := api + "/metrics"
-	restAPI := api
 	if len(s.replicas) > 0 {
 		var ms []string
 		for _, r := range s.replicas {
 			ms = append(ms, "http://"+r.addr+"/metrics")
 		}
 		apiMetrics = strings.Join(ms, " , ")
-		restAPI += fmt.Sprintf(" (balancer: round-robin over %d apiserver replicas; a killed one is restarted)", len(s.replicas))
 	}
 	nodeLine := fmt.Sprintf("node %s is %s", cfg.NodeID, state)
 	if state != string(node.Online) {
@@ -443,7 +441,7 @@ try: curl -H "Authorization: Bearer $%s" %s/v2/nodes
 add a node: %s worker --node-id node-2%s
 stop: Ctrl-C
 
-`, home, restAPI, env, envToken, env, replicas, hostPort(cfg.UIPort), hostPort(cfg.TemporalPort), hostPort(cfg.S3Port), cfg.Bucket,
+`, home, api, env, envToken, env, replicas, hostPort(cfg.UIPort), hostPort(cfg.TemporalPort), hostPort(cfg.S3Port), cfg.Bucket,
 		apiMetrics, hostPort(cfg.WorkerMetricsPort), nodeLine, strings.Join(pids, ", "), envToken, api, displayPath(s.exe), homeHint(home))
 }
 
