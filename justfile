@@ -8,6 +8,8 @@ temporal_version := "v1.5.1"
 versitygw_version := "v1.8.0"
 llama_npm_version := "3.21.1"
 # The e2e tests that are failure scenarios too (`just chaos` reruns them).
+# The e2e tests `just test` runs again through 3 apiserver replicas behind the balancer.
+replicas_e2e := "TestTasksV2|TestOpenAICompatible|TestAdmissionPriorityPlacementDeadline|TestTaskMovesOffLostNode|TestReplicaKillMidStream"
 chaos_e2e := "TestTaskMovesOffLostNode|TestPoolLifecycle|TestPoolEngineAdoptedFencedOrphaned|TestAPIServerRestartMidStream|TestNetworkCut|TestStagingJoinsAndResumes|TestStagingFailuresAreClean"
 
 default:
@@ -60,9 +62,10 @@ lint:
     go vet ./...
     go tool workflowcheck ./...
 
-# Every test: static checks, unit, workflow, API, e2e, replay, then the chaos scenarios once.
+# Every test: static checks, unit, workflow, API, e2e, replay, the task e2e tests through 3 apiserver replicas, then the chaos scenarios once.
 test: tools lint
     go test -count=1 -timeout 30m ./...
+    LLORCH_E2E_APISERVERS=3 go test -count=1 -timeout 20m -run '^({{replicas_e2e}})$' ./e2e
     LLORCH_CHAOS=1 go test -count=1 -timeout 20m ./chaos
 
 # Benchmarks against baselines in the same run, ending with a table of aims (results: bench/out/results.json).

@@ -56,6 +56,11 @@ type Config struct {
 	APIPort           int
 	WorkerMetricsPort int
 
+	// APIServers is how many apiserver replicas run (default 1). With more
+	// than one they listen on free loopback ports and a round-robin
+	// balancer in this process takes the API port.
+	APIServers int
+
 	// ReadyTimeout bounds each child's start (default 60 s); StopGrace is
 	// how long a child may take to exit after SIGTERM before SIGKILL
 	// (default 10 s).
@@ -79,6 +84,7 @@ func (c Config) WithDefaults() Config {
 	setDefault(&c.S3Port, DefaultS3Port)
 	setDefault(&c.APIPort, DefaultAPIPort)
 	setDefault(&c.WorkerMetricsPort, DefaultWorkerMetricsPort)
+	setDefault(&c.APIServers, 1)
 	if c.ReadyTimeout <= 0 {
 		c.ReadyTimeout = 60 * time.Second
 	}
@@ -128,6 +134,28 @@ func SanitizeNodeID(s string) string {
 		return "dev"
 	}
 	return id
+}
+
+// MaxAPIServers bounds --apiservers: each replica is a full apiserver with
+// its own control worker, and more than this on one machine only measures
+// the machine.
+const MaxAPIServers = 16
+
+// Validate checks what can be checked before anything starts.
+func (c Config) Validate() error {
+	if err := node.ValidateID(c.NodeID); err != nil {
+		return fmt.Errorf("--node-id: %w", err)
+	}
+	return ValidateAPIServers(c.APIServers)
+}
+
+// ValidateAPIServers checks a replica count as given: the CLI calls it
+// before WithDefaults, which would read 0 as "the default".
+func ValidateAPIServers(n int) error {
+	if n < 1 || n > MaxAPIServers {
+		return fmt.Errorf("--apiservers %d: must be 1 to %d (LLORCH_APISERVERS sets it too)", n, MaxAPIServers)
+	}
+	return nil
 }
 
 // port is one port the dev cluster will bind, with what the user needs to

@@ -263,3 +263,32 @@ func TestRunInterruptedDuringStartStopsEverything(t *testing.T) {
 	assert.Contains(t, out.String(), "all stopped")
 	assert.Empty(t, testenv.Mentioning(cfg.Home))
 }
+
+func TestRunRejectsBadReplicaCount(t *testing.T) {
+	for _, n := range []int{-1, MaxAPIServers + 1} {
+		cfg := fakeServers(t, "/bin/false", "/bin/false")
+		cfg.APIServers = n
+		var out strings.Builder
+		err := Run(context.Background(), cfg, &out)
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), fmt.Sprintf("--apiservers %d: must be 1 to 16", n))
+		assert.NotContains(t, out.String(), "starting")
+	}
+	assert.Error(t, ValidateAPIServers(0), "the CLI's 0 is not the default")
+	assert.NoError(t, ValidateAPIServers(3))
+}
+
+func TestFreeLoopbackPortsAvoidsConfiguredOnes(t *testing.T) {
+	cfg := portsConfig(t)
+	addrs, err := freeLoopbackPorts(3, cfg.ports())
+	require.NoError(t, err)
+	require.Len(t, addrs, 3)
+	seen := map[string]bool{}
+	for _, a := range addrs {
+		require.False(t, seen[a], "port given twice: %v", addrs)
+		seen[a] = true
+		for _, p := range cfg.ports() {
+			require.NotEqual(t, hostPort(p.n), a)
+		}
+	}
+}

@@ -53,20 +53,25 @@ func TestDevEndToEnd(t *testing.T) {
 	t.Cleanup(func() { testenv.KillMentioning(home) })
 	// up starts llorch dev on the same home and new ports and waits until
 	// it is up; p[3] is the API's port, p[4] the worker's metrics port.
-	up := func() (d *devProc, p []int) {
+	up := func(extra ...string) (d *devProc, p []int) {
 		p = freePorts(t, 5)
-		d = startDev(t, exe, tmp, "--home", home, "--node-id", nodeID,
+		d = startDev(t, exe, tmp, append([]string{"--home", home, "--node-id", nodeID,
 			"--temporal-bin", temporalBin, "--versitygw-bin", vgwBin,
 			"--temporal-port", strconv.Itoa(p[0]), "--ui-port", strconv.Itoa(p[1]), "--s3-port", strconv.Itoa(p[2]),
-			"--api-port", strconv.Itoa(p[3]), "--worker-metrics-port", strconv.Itoa(p[4]))
+			"--api-port", strconv.Itoa(p[3]), "--worker-metrics-port", strconv.Itoa(p[4])}, extra...)...)
 		d.waitUp(t, 4*time.Minute)
 		return d, p
 	}
 
 	var tokens []string
 	for run := 1; run <= 2; run++ {
-		t.Logf("run %d", run)
-		d, p := up()
+		// The second run has two apiservers behind the balancer.
+		var extra []string
+		if run == 2 {
+			extra = []string{"--apiservers", "2"}
+		}
+		t.Logf("run %d %v", run, extra)
+		d, p := up(extra...)
 
 		env, err := config.ReadDevEnv(home)
 		require.NoError(t, err)
@@ -84,7 +89,12 @@ func TestDevEndToEnd(t *testing.T) {
 		assert.Equal(t, http.StatusOK, resp.StatusCode, "worker metrics on --worker-metrics-port")
 
 		pids := d.childPIDs(t)
-		require.Len(t, pids, 4, "the banner lists temporal, s3, apiserver and worker")
+		if run == 1 {
+			require.Len(t, pids, 4, "the banner lists temporal, s3, apiserver and worker")
+		} else {
+			require.Len(t, pids, 5, "the banner lists temporal, s3, two apiservers and worker")
+			killReplica(t, d, pids, apiURL, token, nodeID)
+		}
 		require.NoError(t, d.cmd.Process.Signal(syscall.SIGTERM))
 		d.waitExit(t, 2*time.Minute)
 		for tag, pid := range pids {
@@ -111,6 +121,36 @@ func TestDevEndToEnd(t *testing.T) {
 		// wait for it to get there rather than catch it mid-exit.
 		assert.Eventually(t, func() bool { return !testenv.Alive(pid) }, time.Minute, 50*time.Millisecond,
 			"%s (pid %d) outlived a SIGKILLed llorch dev", tag, pid)
+	}
+}
+
+// killReplica kills -9 the second of two apiserver replicas: llorch dev
+// lives on, the API answers through the balancer while it is gone, and the
+// replica is restarted (its new pid joins pids).
+func killReplica(t *testing.T, d *devProc, pids map[string]int, apiURL, token, nodeID string) {
+	t.Helper()
+	for i := 1; i <= 2; i++ {
+		require.Contains(t, d.output(), fmt.Sprintf("apiserver replica %d/2 pid %d on 127.0.0.1:", i, pids["apiserver-"+strconv.Itoa(i)]))
+	}
+	require.NoError(t, syscall.Kill(pids["apiserver-2"], syscall.SIGKILL))
+	// Every request of these goes through: the balancer skips the dead one.
+	for range 4 {
+		state, err := listedState(apiURL, token, nodeID)
+		require.NoError(t, err, "through the balancer with replica 2 killed")
+		require.Equal(t, "Online", state)
+	}
+	restarted := regexp.MustCompile(`apiserver replica 2/2 restarted: pid (\d+)`)
+	var m []string
+	require.Eventually(t, func() bool { m = restarted.FindStringSubmatch(d.output()); return m != nil },
+		time.Minute, 50*time.Millisecond, "replica 2 restarted")
+	pid, err := strconv.Atoi(m[1])
+	require.NoError(t, err)
+	pids["apiserver-2 (restarted)"] = pid
+	assert.Contains(t, d.output(), "signal killed; the others keep serving")
+	select {
+	case <-d.done:
+		t.Fatalf("llorch dev exited after a replica was killed: %v", d.err)
+	default:
 	}
 }
 

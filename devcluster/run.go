@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/llorch/llorch/config"
@@ -27,8 +29,8 @@ var errInterrupted = errors.New("interrupted")
 // cancelling ctx returns nil when every child stopped cleanly.
 func Run(ctx context.Context, cfg Config, out io.Writer) (err error) {
 	cfg = cfg.WithDefaults()
-	if err := node.ValidateID(cfg.NodeID); err != nil {
-		return fmt.Errorf("--node-id: %w", err)
+	if err := cfg.Validate(); err != nil {
+		return err
 	}
 	// Find every binary before starting anything: a missing one is the most
 	// likely first-run failure, and it should not cost a Temporal start.
@@ -72,6 +74,11 @@ func Run(ctx context.Context, cfg Config, out io.Writer) (err error) {
 
 	s := &supervisor{cfg: cfg, exe: exe, out: &syncWriter{w: out}, sp: newSpawner(), dead: make(chan struct{})}
 	defer func() {
+		if s.lb != nil {
+			// Clients first: streams through the balancer end before the
+			// replicas behind it stop.
+			_ = s.lb.Close()
+		}
 		stopErr := s.stopAll()
 		s.sp.close()
 		switch {
@@ -100,6 +107,15 @@ type supervisor struct {
 	dead      chan struct{}
 	deadOnce  sync.Once
 	deadChild *child
+	// closing (under mu) is set when stopAll starts: no replica restarts
+	// after it.
+	closing bool
+	// restartReplicas is set once the cluster is up: a replica that dies
+	// then is restarted (with N > 1), while one that dies during start-up
+	// stops everything like any other child.
+	restartReplicas atomic.Bool
+	replicas        []*replica
+	lb              *http.Server // the balancer on the API port, with N > 1
 }
 
 func (s *supervisor) run(ctx context.Context, st State, temporalBin, vgwBin, exe, s3Dir string) error {
@@ -158,14 +174,18 @@ func (s *supervisor) run(ctx context.Context, st State, temporalBin, vgwBin, exe
 	}
 
 	common := []string{"--home", st.Home, "--temporal-address", temporalAddr, "--temporal-namespace", "default"}
-	// The token goes in the environment, not on the command line (ps).
-	// A task for a pushed model starts its pool: one command to a first answer.
-	api, err := s.start("apiserver", exe, append([]string{"apiserver", "--addr", apiAddr, "--auto-pools"}, common...),
-		childEnv(envToken+"="+st.Token))
-	if err != nil {
-		return err
-	}
-	if err := s.waitReady(ctx, api, "GET /health", httpOK(apiURL+"/health")); err != nil {
+	if cfg.APIServers == 1 {
+		// The token goes in the environment, not on the command line (ps).
+		// A task for a pushed model starts its pool: one command to a first answer.
+		api, err := s.start("apiserver", exe, append([]string{"apiserver", "--addr", apiAddr, "--auto-pools"}, common...),
+			childEnv(envToken+"="+st.Token))
+		if err != nil {
+			return err
+		}
+		if err := s.waitReady(ctx, api, "GET /health", httpOK(apiURL+"/health")); err != nil {
+			return err
+		}
+	} else if err := s.startReplicas(ctx, exe, apiAddr, common, childEnv(envToken+"="+st.Token)); err != nil {
 		return err
 	}
 	worker, err := s.start("worker", exe, append([]string{"worker", "--node-id", cfg.NodeID, "--metrics-addr", metricsAddr}, common...),
@@ -184,6 +204,7 @@ func (s *supervisor) run(ctx context.Context, st State, temporalBin, vgwBin, exe
 		return err
 	}
 
+	s.restartReplicas.Store(true)
 	s.banner(st, state)
 	select {
 	case <-ctx.Done():
@@ -215,29 +236,55 @@ next:
 }
 
 func (s *supervisor) start(tag, bin string, args, env []string) (*child, error) {
+	return s.spawn(-1, tag, bin, args, env, nil)
+}
+
+// errClosing is a spawn refused because everything is stopping.
+var errClosing = errors.New("llorch dev is stopping")
+
+// spawn starts a child and watches it. at >= 0 puts it in that place of
+// the children instead of appending it, so a restarted replica keeps its
+// place in the stop order. onCrash, when set, may take an unexpected exit
+// over (true) instead of it stopping everything.
+func (s *supervisor) spawn(at int, tag, bin string, args, env []string, onCrash func(*child) bool) (*child, error) {
 	s.out.line("dev", fmt.Sprintf("starting %s: %s %s", tag, bin, strings.Join(args, " ")))
+	// Under mu, so stopAll sees every child that will ever run.
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		return nil, errClosing
+	}
 	c, err := startChild(s.sp, s.out, tag, bin, args, env)
 	if err != nil {
+		s.mu.Unlock()
 		return nil, err
 	}
-	s.mu.Lock()
-	s.children = append(s.children, c)
+	if at >= 0 && at < len(s.children) {
+		s.children[at] = c
+	} else {
+		s.children = append(s.children, c)
+	}
 	s.mu.Unlock()
 	go func() {
 		<-c.done
 		c.mu.Lock()
 		expected := c.stopping
 		c.mu.Unlock()
-		if !expected {
-			s.deadOnce.Do(func() {
-				s.mu.Lock()
-				s.deadChild = c
-				s.mu.Unlock()
-				close(s.dead)
-			})
+		if !expected && (onCrash == nil || !onCrash(c)) {
+			s.die(c)
 		}
 	}()
 	return c, nil
+}
+
+// die records c as the child whose exit stops everything.
+func (s *supervisor) die(c *child) {
+	s.deadOnce.Do(func() {
+		s.mu.Lock()
+		s.deadChild = c
+		s.mu.Unlock()
+		close(s.dead)
+	})
 }
 
 // waitReady polls p until it passes, the child dies, ctx ends or
@@ -339,6 +386,7 @@ func (s *supervisor) crashErr() error {
 // the apiserver may be mid-request, so Temporal and S3 go last.
 func (s *supervisor) stopAll() error {
 	s.mu.Lock()
+	s.closing = true
 	cs := append([]*child(nil), s.children...)
 	s.mu.Unlock()
 	var errs []error
@@ -367,25 +415,34 @@ func (s *supervisor) banner(st State, state string) {
 	for _, c := range s.children {
 		pids = append(pids, fmt.Sprintf("%s %d", c.tag, c.pid()))
 	}
+	replicas := replicaLines(s.replicas, s.children)
 	s.mu.Unlock()
+	apiMetrics := api + "/metrics"
+	if len(s.replicas) > 0 {
+		var ms []string
+		for _, r := range s.replicas {
+			ms = append(ms, "http://"+r.addr+"/metrics")
+		}
+		apiMetrics = strings.Join(ms, " , ")
+	}
 	nodeLine := fmt.Sprintf("node %s is %s", cfg.NodeID, state)
 	if state != string(node.Online) {
 		nodeLine += " (not Online yet: see the [worker] lines)"
 	}
 	s.out.printf(`
 llorch dev is up (state in %s)
-  REST API     %s   (token in %s: export $(grep %s %s))
+  REST API     %s   (token in %s: export $(grep %s %s))%s
   Temporal UI  http://%s/namespaces/default/workflows
   Temporal     %s
   S3           http://%s bucket %s
-  metrics      %s/metrics , worker http://%s/metrics
+  metrics      %s , worker http://%s/metrics
   %s; pids: %s
 try: curl -H "Authorization: Bearer $%s" %s/v2/nodes
 add a node: %s worker --node-id node-2%s
 stop: Ctrl-C
 
-`, home, api, env, envToken, env, hostPort(cfg.UIPort), hostPort(cfg.TemporalPort), hostPort(cfg.S3Port), cfg.Bucket,
-		api, hostPort(cfg.WorkerMetricsPort), nodeLine, strings.Join(pids, ", "), envToken, api, displayPath(s.exe), homeHint(home))
+`, home, api, env, envToken, env, replicas, hostPort(cfg.UIPort), hostPort(cfg.TemporalPort), hostPort(cfg.S3Port), cfg.Bucket,
+		apiMetrics, hostPort(cfg.WorkerMetricsPort), nodeLine, strings.Join(pids, ", "), envToken, api, displayPath(s.exe), homeHint(home))
 }
 
 // homeHint is the LLORCH_HOME a second worker needs when the state dir is

@@ -5,11 +5,14 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -19,6 +22,7 @@ import (
 	historypb "go.temporal.io/api/history/v1"
 	"google.golang.org/protobuf/encoding/protojson"
 
+	"github.com/llorch/llorch/balancer"
 	"github.com/llorch/llorch/bearer"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
@@ -40,12 +44,31 @@ type proc struct {
 }
 
 type cluster struct {
-	t       *testing.T
-	bin     string
-	home    string
+	t    *testing.T
+	bin  string
+	home string
+	// api is what every test talks to: the one apiserver, or with several
+	// replicas the round-robin balancer in front of them.
 	api     string
-	apiArgs []string
-	apiProc *proc
+	apiArgs []string // of every replica, but --addr
+	// apiProc is the first replica; replicas are all of them, on
+	// replicaAddrs (replicaAddrs[0] is api when there is one replica).
+	apiProc      *proc
+	replicas     []*proc
+	replicaAddrs []string
+}
+
+// apiServers is how many apiserver replicas newCluster runs:
+// LLORCH_E2E_APISERVERS, default 1 (no balancer).
+func apiServers(t *testing.T) int {
+	v := os.Getenv("LLORCH_E2E_APISERVERS")
+	if v == "" {
+		return 1
+	}
+	n, err := strconv.Atoi(v)
+	require.NoError(t, err, "LLORCH_E2E_APISERVERS")
+	require.True(t, n >= 1 && n <= 16, "LLORCH_E2E_APISERVERS=%d: 1 to 16", n)
+	return n
 }
 
 func start(t *testing.T, name string, args ...string) *proc {
@@ -79,6 +102,15 @@ func (p *proc) signal(t *testing.T, sig syscall.Signal) {
 	require.NoError(t, p.cmd.Process.Signal(sig))
 }
 
+func (p *proc) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
 func (p *proc) wait(t *testing.T, timeout time.Duration) int {
 	t.Helper()
 	select {
@@ -90,11 +122,31 @@ func (p *proc) wait(t *testing.T, timeout time.Duration) int {
 	}
 }
 
+// newCluster runs the apiservers of a test (LLORCH_E2E_APISERVERS of them)
+// with apiArgs on top of the shared Temporal and S3.
 func newCluster(t *testing.T, apiArgs ...string) *cluster {
+	t.Helper()
+	return newClusterN(t, apiServers(t), apiArgs...)
+}
+
+// newClusterN runs n apiserver replicas; with n > 1 a balancer (the one
+// `llorch dev --apiservers` runs) takes c.api and every request goes
+// round-robin to the next replica, as behind a Kubernetes Service.
+func newClusterN(t *testing.T, n int, apiArgs ...string) *cluster {
 	t.Helper()
 	port, err := testenv.FreePort()
 	require.NoError(t, err)
 	c := &cluster{t: t, home: t.TempDir(), api: fmt.Sprintf("127.0.0.1:%d", port)}
+	if n == 1 {
+		c.replicaAddrs = []string{c.api}
+	} else {
+		for range n {
+			port, err := testenv.FreePort()
+			require.NoError(t, err)
+			c.replicaAddrs = append(c.replicaAddrs, fmt.Sprintf("127.0.0.1:%d", port))
+		}
+		c.serveBalancer()
+	}
 	// Engines outlive a killed worker for their lease; none outlives the
 	// test (this runs after the workers' own cleanups).
 	t.Cleanup(func() { testenv.KillMentioning(c.home) })
@@ -111,19 +163,73 @@ func newCluster(t *testing.T, apiArgs ...string) *cluster {
 	for _, e := range entries {
 		require.NoError(t, store.DeleteEntry(context.Background(), e.ID))
 	}
-	c.apiArgs = append([]string{"apiserver", "--addr", c.api, "--temporal-address", env.TemporalAddr, "--home", c.home}, s3Flags(env.S3.Endpoint)...)
+	c.apiArgs = append([]string{"apiserver", "--temporal-address", env.TemporalAddr, "--home", c.home}, s3Flags(env.S3.Endpoint)...)
 	c.apiArgs = append(c.apiArgs, apiArgs...)
 	c.startAPI()
 	return c
 }
 
-// startAPI starts the apiserver (again) and waits until it is healthy.
+// serveBalancer puts the balancer over the replicas on c.api, for the
+// rest of the test.
+func (c *cluster) serveBalancer() {
+	var urls []string
+	for _, a := range c.replicaAddrs {
+		urls = append(urls, "http://"+a)
+	}
+	logs := &testenv.Buffer{}
+	b, err := balancer.New(urls, balancer.Options{
+		HealthInterval: 500 * time.Millisecond,
+		Logger:         slog.New(slog.NewTextHandler(logs, nil)),
+	})
+	require.NoError(c.t, err)
+	ln, err := net.Listen("tcp", c.api)
+	require.NoError(c.t, err)
+	srv := &http.Server{Handler: b, ReadHeaderTimeout: 30 * time.Second}
+	ctx, cancel := context.WithCancel(context.Background())
+	go b.Watch(ctx)
+	go func() { _ = srv.Serve(ln) }()
+	c.t.Cleanup(func() {
+		cancel()
+		_ = srv.Close()
+		b.Close()
+		if c.t.Failed() {
+			c.t.Logf("--- balancer ---\n%s", logs.String())
+		}
+	})
+}
+
+// startAPI starts every apiserver replica (again: a replica still running
+// is stopped with SIGTERM first) and waits until each is healthy.
 func (c *cluster) startAPI() {
 	c.t.Helper()
-	api := start(c.t, "apiserver", c.apiArgs...)
-	c.apiProc = api
-	testenv.Eventually(c.t, 60*time.Second, "apiserver healthy", func() (bool, string) {
-		res, err := http.Get("http://" + c.api + "/health")
+	for i := range c.replicaAddrs {
+		if i < len(c.replicas) {
+			if p := c.replicas[i]; !p.exited() {
+				p.signal(c.t, syscall.SIGTERM)
+				p.wait(c.t, 30*time.Second)
+			}
+		}
+		c.startReplica(i)
+	}
+}
+
+// startReplica starts replica i on its address and waits for its /health.
+func (c *cluster) startReplica(i int) {
+	c.t.Helper()
+	name := "apiserver"
+	if len(c.replicaAddrs) > 1 {
+		name = fmt.Sprintf("apiserver-%d", i+1)
+	}
+	addr := c.replicaAddrs[i]
+	api := start(c.t, name, append([]string{c.apiArgs[0], "--addr", addr}, c.apiArgs[1:]...)...)
+	if i < len(c.replicas) {
+		c.replicas[i] = api
+	} else {
+		c.replicas = append(c.replicas, api)
+	}
+	c.apiProc = c.replicas[0]
+	testenv.Eventually(c.t, 60*time.Second, name+" healthy", func() (bool, string) {
+		res, err := http.Get("http://" + addr + "/health")
 		if err != nil {
 			return false, err.Error() + "\n" + api.out.String()
 		}
@@ -139,12 +245,7 @@ func (c *cluster) extraAPI() string {
 	port, err := testenv.FreePort()
 	require.NoError(c.t, err)
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	args := append([]string(nil), c.apiArgs...)
-	for i := range args {
-		if args[i] == "--addr" {
-			args[i+1] = addr
-		}
-	}
+	args := append(append([]string(nil), c.apiArgs...), "--addr", addr)
 	api := start(c.t, "apiserver "+addr, args...)
 	testenv.Eventually(c.t, 60*time.Second, "second apiserver healthy", func() (bool, string) {
 		res, err := http.Get("http://" + addr + "/health")
@@ -155,6 +256,14 @@ func (c *cluster) extraAPI() string {
 		return res.StatusCode == 200, res.Status
 	})
 	return addr
+}
+
+// killReplica kills -9 replica i and waits for it to be gone.
+func (c *cluster) killReplica(i int) {
+	c.t.Helper()
+	p := c.replicas[i]
+	p.signal(c.t, syscall.SIGKILL)
+	p.wait(c.t, 10*time.Second)
 }
 
 func (c *cluster) worker(id string, extra ...string) *proc {

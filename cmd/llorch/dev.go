@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/devcluster"
@@ -14,15 +15,24 @@ import (
 
 func devCmd() *cobra.Command {
 	var cfg devcluster.Config
+	own := pflag.NewFlagSet("dev", pflag.ContinueOnError) // the flags with an env var
 	cmd := &cobra.Command{
 		Use:   "dev",
-		Short: "run the whole system on this machine: Temporal, S3, the apiserver and one worker",
+		Short: "run the whole system on this machine: Temporal, S3, the apiserver (or N behind a balancer) and one worker",
 		Long: "Runs Temporal (dev server), S3 (versitygw), the apiserver and a worker for one local node as\n" +
 			"children of this process, prints the URLs and the API token, and stops them all on Ctrl-C.\n" +
 			"State (Temporal database, S3 data, secrets) lives in --home and survives restarts; its dev.env\n" +
-			"lets `llorch worker --node-id node-2` in another terminal join this cluster.",
+			"lets `llorch worker --node-id node-2` in another terminal join this cluster. With --apiservers N\n" +
+			"N apiservers run behind a round-robin balancer on the API port; kill -9 of one is survived\n" +
+			"(the others serve, and it is restarted).",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := config.Apply(own, cfg.Home); err != nil {
+				return err
+			}
+			if err := devcluster.ValidateAPIServers(cfg.APIServers); err != nil {
+				return err
+			}
 			signal.Stop(stopSignals) // dev handles its signals itself, below
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
@@ -37,6 +47,11 @@ func devCmd() *cobra.Command {
 		},
 	}
 	fs := cmd.Flags()
+	// Only --apiservers takes an env var: the others are ports and paths of
+	// this one machine, where a shell's leftover value would only surprise.
+	own.IntVar(&cfg.APIServers, "apiservers", 1, "apiserver replicas; more than 1 run on free loopback ports behind a round-robin balancer on --api-port, and a killed one is restarted")
+	config.BindEnv(own, nil)
+	fs.AddFlagSet(own)
 	config.AddHomeFlag(fs, &cfg.Home, "state dir: dev.env, Temporal database, S3 data, model catalogs")
 	fs.StringVar(&cfg.NodeID, "node-id", devcluster.DefaultNodeID(), "id of the local node the dev worker runs")
 	fs.StringVar(&cfg.TemporalBin, "temporal-bin", "", "Temporal CLI binary (default ./bin/temporal, else temporal on PATH)")
