@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"fmt"
-	"slices"
 	"sync"
 	"testing"
 
@@ -12,19 +11,11 @@ import (
 	"github.com/llorch/llorch/testenv"
 )
 
-// startExtraAPI starts another apiserver replica, with the cluster's flags
-// on its own port, and returns the cluster as seen through it.
+// startExtraAPI starts another apiserver replica (extraAPI) and returns
+// the cluster as seen through it.
 func (c *cluster) startExtraAPI() *cluster {
-	c.t.Helper()
-	port, err := testenv.FreePort()
-	require.NoError(c.t, err)
 	r := *c
-	r.api = fmt.Sprintf("127.0.0.1:%d", port)
-	r.apiArgs = slices.Clone(c.apiArgs)
-	i := slices.Index(r.apiArgs, "--addr")
-	require.GreaterOrEqual(c.t, i, 0)
-	r.apiArgs[i+1] = r.api
-	r.startAPI()
+	r.api = c.extraAPI()
 	return &r
 }
 
