@@ -10,7 +10,7 @@ llama_npm_version := "3.21.1"
 # The e2e tests that are failure scenarios too (`just chaos` reruns them).
 # The e2e tests `just test` runs again through 3 apiserver replicas behind the balancer.
 replicas_e2e := "TestTasksV2|TestOpenAICompatible|TestAdmissionPriorityPlacementDeadline|TestTaskMovesOffLostNode|TestReplicaKillMidStream"
-chaos_e2e := "TestTaskMovesOffLostNode|TestPoolLifecycle|TestPoolEngineAdoptedFencedOrphaned|TestAPIServerRestartMidStream|TestNetworkCut|TestStagingJoinsAndResumes|TestStagingFailuresAreClean"
+chaos_e2e := "TestReplicaKillMidStream|TestTaskMovesOffLostNode|TestPoolLifecycle|TestPoolEngineAdoptedFencedOrphaned|TestAPIServerRestartMidStream|TestNetworkCut|TestStagingJoinsAndResumes|TestStagingFailuresAreClean"
 
 default:
     @just --list

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -106,10 +105,6 @@ func followWhole(ctx context.Context, addr, taskID string, tokens *atomic.Int64)
 // its stream, with no gap and no duplicate; every task completes once,
 // unmoved; submissions succeed again within 2 s.
 func TestReplicaKillMidStream(t *testing.T) {
-	if os.Getenv("LLORCH_E2E_REPLICA_KILL") != "1" {
-		// The lead removes this guard once streams are served by any replica.
-		t.Skip("needs streams over the node link (wt-streams); LLORCH_E2E_REPLICA_KILL=1 runs it")
-	}
 	const (
 		replicas = 3
 		tasks    = 50
