@@ -104,19 +104,19 @@ type pending struct {
 }
 
 type ticket struct {
-	noPool   time.Time // since when no pool could serve it ("" while one could)
-	granted  time.Time // dispatched at
-	pending  bool      // in pend: its node has not shown it yet
+	noPool  time.Time // since when no pool could serve it ("" while one could)
+	granted time.Time // dispatched at
+	pending bool      // in pend: its node has not shown it yet
 	// ahead and predicted: its place at the chosen pool when dispatched.
 	ahead     int
 	predicted int64
-	id       string
-	req      placement.Request
-	prio     task.Priority
-	enqueued time.Time
-	where    *placement.Candidate
-	err      error
-	done     chan struct{}
+	id        string
+	req       placement.Request
+	prio      task.Priority
+	enqueued  time.Time
+	where     *placement.Candidate
+	err       error
+	done      chan struct{}
 }
 
 func (s *Scheduler) init() {
