@@ -247,6 +247,9 @@ func (s *Scheduler) queued(modelID string, prio task.Priority) int {
 // pendingBy counts a pool's pending dispatches by priority. Called with
 // s.mu held.
 func (s *Scheduler) pendingBy(poolID string) (interactive, batch int) {
+	if len(s.pend) == 0 {
+		return 0, 0
+	}
 	p := s.pend[poolID]
 	if p == nil {
 		return 0, 0
