@@ -25,8 +25,9 @@ type GenerateActivities struct {
 	Metrics *TaskMetrics
 	// Client talks to the engines and pushes tokens; nil: a default.
 	Client *http.Client
-	// Running counts the generations in flight per engine (the busy slots
-	// the node link reports); nil: not counted.
+	// Running is the node's slot authority: each generation claims a slot
+	// of its engine there, waiting in the engine's queue (the counts the
+	// node link reports); nil: not counted.
 	Running *Generations
 	// Streams holds each task's events on this node, as the node link
 	// serves them to apiserver replicas; nil: none kept (tests).
@@ -45,7 +46,6 @@ type GenerateInput struct {
 // the task's sink out of band and into the activity's heartbeat (so a lost
 // node's tokens are not lost); the result is the whole generation.
 func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ task.Result, err error) {
-	defer g.Running.begin(in.Where.PoolID, in.Where.URL)()
 	req := in.Request
 	log := g.log().With("task_id", req.TaskID, "pool", in.Where.PoolID, "correlation_id", req.CorrelationID)
 	push := g.openSink(in)
@@ -80,13 +80,21 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ 
 			}
 		}
 	}()
+	release, waited, err := g.Running.Claim(ctx, ClaimRequest{PoolID: in.Where.PoolID, URL: in.Where.URL, Epoch: in.Where.Epoch,
+		TaskID: req.TaskID, Priority: req.Priority, EnqueuedAt: req.EnqueuedAt, OnPosition: func(n int) {
+			push.Send(task.Event{Type: "metrics", Metrics: map[string]any{"waiting": true, "queue_position": n, "pool_id": in.Where.PoolID}})
+		}})
+	if err != nil {
+		return task.Result{}, g.claimErr(ctx, in, err)
+	}
+	defer release()
 
 	eng := protocol.Client{URL: in.Where.URL, HTTP: g.Client}
 	promptToks, err := g.promptTokens(ctx, eng, in)
 	if err != nil {
 		return task.Result{}, err
 	}
-	res := task.Result{TokensIn: len(promptToks)}
+	res := task.Result{TokensIn: len(promptToks), WaitMs: waited.Milliseconds()}
 	nPredict := req.Params.MaxTokens - resumed
 	if nPredict <= 0 {
 		res.Tokens, res.Pieces, res.StopType = prog.Tokens, prog.Pieces, "limit"
@@ -272,6 +280,15 @@ func (g *GenerateActivities) promptTokens(ctx context.Context, eng protocol.Clie
 		return nil, g.engineErr(ctx, in, err)
 	}
 	return toks, nil
+}
+
+// claimErr: a refused claim is retriable elsewhere (the workflow places
+// the task again); a canceled task stays canceled.
+func (g *GenerateActivities) claimErr(ctx context.Context, in GenerateInput, err error) error {
+	if ctx.Err() != nil || !errors.Is(err, ErrSlotRefused) {
+		return err
+	}
+	return temporal.NewApplicationError(fmt.Sprintf("task %s: %v", in.Request.TaskID, err), task.ErrSlotRefused)
 }
 
 // engineErr: a canceled task stays canceled; an engine that cannot be

@@ -316,6 +316,21 @@ func TestAdmissionPriorityPlacementDeadline(t *testing.T) {
 	status, body = c.submit(task("t-b", "interactive", 8))
 	require.Equal(t, 202, status, body)
 	require.EqualValues(t, 0, body["queue_position"])
+	// B waits at the node, in the pool's queue, ahead of D: its stream
+	// says so.
+	bch, bstop := c.events("t-b", "")
+	defer bstop()
+	waited := false
+	for ev := range bch {
+		require.NotEqual(t, "token", ev.Name, "B waits for A's slot")
+		if ev.Name == "metrics" && ev.Data["waiting"] == true {
+			require.Equal(t, "ap1", ev.Data["pool_id"])
+			require.EqualValues(t, 0, ev.Data["queue_position"])
+			waited = true
+			break
+		}
+	}
+	require.True(t, waited, "B's stream reported its wait at the node")
 
 	req, _ := http.NewRequest("POST", "http://"+c.api+"/v2/tasks", strings.NewReader(task("t-c", "interactive", 8)))
 	req.Header.Set("Authorization", "Bearer "+token)

@@ -330,6 +330,8 @@ func TestSourceVersions(t *testing.T) {
 	}
 	bump("same facts", func(f *node.LinkFacts) { f.At = f.At.Add(time.Second) }, false)
 	bump("a slot taken", func(f *node.LinkFacts) { f.Pools[0].SlotsBusy = 1 }, true)
+	bump("a claim queued", func(f *node.LinkFacts) { f.Pools[0].Queued, f.Pools[0].Claims = 1, 2 }, true)
+	bump("a service time observed", func(f *node.LinkFacts) { f.Pools[0].ServiceMs = 40 }, true)
 	bump("a pool unready", func(f *node.LinkFacts) { f.Pools[0].Ready = false }, true)
 	bump("utilisation", func(f *node.LinkFacts) { f.GPUs[0].UtilizationPercent = 90 }, false)
 	bump("VRAM below the step", func(f *node.LinkFacts) { f.GPUs[0].MemoryFreeBytes -= 512 << 20 }, false)

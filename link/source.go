@@ -85,7 +85,9 @@ func (s *Source) Wait(ctx context.Context, after uint64) node.LinkState {
 	}
 }
 
-// moved says whether b differs from a in something a placement reads.
+// moved says whether b differs from a in something a placement reads: any
+// field of a pool (its engine, readiness, slots busy and queued, service
+// time, claims: a replica places by them).
 func moved(a, b node.LinkFacts) bool {
 	if !slices.Equal(a.Pools, b.Pools) {
 		return true

@@ -85,4 +85,15 @@ type LinkPool struct {
 	SlotsTotal int  `json:"slots_total"`
 	// SlotsBusy is the generations this node runs on the engine now.
 	SlotsBusy int `json:"slots_busy"`
+	// Queued is the generations waiting at the node for a slot of this
+	// engine (both priorities); QueuedInteractive those of priority
+	// interactive, which go first.
+	Queued            int `json:"queued"`
+	QueuedInteractive int `json:"queued_interactive"`
+	// ServiceMs is how long a generation holds a slot here (an EWMA; 0:
+	// none observed yet).
+	ServiceMs int64 `json:"service_ms"`
+	// Claims counts the claims the engine has taken or queued since it
+	// started: a replica knows its dispatches reached the node.
+	Claims uint64 `json:"claims"`
 }

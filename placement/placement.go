@@ -24,9 +24,23 @@ type Candidate struct {
 	Draining   bool
 	NodeOnline bool
 	SlotsTotal int
-	CtxPerSlot int    // tokens a slot holds (0: unknown, the model's)
-	SlotsBusy  int    // granted by this scheduler
-	FreeVRAM   uint64 // the node's, from its last heartbeat
+	CtxPerSlot int // tokens a slot holds (0: unknown, the model's)
+	// SlotsBusy is the generations running on the engine, as its node's
+	// link shows them.
+	SlotsBusy int
+	// Queued and QueuedInteractive wait at the node for a slot (its link);
+	// interactive ones go first there.
+	Queued, QueuedInteractive int
+	// ServiceMs is how long a generation holds a slot there (the node's
+	// EWMA; 0: unknown).
+	ServiceMs int64
+	// Claims counts the claims the node's engine took or queued (its link):
+	// a dispatch shows once it moves.
+	Claims uint64
+	// Pending is this scheduler's dispatches to the pool its node's link
+	// does not show yet.
+	Pending  int
+	FreeVRAM uint64 // the node's, from its last heartbeat
 }
 
 // Request is what a task asks of placement.
@@ -37,6 +51,12 @@ type Request struct {
 	// NoPoolGrace: how long the task may wait for a pool to (re)appear
 	// before it fails with no pool (0: the scheduler's default).
 	NoPoolGrace time.Duration
+	// Queue: the task may join a busy pool's queue at its node. Any Ready
+	// pool serves, the one with the shortest expected wait first ((busy +
+	// queued + pending) / slots), then most free VRAM, then pool id; ErrBusy
+	// then means no pool that may serve is Ready yet. Without it only a
+	// pool with a free slot serves.
+	Queue bool
 }
 
 var (
@@ -66,10 +86,28 @@ func may(c *Candidate, r *Request) bool {
 	return !slices.Contains(p.AvoidPools, c.PoolID) && !slices.Contains(r.Exclude, c.PoolID)
 }
 
-func now(c *Candidate) bool { return c.State == pool.Ready && c.free() > 0 }
+func now(c *Candidate, r *Request) bool {
+	return c.State == pool.Ready && (r.Queue || c.free() > 0)
+}
 
-// better orders by most free VRAM, then fewest busy slots, then pool id.
-func better(a, b *Candidate) bool {
+// Load is the generations ahead of a task joining c's queue: running,
+// waiting at the node, and dispatched but not shown yet.
+func (c *Candidate) Load() int { return c.SlotsBusy + c.Queued + c.Pending }
+
+// better orders by most free VRAM, then fewest busy slots, then pool id;
+// when queueing, by shortest expected wait (load per slot) first.
+func better(a, b *Candidate, r *Request) bool {
+	if r.Queue {
+		// a.Load/a.slots < b.Load/b.slots, in integers.
+		x, y := a.Load()*max(b.SlotsTotal, 1), b.Load()*max(a.SlotsTotal, 1)
+		if x != y {
+			return x < y
+		}
+		if a.FreeVRAM != b.FreeVRAM {
+			return a.FreeVRAM > b.FreeVRAM
+		}
+		return a.PoolID < b.PoolID
+	}
 	if a.FreeVRAM != b.FreeVRAM {
 		return a.FreeVRAM > b.FreeVRAM
 	}
@@ -97,7 +135,7 @@ func Choose(cands []Candidate, r Request) (*Candidate, error) {
 			if c.State != pool.Ready {
 				return nil, fmt.Errorf("%w: pinned pool %s is %s", ErrNoPool, c.PoolID, c.State)
 			}
-			if c.free() <= 0 {
+			if !now(c, &r) {
 				return nil, ErrBusy
 			}
 			return c, nil
@@ -112,13 +150,13 @@ func Choose(cands []Candidate, r Request) (*Candidate, error) {
 			continue
 		}
 		servable = true
-		if !now(c) {
+		if !now(c, &r) {
 			continue
 		}
-		if slices.Contains(p.PreferPools, c.PoolID) && (bestPreferred == nil || better(c, bestPreferred)) {
+		if slices.Contains(p.PreferPools, c.PoolID) && (bestPreferred == nil || better(c, bestPreferred, &r)) {
 			bestPreferred = c
 		}
-		if best == nil || better(c, best) {
+		if best == nil || better(c, best, &r) {
 			best = c
 		}
 	}

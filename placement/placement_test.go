@@ -58,6 +58,42 @@ func TestChoose(t *testing.T) {
 	require.True(t, errors.Is(err, ErrBusy), err)
 }
 
+// Queueing: any Ready pool serves, busy or not, the shortest expected wait
+// ((busy + queued + pending) / slots) first, then VRAM, then pool id; the
+// rules (pin, prefer, avoid, node) hold as without it.
+func TestChooseQueue(t *testing.T) {
+	no := false
+	cands := []Candidate{cand("a", "n1", 10, 2), cand("b", "n2", 20, 2), cand("c", "n3", 30, 2), cand("d", "n4", 5, 1)}
+	cands[0].Queued = 1                                // load 3 / 2 slots
+	cands[1].Queued, cands[1].QueuedInteractive = 2, 2 // 4 / 2
+	cands[2].Pending = 3                               // 5 / 2
+	cands[3].SlotsTotal, cands[3].Queued = 1, 1        // 2 / 1
+	pick := func(r Request) string {
+		r.ModelID, r.Queue = "m", true
+		c, err := Choose(cands, r)
+		if err != nil {
+			return err.Error()
+		}
+		return c.PoolID
+	}
+	require.Equal(t, "a", pick(Request{}), "the shortest wait, though every pool is busy")
+	require.Equal(t, "b", pick(Request{Placement: task.Placement{AvoidPools: []string{"a"}}}), "d's 2/1 ties b's 4/2: more free VRAM")
+	require.Equal(t, "c", pick(Request{Placement: task.Placement{NodeID: "n3"}}))
+	require.Equal(t, "c", pick(Request{Placement: task.Placement{Mode: "prefer", PreferPools: []string{"c"}}}))
+	require.Equal(t, "b", pick(Request{Placement: task.Placement{Mode: "pin", PinPoolID: "b"}}), "a busy pinned pool is joined")
+	starting := append([]Candidate{}, cands...)
+	for i := range starting {
+		starting[i].State = pool.Starting
+	}
+	_, err := Choose(starting, Request{ModelID: "m", Queue: true})
+	require.ErrorIs(t, err, ErrBusy, "no Ready pool yet: wait for one")
+	_, err = Choose(cands, Request{ModelID: "m", Queue: true, Placement: task.Placement{PreferPools: []string{"zz"}, AllowFallback: &no}})
+	require.ErrorIs(t, err, ErrBusy)
+	// Without Queue only a free slot serves.
+	_, err = Choose(cands, Request{ModelID: "m"})
+	require.ErrorIs(t, err, ErrBusy)
+}
+
 // BenchmarkChoose1000Nodes places one task among 1000 nodes of 2 pools each.
 func BenchmarkChoose1000Nodes(b *testing.B) {
 	cands := make([]Candidate, 0, 2000)

@@ -541,7 +541,8 @@ var ErrNoView = errors.New("cluster view: no membership read yet")
 
 // Candidates is the view now, from memory: every running pool, its state
 // from PoolState, its engine (URL, epoch, slots) and readiness from its
-// node's link, its node's state from NodeState and free VRAM from the link.
+// node's link with its slots busy and queued there, its node's state from
+// NodeState and free VRAM from the link.
 // It is a Source.
 func (v *LinkView) Candidates(context.Context) ([]placement.Candidate, error) {
 	v.mu.Lock()
@@ -576,6 +577,9 @@ func (v *LinkView) Candidates(context.Context) ([]placement.Candidate, error) {
 		switch {
 		case lp != nil:
 			c.URL, c.Epoch, c.SlotsTotal = lp.URL, lp.Epoch, lp.SlotsTotal
+			// The node is the authority on its slots: what runs and waits.
+			c.SlotsBusy, c.Queued, c.QueuedInteractive = lp.SlotsBusy, lp.Queued, lp.QueuedInteractive
+			c.ServiceMs, c.Claims = lp.ServiceMs, lp.Claims
 			// The node's handoff is the readiness event; PoolState
 			// shows it once visibility catches up.
 			if lp.Ready && c.State == pool.Starting {

@@ -28,16 +28,16 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "llorch_tasks_rejected_total", Help: "Tasks refused at admission, by reason.",
 		}, []string{"reason"}),
 		Placement: f.NewCounterVec(prometheus.CounterOpts{
-			Name: "llorch_placement_decisions_total", Help: "Placement decisions by outcome (placed, no_pool).",
+			Name: "llorch_placement_decisions_total", Help: "Dispatches by outcome: placed (a free slot), queued (joined a busy pool's queue at its node), no_pool.",
 		}, []string{"outcome"}),
 		Depth: f.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "llorch_queue_depth", Help: "Tasks waiting for a slot, by priority.",
+			Name: "llorch_queue_depth", Help: "Tasks in the local queue (no Ready pool yet), by priority.",
 		}, []string{"priority"}),
 		Finished: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_tasks_finished_total", Help: "Tasks that ended, by state (Completed, Failed, Canceled) and error code.",
 		}, []string{"state", "code"}),
 		Started: f.NewCounterVec(prometheus.CounterOpts{
-			Name: "llorch_tasks_started_total", Help: "Tasks given a slot, by priority.",
+			Name: "llorch_tasks_started_total", Help: "Tasks dispatched to a pool, by priority.",
 		}, []string{"priority"}),
 	}
 }

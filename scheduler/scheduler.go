@@ -1,13 +1,18 @@
-// Package scheduler admits tasks and hands them pool slots. Admission is
+// Package scheduler admits tasks and places them on pools. Admission is
 // one call (Admit): a pool must be able to serve the task (one is started
 // for it under AutoPools), its session must have a turn left, and its
-// queue room, before its workflow is started. Then a bounded queue per
-// priority (interactive before batch, FIFO within each), a cached snapshot
-// of pools (from the LinkView, which follows the nodes) copied every Refresh, and slot grants
-// counted here. It lives in the apiserver beside the control worker; the truth of
-// which tasks exist is in Temporal (each task is a workflow), so a
-// restarted apiserver rebuilds its queue as the tasks' Place activities are
-// retried.
+// queue room, before its workflow is started. A task is dispatched at once
+// to a Ready pool, busy or not, the one with the shortest expected wait in
+// a cached snapshot of pools (from the LinkView, which follows the nodes)
+// copied every Refresh: the node is the authority on its slots, and the
+// task's generation waits in that pool's queue at the node (interactive
+// first, then by enqueue time). What the scheduler holds of its own is
+// what the nodes' links cannot show yet: its dispatches that have not
+// reached the node (pending), and a local queue of tasks for which no pool
+// is Ready yet (interactive before batch, FIFO within each). It lives in
+// each apiserver replica beside the control worker; the truth of which
+// tasks exist is in Temporal (each task is a workflow), so a restarted
+// apiserver rebuilds its queue as the tasks' Place activities are retried.
 package scheduler
 
 import (
@@ -27,6 +32,11 @@ import (
 // before it fails with no pool.
 const noPoolGrace = 3 * time.Second
 
+// pendingTTL bounds how long a dispatch counts as pending (not shown by the
+// node's link yet), and how long a dispatched task's ticket is kept for
+// TryPlace: a claim reaches its node within a Temporal round trip.
+const pendingTTL = 5 * time.Second
+
 // ErrQueueFull rejects a task at admission (see QueueFullError).
 var ErrQueueFull = errors.New("admission queue full")
 
@@ -42,7 +52,7 @@ const (
 // Source lists the pools placement may use.
 type Source func(ctx context.Context) ([]placement.Candidate, error)
 
-// Scheduler is the admission queue and the slot ledger.
+// Scheduler is admission, dispatch, and the local queue.
 type Scheduler struct {
 	Source Source
 	// Fresh is the second look Admit takes when the snapshot cannot serve
@@ -52,7 +62,7 @@ type Scheduler struct {
 	// AutoPools, when set, starts a pool for a task no pool serves (else
 	// the task is refused).
 	AutoPools *AutoPools
-	Capacity  int           // per priority; 0 = 1024
+	Capacity  int           // per model and priority, at the nodes and here; 0 = 1024
 	Policy    string        // Reject (default) or DropLRU
 	Refresh   time.Duration // pool snapshot period; 0 = 500 ms
 	Log       *slog.Logger
@@ -64,35 +74,55 @@ type Scheduler struct {
 	pokeOnce sync.Once
 	pokes    chan struct{} // Changed: refresh before the next tick
 
-	mu      sync.Mutex
-	cands   []placement.Candidate
-	fresh   bool
-	grants  map[string]int // pool id -> slots granted
-	queues  map[task.Priority][]*ticket
+	mu    sync.Mutex
+	cands []placement.Candidate
+	index map[string]int // pool id -> its place in cands
+	fresh bool
+	// pend is, per pool, the dispatches its node's link does not show yet.
+	pend map[string]*pending
+	// placed are the dispatched tickets, oldest first: each leaves after
+	// pendingTTL.
+	placed  []*ticket
+	queues  map[task.Priority][]*ticket // the local queue: no Ready pool yet
 	tickets map[string]*ticket
 	dropped map[string]bool
 	// announced are pools just created that a read may not show yet
 	// (visibility lags): kept in the snapshot until a read has them.
 	announced map[string]announcement
-	// Observed service: EWMA of seconds a granted slot stays busy.
+	// Observed service: EWMA of seconds a generation held its slot (for
+	// the backoff of a refused client).
 	service float64
 }
 
+// pending are a pool's dispatches its node has not shown yet. A dispatch
+// shows when the engine's claims counter (on the link) moves past the
+// value accounted: exact with one replica; with several, another's claim
+// may be taken for one of ours (the node's count stays the authority).
+type pending struct {
+	url  string    // the engine dispatched to (another: the count restarted)
+	acct uint64    // the claims counter accounted for
+	q    []*ticket // oldest first
+}
+
 type ticket struct {
-	noPool   time.Time // since when no pool could serve it ("" while one could)
-	granted  time.Time
-	id       string
-	req      placement.Request
-	prio     task.Priority
-	enqueued time.Time
-	where    *placement.Candidate
-	err      error
-	done     chan struct{}
+	noPool  time.Time // since when no pool could serve it ("" while one could)
+	granted time.Time // dispatched at
+	pending bool      // in pend: its node has not shown it yet
+	// ahead and predicted: its place at the chosen pool when dispatched.
+	ahead     int
+	predicted int64
+	id        string
+	req       placement.Request
+	prio      task.Priority
+	enqueued  time.Time
+	where     *placement.Candidate
+	err       error
+	done      chan struct{}
 }
 
 func (s *Scheduler) init() {
-	if s.grants == nil {
-		s.grants = map[string]int{}
+	if s.tickets == nil {
+		s.pend = map[string]*pending{}
 		s.queues = map[task.Priority][]*ticket{}
 		s.tickets = map[string]*ticket{}
 		s.dropped = map[string]bool{}
@@ -109,13 +139,22 @@ func (s *Scheduler) capacity() int {
 
 // Admission is what a newly admitted task is told.
 type Admission struct {
-	Position         int        // tasks ahead of it (0: placed at once)
-	PredictedStartMs int64      // from the observed service time; -1: no observation yet
+	// Position is the tasks ahead of it: at the pool it was dispatched to
+	// (interactive: the interactive ones queued there; batch: all queued
+	// there), or in the local queue while no pool is Ready.
+	Position int
+	// PredictedStartMs is when it should start: 0 with a free slot, else
+	// waves of the pool's slots times the node's observed service time; -1
+	// when unknown (none observed, no Ready pool).
+	PredictedStartMs int64
 	Prepared         *pool.Spec // a pool started for the task (AutoPools)
 }
 
-// enqueue queues a task, or refuses it when its priority's queue is full.
-// Tasks that can be placed at once are granted a slot here.
+// enqueue admits a task, or refuses it when its model's queue of its
+// priority is full: the tasks of that model and priority waiting at the
+// nodes (as the view shows them, with this scheduler's pending dispatches
+// beyond the free slots) plus those in the local queue. A task with a
+// Ready pool is dispatched here.
 func (s *Scheduler) enqueue(id string, prio task.Priority, req placement.Request, at time.Time) (Admission, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -123,12 +162,18 @@ func (s *Scheduler) enqueue(id string, prio task.Priority, req placement.Request
 	if t := s.tickets[id]; t != nil {
 		return s.admission(t), nil
 	}
-	if len(s.queues[prio]) >= s.capacity() {
-		if s.Policy != DropLRU || len(s.queues[prio]) == 0 {
+	if s.queued(req.ModelID, prio) >= s.capacity() {
+		var old *ticket // drop-lru: the longest-waiting of the local queue
+		for _, o := range s.queues[prio] {
+			if o.req.ModelID == req.ModelID {
+				old = o
+				break
+			}
+		}
+		if s.Policy != DropLRU || old == nil {
 			s.Metrics.rejected("queue_full")
 			return Admission{}, ErrQueueFull
 		}
-		old := s.queues[prio][0]
 		s.remove(old)
 		old.err = ErrDropped
 		s.dropped[old.id] = true
@@ -158,7 +203,7 @@ func insertFIFO(q []*ticket, t *ticket) []*ticket {
 
 func (s *Scheduler) admission(t *ticket) Admission {
 	if t.where != nil {
-		return Admission{}
+		return Admission{Position: t.ahead, PredictedStartMs: t.predicted}
 	}
 	pos := 0
 	if t.prio == task.Batch {
@@ -170,18 +215,75 @@ func (s *Scheduler) admission(t *ticket) Admission {
 		}
 		pos++
 	}
-	slots := 0
-	for _, c := range s.cands {
-		if c.ModelID == t.req.ModelID {
-			slots += c.SlotsTotal
+	return Admission{Position: pos, PredictedStartMs: -1}
+}
+
+// queued is the model's tasks of priority prio waiting: at the nodes (the
+// view's, plus pending dispatches beyond a pool's free slots, which
+// interactive ones take first) and in the local queue. Called with s.mu
+// held.
+func (s *Scheduler) queued(modelID string, prio task.Priority) int {
+	n := 0
+	for i := range s.cands {
+		c := &s.cands[i]
+		if c.ModelID != modelID {
+			continue
+		}
+		pi, pb := s.pendingBy(c.PoolID)
+		free := max(0, c.SlotsTotal-c.SlotsBusy)
+		if prio == task.Interactive {
+			n += c.QueuedInteractive + max(0, pi-free)
+		} else {
+			n += c.Queued - c.QueuedInteractive + max(0, pb-max(0, free-pi))
 		}
 	}
-	if s.service == 0 || slots == 0 {
-		return Admission{Position: pos, PredictedStartMs: -1}
+	for _, t := range s.queues[prio] {
+		if t.req.ModelID == modelID {
+			n++
+		}
 	}
-	// Every slot of the model frees once per service time.
-	waves := float64(pos/slots + 1)
-	return Admission{Position: pos, PredictedStartMs: int64(waves * s.service * 1000)}
+	return n
+}
+
+// pendingBy counts a pool's pending dispatches by priority. Called with
+// s.mu held.
+func (s *Scheduler) pendingBy(poolID string) (interactive, batch int) {
+	if len(s.pend) == 0 {
+		return 0, 0
+	}
+	p := s.pend[poolID]
+	if p == nil {
+		return 0, 0
+	}
+	for _, t := range p.q {
+		if t.prio == task.Interactive {
+			interactive++
+		} else {
+			batch++
+		}
+	}
+	return interactive, batch
+}
+
+// estimate is where a task of priority prio joining c stands: the tasks
+// ahead of it and when it should start. Called with s.mu held, before the
+// task is counted as pending there.
+func (s *Scheduler) estimate(c *placement.Candidate, prio task.Priority) (ahead int, startMs int64) {
+	pi, pb := s.pendingBy(c.PoolID)
+	if c.SlotsBusy+c.Queued+pi+pb < c.SlotsTotal {
+		return 0, 0 // a free slot
+	}
+	free := max(0, c.SlotsTotal-c.SlotsBusy)
+	if prio == task.Interactive {
+		ahead = c.QueuedInteractive + max(0, pi-free)
+	} else {
+		ahead = c.Queued + max(0, pi+pb-free)
+	}
+	if c.ServiceMs <= 0 {
+		return ahead, -1
+	}
+	// Every slot of the pool frees once per service time.
+	return ahead, int64(ahead/max(c.SlotsTotal, 1)+1) * c.ServiceMs
 }
 
 // Wait blocks until the task has a slot (or cannot get one: ErrNoPool).
@@ -195,7 +297,9 @@ func (s *Scheduler) Wait(ctx context.Context, id string, prio task.Priority, req
 		return task.Where{}, ErrDropped
 	}
 	t := s.tickets[id]
-	if t == nil || t.err != nil || (t.where == nil && !slices.Equal(t.req.Exclude, req.Exclude)) {
+	// A dispatched ticket is dispatched again: the workflow asks because
+	// its TryPlace missed, or its node refused the claim.
+	if t == nil || t.err != nil || t.where != nil || !slices.Equal(t.req.Exclude, req.Exclude) {
 		if t != nil {
 			s.remove(t)
 		}
@@ -219,7 +323,7 @@ func (s *Scheduler) Wait(ctx context.Context, id string, prio task.Priority, req
 	return task.Where{NodeID: t.where.NodeID, PoolID: t.where.PoolID, URL: t.where.URL, Epoch: t.where.Epoch}, nil
 }
 
-// Granted is the slot a task already holds (admission placed it at once).
+// Granted is the pool a task was dispatched to at admission.
 func (s *Scheduler) Granted(id string) (task.Where, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -230,38 +334,36 @@ func (s *Scheduler) Granted(id string) (task.Where, bool) {
 	return task.Where{NodeID: t.where.NodeID, PoolID: t.where.PoolID, URL: t.where.URL, Epoch: t.where.Epoch}, true
 }
 
-// Finished returns the slot of a task whose generation ended (its stream
-// got end), without waiting for the workflow's Release: the next task
-// need not wait for a workflow round trip.
+// Finished forgets a task whose generation ended (its stream got end),
+// before the workflow's Release.
 func (s *Scheduler) Finished(id string) {
 	s.mu.Lock()
 	t := s.tickets[id]
 	s.mu.Unlock()
 	if t != nil && t.where != nil {
-		s.Release(id, t.where.PoolID, time.Since(t.granted))
+		s.Release(id, t.where.PoolID, 0)
 	}
 }
 
-// Release returns a task's slot; busy is how long it was held.
+// Release forgets a task's dispatch (its slot is the node's to free);
+// busy is how long its generation held the slot (any replica may be told:
+// the backoff follows it).
 func (s *Scheduler) Release(id, poolID string, busy time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.init()
 	if t := s.tickets[id]; t != nil && t.where != nil && t.where.PoolID == poolID {
 		delete(s.tickets, id)
-		if s.grants[poolID] > 0 {
-			s.grants[poolID]--
-		}
-		if busy > 0 {
-			sec := busy.Seconds()
-			if s.service == 0 {
-				s.service = sec
-			} else {
-				s.service = 0.8*s.service + 0.2*sec
-			}
+		s.unpend(t)
+	}
+	if busy > 0 {
+		sec := busy.Seconds()
+		if s.service == 0 {
+			s.service = sec
+		} else {
+			s.service = 0.8*s.service + 0.2*sec
 		}
 	}
-	s.dispatch()
 }
 
 // Forget drops a task that ended without a grant (canceled while queued).
@@ -275,8 +377,10 @@ func (s *Scheduler) Forget(id string) {
 	delete(s.dropped, id)
 }
 
-// remove takes t out of its queue and the index. Called with s.mu held.
+// remove takes t out of its queue (or its pending dispatch) and the index.
+// Called with s.mu held.
 func (s *Scheduler) remove(t *ticket) {
+	s.unpend(t)
 	q := s.queues[t.prio]
 	for i, o := range q {
 		if o == t {
@@ -289,28 +393,114 @@ func (s *Scheduler) remove(t *ticket) {
 	}
 }
 
-// dispatch grants slots to queued tasks: interactive first, FIFO within
-// each priority; a task that must wait does not hold up those behind it
-// that can run elsewhere. Called with s.mu held.
+// unpend drops t's pending dispatch. Called with s.mu held.
+func (s *Scheduler) unpend(t *ticket) {
+	if !t.pending {
+		return
+	}
+	t.pending = false
+	p := s.pend[t.where.PoolID]
+	if p == nil {
+		return
+	}
+	if i := slices.Index(p.q, t); i >= 0 {
+		p.q = slices.Delete(p.q, i, i+1)
+	}
+	s.pended(t.where.PoolID, p)
+}
+
+// pended sets a pool's pending count in the snapshot after p changed.
+// Called with s.mu held.
+func (s *Scheduler) pended(poolID string, p *pending) {
+	if len(p.q) == 0 {
+		delete(s.pend, poolID)
+	}
+	if i, ok := s.index[poolID]; ok {
+		s.cands[i].Pending = len(p.q)
+	}
+}
+
+// expire forgets dispatches older than pendingTTL. Called with s.mu held.
+func (s *Scheduler) expire(now time.Time) {
+	n := 0
+	for n < len(s.placed) && now.Sub(s.placed[n].granted) > pendingTTL {
+		t := s.placed[n]
+		s.unpend(t)
+		if s.tickets[t.id] == t {
+			delete(s.tickets, t.id)
+		}
+		s.placed[n] = nil
+		n++
+	}
+	s.placed = s.placed[n:]
+}
+
+// reconcile drops the pending dispatches a new snapshot shows: per pool,
+// as many of the oldest as the engine's claims counter moved. Called with
+// s.mu held, after the snapshot changed.
+func (s *Scheduler) reconcile() {
+	for id, p := range s.pend {
+		i, ok := s.index[id]
+		if !ok {
+			continue // missing from this read: pendingTTL decides
+		}
+		c := &s.cands[i]
+		switch {
+		case c.URL != p.url:
+			// Another engine: its count started again; the tasks meant for
+			// the old one are refused there and placed again.
+			for _, t := range p.q {
+				t.pending = false
+			}
+			p.q = nil
+		case c.Claims >= p.acct:
+			n := int(min(c.Claims-p.acct, uint64(len(p.q))))
+			for _, t := range p.q[:n] {
+				t.pending = false
+			}
+			p.q = slices.Delete(p.q, 0, n)
+		}
+		p.acct = c.Claims
+		s.pended(id, p)
+	}
+}
+
+// dispatch places the local queue's tasks on Ready pools: interactive
+// first, FIFO within each priority, each on the pool with the shortest
+// expected wait, busy or not (its generation waits at the node); a task
+// with no Ready pool stays. Called with s.mu held.
 func (s *Scheduler) dispatch() {
 	if !s.fresh {
 		return // no snapshot yet: Run dispatches after the first refresh
 	}
-	for i := range s.cands {
-		s.cands[i].SlotsBusy = s.grants[s.cands[i].PoolID]
-	}
+	now := time.Now()
+	s.expire(now)
 	for _, prio := range []task.Priority{task.Interactive, task.Batch} {
 		q := s.queues[prio]
 		kept := q[:0]
 		for _, t := range q {
-			c, err := placement.Choose(s.cands, t.req)
+			r := t.req
+			r.Queue = true
+			c, err := placement.Choose(s.cands, r)
 			switch {
 			case err == nil:
 				cc := *c
-				t.where, t.granted = &cc, time.Now()
-				s.grants[c.PoolID]++
-				c.SlotsBusy++
-				s.Metrics.placed("placed")
+				t.where, t.granted = &cc, now
+				t.ahead, t.predicted = s.estimate(c, prio)
+				p := s.pend[c.PoolID]
+				if p == nil {
+					p = &pending{url: c.URL, acct: c.Claims}
+					s.pend[c.PoolID] = p
+				}
+				p.q = append(p.q, t)
+				t.pending = true
+				s.pended(c.PoolID, p)
+				s.placed = append(s.placed, t)
+				if t.predicted == 0 {
+					s.Metrics.placed("placed")
+				} else {
+					s.Metrics.placed("queued")
+				}
 				s.Metrics.started(prio)
 				close(t.done)
 			case errors.Is(err, placement.ErrBusy):
@@ -414,8 +604,18 @@ func (s *Scheduler) read(ctx context.Context, src Source) {
 		}
 	}
 	s.cands, s.fresh = cands, true
+	s.reindex()
+	s.reconcile()
 	s.dispatch()
 	s.mu.Unlock()
+}
+
+// reindex maps pool ids to the snapshot. Called with s.mu held.
+func (s *Scheduler) reindex() {
+	s.index = make(map[string]int, len(s.cands))
+	for i, c := range s.cands {
+		s.index[c.PoolID] = i
+	}
 }
 
 type announcement struct {
@@ -433,13 +633,12 @@ func (s *Scheduler) announce(c placement.Candidate) {
 	defer s.mu.Unlock()
 	s.init()
 	s.announced[c.PoolID] = announcement{c: c, at: time.Now()}
-	for _, o := range s.cands {
-		if o.PoolID == c.PoolID {
-			return
-		}
+	if _, ok := s.index[c.PoolID]; ok {
+		return
 	}
 	s.cands = append(s.cands, c)
 	s.fresh = true
+	s.reindex()
 }
 
 // servable says whether any pool (ready or coming up) could serve req.
@@ -477,8 +676,9 @@ type PoolState struct {
 	State  pool.State `json:"state"`
 }
 
-// Waiting says where a queued task stands: its place in line and the pools
-// of its model (a pool being started shows its progress here).
+// Waiting says where a task of the local queue stands: its place in line
+// and the pools of its model (a pool being started shows its progress
+// here). Once dispatched, its node reports its place.
 func (s *Scheduler) Waiting(id string) (position int, pools []PoolState, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -149,6 +149,10 @@ const (
 	ErrEngine          = "ENGINE_ERROR"
 	ErrAdmissionReject = "ADMISSION_REJECT"
 	ErrModelDeprecated = "MODEL_DEPRECATED"
+	// ErrSlotRefused: the node would not queue the generation for the
+	// pool it was placed on (it runs no such engine now, or the engine's
+	// queue is full); the task workflow places it again.
+	ErrSlotRefused = "SLOT_REFUSED"
 )
 
 // Workflow messages.
@@ -165,6 +169,9 @@ type Result struct {
 	StopType     string   `json:"stop_type"`
 	FirstTokenMs int64    `json:"first_token_ms"`
 	DecodeMs     int64    `json:"decode_ms"`
+	// WaitMs is how long the generation waited at the node for a slot
+	// (0 in histories from before node-side slots).
+	WaitMs int64 `json:"wait_ms,omitempty"`
 }
 
 // Progress is the generation activity's heartbeat: what it has produced.

@@ -26,6 +26,12 @@ const (
 	// lostPoolGrace: with no other pool, how long a moved task waits for
 	// the lost one to come back before it fails with WORKER_RESET.
 	lostPoolGrace = 45 * time.Second
+	// maxRefusals bounds how often a task is placed again after a node
+	// refused its slot claim (the replica's view lagged the node: an
+	// engine just gone, a worker just restarted); refusedBackoff is the
+	// first wait before placing again, doubling up to 2 s.
+	maxRefusals    = 8
+	refusedBackoff = 100 * time.Millisecond
 )
 
 // Task runs one inference task: a slot from the scheduler, the generation on
@@ -115,6 +121,7 @@ func (t *taskWF) run(ctx workflow.Context) error {
 	var tc *scheduler.TaskControl
 	var ga *activities.GenerateActivities
 	var exclude []string
+	refusals := 0
 	for {
 		// A slot. The scheduler lives in the apiserver: a restarted one is
 		// back for the retried activity after the heartbeat timeout.
@@ -181,10 +188,26 @@ func (t *taskWF) run(ctx workflow.Context) error {
 		// does not stop).
 		rctx, _ := workflow.NewDisconnectedContext(ctx)
 		_ = t.controlStep(rctx, tc.Release, scheduler.ReleaseInput{
-			TaskID: t.req.TaskID, PoolID: where.PoolID, BusyMs: workflow.Now(ctx).Sub(began).Milliseconds()})
+			TaskID: t.req.TaskID, PoolID: where.PoolID, BusyMs: workflow.Now(ctx).Sub(began).Milliseconds() - res.WaitMs})
 		if err == nil {
 			t.done(res)
 			return nil
+		}
+		// The node refused the claim (a new error: recorded runs never
+		// took this branch): place the task again, the same pool allowed,
+		// after a backoff; no migration.
+		if ctx.Err() == nil && isType(err, task.ErrSlotRefused) {
+			if refusals++; refusals > maxRefusals {
+				return &taskError{task.Error{Code: task.ErrPoolUnavailable, Retriable: true, RetryAfterMs: 1000,
+					Message: fmt.Sprintf("nodes refused this task's slot %d times; last: %v", refusals-1, err)}}
+			}
+			t.st.State = task.Queued
+			workflow.GetLogger(ctx).Info("node refused the slot; placing the task again", "task_id", t.req.TaskID,
+				"node_id", where.NodeID, "pool_id", where.PoolID, "refusals", refusals, "correlation_id", t.req.CorrelationID)
+			if workflow.Sleep(ctx, min(refusedBackoff<<(refusals-1), 2*time.Second)) != nil {
+				return ctx.Err()
+			}
+			continue
 		}
 		if ctx.Err() != nil || !lostNode(err) {
 			return err
@@ -231,6 +254,7 @@ func (t *taskWF) done(res task.Result) {
 	t.st.StopType = res.StopType
 	if len(t.st.Migrations) == 0 {
 		t.st.FirstTokenMs = res.FirstTokenMs
+		t.st.QueueMs += res.WaitMs // the wait at the node for a slot
 	}
 	t.st.DecodeMs += res.DecodeMs
 }

@@ -203,7 +203,7 @@ func (f *workerFlags) agent(log *slog.Logger, identity string, tc client.Client,
 		Via: "worker", Metrics: control.NewNodeMetrics(reg)}
 	staging := activities.NewStagingMetrics(reg)
 	generate := &activities.GenerateActivities{NodeID: f.nodeID, Log: log, Metrics: activities.NewTaskMetrics(reg),
-		Running: &activities.Generations{}, Streams: &tokenstream.Hub{}}
+		Running: &activities.Generations{NodeID: f.nodeID, Metrics: activities.NewSlotMetrics(reg)}, Streams: &tokenstream.Hub{}}
 	a := &agent.Agent{
 		NodeID: f.nodeID, Identity: identity, HeartbeatInterval: f.heartbeat, Log: log,
 		Host:     agent.HostWithModels{InventorySource: host, Local: local, Log: log},

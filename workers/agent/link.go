@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/link"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
@@ -47,6 +48,11 @@ func (a *Agent) startLink(hostname string) (string, error) {
 			"hostname", advertise)
 	}
 	url := link.URL(advertise, l.Server.Addr())
+	if a.Generate != nil {
+		// No engine is known before the feeder's first read: claims are
+		// refused (and placed again), never run beyond the slots.
+		a.Generate.Running.SetEngines(nil)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	a.stopFeed, a.feedDone, a.feedNow = cancel, make(chan struct{}), make(chan chan struct{})
 	go func() {
@@ -71,8 +77,9 @@ func (a *Agent) stopLink(ctx context.Context) error {
 
 // feedLink keeps the link's source true to the node: the host's figures
 // and models once per heartbeat interval and when an engine comes or goes,
-// the pools every linkPoolPoll, and their busy slots as soon as a
-// generation starts or ends.
+// the pools every linkPoolPoll, and their slots (busy, queued) as soon as
+// a generation claims, waits, starts or ends; it also tells the node's
+// slot authority (Generations) which engines it runs.
 func (a *Agent) feedLink(ctx context.Context) {
 	host := a.Host.Snapshot()
 	handoffs := a.handoffs()
@@ -167,14 +174,27 @@ func sameEngines(a, b []pool.Handoff) bool {
 // this worker holds the engine the handoff names and it runs.
 func (a *Agent) linkPools(handoffs []pool.Handoff) []node.LinkPool {
 	out := make([]node.LinkPool, 0, len(handoffs))
+	var ready []activities.EngineSlots
 	for _, h := range handoffs {
 		p := a.Engines.Table.Lookup(h.PoolID, h.Epoch, h.PID)
 		lp := node.LinkPool{PoolID: h.PoolID, ModelID: h.Model.ID, Epoch: h.Epoch, URL: h.URL,
 			Ready: p != nil && !p.Exited(), SlotsTotal: h.Slots}
-		if a.Generate != nil {
-			lp.SlotsBusy = a.Generate.Running.Running(h.PoolID, h.URL)
+		if lp.Ready {
+			ready = append(ready, activities.EngineSlots{PoolID: h.PoolID, URL: h.URL, Epoch: h.Epoch, Slots: h.Slots})
 		}
 		out = append(out, lp)
+	}
+	if a.Generate == nil {
+		return out
+	}
+	// The node's slots are its Ready engines' before the link shows them:
+	// a replica never places on an engine whose claims the node refuses.
+	g := a.Generate.Running
+	g.SetEngines(ready)
+	for i := range out {
+		st := g.Stats(out[i].PoolID, out[i].URL)
+		out[i].SlotsBusy, out[i].Queued, out[i].QueuedInteractive = st.Running, st.Queued, st.QueuedInteractive
+		out[i].ServiceMs, out[i].Claims = st.ServiceMs, st.Claims
 	}
 	return out
 }

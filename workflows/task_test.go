@@ -1,0 +1,71 @@
+package workflows
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/mock"
+	"github.com/stretchr/testify/require"
+	"go.temporal.io/sdk/temporal"
+	"go.temporal.io/sdk/testsuite"
+
+	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/scheduler"
+	"github.com/llorch/llorch/task"
+)
+
+func taskEnv(t *testing.T) (*testsuite.TestWorkflowEnvironment, *scheduler.TaskControl, *activities.GenerateActivities) {
+	var ts testsuite.WorkflowTestSuite
+	env := ts.NewTestWorkflowEnvironment()
+	var tc *scheduler.TaskControl
+	var ga *activities.GenerateActivities
+	env.RegisterActivity(tc)
+	env.RegisterActivity(ga)
+	env.OnActivity(tc.TryPlace, mock.Anything, mock.Anything).Return(scheduler.Granted{}, nil)
+	env.OnActivity(tc.Release, mock.Anything, mock.Anything).Return(nil)
+	env.OnActivity(tc.Finished, mock.Anything, mock.Anything).Return(nil)
+	env.SetTestTimeout(30 * time.Second)
+	return env, tc, ga
+}
+
+var where1 = task.Where{NodeID: "n1", PoolID: "p1", URL: "http://e1", Epoch: 1}
+
+// A node that refuses the slot claim has the task placed again, the same
+// pool allowed, with no migration; the wait at the node adds to QueueMs.
+func TestTaskPlacedAgainAfterSlotRefused(t *testing.T) {
+	env, tc, ga := taskEnv(t)
+	env.OnActivity(tc.Place, mock.Anything, mock.Anything).Return(where1, nil)
+	calls := 0
+	env.OnActivity(ga.Generate, mock.Anything, mock.Anything).Return(func(context.Context, activities.GenerateInput) (task.Result, error) {
+		calls++
+		if calls < 3 {
+			return task.Result{}, temporal.NewApplicationError("node n1 runs no ready engine of pool p1", task.ErrSlotRefused)
+		}
+		return task.Result{Tokens: []int32{1}, Pieces: []string{"x"}, StopType: "limit", WaitMs: 1500}, nil
+	})
+	env.ExecuteWorkflow(Task, task.Request{TaskID: "t1", ModelID: "m", EnqueuedAt: env.Now()})
+	require.NoError(t, env.GetWorkflowError())
+	var st task.Status
+	require.NoError(t, env.GetWorkflowResult(&st))
+	require.Equal(t, task.Completed, st.State, st.Error)
+	require.Equal(t, 3, calls)
+	require.Empty(t, st.Migrations)
+	require.GreaterOrEqual(t, st.QueueMs, int64(1500+300), "the backoffs and the node's wait")
+}
+
+// Refused every time: the task fails, retriable, after maxRefusals.
+func TestTaskGivesUpAfterRefusals(t *testing.T) {
+	env, tc, ga := taskEnv(t)
+	env.OnActivity(tc.Place, mock.Anything, mock.Anything).Return(where1, nil)
+	env.OnActivity(ga.Generate, mock.Anything, mock.Anything).Return(task.Result{},
+		temporal.NewApplicationError("node n1: 4096 generations already wait for pool p1", task.ErrSlotRefused))
+	env.ExecuteWorkflow(Task, task.Request{TaskID: "t1", ModelID: "m", EnqueuedAt: env.Now()})
+	var st task.Status
+	require.NoError(t, env.GetWorkflowResult(&st))
+	require.Equal(t, task.Failed, st.State)
+	require.Equal(t, task.ErrPoolUnavailable, st.Error.Code)
+	require.True(t, st.Error.Retriable)
+	require.Contains(t, st.Error.Message, "refused this task's slot 8 times")
+	env.AssertNumberOfCalls(t, "Generate", maxRefusals+1)
+}
