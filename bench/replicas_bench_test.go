@@ -7,7 +7,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -32,6 +31,12 @@ import (
 var (
 	replicasNodes  = flag.Int("replicas-nodes", 2, "node workers of BenchmarkReplicas (one pool each)")
 	replicasTokens = flag.Int("replicas-tokens", 128, "max_tokens of each BenchmarkReplicas task: long enough that tasks queue at the nodes")
+	// With all tasks submitted at once, even a perfect strict-priority
+	// queue gives the interactive share f a median wait of f/(1+f) of the
+	// batch one (half the interactive backlog over all of it plus half the
+	// batch one): 0.25 at a third, 0.143 at a sixth. The aim of 0.2 needs
+	// f below a quarter; one in six leaves room for the slots' first wave.
+	replicasInteractiveEvery = flag.Int("replicas-interactive-every", 6, "every n-th BenchmarkReplicas task is interactive, the others batch")
 )
 
 const (
@@ -56,6 +61,7 @@ type replicaTask struct {
 	tokens       int
 	queueMs      int64
 	submittedAt  time.Time // the record's: the workflow's start
+	firstToken   time.Time // client side: the first token event of its stream
 	enqueuedAt   time.Time // the workflow's input: what the node orders its queue by
 	err          error
 }
@@ -66,6 +72,11 @@ type replicaTask struct {
 func (t *replicaTask) start() time.Time {
 	return t.enqueuedAt.Add(time.Duration(t.queueMs) * time.Millisecond)
 }
+
+// clientStart is when the client saw the task's first token: a start
+// measured apart from the record (it adds the prompt and the stream's
+// delivery, the same for every task here).
+func (t *replicaTask) clientStart() time.Time { return t.firstToken }
 
 // poolSample is the most the sampler saw of one pool's engine at once.
 type poolSample struct {
@@ -82,9 +93,10 @@ type enginePool struct{ id, url, link string }
 
 // BenchmarkReplicas: 3 apiserver replicas behind the balancer (round-robin
 // per request, as `llorch dev --apiservers 3` runs them) admit 200 tasks at
-// once, a third interactive and two thirds batch, onto node workers with
-// one 4-slot pool each, each task long enough (128 tokens of a 512-wide
-// model) that the pools saturate and tasks wait at the nodes. It checks
+// once, one in six interactive (-replicas-interactive-every) and the others
+// batch, onto node workers with one 4-slot pool each, each task long
+// enough (128 tokens of a 512-wide model) that the pools saturate and tasks
+// wait at the nodes. It checks
 // issue 11's two promises across replicas:
 //
 //   - over-commit: every 40 ms the sampler reads each engine's /slots (slots
@@ -124,7 +136,7 @@ func BenchmarkReplicas(b *testing.B) {
 		var wg sync.WaitGroup
 		for i := range runs {
 			prio := "batch"
-			if i%3 == 0 {
+			if i%*replicasInteractiveEvery == 0 {
 				prio = "interactive"
 			}
 			runs[i] = &replicaTask{priority: prio}
@@ -193,7 +205,24 @@ func BenchmarkReplicas(b *testing.B) {
 	if bw > 0 {
 		ratio = iw / bw
 	}
-	inv := fifoInversions(runs)
+	inv := fifoInversions(runs, (*replicaTask).start, 0)
+	// Apart: pairs enqueued at least a second apart, beyond the jitter of a
+	// claim's way to the node (a claim the node has not seen yet cannot be
+	// ordered); client: the first token the client saw as the start.
+	apart := fifoInversions(runs, (*replicaTask).start, time.Second)
+	client := fifoInversions(runs, (*replicaTask).clientStart, 0)
+	var first, last time.Time
+	for _, t := range runs {
+		if t.enqueuedAt.IsZero() {
+			continue
+		}
+		if first.IsZero() || t.enqueuedAt.Before(first) {
+			first = t.enqueuedAt
+		}
+		if t.enqueuedAt.After(last) {
+			last = t.enqueuedAt
+		}
+	}
 	table.WriteString("\n| priority | tasks | queue wait p50 | p90 | max | FIFO pairs inverted | tasks started before an earlier one |\n|---|---|---|---|---|---|---|\n")
 	for _, prio := range []string{"interactive", "batch"} {
 		w := waits[prio]
@@ -201,8 +230,12 @@ func BenchmarkReplicas(b *testing.B) {
 			inv[prio].pairsInverted, inv[prio].pairs, 100*inv[prio].pairShare(), inv[prio].tasksInverted, inv[prio].tasks, 100*inv[prio].taskShare())
 	}
 	all := inv["interactive"].plus(inv["batch"])
-	fmt.Fprintf(&table, "\ninteractive/batch median wait %.3f; FIFO inversions: %.2f%% of pairs, %.2f%% of tasks; %d completed, %d failed, %d lost of %d in %.1f s\n",
-		ratio, 100*all.pairShare(), 100*all.taskShare(), completed, failed, lost, len(runs), wall.Seconds())
+	allApart, allClient := apart["interactive"].plus(apart["batch"]), client["interactive"].plus(client["batch"])
+	fmt.Fprintf(&table, "\ninteractive/batch median wait %.3f; FIFO inversions: %.2f%% of pairs, %.2f%% of tasks; "+
+		"of pairs enqueued >= 1 s apart %.2f%% (%.2f%% of tasks); by the client's first token %.2f%% of pairs (%.2f%% of tasks); "+
+		"admissions spread over %.1f s; %d completed, %d failed, %d lost of %d in %.1f s\n",
+		ratio, 100*all.pairShare(), 100*all.taskShare(), 100*allApart.pairShare(), 100*allApart.taskShare(),
+		100*allClient.pairShare(), 100*allClient.taskShare(), last.Sub(first).Seconds(), completed, failed, lost, len(runs), wall.Seconds())
 	fmt.Println(table.String()) // beside the benchmark's result line, as BenchmarkControlPlaneIdle prints its table
 
 	report(b, "replicas", map[string]any{
@@ -213,6 +246,9 @@ func BenchmarkReplicas(b *testing.B) {
 		"interactive_wait_p50_ms": iw, "batch_wait_p50_ms": bw, "wait_ratio": ratio,
 		"interactive_wait_p90_ms": quantile(waits["interactive"], 0.9), "batch_wait_p90_ms": quantile(waits["batch"], 0.9),
 		"fifo_pair_inversions": all.pairShare(), "fifo_task_inversions": all.taskShare(),
+		"fifo_apart_1s_pair_inversions": allApart.pairShare(), "fifo_apart_1s_task_inversions": allApart.taskShare(),
+		"fifo_client_pair_inversions": allClient.pairShare(), "fifo_client_task_inversions": allClient.taskShare(),
+		"interactive_every": *replicasInteractiveEvery, "admissions_spread_s": last.Sub(first).Seconds(),
 		"fifo_interactive_pair_inversions": inv["interactive"].pairShare(), "fifo_batch_pair_inversions": inv["batch"].pairShare(),
 		"cpu_share": cpu,
 	})
@@ -409,7 +445,12 @@ func (c *benchCluster) runReplicaTask(ctx context.Context, t *replicaTask, token
 	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+c.api+"/v2/tasks/"+t.id+"/events", nil)
 	req.Header.Set("Authorization", "Bearer "+benchToken)
 	if res, err := http.DefaultClient.Do(req); err == nil {
-		_, _ = io.Copy(io.Discard, res.Body)
+		sc := bufio.NewScanner(res.Body)
+		for sc.Scan() {
+			if t.firstToken.IsZero() && sc.Text() == "event: token" {
+				t.firstToken = time.Now()
+			}
+		}
 		res.Body.Close()
 		if res.StatusCode != 200 {
 			t.err = fmt.Errorf("events: %s", res.Status)
@@ -491,20 +532,21 @@ func share(n, of int) float64 {
 //
 //   - pairs: over all pairs (a, b) of tasks of the same priority that ran
 //     on the same pool with a enqueued before b (enqueued_at, what the
-//     node's queue orders by), the share where b started before a (start =
-//     enqueued_at + queue_ms, when the task got its slot);
+//     node's queue orders by) by at least gap, the share where b started
+//     before a (start: replicaTask.start, enqueued_at + queue_ms, when the
+//     task got its slot; or another start);
 //   - tasks: the share of tasks that started before some task of the same
-//     priority and pool enqueued before them.
+//     priority and pool enqueued before them (by at least gap).
 //
 // Same pool, because each node orders only its own queue: two pools drain
 // at their own pace. Ties in either time count as no inversion (queue_ms
 // is whole milliseconds). A start here is when the node granted the slot,
 // less the activity's dispatch to the node, which queue_ms leaves out.
-func fifoInversions(runs []*replicaTask) map[string]inversions {
+func fifoInversions(runs []*replicaTask, start func(*replicaTask) time.Time, gap time.Duration) map[string]inversions {
 	out := map[string]inversions{}
 	by := map[[2]string][]*replicaTask{}
 	for _, t := range runs {
-		if t.state == string(task.Completed) {
+		if t.state == string(task.Completed) && !start(t).IsZero() {
 			k := [2]string{t.priority, t.pool}
 			by[k] = append(by[k], t)
 		}
@@ -516,11 +558,11 @@ func fifoInversions(runs []*replicaTask) map[string]inversions {
 			v.tasks++
 			inverted := false
 			for _, earlier := range ts[:j] {
-				if !earlier.enqueuedAt.Before(later.enqueuedAt) {
+				if later.enqueuedAt.Sub(earlier.enqueuedAt) < max(gap, time.Nanosecond) {
 					continue
 				}
 				v.pairs++
-				if later.start().Before(earlier.start()) {
+				if start(later).Before(start(earlier)) {
 					v.pairsInverted++
 					inverted = true
 				}
