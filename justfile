@@ -76,6 +76,7 @@ bench: tools
     go test -run '^$' -bench 'DetectionAndHandoff' -benchtime 10x -timeout 20m ./bench
     go test -run '^$' -bench 'Staging' -benchtime 3x ./bench
     go test -run '^$' -bench 'ControlPlaneIdle' -benchtime 1x -timeout 20m ./bench
+    go test -run '^$' -bench 'Replicas' -benchtime 1x -timeout 20m ./bench
     go test -run '^$' -bench . ./placement
     go test -run '^$' -bench Admit1000Nodes -benchtime 2000x ./scheduler
     @echo "results: bench/out/results.json"

@@ -88,6 +88,20 @@ func main() {
 			}, "", nil},
 		idleRow(100, "", nil),
 		idleRow(1000, "apiserver + Temporal < 1 core at 1000 nodes, all Online", func(v []float64) bool { return v[2] < 1 && v[8] == v[4] }),
+		{"over-commit: 3 replicas admit 200 tasks, most generations at once per pool", "replicas", []string{"max_in_flight", "max_processing", "max_link_busy", "slots", "samples", "lost", "tasks"},
+			func(v []float64) (string, string, string) {
+				return fmt.Sprintf("%.0f sent to an engine, %.0f processing (/slots), %.0f busy (node link); %.0f of %.0f lost", v[0], v[1], v[2], v[5], v[6]),
+					fmt.Sprintf("%.0f slots per pool", v[3]), fmt.Sprintf("%.0f reads", v[4])
+			}, "max concurrent <= slots", func(v []float64) bool { return v[0] <= v[3] && v[1] <= v[3] && v[2] <= v[3] }},
+		{"priority under saturation, 3 replicas: median queue wait", "replicas", []string{"interactive_wait_p50_ms", "batch_wait_p50_ms", "wait_ratio"},
+			func(v []float64) (string, string, string) {
+				return fmt.Sprintf("interactive p50 %.0f ms", v[0]), fmt.Sprintf("batch p50 %.0f ms", v[1]), fmt.Sprintf("%.3f", v[2])
+			}, "interactive/batch <= 0.2", func(v []float64) bool { return v[2] <= 0.2 }},
+		{"FIFO within a priority, 3 replicas (same pool)", "replicas", []string{"fifo_interactive_pair_inversions", "fifo_batch_pair_inversions", "fifo_pair_inversions", "fifo_task_inversions"},
+			func(v []float64) (string, string, string) {
+				return fmt.Sprintf("pairs inverted: interactive %.2f%%, batch %.2f%% (both %.2f%%)", 100*v[0], 100*v[1], 100*v[2]), "",
+					fmt.Sprintf("%.2f%% of tasks started before an earlier one", 100*v[3])
+			}, "pairs inverted < 5% in each priority", func(v []float64) bool { return v[0] < 0.05 && v[1] < 0.05 }},
 	}
 	fmt.Println("| what | llorch | baseline | ratio / overhead | aim | met |")
 	fmt.Println("|---|---|---|---|---|---|")
