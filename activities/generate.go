@@ -66,6 +66,18 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ 
 		mu.Unlock()
 		activity.RecordHeartbeat(ctx, p)
 	}
+	// A generation that broke off with its worker alive (its engine died)
+	// hands the workflow its tokens in the error: the move resumes from
+	// all of them, not from the last heartbeat's.
+	defer func() {
+		var app *temporal.ApplicationError
+		if errors.As(err, &app) && app.Type() == task.ErrWorkerReset && !app.HasDetails() {
+			mu.Lock()
+			p := task.Progress{Tokens: append([]int32(nil), prog.Tokens...), Pieces: append([]string(nil), prog.Pieces...)}
+			mu.Unlock()
+			err = temporal.NewApplicationErrorWithCause(app.Message(), task.ErrWorkerReset, app.Unwrap(), p)
+		}
+	}()
 	hbCtx, stopBeats := context.WithCancel(ctx)
 	defer stopBeats()
 	go func() {

@@ -110,7 +110,7 @@ func New(cfg Config, d Deps) (*Server, error) {
 			Subscribe: func(ctx context.Context, url, taskID string, after int, each func(task.Event) error) error {
 				return (&link.Client{URL: url, Token: d.LinkToken}).Events(ctx, taskID, after, each)
 			},
-			Ended: d.Scheduler.Finished, Log: d.Logger, Metrics: tokenstream.NewFollowMetrics(d.Registry)}
+			Ended: d.Scheduler.Finished, Seen: d.Tasks.Seen, Log: d.Logger, Metrics: tokenstream.NewFollowMetrics(d.Registry)}
 	}
 	s.app.Use(s.correlate)
 	s.routes()

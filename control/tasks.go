@@ -86,6 +86,16 @@ func (c *Tasks) Cancel(ctx context.Context, id, reason string) error {
 	return err
 }
 
+// Seen tells a task's workflow what this replica's readers have seen of
+// it (task.SignalSeen); a task that has ended needs nothing.
+func (c *Tasks) Seen(ctx context.Context, id string, p task.Progress) error {
+	err := c.Temporal.SignalWorkflow(ctx, task.WorkflowID(id), "", task.SignalSeen, p)
+	if errors.Is(notFound(err, ErrTaskNotFound), ErrTaskNotFound) {
+		return nil
+	}
+	return err
+}
+
 // notFound turns Temporal's NotFound into sentinel.
 func notFound(err, sentinel error) error {
 	var nf *serviceerror.NotFound

@@ -244,7 +244,13 @@ func TestTaskMovesOffLostNode(t *testing.T) {
 	require.Equal(t, "mp2", m["to"].(map[string]any)["pool_id"])
 	require.GreaterOrEqual(t, m["at_token"].(float64), float64(100))
 	require.Equal(t, want, rec["text"])
-	recordHistory(t, "task:"+mig, "task-moved-off-lost-node")
+	if len(c.replicas) > 1 {
+		// Through replicas, the reader's replica told the workflow what it
+		// had seen (the seen signal) when the node's link broke off.
+		recordHistory(t, "task:"+mig, "task-moved-seen-by-replica")
+	} else {
+		recordHistory(t, "task:"+mig, "task-moved-off-lost-node")
+	}
 
 	// No other pool: WORKER_RESET, retriable.
 	status, body = c.submit(`{"task_id":"` + reset + `","model_ref":"mig-model","prompt":"the","max_tokens":1200,"determinism":"strict"}`)
@@ -263,7 +269,11 @@ func TestTaskMovesOffLostNode(t *testing.T) {
 	require.Equal(t, "error", last.Name, "%v", last.Data)
 	require.Equal(t, "WORKER_RESET", last.Data["code"])
 	require.Equal(t, true, last.Data["retriable"])
-	recordHistory(t, "task:"+reset, "task-worker-reset")
+	if len(c.replicas) > 1 {
+		recordHistory(t, "task:"+reset, "task-worker-reset-seen-by-replica")
+	} else {
+		recordHistory(t, "task:"+reset, "task-worker-reset")
+	}
 }
 
 func jsonDecode(res *http.Response, v any) error { return json.NewDecoder(res.Body).Decode(v) }

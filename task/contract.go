@@ -159,6 +159,11 @@ const (
 const (
 	QueryStatus  = "status"
 	SignalCancel = "cancel"
+	// SignalSeen carries a Progress: the tokens an apiserver replica's
+	// readers had when the generating node's link broke off. A generation
+	// moved off a lost node resumes from the longest of these and its last
+	// heartbeat, so no client sees text change under it.
+	SignalSeen = "seen"
 )
 
 // Result is what one generation on one node produced.

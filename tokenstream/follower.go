@@ -35,6 +35,10 @@ type Follower struct {
 	// Ended, when set, is told that a task's stream got its end event (the
 	// scheduler frees the slot without waiting for the workflow).
 	Ended func(taskID string)
+	// Seen, when set, is told what the local stream holds when a node's
+	// stream breaks off mid-generation (control.Tasks.Seen), once per
+	// generation: the workflow resumes a moved task from at least that.
+	Seen func(ctx context.Context, taskID string, p task.Progress) error
 	// Idle is how long a follower goes on with no reader attached; 0: 30 s.
 	Idle time.Duration
 	// Poll is how often a queued task's status is read again; 0: 250 ms.
@@ -221,6 +225,7 @@ func (f *Follower) run(ctx context.Context, taskID string, st *Stream, where *ta
 		key = whereKey(*where, 0)
 	}
 	dead := ""                      // the generation whose node stream ended with an error
+	reported := ""                  // the generation whose break was told to the workflow
 	metricsSeen := map[string]int{} // per generation: metrics taken already
 	for ctx.Err() == nil && !st.Ended() {
 		if where == nil {
@@ -300,6 +305,12 @@ func (f *Follower) run(ctx context.Context, taskID string, st *Stream, where *ta
 			}
 			f.Metrics.failed(step)
 			nodeLog.Info("stream follower: node stream broke off; reading the task's status", "err", err, "have", st.Tokens())
+			if f.Seen != nil && step == "subscribe" && reported != key && st.Tokens() > 0 {
+				reported = key
+				if err := f.Seen(ctx, taskID, st.Progress()); err != nil && ctx.Err() == nil {
+					nodeLog.Warn("stream follower: cannot tell the workflow what readers saw", "err", err)
+				}
+			}
 			sleep(ctx, backoff)
 			backoff = min(2*backoff, mostBackoff)
 		}

@@ -78,6 +78,7 @@ func Task(ctx workflow.Context, req task.Request) (task.Status, error) {
 	if t.st.Error == nil && runErr != nil {
 		t.fail(task.Failed, asTaskError(runErr))
 	}
+	t.takeSeen(ctx) // late reports of what readers saw: nothing to resume now
 	t.st.FinishedAt = workflow.Now(ctx)
 	t.details(ctx)
 	var tc *scheduler.TaskControl
@@ -227,8 +228,10 @@ func (t *taskWF) run(ctx workflow.Context) error {
 	}
 }
 
-// recoverProgress takes the longer of the lost generation's last heartbeat
-// and what the apiserver's stream holds (what clients have seen).
+// recoverProgress takes the longest of the lost generation's last
+// heartbeat, the tokens its error carries (its worker outlived the
+// engine), what replicas' readers had when the node's link broke off
+// (SignalSeen), and what the answering apiserver's stream holds.
 func (t *taskWF) recoverProgress(ctx workflow.Context, err error) {
 	var timeout *temporal.TimeoutError
 	if errors.As(err, &timeout) && timeout.HasLastHeartbeatDetails() {
@@ -237,11 +240,34 @@ func (t *taskWF) recoverProgress(ctx workflow.Context, err error) {
 			t.prog = p
 		}
 	}
+	var app *temporal.ApplicationError
+	if errors.As(err, &app) && app.Type() == task.ErrWorkerReset && app.HasDetails() {
+		var p task.Progress
+		if app.Details(&p) == nil && len(p.Tokens) > len(t.prog.Tokens) && len(p.Tokens) == len(p.Pieces) {
+			t.prog = p
+		}
+	}
+	t.takeSeen(ctx)
 	var tc *scheduler.TaskControl
 	var p task.Progress
 	if workflow.ExecuteActivity(t.control(ctx, 30*time.Second), tc.StreamProgress, t.req.TaskID).Get(ctx, &p) == nil &&
 		len(p.Tokens) > len(t.prog.Tokens) && len(p.Tokens) == len(p.Pieces) {
 		t.prog = p
+	}
+}
+
+// takeSeen applies the readers' progress replicas signaled (SignalSeen).
+// Signals carry no command: recorded runs replay as they ran.
+func (t *taskWF) takeSeen(ctx workflow.Context) {
+	seen := workflow.GetSignalChannel(ctx, task.SignalSeen)
+	for {
+		var p task.Progress
+		if !seen.ReceiveAsync(&p) {
+			return
+		}
+		if len(p.Tokens) > len(t.prog.Tokens) && len(p.Tokens) == len(p.Pieces) {
+			t.prog = p
+		}
 	}
 }
 

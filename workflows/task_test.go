@@ -69,3 +69,43 @@ func TestTaskGivesUpAfterRefusals(t *testing.T) {
 	require.Contains(t, st.Error.Message, "refused this task's slot 8 times")
 	env.AssertNumberOfCalls(t, "Generate", maxRefusals+1)
 }
+
+// A generation whose worker outlived its engine hands its tokens over in
+// the WORKER_RESET error, and a replica's readers may have seen more (the
+// seen signal): the move resumes from the longest, not from an older
+// heartbeat.
+func TestTaskResumesFromWhatReadersSaw(t *testing.T) {
+	env, tc, ga := taskEnv(t)
+	where2 := task.Where{NodeID: "n2", PoolID: "p2", URL: "http://e2", Epoch: 1}
+	env.OnActivity(tc.StreamProgress, mock.Anything, mock.Anything).Return(task.Progress{}, nil)
+	places := 0
+	env.OnActivity(tc.Place, mock.Anything, mock.Anything).Return(func(context.Context, scheduler.PlaceInput) (task.Where, error) {
+		places++
+		if places == 1 {
+			return where1, nil
+		}
+		return where2, nil
+	})
+	seen := task.Progress{Tokens: []int32{1, 2, 3, 4}, Pieces: []string{"a", "b", "c", "d"}}
+	var resumes []int
+	env.OnActivity(ga.Generate, mock.Anything, mock.Anything).Return(func(_ context.Context, in activities.GenerateInput) (task.Result, error) {
+		resumes = append(resumes, len(in.Resume.Tokens))
+		switch len(resumes) {
+		case 1:
+			env.SignalWorkflow(task.SignalSeen, seen)
+			return task.Result{}, temporal.NewApplicationError("engine of p1 broke off", task.ErrWorkerReset,
+				task.Progress{Tokens: []int32{1, 2}, Pieces: []string{"a", "b"}})
+		default:
+			return task.Result{Tokens: append(in.Resume.Tokens, 5), Pieces: append(in.Resume.Pieces, "e"), StopType: "limit"}, nil
+		}
+	})
+	env.ExecuteWorkflow(Task, task.Request{TaskID: "t1", ModelID: "m", EnqueuedAt: env.Now()})
+	require.NoError(t, env.GetWorkflowError())
+	var st task.Status
+	require.NoError(t, env.GetWorkflowResult(&st))
+	require.Equal(t, task.Completed, st.State, st.Error)
+	require.Equal(t, []int{0, 4}, resumes, "resumed from the 4 tokens readers saw, not the error's 2")
+	require.Equal(t, "abcde", st.Text)
+	require.Len(t, st.Migrations, 1)
+	require.Equal(t, 4, st.Migrations[0].AtToken)
+}
