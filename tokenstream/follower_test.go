@@ -186,3 +186,25 @@ func TestLinkSubscriberKeepsTheNodeStream(t *testing.T) {
 	<-done
 	dropped(t, hub, "t-sub")
 }
+
+// Every follower ends with its owner: Close stops those with readers
+// attached too, and a Read after Close starts none.
+func TestFollowerCloseStopsAll(t *testing.T) {
+	f := &tokenstream.Follower{Hub: &tokenstream.Hub{}, Poll: 5 * time.Millisecond,
+		Status: func(ctx context.Context, _ string) (task.Status, bool, error) {
+			<-ctx.Done() // a status read that hangs until its owner ends
+			return task.Status{}, false, ctx.Err()
+		},
+		LinkURL:   func(context.Context, string) (string, error) { return "", fmt.Errorf("unused") },
+		Subscribe: func(context.Context, string, string, int, func(task.Event) error) error { return nil }}
+	_, r1 := f.Read("a")
+	defer r1()
+	_, r2 := f.Read("b")
+	defer r2()
+	require.Equal(t, 2, f.Running())
+	f.Close()
+	waitFor(t, "followers stopped on Close", func() bool { return f.Running() == 0 })
+	_, r3 := f.Read("c")
+	defer r3()
+	require.Zero(t, f.Running())
+}

@@ -362,8 +362,11 @@ func (s *Stream) Push(evs []task.Event) (have int, err error) {
 		for _, ev := range evs {
 			need += eventCost(ev)
 		}
-		if h.bytes.Load()+need > maxTotal {
-			h.reclaim(need) // before s.mu: the hub locks streams under h.mu
+		// Before s.mu: the hub locks streams under h.mu. An ended stream
+		// takes nothing, so it sweeps nothing (a hub over its bound ends
+		// each stream that pushes once).
+		if h.bytes.Load()+need > maxTotal && !s.Ended() {
+			h.reclaim(need)
 		}
 	}
 	s.mu.Lock()
