@@ -384,6 +384,7 @@ func (s *Server) taskEvents(w http.ResponseWriter, r *http.Request, id string) {
 			Message: fmt.Sprintf("node %s holds no stream of task %s (waited %s)", s.nodeID(), id, wait)})
 		return
 	}
+	defer st.Attach()() // the hub keeps a stream with a subscriber
 	rc := http.NewResponseController(w)
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	w.Header().Set("Cache-Control", "no-store")

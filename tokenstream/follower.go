@@ -54,6 +54,7 @@ type Follower struct {
 
 // following is one task's follower; guarded by Follower.mu.
 type following struct {
+	st      *Stream // the local stream it feeds
 	readers int
 	cancel  context.CancelFunc
 	idle    *time.Timer // armed while no reader is attached
@@ -93,11 +94,12 @@ func (m *FollowMetrics) add(d float64) {
 // if none runs; release detaches it.
 func (f *Follower) Read(taskID string) (st *Stream, release func()) {
 	st = f.Hub.Stream(taskID)
+	unread := st.Attach() // the hub keeps a stream with a reader
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	t := f.ensure(taskID, st, nil)
 	if t == nil {
-		return st, func() {}
+		return st, unread
 	}
 	t.readers++
 	if t.idle != nil {
@@ -105,7 +107,7 @@ func (f *Follower) Read(taskID string) (st *Stream, release func()) {
 		t.idle = nil
 	}
 	var once sync.Once
-	return st, func() { once.Do(func() { f.detach(taskID, t) }) }
+	return st, func() { once.Do(func() { unread(); f.detach(taskID, t) }) }
 }
 
 // Start follows a task just admitted on this replica, on the node its slot
@@ -144,8 +146,16 @@ func (f *Follower) ensure(taskID string, st *Stream, where *task.Where) *followi
 	if f.ctx == nil {
 		f.ctx, f.cancel = context.WithCancel(context.Background())
 	}
-	if t := f.tasks[taskID]; t != nil {
+	if t := f.tasks[taskID]; t != nil && t.st == st {
 		return t
+	} else if t != nil {
+		// The hub dropped the stream it fed (ended it) and holds a new
+		// one: follow that one; the old follower stops on its own.
+		t.cancel()
+		if t.idle != nil {
+			t.idle.Stop()
+		}
+		delete(f.tasks, taskID)
 	}
 	if st.Ended() || f.ctx.Err() != nil {
 		return nil
@@ -154,7 +164,7 @@ func (f *Follower) ensure(taskID string, st *Stream, where *task.Where) *followi
 		f.tasks = map[string]*following{}
 	}
 	ctx, cancel := context.WithCancel(f.ctx)
-	t := &following{cancel: cancel}
+	t := &following{st: st, cancel: cancel}
 	f.tasks[taskID] = t
 	f.Metrics.add(1)
 	go func() {

@@ -128,3 +128,83 @@ func TestFollowerFinishesFromStatusAndStopsIdle(t *testing.T) {
 	require.False(t, local.Stream("t-queued").Ended(), "stopping a follower does not end the stream")
 	require.Zero(t, subscribed.Load())
 }
+
+// dropped waits until hub has dropped the stream of probe (no event, no
+// reader, past Keep), calling Stream to run its gc.
+func dropped(t *testing.T, hub *tokenstream.Hub, id string) {
+	waitFor(t, "stream "+id+" dropped", func() bool {
+		hub.Stream("gc-trigger")
+		return hub.Peek(id) == nil
+	})
+}
+
+// A replica's stream with a reader attached through the Follower stays
+// however quiet; once its reader left and the follower stopped idle (a
+// task that failed with nobody reading), the hub drops it.
+func TestFollowerReaderKeepsTheStream(t *testing.T) {
+	local := &tokenstream.Hub{Keep: 30 * time.Millisecond}
+	f := &tokenstream.Follower{Hub: local, Poll: 5 * time.Millisecond, Idle: 10 * time.Millisecond,
+		Status: func(context.Context, string) (task.Status, bool, error) {
+			return task.Status{State: task.Queued}, true, nil
+		},
+		LinkURL:   func(context.Context, string) (string, error) { return "", fmt.Errorf("unused") },
+		Subscribe: func(context.Context, string, string, int, func(task.Event) error) error { return nil }}
+	defer f.Close()
+	st, release := f.Read("t-read")
+	_, _ = st.Push([]task.Event{{Type: "started"}, tokEv(0)})
+	_, _ = local.Stream("probe").Push([]task.Event{tokEv(0)}) // created after t-read's last event
+	dropped(t, local, "probe")
+	require.Same(t, st, local.Peek("t-read"), "a stream with a reader is kept")
+	release()
+	dropped(t, local, "t-read")
+	require.True(t, st.Ended())
+	waitFor(t, "follower stopped", func() bool { return f.Running() == 0 })
+}
+
+// The node link's subscriber keeps the node's stream; when the subscriber
+// goes away its handler ends (the stream is dropped after Keep, which it
+// is not while a handler is attached).
+func TestLinkSubscriberKeepsTheNodeStream(t *testing.T) {
+	hub := &tokenstream.Hub{Keep: 30 * time.Millisecond}
+	srv := link.NewServer(link.NewSource("n1"), link.Options{Token: "link-secret", Streams: hub})
+	require.NoError(t, srv.Listen("127.0.0.1:0"))
+	t.Cleanup(func() { _ = srv.Shutdown(context.Background()) })
+	st := hub.Open("t-sub", 0)
+	_, _ = st.Push([]task.Event{{Type: "started"}, tokEv(0)})
+	ctx, cancel := context.WithCancel(context.Background())
+	var got atomic.Int32
+	done := make(chan error, 1)
+	go func() {
+		done <- (&link.Client{URL: link.URL("", srv.Addr()), Token: "link-secret"}).Events(ctx, "t-sub", -1,
+			func(task.Event) error { got.Add(1); return nil })
+	}()
+	waitFor(t, "subscribed", func() bool { return got.Load() == 2 })
+	_, _ = hub.Stream("probe").Push([]task.Event{tokEv(0)})
+	dropped(t, hub, "probe")
+	require.Same(t, st, hub.Peek("t-sub"), "a stream with a subscriber is kept")
+	cancel()
+	<-done
+	dropped(t, hub, "t-sub")
+}
+
+// Every follower ends with its owner: Close stops those with readers
+// attached too, and a Read after Close starts none.
+func TestFollowerCloseStopsAll(t *testing.T) {
+	f := &tokenstream.Follower{Hub: &tokenstream.Hub{}, Poll: 5 * time.Millisecond,
+		Status: func(ctx context.Context, _ string) (task.Status, bool, error) {
+			<-ctx.Done() // a status read that hangs until its owner ends
+			return task.Status{}, false, ctx.Err()
+		},
+		LinkURL:   func(context.Context, string) (string, error) { return "", fmt.Errorf("unused") },
+		Subscribe: func(context.Context, string, string, int, func(task.Event) error) error { return nil }}
+	_, r1 := f.Read("a")
+	defer r1()
+	_, r2 := f.Read("b")
+	defer r2()
+	require.Equal(t, 2, f.Running())
+	f.Close()
+	waitFor(t, "followers stopped on Close", func() bool { return f.Running() == 0 })
+	_, r3 := f.Read("c")
+	defer r3()
+	require.Zero(t, f.Running())
+}

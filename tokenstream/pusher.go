@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"sync"
 	"time"
@@ -29,21 +30,29 @@ type PushReply struct {
 // Pusher sends a task's events to its sink in batches: whatever queued up
 // while the previous request was in flight goes in the next one, so a slow
 // link batches more and a fast one sends each token at once. Failed sends
-// are retried; a hub that lost its state (an apiserver restart) gets
-// everything again from the start.
+// are retried, backing off; a hub that lost its state (an apiserver
+// restart) gets everything again from the start. The pusher gives up after
+// pushGiveUp without a success, and stops for good when Close returns.
 type Pusher struct {
 	sink   task.Sink
 	taskID string
 	client *http.Client
+	ctx    context.Context // ends when Close returns: the loop stops
+	stop   context.CancelFunc
 
 	mu      sync.Mutex
 	events  []task.Event // everything, in order
 	sent    int          // events[:sent] are acknowledged
 	wake    chan struct{}
 	closed  bool
+	gaveUp  bool
 	done    chan struct{}
 	lastErr error
 }
+
+// pushGiveUp is how long a pusher retries without a success before it
+// gives up on the sink (an apiserver gone for good); a var for tests.
+var pushGiveUp = 3 * time.Minute
 
 // NewPusher starts pushing to sink until Close.
 func NewPusher(sink task.Sink, taskID string, client *http.Client) *Pusher {
@@ -51,13 +60,19 @@ func NewPusher(sink task.Sink, taskID string, client *http.Client) *Pusher {
 		client = &http.Client{Timeout: 10 * time.Second}
 	}
 	p := &Pusher{sink: sink, taskID: taskID, client: client, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	p.ctx, p.stop = context.WithCancel(context.Background())
 	go p.loop()
 	return p
 }
 
-// Send queues events.
+// Send queues events; after Close, or once the pusher gave up, it drops
+// them (nothing would send them).
 func (p *Pusher) Send(evs ...task.Event) {
 	p.mu.Lock()
+	if p.closed || p.gaveUp {
+		p.mu.Unlock()
+		return
+	}
 	p.events = append(p.events, evs...)
 	p.mu.Unlock()
 	select {
@@ -66,8 +81,9 @@ func (p *Pusher) Send(evs ...task.Event) {
 	}
 }
 
-// Close flushes what is queued, waiting at most wait, and stops. It returns
-// the last send error if events were left unsent.
+// Close flushes what is queued, waiting at most wait, and stops: when it
+// returns, nothing retries any more. It returns the last send error if
+// events were left unsent.
 func (p *Pusher) Close(wait time.Duration) error {
 	p.mu.Lock()
 	p.closed = true
@@ -76,14 +92,17 @@ func (p *Pusher) Close(wait time.Duration) error {
 	case p.wake <- struct{}{}:
 	default:
 	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
 	select {
 	case <-p.done:
-	case <-time.After(wait):
+	case <-t.C:
 	}
+	p.stop() // ends a post in flight and the backoff
+	<-p.done
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.sent < len(p.events) {
-		p.closed = true
 		return fmt.Errorf("%d events unsent: %v", len(p.events)-p.sent, p.lastErr)
 	}
 	return nil
@@ -93,7 +112,8 @@ func (p *Pusher) loop() {
 	defer close(p.done)
 	backoff := 20 * time.Millisecond
 	var lastPost time.Time
-	for {
+	lastOK := time.Now()
+	for p.ctx.Err() == nil {
 		// Right after a post, give a small batch a moment to grow: it
 		// bounds requests to one per minGap under a fast stream, while the
 		// first event of a quiet stream still goes at once.
@@ -108,7 +128,10 @@ func (p *Pusher) loop() {
 			if closed {
 				return
 			}
-			<-p.wake
+			select {
+			case <-p.wake:
+			case <-p.ctx.Done():
+			}
 			continue
 		}
 		lastPost = time.Now()
@@ -124,14 +147,24 @@ func (p *Pusher) loop() {
 		}
 		p.mu.Unlock()
 		if err == nil {
-			backoff = 20 * time.Millisecond
+			backoff, lastOK = 20*time.Millisecond, time.Now()
 			continue
+		}
+		if time.Since(lastOK) > pushGiveUp && p.ctx.Err() == nil {
+			p.mu.Lock()
+			p.gaveUp = true
+			unsent := len(p.events) - p.sent
+			p.mu.Unlock()
+			slog.Warn("token pusher: giving up on the task's sink", "task_id", p.taskID, "sink", p.sink.URL,
+				"unsent", unsent, "failing_for", time.Since(lastOK).Round(time.Second).String(), "err", err)
+			return
 		}
 		select {
 		case <-time.After(backoff):
 		case <-p.wake:
+		case <-p.ctx.Done():
 		}
-		backoff = min(2*backoff, time.Second)
+		backoff = min(2*backoff, 5*time.Second)
 	}
 }
 
@@ -152,7 +185,7 @@ func (p *Pusher) post(batch []task.Event) (restart bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(p.ctx, 10*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, p.sink.URL+PushPath(p.taskID), bytes.NewReader(body))
 	if err != nil {

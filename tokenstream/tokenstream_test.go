@@ -141,6 +141,7 @@ func TestHubGCAndWait(t *testing.T) {
 	h.Stream("done").Finish(task.Event{Type: "end"})
 	live := h.Stream("live")
 	_, _ = live.Push([]task.Event{tok(0)})
+	defer live.Attach()()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Millisecond)
 	require.Nil(t, h.Wait(ctx, "absent"))
 	cancel()
@@ -151,7 +152,7 @@ func TestHubGCAndWait(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 		h.Stream("other") // gc runs on the hub's path
 	}
-	require.NotNil(t, h.Peek("live"), "a stream with events that has not ended stays")
+	require.NotNil(t, h.Peek("live"), "a stream with a reader that has not ended stays")
 
 	got := make(chan *Stream)
 	go func() { got <- h.Wait(context.Background(), "late") }()
@@ -162,4 +163,114 @@ func TestHubGCAndWait(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("Wait did not see the stream appear")
 	}
+}
+
+// A task that failed while no reader was attached leaves a stream with
+// events and no final one: it goes away Keep after its last activity, and
+// a holder of it (the generation, a stray reader) sees it end. A stream
+// with a reader attached stays however quiet.
+func TestHubDropsAbandonedStreams(t *testing.T) {
+	h := Hub{Keep: 20 * time.Millisecond}
+	abandoned := h.Stream("failed-unread")
+	_, _ = abandoned.Push([]task.Event{{Type: "started", NodeID: "n"}, tok(0), tok(1)})
+	read := h.Stream("read")
+	_, _ = read.Push([]task.Event{tok(0)})
+	detach := read.Attach()
+	deadline := time.Now().Add(10 * time.Second)
+	for h.Peek("failed-unread") != nil {
+		require.True(t, time.Now().Before(deadline), "a stream with events, no final event and no reader is kept forever")
+		time.Sleep(5 * time.Millisecond)
+		h.Stream("other") // gc runs on the hub's path
+	}
+	require.True(t, abandoned.Ended(), "a dropped stream ends for whoever holds it")
+	evs, _, _ := abandoned.Read(Cursor{Started: true, Next: 2})
+	require.Equal(t, CodeStreamExpired, evs[0].Error.Code)
+	require.NotNil(t, h.Peek("read"), "a stream with a reader stays")
+	detach()
+	for h.Peek("read") != nil {
+		require.True(t, time.Now().Before(deadline), "a stream whose reader left is kept forever")
+		time.Sleep(5 * time.Millisecond)
+		h.Stream("other")
+	}
+}
+
+// A stream ends with STREAM_LIMIT at its token bound instead of growing;
+// past the stream bound the hub sheds finished streams first, then
+// refuses a new one with an ended stream; the counts add up.
+func TestHubBounds(t *testing.T) {
+	h := Hub{MaxTokens: 5, MaxStreams: 2}
+	s := h.Stream("long")
+	for i := range 8 {
+		_, _ = s.Push([]task.Event{tok(i)})
+	}
+	require.True(t, s.Ended())
+	evs, _, _ := s.Read(Cursor{Started: true})
+	require.Len(t, evs, 6, "5 tokens then the error")
+	require.Equal(t, CodeStreamLimit, evs[5].Error.Code)
+	require.Contains(t, evs[5].Error.Message, "long")
+	streams, events, bytes := h.Held()
+	require.Equal(t, 1, streams)
+	require.EqualValues(t, 6, events)
+	require.Positive(t, bytes)
+
+	_, _ = h.Stream("live").Push([]task.Event{tok(0)})
+	third := h.Stream("third") // "long" has ended: shed for it
+	require.False(t, third.Ended())
+	require.Nil(t, h.Peek("long"))
+	refused := h.Stream("fourth")
+	require.True(t, refused.Ended(), "no room: the stream ends at once")
+	evs, _, _ = refused.Read(Cursor{})
+	require.Equal(t, CodeStreamLimit, evs[0].Error.Code)
+	require.Equal(t, 2, h.Len())
+	streams, events, _ = h.Held()
+	require.Equal(t, 2, streams)
+	require.EqualValues(t, 1, events, "a shed stream's events are no longer counted")
+
+	// The byte bound over all streams: a push past it ends that stream.
+	small := Hub{MaxBytes: 4 << 10}
+	a := small.Stream("a")
+	for i := 0; !a.Ended(); i++ {
+		require.Less(t, i, 10000, "the total byte bound never ended the stream")
+		_, _ = a.Push([]task.Event{{Type: "token", I: i, T: "0123456789abcdef"}})
+	}
+	evs, _, _ = a.Read(Cursor{Started: true, Next: a.Tokens()})
+	require.Equal(t, CodeStreamLimit, evs[0].Error.Code)
+	require.Contains(t, evs[0].Error.Message, "bytes of streams")
+	_, _, b := small.Held()
+	require.LessOrEqual(t, b, int64(4<<10)+eventCost(evs[0]), "past the bound by the final event at most")
+}
+
+// A pusher whose sink never answers stops when Close's wait passes: no
+// goroutine keeps retrying it; and while open it gives up after pushGiveUp
+// without a success.
+func TestPusherStopsAfterClose(t *testing.T) {
+	var hits atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		http.Error(w, "down", http.StatusServiceUnavailable)
+	}))
+	defer srv.Close()
+	p := NewPusher(task.Sink{URL: srv.URL}, "t", nil)
+	p.Send(tok(0))
+	require.Error(t, p.Close(30*time.Millisecond))
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a closed pusher goes on retrying")
+	}
+
+	old := pushGiveUp
+	pushGiveUp = 50 * time.Millisecond
+	defer func() { pushGiveUp = old }()
+	p = NewPusher(task.Sink{URL: srv.URL}, "t2", nil)
+	p.Send(tok(0))
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("an open pusher retries a dead sink forever")
+	}
+	n := hits.Load()
+	p.Send(tok(1))
+	require.Error(t, p.Close(time.Second))
+	require.Equal(t, n, hits.Load(), "nothing sent after giving up")
 }

@@ -84,6 +84,7 @@ func runAPIServer(f *apiserverFlags) error {
 		return err
 	}
 	hub := &tokenstream.Hub{}
+	tokenstream.NewHubMetrics(reg, hub)
 	if f.policy != scheduler.Reject && f.policy != scheduler.DropLRU {
 		return fmt.Errorf("--admission-policy: want %s or %s, got %q", scheduler.Reject, scheduler.DropLRU, f.policy)
 	}

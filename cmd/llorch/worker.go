@@ -202,8 +202,10 @@ func (f *workerFlags) agent(log *slog.Logger, identity string, tc client.Client,
 	nodes := &control.Nodes{Temporal: tc, Namespace: f.temporal.Namespace, ContinueAsNewAfterEvents: f.canAfter,
 		Via: "worker", Metrics: control.NewNodeMetrics(reg)}
 	staging := activities.NewStagingMetrics(reg)
+	streams := &tokenstream.Hub{}
+	tokenstream.NewHubMetrics(reg, streams)
 	generate := &activities.GenerateActivities{NodeID: f.nodeID, Log: log, Metrics: activities.NewTaskMetrics(reg),
-		Running: &activities.Generations{NodeID: f.nodeID, Metrics: activities.NewSlotMetrics(reg)}, Streams: &tokenstream.Hub{}}
+		Running: &activities.Generations{NodeID: f.nodeID, Metrics: activities.NewSlotMetrics(reg)}, Streams: streams}
 	a := &agent.Agent{
 		NodeID: f.nodeID, Identity: identity, HeartbeatInterval: f.heartbeat, Log: log,
 		Host:     agent.HostWithModels{InventorySource: host, Local: local, Log: log},
