@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -181,7 +182,21 @@ func (c *Client) auth(req *http.Request) {
 
 func (c *Client) http() *http.Client {
 	if c.HTTP == nil {
-		return http.DefaultClient
+		return DefaultHTTP
 	}
 	return c.HTTP
 }
+
+// DefaultHTTP reaches node links when a Client names no other: a node
+// that went silent is noticed in seconds, not at the OS's defaults. The
+// connection attempt is bounded (a partitioned node drops the SYN), TCP
+// keep-alive probes every second after 2 s idle find a silent peer in
+// about 5 s, and idle connections are kept for every node (a long-poll's
+// connection is idle between two answers), not the default's 100 in all.
+var DefaultHTTP = &http.Client{Transport: &http.Transport{
+	Proxy: http.ProxyFromEnvironment,
+	DialContext: (&net.Dialer{Timeout: 3 * time.Second,
+		KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 2 * time.Second, Interval: time.Second, Count: 3}}).DialContext,
+	MaxIdleConnsPerHost: 4,
+	IdleConnTimeout:     90 * time.Second,
+}}

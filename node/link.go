@@ -32,8 +32,11 @@ const (
 	// the node does not hold yet (default LinkDefaultWait, at most
 	// LinkMaxWait), after which it answers 404 CodeTaskNotOnNode.
 	LinkEventsAfterParam = "after"
-	// LinkKeepAlive is how often an idle event stream writes an empty line.
-	LinkKeepAlive = 15 * time.Second
+	// LinkKeepAlive is how often an idle event stream writes an empty line:
+	// a subscriber that hears nothing for three of them takes the node for
+	// gone (a partition leaves the TCP connection open), reads where the
+	// task runs now and follows it there, seconds after its move.
+	LinkKeepAlive = 2 * time.Second
 	// CodeTaskNotOnNode: the node holds no stream of the task (it never
 	// ran here, or ended longer ago than the node keeps streams).
 	CodeTaskNotOnNode = "TASK_NOT_ON_NODE"

@@ -60,9 +60,9 @@ type LinkView struct {
 	Nodes NodeMembers
 	// Token is the cluster secret presented to node links (--link-token).
 	Token string
-	// HTTP sends link requests; nil: one with TCP keep-alive probes every
-	// second after 2 s idle (linkHTTP), so a silent machine's long-poll
-	// fails in about 5 s instead of at its wait bound.
+	// HTTP sends link requests; nil: link.DefaultHTTP, whose TCP
+	// keep-alive probes make a silent machine's long-poll fail in about
+	// 5 s instead of at its wait bound.
 	HTTP *http.Client
 	// Every is the membership period; 0: 1 s.
 	Every time.Duration
@@ -456,28 +456,13 @@ func (v *LinkView) learn(ctx context.Context, f *follower) (*link.Client, error)
 		return nil, nil
 	}
 	f.noLink, f.url = false, nv.Inventory.LinkURL
-	hc := v.HTTP
-	if hc == nil {
-		hc = linkHTTP
-	}
-	return &link.Client{URL: nv.Inventory.LinkURL, Token: v.Token, HTTP: hc, Wait: v.Wait}, nil
+	return &link.Client{URL: nv.Inventory.LinkURL, Token: v.Token, HTTP: v.HTTP, Wait: v.Wait}, nil
 }
 
 // maxStale bounds how long an unreachable link's state stands by default:
 // a dead node is Offline sooner (its probe), a live one that this view
 // cannot reach should not take tasks for long.
 const maxStale = 10 * time.Second
-
-// linkHTTP follows links: TCP keep-alive probes find a silent peer in
-// about 5 s; idle connections are kept for every node (a long-poll's
-// connection is idle between two answers), not the default's 100 in all.
-var linkHTTP = &http.Client{Transport: &http.Transport{
-	Proxy: http.ProxyFromEnvironment,
-	DialContext: (&net.Dialer{Timeout: 5 * time.Second,
-		KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 2 * time.Second, Interval: time.Second, Count: 3}}).DialContext,
-	MaxIdleConnsPerHost: 4,
-	IdleConnTimeout:     90 * time.Second,
-}}
 
 // LinkURL is where node nodeID's link serves, as the view last learned it
 // from the node's registration; false: the view follows no link of the
