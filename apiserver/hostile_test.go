@@ -161,3 +161,19 @@ func TestHostileMultipartBeforeAuth(t *testing.T) {
 	require.NoError(t, err)
 	require.Empty(t, left, "nothing spooled to disk")
 }
+
+// Numbers at their extremes and malformed GPU lists are refused, naming
+// the field, before anything is looked up or started.
+func TestHostilePoolParams(t *testing.T) {
+	a := startAPI(t)
+	for _, ms := range []any{int64(9223372036854775807), 86400001, -1} {
+		r := a.call("POST", "/v2/pools/p-hostile/drain", map[string]any{"deadline_ms": ms})
+		requireError(t, r, 400, apiserver.CodeInvalidParams)
+		require.Equal(t, "deadline_ms", r.body["field"], r.raw)
+	}
+	for _, mask := range []string{"a", "0,0", "0,", " 0", "-1", "64", "9223372036854775808", "0;1", strings.Repeat("1,", 40) + "1"} {
+		r := a.call("POST", "/v2/pools", map[string]any{"pool_id": "p-hostile", "model_id": "m", "device_mask": mask})
+		requireError(t, r, 400, apiserver.CodeInvalidParams)
+		require.Equal(t, "device_mask", r.body["field"], "device_mask %q: %s", mask, r.raw)
+	}
+}
