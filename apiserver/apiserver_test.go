@@ -57,7 +57,7 @@ func startAPI(t *testing.T) *api {
 	reg := prometheus.NewRegistry()
 	nodes := &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace, Via: "rest", Metrics: control.NewNodeMetrics(reg)}
 	s, err := apiserver.New(apiserver.Config{Addr: "127.0.0.1:0", Token: token}, apiserver.Deps{
-		Nodes: nodes, Store: store, Registry: reg, Logger: log,
+		Nodes: nodes, Store: store, Registry: reg, Logger: log, Pools: &control.Pools{Temporal: env.Temporal, Namespace: env.Namespace},
 		Models: &control.Models{Temporal: env.Temporal, Namespace: env.Namespace, Nodes: nodes},
 	})
 	require.NoError(t, err)

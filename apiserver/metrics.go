@@ -19,6 +19,7 @@ type metrics struct {
 	authFailures   *prometheus.CounterVec
 	catalogChanges *prometheus.CounterVec
 	heartbeats     *prometheus.CounterVec
+	streamPanics   prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -37,6 +38,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		heartbeats: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_node_rest_heartbeats_total", Help: "Node heartbeats received over REST.",
 		}, []string{"node_id"}),
+		streamPanics: f.NewCounter(prometheus.CounterOpts{
+			Name: "llorch_api_stream_panics_total", Help: "Event stream writers that panicked (recovered; the stream ended).",
+		}),
 		catalogChanges: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_catalog_changes_total", Help: "Catalog changes made through the API, by operation.",
 		}, []string{"op"}),

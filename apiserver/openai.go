@@ -245,7 +245,7 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 		}
 		return fiber.Map{"id": id, "object": chunkObject, "created": created, "model": req.ModelID, "choices": []any{ch}}
 	}
-	c.Context().SetBodyStreamWriter(func(w *bufio.Writer) {
+	c.Context().SetBodyStreamWriter(s.guardStream(log, func(w *bufio.Writer) {
 		stream, release := s.readStream(req.TaskID)
 		defer release()
 		if chat {
@@ -284,7 +284,7 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 				log.Info("client left the stream: task canceled")
 			}
 		}
-	})
+	}))
 	return nil
 }
 

@@ -2,6 +2,8 @@ package apiserver
 
 import (
 	"errors"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -22,6 +24,38 @@ const (
 	CodePoolBusy     = "POOL_BUSY"
 	CodeReloadFailed = "RELOAD_FAILED"
 )
+
+// maxDrainMs bounds a drain's deadline_ms: 24 h.
+const maxDrainMs = int64(24 * time.Hour / time.Millisecond)
+
+// maxGPUs bounds the GPU indexes a device mask may name.
+const maxGPUs = 64
+
+// parseDeviceMask checks a pool's device_mask (CUDA_VISIBLE_DEVICES):
+// distinct GPU indexes 0-63, comma-separated, no spaces; "" is none.
+func parseDeviceMask(mask string) ([]int, error) {
+	if mask == "" {
+		return nil, nil
+	}
+	parts := strings.Split(mask, ",")
+	if len(parts) > maxGPUs {
+		return nil, invalidParam("device_mask", "at most %d GPUs", maxGPUs)
+	}
+	seen := map[int]bool{}
+	out := make([]int, 0, len(parts))
+	for _, f := range parts {
+		idx, err := strconv.Atoi(f)
+		if err != nil || idx < 0 || idx >= maxGPUs || strconv.Itoa(idx) != f {
+			return nil, invalidParam("device_mask", "want comma-separated GPU indexes 0-%d (e.g. \"0,1\"), got %q", maxGPUs-1, mask)
+		}
+		if seen[idx] {
+			return nil, invalidParam("device_mask", "GPU %d named twice in %q", idx, mask)
+		}
+		seen[idx] = true
+		out = append(out, idx)
+	}
+	return out, nil
+}
 
 // reloadWait is how long a reload request waits for its mode to be known.
 const reloadWait = 30 * time.Second
@@ -65,6 +99,10 @@ func (s *Server) createPool(c *fiber.Ctx) error {
 	if req.Ctx < 0 || req.NGPULayers < -1 {
 		return invalidParam("ctx", "ctx must be >= 0 and n_gpu_layers >= -1")
 	}
+	gpus, err := parseDeviceMask(req.DeviceMask)
+	if err != nil {
+		return err
+	}
 	if err := s.activeEntry(c.UserContext(), req.ModelID); err != nil {
 		return err
 	}
@@ -79,6 +117,17 @@ func (s *Server) createPool(c *fiber.Ctx) error {
 		}
 		if v.State != node.Online {
 			return apiError(fiber.StatusConflict, "NODE_NOT_ONLINE", "node %s is %s: pools start on Online nodes", nodeID, v.State)
+		}
+		// A named node's GPUs are known: the mask names only those. (A
+		// node picked below checks its own at start: INSUFFICIENT_VRAM.)
+		have := map[int]bool{}
+		for _, g := range v.Inventory.GPUs {
+			have[g.Index] = true
+		}
+		for _, idx := range gpus {
+			if !have[idx] {
+				return invalidParam("device_mask", "node %s has no GPU %d (it has %d GPUs)", nodeID, idx, len(v.Inventory.GPUs))
+			}
 		}
 	} else {
 		var err error
@@ -143,8 +192,9 @@ func (s *Server) drainPool(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	if req.DeadlineMs < 0 {
-		return invalidParam("deadline_ms", "must be >= 0")
+	// The workflow makes it a time.Duration: bounded before it overflows.
+	if req.DeadlineMs < 0 || req.DeadlineMs > maxDrainMs {
+		return invalidParam("deadline_ms", "must be 0-%d (24 h)", maxDrainMs)
 	}
 	req.Identity = identity(c)
 	h, err := s.deps.Pools.Drain(c.UserContext(), id, req)

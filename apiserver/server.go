@@ -101,9 +101,12 @@ func New(cfg Config, d Deps) (*Server, error) {
 		// Model uploads stream to S3; JSON bodies are still bounded by
 		// decode (maxBodyBytes).
 		StreamRequestBody: true,
-		ErrorHandler:      s.errorHandler,
-		ReadTimeout:       30 * time.Second,
-		IdleTimeout:       2 * time.Minute,
+		// No route takes a form: fasthttp would otherwise read and spool a
+		// multipart body of any declared length before auth runs.
+		DisablePreParseMultipartForm: true,
+		ErrorHandler:                 s.errorHandler,
+		ReadTimeout:                  30 * time.Second,
+		IdleTimeout:                  2 * time.Minute,
 	})
 	if d.Scheduler != nil && d.Hub != nil && d.Tasks != nil {
 		s.follower = &tokenstream.Follower{Hub: d.Hub, Status: d.Tasks.Status, LinkURL: s.linkURL,

@@ -9,6 +9,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
@@ -46,6 +48,9 @@ const (
 	maxMessages     = 256
 	defaultMaxToken = 256
 	keepAlive       = 15 * time.Second
+	// maxCursor bounds a resume cursor: a token index is below any
+	// model's context, and n+1 of a larger one overflows.
+	maxCursor = 1 << 24
 )
 
 // taskRequest is the body of POST /v2/tasks (the original plan's fields).
@@ -518,8 +523,8 @@ func (s *Server) taskEvents(c *fiber.Ctx) error {
 	cur := tokenstream.Cursor{}
 	if last := c.Get("Last-Event-ID"); last != "" {
 		n, err := strconv.Atoi(last)
-		if err != nil || n < -1 {
-			return invalidParam("Last-Event-ID", "want the index of the last token received")
+		if err != nil || n < -1 || n >= maxCursor {
+			return invalidParam("Last-Event-ID", "want the index of the last token received (-1 to %d)", maxCursor-1)
 		}
 		cur = tokenstream.Cursor{Started: true, Next: n + 1}
 	}
@@ -527,13 +532,28 @@ func (s *Server) taskEvents(c *fiber.Ctx) error {
 	c.Set(fiber.HeaderCacheControl, "no-cache")
 	c.Set("X-Accel-Buffering", "no")
 	log := s.log(c).With("task_id", id)
-	c.Context().SetBodyStreamWriter(func(w *bufio.Writer) {
+	c.Context().SetBodyStreamWriter(s.guardStream(log, func(w *bufio.Writer) {
 		stream, release := s.readStream(id)
 		defer release()
 		_ = s.writeStream(w, stream, cur, func(ev task.Event) []byte { return sseV2(ev) })
 		log.Debug("event stream closed")
-	})
+	}))
 	return nil
+}
+
+// guardStream wraps a body stream writer: fasthttp runs it on a goroutine
+// of its own, where a panic nothing recovers ends the process (and with
+// it, under llorch dev, the cluster). log carries the task id.
+func (s *Server) guardStream(log *slog.Logger, write func(*bufio.Writer)) func(*bufio.Writer) {
+	return func(w *bufio.Writer) {
+		defer func() {
+			if r := recover(); r != nil {
+				s.metrics.streamPanics.Inc()
+				log.Error("event stream writer panicked: stream ended", "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+			}
+		}()
+		write(w)
+	}
 }
 
 // writeStream copies a stream's events to w from cur, with keep-alives,
@@ -607,8 +627,12 @@ func (s *Server) pushEvents(c *fiber.Ctx) error {
 	if !tokenstream.CheckSinkToken(s.streamKey, id, tok) {
 		return apiError(fiber.StatusUnauthorized, CodeBadToken, "stream token not accepted for task %s", id)
 	}
+	raw, err := readBody(c, maxBodyBytes)
+	if err != nil {
+		return err
+	}
 	var body tokenstream.PushBody
-	if err := json.Unmarshal(c.Body(), &body); err != nil {
+	if err := json.Unmarshal(raw, &body); err != nil {
 		return invalidParam("body", "%v", err)
 	}
 	have, err := s.deps.Hub.Stream(id).Push(body.Events)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/llorch/llorch/control"
@@ -64,9 +65,22 @@ func (e *QueueFullError) Unwrap() error { return ErrQueueFull }
 // AutoPools unless the task is pinned) with a NoPoolError, a session that
 // has had its turns with a SessionFullError, and a task its queue has no
 // room for with a QueueFullError; a workflow that cannot start (a task id
-// used before: control.ErrTaskExists) leaves no ticket behind. Prepared is
+// used before: control.ErrTaskExists) leaves no ticket behind, and a retry
+// of a task it holds is ErrTaskExists at once, its ticket untouched. Prepared is
 // set whenever a pool was started, even if admission then failed.
 func (s *Scheduler) Admit(ctx context.Context, req task.Request) (Admission, error) {
+	// A retry of a task this scheduler holds (a client retrying POST
+	// /v2/tasks with its task_id) must not touch the original's ticket: it
+	// is refused before any. The claim makes two racing admissions of one
+	// id one admission and one refusal.
+	claim := admitKey{s, req.TaskID}
+	if _, racing := admitting.LoadOrStore(claim, struct{}{}); racing {
+		return Admission{}, control.ErrTaskExists
+	}
+	defer admitting.Delete(claim)
+	if s.holds(req.TaskID) {
+		return Admission{}, control.ErrTaskExists
+	}
 	pr := placement.Request{ModelID: req.ModelID, Placement: req.Placement}
 	err := s.servable(pr)
 	if err != nil {
@@ -95,11 +109,29 @@ func (s *Scheduler) Admit(ctx context.Context, req task.Request) (Admission, err
 		return adm, &QueueFullError{Priority: req.Priority, Backoff: s.backoff()}
 	}
 	if err := s.Tasks.Start(ctx, req); err != nil {
+		// The ticket is this admission's own (no other held one, none
+		// racing): a workflow of this id elsewhere keeps its own.
 		s.Forget(req.TaskID)
 		s.giveBack(ctx, req, turn)
 		return adm, err
 	}
 	return adm, nil
+}
+
+// admitting holds the task ids being admitted, per scheduler.
+var admitting sync.Map // admitKey -> struct{}
+
+type admitKey struct {
+	s  *Scheduler
+	id string
+}
+
+// holds reports whether the scheduler has a ticket for task id (queued,
+// or granted until its release).
+func (s *Scheduler) holds(id string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.tickets[id] != nil
 }
 
 // startPool starts a pool for req's model and announces it, so the task

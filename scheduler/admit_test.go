@@ -113,6 +113,49 @@ func TestAdmitForgetsAFailedStart(t *testing.T) {
 	s.mu.Unlock()
 }
 
+// onceStarter starts a task id once, as Temporal does: again is
+// ErrTaskExists.
+type onceStarter struct{ started map[string]bool }
+
+func (o *onceStarter) Start(_ context.Context, req task.Request) error {
+	if o.started[req.TaskID] {
+		return control.ErrTaskExists
+	}
+	o.started[req.TaskID] = true
+	return nil
+}
+
+// A client retrying POST /v2/tasks with the same task_id gets
+// ErrTaskExists and leaves the original's ticket (queued, or granted and
+// pending) where it was.
+func TestAdmitRetryKeepsTheOriginal(t *testing.T) {
+	for _, ready := range []bool{false, true} {
+		s := &Scheduler{Source: oneSlot(ready), Tasks: &onceStarter{started: map[string]bool{}}}
+		s.refresh(context.Background())
+		_, err := s.Admit(context.Background(), taskReq("a"))
+		require.NoError(t, err)
+		_, granted := s.Granted("a")
+		require.Equal(t, ready, granted, "a ready pool's free slot is granted at admission")
+		s.mu.Lock()
+		orig := s.tickets["a"]
+		s.mu.Unlock()
+		require.NotNil(t, orig)
+
+		_, err = s.Admit(context.Background(), taskReq("a"))
+		require.ErrorIs(t, err, control.ErrTaskExists)
+		s.mu.Lock()
+		require.Same(t, orig, s.tickets["a"], "the original's ticket survives a retry (ready=%v)", ready)
+		if !ready {
+			require.Equal(t, []*ticket{orig}, s.queues[task.Interactive], "still queued")
+		} else {
+			require.True(t, orig.pending, "its dispatch still pending")
+		}
+		s.mu.Unlock()
+		_, stillGranted := s.Granted("a")
+		require.Equal(t, granted, stillGranted)
+	}
+}
+
 // turns is a session store for admission tests: the workflow's rules
 // (workflows/session_test.go tests the workflow itself).
 type turns struct {
