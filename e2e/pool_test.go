@@ -70,6 +70,12 @@ func TestPoolLifecycle(t *testing.T) {
 	}
 	w := c.onlineWorker(id, args...)
 	h := c.readyPool(id, "p1", "pool-tiny", 21, `,"slots":2`)
+	// The worker holds the API token in its environment; its engine does
+	// not inherit it (nor any other secret: the engine's env is allowlisted).
+	environ, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", int(h["pid"].(float64))))
+	require.NoError(t, err)
+	require.NotContains(t, string(environ), "LLORCH_API_TOKEN=", "the engine inherits no secret of its worker")
+	require.Contains(t, string(environ), "LLORCH_POOL_ID=p1")
 	if have.Count() >= 2 {
 		engineCPUs, err := cpuset.Of(int(h["pid"].(float64)))
 		require.NoError(t, err)

@@ -85,6 +85,25 @@ func markersOf(pid int) (map[string]string, bool) {
 	return env, env[EnvPoolID] != ""
 }
 
+// engineInherits says whether an engine may inherit the worker's env var
+// k: the process basics, locale, the library search path, the built-in
+// engine's own settings, and the GPU runtimes' and llama.cpp's knobs.
+func engineInherits(k string) bool {
+	switch k {
+	case "CUDA_VISIBLE_DEVICES", EnvNodeID, EnvPoolID, EnvPoolEpoch:
+		return false // set for the engine
+	case "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TMPDIR", "TZ", "LANG", "LD_LIBRARY_PATH",
+		"LLORCH_LLAMA_LIB_DIR", "LLORCH_LOG_FORMAT", "LLORCH_LOG_LEVEL":
+		return true
+	}
+	for _, p := range []string{"LC_", "CUDA_", "NVIDIA_", "GGML_", "LLAMA_ARG_", "HIP_", "ROCR_", "HSA_", "OMP_", "VK_", "ONEAPI_", "SYCL_", "ZE_"} {
+		if strings.HasPrefix(k, p) {
+			return true
+		}
+	}
+	return false
+}
+
 // isEngine says whether pid is a live engine of t's node's pool at epoch
 // (any epoch when epoch is 0): a reused pid is never mistaken for one.
 func (t *Table) isEngine(pid int, poolID string, epoch int64) bool {
@@ -95,14 +114,15 @@ func (t *Table) isEngine(pid int, poolID string, epoch int64) bool {
 	return epoch == 0 || env[EnvPoolEpoch] == strconv.FormatInt(epoch, 10)
 }
 
-// engineEnv is the worker's environment with the GPU mask and the pool
-// marker replaced.
+// engineEnv is what an engine runs with: the allowlisted part of the
+// worker's environment (engineInherits), the GPU mask and the pool
+// markers. Nothing else reaches it: not the S3 or Temporal credentials,
+// not the API or link tokens, whatever the worker was started with.
 func engineEnv(base []string, nodeID, mask, poolID string, epoch int64) []string {
 	env := make([]string, 0, len(base)+3)
 	for _, kv := range base {
 		k, _, _ := strings.Cut(kv, "=")
-		switch k {
-		case "CUDA_VISIBLE_DEVICES", EnvNodeID, EnvPoolID, EnvPoolEpoch:
+		if !engineInherits(k) {
 			continue
 		}
 		env = append(env, kv)
