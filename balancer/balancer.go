@@ -78,7 +78,7 @@ type backend struct {
 func (b *backend) down(now time.Time) bool { return now.UnixNano() < b.downUntil.Load() }
 
 // errAllDown is a request every backend refused.
-var errAllDown = errors.New("every apiserver replica refused the connection")
+var errAllDown = errors.New("every apiserver replica refused the connection (or, for a GET, failed before answering)")
 
 // New makes a balancer over backends, base URLs such as
 // http://127.0.0.1:41233 (no path: requests keep theirs).
@@ -202,13 +202,27 @@ func (rt roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		if err == nil {
 			return res, nil
 		}
-		if !isDialError(err) || body.started() || req.Context().Err() != nil {
+		// A connection never made is safe to retry for any request; one that
+		// failed before any answer only for a bodiless idempotent request (a
+		// replica killed with the request on its kept-alive connection), as
+		// nginx's proxy_next_upstream does.
+		again := isDialError(err) || (body == nil && idempotent(req.Method))
+		if !again || body.started() || req.Context().Err() != nil {
 			return nil, fmt.Errorf("apiserver replica %s: %w", be.url.Host, err)
 		}
 		b.markDown(be, err)
 		refused = append(refused, be.url.Host)
 	}
 	return nil, fmt.Errorf("%w (%v)", errAllDown, refused)
+}
+
+// idempotent methods may be sent again after a failure.
+func idempotent(method string) bool {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions:
+		return true
+	}
+	return false
 }
 
 // isDialError is a connection that was never made: a dead replica (refused)

@@ -229,3 +229,42 @@ func TestNewRejectsBadBackends(t *testing.T) {
 		assert.Contains(t, err.Error(), s)
 	}
 }
+
+// dropsRequests accepts connections and closes each once a request came
+// in, answering nothing: a replica killed with the request on its
+// connection.
+func dropsRequests(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				buf := make([]byte, 4096)
+				_, _ = conn.Read(buf)
+				conn.Close()
+			}()
+		}
+	}()
+	return "http://" + ln.Addr().String()
+}
+
+// A backend that takes a request and dies before answering: a GET goes on
+// to the next replica, unseen by the client; a POST (it may have had
+// effects) is a 502 the client decides about.
+func TestIdempotentRetriedAfterBackendDies(t *testing.T) {
+	a := named(t, "a")
+	_, lb := front(t, []string{dropsRequests(t), a.URL}, Options{Cooldown: time.Hour})
+	status, _, m := call(t, http.DefaultClient, "GET", lb.URL+"/v2/nodes", "", nil)
+	require.Equal(t, 200, status, m)
+	assert.Equal(t, "a", m["backend"])
+
+	_, lb = front(t, []string{dropsRequests(t), a.URL}, Options{Cooldown: time.Hour})
+	status, _, m = call(t, http.DefaultClient, "POST", lb.URL+"/v2/tasks", `{"n":1}`, nil)
+	require.Equal(t, 502, status, m)
+	assert.Equal(t, CodeUnavailable, m["code"])
+}
