@@ -6,6 +6,7 @@ export PATH := justfile_directory() + "/bin:" + env_var("PATH")
 
 temporal_version := "v1.5.1"
 versitygw_version := "v1.8.0"
+govulncheck_version := "v1.9.0"
 llama_npm_version := "3.21.1"
 # The e2e tests that are failure scenarios too (`just chaos` reruns them).
 # The e2e tests `just test` runs again through 3 apiserver replicas behind the balancer.
@@ -15,7 +16,7 @@ chaos_e2e := "TestReplicaKillMidStream|TestTaskMovesOffLostNode|TestPoolLifecycl
 default:
     @just --list
 
-# Install the pinned temporal CLI, versitygw and libllama (./bin/llama) when missing.
+# Install the pinned temporal CLI, versitygw, govulncheck and libllama (./bin/llama) when missing.
 tools:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -29,6 +30,11 @@ tools:
       echo "installing versitygw {{versitygw_version}} into ./bin (first time: about 2 minutes)"
       GOBIN="$PWD/bin" go install github.com/versity/versitygw/cmd/versitygw@{{versitygw_version}}
       touch bin/.versitygw-{{versitygw_version}}
+    fi
+    if [ ! -f bin/.govulncheck-{{govulncheck_version}} ] || [ ! -x bin/govulncheck ]; then
+      echo "installing govulncheck {{govulncheck_version}} into ./bin"
+      GOBIN="$PWD/bin" go install golang.org/x/vuln/cmd/govulncheck@{{govulncheck_version}}
+      touch bin/.govulncheck-{{govulncheck_version}}
     fi
     # libllama for `llorch engine`: node-llama-cpp's prebuilt CPU build, driven by yzma (purego).
     if [ ! -f bin/.llama-npm-{{llama_npm_version}} ] || [ ! -e bin/llama/libllama.so ]; then
@@ -62,8 +68,12 @@ lint:
     go vet ./...
     go tool workflowcheck ./...
 
+# Known vulnerabilities the code reaches in its dependencies (govulncheck over a database built from a pinned golang.org/x/vulndb; the Go toolchain's own are listed, waived until it moves).
+vulncheck: tools
+    go run ./devtools/vulncheck
+
 # Every test: static checks, unit, workflow, API, e2e, replay, the task e2e tests through 3 apiserver replicas, then the chaos scenarios once.
-test: tools lint
+test: tools lint vulncheck
     go test -count=1 -timeout 30m ./...
     LLORCH_E2E_APISERVERS=3 go test -count=1 -timeout 20m -run '^({{replicas_e2e}})$' ./e2e
     LLORCH_CHAOS=1 go test -count=1 -timeout 20m ./chaos
