@@ -5,7 +5,8 @@ import "time"
 // The node link (DESIGN.md decisions 5, 10, 11; docs/node-link.md): every
 // `llorch worker` serves its live state over authenticated HTTP at
 // Inventory.LinkURL, so any apiserver replica can follow it without asking
-// Temporal. Later steps add slot claims here.
+// Temporal. It also serves each task's event stream (any replica follows
+// it) and publishes each engine's slots as the node counts and queues them.
 const (
 	// LinkStatePath answers the node's LinkState. With LinkAfterParam it
 	// long-polls: the answer comes once Version differs from after, or at
