@@ -195,6 +195,7 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ 
 type eventSink struct {
 	taskID string
 	st     *tokenstream.Stream // nil: the node keeps no streams
+	detach func()              // the generation holds its stream while it runs
 	push   *tokenstream.Pusher // nil: no legacy sink
 }
 
@@ -210,6 +211,9 @@ func (g *GenerateActivities) openSink(in GenerateInput) *eventSink {
 			base = len(in.Resume.Tokens)
 		}
 		e.st = g.Streams.Open(in.Request.TaskID, base)
+		// A generation waiting long at the node for a slot, with no
+		// subscriber, must not have its stream dropped as abandoned.
+		e.detach = e.st.Attach()
 	}
 	if in.Request.Sink.URL != "" {
 		e.push = tokenstream.NewPusher(in.Request.Sink, in.Request.TaskID, nil)
@@ -245,6 +249,9 @@ func (e *eventSink) resumed(p task.Progress) {
 func (e *eventSink) close(ctx context.Context, err error, log *slog.Logger) {
 	if e.st != nil && err != nil {
 		e.st.Finish(task.Event{Type: "error", Error: generationError(ctx, err)})
+	}
+	if e.detach != nil {
+		e.detach()
 	}
 	if e.push != nil {
 		if perr := e.push.Close(5 * time.Second); perr != nil {
