@@ -251,7 +251,7 @@ func TestHTTPAgentLifecycle(t *testing.T) {
 	require.Equal(t, 202, r.status, r.raw)
 	require.Equal(t, "node:"+id, r.body["workflow_id"])
 	require.EqualValues(t, 900, r.body["liveness_timeout_ms"])
-	a.waitState(id, node.Online, 10*time.Second)
+	a.waitState(id, node.Online, 30*time.Second)
 
 	beat := func(free uint64, slotsFree int) resp {
 		return a.call("POST", "/v2/nodes/"+id+"/heartbeat", map[string]any{
@@ -302,14 +302,14 @@ func TestHTTPAgentLifecycle(t *testing.T) {
 	<-beatsDone
 
 	// Silence: no beat for 3 intervals means Offline.
-	a.waitState(id, node.Offline, 10*time.Second)
+	a.waitState(id, node.Offline, 30*time.Second)
 	r = a.call("GET", "/v2/nodes/"+id, nil)
 	transitions := r.body["transitions"].([]any)
 	require.Contains(t, transitions[len(transitions)-1].(map[string]any)["reason"], "no heartbeat for 900ms")
 	r = beat(60<<30, 4)
 	require.Equal(t, 200, r.status, r.raw)
 	require.Equal(t, true, r.body["revived"])
-	a.waitState(id, node.Online, 10*time.Second)
+	a.waitState(id, node.Online, 30*time.Second)
 
 	r = a.call("DELETE", "/v2/nodes/"+id, map[string]any{"reason": "decommissioned"})
 	require.Equal(t, 200, r.status, r.raw)
@@ -321,7 +321,7 @@ func TestHTTPAgentLifecycle(t *testing.T) {
 
 	// Registering again brings it back as a new run.
 	require.Equal(t, 202, a.call("POST", "/v2/nodes/register", reg).status)
-	a.waitState(id, node.Online, 10*time.Second)
+	a.waitState(id, node.Online, 30*time.Second)
 	require.Equal(t, 200, a.call("DELETE", "/v2/nodes/"+id, nil).status)
 
 	m := a.do("GET", "/metrics", "", nil).raw
@@ -347,7 +347,7 @@ func TestWorkerAgentNode(t *testing.T) {
 	}
 	ctx := context.Background()
 	require.NoError(t, agent.Start(ctx))
-	a.waitState(id, node.Online, 10*time.Second)
+	a.waitState(id, node.Online, 30*time.Second)
 
 	r := a.call("GET", "/v2/nodes/"+id, nil)
 	inv := r.body["inventory"].(map[string]any)
