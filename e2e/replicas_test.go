@@ -1,12 +1,9 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"fmt"
 	"net/http"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -67,36 +64,25 @@ func followWhole(ctx context.Context, addr, taskID string, tokens *atomic.Int64)
 			return ws
 		}
 		backoff = 50 * time.Millisecond
-		sc := bufio.NewScanner(res.Body)
-		var ev sseEvent
-		for sc.Scan() {
-			line := sc.Text()
-			switch {
-			case line == "":
-				if ev.Name == "" {
-					continue
-				}
-				ws.evs = append(ws.evs, ev)
-				switch ev.Name {
-				case "started":
-					started = true
-				case "token":
-					last = ev.ID
-					tokens.Add(1)
-				case "end", "error":
-					res.Body.Close()
-					return ws
-				}
-				ev = sseEvent{}
-			case strings.HasPrefix(line, "id: "):
-				ev.ID = line[4:]
-			case strings.HasPrefix(line, "event: "):
-				ev.Name = line[7:]
-			case strings.HasPrefix(line, "data: "):
-				_ = json.Unmarshal([]byte(line[6:]), &ev.Data)
+		final := false
+		testenv.ReadEvents(res.Body, func(ev sseEvent) bool {
+			ws.evs = append(ws.evs, ev)
+			switch ev.Name {
+			case "started":
+				started = true
+			case "token":
+				last = ev.ID
+				tokens.Add(1)
+			case "end", "error":
+				final = true
 			}
+			return !final
+		})
+		res.Body.Close()
+		if final {
+			return ws
 		}
-		res.Body.Close() // ended without its final event: the replica died
+		// Ended without its final event: the replica died; reconnect.
 	}
 }
 

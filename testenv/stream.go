@@ -37,27 +37,33 @@ func Follow(t testing.TB, addr, token, taskID, lastID string) (events <-chan Eve
 	out := make(chan Event, 1024)
 	go func() {
 		defer close(out)
-		sc := bufio.NewScanner(res.Body)
-		var ev Event
-		for sc.Scan() {
-			line := sc.Text()
-			switch {
-			case line == "":
-				if ev.Name != "" {
-					out <- ev
-				}
-				ev = Event{}
-			case strings.HasPrefix(line, "id: "):
-				ev.ID = line[4:]
-			case strings.HasPrefix(line, "event: "):
-				ev.Name = line[7:]
-			case strings.HasPrefix(line, "data: "):
-				_ = json.Unmarshal([]byte(line[6:]), &ev.Data)
-			}
-		}
+		ReadEvents(res.Body, func(ev Event) bool { out <- ev; return true })
 	}()
 	var once sync.Once
 	return out, func() { once.Do(func() { res.Body.Close() }) }
+}
+
+// ReadEvents parses an SSE body, handing each event to each until each
+// returns false or the body ends.
+func ReadEvents(r io.Reader, each func(Event) bool) {
+	sc := bufio.NewScanner(r)
+	var ev Event
+	for sc.Scan() {
+		line := sc.Text()
+		switch {
+		case line == "":
+			if ev.Name != "" && !each(ev) {
+				return
+			}
+			ev = Event{}
+		case strings.HasPrefix(line, "id: "):
+			ev.ID = line[4:]
+		case strings.HasPrefix(line, "event: "):
+			ev.Name = line[7:]
+		case strings.HasPrefix(line, "data: "):
+			_ = json.Unmarshal([]byte(line[6:]), &ev.Data)
+		}
+	}
 }
 
 // Collect reads a stream to its end: the events, and the text of its tokens.
