@@ -2,13 +2,18 @@ package apiserver
 
 import (
 	"github.com/gofiber/fiber/v2"
+
+	"github.com/llorch/llorch/apikey"
 )
+
+const localPrincipal = "principal"
 
 // auth checks the bearer token (bearer.Key: constant time on digests).
 func (s *Server) auth(c *fiber.Ctx) error {
 	r := s.key.Check(c.Get(fiber.HeaderAuthorization))
 	if r == nil {
 		c.Locals(localIdentity, s.identity)
+		c.Locals(localPrincipal, apikey.Bootstrap())
 		return c.Next()
 	}
 	s.metrics.authFailures.WithLabelValues(r.Code).Inc()
@@ -16,4 +21,16 @@ func (s *Server) auth(c *fiber.Ctx) error {
 		s.log(c).Warn("rejected token", "presented", r.Presented)
 	}
 	return apiError(fiber.StatusUnauthorized, r.Code, "%s", r.Message)
+}
+
+// principalOf is who the request authenticated as (auth ran: every /v2 and
+// /v1 route).
+func principalOf(c *fiber.Ctx) apikey.Principal {
+	p, _ := c.Locals(localPrincipal).(apikey.Principal)
+	return p
+}
+
+// actorOf is who made the request, as audit events and memos name them.
+func actorOf(c *fiber.Ctx) apikey.Actor {
+	return principalOf(c).Actor(c.IP())
 }
