@@ -1,16 +1,27 @@
 package apiserver
 
 import (
+	"strings"
+
 	"github.com/gofiber/fiber/v2"
 
 	"github.com/llorch/llorch/apikey"
+	"github.com/llorch/llorch/bearer"
 )
 
 const localPrincipal = "principal"
 
 // auth checks the bearer token (bearer.Key: constant time on digests).
 func (s *Server) auth(c *fiber.Ctx) error {
-	r := s.key.Check(c.Get(fiber.HeaderAuthorization))
+	h := c.Get(fiber.HeaderAuthorization)
+	r := s.key.Check(h)
+	if r != nil && r.Code == bearer.CodeBad && s.deps.Keys != nil {
+		if p, ok := s.deps.Keys.Lookup(bearerToken(h)); ok {
+			c.Locals(localIdentity, p.Actor("").String())
+			c.Locals(localPrincipal, p)
+			return c.Next()
+		}
+	}
 	if r == nil {
 		c.Locals(localIdentity, s.identity)
 		c.Locals(localPrincipal, apikey.Bootstrap())
@@ -33,4 +44,14 @@ func principalOf(c *fiber.Ctx) apikey.Principal {
 // actorOf is who made the request, as audit events and memos name them.
 func actorOf(c *fiber.Ctx) apikey.Actor {
 	return principalOf(c).Actor(c.IP())
+}
+
+// bearerToken is the token of an Authorization header, "" when it is not
+// a bearer credential.
+func bearerToken(h string) string {
+	scheme, tok, ok := strings.Cut(h, " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return ""
+	}
+	return tok
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/bearer"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/link"
@@ -48,10 +49,19 @@ type Deps struct {
 	Links interface {
 		LinkURL(nodeID string) (string, bool)
 	}
+	// Keys resolves bearer tokens other than the bootstrap LLORCH_API_TOKEN
+	// to the API key they belong to; nil: the bootstrap token alone.
+	Keys KeyLookup
 	// LinkToken is presented to node links (--link-token).
 	LinkToken string
 	Registry  *prometheus.Registry
 	Logger    *slog.Logger
+}
+
+// KeyLookup finds the API key a bearer token belongs to: false when the
+// token is no live key's (unknown, revoked or expired).
+type KeyLookup interface {
+	Lookup(token string) (apikey.Principal, bool)
 }
 
 // Server is the REST API.
