@@ -55,6 +55,7 @@ func StartStaging(ctx context.Context, c client.Client, nodeID string, e model.E
 		TypedSearchAttributes: temporal.NewSearchAttributes(
 			node.NodeIDKey.ValueSet(nodeID), model.ModelIDKey.ValueSet(e.ID)),
 		StaticSummary: fmt.Sprintf("stage %s (%s) onto %s", e.ID, e.SHA256[:12], nodeID),
+		Memo:          ActorMemo(ctx, nil),
 	}, model.StageWorkflowType, model.StageRequest{NodeID: nodeID, Entry: e})
 }
 
@@ -184,6 +185,7 @@ func (c *Models) RunGC(ctx context.Context, nodeID string, policy node.GCPolicy,
 		WorkflowIDReusePolicy:    enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
 		TypedSearchAttributes:    temporal.NewSearchAttributes(node.NodeIDKey.ValueSet(nodeID)),
 		StaticSummary:            fmt.Sprintf("GC of node %s%s", nodeID, map[bool]string{true: " (dry run)"}[dryRun]),
+		Memo:                     ActorMemo(ctx, nil),
 	}, model.GCWorkflowType, model.GCInput{NodeID: nodeID, Policy: policy, DryRun: dryRun, InUse: inUse})
 	if err != nil {
 		return model.GCResult{}, err

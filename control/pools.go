@@ -40,7 +40,7 @@ func (c *Pools) Create(ctx context.Context, s pool.Spec) (string, error) {
 		WorkflowIDReusePolicy:    enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
 		TypedSearchAttributes: temporal.NewSearchAttributes(pool.PoolIDKey.ValueSet(s.PoolID),
 			node.NodeIDKey.ValueSet(s.NodeID), model.ModelIDKey.ValueSet(s.ModelID), pool.StateKey.ValueSet(string(pool.Starting))),
-		Memo:          s.Memo(),
+		Memo:          ActorMemo(ctx, s.Memo()),
 		StaticSummary: fmt.Sprintf("pool %s: %s on node %s (%s engine)", s.PoolID, s.ModelID, s.NodeID, s.Engine),
 	}, pool.WorkflowType, pool.Input{Spec: s})
 	var started *serviceerror.WorkflowExecutionAlreadyStarted
@@ -144,6 +144,9 @@ func (c *Pools) update(ctx context.Context, poolID, name string, arg any, stage 
 
 // Drain stops a pool and returns its final health.
 func (c *Pools) Drain(ctx context.Context, poolID string, r pool.DrainRequest) (pool.Health, error) {
+	if r.Actor == nil {
+		r.Actor = ActorFrom(ctx)
+	}
 	h, err := c.update(ctx, poolID, pool.UpdateDrain, r, client.WorkflowUpdateStageCompleted)
 	var out pool.Health
 	if err == nil {
@@ -157,6 +160,9 @@ func (c *Pools) Drain(ctx context.Context, poolID string, r pool.DrainRequest) (
 // that takes longer than wait (a large model staging), it returns the
 // reload as far as it got, Step saying where.
 func (c *Pools) Reload(ctx context.Context, poolID string, r pool.ReloadRequest, wait time.Duration) (pool.ReloadStatus, error) {
+	if r.Actor == nil {
+		r.Actor = ActorFrom(ctx)
+	}
 	h, err := c.update(ctx, poolID, pool.UpdateReload, r, client.WorkflowUpdateStageAccepted)
 	if err != nil {
 		return pool.ReloadStatus{}, rejection(err)

@@ -4,9 +4,12 @@
 package task
 
 import (
+	"encoding/json"
 	"fmt"
 	"regexp"
 	"time"
+
+	"github.com/llorch/llorch/apikey"
 )
 
 // WorkflowType is the registered name of the task workflow.
@@ -206,4 +209,22 @@ type Event struct {
 	Metrics map[string]any `json:"metrics,omitempty"`
 	// error
 	Error *Error `json:"error,omitempty"`
+}
+
+// Cancel is the payload of SignalCancel: why, and who asked (for the
+// workflow's memo). Signals sent before audit carry the reason alone, a
+// JSON string, which it reads too.
+type Cancel struct {
+	Reason string        `json:"reason,omitempty"`
+	Actor  *apikey.Actor `json:"actor,omitempty"`
+}
+
+// UnmarshalJSON reads a Cancel, or the bare reason of an older signal.
+func (c *Cancel) UnmarshalJSON(b []byte) error {
+	if len(b) > 0 && b[0] == '"' {
+		*c = Cancel{}
+		return json.Unmarshal(b, &c.Reason)
+	}
+	type plain Cancel
+	return json.Unmarshal(b, (*plain)(c))
 }
