@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -174,10 +175,12 @@ func (s *supervisor) run(ctx context.Context, st State, temporalBin, vgwBin, exe
 	}
 
 	common := []string{"--home", st.Home, "--temporal-address", temporalAddr, "--temporal-namespace", "default"}
+	// The audit trail goes to its own file too (every replica appends to it).
+	apiCommon := slices.Concat(common, []string{"--audit-log", filepath.Join(st.Home, AuditLogFile)})
 	if cfg.APIServers == 1 {
 		// The token goes in the environment, not on the command line (ps).
 		// A task for a pushed model starts its pool: one command to a first answer.
-		api, err := s.start("apiserver", exe, append([]string{"apiserver", "--addr", apiAddr, "--auto-pools"}, common...),
+		api, err := s.start("apiserver", exe, append([]string{"apiserver", "--addr", apiAddr, "--auto-pools"}, apiCommon...),
 			childEnv(envToken+"="+st.Token))
 		if err != nil {
 			return err
@@ -185,7 +188,7 @@ func (s *supervisor) run(ctx context.Context, st State, temporalBin, vgwBin, exe
 		if err := s.waitReady(ctx, api, "GET /health", httpOK(apiURL+"/health")); err != nil {
 			return err
 		}
-	} else if err := s.startReplicas(ctx, exe, apiAddr, common, childEnv(envToken+"="+st.Token)); err != nil {
+	} else if err := s.startReplicas(ctx, exe, apiAddr, apiCommon, childEnv(envToken+"="+st.Token)); err != nil {
 		return err
 	}
 	worker, err := s.start("worker", exe, append([]string{"worker", "--node-id", cfg.NodeID, "--metrics-addr", metricsAddr}, common...),
@@ -470,3 +473,7 @@ func displayPath(p string) string {
 	}
 	return p
 }
+
+// AuditLogFile is the file under the dev home the apiservers append the
+// audit trail to (JSON lines; also on their stderr with stream=audit).
+const AuditLogFile = "audit.log"
