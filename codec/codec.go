@@ -1,6 +1,7 @@
 package codec
 
 import (
+	"context"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
@@ -11,6 +12,7 @@ import (
 	"strings"
 
 	commonpb "go.temporal.io/api/common/v1"
+	"go.temporal.io/api/proxy"
 	"go.temporal.io/sdk/converter"
 	"google.golang.org/protobuf/proto"
 )
@@ -211,4 +213,22 @@ func DataConverter(c *Codec) converter.DataConverter {
 		return converter.GetDefaultDataConverter()
 	}
 	return converter.NewCodecDataConverter(converter.GetDefaultDataConverter(), c)
+}
+
+// EncodeMessage encrypts every payload inside msg (a history, a request)
+// but its search attributes, which the server must read.
+func (c *Codec) EncodeMessage(ctx context.Context, msg proto.Message) error {
+	return proxy.VisitPayloads(ctx, msg, proxy.VisitPayloadsOptions{SkipSearchAttributes: true,
+		Visitor: func(_ *proxy.VisitPayloadsContext, p []*commonpb.Payload) ([]*commonpb.Payload, error) {
+			return c.Encode(p)
+		}})
+}
+
+// DecodeMessage decrypts every payload inside msg (a history fetched raw,
+// to record it in plaintext or to read it).
+func (c *Codec) DecodeMessage(ctx context.Context, msg proto.Message) error {
+	return proxy.VisitPayloads(ctx, msg, proxy.VisitPayloadsOptions{SkipSearchAttributes: true,
+		Visitor: func(_ *proxy.VisitPayloadsContext, p []*commonpb.Payload) ([]*commonpb.Payload, error) {
+			return c.Decode(p)
+		}})
 }
