@@ -74,13 +74,19 @@ func apiServers(t *testing.T) int {
 
 func start(t *testing.T, name string, args ...string) *proc {
 	t.Helper()
+	// Every process encrypts its payloads with the shared env's codec.
+	return startEnv(t, name, []string{codec.EnvKeys + "=" + env.CodecKeys}, args...)
+}
+
+// startEnv is start with extra in the environment beyond PATH, HOME and
+// the API token.
+func startEnv(t *testing.T, name string, extra []string, args ...string) *proc {
+	t.Helper()
 	p := &proc{name: name, out: &testenv.Buffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(testenv.Llorch(t), args...)
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	// Nothing from the developer's shell or dev cluster leaks in.
-	// Every process encrypts its payloads with the shared env's codec.
-	p.cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + token,
-		codec.EnvKeys + "=" + env.CodecKeys}
+	p.cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + token}, extra...)
 	require.NoError(t, p.cmd.Start())
 	go func() { _ = p.cmd.Wait(); close(p.done) }()
 	t.Cleanup(func() {
