@@ -26,6 +26,9 @@ type Models struct {
 	Temporal  client.Client
 	Namespace string
 	Nodes     *Nodes
+	// DataConverter decodes the payloads Temporal returns raw (a staging's
+	// input): the clients' converter, codec included; nil: the default.
+	DataConverter converter.DataConverter
 }
 
 // Staging is a staging started or joined.
@@ -145,7 +148,7 @@ func (c *Models) failed(ctx context.Context, wid string, e *workflowpb.WorkflowE
 		return nil
 	}
 	var in model.StageRequest
-	if err := converter.GetDefaultDataConverter().FromPayloads(
+	if err := payloads(c.DataConverter).FromPayloads(
 		first.GetWorkflowExecutionStartedEventAttributes().GetInput(), &in); err != nil {
 		return nil
 	}

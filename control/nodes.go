@@ -34,6 +34,9 @@ type Nodes struct {
 	// in the node agent.
 	Via     string
 	Metrics *NodeMetrics
+	// DataConverter decodes the payloads Temporal returns raw (heartbeat
+	// details): the clients' converter, codec included; nil: the default.
+	DataConverter converter.DataConverter
 }
 
 // NodeView is a node as a reader sees it: the workflow's durable status plus the
@@ -205,7 +208,7 @@ func (c *Nodes) attachLive(v *NodeView, desc *workflowservice.DescribeWorkflowEx
 			return
 		}
 		var snap node.Snapshot
-		if err := converter.GetDefaultDataConverter().FromPayloads(pa.GetHeartbeatDetails(), &snap); err == nil {
+		if err := payloads(c.DataConverter).FromPayloads(pa.GetHeartbeatDetails(), &snap); err == nil {
 			v.Live = &snap
 		}
 	}

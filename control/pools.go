@@ -25,6 +25,9 @@ import (
 type Pools struct {
 	Temporal  client.Client
 	Namespace string
+	// DataConverter decodes the payloads Temporal returns raw (memos): the
+	// clients' converter, codec included; nil: the default.
+	DataConverter converter.DataConverter
 }
 
 // Create starts a pool's workflow; a pool id is unique in the cluster.
@@ -242,7 +245,7 @@ func (c *Pools) Running(ctx context.Context) ([]PoolEntry, error) {
 			_, memo := f[pool.MemoSlots]
 			p.Listed = p.State != "" && memo
 			if memo {
-				dc := converter.GetDefaultDataConverter()
+				dc := payloads(c.DataConverter)
 				_ = dc.FromPayload(f[pool.MemoSlots], &p.Slots)
 				_ = dc.FromPayload(f[pool.MemoCtxSize], &p.CtxSize)
 				_ = dc.FromPayload(f[pool.MemoEngine], &p.Engine)
@@ -280,6 +283,15 @@ func listAll(ctx context.Context, tc client.Client, namespace, query string, eac
 			return nil
 		}
 	}
+}
+
+// payloads is the converter of raw payloads: the client's (its codec
+// decrypts, and passes plaintext through), else the SDK's default.
+func payloads(dc converter.DataConverter) converter.DataConverter {
+	if dc == nil {
+		return converter.GetDefaultDataConverter()
+	}
+	return dc
 }
 
 // keyword reads a Keyword search attribute of a list result ("" if unset).

@@ -182,10 +182,18 @@ type Result struct {
 	WaitMs int64 `json:"wait_ms,omitempty"`
 }
 
-// Progress is the generation activity's heartbeat: what it has produced.
+// Progress is what a generation has produced: the tokens a replica's
+// readers saw (SignalSeen), those a generation that broke off with its
+// worker alive hands back (WORKER_RESET's details), a resume point. The
+// generation's heartbeat carries Produced alone, a count: a heartbeat
+// holding every token so far made the traffic grow with the square of the
+// output's length. Heartbeats recorded before carry Tokens and Pieces, and
+// a move still resumes from them.
 type Progress struct {
 	Tokens []int32  `json:"tokens"`
 	Pieces []string `json:"pieces"`
+	// Produced is how many tokens the generation has (heartbeats).
+	Produced int `json:"produced,omitempty"`
 }
 
 // Event is one event of a task's stream, as the node pushes it and as SSE

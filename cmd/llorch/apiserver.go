@@ -98,7 +98,7 @@ func runAPIServer(f *apiserverFlags) error {
 	defer tc.Close()
 	reg := newRegistry()
 	nodes := &control.Nodes{Temporal: tc, Namespace: f.temporal.Namespace, ContinueAsNewAfterEvents: f.canAfter,
-		Via: "rest", Metrics: control.NewNodeMetrics(reg)}
+		Via: "rest", Metrics: control.NewNodeMetrics(reg), DataConverter: f.dc}
 	store, err := openStore(f.s3, log)
 	if err != nil {
 		return err
@@ -108,7 +108,7 @@ func runAPIServer(f *apiserverFlags) error {
 	if f.policy != scheduler.Reject && f.policy != scheduler.DropLRU {
 		return fmt.Errorf("--admission-policy: want %s or %s, got %q", scheduler.Reject, scheduler.DropLRU, f.policy)
 	}
-	pools, tasks := &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace}, &control.Tasks{Temporal: tc}
+	pools, tasks := &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace, DataConverter: f.dc}, &control.Tasks{Temporal: tc}
 	sessions := &control.Sessions{Temporal: tc}
 	view := &scheduler.LinkView{Pools: pools, Nodes: nodes, Token: f.linkToken, Log: log, Metrics: scheduler.NewViewMetrics(reg),
 		Suspect: nodes.Suspect, Identity: identity}
@@ -126,7 +126,7 @@ func runAPIServer(f *apiserverFlags) error {
 	defer closeAudit()
 	srv, err := apiserver.New(f.api, apiserver.Deps{
 		Audit: audit, Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub, Links: view, LinkToken: f.linkToken,
-		Models: &control.Models{Temporal: tc, Namespace: f.temporal.Namespace, Nodes: nodes},
+		Models: &control.Models{Temporal: tc, Namespace: f.temporal.Namespace, Nodes: nodes, DataConverter: f.dc},
 		Pools:  pools, Tasks: tasks, Sessions: sessions,
 	})
 	if err != nil {
