@@ -11,6 +11,7 @@ import (
 	"go.temporal.io/sdk/worker"
 	"go.temporal.io/sdk/workflow"
 
+	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
@@ -22,12 +23,13 @@ import (
 // workflowTypes maps each recorded workflow type to its code; every type
 // llorch registers must have at least one history here.
 var workflowTypes = map[string]any{
-	node.WorkflowType:       workflows.Node,
-	model.StageWorkflowType: workflows.Stage,
-	model.GCWorkflowType:    workflows.GC,
-	pool.WorkflowType:       workflows.Pool,
-	task.WorkflowType:       workflows.Task,
-	session.WorkflowType:    workflows.Session,
+	node.WorkflowType:           workflows.Node,
+	model.StageWorkflowType:     workflows.Stage,
+	model.GCWorkflowType:        workflows.GC,
+	pool.WorkflowType:           workflows.Pool,
+	task.WorkflowType:           workflows.Task,
+	session.WorkflowType:        workflows.Session,
+	apikey.RegistryWorkflowType: workflows.Keys,
 }
 
 func TestReplayRecordedHistories(t *testing.T) {

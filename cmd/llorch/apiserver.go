@@ -14,6 +14,7 @@ import (
 	"github.com/llorch/llorch/apiserver"
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/control"
+	"github.com/llorch/llorch/keyring"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/tokenstream"
 	"github.com/llorch/llorch/workers"
@@ -99,7 +100,11 @@ func runAPIServer(f *apiserverFlags) error {
 		f.autoPools.Pools, f.autoPools.Nodes = pools, nodes
 		sched.AutoPools = &f.autoPools
 	}
+	keys := &control.Keys{Temporal: tc}
+	ring := &keyring.Ring{Source: keys, Log: log}
+	ring.Metrics = keyring.NewMetrics(reg, ring)
 	srv, err := apiserver.New(f.api, apiserver.Deps{
+		Keys: ring, KeyRegistry: keys,
 		Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub, Links: view, LinkToken: f.linkToken,
 		Models: &control.Models{Temporal: tc, Namespace: f.temporal.Namespace, Nodes: nodes},
 		Pools:  pools, Tasks: tasks, Sessions: sessions,
@@ -115,7 +120,12 @@ func runAPIServer(f *apiserverFlags) error {
 		workers.ControlModule,
 		fx.Invoke(func(lc fx.Lifecycle) {
 			lc.Append(fx.Hook{
-				OnStart: func(context.Context) error { go view.Run(schedCtx); go sched.Run(schedCtx); return nil },
+				OnStart: func(context.Context) error {
+					go view.Run(schedCtx)
+					go sched.Run(schedCtx)
+					go ring.Run(schedCtx)
+					return nil
+				},
 				OnStop:  func(context.Context) error { stopSched(); return nil },
 			})
 		}),
