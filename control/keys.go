@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"strings"
 
 	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/api/serviceerror"
@@ -151,8 +152,8 @@ func keyError(err error, id string) error {
 			return ErrKeyExists
 		case apikey.ErrInvalid:
 			e := &InvalidKeyError{Message: app.Message()}
-			if app.HasDetails() {
-				_ = app.Details(&e.Field)
+			if app.HasDetails() && app.Details(&e.Field) == nil {
+				e.Message = strings.TrimPrefix(e.Message, e.Field+": ")
 			}
 			return e
 		}

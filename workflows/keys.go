@@ -78,7 +78,7 @@ func invalidKey(err error) error {
 	var fe *apikey.FieldError
 	if errors.As(err, &fe) {
 		// The field travels in the details, so the API names it.
-		return temporal.NewNonRetryableApplicationError(fe.Message, typ, nil, fe.Field)
+		return temporal.NewNonRetryableApplicationError(err.Error(), typ, nil, fe.Field)
 	}
 	return temporal.NewNonRetryableApplicationError(err.Error(), typ, nil)
 }
