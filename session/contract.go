@@ -106,7 +106,7 @@ type Info struct {
 	SessionID string    `json:"session_id"`
 	ModelID   string    `json:"model_id"`
 	Owner     string    `json:"owner,omitempty"` // the API key id of its first turn ("": the bootstrap key's)
-	TaskIDs   []string  `json:"task_ids"` // one per turn, in order
+	TaskIDs   []string  `json:"task_ids"`        // one per turn, in order
 	CreatedAt time.Time `json:"created_at"`
 	LastUsed  time.Time `json:"last_used"`
 	ExpiresAt time.Time `json:"expires_at"`

@@ -126,7 +126,7 @@ func runAPIServer(f *apiserverFlags) error {
 					go ring.Run(schedCtx)
 					return nil
 				},
-				OnStop:  func(context.Context) error { stopSched(); return nil },
+				OnStop: func(context.Context) error { stopSched(); return nil },
 			})
 		}),
 		fx.Invoke(func(lc fx.Lifecycle) {
