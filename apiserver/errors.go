@@ -16,6 +16,7 @@ const (
 	CodeInvalidParams = "INVALID_PARAMS"
 	CodeMissingToken  = bearer.CodeMissing
 	CodeBadToken      = bearer.CodeBad
+	CodeForbidden     = "FORBIDDEN" // a key without the route's scope
 	CodeNotFound      = "NOT_FOUND"
 	CodeNodeNotFound  = "NODE_NOT_FOUND"
 	CodeNodeLeft      = "NODE_LEFT"

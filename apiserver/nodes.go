@@ -214,6 +214,9 @@ func (s *Server) registerNode(c *fiber.Ctx) error {
 	if err := node.ValidateID(req.NodeID); err != nil {
 		return invalidParam("node_id", "%v", err)
 	}
+	if err := actsFor(c, req.NodeID); err != nil {
+		return err
+	}
 	interval := time.Duration(req.HeartbeatIntervalMs) * time.Millisecond
 	if req.HeartbeatIntervalMs == 0 {
 		interval = 10 * time.Second // the original plan's heartbeat

@@ -53,6 +53,9 @@ type Deps struct {
 	// Keys resolves bearer tokens other than the bootstrap LLORCH_API_TOKEN
 	// to the API key they belong to; nil: the bootstrap token alone.
 	Keys KeyLookup
+	// KeyRegistry creates, lists and revokes keys (the /v2/keys routes);
+	// nil: those routes are absent.
+	KeyRegistry *control.Keys
 	// LinkToken is presented to node links (--link-token).
 	LinkToken string
 	Registry  *prometheus.Registry

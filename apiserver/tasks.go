@@ -238,10 +238,11 @@ func (s *Server) buildTask(c *fiber.Ctx, in taskInput, maxTokensField string) (t
 		req.Params.MaxTokens = min(req.Params.MaxTokens, ctxLen)
 	}
 	req.ModelID, req.CorrelationID, req.EnqueuedAt = e.ID, correlationID(c), time.Now().UTC()
+	req.Owner = principalOf(c).KeyID
 	if s.follower == nil {
 		// Without a follower the node pushes to this apiserver (the older
 		// path); with one, every replica reads the node's link instead.
-		req.Sink = task.Sink{URL: s.sinkURL(), Token: tokenstream.SinkToken(s.streamKey, req.TaskID)}
+		req.Sink = task.Sink{URL: s.sinkURL(), Token: tokenstream.SinkToken(s.streamKeyNow(), req.TaskID)}
 	}
 	return req, e, nil
 }
@@ -308,6 +309,8 @@ func admissionError(c *fiber.Ctx, req task.Request, err error) error {
 		c.Set(fiber.HeaderRetryAfter, strconv.Itoa(max(1, int(backoff.Round(time.Second)/time.Second))))
 		c.Set("X-Backoff-Ms", strconv.FormatInt(backoff.Milliseconds(), 10))
 		return e
+	case errors.Is(err, control.ErrSessionNotFound): // another key's session
+		return sessionNotFound(req.SessionID)
 	case errors.Is(err, control.ErrTaskExists):
 		return apiError(fiber.StatusConflict, CodeTaskExists, "task %s exists", req.TaskID)
 	}
@@ -370,10 +373,7 @@ func (s *Server) getSession(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	sess, err := s.deps.Sessions.Get(c.UserContext(), id)
-	if errors.Is(err, control.ErrSessionNotFound) {
-		return sessionNotFound(id)
-	}
+	sess, err := s.session(c, id)
 	if err != nil {
 		return err
 	}
@@ -387,6 +387,9 @@ func (s *Server) deleteSession(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
+	if _, err := s.session(c, id); err != nil {
+		return err
+	}
 	err = s.deps.Sessions.End(c.UserContext(), id)
 	if errors.Is(err, control.ErrSessionNotFound) {
 		return sessionNotFound(id)
@@ -395,6 +398,16 @@ func (s *Server) deleteSession(c *fiber.Ctx) error {
 		return err
 	}
 	return c.SendStatus(fiber.StatusNoContent)
+}
+
+// session reads a session the caller may see: another key's answers as
+// one that does not exist.
+func (s *Server) session(c *fiber.Ctx, id string) (session.Info, error) {
+	sess, err := s.deps.Sessions.Get(c.UserContext(), id)
+	if errors.Is(err, control.ErrSessionNotFound) || err == nil && !owns(c, sess.Owner) {
+		return sess, sessionNotFound(id)
+	}
+	return sess, err
 }
 
 func sessionNotFound(id string) error {
@@ -410,6 +423,16 @@ func (s *Server) status(ctx context.Context, id string) (task.Status, bool, erro
 	return st, running, err
 }
 
+// ownStatus is status for a caller that may see the task: another key's
+// answers as one that does not exist.
+func (s *Server) ownStatus(c *fiber.Ctx, id string) (task.Status, bool, error) {
+	st, running, err := s.status(c.UserContext(), id)
+	if err == nil && !owns(c, st.Owner) {
+		return task.Status{}, false, taskNotFound(id)
+	}
+	return st, running, err
+}
+
 func taskNotFound(id string) error {
 	return apiError(fiber.StatusNotFound, CodeTaskNotFound, "task %s does not exist", id)
 }
@@ -419,7 +442,7 @@ func (s *Server) getTask(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	st, _, err := s.status(c.UserContext(), id)
+	st, _, err := s.ownStatus(c, id)
 	if err != nil {
 		return err
 	}
@@ -433,6 +456,11 @@ func (s *Server) cancelTask(c *fiber.Ctx) error {
 	id, err := taskID(c)
 	if err != nil {
 		return err
+	}
+	if !principalOf(c).IsAdmin() {
+		if _, _, err := s.ownStatus(c, id); err != nil {
+			return err
+		}
 	}
 	if err := s.cancel(c.UserContext(), id, "by "+identity(c)); err != nil {
 		return err
@@ -511,7 +539,12 @@ func (s *Server) taskEvents(c *fiber.Ctx) error {
 	}
 	// A stream this apiserver holds is a task it admitted; any other must
 	// exist (a describe, not a query: no workflow task round trip).
-	if s.deps.Hub.Peek(id) == nil {
+	if !principalOf(c).IsAdmin() {
+		// Whose task it is, its status says (a query; admins skip it).
+		if _, _, err := s.ownStatus(c, id); err != nil {
+			return err
+		}
+	} else if s.deps.Hub.Peek(id) == nil {
 		err := s.deps.Tasks.Exists(c.UserContext(), id)
 		if errors.Is(err, control.ErrTaskNotFound) {
 			return taskNotFound(id)
@@ -624,7 +657,7 @@ func (s *Server) pushEvents(c *fiber.Ctx) error {
 		return err
 	}
 	tok := strings.TrimPrefix(c.Get(fiber.HeaderAuthorization), "Bearer ")
-	if !tokenstream.CheckSinkToken(s.streamKey, id, tok) {
+	if !s.checkSinkToken(id, tok) {
 		return apiError(fiber.StatusUnauthorized, CodeBadToken, "stream token not accepted for task %s", id)
 	}
 	raw, err := readBody(c, maxBodyBytes)

@@ -29,7 +29,8 @@ const turnAttempts = 3
 // Turn takes a task's turn in a session, starting the session if it is not
 // running (update-with-start): ErrSessionFull when all its turns are taken.
 // A task that has its turn gets the same one back, New false.
-func (c *Sessions) Turn(ctx context.Context, sessionID, taskID, modelID string) (session.TurnResult, error) {
+func (c *Sessions) Turn(ctx context.Context, sessionID string, turn session.TurnRequest) (session.TurnResult, error) {
+	taskID := turn.TaskID
 	wid := session.WorkflowID(sessionID)
 	var r session.TurnResult
 	var err error
@@ -48,7 +49,7 @@ func (c *Sessions) Turn(ctx context.Context, sessionID, taskID, modelID string) 
 		h, err = c.Temporal.UpdateWithStartWorkflow(ctx, client.UpdateWithStartWorkflowOptions{
 			StartWorkflowOperation: op,
 			UpdateOptions: client.UpdateWorkflowOptions{WorkflowID: wid, UpdateName: session.UpdateTurn,
-				Args: []any{session.TurnRequest{TaskID: taskID, ModelID: modelID}}, WaitForStage: client.WorkflowUpdateStageCompleted},
+				Args: []any{turn}, WaitForStage: client.WorkflowUpdateStageCompleted},
 		})
 		if err == nil {
 			err = h.Get(ctx, &r)
@@ -64,6 +65,9 @@ func (c *Sessions) Turn(ctx context.Context, sessionID, taskID, modelID string) 
 	var app *temporal.ApplicationError
 	if errors.As(err, &app) && app.Type() == session.ErrTurnLimit {
 		return r, fmt.Errorf("%w: %s", ErrSessionFull, app.Message())
+	}
+	if errors.As(err, &app) && app.Type() == session.ErrNotOwner {
+		return r, fmt.Errorf("%w: %s", ErrSessionNotFound, app.Message())
 	}
 	if err != nil {
 		return r, fmt.Errorf("session %s: turn for task %s: %w", sessionID, taskID, err)

@@ -15,6 +15,7 @@ import (
 	historypb "go.temporal.io/api/history/v1"
 	"go.temporal.io/sdk/converter"
 
+	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/codec"
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
@@ -27,12 +28,13 @@ import (
 // workflowTypes maps each recorded workflow type to its code; every type
 // llorch registers must have at least one history here.
 var workflowTypes = map[string]any{
-	node.WorkflowType:       workflows.Node,
-	model.StageWorkflowType: workflows.Stage,
-	model.GCWorkflowType:    workflows.GC,
-	pool.WorkflowType:       workflows.Pool,
-	task.WorkflowType:       workflows.Task,
-	session.WorkflowType:    workflows.Session,
+	node.WorkflowType:           workflows.Node,
+	model.StageWorkflowType:     workflows.Stage,
+	model.GCWorkflowType:        workflows.GC,
+	pool.WorkflowType:           workflows.Pool,
+	task.WorkflowType:           workflows.Task,
+	session.WorkflowType:        workflows.Session,
+	apikey.RegistryWorkflowType: workflows.Keys,
 }
 
 func TestReplayRecordedHistories(t *testing.T) { replayAll(t, nil) }

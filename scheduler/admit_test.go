@@ -163,7 +163,8 @@ type turns struct {
 	released []string
 }
 
-func (f *turns) Turn(_ context.Context, sessionID, taskID, _ string) (session.TurnResult, error) {
+func (f *turns) Turn(_ context.Context, sessionID string, turn session.TurnRequest) (session.TurnResult, error) {
+	taskID := turn.TaskID
 	if f.tasks == nil {
 		f.tasks = map[string][]string{}
 	}

@@ -15,7 +15,7 @@ import (
 // live in Temporal, one workflow per session, so every replica counts the
 // same turns.
 type Sessions interface {
-	Turn(ctx context.Context, sessionID, taskID, modelID string) (session.TurnResult, error)
+	Turn(ctx context.Context, sessionID string, turn session.TurnRequest) (session.TurnResult, error)
 	Release(ctx context.Context, sessionID, taskID string) error
 }
 
@@ -40,7 +40,7 @@ func (s *Scheduler) takeTurn(ctx context.Context, req task.Request) (session.Tur
 	if s.Sessions == nil {
 		return session.TurnResult{}, errNoSessions
 	}
-	r, err := s.Sessions.Turn(ctx, req.SessionID, req.TaskID, req.ModelID)
+	r, err := s.Sessions.Turn(ctx, req.SessionID, session.TurnRequest{TaskID: req.TaskID, ModelID: req.ModelID, Owner: req.Owner})
 	if errors.Is(err, control.ErrSessionFull) {
 		return r, &SessionFullError{SessionID: req.SessionID}
 	}

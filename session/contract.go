@@ -52,6 +52,9 @@ const (
 	// ErrEnded refuses a turn that reached a session as it closed; the
 	// client starts a fresh one with the same id.
 	ErrEnded = "SESSION_ENDED"
+	// ErrNotOwner refuses a turn of another key than the session's; the
+	// API answers it as SESSION_NOT_FOUND (it does not reveal the session).
+	ErrNotOwner = "SESSION_NOT_OWNER"
 	// ErrInvalid refuses a malformed turn or release.
 	ErrInvalid = "INVALID_SESSION_MESSAGE"
 )
@@ -66,6 +69,9 @@ type Input struct {
 type TurnRequest struct {
 	TaskID  string `json:"task_id"`
 	ModelID string `json:"model_id"`
+	// Owner is the API key id of the task: the first turn's is the
+	// session's, and a turn of another key is refused (ErrNotOwner).
+	Owner string `json:"owner,omitempty"`
 }
 
 // Validate refuses a turn without a valid task id or a model.
@@ -100,7 +106,8 @@ func (r ReleaseRequest) Validate() error { return task.ValidateID(r.TaskID) }
 type Info struct {
 	SessionID string    `json:"session_id"`
 	ModelID   string    `json:"model_id"`
-	TaskIDs   []string  `json:"task_ids"` // one per turn, in order
+	Owner     string    `json:"owner,omitempty"` // the API key id of its first turn ("": the bootstrap key's)
+	TaskIDs   []string  `json:"task_ids"`        // one per turn, in order
 	CreatedAt time.Time `json:"created_at"`
 	LastUsed  time.Time `json:"last_used"`
 	ExpiresAt time.Time `json:"expires_at"`

@@ -75,6 +75,10 @@ type Request struct {
 	Placement     Placement     `json:"placement"`
 	CorrelationID string        `json:"correlation_id,omitempty"`
 	EnqueuedAt    time.Time     `json:"enqueued_at"`
+	// Owner is the id of the API key that submitted the task: a key that
+	// is not admin sees its own tasks only. "" (a task of an older
+	// release): the bootstrap key's.
+	Owner string `json:"owner,omitempty"`
 	// Sink is where the node pushes the task's events (the apiserver that
 	// admitted it), and the credential it pushes with.
 	Sink Sink `json:"sink"`
@@ -131,6 +135,7 @@ type Status struct {
 	Migrations    []Migration `json:"migrations,omitempty"`
 	Error         *Error      `json:"error,omitempty"`
 	CorrelationID string      `json:"correlation_id,omitempty"`
+	Owner         string      `json:"owner,omitempty"` // the submitting key's id (Request.Owner)
 	SubmittedAt   time.Time   `json:"submitted_at"`
 	FinishedAt    time.Time   `json:"finished_at,omitempty"`
 }

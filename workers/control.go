@@ -6,6 +6,7 @@ import (
 	"go.temporal.io/sdk/workflow"
 
 	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
@@ -25,6 +26,7 @@ func NewControl(c client.Client, catalog *activities.CatalogActivities, tasks *s
 	w.RegisterWorkflowWithOptions(workflows.GC, workflow.RegisterOptions{Name: model.GCWorkflowType})
 	w.RegisterWorkflowWithOptions(workflows.Pool, workflow.RegisterOptions{Name: pool.WorkflowType})
 	w.RegisterWorkflowWithOptions(workflows.Session, workflow.RegisterOptions{Name: session.WorkflowType})
+	w.RegisterWorkflowWithOptions(workflows.Keys, workflow.RegisterOptions{Name: apikey.RegistryWorkflowType})
 	if tasks != nil {
 		w.RegisterWorkflowWithOptions(workflows.Task, workflow.RegisterOptions{Name: task.WorkflowType})
 		w.RegisterActivity(tasks)

@@ -7,6 +7,7 @@ import (
 	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/workflow"
 
+	"github.com/llorch/llorch/apikey"
 	// Aliased: the package's node tests have a helper named sess.
 	sess "github.com/llorch/llorch/session"
 )
@@ -98,6 +99,9 @@ func (s *sessionWF) validateTurn(ctx workflow.Context, r sess.TurnRequest) error
 	if s.closing || s.end != "" {
 		return temporal.NewNonRetryableApplicationError(fmt.Sprintf("session %s is closing; a new turn starts a fresh session", s.info.SessionID), sess.ErrEnded, nil)
 	}
+	if len(s.info.TaskIDs) > 0 && ownerOf(s.info.Owner) != ownerOf(r.Owner) {
+		return temporal.NewNonRetryableApplicationError(fmt.Sprintf("session %s belongs to another key", s.info.SessionID), sess.ErrNotOwner, nil)
+	}
 	if !slices.Contains(s.info.TaskIDs, r.TaskID) && len(s.info.TaskIDs) >= sess.MaxTurns {
 		return temporal.NewNonRetryableApplicationError(fmt.Sprintf("session %s has had its %d turns; start a new session", s.info.SessionID, sess.MaxTurns), sess.ErrTurnLimit, nil)
 	}
@@ -115,7 +119,7 @@ func (s *sessionWF) onTurn(ctx workflow.Context, r sess.TurnRequest) (sess.TurnR
 	}
 	now := workflow.Now(ctx)
 	if len(s.info.TaskIDs) == 0 {
-		s.info.ModelID = r.ModelID
+		s.info.ModelID, s.info.Owner = r.ModelID, r.Owner
 	}
 	s.info.TaskIDs = append(s.info.TaskIDs, r.TaskID)
 	s.info.LastUsed, s.info.ExpiresAt = now, now.Add(sess.TTL)
@@ -124,6 +128,15 @@ func (s *sessionWF) onTurn(ctx workflow.Context, r sess.TurnRequest) (sess.TurnR
 	workflow.GetLogger(ctx).Info("session turn taken", "session_id", s.info.SessionID, "task_id", r.TaskID, "turn", n)
 	s.details(ctx)
 	return sess.TurnResult{Turn: n, New: true}, nil
+}
+
+// ownerOf is a turn's or session's owner; "" (an older release's) is the
+// bootstrap key.
+func ownerOf(id string) string {
+	if id == "" {
+		return apikey.BootstrapID
+	}
+	return id
 }
 
 func (s *sessionWF) validateRelease(ctx workflow.Context, r sess.ReleaseRequest) error {

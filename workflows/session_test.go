@@ -159,3 +159,25 @@ func TestSessionRelease(t *testing.T) {
 	require.NoError(t, env.GetWorkflowResult(&info))
 	require.Empty(t, info.TaskIDs)
 }
+
+// A session is its first turn's key's: another key's turn is refused
+// (SESSION_NOT_OWNER), the owner's taken; a turn without an owner (an
+// older release) is the bootstrap key's.
+func TestSessionOwner(t *testing.T) {
+	env := sessionEnv()
+	var mine, theirs error
+	sessionUpdate(env, 0, sess.UpdateTurn, sess.TurnRequest{TaskID: "t1", ModelID: "m", Owner: "k1"}, func(_ any, err error) { require.NoError(t, err) })
+	sessionUpdate(env, time.Second, sess.UpdateTurn, sess.TurnRequest{TaskID: "t2", ModelID: "m", Owner: "k2"}, func(_ any, err error) { theirs = err })
+	sessionUpdate(env, 2*time.Second, sess.UpdateTurn, sess.TurnRequest{TaskID: "t3", ModelID: "m", Owner: "k1"}, func(_ any, err error) { mine = err })
+	var info sess.Info
+	env.RegisterDelayedCallback(func() { info = sessionInfo(t, env) }, 3*time.Second)
+	env.RegisterDelayedCallback(func() {
+		sessionUpdate(env, 0, sess.UpdateEnd, nil, func(_ any, err error) { require.NoError(t, err) })
+	}, 4*time.Second)
+	env.ExecuteWorkflow(Session, sess.Input{SessionID: "s-own"})
+	require.Equal(t, sess.ErrNotOwner, errType(theirs), "%v", theirs)
+	require.NoError(t, mine)
+	require.Equal(t, "k1", info.Owner)
+	require.Equal(t, []string{"t1", "t3"}, info.TaskIDs)
+	require.Equal(t, "bootstrap", ownerOf(""))
+}

@@ -42,7 +42,7 @@ const (
 func Task(ctx workflow.Context, req task.Request) (task.Status, error) {
 	t := &taskWF{req: req, cancel: workflow.GetSignalChannel(ctx, task.SignalCancel)}
 	t.st = task.Status{TaskID: req.TaskID, State: task.Queued, ModelID: req.ModelID,
-		CorrelationID: req.CorrelationID, SubmittedAt: workflow.Now(ctx)}
+		CorrelationID: req.CorrelationID, Owner: req.Owner, SubmittedAt: workflow.Now(ctx)}
 	if err := workflow.SetQueryHandler(ctx, task.QueryStatus, func() (task.Status, error) { return t.st, nil }); err != nil {
 		return t.st, err
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/llorch/llorch/apiserver"
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/control"
+	"github.com/llorch/llorch/keyring"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/tokenstream"
 	"github.com/llorch/llorch/workers"
@@ -124,8 +125,12 @@ func runAPIServer(f *apiserverFlags) error {
 		return err
 	}
 	defer closeAudit()
+	keys := &control.Keys{Temporal: tc}
+	ring := &keyring.Ring{Source: keys, Log: log}
+	ring.Metrics = keyring.NewMetrics(reg, ring)
 	srv, err := apiserver.New(f.api, apiserver.Deps{
-		Audit: audit, Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub, Links: view, LinkToken: f.linkToken,
+		Audit: audit, Keys: ring, KeyRegistry: keys,
+		Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub, Links: view, LinkToken: f.linkToken,
 		Models: &control.Models{Temporal: tc, Namespace: f.temporal.Namespace, Nodes: nodes, DataConverter: f.dc},
 		Pools:  pools, Tasks: tasks, Sessions: sessions,
 	})
@@ -140,8 +145,13 @@ func runAPIServer(f *apiserverFlags) error {
 		workers.ControlModule,
 		fx.Invoke(func(lc fx.Lifecycle) {
 			lc.Append(fx.Hook{
-				OnStart: func(context.Context) error { go view.Run(schedCtx); go sched.Run(schedCtx); return nil },
-				OnStop:  func(context.Context) error { stopSched(); return nil },
+				OnStart: func(context.Context) error {
+					go view.Run(schedCtx)
+					go sched.Run(schedCtx)
+					go ring.Run(schedCtx)
+					return nil
+				},
+				OnStop: func(context.Context) error { stopSched(); return nil },
 			})
 		}),
 		fx.Invoke(func(lc fx.Lifecycle) {
