@@ -43,6 +43,8 @@ func (s *Server) routes() {
 	v2.Post("/pools/:id/drain", s.drainPool)
 	v2.Post("/pools/:id/reload", s.reloadPool)
 
+	v2.Get("/keys/:id/usage", s.keyUsage) // admin, or the key itself
+
 	if s.deps.Scheduler != nil && s.deps.Hub != nil {
 		v2.Post("/tasks", s.createTask)
 		v2.Get("/tasks/:id", s.getTask)

@@ -52,6 +52,9 @@ type Deps struct {
 	// Keys resolves bearer tokens other than the bootstrap LLORCH_API_TOKEN
 	// to the API key they belong to; nil: the bootstrap token alone.
 	Keys KeyLookup
+	// Quotas admits the tasks of keys with limits and reads keys' usage;
+	// nil: limits are not enforced and usage answers UNAVAILABLE.
+	Quotas *control.Quotas
 	// LinkToken is presented to node links (--link-token).
 	LinkToken string
 	Registry  *prometheus.Registry
