@@ -17,6 +17,7 @@ import (
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/tokenstream"
 	"github.com/llorch/llorch/workers"
+	"github.com/llorch/llorch/workflows"
 )
 
 func apiserverCmd() *cobra.Command {
@@ -99,10 +100,11 @@ func runAPIServer(f *apiserverFlags) error {
 		f.autoPools.Pools, f.autoPools.Nodes = pools, nodes
 		sched.AutoPools = &f.autoPools
 	}
+	quotas := &control.Quotas{Temporal: tc, Metrics: control.NewQuotaMetrics(reg)}
 	srv, err := apiserver.New(f.api, apiserver.Deps{
 		Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub, Links: view, LinkToken: f.linkToken,
 		Models: &control.Models{Temporal: tc, Namespace: f.temporal.Namespace, Nodes: nodes},
-		Pools:  pools, Tasks: tasks, Sessions: sessions,
+		Pools:  pools, Tasks: tasks, Sessions: sessions, Quotas: quotas,
 	})
 	if err != nil {
 		return err
@@ -111,7 +113,8 @@ func runAPIServer(f *apiserverFlags) error {
 	defer stopSched()
 	return runApp(log, f.pprof(log),
 		fx.Supply(log, &activities.CatalogActivities{Store: store}, fx.Annotate(tc, fx.As(new(client.Client))),
-			&scheduler.TaskControl{S: sched, Hub: hub, Metrics: sched.Metrics}),
+			&scheduler.TaskControl{S: sched, Hub: hub, Metrics: sched.Metrics},
+			&workflows.Quotas{Counted: quotas.Metrics.Tokens}),
 		workers.ControlModule,
 		fx.Invoke(func(lc fx.Lifecycle) {
 			lc.Append(fx.Hook{
