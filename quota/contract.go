@@ -3,6 +3,7 @@ package quota
 import (
 	"fmt"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -126,11 +127,35 @@ type State struct {
 	Requests  int64         `json:"requests"` // admitted, ever
 	TokensIn  int64         `json:"tokens_in"`
 	TokensOut int64         `json:"tokens_out"`
-	// InFlight are the admitted tasks not released yet, by task id, with
-	// when they were admitted.
-	InFlight map[string]time.Time `json:"in_flight"`
+	// InFlight are the admitted tasks not released yet, oldest first (a
+	// slice, not a map: workflow code never iterates a map).
+	InFlight []Admitted `json:"in_flight"`
 	// Buckets are the window's seconds that saw something, oldest first.
 	Buckets []Bucket `json:"buckets"`
+}
+
+// Admitted is a task in flight and when it was admitted.
+type Admitted struct {
+	TaskID string    `json:"task_id"`
+	At     time.Time `json:"at"`
+}
+
+// Holds says whether task taskID is in flight.
+func (s State) Holds(taskID string) bool { return s.index(taskID) >= 0 }
+
+func (s State) index(taskID string) int {
+	return slices.IndexFunc(s.InFlight, func(a Admitted) bool { return a.TaskID == taskID })
+}
+
+// Expire drops the admissions made before cutoff (oldest first) and
+// returns their task ids.
+func (s *State) Expire(cutoff time.Time) []string {
+	var gone []string
+	for len(s.InFlight) > 0 && s.InFlight[0].At.Before(cutoff) {
+		gone = append(gone, s.InFlight[0].TaskID)
+		s.InFlight = s.InFlight[1:]
+	}
+	return gone
 }
 
 // Usage is a key's figures as the API shows them, at At.
@@ -242,13 +267,10 @@ func (s State) freesAt(now time.Time, need int, units func(Bucket) int) int64 {
 // already.
 func (s *State) Admit(now time.Time, taskID string, l apikey.Limits) bool {
 	s.Limits = l
-	if _, ok := s.InFlight[taskID]; ok {
+	if s.Holds(taskID) {
 		return false
 	}
-	if s.InFlight == nil {
-		s.InFlight = map[string]time.Time{}
-	}
-	s.InFlight[taskID] = now
+	s.InFlight = append(s.InFlight, Admitted{TaskID: taskID, At: now})
 	s.Requests++
 	s.bucket(now).Requests++
 	return true
@@ -257,10 +279,11 @@ func (s *State) Admit(now time.Time, taskID string, l apikey.Limits) bool {
 // Release ends a task's admission at now: false when it was not in flight
 // (released already, or never admitted), and nothing is counted.
 func (s *State) Release(now time.Time, r Release) bool {
-	if _, ok := s.InFlight[r.TaskID]; !ok {
+	i := s.index(r.TaskID)
+	if i < 0 {
 		return false
 	}
-	delete(s.InFlight, r.TaskID)
+	s.InFlight = slices.Delete(s.InFlight, i, i+1)
 	in, out := max(r.TokensIn, 0), max(r.TokensOut, 0)
 	s.TokensIn += int64(in)
 	s.TokensOut += int64(out)

@@ -14,6 +14,7 @@ import (
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/quota"
 	"github.com/llorch/llorch/session"
 	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/workflows"
@@ -28,6 +29,7 @@ var workflowTypes = map[string]any{
 	pool.WorkflowType:       workflows.Pool,
 	task.WorkflowType:       workflows.Task,
 	session.WorkflowType:    workflows.Session,
+	quota.WorkflowType:      (&workflows.Quotas{}).Quota,
 }
 
 func TestReplayRecordedHistories(t *testing.T) {

@@ -2,8 +2,6 @@ package workflows
 
 import (
 	"fmt"
-	"maps"
-	"slices"
 	"time"
 
 	"go.temporal.io/sdk/temporal"
@@ -38,9 +36,6 @@ func (q *Quotas) Quota(ctx workflow.Context, in quota.Input) (quota.State, error
 	w := &quotaWF{q: q, st: quota.State{KeyID: in.KeyID}}
 	if in.Carry != nil {
 		w.st = *in.Carry
-	}
-	if w.st.InFlight == nil {
-		w.st.InFlight = map[string]time.Time{}
 	}
 	if err := workflow.SetQueryHandler(ctx, quota.QueryState, func() (quota.State, error) { return w.st, nil }); err != nil {
 		return w.st, err
@@ -92,7 +87,7 @@ func (w *quotaWF) validate(ctx workflow.Context, r quota.AdmitRequest) error {
 	if r.TaskID == "" {
 		return temporal.NewNonRetryableApplicationError("an admission needs a task id", "INVALID_QUOTA_MESSAGE", nil)
 	}
-	if _, ok := w.st.InFlight[r.TaskID]; ok {
+	if w.st.Holds(r.TaskID) {
 		return nil
 	}
 	return w.refusal(w.st.Check(workflow.Now(ctx), r.Limits))
@@ -113,7 +108,7 @@ func (w *quotaWF) refusal(r *quota.Refusal) error {
 func (w *quotaWF) admit(ctx workflow.Context, r quota.AdmitRequest) (quota.AdmitResult, error) {
 	now := workflow.Now(ctx)
 	w.expire(ctx, now)
-	if _, ok := w.st.InFlight[r.TaskID]; !ok {
+	if !w.st.Holds(r.TaskID) {
 		if err := w.refusal(w.st.Check(now, r.Limits)); err != nil {
 			return quota.AdmitResult{}, err
 		}
@@ -127,11 +122,8 @@ func (w *quotaWF) admit(ctx workflow.Context, r quota.AdmitRequest) (quota.Admit
 // expire drops admissions older than a task can live: their release can
 // no longer come.
 func (w *quotaWF) expire(ctx workflow.Context, now time.Time) {
-	for _, id := range slices.Sorted(maps.Keys(w.st.InFlight)) {
-		if now.Sub(w.st.InFlight[id]) > inFlightMax {
-			delete(w.st.InFlight, id)
-			workflow.GetLogger(ctx).Warn("quota: admission expired without a release", "key_id", w.st.KeyID, "task_id", id)
-		}
+	for _, id := range w.st.Expire(now.Add(-inFlightMax)) {
+		workflow.GetLogger(ctx).Warn("quota: admission expired without a release", "key_id", w.st.KeyID, "task_id", id)
 	}
 }
 
