@@ -43,8 +43,9 @@ type GenerateInput struct {
 }
 
 // Generate streams a completion from the pool's engine. Each token goes to
-// the task's sink out of band and into the activity's heartbeat (so a lost
-// node's tokens are not lost); the result is the whole generation.
+// the task's sink out of band; the heartbeat carries only the count (the
+// tokens of a lost node come back from what readers saw, task.SignalSeen);
+// the result is the whole generation.
 func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ task.Result, err error) {
 	req := in.Request
 	log := g.log().With("task_id", req.TaskID, "pool", in.Where.PoolID, "correlation_id", req.CorrelationID)
@@ -62,9 +63,9 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ 
 	var mu sync.Mutex
 	beat := func() {
 		mu.Lock()
-		p := task.Progress{Tokens: append([]int32(nil), prog.Tokens...), Pieces: append([]string(nil), prog.Pieces...)}
+		n := len(prog.Tokens)
 		mu.Unlock()
-		activity.RecordHeartbeat(ctx, p)
+		activity.RecordHeartbeat(ctx, task.Progress{Produced: n})
 	}
 	// A generation that broke off with its worker alive (its engine died)
 	// hands the workflow its tokens in the error: the move resumes from

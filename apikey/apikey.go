@@ -90,3 +90,7 @@ func (a Actor) String() string {
 // MemoActor is the memo field naming who started or last changed a
 // workflow through the API.
 const MemoActor = "actor"
+
+// MemoLastChange is the memo field naming the last change made through the
+// API ("drain", "cancel", ...), next to MemoActor who made it.
+const MemoLastChange = "last_change"

@@ -19,12 +19,14 @@ func (s *Server) auth(c *fiber.Ctx) error {
 		if p, ok := s.deps.Keys.Lookup(bearerToken(h)); ok {
 			c.Locals(localIdentity, p.Actor("").String())
 			c.Locals(localPrincipal, p)
+			bindActor(c)
 			return c.Next()
 		}
 	}
 	if r == nil {
 		c.Locals(localIdentity, s.identity)
 		c.Locals(localPrincipal, apikey.Bootstrap())
+		bindActor(c)
 		return c.Next()
 	}
 	s.metrics.authFailures.WithLabelValues(r.Code).Inc()

@@ -1,6 +1,7 @@
 package apiserver
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -59,6 +60,8 @@ type Deps struct {
 	LinkToken string
 	Registry  *prometheus.Registry
 	Logger    *slog.Logger
+	// Audit receives the audit trail (audit.go); nil: Logger.
+	Audit *slog.Logger
 }
 
 // KeyLookup finds the API key a bearer token belongs to: false when the
@@ -82,6 +85,7 @@ type Server struct {
 	// follower feeds Hub from the nodes' task streams; nil without the
 	// task routes.
 	follower *tokenstream.Follower
+	auditor  *auditor
 }
 
 const (
@@ -129,7 +133,10 @@ func New(cfg Config, d Deps) (*Server, error) {
 			Ended: d.Scheduler.Finished, Seen: d.Tasks.Seen, Log: d.Logger, Metrics: tokenstream.NewFollowMetrics(d.Registry)}
 	}
 	s.app.Use(s.correlate)
+	s.auditor = newAuditor(cmp.Or(d.Audit, d.Logger), d.Registry)
+	s.app.Use(s.audit)
 	s.routes()
+	s.auditor.learn(s.app)
 	return s, nil
 }
 

@@ -9,7 +9,10 @@ import (
 
 	"github.com/spf13/pflag"
 	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/converter"
 	tlog "go.temporal.io/sdk/log"
+
+	"github.com/llorch/llorch/codec"
 )
 
 // Temporal says how to reach the Temporal cluster, dev or production.
@@ -24,6 +27,9 @@ type Temporal struct {
 	APIKey     string
 	// Compression of gRPC requests: gzip (the SDK's default) or none.
 	Compression string
+	// Getenv reads the payload codec's keys (codec.EnvKeys,
+	// codec.EnvKeysFile; never flags); nil: os.Getenv.
+	Getenv func(string) string
 }
 
 // AddTemporalFlags defines the Temporal connection flags on fs.
@@ -40,6 +46,8 @@ func AddTemporalFlags(fs *pflag.FlagSet, t *Temporal) {
 }
 
 // ClientOptions builds SDK client options; identity names the process in the UI.
+// Every client llorch builds gets its data converter here, so the control
+// plane and the workers encrypt and decrypt with the same codec.
 func (t Temporal) ClientOptions(logger *slog.Logger, identity string) (client.Options, error) {
 	opts := client.Options{
 		HostPort:  t.Address,
@@ -47,6 +55,11 @@ func (t Temporal) ClientOptions(logger *slog.Logger, identity string) (client.Op
 		Identity:  identity,
 		Logger:    tlog.NewStructuredLogger(logger.With("subsystem", "temporal-sdk")),
 	}
+	dc, err := PayloadConverter(logger, t.Getenv)
+	if err != nil {
+		return opts, err
+	}
+	opts.DataConverter = dc
 	tlsCfg, err := t.tlsConfig()
 	if err != nil {
 		return opts, err
@@ -64,6 +77,27 @@ func (t Temporal) ClientOptions(logger *slog.Logger, identity string) (client.Op
 		opts.Credentials = client.NewAPIKeyStaticCredentials(t.APIKey)
 	}
 	return opts, nil
+}
+
+// PayloadConverter is the data converter of llorch's Temporal clients: the
+// payload codec (codec.EnvKeys or codec.EnvKeysFile, never a flag) over
+// the SDK's default, or the default alone without keys, which the log says
+// at start. getenv nil is os.Getenv.
+func PayloadConverter(logger *slog.Logger, getenv func(string) string) (converter.DataConverter, error) {
+	if getenv == nil {
+		getenv = os.Getenv
+	}
+	c, err := codec.FromEnv(getenv)
+	if err != nil {
+		return nil, err
+	}
+	if c == nil {
+		logger.Warn("no payload codec keys: workflow inputs, results and heartbeats go to Temporal in plaintext (set " +
+			codec.EnvKeys + " or " + codec.EnvKeysFile + ")")
+	} else {
+		logger.Info("payloads to Temporal are encrypted", "key_id", c.KeyID(), "keys", len(c.KeyIDs()))
+	}
+	return codec.DataConverter(c), nil
 }
 
 func (t Temporal) tlsConfig() (*tls.Config, error) {

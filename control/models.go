@@ -26,6 +26,9 @@ type Models struct {
 	Temporal  client.Client
 	Namespace string
 	Nodes     *Nodes
+	// DataConverter decodes the payloads Temporal returns raw (a staging's
+	// input): the clients' converter, codec included; nil: the default.
+	DataConverter converter.DataConverter
 }
 
 // Staging is a staging started or joined.
@@ -55,6 +58,7 @@ func StartStaging(ctx context.Context, c client.Client, nodeID string, e model.E
 		TypedSearchAttributes: temporal.NewSearchAttributes(
 			node.NodeIDKey.ValueSet(nodeID), model.ModelIDKey.ValueSet(e.ID)),
 		StaticSummary: fmt.Sprintf("stage %s (%s) onto %s", e.ID, e.SHA256[:12], nodeID),
+		Memo:          ActorMemo(ctx, nil),
 	}, model.StageWorkflowType, model.StageRequest{NodeID: nodeID, Entry: e})
 }
 
@@ -144,7 +148,7 @@ func (c *Models) failed(ctx context.Context, wid string, e *workflowpb.WorkflowE
 		return nil
 	}
 	var in model.StageRequest
-	if err := converter.GetDefaultDataConverter().FromPayloads(
+	if err := payloads(c.DataConverter).FromPayloads(
 		first.GetWorkflowExecutionStartedEventAttributes().GetInput(), &in); err != nil {
 		return nil
 	}
@@ -184,6 +188,7 @@ func (c *Models) RunGC(ctx context.Context, nodeID string, policy node.GCPolicy,
 		WorkflowIDReusePolicy:    enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
 		TypedSearchAttributes:    temporal.NewSearchAttributes(node.NodeIDKey.ValueSet(nodeID)),
 		StaticSummary:            fmt.Sprintf("GC of node %s%s", nodeID, map[bool]string{true: " (dry run)"}[dryRun]),
+		Memo:                     ActorMemo(ctx, nil),
 	}, model.GCWorkflowType, model.GCInput{NodeID: nodeID, Policy: policy, DryRun: dryRun, InUse: inUse})
 	if err != nil {
 		return model.GCResult{}, err

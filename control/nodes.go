@@ -34,6 +34,9 @@ type Nodes struct {
 	// in the node agent.
 	Via     string
 	Metrics *NodeMetrics
+	// DataConverter decodes the payloads Temporal returns raw (heartbeat
+	// details): the clients' converter, codec included; nil: the default.
+	DataConverter converter.DataConverter
 }
 
 // NodeView is a node as a reader sees it: the workflow's durable status plus the
@@ -57,6 +60,10 @@ func (c *Nodes) Register(ctx context.Context, reg node.Registration) error {
 			node.NodeIDKey.ValueSet(id), node.NodeStateKey.ValueSet(string(node.Registering))),
 		StaticSummary: reg.Inventory.Summary(id),
 		StaticDetails: inventoryDetails(reg.Inventory),
+		Memo:          ActorMemo(ctx, nil),
+	}
+	if reg.Actor == nil {
+		reg.Actor = ActorFrom(ctx)
 	}
 	_, err := c.Temporal.SignalWithStartWorkflow(ctx, opts.ID, node.SignalRegister, reg, opts,
 		node.WorkflowType, node.Input{NodeID: id, ContinueAsNewAfterEvents: c.ContinueAsNewAfterEvents})
@@ -100,6 +107,9 @@ func (c *Nodes) Suspect(ctx context.Context, nodeID string, s node.Suspicion) er
 func (c *Nodes) Update(ctx context.Context, nodeID, name string, req node.Request) (node.Status, error) {
 	var st node.Status
 	var err error
+	if req.Actor == nil {
+		req.Actor = ActorFrom(ctx)
+	}
 	// The server aborts an update whose workflow task failed, typically
 	// because a signal (a liveness session's alive) arrived while it was
 	// processed, and answers WorkflowNotReady: retry that, briefly.
@@ -198,7 +208,7 @@ func (c *Nodes) attachLive(v *NodeView, desc *workflowservice.DescribeWorkflowEx
 			return
 		}
 		var snap node.Snapshot
-		if err := converter.GetDefaultDataConverter().FromPayloads(pa.GetHeartbeatDetails(), &snap); err == nil {
+		if err := payloads(c.DataConverter).FromPayloads(pa.GetHeartbeatDetails(), &snap); err == nil {
 			v.Live = &snap
 		}
 	}

@@ -25,6 +25,9 @@ import (
 type Pools struct {
 	Temporal  client.Client
 	Namespace string
+	// DataConverter decodes the payloads Temporal returns raw (memos): the
+	// clients' converter, codec included; nil: the default.
+	DataConverter converter.DataConverter
 }
 
 // Create starts a pool's workflow; a pool id is unique in the cluster.
@@ -40,7 +43,7 @@ func (c *Pools) Create(ctx context.Context, s pool.Spec) (string, error) {
 		WorkflowIDReusePolicy:    enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
 		TypedSearchAttributes: temporal.NewSearchAttributes(pool.PoolIDKey.ValueSet(s.PoolID),
 			node.NodeIDKey.ValueSet(s.NodeID), model.ModelIDKey.ValueSet(s.ModelID), pool.StateKey.ValueSet(string(pool.Starting))),
-		Memo:          s.Memo(),
+		Memo:          ActorMemo(ctx, s.Memo()),
 		StaticSummary: fmt.Sprintf("pool %s: %s on node %s (%s engine)", s.PoolID, s.ModelID, s.NodeID, s.Engine),
 	}, pool.WorkflowType, pool.Input{Spec: s})
 	var started *serviceerror.WorkflowExecutionAlreadyStarted
@@ -144,6 +147,9 @@ func (c *Pools) update(ctx context.Context, poolID, name string, arg any, stage 
 
 // Drain stops a pool and returns its final health.
 func (c *Pools) Drain(ctx context.Context, poolID string, r pool.DrainRequest) (pool.Health, error) {
+	if r.Actor == nil {
+		r.Actor = ActorFrom(ctx)
+	}
 	h, err := c.update(ctx, poolID, pool.UpdateDrain, r, client.WorkflowUpdateStageCompleted)
 	var out pool.Health
 	if err == nil {
@@ -157,6 +163,9 @@ func (c *Pools) Drain(ctx context.Context, poolID string, r pool.DrainRequest) (
 // that takes longer than wait (a large model staging), it returns the
 // reload as far as it got, Step saying where.
 func (c *Pools) Reload(ctx context.Context, poolID string, r pool.ReloadRequest, wait time.Duration) (pool.ReloadStatus, error) {
+	if r.Actor == nil {
+		r.Actor = ActorFrom(ctx)
+	}
 	h, err := c.update(ctx, poolID, pool.UpdateReload, r, client.WorkflowUpdateStageAccepted)
 	if err != nil {
 		return pool.ReloadStatus{}, rejection(err)
@@ -236,7 +245,7 @@ func (c *Pools) Running(ctx context.Context) ([]PoolEntry, error) {
 			_, memo := f[pool.MemoSlots]
 			p.Listed = p.State != "" && memo
 			if memo {
-				dc := converter.GetDefaultDataConverter()
+				dc := payloads(c.DataConverter)
 				_ = dc.FromPayload(f[pool.MemoSlots], &p.Slots)
 				_ = dc.FromPayload(f[pool.MemoCtxSize], &p.CtxSize)
 				_ = dc.FromPayload(f[pool.MemoEngine], &p.Engine)
@@ -274,6 +283,15 @@ func listAll(ctx context.Context, tc client.Client, namespace, query string, eac
 			return nil
 		}
 	}
+}
+
+// payloads is the converter of raw payloads: the client's (its codec
+// decrypts, and passes plaintext through), else the SDK's default.
+func payloads(dc converter.DataConverter) converter.DataConverter {
+	if dc == nil {
+		return converter.GetDefaultDataConverter()
+	}
+	return dc
 }
 
 // keyword reads a Keyword search attribute of a list result ("" if unset).

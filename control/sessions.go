@@ -42,6 +42,7 @@ func (c *Sessions) Turn(ctx context.Context, sessionID, taskID, modelID string) 
 			WorkflowIDConflictPolicy: enumspb.WORKFLOW_ID_CONFLICT_POLICY_USE_EXISTING,
 			WorkflowIDReusePolicy:    enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
 			StaticSummary:            fmt.Sprintf("session %s (at most %d turns, kept %s after the last)", sessionID, session.MaxTurns, session.TTL),
+			Memo:                     ActorMemo(ctx, nil),
 		}, session.WorkflowType, session.Input{SessionID: sessionID})
 		var h client.WorkflowUpdateHandle
 		h, err = c.Temporal.UpdateWithStartWorkflow(ctx, client.UpdateWithStartWorkflowOptions{
@@ -116,7 +117,11 @@ func (c *Sessions) Get(ctx context.Context, sessionID string) (session.Info, err
 
 // End ends a running session; ErrSessionNotFound when none runs.
 func (c *Sessions) End(ctx context.Context, sessionID string) error {
-	return c.update(ctx, sessionID, session.UpdateEnd, nil)
+	var arg any // none without an actor: what workers before audit take
+	if a := ActorFrom(ctx); a != nil {
+		arg = session.EndRequest{Actor: a}
+	}
+	return c.update(ctx, sessionID, session.UpdateEnd, arg)
 }
 
 func (c *Sessions) update(ctx context.Context, sessionID, name string, arg any) error {

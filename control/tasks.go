@@ -35,7 +35,7 @@ func (c *Tasks) Start(ctx context.Context, req task.Request) error {
 		// The apiserver runs the control worker: the first workflow task
 		// comes back with the start, no dispatch round trip.
 		EnableEagerStart:      true,
-		Memo:                  map[string]any{"correlation_id": req.CorrelationID},
+		Memo:                  ActorMemo(ctx, map[string]any{"correlation_id": req.CorrelationID}),
 		TypedSearchAttributes: temporal.NewSearchAttributes(model.ModelIDKey.ValueSet(req.ModelID)),
 		StaticSummary:         fmt.Sprintf("task %s: %s, %s priority", req.TaskID, req.ModelID, req.Priority),
 	}, task.WorkflowType, req)
@@ -79,7 +79,12 @@ func (c *Tasks) Result(ctx context.Context, id string) (task.Status, error) {
 
 // Cancel asks a running task to stop; a task already gone is not an error.
 func (c *Tasks) Cancel(ctx context.Context, id, reason string) error {
-	err := c.Temporal.SignalWorkflow(ctx, task.WorkflowID(id), "", task.SignalCancel, reason)
+	// The bare reason without an actor: what workers before audit read.
+	var arg any = reason
+	if a := ActorFrom(ctx); a != nil {
+		arg = task.Cancel{Reason: reason, Actor: a}
+	}
+	err := c.Temporal.SignalWorkflow(ctx, task.WorkflowID(id), "", task.SignalCancel, arg)
 	if errors.Is(notFound(err, ErrTaskNotFound), ErrTaskNotFound) {
 		return nil
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/llorch/llorch/codec"
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/testenv"
@@ -142,10 +143,15 @@ func TestSetupReusesSecrets(t *testing.T) {
 	assert.Equal(t, first.SecretKey, env["LLORCH_S3_SECRET_KEY"])
 	assert.Equal(t, DefaultBucket, env["LLORCH_S3_BUCKET"])
 	assert.Equal(t, "http://127.0.0.1:"+strconv.Itoa(cfg.APIPort), env["LLORCH_API_URL"])
+	assert.Equal(t, first.CodecKeys, env["LLORCH_CODEC_KEYS"], "the dev cluster runs encrypted")
+	c, err := codec.Parse(first.CodecKeys)
+	require.NoError(t, err, "dev.env holds a codec key the commands accept")
+	assert.Equal(t, "dev1", c.KeyID())
 
 	other, err := Setup(portsConfig(t))
 	require.NoError(t, err)
 	assert.NotEqual(t, first.Token, other.Token, "a new state dir gets new secrets")
+	assert.NotEqual(t, first.CodecKeys, other.CodecKeys)
 }
 
 func TestLockHomeRefusesSecondRun(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -174,22 +175,24 @@ func (s *supervisor) run(ctx context.Context, st State, temporalBin, vgwBin, exe
 	}
 
 	common := []string{"--home", st.Home, "--temporal-address", temporalAddr, "--temporal-namespace", "default"}
+	// The audit trail goes to its own file too (every replica appends to it).
+	apiCommon := slices.Concat(common, []string{"--audit-log", filepath.Join(st.Home, AuditLogFile)})
 	if cfg.APIServers == 1 {
 		// The token goes in the environment, not on the command line (ps).
 		// A task for a pushed model starts its pool: one command to a first answer.
-		api, err := s.start("apiserver", exe, append([]string{"apiserver", "--addr", apiAddr, "--auto-pools"}, common...),
-			childEnv(envToken+"="+st.Token))
+		api, err := s.start("apiserver", exe, append([]string{"apiserver", "--addr", apiAddr, "--auto-pools"}, apiCommon...),
+			childEnv(envToken+"="+st.Token, envCodecKeys+"="+st.CodecKeys))
 		if err != nil {
 			return err
 		}
 		if err := s.waitReady(ctx, api, "GET /health", httpOK(apiURL+"/health")); err != nil {
 			return err
 		}
-	} else if err := s.startReplicas(ctx, exe, apiAddr, common, childEnv(envToken+"="+st.Token)); err != nil {
+	} else if err := s.startReplicas(ctx, exe, apiAddr, apiCommon, childEnv(envToken+"="+st.Token, envCodecKeys+"="+st.CodecKeys)); err != nil {
 		return err
 	}
 	worker, err := s.start("worker", exe, append([]string{"worker", "--node-id", cfg.NodeID, "--metrics-addr", metricsAddr}, common...),
-		childEnv())
+		childEnv(envCodecKeys+"="+st.CodecKeys))
 	if err != nil {
 		return err
 	}
@@ -220,7 +223,7 @@ func (s *supervisor) run(ctx context.Context, st State, temporalBin, vgwBin, exe
 // production settings (TLS, API keys) that the local servers do not speak.
 // Logging and simulation knobs (LLORCH_LOG_LEVEL, LLORCH_NVML_MOCK) pass.
 func childEnv(extra ...string) []string {
-	drop := []string{"LLORCH_TEMPORAL_", "LLORCH_API_", "LLORCH_LINK_", "LLORCH_S3_", "LLORCH_HOME=", "LLORCH_NODE_ID=",
+	drop := []string{"LLORCH_TEMPORAL_", "LLORCH_API_", "LLORCH_LINK_", "LLORCH_S3_", "LLORCH_CODEC_", "LLORCH_HOME=", "LLORCH_NODE_ID=",
 		"LLORCH_METRICS_ADDR=", "LLORCH_MODEL_DIR=", "TEMPORAL_", "VGW_", "ROOT_ACCESS_KEY", "ROOT_SECRET"}
 	var env []string
 next:
@@ -470,3 +473,7 @@ func displayPath(p string) string {
 	}
 	return p
 }
+
+// AuditLogFile is the file under the dev home the apiservers append the
+// audit trail to (JSON lines; also on their stderr with stream=audit).
+const AuditLogFile = "audit.log"

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/llorch/llorch/codec"
 	"github.com/llorch/llorch/config"
 )
 
@@ -25,6 +26,7 @@ const (
 	envS3Secret            = "LLORCH_S3_SECRET_KEY"
 	envS3Bucket            = "LLORCH_S3_BUCKET"
 	envAPIURL              = "LLORCH_API_URL"
+	envCodecKeys           = codec.EnvKeys
 )
 
 // State is what a dev cluster keeps across runs.
@@ -34,6 +36,8 @@ type State struct {
 	LinkToken string // the node links' cluster secret
 	AccessKey string
 	SecretKey string
+	// CodecKeys encrypt the cluster's Temporal payloads (codec.EnvKeys).
+	CodecKeys string
 }
 
 // Setup creates the state dir and writes dev.env. Secrets are made on the
@@ -67,6 +71,11 @@ func Setup(cfg Config) (State, error) {
 	// S3 access keys are conventionally upper case; it also keeps the key
 	// visibly different from the secret in the file.
 	st.AccessKey = strings.ToUpper(st.AccessKey)
+	// The dev cluster runs encrypted, like production should; the key is
+	// made once (payloads recorded under it must stay readable).
+	if st.CodecKeys = old[envCodecKeys]; st.CodecKeys == "" {
+		st.CodecKeys = codec.NewKey("dev1")
+	}
 	err = config.WriteDevEnv(home, [][2]string{
 		{envToken, st.Token},
 		{envLinkToken, st.LinkToken},
@@ -78,6 +87,7 @@ func Setup(cfg Config) (State, error) {
 		{envS3Secret, st.SecretKey},
 		{envS3Bucket, cfg.Bucket},
 		{envAPIURL, "http://" + hostPort(cfg.APIPort)},
+		{envCodecKeys, st.CodecKeys},
 	})
 	if err != nil {
 		return State{}, fmt.Errorf("write %s: %w", config.DevEnvFile(home), err)

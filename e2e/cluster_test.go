@@ -24,6 +24,7 @@ import (
 
 	"github.com/llorch/llorch/balancer"
 	"github.com/llorch/llorch/bearer"
+	"github.com/llorch/llorch/codec"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/testenv"
@@ -73,11 +74,19 @@ func apiServers(t *testing.T) int {
 
 func start(t *testing.T, name string, args ...string) *proc {
 	t.Helper()
+	// Every process encrypts its payloads with the shared env's codec.
+	return startEnv(t, name, []string{codec.EnvKeys + "=" + env.CodecKeys}, args...)
+}
+
+// startEnv is start with extra in the environment beyond PATH, HOME and
+// the API token.
+func startEnv(t *testing.T, name string, extra []string, args ...string) *proc {
+	t.Helper()
 	p := &proc{name: name, out: &testenv.Buffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(testenv.Llorch(t), args...)
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	// Nothing from the developer's shell or dev cluster leaks in.
-	p.cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + token}
+	p.cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + token}, extra...)
 	require.NoError(t, p.cmd.Start())
 	go func() { _ = p.cmd.Wait(); close(p.done) }()
 	t.Cleanup(func() {
@@ -561,7 +570,10 @@ func recordRun(t *testing.T, workflowID, runID, name string) {
 	if os.Getenv("LLORCH_RECORD_HISTORIES") != "1" {
 		return
 	}
+	// Recorded in plaintext: the replay tests hold no key, and decode
+	// plaintext the way histories from before the codec are.
 	h := history(t, workflowID, runID)
+	require.NoError(t, env.Codec.DecodeMessage(context.Background(), h))
 	raw, err := protojson.MarshalOptions{Indent: "  "}.Marshal(h)
 	require.NoError(t, err)
 	path := filepath.Join(testenv.RepoRoot(), "replay_tests", "testdata", name+".json")

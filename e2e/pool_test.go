@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -17,7 +18,9 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"go.temporal.io/sdk/converter"
 
+	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/cpuset"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
@@ -156,6 +159,16 @@ func TestPoolLifecycle(t *testing.T) {
 	})
 	_, err = os.Stat(handoff)
 	require.True(t, os.IsNotExist(err), "handoff removed")
+	// The Temporal UI names who drained it (docs/security.md#audit).
+	d, err := env.Temporal.DescribeWorkflowExecution(context.Background(), pool.WorkflowID(id, "p1"), "")
+	require.NoError(t, err)
+	var actor apikey.Actor
+	var change string
+	memo := d.GetWorkflowExecutionInfo().GetMemo().GetFields()
+	require.NoError(t, converter.GetDefaultDataConverter().FromPayload(memo[apikey.MemoActor], &actor))
+	require.NoError(t, converter.GetDefaultDataConverter().FromPayload(memo[apikey.MemoLastChange], &change))
+	require.Equal(t, apikey.Actor{KeyID: apikey.BootstrapID, KeyName: "bootstrap", Addr: "127.0.0.1"}, actor)
+	require.Equal(t, "drain", change)
 	recordHistory(t, pool.WorkflowID(id, "p1"), "pool-state-ready-restarted-drained")
 
 	status, body = c.send("POST", "/v2/pools", `{"pool_id":"p1","model_id":"nope","node_id":"`+id+`"}`)

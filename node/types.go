@@ -3,6 +3,8 @@ package node
 import (
 	"strconv"
 	"time"
+
+	"github.com/llorch/llorch/apikey"
 )
 
 // GPU is one device as NVML reports it.
@@ -103,9 +105,12 @@ func (s Snapshot) FreeVRAMBytes() uint64 {
 
 // Registration is the payload of SignalRegister.
 type Registration struct {
-	NodeID            string        `json:"node_id"`
-	Agent             Agent         `json:"agent"`
-	Identity          string        `json:"identity"` // worker identity or API caller identity
+	NodeID   string `json:"node_id"`
+	Agent    Agent  `json:"agent"`
+	Identity string `json:"identity"` // worker identity or API caller identity
+	// Actor is the API caller of a registration over REST (nil from a
+	// worker, and in payloads sent before audit): the memo names it.
+	Actor             *apikey.Actor `json:"actor,omitempty"`
 	HeartbeatInterval time.Duration `json:"heartbeat_interval"`
 	Inventory         Inventory     `json:"inventory"`
 	Pools             []PoolSlots   `json:"pools"`
@@ -164,6 +169,9 @@ const MaxTransitions = 20
 type Request struct {
 	Reason   string `json:"reason,omitempty"`
 	Identity string `json:"identity,omitempty"`
+	// Actor is who asked, for the workflow's memo (nil in requests sent
+	// before audit, and from no API caller).
+	Actor *apikey.Actor `json:"actor,omitempty"`
 }
 
 // MaxReasonLen bounds a free-text reason.

@@ -9,6 +9,8 @@ import (
 
 	"go.temporal.io/sdk/temporal"
 
+	"github.com/llorch/llorch/apikey"
+
 	"github.com/llorch/llorch/model"
 )
 
@@ -186,6 +188,8 @@ type ReloadRequest struct {
 	ModelID    string `json:"model_id"`
 	DeadlineMs int64  `json:"deadline_ms"` // drain-first: how long in-flight work may run
 	Identity   string `json:"identity,omitempty"`
+	// Actor is who asked, for the workflow's memo (nil before audit).
+	Actor *apikey.Actor `json:"actor,omitempty"`
 }
 
 // HandoffEvent is a node's word on an engine's handoff file: a fresh one
@@ -210,6 +214,8 @@ type HandoffReply struct {
 type DrainRequest struct {
 	DeadlineMs int64  `json:"deadline_ms"`
 	Identity   string `json:"identity,omitempty"`
+	// Actor is who asked, for the workflow's memo (nil before audit).
+	Actor *apikey.Actor `json:"actor,omitempty"`
 }
 
 // Error types of pool failures.

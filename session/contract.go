@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/task"
 )
 
@@ -38,7 +39,7 @@ const (
 	// UpdateRelease gives back the turn of a task that did not start
 	// (ReleaseRequest).
 	UpdateRelease = "release"
-	// UpdateEnd ends the session (DELETE).
+	// UpdateEnd ends the session (DELETE; EndRequest, none before audit).
 	UpdateEnd = "end"
 	// QueryInfo reads the session (Info).
 	QueryInfo = "info"
@@ -113,4 +114,10 @@ func (i Info) Summary() string {
 	}
 	return fmt.Sprintf("session %s: %d of %d turns%s; expires %s", i.SessionID, len(i.TaskIDs), MaxTurns, last,
 		i.ExpiresAt.UTC().Format(time.RFC3339))
+}
+
+// EndRequest is the argument of UpdateEnd: who ended the session, for the
+// workflow's memo.
+type EndRequest struct {
+	Actor *apikey.Actor `json:"actor,omitempty"`
 }

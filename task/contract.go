@@ -4,9 +4,12 @@
 package task
 
 import (
+	"encoding/json"
 	"fmt"
 	"regexp"
 	"time"
+
+	"github.com/llorch/llorch/apikey"
 )
 
 // WorkflowType is the registered name of the task workflow.
@@ -182,10 +185,18 @@ type Result struct {
 	WaitMs int64 `json:"wait_ms,omitempty"`
 }
 
-// Progress is the generation activity's heartbeat: what it has produced.
+// Progress is what a generation has produced: the tokens a replica's
+// readers saw (SignalSeen), those a generation that broke off with its
+// worker alive hands back (WORKER_RESET's details), a resume point. The
+// generation's heartbeat carries Produced alone, a count: a heartbeat
+// holding every token so far made the traffic grow with the square of the
+// output's length. Heartbeats recorded before carry Tokens and Pieces, and
+// a move still resumes from them.
 type Progress struct {
 	Tokens []int32  `json:"tokens"`
 	Pieces []string `json:"pieces"`
+	// Produced is how many tokens the generation has (heartbeats).
+	Produced int `json:"produced,omitempty"`
 }
 
 // Event is one event of a task's stream, as the node pushes it and as SSE
@@ -209,4 +220,22 @@ type Event struct {
 	Metrics map[string]any `json:"metrics,omitempty"`
 	// error
 	Error *Error `json:"error,omitempty"`
+}
+
+// Cancel is the payload of SignalCancel: why, and who asked (for the
+// workflow's memo). Signals sent before audit carry the reason alone, a
+// JSON string, which it reads too.
+type Cancel struct {
+	Reason string        `json:"reason,omitempty"`
+	Actor  *apikey.Actor `json:"actor,omitempty"`
+}
+
+// UnmarshalJSON reads a Cancel, or the bare reason of an older signal.
+func (c *Cancel) UnmarshalJSON(b []byte) error {
+	if len(b) > 0 && b[0] == '"' {
+		*c = Cancel{}
+		return json.Unmarshal(b, &c.Reason)
+	}
+	type plain Cancel
+	return json.Unmarshal(b, (*plain)(c))
 }

@@ -27,6 +27,7 @@ import (
 	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/testsuite"
 
+	"github.com/llorch/llorch/codec"
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/engine"
@@ -40,6 +41,11 @@ type Env struct {
 	Namespace    string
 	S3           config.S3
 	Dir          string
+	// CodecKeys is the payload codec's key list (codec.EnvKeys) of the
+	// processes a test starts; Codec is that codec, which the Temporal
+	// client above uses too, as every llorch client does.
+	CodecKeys string
+	Codec     *codec.Codec
 
 	dev *testsuite.DevServer
 	s3  *exec.Cmd
@@ -99,7 +105,10 @@ func start() (*Env, error) {
 	if err != nil {
 		return nil, err
 	}
-	e := &Env{Dir: dir, Namespace: "default"}
+	e := &Env{Dir: dir, Namespace: "default", CodecKeys: codec.NewKey("testenv")}
+	if e.Codec, err = codec.Parse(e.CodecKeys); err != nil {
+		return nil, err
+	}
 	temporalBin, err := Tool("temporal")
 	if err != nil {
 		return nil, err
@@ -113,8 +122,9 @@ func start() (*Env, error) {
 	e.dev, err = testsuite.StartDevServer(ctx, testsuite.DevServerOptions{
 		ExistingPath: temporalBin,
 		ClientOptions: &client.Options{
-			Namespace: e.Namespace,
-			Logger:    quietLogger{},
+			Namespace:     e.Namespace,
+			Logger:        quietLogger{},
+			DataConverter: codec.DataConverter(e.Codec),
 		},
 		LogLevel:         "error",
 		SearchAttributes: searchAttributes(),

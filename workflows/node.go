@@ -191,6 +191,7 @@ func (n *nodeWF) onRegister(ctx workflow.Context, r node.Registration) {
 		n.rejoin = &r
 		return
 	}
+	recordActor(ctx, r.Actor, "register")
 	now := workflow.Now(ctx)
 	if n.st.RegisteredAt.IsZero() {
 		n.st.RegisteredAt = now
@@ -378,6 +379,7 @@ func (n *nodeWF) validateRequest(ctx workflow.Context, r node.Request) error {
 
 func (n *nodeWF) onDrain(drain bool) func(workflow.Context, node.Request) (node.Status, error) {
 	return func(ctx workflow.Context, r node.Request) (node.Status, error) {
+		recordActor(ctx, r.Actor, map[bool]string{true: "drain", false: "undrain"}[drain])
 		if n.st.Draining != drain {
 			n.st.Draining = drain
 			verb := map[bool]string{true: "drain", false: "undrain"}[drain]
@@ -389,6 +391,7 @@ func (n *nodeWF) onDrain(drain bool) func(workflow.Context, node.Request) (node.
 }
 
 func (n *nodeWF) onDeregister(ctx workflow.Context, r node.Request) (node.Status, error) {
+	recordActor(ctx, r.Actor, "deregister")
 	n.left = true
 	n.stopLiveness()
 	n.setState(ctx, requestReason("deregistered", r))

@@ -122,6 +122,7 @@ var (
 )
 
 func (p *poolWF) onDrain(ctx workflow.Context, r pool.DrainRequest) (pool.Health, error) {
+	recordActor(ctx, r.Actor, "drain")
 	if !p.draining {
 		p.draining = true
 		p.deadline = time.Duration(r.DeadlineMs) * time.Millisecond
@@ -172,6 +173,7 @@ func (p *poolWF) onHandoff(ctx workflow.Context, ev pool.HandoffEvent) (pool.Han
 // failed before): the switch itself goes on in the background, followed in
 // Health.Reload.
 func (p *poolWF) onReload(ctx workflow.Context, r pool.ReloadRequest) (pool.ReloadStatus, error) {
+	recordActor(ctx, r.Actor, "reload to "+r.ModelID)
 	st := &pool.ReloadStatus{FromModel: p.spec.ModelID, ToModel: r.ModelID, Step: "queued", StartedAt: workflow.Now(ctx)}
 	p.h.Reload = st
 	p.reloadCh.SendAsync(r)

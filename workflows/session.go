@@ -150,7 +150,8 @@ func (s *sessionWF) onRelease(ctx workflow.Context, r sess.ReleaseRequest) error
 	return nil
 }
 
-func (s *sessionWF) onEnd(ctx workflow.Context) error {
+func (s *sessionWF) onEnd(ctx workflow.Context, r sess.EndRequest) error {
+	recordActor(ctx, r.Actor, "end")
 	if s.end == "" {
 		s.end = "ended by a client"
 	}

@@ -60,9 +60,10 @@ func Task(ctx workflow.Context, req task.Request) (task.Status, error) {
 	sel := workflow.NewSelector(ctx)
 	sel.AddReceive(finished, func(c workflow.ReceiveChannel, _ bool) { c.Receive(ctx, nil); ended = true })
 	sel.AddReceive(t.cancel, func(c workflow.ReceiveChannel, _ bool) {
-		var reason string
-		c.Receive(ctx, &reason)
-		t.fail(task.Canceled, &task.Error{Code: task.ErrCanceled, Message: "canceled" + suffix(reason)})
+		var r task.Cancel // or the bare reason of an older signal
+		c.Receive(ctx, &r)
+		recordActor(ctx, r.Actor, "cancel")
+		t.fail(task.Canceled, &task.Error{Code: task.ErrCanceled, Message: "canceled" + suffix(r.Reason)})
 	})
 	if req.Deadline > 0 {
 		left := req.Deadline - workflow.Now(ctx).Sub(req.EnqueuedAt)

@@ -7,6 +7,7 @@ import (
 
 	"github.com/stretchr/testify/mock"
 	"github.com/stretchr/testify/require"
+	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/testsuite"
 
@@ -143,6 +144,49 @@ func TestTaskReleasesItsQuota(t *testing.T) {
 				return
 			}
 			require.Equal(t, []quota.Release{*c.want}, got)
+		})
+	}
+}
+
+// A lost node's heartbeat is a count (task.Progress.Produced): with no
+// reader having seen anything the move restarts from the beginning, so
+// nothing a client saw changes. A heartbeat recorded before the count
+// (every token so far) is still resumed from.
+func TestTaskResumeFromHeartbeat(t *testing.T) {
+	for name, tc := range map[string]struct {
+		details    task.Progress
+		wantResume int
+	}{
+		"count: restart":          {task.Progress{Produced: 3}, 0},
+		"old tokens: resume from": {task.Progress{Tokens: []int32{7, 8}, Pieces: []string{"x", "y"}}, 2},
+	} {
+		t.Run(name, func(t *testing.T) {
+			env, ctl, ga := taskEnv(t)
+			env.OnActivity(ctl.StreamProgress, mock.Anything, mock.Anything).Return(task.Progress{}, nil)
+			where2 := task.Where{NodeID: "n2", PoolID: "p2", URL: "http://e2", Epoch: 1}
+			places := 0
+			env.OnActivity(ctl.Place, mock.Anything, mock.Anything).Return(func(context.Context, scheduler.PlaceInput) (task.Where, error) {
+				if places++; places == 1 {
+					return where1, nil
+				}
+				return where2, nil
+			})
+			var resumes []int
+			env.OnActivity(ga.Generate, mock.Anything, mock.Anything).Return(func(_ context.Context, in activities.GenerateInput) (task.Result, error) {
+				resumes = append(resumes, len(in.Resume.Tokens))
+				if len(resumes) == 1 {
+					return task.Result{}, temporal.NewTimeoutError(enumspb.TIMEOUT_TYPE_HEARTBEAT, nil, tc.details)
+				}
+				return task.Result{Tokens: append(in.Resume.Tokens, 5), Pieces: append(in.Resume.Pieces, "e"), StopType: "limit"}, nil
+			})
+			env.ExecuteWorkflow(Task, task.Request{TaskID: "t1", ModelID: "m", EnqueuedAt: env.Now()})
+			require.NoError(t, env.GetWorkflowError())
+			var st task.Status
+			require.NoError(t, env.GetWorkflowResult(&st))
+			require.Equal(t, task.Completed, st.State, st.Error)
+			require.Equal(t, []int{0, tc.wantResume}, resumes)
+			require.Len(t, st.Migrations, 1)
+			require.Equal(t, tc.wantResume, st.Migrations[0].AtToken)
 		})
 	}
 }

@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
 
 	"github.com/spf13/cobra"
@@ -47,6 +49,7 @@ type apiserverFlags struct {
 	autoPools          scheduler.AutoPools // Pools and Nodes set when --auto-pools
 	autoPoolsOn        bool
 	s3                 config.S3
+	auditLog           string
 }
 
 func (f *apiserverFlags) addFlags(fs *pflag.FlagSet) {
@@ -61,7 +64,24 @@ func (f *apiserverFlags) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.linkToken, "link-token", "", "cluster secret presented to the node links the scheduler follows (the workers' --link-token)")
 	fs.StringVar(&f.api.Token, "api-token", "", "bearer token every /v2 call must present; required to bind a non-loopback address")
 	fs.IntVar(&f.canAfter, "node-continue-as-new-events", 0, "continue node workflows as new after this many history events (0: when Temporal suggests)")
+	fs.StringVar(&f.auditLog, "audit-log", "", "also append the audit trail (JSON lines, stream=audit; always on stderr) to this file")
 	config.AddS3Flags(fs, &f.s3)
+}
+
+// auditLogger is the audit trail's logger: JSON lines on stderr, where the
+// stream=audit attribute sets them apart, and appended to --audit-log when
+// set (replicas may share the file: O_APPEND writes of one line each).
+func (f *apiserverFlags) auditLogger() (*slog.Logger, func(), error) {
+	var w io.Writer = os.Stderr
+	closeFn := func() {}
+	if f.auditLog != "" {
+		file, err := os.OpenFile(f.auditLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--audit-log: %w", err)
+		}
+		w, closeFn = io.MultiWriter(os.Stderr, file), func() { _ = file.Close() }
+	}
+	return slog.New(slog.NewJSONHandler(w, nil)).With("component", "apiserver", "machine_id", hostname()), closeFn, nil
 }
 
 // runAPIServer serves the REST API and runs the control worker until
@@ -79,7 +99,7 @@ func runAPIServer(f *apiserverFlags) error {
 	defer tc.Close()
 	reg := newRegistry()
 	nodes := &control.Nodes{Temporal: tc, Namespace: f.temporal.Namespace, ContinueAsNewAfterEvents: f.canAfter,
-		Via: "rest", Metrics: control.NewNodeMetrics(reg)}
+		Via: "rest", Metrics: control.NewNodeMetrics(reg), DataConverter: f.dc}
 	store, err := openStore(f.s3, log)
 	if err != nil {
 		return err
@@ -89,7 +109,7 @@ func runAPIServer(f *apiserverFlags) error {
 	if f.policy != scheduler.Reject && f.policy != scheduler.DropLRU {
 		return fmt.Errorf("--admission-policy: want %s or %s, got %q", scheduler.Reject, scheduler.DropLRU, f.policy)
 	}
-	pools, tasks := &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace}, &control.Tasks{Temporal: tc}
+	pools, tasks := &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace, DataConverter: f.dc}, &control.Tasks{Temporal: tc}
 	sessions := &control.Sessions{Temporal: tc}
 	view := &scheduler.LinkView{Pools: pools, Nodes: nodes, Token: f.linkToken, Log: log, Metrics: scheduler.NewViewMetrics(reg),
 		Suspect: nodes.Suspect, Identity: identity}
@@ -100,10 +120,15 @@ func runAPIServer(f *apiserverFlags) error {
 		f.autoPools.Pools, f.autoPools.Nodes = pools, nodes
 		sched.AutoPools = &f.autoPools
 	}
+	audit, closeAudit, err := f.auditLogger()
+	if err != nil {
+		return err
+	}
+	defer closeAudit()
 	quotas := &control.Quotas{Temporal: tc, Metrics: control.NewQuotaMetrics(reg)}
 	srv, err := apiserver.New(f.api, apiserver.Deps{
-		Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub, Links: view, LinkToken: f.linkToken,
-		Models: &control.Models{Temporal: tc, Namespace: f.temporal.Namespace, Nodes: nodes},
+		Audit: audit, Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub, Links: view, LinkToken: f.linkToken,
+		Models: &control.Models{Temporal: tc, Namespace: f.temporal.Namespace, Nodes: nodes, DataConverter: f.dc},
 		Pools:  pools, Tasks: tasks, Sessions: sessions, Quotas: quotas,
 	})
 	if err != nil {

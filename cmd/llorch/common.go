@@ -15,9 +15,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spf13/pflag"
 	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/converter"
 	"go.uber.org/fx"
 	"go.uber.org/fx/fxevent"
 
+	"github.com/llorch/llorch/codec"
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/logging"
 	"github.com/llorch/llorch/modelstore"
@@ -46,6 +48,9 @@ type common struct {
 	temporal  config.Temporal
 	connect   time.Duration
 	pprofAddr string
+	// dc is the data converter dial gave the client (the payload codec
+	// when keys are configured), for the payloads Temporal returns raw.
+	dc converter.DataConverter
 }
 
 func (c *common) addFlags(fs *pflag.FlagSet) {
@@ -101,10 +106,26 @@ func (c *common) pprof(log *slog.Logger) fx.Option {
 // dial connects to Temporal, retrying while it starts (compose, systemd and
 // `llorch dev` may start us first).
 func (c *common) dial(log *slog.Logger, identity string) (client.Client, error) {
+	// The codec keys of a `llorch dev` cluster are in its dev.env, below
+	// the environment (they are no flag for config.Apply to fill).
+	dev, err := config.ReadDevEnv(c.home)
+	if err != nil {
+		return nil, err
+	}
+	c.temporal.Getenv = func(k string) string {
+		if v, ok := os.LookupEnv(k); ok || (k != codec.EnvKeys && k != codec.EnvKeysFile) {
+			return v
+		}
+		if os.Getenv(codec.EnvKeys) != "" || os.Getenv(codec.EnvKeysFile) != "" {
+			return "" // keys given one way in the environment: dev.env does not add the other
+		}
+		return dev[k]
+	}
 	opts, err := c.temporal.ClientOptions(log, identity)
 	if err != nil {
 		return nil, err
 	}
+	c.dc = opts.DataConverter
 	deadline := time.Now().Add(c.connect)
 	for wait := 100 * time.Millisecond; ; wait = min(2*wait, 2*time.Second) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

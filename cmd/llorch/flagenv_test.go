@@ -62,6 +62,7 @@ var readmeSections = map[string][]string{
 	"`llorch engine`":                       {"engine"},
 	"`llorch dev`":                          {"dev"},
 	"`llorch sim nodes`":                    {"sim nodes"},
+	"`llorch codec-server`":                 {"codec-server"},
 }
 
 // Every env var in README.md's configuration table is the one of its flag in

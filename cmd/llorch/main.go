@@ -26,7 +26,7 @@ func rootCmd() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(apiserverCmd(), workerCmd(), devCmd(), modelsCmd(), engineCmd(), simCmd(), versionCmd())
+	root.AddCommand(apiserverCmd(), workerCmd(), devCmd(), modelsCmd(), engineCmd(), simCmd(), codecServerCmd(), versionCmd())
 	return root
 }
 

@@ -200,7 +200,7 @@ func (f *workerFlags) inventory(log *slog.Logger) (*inventory.Collector, error) 
 func (f *workerFlags) agent(log *slog.Logger, identity string, tc client.Client, reg *prometheus.Registry,
 	host *inventory.Collector, local *modelstore.LocalCatalog, store *modelstore.Store) *agent.Agent {
 	nodes := &control.Nodes{Temporal: tc, Namespace: f.temporal.Namespace, ContinueAsNewAfterEvents: f.canAfter,
-		Via: "worker", Metrics: control.NewNodeMetrics(reg)}
+		Via: "worker", Metrics: control.NewNodeMetrics(reg), DataConverter: f.dc}
 	staging := activities.NewStagingMetrics(reg)
 	streams := &tokenstream.Hub{}
 	tokenstream.NewHubMetrics(reg, streams)
@@ -213,8 +213,8 @@ func (f *workerFlags) agent(log *slog.Logger, identity string, tc client.Client,
 		Metrics:  activities.NewNodeMetrics(reg),
 		GC:       &activities.GCActivities{Local: local, Log: log, Metrics: activities.NewGCMetrics(reg), Catalog: staging},
 		Generate: generate,
-		Models:   &control.Models{Temporal: tc, Namespace: f.temporal.Namespace, Nodes: nodes},
-		Pools:    &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace},
+		Models:   &control.Models{Temporal: tc, Namespace: f.temporal.Namespace, Nodes: nodes, DataConverter: f.dc},
+		Pools:    &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace, DataConverter: f.dc},
 		GCPolicy: f.gc, GCEvery: f.gcEvery,
 	}
 	if store != nil {

@@ -1,0 +1,97 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/llorch/llorch/bearer"
+	"github.com/llorch/llorch/codec"
+	"github.com/llorch/llorch/config"
+)
+
+// codecServerCmd serves Temporal's codec-server protocol with llorch's
+// payload codec, so the Temporal UI and the temporal CLI show decrypted
+// payloads to an operator who holds the codec server's token.
+func codecServerCmd() *cobra.Command {
+	var (
+		home, addr string
+		origins    []string
+		logs       logFlags
+	)
+	cmd := &cobra.Command{
+		Use:   "codec-server [--addr HOST:PORT] [--ui-origin URL]",
+		Short: "decode llorch's encrypted Temporal payloads for the Temporal UI and CLI",
+		Long: "Serves POST /encode and /decode (Temporal's codec-server protocol) with the keys of\n" +
+			codec.EnvKeys + " (or the file " + codec.EnvKeysFile + "; a `llorch dev` cluster's dev.env), behind the\n" +
+			"bearer token " + codec.EnvServerToken + " (env only: never a flag). See docs/security.md.",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := config.Apply(cmd.Flags(), home); err != nil {
+				return err
+			}
+			log, err := logs.logger("component", "codec-server")
+			if err != nil {
+				return err
+			}
+			dev, err := config.ReadDevEnv(home)
+			if err != nil {
+				return err
+			}
+			c, err := codec.FromEnv(func(k string) string {
+				if os.Getenv(codec.EnvKeys) != "" || os.Getenv(codec.EnvKeysFile) != "" {
+					return os.Getenv(k)
+				}
+				return dev[k]
+			})
+			if err != nil {
+				return err
+			}
+			if c == nil {
+				return fmt.Errorf("no codec keys: set %s or %s (the keys the cluster encrypts with)", codec.EnvKeys, codec.EnvKeysFile)
+			}
+			token := os.Getenv(codec.EnvServerToken)
+			if token == "" {
+				return fmt.Errorf("no token: set %s; whoever holds it reads every prompt and output in Temporal", codec.EnvServerToken)
+			}
+			ln, err := net.Listen("tcp", addr)
+			if err != nil {
+				return fmt.Errorf("--addr %s: %w", addr, err)
+			}
+			if !bearer.Loopback(addr) {
+				log.Warn("codec server on a non-loopback address: put TLS in front of it (bearer tokens and payloads travel in clear)", "addr", addr)
+			}
+			srv := &http.Server{Handler: codec.Handler(c, codec.ServerOptions{Token: token, UIOrigins: origins}),
+				ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute}
+			log.Info("codec server listening", "url", "http://"+ln.Addr().String(), "key_ids", c.KeyIDs(),
+				"ui_origins", origins, "token", bearer.Fingerprint(token))
+			done := make(chan error, 1)
+			go func() { done <- srv.Serve(ln) }()
+			select {
+			case sig := <-stopSignals:
+				log.Info("stopping", "signal", sig.String())
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				return srv.Shutdown(ctx)
+			case err := <-done:
+				if errors.Is(err, http.ErrServerClosed) {
+					return nil
+				}
+				return err
+			}
+		},
+	}
+	fs := cmd.Flags()
+	config.AddHomeFlag(fs, &home, homeUsage)
+	logs.addFlags(fs)
+	fs.StringVar(&addr, "addr", "127.0.0.1:8234", "listen address (loopback by default: the decoded payloads are every prompt and output)")
+	fs.StringSliceVar(&origins, "ui-origin", nil, "origin of a Temporal UI allowed to call from the browser (CORS), e.g. http://localhost:8233; repeatable")
+	config.BindEnv(fs, map[string]string{"addr": "LLORCH_CODEC_ADDR", "ui-origin": "LLORCH_CODEC_UI_ORIGIN"})
+	return cmd
+}
