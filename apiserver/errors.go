@@ -9,6 +9,7 @@ import (
 
 	"github.com/llorch/llorch/apiclient"
 	"github.com/llorch/llorch/bearer"
+	"github.com/llorch/llorch/quota"
 )
 
 // Stable error codes of the envelope.
@@ -24,6 +25,8 @@ const (
 	CodeMethod        = "METHOD_NOT_ALLOWED"
 	CodeUnavailable   = "UNAVAILABLE"
 	CodeInternal      = "INTERNAL"
+	// CodeQuotaExceeded: a key's quota refused the task (429, Retry-After).
+	CodeQuotaExceeded = quota.ErrExceeded
 )
 
 // Error is an API error: an HTTP status and its envelope (the one type

@@ -32,6 +32,10 @@ func (s *Server) openAIError(c *fiber.Ctx, err error) error {
 			typ, code = "invalid_request_error", "invalid_api_key"
 		case e.Code == CodeAdmission:
 			typ, code = "requests", "rate_limit_exceeded"
+		case e.Code == CodeQuotaExceeded:
+			// OpenAI's shape of a key's rate limit; the message names
+			// which limit and the key.
+			typ, code = "requests", "rate_limit_exceeded"
 		case status < 500:
 			typ = "invalid_request_error"
 		}

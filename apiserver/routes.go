@@ -56,6 +56,8 @@ func (s *Server) routes() {
 		v2.Delete("/keys/:id", admin, s.revokeKey)
 	}
 
+	v2.Get("/keys/:id/usage", s.keyUsage) // admin, or the key itself
+
 	if s.deps.Scheduler != nil && s.deps.Hub != nil {
 		v2.Post("/tasks", inference, s.createTask)
 		v2.Get("/tasks/:id", inference, s.getTask)

@@ -56,6 +56,9 @@ type Deps struct {
 	// KeyRegistry creates, lists and revokes keys (the /v2/keys routes);
 	// nil: those routes are absent.
 	KeyRegistry *control.Keys
+	// Quotas admits the tasks of keys with limits and reads keys' usage;
+	// nil: limits are not enforced and usage answers UNAVAILABLE.
+	Quotas *control.Quotas
 	// LinkToken is presented to node links (--link-token).
 	LinkToken string
 	Registry  *prometheus.Registry

@@ -261,7 +261,14 @@ func newTaskID() string {
 // submit admits a task (the scheduler starts its workflow) and opens its
 // stream.
 func (s *Server) submit(c *fiber.Ctx, req task.Request) (scheduler.Admission, error) {
+	req, release, err := s.admitQuota(c, req)
+	if err != nil {
+		return scheduler.Admission{}, err
+	}
 	adm, err := s.deps.Scheduler.Admit(c.UserContext(), req)
+	if err != nil {
+		release()
+	}
 	prepared := adm.Prepared
 	if prepared != nil {
 		s.log(c).Info("pool started for a task", "pool_id", prepared.PoolID, "node_id", prepared.NodeID, "model_id", req.ModelID, "task_id", req.TaskID)

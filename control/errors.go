@@ -26,3 +26,6 @@ var (
 	// turns.
 	ErrSessionFull = errors.New("session has had all its turns")
 )
+
+// ErrQuotaNotFound: a key has no quota workflow (never metered).
+var ErrQuotaNotFound = errors.New("quota not found")

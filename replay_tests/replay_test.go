@@ -20,6 +20,7 @@ import (
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/quota"
 	"github.com/llorch/llorch/session"
 	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/workflows"
@@ -35,6 +36,7 @@ var workflowTypes = map[string]any{
 	task.WorkflowType:           workflows.Task,
 	session.WorkflowType:        workflows.Session,
 	apikey.RegistryWorkflowType: workflows.Keys,
+	quota.WorkflowType:          (&workflows.Quotas{}).Quota,
 }
 
 func TestReplayRecordedHistories(t *testing.T) { replayAll(t, nil) }

@@ -82,6 +82,9 @@ type Request struct {
 	// Sink is where the node pushes the task's events (the apiserver that
 	// admitted it), and the credential it pushes with.
 	Sink Sink `json:"sink"`
+	// QuotaKey is the API key whose quota admitted the task (quota:<key>
+	// is told its end); "" for a key without limits.
+	QuotaKey string `json:"quota_key,omitempty"`
 }
 
 // Sink is the token stream's receiving end.

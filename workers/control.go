@@ -10,6 +10,7 @@ import (
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/quota"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/session"
 	"github.com/llorch/llorch/task"
@@ -18,9 +19,15 @@ import (
 
 // NewControl is the control worker: every workflow, plus the activities that
 // belong beside them, on the shared control queue.
-// tasks may be nil (no task workflows are served then).
-func NewControl(c client.Client, catalog *activities.CatalogActivities, tasks *scheduler.TaskControl) worker.Worker {
+// tasks may be nil (no task workflows are served then). quotas, at most
+// one, serves the quota workflows with its token counter (default: none).
+func NewControl(c client.Client, catalog *activities.CatalogActivities, tasks *scheduler.TaskControl, quotas ...*workflows.Quotas) worker.Worker {
 	w := worker.New(c, node.ControlTaskQueue, worker.Options{})
+	q := &workflows.Quotas{}
+	if len(quotas) > 0 && quotas[0] != nil {
+		q = quotas[0]
+	}
+	w.RegisterWorkflowWithOptions(q.Quota, workflow.RegisterOptions{Name: quota.WorkflowType})
 	w.RegisterWorkflowWithOptions(workflows.Node, workflow.RegisterOptions{Name: node.WorkflowType})
 	w.RegisterWorkflowWithOptions(workflows.Stage, workflow.RegisterOptions{Name: model.StageWorkflowType})
 	w.RegisterWorkflowWithOptions(workflows.GC, workflow.RegisterOptions{Name: model.GCWorkflowType})

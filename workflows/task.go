@@ -11,6 +11,7 @@ import (
 
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/quota"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/task"
 )
@@ -84,7 +85,28 @@ func Task(ctx workflow.Context, req task.Request) (task.Status, error) {
 	t.details(ctx)
 	var tc *scheduler.TaskControl
 	_ = t.controlStep(ctx, tc.Finished, scheduler.FinishInput{TaskID: req.TaskID, State: t.st.State, Code: errCode(t.st.Error)})
+	t.releaseQuota(ctx)
 	return t.st, nil
+}
+
+// releaseQuota tells the key's quota workflow the task ended, with its
+// tokens, so its unit of concurrency frees even when the replica that
+// admitted it is gone. Tasks without a quota key (and runs recorded before
+// "quota-release") send nothing.
+func (t *taskWF) releaseQuota(ctx workflow.Context) {
+	if t.req.QuotaKey == "" || workflow.GetVersion(ctx, "quota-release", workflow.DefaultVersion, 1) < 1 {
+		return
+	}
+	// A canceled run still releases.
+	dctx, _ := workflow.NewDisconnectedContext(ctx)
+	out := max(t.st.TokensOut, len(t.prog.Tokens))
+	err := workflow.SignalExternalWorkflow(dctx, quota.WorkflowID(t.req.QuotaKey), "", quota.SignalRelease,
+		quota.Release{TaskID: t.req.TaskID, TokensIn: t.st.TokensIn, TokensOut: out}).Get(dctx, nil)
+	if err != nil {
+		// The key's quota workflow is gone (terminated): nothing holds the unit.
+		workflow.GetLogger(ctx).Warn("quota release not delivered", "task_id", t.req.TaskID, "key_id", t.req.QuotaKey,
+			"correlation_id", t.req.CorrelationID, "err", err)
+	}
 }
 
 type taskWF struct {

@@ -12,6 +12,7 @@ import (
 	"go.temporal.io/sdk/testsuite"
 
 	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/quota"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/task"
 )
@@ -109,6 +110,42 @@ func TestTaskResumesFromWhatReadersSaw(t *testing.T) {
 	require.Equal(t, "abcde", st.Text)
 	require.Len(t, st.Migrations, 1)
 	require.Equal(t, 4, st.Migrations[0].AtToken)
+}
+
+// A task admitted under a key's quota tells the key's quota workflow its
+// end, with its tokens, whether it completed or was canceled; one with no
+// quota key sends nothing.
+func TestTaskReleasesItsQuota(t *testing.T) {
+	for _, c := range []struct {
+		name, key string
+		cancel    bool
+		want      *quota.Release
+	}{
+		{"completed", "k1", false, &quota.Release{TaskID: "t1", TokensIn: 4, TokensOut: 2}},
+		{"canceled", "k1", true, &quota.Release{TaskID: "t1"}},
+		{"no key", "", false, nil},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			env, tc, ga := taskEnv(t)
+			env.OnActivity(tc.Place, mock.Anything, mock.Anything).Return(where1, nil)
+			res := task.Result{Tokens: []int32{1, 2}, Pieces: []string{"a", "b"}, TokensIn: 4, StopType: "limit"}
+			gen := env.OnActivity(ga.Generate, mock.Anything, mock.Anything).Return(res, nil)
+			if c.cancel {
+				gen.After(time.Hour)
+				env.RegisterDelayedCallback(func() { env.SignalWorkflow(task.SignalCancel, "test") }, time.Second)
+			}
+			var got []quota.Release
+			env.OnSignalExternalWorkflow(mock.Anything, quota.WorkflowID("k1"), "", quota.SignalRelease, mock.Anything).Return(
+				func(_, _, _, _ string, arg any) error { got = append(got, arg.(quota.Release)); return nil })
+			env.ExecuteWorkflow(Task, task.Request{TaskID: "t1", ModelID: "m", EnqueuedAt: env.Now(), QuotaKey: c.key})
+			require.NoError(t, env.GetWorkflowError())
+			if c.want == nil {
+				require.Empty(t, got)
+				return
+			}
+			require.Equal(t, []quota.Release{*c.want}, got)
+		})
+	}
 }
 
 // A lost node's heartbeat is a count (task.Progress.Produced): with no

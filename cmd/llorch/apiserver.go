@@ -20,6 +20,7 @@ import (
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/tokenstream"
 	"github.com/llorch/llorch/workers"
+	"github.com/llorch/llorch/workflows"
 )
 
 func apiserverCmd() *cobra.Command {
@@ -128,11 +129,12 @@ func runAPIServer(f *apiserverFlags) error {
 	keys := &control.Keys{Temporal: tc}
 	ring := &keyring.Ring{Source: keys, Log: log}
 	ring.Metrics = keyring.NewMetrics(reg, ring)
+	quotas := &control.Quotas{Temporal: tc, Metrics: control.NewQuotaMetrics(reg)}
 	srv, err := apiserver.New(f.api, apiserver.Deps{
 		Audit: audit, Keys: ring, KeyRegistry: keys,
 		Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub, Links: view, LinkToken: f.linkToken,
 		Models: &control.Models{Temporal: tc, Namespace: f.temporal.Namespace, Nodes: nodes, DataConverter: f.dc},
-		Pools:  pools, Tasks: tasks, Sessions: sessions,
+		Pools:  pools, Tasks: tasks, Sessions: sessions, Quotas: quotas,
 	})
 	if err != nil {
 		return err
@@ -141,7 +143,8 @@ func runAPIServer(f *apiserverFlags) error {
 	defer stopSched()
 	return runApp(log, f.pprof(log),
 		fx.Supply(log, &activities.CatalogActivities{Store: store}, fx.Annotate(tc, fx.As(new(client.Client))),
-			&scheduler.TaskControl{S: sched, Hub: hub, Metrics: sched.Metrics}),
+			&scheduler.TaskControl{S: sched, Hub: hub, Metrics: sched.Metrics},
+			&workflows.Quotas{Counted: quotas.Metrics.Tokens}),
 		workers.ControlModule,
 		fx.Invoke(func(lc fx.Lifecycle) {
 			lc.Append(fx.Hook{
