@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gofiber/fiber/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 
@@ -37,9 +38,10 @@ func TestMain(m *testing.M) { testenv.Main(m, &env) }
 const token = "s3cret-token-for-tests"
 
 type api struct {
-	t    *testing.T
-	base string
-	logs *bytes.Buffer
+	t      *testing.T
+	base   string
+	logs   *bytes.Buffer
+	routes []fiber.Route // the server's routes, where a test reads them
 }
 
 // startAPI runs the apiserver and a control worker in-process against the

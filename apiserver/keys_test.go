@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -61,7 +62,7 @@ func startKeyAPI(t *testing.T) *api {
 	require.NoError(t, err)
 	require.NoError(t, s.Listen("127.0.0.1:0"))
 	t.Cleanup(func() { _ = s.Shutdown(context.Background()) })
-	return &api{t: t, base: "http://" + s.Addr(), logs: logs}
+	return &api{t: t, base: "http://" + s.Addr(), logs: logs, routes: s.App().GetRoutes(true)}
 }
 
 // newKey creates a key with the bootstrap token; its id and secret.
@@ -198,6 +199,7 @@ func TestScopesOnEveryRoute(t *testing.T) {
 		{"GET", "/v2/keys", nil, A},
 		{"GET", "/v2/keys/k0123456789abcdef", nil, A},
 		{"DELETE", "/v2/keys/k0123456789abcdef", nil, A},
+		{"GET", "/v2/keys/k0123456789abcdef/usage", nil, A}, // a key's own: its own key id (TestQuota*)
 		{"POST", "/v2/tasks", map[string]any{}, I},
 		{"GET", "/v2/tasks/ghost", nil, I},
 		{"GET", "/v2/tasks/ghost/events", nil, I},
@@ -207,6 +209,25 @@ func TestScopesOnEveryRoute(t *testing.T) {
 		{"POST", "/v1/chat/completions", map[string]any{}, I},
 		{"POST", "/v1/completions", map[string]any{}, I},
 		{"GET", "/v1/models", nil, I},
+	}
+	// The table covers every route the server has: a new route without a
+	// row fails here, not in production.
+	param := regexp.MustCompile(`:[a-z_]+`)
+	rowOf := map[string]bool{}
+	for _, rt := range routes {
+		rowOf[rt.method+" "+rt.path] = true
+	}
+	for _, r := range a.routes {
+		if r.Method == "HEAD" || !strings.HasPrefix(r.Path, "/v") {
+			continue
+		}
+		pattern := regexp.MustCompile("^" + param.ReplaceAllString(regexp.QuoteMeta(r.Path), "[^/]+") + "$")
+		found := false
+		for row := range rowOf {
+			m, p, _ := strings.Cut(row, " ")
+			found = found || m == r.Method && pattern.MatchString(p)
+		}
+		require.True(t, found, "route %s %s has no row in the scope table", r.Method, r.Path)
 	}
 	allowed := func(scope, caller string) bool {
 		switch caller {

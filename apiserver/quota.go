@@ -13,8 +13,6 @@ import (
 	"github.com/llorch/llorch/task"
 )
 
-// codeForbidden is the keys' FORBIDDEN (the scope check's code).
-const codeForbidden = "FORBIDDEN"
 
 // admitQuota takes a unit of the caller's key's quota for req, before the
 // scheduler sees it: req carries the key so the task's workflow releases
@@ -71,7 +69,7 @@ func (s *Server) keyUsage(c *fiber.Ctx) error {
 	}
 	p := principalOf(c)
 	if !p.IsAdmin() && p.KeyID != id {
-		return apiError(fiber.StatusForbidden, codeForbidden, "key %s may read its own usage only (GET /v2/keys/%s/usage); key %s's needs scope admin", p.KeyID, p.KeyID, id)
+		return apiError(fiber.StatusForbidden, CodeForbidden, "key %s may read its own usage only (GET /v2/keys/%s/usage); key %s's needs scope admin", p.KeyID, p.KeyID, id)
 	}
 	if s.deps.Quotas == nil {
 		return apiError(fiber.StatusServiceUnavailable, CodeUnavailable, "this apiserver meters no quotas")
