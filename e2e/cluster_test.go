@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"regexp"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -71,13 +72,26 @@ func apiServers(t *testing.T) int {
 	return n
 }
 
+// start runs llorch with args. Args of the form LLORCH_X=value go in its
+// environment instead: secrets are never on a command line (the
+// configuration refuses them there), so a test passes one that way.
 func start(t *testing.T, name string, args ...string) *proc {
 	t.Helper()
 	p := &proc{name: name, out: &testenv.Buffer{}, done: make(chan struct{})}
-	p.cmd = exec.Command(testenv.Llorch(t), args...)
-	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	// Nothing from the developer's shell or dev cluster leaks in.
-	p.cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + token}
+	environ := []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + token,
+		"LLORCH_S3_ACCESS_KEY=" + env.S3.AccessKey, "LLORCH_S3_SECRET_KEY=" + env.S3.SecretKey}
+	var argv []string
+	for _, a := range args {
+		if envArg.MatchString(a) {
+			environ = append(environ, a)
+		} else {
+			argv = append(argv, a)
+		}
+	}
+	p.cmd = exec.Command(testenv.Llorch(t), argv...)
+	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
+	p.cmd.Env = environ
 	require.NoError(t, p.cmd.Start())
 	go func() { _ = p.cmd.Wait(); close(p.done) }()
 	t.Cleanup(func() {
@@ -287,11 +301,13 @@ func (c *cluster) leave(w *proc, id string) {
 	c.waitState(id, node.Left, 20*time.Second)
 }
 
+// envArg is an argument of start that is an env var of the process.
+var envArg = regexp.MustCompile(`^LLORCH_[A-Z0-9_]+=`)
+
 // s3Flags point a process at the test bucket (through endpoint, which may
-// be a proxy).
+// be a proxy); start puts its keys in the environment.
 func s3Flags(endpoint string) []string {
-	return []string{"--s3-endpoint", endpoint, "--s3-access-key", env.S3.AccessKey,
-		"--s3-secret-key", env.S3.SecretKey, "--s3-bucket", env.S3.Bucket}
+	return []string{"--s3-endpoint", endpoint, "--s3-bucket", env.S3.Bucket}
 }
 
 func (c *cluster) get(path string) (int, map[string]any) {
