@@ -61,8 +61,8 @@ type Deps struct {
 	// LinkHTTP reaches node links (trusting --link-ca); nil:
 	// link.DefaultHTTP.
 	LinkHTTP *http.Client
-	Registry  *prometheus.Registry
-	Logger    *slog.Logger
+	Registry *prometheus.Registry
+	Logger   *slog.Logger
 }
 
 // KeyLookup finds the API key a bearer token belongs to: false when the

@@ -65,7 +65,7 @@ type Options struct {
 	// TLS, when set, serves HTTPS (--link-tls-cert, --link-tls-key); URL
 	// then says https.
 	TLS *tls.Config
-	Log   *slog.Logger
+	Log *slog.Logger
 	// MaxWaiters bounds concurrent long-polls; 0: DefaultMaxWaiters.
 	MaxWaiters int
 	// Streams holds the node's task event streams (the generations write

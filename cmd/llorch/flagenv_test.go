@@ -73,7 +73,7 @@ var readmeSections = map[string][]string{
 // Every env var in README.md's configuration table is the one of its flag in
 // a command of its section, and every env var a flag has is in the table.
 func TestREADMEConfigurationTable(t *testing.T) {
-	envOf := map[string]string{}     // "command --flag": env
+	envOf := map[string]string{}       // "command --flag": env
 	secretsOf := map[string][]string{} // command: its secrets' env vars
 	for _, row := range flagEnvTable(t) {
 		if cmd, env, ok := strings.Cut(row, " secret "); ok {
