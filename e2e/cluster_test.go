@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -57,6 +58,26 @@ type cluster struct {
 	apiProc      *proc
 	replicas     []*proc
 	replicaAddrs []string
+	// replicaTLS, when set, is how to reach replicas that serve HTTPS
+	// (--tls-cert): its RootCAs trust their CA. c.api is then always the
+	// balancer, which speaks TLS to them.
+	replicaTLS *tls.Config
+}
+
+// replicaURL is the base URL of the replica at addr.
+func (c *cluster) replicaURL(addr string) string {
+	if c.replicaTLS != nil {
+		return "https://" + addr
+	}
+	return "http://" + addr
+}
+
+// replicaHTTP reaches the replicas directly.
+func (c *cluster) replicaHTTP() *http.Client {
+	if c.replicaTLS == nil {
+		return http.DefaultClient
+	}
+	return &http.Client{Transport: &http.Transport{TLSClientConfig: c.replicaTLS}}
 }
 
 // apiServers is how many apiserver replicas newCluster runs:
@@ -148,10 +169,19 @@ func newCluster(t *testing.T, apiArgs ...string) *cluster {
 // round-robin to the next replica, as behind a Kubernetes Service.
 func newClusterN(t *testing.T, n int, apiArgs ...string) *cluster {
 	t.Helper()
+	return newClusterTLS(t, n, nil, apiArgs...)
+}
+
+// newClusterTLS is newClusterN whose replicas serve HTTPS (apiArgs give
+// them --tls-cert and --tls-key) with a certificate replicaTLS verifies;
+// nil: plain HTTP. With TLS the balancer always runs, on plain loopback
+// HTTP, so the tests' helpers work unchanged.
+func newClusterTLS(t *testing.T, n int, replicaTLS *tls.Config, apiArgs ...string) *cluster {
+	t.Helper()
 	port, err := testenv.FreePort()
 	require.NoError(t, err)
-	c := &cluster{t: t, home: t.TempDir(), api: fmt.Sprintf("127.0.0.1:%d", port)}
-	if n == 1 {
+	c := &cluster{t: t, home: t.TempDir(), api: fmt.Sprintf("127.0.0.1:%d", port), replicaTLS: replicaTLS}
+	if n == 1 && replicaTLS == nil {
 		c.replicaAddrs = []string{c.api}
 	} else {
 		for range n {
@@ -188,11 +218,12 @@ func newClusterN(t *testing.T, n int, apiArgs ...string) *cluster {
 func (c *cluster) serveBalancer() {
 	var urls []string
 	for _, a := range c.replicaAddrs {
-		urls = append(urls, "http://"+a)
+		urls = append(urls, c.replicaURL(a))
 	}
 	logs := &testenv.Buffer{}
 	b, err := balancer.New(urls, balancer.Options{
 		HealthInterval: 500 * time.Millisecond,
+		BackendTLS:     c.replicaTLS,
 		Logger:         slog.New(slog.NewTextHandler(logs, nil)),
 	})
 	require.NoError(c.t, err)
@@ -243,7 +274,7 @@ func (c *cluster) startReplica(i int) {
 	}
 	c.apiProc = c.replicas[0]
 	testenv.Eventually(c.t, 60*time.Second, name+" healthy", func() (bool, string) {
-		res, err := http.Get("http://" + addr + "/health")
+		res, err := c.replicaHTTP().Get(c.replicaURL(addr) + "/health")
 		if err != nil {
 			return false, err.Error() + "\n" + api.out.String()
 		}
@@ -262,7 +293,7 @@ func (c *cluster) extraAPI() string {
 	args := append(append([]string(nil), c.apiArgs...), "--addr", addr)
 	api := start(c.t, "apiserver "+addr, args...)
 	testenv.Eventually(c.t, 60*time.Second, "second apiserver healthy", func() (bool, string) {
-		res, err := http.Get("http://" + addr + "/health")
+		res, err := c.replicaHTTP().Get(c.replicaURL(addr) + "/health")
 		if err != nil {
 			return false, err.Error() + "\n" + api.out.String()
 		}
