@@ -41,7 +41,7 @@ func AddTemporalFlags(fs *pflag.FlagSet, t *Temporal) {
 	fs.StringVar(&t.ClientCert, "temporal-tls-cert", "", "PEM client certificate for mTLS")
 	fs.StringVar(&t.ClientKey, "temporal-tls-key", "", "PEM client key for mTLS")
 	fs.StringVar(&t.ServerName, "temporal-tls-server-name", "", "server name to verify in the Temporal certificate")
-	fs.StringVar(&t.APIKey, "temporal-api-key", "", "Temporal Cloud API key (sent as a bearer credential over TLS)")
+	AddSecret(fs, &t.APIKey, "temporal-api-key", "Temporal Cloud API key (sent as a bearer credential over TLS)")
 	fs.StringVar(&t.Compression, "temporal-grpc-compression", "gzip", "compression of requests to Temporal: gzip (for slow links, Temporal Cloud) or none (saves CPU on both ends in one datacenter)")
 }
 
