@@ -2,6 +2,8 @@ module github.com/llorch/llorch
 
 go 1.26.8
 
+toolchain go1.27.3
+
 require (
 	github.com/NVIDIA/go-nvml v0.13.4-1
 	github.com/dustin/go-humanize v1.0.1

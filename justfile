@@ -3,6 +3,9 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 export CGO_CFLAGS := "-O2 -g -Wno-deprecated-declarations"
 export PATH := justfile_directory() + "/bin:" + env_var("PATH")
+# The Go toolchain every recipe builds with (go.mod's toolchain line; the go
+# command fetches it once through the module proxy).
+export GOTOOLCHAIN := "go1.27.3"
 
 temporal_version := "v1.5.1"
 versitygw_version := "v1.8.0"
@@ -77,6 +80,30 @@ test: tools lint vulncheck
     go test -count=1 -timeout 30m ./...
     LLORCH_E2E_APISERVERS=3 go test -count=1 -timeout 20m -run '^({{replicas_e2e}})$' ./e2e
     LLORCH_CHAOS=1 go test -count=1 -timeout 20m ./chaos
+    just fuzz
+
+# The fuzz campaign: FuzzAPI against a running apiserver for TIME, then the parsers' fuzz targets 5 s each. New inputs go to Go's fuzz cache, not the repo; a failing one is written to the package's testdata/fuzz (commit it with the fix).
+fuzz TIME="60s": tools
+    #!/usr/bin/env bash
+    set -euo pipefail
+    mkdir -p bench/out
+    campaign() { # package, target, time
+      local log="bench/out/fuzz-$2.log"
+      echo "fuzz: $2 ($1) for $3"
+      # One worker: FuzzAPI's stack (Temporal, S3, apiserver, a node) runs once per worker.
+      if ! go test -run '^$' -fuzz "^$2\$" -fuzztime "$3" -parallel 1 -timeout 30m "$1" >"$log" 2>&1; then
+        tail -n 60 "$log"
+        echo "fuzz: $2 failed (log: $log)"
+        exit 1
+      fi
+      local last
+      last=$(grep -E 'execs: [0-9]+' "$log" | tail -n 1 || true)
+      echo "fuzz: $2 done: ${last#*elapsed: }"
+    }
+    campaign ./fuzz FuzzAPI "{{TIME}}"
+    campaign ./apiserver FuzzTaskRequest 5s
+    campaign ./apiserver FuzzOpenAIRequest 5s
+    campaign ./engine FuzzCompletionDecoders 5s
 
 # Benchmarks against baselines in the same run, ending with a table of aims (results: bench/out/results.json).
 bench: tools
