@@ -6,6 +6,7 @@ import (
 	"strconv"
 
 	"github.com/gofiber/fiber/v2"
+	"github.com/google/uuid"
 
 	"github.com/llorch/llorch/apiclient"
 	"github.com/llorch/llorch/bearer"
@@ -65,6 +66,11 @@ func (s *Server) errorHandler(c *fiber.Ctx, err error) error {
 		apiErr = apiError(fiber.StatusServiceUnavailable, CodeUnavailable, "the control plane could not complete the request: %v", err)
 		apiErr.Retriable, apiErr.RetryAfterMs = true, 1000
 		s.log(c).Error("request failed", "err", err)
+	}
+	// A request fasthttp refused before the middleware ran (its framing)
+	// has no correlation id yet: every answer carries one.
+	if len(c.Response().Header.Peek(headerCorrID)) == 0 {
+		c.Set(headerCorrID, uuid.NewString())
 	}
 	if apiErr.RetryAfterMs > 0 {
 		c.Set(fiber.HeaderRetryAfter, strconv.FormatInt((apiErr.RetryAfterMs+999)/1000, 10))

@@ -79,6 +79,11 @@ func FuzzAPI(f *testing.F) {
 		if err := in.check(res); err != nil {
 			t.Fatalf("%s\n%s: %v", in, res, err)
 		}
+		if res.none != "" {
+			t.Logf("%s %s: closed: %s", in.method, in.target, res.none)
+		} else {
+			t.Logf("%s %.120s: %d %.200s", in.method, in.target, res.status, res.body)
+		}
 		s.tidy(in, res)
 		if st, _, err := s.call("GET", "/health", ""); err != nil || st != 200 {
 			t.Fatalf("%s\nthe apiserver no longer answers /health (%d %v):\n%s", in, st, err, tail(s.api.out))
