@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -18,7 +19,9 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/apiserver"
 	"github.com/llorch/llorch/control"
@@ -27,6 +30,7 @@ import (
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/testenv"
 	"github.com/llorch/llorch/tokenstream"
+	"github.com/llorch/llorch/workers"
 )
 
 const token = "fuzz-token"
@@ -48,8 +52,9 @@ type stack struct {
 	env      *testenv.Env
 	bin      string
 	home     string
-	api      *proc // restarted when an input killed it
 	addr     string
+	logs     *testenv.Buffer // the apiserver's warnings and errors
+	stopAPI  func()
 	worker   *proc
 	baseline float64 // the apiserver's goroutines once the fixtures are up
 }
@@ -152,7 +157,7 @@ func startStack(t testing.TB) (*stack, error) {
 	}
 	if err := s.fixtures(); err != nil {
 		s.stop()
-		return nil, fmt.Errorf("%w\n--- apiserver ---\n%s\n--- worker ---\n%s", err, tail(s.api.out), tail(s.worker.out))
+		return nil, fmt.Errorf("%w\n--- apiserver ---\n%s\n--- worker ---\n%s", err, tail(s.logs), tail(s.worker.out))
 	}
 	s.baseline, err = s.goroutines()
 	if err != nil {
@@ -167,38 +172,63 @@ func tail(b *testenv.Buffer) string {
 	return out[max(0, len(out)-4096):]
 }
 
-// startAPI starts `llorch apiserver` on a fresh port and waits for its
-// /health. Its queue is small: the state inputs can create is bounded by
-// the cluster's own limits (docs/security.md, "Fuzzing").
+// startAPI runs the apiserver in this process, wired as `llorch
+// apiserver` wires it (control worker, cluster view, scheduler), so the
+// fuzzing engine's coverage reaches into its handlers and a panic in any
+// of its goroutines is a crash the engine records with its input. Its
+// queue is small: the state inputs can create is bounded by the cluster's
+// own limits (docs/security.md, "Fuzzing").
 func (s *stack) startAPI() error {
 	port, err := testenv.FreePort()
 	if err != nil {
 		return err
 	}
 	s.addr = fmt.Sprintf("127.0.0.1:%d", port)
-	s.api, err = s.run(append([]string{"apiserver", "--addr", s.addr, "--queue-capacity", "8"}, s.s3Flags()...)...)
+	s.logs = &testenv.Buffer{}
+	log := slog.New(slog.NewTextHandler(s.logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	tc, ns := s.env.Temporal, s.env.Namespace
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector())
+	nodes := &control.Nodes{Temporal: tc, Namespace: ns, Via: "rest", Metrics: control.NewNodeMetrics(reg)}
+	store, err := modelstore.New(s.env.S3)
 	if err != nil {
 		return err
 	}
+	hub := &tokenstream.Hub{}
+	tokenstream.NewHubMetrics(reg, hub)
+	pools, tasks, sessions := &control.Pools{Temporal: tc, Namespace: ns}, &control.Tasks{Temporal: tc}, &control.Sessions{Temporal: tc}
+	view := &scheduler.LinkView{Pools: pools, Nodes: nodes, Log: log, Metrics: scheduler.NewViewMetrics(reg),
+		Suspect: nodes.Suspect, Identity: "fuzz-apiserver"}
+	sched := &scheduler.Scheduler{Capacity: 8, Policy: scheduler.Reject, Log: log, Metrics: scheduler.NewMetrics(reg),
+		Source: view.Candidates, Fresh: view.Fresh, Tasks: tasks, Sessions: sessions}
+	view.Changed = sched.Changed
+	srv, err := apiserver.New(apiserver.Config{Addr: s.addr, Token: token}, apiserver.Deps{
+		Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub, Links: view,
+		Models: &control.Models{Temporal: tc, Namespace: ns, Nodes: nodes},
+		Pools:  pools, Tasks: tasks, Sessions: sessions,
+	})
+	if err != nil {
+		return err
+	}
+	w := workers.NewControl(tc, &activities.CatalogActivities{Store: store}, &scheduler.TaskControl{S: sched, Hub: hub, Metrics: sched.Metrics})
+	if err := w.Start(); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	go view.Run(ctx)
+	go sched.Run(ctx)
+	s.stopAPI = func() {
+		_ = srv.Shutdown(context.Background())
+		cancel()
+		w.Stop()
+	}
+	if err := srv.Listen(s.addr); err != nil {
+		return err
+	}
 	return s.until(60*time.Second, "apiserver healthy", func() (bool, string) {
-		if s.api.exited() {
-			return false, "exited: " + tail(s.api.out)
-		}
 		st, body, err := s.call("GET", "/health", "")
 		return err == nil && st == 200, fmt.Sprint(st, body, err)
 	})
-}
-
-// alive restarts the apiserver when an earlier input killed it, so the
-// engine's minimisation of that input sees it kill the server again.
-func (s *stack) alive() error {
-	if !s.api.exited() {
-		if st, _, err := s.call("GET", "/health", ""); err == nil && st == 200 {
-			return nil
-		}
-		s.api.kill()
-	}
-	return s.startAPI()
 }
 
 func (s *stack) until(timeout time.Duration, what string, cond func() (bool, string)) error {
@@ -310,16 +340,13 @@ func (s *stack) metric(name string) (float64, error) {
 	return 0, fmt.Errorf("no %s in /metrics", name)
 }
 
-func (s *stack) goroutines() (float64, error) { return s.metric("go_goroutines") }
+func (s *stack) goroutines() (float64, error) { return float64(runtime.NumGoroutine()), nil }
 
 // checkBaseline: once the inputs are done, the apiserver's goroutines
 // return to near what they were with the fixtures alone (an input that
 // leaves one behind per request shows here; one that leaves a stream
 // open holds its connection's goroutines).
 func (s *stack) checkBaseline() error {
-	if s.api.exited() {
-		return fmt.Errorf("the apiserver exited: %s", tail(s.api.out))
-	}
 	limit := s.baseline*1.25 + 30
 	var now float64
 	err := s.until(60*time.Second, "goroutines back to baseline", func() (bool, string) {
@@ -333,10 +360,11 @@ func (s *stack) checkBaseline() error {
 }
 
 func (s *stack) stop() {
-	for _, p := range []*proc{s.worker, s.api} {
-		if p != nil {
-			p.kill()
-		}
+	if s.stopAPI != nil {
+		s.stopAPI()
+	}
+	if s.worker != nil {
+		s.worker.kill()
 	}
 	if s.home != "" {
 		testenv.KillMentioning(s.home) // engines the worker started
