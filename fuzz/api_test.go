@@ -69,6 +69,8 @@ func FuzzAPI(f *testing.F) {
 		if in == nil {
 			return // would change a fixture (see protected)
 		}
+		// LLORCH_FUZZ_TRACE=file logs each input before it is sent: the one
+		// a stalled worker is on is the last.
 		if tr := os.Getenv("LLORCH_FUZZ_TRACE"); tr != "" {
 			f, _ := os.OpenFile(tr, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
 			fmt.Fprintf(f, "%s %s\n--- %q\n", time.Now().Format(time.StampMilli), in, headers)
