@@ -5,7 +5,8 @@ export CGO_CFLAGS := "-O2 -g -Wno-deprecated-declarations"
 export PATH := justfile_directory() + "/bin:" + env_var("PATH")
 # The Go toolchain every recipe builds with (go.mod's toolchain line; the go
 # command fetches it once through the module proxy).
-export GOTOOLCHAIN := "go1.27.3"
+go_toolchain := "go1.27.3"
+export GOTOOLCHAIN := go_toolchain
 
 temporal_version := "v1.5.1"
 versitygw_version := "v1.8.0"
@@ -34,10 +35,12 @@ tools:
       GOBIN="$PWD/bin" go install github.com/versity/versitygw/cmd/versitygw@{{versitygw_version}}
       touch bin/.versitygw-{{versitygw_version}}
     fi
-    if [ ! -f bin/.govulncheck-{{govulncheck_version}} ] || [ ! -x bin/govulncheck ]; then
+    # Built with the toolchain it checks: one built by an older Go cannot load newer sources.
+    if [ ! -f bin/.govulncheck-{{govulncheck_version}}-{{go_toolchain}} ] || [ ! -x bin/govulncheck ]; then
       echo "installing govulncheck {{govulncheck_version}} into ./bin"
+      rm -f bin/govulncheck
       GOBIN="$PWD/bin" go install golang.org/x/vuln/cmd/govulncheck@{{govulncheck_version}}
-      touch bin/.govulncheck-{{govulncheck_version}}
+      touch bin/.govulncheck-{{govulncheck_version}}-{{go_toolchain}}
     fi
     # libllama for `llorch engine`: node-llama-cpp's prebuilt CPU build, driven by yzma (purego).
     if [ ! -f bin/.llama-npm-{{llama_npm_version}} ] || [ ! -e bin/llama/libllama.so ]; then
