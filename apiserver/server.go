@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net"
@@ -16,6 +17,7 @@ import (
 	"github.com/gofiber/fiber/v2"
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/valyala/fasthttp"
 
 	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/bearer"
@@ -147,7 +149,31 @@ func New(cfg Config, d Deps) (*Server, error) {
 	s.app.Use(s.audit)
 	s.routes()
 	s.auditor.learn(s.app)
+	s.refuseUnknownMethods()
 	return s, nil
+}
+
+// refuseUnknownMethods answers a method fiber does not know (it would
+// answer in plain text, before any middleware) with the envelope, as
+// every other refusal (found by FuzzAPI).
+func (s *Server) refuseUnknownMethods() {
+	known := map[string]bool{}
+	for _, m := range fiber.DefaultMethods {
+		known[m] = true
+	}
+	srv := s.app.Server()
+	next := srv.Handler
+	srv.Handler = func(ctx *fasthttp.RequestCtx) {
+		if known[string(ctx.Method())] {
+			next(ctx)
+			return
+		}
+		body, _ := json.Marshal(apiError(fiber.StatusMethodNotAllowed, CodeMethod, "no route %.32q %s", ctx.Method(), ctx.Path()).Envelope)
+		ctx.Response.Header.Set(headerCorrID, uuid.NewString())
+		ctx.SetContentType(fiber.MIMEApplicationJSON)
+		ctx.SetStatusCode(fiber.StatusMethodNotAllowed)
+		ctx.SetBody(body)
+	}
 }
 
 // linkURL is where node nodeID's link serves: from the cluster view, else
