@@ -24,6 +24,7 @@ import (
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/apiserver"
+	"github.com/llorch/llorch/codec"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/modelstore"
@@ -123,7 +124,11 @@ func (s *stack) run(args ...string) (*proc, error) {
 	p := &proc{out: &testenv.Buffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(s.bin, args...)
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
-	p.cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + token}
+	// Secrets travel in the environment (the configuration refuses them as
+	// flags); the payloads are encrypted with the shared env's codec.
+	p.cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + token,
+		"LLORCH_S3_ACCESS_KEY=" + s.env.S3.AccessKey, "LLORCH_S3_SECRET_KEY=" + s.env.S3.SecretKey,
+		codec.EnvKeys + "=" + s.env.CodecKeys}
 	// A fuzzing worker the coordinator kills must not leave them behind.
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := p.cmd.Start(); err != nil {
@@ -135,8 +140,7 @@ func (s *stack) run(args ...string) (*proc, error) {
 
 func (s *stack) s3Flags() []string {
 	return []string{"--temporal-address", s.env.TemporalAddr, "--home", s.home,
-		"--s3-endpoint", s.env.S3.Endpoint, "--s3-access-key", s.env.S3.AccessKey,
-		"--s3-secret-key", s.env.S3.SecretKey, "--s3-bucket", s.env.S3.Bucket}
+		"--s3-endpoint", s.env.S3.Endpoint, "--s3-bucket", s.env.S3.Bucket}
 }
 
 func startStack(t testing.TB) (*stack, error) {
