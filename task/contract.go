@@ -116,23 +116,27 @@ type Migration struct {
 
 // Status is a task as a reader sees it.
 type Status struct {
-	TaskID        string      `json:"task_id"`
-	State         State       `json:"state"`
-	ModelID       string      `json:"model_id"`
-	Where         *Where      `json:"where,omitempty"`
-	Text          string      `json:"text,omitempty"`
-	Pieces        []string    `json:"pieces,omitempty"` // token texts, to replay a finished stream
-	TokensIn      int         `json:"tokens_in"`
-	TokensOut     int         `json:"tokens_out"`
-	StopType      string      `json:"stop_type,omitempty"`
-	QueueMs       int64       `json:"queue_ms"`
-	FirstTokenMs  int64       `json:"first_token_ms,omitempty"`
-	DecodeMs      int64       `json:"decode_ms,omitempty"`
-	Migrations    []Migration `json:"migrations,omitempty"`
-	Error         *Error      `json:"error,omitempty"`
-	CorrelationID string      `json:"correlation_id,omitempty"`
-	SubmittedAt   time.Time   `json:"submitted_at"`
-	FinishedAt    time.Time   `json:"finished_at,omitempty"`
+	TaskID       string      `json:"task_id"`
+	State        State       `json:"state"`
+	ModelID      string      `json:"model_id"`
+	Where        *Where      `json:"where,omitempty"`
+	Text         string      `json:"text,omitempty"`
+	Pieces       []string    `json:"pieces,omitempty"` // token texts, to replay a finished stream
+	TokensIn     int         `json:"tokens_in"`
+	TokensOut    int         `json:"tokens_out"`
+	StopType     string      `json:"stop_type,omitempty"`
+	QueueMs      int64       `json:"queue_ms"`
+	FirstTokenMs int64       `json:"first_token_ms,omitempty"`
+	DecodeMs     int64       `json:"decode_ms,omitempty"`
+	Migrations   []Migration `json:"migrations,omitempty"`
+	// Output: the text and pieces are in the bucket (an output above the
+	// node's inline bound); control.Tasks reads them back into Text and
+	// Pieces, so readers of a Status never see it set.
+	Output        *OutputRef `json:"output,omitempty"`
+	Error         *Error     `json:"error,omitempty"`
+	CorrelationID string     `json:"correlation_id,omitempty"`
+	SubmittedAt   time.Time  `json:"submitted_at"`
+	FinishedAt    time.Time  `json:"finished_at,omitempty"`
 }
 
 // Error is a task's failure, as the error event and the API carry it.
@@ -142,6 +146,10 @@ type Error struct {
 	Retriable    bool   `json:"retriable"`
 	RetryAfterMs int64  `json:"retry_after_ms,omitempty"`
 }
+
+// Error makes a task's failure an error too (an output that cannot be
+// read back is one, for the readers of control.Tasks).
+func (e *Error) Error() string { return e.Code + ": " + e.Message }
 
 // Error codes of tasks.
 const (
@@ -156,6 +164,16 @@ const (
 	// pool it was placed on (it runs no such engine now, or the engine's
 	// queue is full); the task workflow places it again.
 	ErrSlotRefused = "SLOT_REFUSED"
+	// ErrOutputExpired: the task's output was in the bucket and is gone
+	// (deleted after the output retention).
+	ErrOutputExpired = "OUTPUT_EXPIRED"
+	// ErrOutputCorrupt: the task's output in the bucket does not match the
+	// checksum its history records, or does not decrypt: refused, never
+	// served as the task's text.
+	ErrOutputCorrupt = "OUTPUT_CORRUPT"
+	// ErrOutputUnstored: the output was above the node's inline bound and
+	// the bucket would not take it; the task fails (retry it).
+	ErrOutputUnstored = "OUTPUT_UNSTORED"
 )
 
 // Workflow messages.
@@ -180,6 +198,27 @@ type Result struct {
 	// WaitMs is how long the generation waited at the node for a slot
 	// (0 in histories from before node-side slots).
 	WaitMs int64 `json:"wait_ms,omitempty"`
+	// Output, when set, holds Tokens and Pieces instead (they are empty):
+	// an output above the node's inline bound is written to the bucket, as
+	// a payload past Temporal's limit (2 MiB) would fail the task.
+	Output *OutputRef `json:"output,omitempty"`
+}
+
+// OutputRef is where a generation's output is in the bucket: the object's
+// key, its size and the SHA-256 of its bytes, which every read checks (the
+// history, not the bucket, is the record).
+type OutputRef struct {
+	Key    string `json:"key"`
+	Bytes  int64  `json:"bytes"`
+	SHA256 string `json:"sha256"`
+	// Tokens is how many tokens it holds (TokensOut without reading it).
+	Tokens int `json:"tokens"`
+}
+
+// Output is what an offloaded output object holds.
+type Output struct {
+	Tokens []int32  `json:"tokens"`
+	Pieces []string `json:"pieces"`
 }
 
 // Progress is what a generation has produced: the tokens a replica's

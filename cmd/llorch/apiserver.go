@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -16,6 +17,7 @@ import (
 	"github.com/llorch/llorch/apiserver"
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/control"
+	"github.com/llorch/llorch/outputs"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/tokenstream"
 	"github.com/llorch/llorch/workers"
@@ -49,6 +51,7 @@ type apiserverFlags struct {
 	autoPoolsOn        bool
 	s3                 config.S3
 	auditLog           string
+	outputRetention    time.Duration
 }
 
 func (f *apiserverFlags) addFlags(fs *pflag.FlagSet) {
@@ -64,6 +67,8 @@ func (f *apiserverFlags) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.api.Token, "api-token", "", "bearer token every /v2 call must present; required to bind a non-loopback address")
 	fs.IntVar(&f.canAfter, "node-continue-as-new-events", 0, "continue node workflows as new after this many history events (0: when Temporal suggests)")
 	fs.StringVar(&f.auditLog, "audit-log", "", "also append the audit trail (JSON lines, stream=audit; always on stderr) to this file")
+	fs.DurationVar(&f.outputRetention, "output-retention", 7*24*time.Hour,
+		"delete task outputs stored in the bucket (outputs/, those above the workers' --max-inline-output) this long after they were written (0: keep them)")
 	config.AddS3Flags(fs, &f.s3)
 }
 
@@ -109,6 +114,15 @@ func runAPIServer(f *apiserverFlags) error {
 		return fmt.Errorf("--admission-policy: want %s or %s, got %q", scheduler.Reject, scheduler.DropLRU, f.policy)
 	}
 	pools, tasks := &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace, DataConverter: f.dc}, &control.Tasks{Temporal: tc}
+	var pruner *outputs.Pruner
+	if store != nil {
+		outs := &outputs.Store{Bucket: store, DC: f.dc}
+		tasks.Outputs = outs
+		if f.outputRetention > 0 {
+			pruner = &outputs.Pruner{Store: outs, Retention: f.outputRetention, Log: log,
+				Every: min(max(f.outputRetention/4, time.Second), time.Hour)}
+		}
+	}
 	sessions := &control.Sessions{Temporal: tc}
 	view := &scheduler.LinkView{Pools: pools, Nodes: nodes, Token: f.linkToken, Log: log, Metrics: scheduler.NewViewMetrics(reg),
 		Suspect: nodes.Suspect, Identity: identity}
@@ -140,8 +154,15 @@ func runAPIServer(f *apiserverFlags) error {
 		workers.ControlModule,
 		fx.Invoke(func(lc fx.Lifecycle) {
 			lc.Append(fx.Hook{
-				OnStart: func(context.Context) error { go view.Run(schedCtx); go sched.Run(schedCtx); return nil },
-				OnStop:  func(context.Context) error { stopSched(); return nil },
+				OnStart: func(context.Context) error {
+					go view.Run(schedCtx)
+					go sched.Run(schedCtx)
+					if pruner != nil {
+						go pruner.Run(schedCtx)
+					}
+					return nil
+				},
+				OnStop: func(context.Context) error { stopSched(); return nil },
 			})
 		}),
 		fx.Invoke(func(lc fx.Lifecycle) {
