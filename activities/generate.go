@@ -90,12 +90,7 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ 
 			mu.Lock()
 			p := task.Progress{Tokens: append([]int32(nil), prog.Tokens...), Pieces: append([]string(nil), prog.Pieces...)}
 			mu.Unlock()
-			if outputs.Size(task.Output{Tokens: p.Tokens, Pieces: p.Pieces}) > g.maxInline() {
-				// Too many to carry: the count alone, and the move resumes
-				// from what readers saw (task.SignalSeen).
-				p = task.Progress{Produced: len(p.Tokens)}
-			}
-			err = temporal.NewApplicationErrorWithCause(app.Message(), task.ErrWorkerReset, app.Unwrap(), p)
+			err = temporal.NewApplicationErrorWithCause(app.Message(), task.ErrWorkerReset, app.Unwrap(), resetProgress(p, g.maxInline()))
 		}
 	}()
 	hbCtx, stopBeats := context.WithCancel(ctx)
@@ -216,6 +211,17 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ 
 	log.Info("generation done", "tokens_in", res.TokensIn, "tokens_out", produced, "resumed", resumed,
 		"first_token_ms", res.FirstTokenMs, "decode_ms", res.DecodeMs)
 	return res, nil
+}
+
+// resetProgress is what a WORKER_RESET carries: every token, unless they
+// are above the inline bound (a payload past Temporal's limit would lose
+// the error itself); then the count alone, and the move resumes from what
+// readers saw (task.SignalSeen).
+func resetProgress(p task.Progress, bound int) task.Progress {
+	if outputs.Size(task.Output{Tokens: p.Tokens, Pieces: p.Pieces}) > bound {
+		return task.Progress{Produced: len(p.Tokens)}
+	}
+	return p
 }
 
 func (g *GenerateActivities) maxInline() int {
