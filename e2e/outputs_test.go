@@ -39,7 +39,7 @@ func TestLargeOutputInBucket(t *testing.T) {
 	c.onlineWorker(id, "--max-inline-output", "1KiB")
 	h := c.readyPool(id, "outp1", "out-tiny", 63, `,"slots":2,"ctx":4096`)
 	url := h["url"].(string)
-	const prompt, n = "Once upon a time", 400
+	const prompt, n = "Once upon a time", 200
 	want := greedy(t, url, prompt, n)
 
 	tid := testenv.Unique("t-big")
