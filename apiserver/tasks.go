@@ -460,6 +460,10 @@ func (s *Server) cancelTask(c *fiber.Ctx) error {
 
 func (s *Server) cancel(ctx context.Context, id, reason string) error {
 	st, running, err := s.status(ctx, id)
+	var ae *Error
+	if errors.As(err, &ae) && (ae.Code == task.ErrOutputExpired || ae.Code == task.ErrOutputCorrupt) {
+		err = nil // its text is unreadable, and it has ended all the same
+	}
 	if err != nil {
 		return err
 	}

@@ -147,6 +147,9 @@ func TestLargeOutputInBucket(t *testing.T) {
 	status, body = c.send("GET", "/v2/tasks/"+tid, "")
 	require.Equal(t, 410, status, body)
 	require.Equal(t, task.ErrOutputExpired, body["code"], body)
+	status, body = c.send("POST", "/v2/tasks/"+tid+"/cancel", "")
+	require.Equal(t, 409, status, "an ended task whose output expired is still ended: %v", body)
+	require.Equal(t, "TASK_ENDED", body["code"], body)
 }
 
 func testenvFollow(t *testing.T, addr, taskID string) <-chan sseEvent {
