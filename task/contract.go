@@ -116,27 +116,27 @@ type Migration struct {
 
 // Status is a task as a reader sees it.
 type Status struct {
-	TaskID       string      `json:"task_id"`
-	State        State       `json:"state"`
-	ModelID      string      `json:"model_id"`
-	Where        *Where      `json:"where,omitempty"`
-	Text         string      `json:"text,omitempty"`
-	Pieces       []string    `json:"pieces,omitempty"` // token texts, to replay a finished stream
-	TokensIn     int         `json:"tokens_in"`
-	TokensOut    int         `json:"tokens_out"`
-	StopType     string      `json:"stop_type,omitempty"`
-	QueueMs      int64       `json:"queue_ms"`
-	FirstTokenMs int64       `json:"first_token_ms,omitempty"`
-	DecodeMs     int64       `json:"decode_ms,omitempty"`
-	Migrations   []Migration `json:"migrations,omitempty"`
+	TaskID        string      `json:"task_id"`
+	State         State       `json:"state"`
+	ModelID       string      `json:"model_id"`
+	Where         *Where      `json:"where,omitempty"`
+	Text          string      `json:"text,omitempty"`
+	Pieces        []string    `json:"pieces,omitempty"` // token texts, to replay a finished stream
+	TokensIn      int         `json:"tokens_in"`
+	TokensOut     int         `json:"tokens_out"`
+	StopType      string      `json:"stop_type,omitempty"`
+	QueueMs       int64       `json:"queue_ms"`
+	FirstTokenMs  int64       `json:"first_token_ms,omitempty"`
+	DecodeMs      int64       `json:"decode_ms,omitempty"`
+	Migrations    []Migration `json:"migrations,omitempty"`
+	Error         *Error      `json:"error,omitempty"`
+	CorrelationID string      `json:"correlation_id,omitempty"`
+	SubmittedAt   time.Time   `json:"submitted_at"`
+	FinishedAt    time.Time   `json:"finished_at,omitempty"`
 	// Output: the text and pieces are in the bucket (an output above the
 	// node's inline bound); control.Tasks reads them back into Text and
 	// Pieces, so readers of a Status never see it set.
-	Output        *OutputRef `json:"output,omitempty"`
-	Error         *Error     `json:"error,omitempty"`
-	CorrelationID string     `json:"correlation_id,omitempty"`
-	SubmittedAt   time.Time  `json:"submitted_at"`
-	FinishedAt    time.Time  `json:"finished_at,omitempty"`
+	Output *OutputRef `json:"output,omitempty"`
 }
 
 // Error is a task's failure, as the error event and the API carry it.
