@@ -14,6 +14,7 @@ import (
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/llorch/llorch/engine/protocol"
+	"github.com/llorch/llorch/outputs"
 	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/tokenstream"
 )
@@ -32,6 +33,19 @@ type GenerateActivities struct {
 	// Streams holds each task's events on this node, as the node link
 	// serves them to apiserver replicas; nil: none kept (tests).
 	Streams *tokenstream.Hub
+	// Outputs stores an output above MaxInlineOutput in the bucket, and
+	// the result holds its reference (Temporal refuses a payload over 2
+	// MiB); nil: every output inline.
+	Outputs OutputWriter
+	// MaxInlineOutput is the largest output (tokens and pieces as JSON)
+	// returned inline; 0: outputs.DefaultMaxInline. It bounds the tokens a
+	// WORKER_RESET carries too.
+	MaxInlineOutput int
+}
+
+// OutputWriter stores a generation's output (outputs.Store).
+type OutputWriter interface {
+	Write(ctx context.Context, key string, out task.Output) (task.OutputRef, error)
 }
 
 // GenerateInput is one generation of a task on one pool; Resume holds the
@@ -76,7 +90,7 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ 
 			mu.Lock()
 			p := task.Progress{Tokens: append([]int32(nil), prog.Tokens...), Pieces: append([]string(nil), prog.Pieces...)}
 			mu.Unlock()
-			err = temporal.NewApplicationErrorWithCause(app.Message(), task.ErrWorkerReset, app.Unwrap(), p)
+			err = temporal.NewApplicationErrorWithCause(app.Message(), task.ErrWorkerReset, app.Unwrap(), resetProgress(p, g.maxInline()))
 		}
 	}()
 	hbCtx, stopBeats := context.WithCancel(ctx)
@@ -111,6 +125,9 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ 
 	nPredict := req.Params.MaxTokens - resumed
 	if nPredict <= 0 {
 		res.Tokens, res.Pieces, res.StopType = prog.Tokens, prog.Pieces, "limit"
+		if res, err = g.offload(ctx, req.TaskID, res, log); err != nil {
+			return task.Result{}, err
+		}
 		push.Send(task.Event{Type: "end", TokensOut: len(prog.Tokens), TokensIn: res.TokensIn, StopType: res.StopType})
 		return res, nil
 	}
@@ -182,12 +199,73 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ 
 	mu.Lock()
 	res.Tokens, res.Pieces = prog.Tokens, prog.Pieces
 	mu.Unlock()
-	g.Metrics.generated(g.NodeID, len(promptToks), len(res.Tokens)-resumed, time.Duration(res.DecodeMs)*time.Millisecond)
-	push.Send(task.Event{Type: "end", TokensOut: len(res.Tokens), DecodeTimeMs: res.DecodeMs, TokensIn: res.TokensIn, StopType: res.StopType})
+	produced := len(res.Tokens)
+	g.Metrics.generated(g.NodeID, len(promptToks), produced-resumed, time.Duration(res.DecodeMs)*time.Millisecond)
+	// Stored before the end event: a reader that sees the end may read
+	// the task's result at once.
+	if res, err = g.offload(ctx, req.TaskID, res, log); err != nil {
+		return task.Result{}, err
+	}
+	push.Send(task.Event{Type: "end", TokensOut: produced, DecodeTimeMs: res.DecodeMs, TokensIn: res.TokensIn, StopType: res.StopType})
 	beat()
-	log.Info("generation done", "tokens_in", res.TokensIn, "tokens_out", len(res.Tokens), "resumed", resumed,
+	log.Info("generation done", "tokens_in", res.TokensIn, "tokens_out", produced, "resumed", resumed,
 		"first_token_ms", res.FirstTokenMs, "decode_ms", res.DecodeMs)
 	return res, nil
+}
+
+// resetProgress is what a WORKER_RESET carries: every token, unless they
+// are above the inline bound (a payload past Temporal's limit would lose
+// the error itself); then the count alone, and the move resumes from what
+// readers saw (task.SignalSeen).
+func resetProgress(p task.Progress, bound int) task.Progress {
+	if outputs.Size(task.Output{Tokens: p.Tokens, Pieces: p.Pieces}) > bound {
+		return task.Progress{Produced: len(p.Tokens)}
+	}
+	return p
+}
+
+func (g *GenerateActivities) maxInline() int {
+	if g.MaxInlineOutput > 0 {
+		return g.MaxInlineOutput
+	}
+	return outputs.DefaultMaxInline
+}
+
+// offload writes an output above the inline bound to the bucket and
+// returns the result with its reference instead of its tokens. A write
+// that keeps failing fails the generation (OUTPUT_UNSTORED): inline, the
+// result would be refused by Temporal anyway.
+func (g *GenerateActivities) offload(ctx context.Context, taskID string, res task.Result, log *slog.Logger) (task.Result, error) {
+	out := task.Output{Tokens: res.Tokens, Pieces: res.Pieces}
+	size := outputs.Size(out)
+	if g.Outputs == nil || size <= g.maxInline() {
+		return res, nil
+	}
+	info := activity.GetInfo(ctx)
+	key := outputs.Key(taskID, info.ActivityID, info.Attempt)
+	var err error
+	for try, wait := 1, 250*time.Millisecond; ; try, wait = try+1, 2*wait {
+		var ref task.OutputRef
+		if ref, err = g.Outputs.Write(ctx, key, out); err == nil {
+			log.Info("output stored in the bucket", "key", key, "bytes", ref.Bytes, "encoded_bytes", size, "tokens", len(res.Tokens))
+			g.Metrics.offloaded(g.NodeID)
+			res.Tokens, res.Pieces, res.Output = nil, nil, &ref
+			return res, nil
+		}
+		if try == 4 || ctx.Err() != nil {
+			break
+		}
+		log.Warn("output not stored yet; trying again", "key", key, "try", try, "err", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(wait):
+		}
+	}
+	if ctx.Err() != nil {
+		return res, ctx.Err()
+	}
+	return res, temporal.NewNonRetryableApplicationError(fmt.Sprintf("node %s: task %s: its output (%d tokens, %d bytes) is above the inline bound (%d) and the bucket did not take it: %v",
+		g.NodeID, taskID, len(res.Tokens), size, g.maxInline(), err), task.ErrOutputUnstored, nil)
 }
 
 // eventSink takes a generation's events: into the node's stream of the

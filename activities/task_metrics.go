@@ -13,6 +13,8 @@ type TaskMetrics struct {
 	TokensOut  *prometheus.CounterVec
 	FirstToken *prometheus.HistogramVec
 	Decode     *prometheus.HistogramVec
+	// Offloaded counts outputs stored in the bucket (above the inline bound).
+	Offloaded *prometheus.CounterVec
 }
 
 // NewTaskMetrics registers them on reg.
@@ -33,6 +35,15 @@ func NewTaskMetrics(reg prometheus.Registerer) *TaskMetrics {
 			Name: "llorch_task_decode_seconds", Help: "Decode time of a generation, on the node.",
 			Buckets: prometheus.ExponentialBuckets(0.005, 2, 16),
 		}, []string{"node_id"}),
+		Offloaded: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_task_outputs_offloaded_total", Help: "Outputs above --max-inline-output stored in the bucket, on this node.",
+		}, []string{"node_id"}),
+	}
+}
+
+func (m *TaskMetrics) offloaded(nodeID string) {
+	if m != nil && m.Offloaded != nil {
+		m.Offloaded.WithLabelValues(nodeID).Inc()
 	}
 }
 

@@ -217,7 +217,7 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 	if !r.Stream {
 		st, err := s.deps.Tasks.Result(c.UserContext(), req.TaskID)
 		if err != nil {
-			return err
+			return outputError(err)
 		}
 		if st.State != task.Completed {
 			return taskFailure(st)

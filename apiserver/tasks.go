@@ -427,7 +427,25 @@ func (s *Server) status(ctx context.Context, id string) (task.Status, bool, erro
 	if errors.Is(err, control.ErrTaskNotFound) {
 		return st, false, taskNotFound(id)
 	}
-	return st, running, err
+	return st, running, outputError(err)
+}
+
+// outputError renders a task's output that cannot be read back from the
+// bucket (control.Tasks): gone after the output retention is 410
+// OUTPUT_EXPIRED; not matching the checksum its history records is 500
+// OUTPUT_CORRUPT, never other text.
+func outputError(err error) error {
+	var te *task.Error
+	if !errors.As(err, &te) {
+		return err
+	}
+	switch te.Code {
+	case task.ErrOutputExpired:
+		return apiError(fiber.StatusGone, te.Code, "%s", te.Message)
+	case task.ErrOutputCorrupt:
+		return apiError(fiber.StatusInternalServerError, te.Code, "%s", te.Message)
+	}
+	return err
 }
 
 // ownStatus is status for a caller that may see the task: another key's
@@ -477,6 +495,10 @@ func (s *Server) cancelTask(c *fiber.Ctx) error {
 
 func (s *Server) cancel(ctx context.Context, id, reason string) error {
 	st, running, err := s.status(ctx, id)
+	var ae *Error
+	if errors.As(err, &ae) && (ae.Code == task.ErrOutputExpired || ae.Code == task.ErrOutputCorrupt) {
+		err = nil // its text is unreadable, and it has ended all the same
+	}
 	if err != nil {
 		return err
 	}
@@ -527,6 +549,11 @@ func (s *Server) readStream(id string) (st *tokenstream.Stream, release func()) 
 func (s *Server) follow(ctx context.Context, id string, st *tokenstream.Stream) {
 	res, err := s.deps.Tasks.Result(ctx, id)
 	if ctx.Err() != nil {
+		return
+	}
+	var te *task.Error
+	if errors.As(err, &te) { // its output cannot be read back
+		st.Finish(task.Event{Type: "error", Error: te})
 		return
 	}
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/api/serviceerror"
@@ -19,6 +20,15 @@ import (
 // cancel them.
 type Tasks struct {
 	Temporal client.Client
+	// Outputs reads outputs a node stored in the bucket (a status with
+	// Output set); nil: such a task's text cannot be read here.
+	Outputs OutputReader
+}
+
+// OutputReader fetches an output from the bucket, checking it against its
+// reference (outputs.Store); a missing or corrupt one is a *task.Error.
+type OutputReader interface {
+	Read(ctx context.Context, taskID string, ref task.OutputRef) (task.Output, error)
 }
 
 // Start starts an admitted task's workflow. A task id is used once: a
@@ -64,6 +74,9 @@ func (c *Tasks) Status(ctx context.Context, id string) (st task.Status, running 
 		if err == nil {
 			err = v.Get(&st)
 		}
+		if err == nil {
+			err = c.resolve(ctx, &st)
+		}
 		return st, true, err
 	}
 	st, err = c.Result(ctx, id)
@@ -74,7 +87,29 @@ func (c *Tasks) Status(ctx context.Context, id string) (st task.Status, running 
 func (c *Tasks) Result(ctx context.Context, id string) (task.Status, error) {
 	var st task.Status
 	err := c.Temporal.GetWorkflow(ctx, task.WorkflowID(id), "").Get(ctx, &st)
+	if err == nil {
+		err = c.resolve(ctx, &st)
+	}
 	return st, err
+}
+
+// resolve reads an output the node stored in the bucket into the status's
+// Text and Pieces, so no reader sees the difference; a missing or
+// corrupt object is an error (a *task.Error), never other text.
+func (c *Tasks) resolve(ctx context.Context, st *task.Status) error {
+	if st.Output == nil {
+		return nil
+	}
+	if c.Outputs == nil {
+		return fmt.Errorf("task %s: its output is in the bucket (%s) and this apiserver has no S3 store (set the --s3-* settings)",
+			st.TaskID, st.Output.Key)
+	}
+	out, err := c.Outputs.Read(ctx, st.TaskID, *st.Output)
+	if err != nil {
+		return err
+	}
+	st.Pieces, st.Text, st.Output = out.Pieces, strings.Join(out.Pieces, ""), nil
+	return nil
 }
 
 // Cancel asks a running task to stop; a task already gone is not an error.

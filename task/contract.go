@@ -141,6 +141,10 @@ type Status struct {
 	Owner         string      `json:"owner,omitempty"` // the submitting key's id (Request.Owner)
 	SubmittedAt   time.Time   `json:"submitted_at"`
 	FinishedAt    time.Time   `json:"finished_at,omitempty"`
+	// Output: the text and pieces are in the bucket (an output above the
+	// node's inline bound); control.Tasks reads them back into Text and
+	// Pieces, so readers of a Status never see it set.
+	Output *OutputRef `json:"output,omitempty"`
 }
 
 // Error is a task's failure, as the error event and the API carry it.
@@ -150,6 +154,10 @@ type Error struct {
 	Retriable    bool   `json:"retriable"`
 	RetryAfterMs int64  `json:"retry_after_ms,omitempty"`
 }
+
+// Error makes a task's failure an error too (an output that cannot be
+// read back is one, for the readers of control.Tasks).
+func (e *Error) Error() string { return e.Code + ": " + e.Message }
 
 // Error codes of tasks.
 const (
@@ -164,6 +172,16 @@ const (
 	// pool it was placed on (it runs no such engine now, or the engine's
 	// queue is full); the task workflow places it again.
 	ErrSlotRefused = "SLOT_REFUSED"
+	// ErrOutputExpired: the task's output was in the bucket and is gone
+	// (deleted after the output retention).
+	ErrOutputExpired = "OUTPUT_EXPIRED"
+	// ErrOutputCorrupt: the task's output in the bucket does not match the
+	// checksum its history records, or does not decrypt: refused, never
+	// served as the task's text.
+	ErrOutputCorrupt = "OUTPUT_CORRUPT"
+	// ErrOutputUnstored: the output was above the node's inline bound and
+	// the bucket would not take it; the task fails (retry it).
+	ErrOutputUnstored = "OUTPUT_UNSTORED"
 )
 
 // Workflow messages.
@@ -188,6 +206,27 @@ type Result struct {
 	// WaitMs is how long the generation waited at the node for a slot
 	// (0 in histories from before node-side slots).
 	WaitMs int64 `json:"wait_ms,omitempty"`
+	// Output, when set, holds Tokens and Pieces instead (they are empty):
+	// an output above the node's inline bound is written to the bucket, as
+	// a payload past Temporal's limit (2 MiB) would fail the task.
+	Output *OutputRef `json:"output,omitempty"`
+}
+
+// OutputRef is where a generation's output is in the bucket: the object's
+// key, its size and the SHA-256 of its bytes, which every read checks (the
+// history, not the bucket, is the record).
+type OutputRef struct {
+	Key    string `json:"key"`
+	Bytes  int64  `json:"bytes"`
+	SHA256 string `json:"sha256"`
+	// Tokens is how many tokens it holds (TokensOut without reading it).
+	Tokens int `json:"tokens"`
+}
+
+// Output is what an offloaded output object holds.
+type Output struct {
+	Tokens []int32  `json:"tokens"`
+	Pieces []string `json:"pieces"`
 }
 
 // Progress is what a generation has produced: the tokens a replica's

@@ -240,8 +240,14 @@ func (f *Follower) run(ctx context.Context, taskID string, st *Stream, where *ta
 	for ctx.Err() == nil && !st.Ended() {
 		if where == nil {
 			s, running, err := f.Status(ctx, taskID)
+			var final *task.Error
 			switch {
 			case ctx.Err() != nil:
+				return
+			case errors.As(err, &final):
+				// The task ended and its output cannot be read back (gone
+				// from the bucket, or corrupt): that is the stream's end.
+				st.Finish(task.Event{Type: "error", Error: final})
 				return
 			case err != nil:
 				f.Metrics.failed("status")

@@ -300,6 +300,12 @@ func (t *taskWF) done(res task.Result) {
 	t.st.Text = strings.Join(res.Pieces, "")
 	t.st.Pieces = res.Pieces
 	t.st.TokensIn, t.st.TokensOut = res.TokensIn, len(res.Tokens)
+	if res.Output != nil {
+		// The output is in the bucket: the status (query and result) holds
+		// its reference, and readers fetch it (control.Tasks). State only,
+		// no command: recorded runs replay as they ran.
+		t.st.Output, t.st.TokensOut = res.Output, res.Output.Tokens
+	}
 	t.st.StopType = res.StopType
 	if len(t.st.Migrations) == 0 {
 		t.st.FirstTokenMs = res.FirstTokenMs
@@ -348,7 +354,7 @@ func asTaskError(err error) *task.Error {
 	var app *temporal.ApplicationError
 	if errors.As(err, &app) {
 		code := app.Type()
-		retriable := code == task.ErrPoolUnavailable || code == task.ErrWorkerReset
+		retriable := code == task.ErrPoolUnavailable || code == task.ErrWorkerReset || code == task.ErrOutputUnstored
 		e := &task.Error{Code: code, Message: app.Message(), Retriable: retriable}
 		if retriable {
 			e.RetryAfterMs = 1000

@@ -190,3 +190,26 @@ func TestTaskResumeFromHeartbeat(t *testing.T) {
 		})
 	}
 }
+
+// An output the node stored in the bucket: the task's status (its result
+// and its query) holds the reference and the count, not the text.
+func TestTaskRecordsOutputReference(t *testing.T) {
+	env, tc, ga := taskEnv(t)
+	env.OnActivity(tc.Place, mock.Anything, mock.Anything).Return(where1, nil)
+	ref := &task.OutputRef{Key: "outputs/t1/5.1.payload", Bytes: 4096, SHA256: "ab", Tokens: 700}
+	env.OnActivity(ga.Generate, mock.Anything, mock.Anything).Return(task.Result{TokensIn: 4, StopType: "limit", Output: ref}, nil)
+	env.ExecuteWorkflow(Task, task.Request{TaskID: "t1", ModelID: "m", EnqueuedAt: env.Now()})
+	require.NoError(t, env.GetWorkflowError())
+	var st task.Status
+	require.NoError(t, env.GetWorkflowResult(&st))
+	require.Equal(t, task.Completed, st.State, st.Error)
+	require.Equal(t, ref, st.Output)
+	require.Equal(t, 700, st.TokensOut)
+	require.Empty(t, st.Text)
+	require.Empty(t, st.Pieces)
+	v, err := env.QueryWorkflow(task.QueryStatus)
+	require.NoError(t, err)
+	var q task.Status
+	require.NoError(t, v.Get(&q))
+	require.Equal(t, ref, q.Output)
+}

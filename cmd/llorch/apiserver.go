@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -19,6 +20,7 @@ import (
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/keyring"
 	"github.com/llorch/llorch/link"
+	"github.com/llorch/llorch/outputs"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/tokenstream"
 	"github.com/llorch/llorch/workers"
@@ -55,6 +57,7 @@ type apiserverFlags struct {
 	auditLog           string
 	tls                config.ServerTLS
 	linkCA             string
+	outputRetention    time.Duration
 }
 
 func (f *apiserverFlags) addFlags(fs *pflag.FlagSet) {
@@ -72,6 +75,8 @@ func (f *apiserverFlags) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.linkCA, "link-ca", "", "PEM CA that signed the node links' certificates (the workers' --link-tls-cert); empty: the system's roots")
 	fs.IntVar(&f.canAfter, "node-continue-as-new-events", 0, "continue node workflows as new after this many history events (0: when Temporal suggests)")
 	fs.StringVar(&f.auditLog, "audit-log", "", "also append the audit trail (JSON lines, stream=audit; always on stderr) to this file")
+	fs.DurationVar(&f.outputRetention, "output-retention", 7*24*time.Hour,
+		"delete task outputs stored in the bucket (outputs/, those above the workers' --max-inline-output) this long after they were written (0: keep them)")
 	config.AddS3Flags(fs, &f.s3)
 }
 
@@ -129,6 +134,15 @@ func runAPIServer(f *apiserverFlags) error {
 		return fmt.Errorf("--admission-policy: want %s or %s, got %q", scheduler.Reject, scheduler.DropLRU, f.policy)
 	}
 	pools, tasks := &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace, DataConverter: f.dc}, &control.Tasks{Temporal: tc}
+	var pruner *outputs.Pruner
+	if store != nil {
+		outs := &outputs.Store{Bucket: store, DC: f.dc}
+		tasks.Outputs = outs
+		if f.outputRetention > 0 {
+			pruner = &outputs.Pruner{Store: outs, Retention: f.outputRetention, Log: log,
+				Every: min(max(f.outputRetention/4, time.Second), time.Hour)}
+		}
+	}
 	sessions := &control.Sessions{Temporal: tc}
 	view := &scheduler.LinkView{Pools: pools, Nodes: nodes, Token: f.linkToken, HTTP: linkHTTP, Log: log, Metrics: scheduler.NewViewMetrics(reg),
 		Suspect: nodes.Suspect, Identity: identity}
@@ -170,6 +184,9 @@ func runAPIServer(f *apiserverFlags) error {
 					go view.Run(schedCtx)
 					go sched.Run(schedCtx)
 					go ring.Run(schedCtx)
+					if pruner != nil {
+						go pruner.Run(schedCtx)
+					}
 					return nil
 				},
 				OnStop: func(context.Context) error { stopSched(); return nil },

@@ -25,6 +25,7 @@ import (
 	"github.com/llorch/llorch/link"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/outputs"
 	"github.com/llorch/llorch/tokenstream"
 	"github.com/llorch/llorch/workers"
 	"github.com/llorch/llorch/workers/agent"
@@ -67,8 +68,11 @@ type workerFlags struct {
 	engineThreads                                                     int
 	orphanTimeout                                                     time.Duration
 
-	// diskMarginBytes is --disk-margin, parsed by check.
-	diskMarginBytes int64
+	maxInlineOutput string
+
+	// diskMarginBytes is --disk-margin, maxInlineBytes --max-inline-output,
+	// parsed by check.
+	diskMarginBytes, maxInlineBytes int64
 }
 
 func (f *workerFlags) addFlags(fs *pflag.FlagSet) {
@@ -91,6 +95,8 @@ func (f *workerFlags) addFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&f.gc.PartialMaxAge, "gc-partial-max-age", 24*time.Hour, "GC removes partial downloads untouched for this long")
 	fs.DurationVar(&f.gcEvery, "gc-interval", 15*time.Minute, "how often the GC schedule runs on this node (0: no schedule)")
 	fs.StringVar(&f.diskMargin, "disk-margin", "1GiB", "free space staging keeps beyond a model's size")
+	fs.StringVar(&f.maxInlineOutput, "max-inline-output", "256KiB",
+		"a task's output above this size (tokens and pieces as JSON) is stored in the bucket under outputs/, its history holds a reference (Temporal refuses payloads over 2MiB); at most 1MiB")
 	fs.StringVar(&f.runtimeDir, "runtime-dir", "", "engine handoff files and logs (default <home>/nodes/<node-id>/runtime)")
 	fs.StringVar(&f.libDir, "llama-lib-dir", "", "libllama for built-in engines (default ./bin/llama)")
 	fs.StringVar(&f.llamaServer, "llama-server", "", "llama-server binary for pools with engine llama-server")
@@ -120,6 +126,14 @@ func (f *workerFlags) check() error {
 	}
 	if f.diskMarginBytes, err = config.ParseBytes("--disk-margin", f.diskMargin); err != nil {
 		return err
+	}
+	// Above 1 MiB the task's status (text and pieces, twice the output)
+	// would pass Temporal's 2 MiB payload limit before the bound did.
+	if f.maxInlineBytes, err = config.ParseBytes("--max-inline-output", f.maxInlineOutput); err != nil {
+		return err
+	}
+	if f.maxInlineBytes < 1 || f.maxInlineBytes > 1<<20 {
+		return fmt.Errorf("--max-inline-output %s: want 1B to 1MiB", f.maxInlineOutput)
 	}
 	if !(0 < f.gc.LowWatermark && f.gc.LowWatermark < f.gc.HighWatermark && f.gc.HighWatermark <= 1) {
 		return fmt.Errorf("--gc-low-watermark %.2f and --gc-high-watermark %.2f: want 0 < low < high <= 1",
@@ -215,7 +229,14 @@ func (f *workerFlags) agent(log *slog.Logger, identity string, tc client.Client,
 	streams := &tokenstream.Hub{}
 	tokenstream.NewHubMetrics(reg, streams)
 	generate := &activities.GenerateActivities{NodeID: f.nodeID, Log: log, Metrics: activities.NewTaskMetrics(reg),
-		Running: &activities.Generations{NodeID: f.nodeID, Metrics: activities.NewSlotMetrics(reg)}, Streams: streams}
+		Running: &activities.Generations{NodeID: f.nodeID, Metrics: activities.NewSlotMetrics(reg)}, Streams: streams,
+		MaxInlineOutput: int(f.maxInlineBytes)}
+	if store != nil {
+		// Nodes write outputs/ alone in the bucket (docs/security.md).
+		generate.Outputs = &outputs.Store{Bucket: store, DC: f.dc}
+	} else {
+		log.Warn("no S3 store: outputs above --max-inline-output stay inline, and Temporal refuses a payload over 2MiB")
+	}
 	a := &agent.Agent{
 		NodeID: f.nodeID, Identity: identity, HeartbeatInterval: f.heartbeat, Log: log,
 		Host:     agent.HostWithModels{InventorySource: host, Local: local, Log: log},
