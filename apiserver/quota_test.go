@@ -132,7 +132,7 @@ func startQuotaReplicas(t *testing.T, n int, keys staticKeys, gen *fakeGeneratio
 		go sched.Run(ctx)
 		quotas := &control.Quotas{Temporal: env.Temporal, Metrics: control.NewQuotaMetrics(reg)}
 		w := workers.NewControl(env.Temporal, nil, &scheduler.TaskControl{S: sched, Hub: hub, Metrics: sched.Metrics},
-			&workflows.Quotas{Counted: quotas.Metrics.Tokens})
+			&workflows.Quotas{Counted: quotas.Metrics.Released})
 		require.NoError(t, w.Start())
 		t.Cleanup(w.Stop)
 		s, err := apiserver.New(apiserver.Config{Addr: "127.0.0.1:0", Token: token}, apiserver.Deps{
