@@ -10,7 +10,7 @@
 # given a GPU (compose `deploy.resources.reservations.devices`, `docker run
 # --gpus`). Without it the worker starts as a CPU-only node and says so.
 
-ARG GO_VERSION=1.26
+ARG GO_VERSION=1.27.3
 
 FROM golang:${GO_VERSION}-bookworm AS build
 WORKDIR /src

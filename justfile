@@ -3,6 +3,10 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 export CGO_CFLAGS := "-O2 -g -Wno-deprecated-declarations"
 export PATH := justfile_directory() + "/bin:" + env_var("PATH")
+# The Go toolchain every recipe builds with (go.mod's toolchain line; the go
+# command fetches it once through the module proxy).
+go_toolchain := "go1.27.3"
+export GOTOOLCHAIN := go_toolchain
 
 temporal_version := "v1.5.1"
 versitygw_version := "v1.8.0"
@@ -31,10 +35,12 @@ tools:
       GOBIN="$PWD/bin" go install github.com/versity/versitygw/cmd/versitygw@{{versitygw_version}}
       touch bin/.versitygw-{{versitygw_version}}
     fi
-    if [ ! -f bin/.govulncheck-{{govulncheck_version}} ] || [ ! -x bin/govulncheck ]; then
+    # Built with the toolchain it checks: one built by an older Go cannot load newer sources.
+    if [ ! -f bin/.govulncheck-{{govulncheck_version}}-{{go_toolchain}} ] || [ ! -x bin/govulncheck ]; then
       echo "installing govulncheck {{govulncheck_version}} into ./bin"
+      rm -f bin/govulncheck
       GOBIN="$PWD/bin" go install golang.org/x/vuln/cmd/govulncheck@{{govulncheck_version}}
-      touch bin/.govulncheck-{{govulncheck_version}}
+      touch bin/.govulncheck-{{govulncheck_version}}-{{go_toolchain}}
     fi
     # libllama for `llorch engine`: node-llama-cpp's prebuilt CPU build, driven by yzma (purego).
     if [ ! -f bin/.llama-npm-{{llama_npm_version}} ] || [ ! -e bin/llama/libllama.so ]; then
@@ -77,6 +83,31 @@ test: tools lint vulncheck
     go test -count=1 -timeout 30m ./...
     LLORCH_E2E_APISERVERS=3 go test -count=1 -timeout 20m -run '^({{replicas_e2e}})$' ./e2e
     LLORCH_CHAOS=1 go test -count=1 -timeout 20m ./chaos
+    just fuzz
+
+# The fuzz campaign: FuzzAPI against a running apiserver for TIME, then the parsers' fuzz targets 5 s each. New inputs go to Go's fuzz cache, not the repo; a failing one is written to the package's testdata/fuzz (commit it with the fix).
+fuzz TIME="60s": tools
+    #!/usr/bin/env bash
+    set -euo pipefail
+    mkdir -p bench/out
+    campaign() { # package, target, time
+      local log="bench/out/fuzz-$2.log"
+      echo "fuzz: $2 ($1) for $3"
+      # One worker: FuzzAPI's stack (Temporal, S3, apiserver, a node) runs once per worker.
+      # Few minimising runs: the apiserver's own goroutines make most inputs look new.
+      if ! go test -run '^$' -fuzz "^$2\$" -fuzztime "$3" -fuzzminimizetime 20x -parallel 1 -timeout 30m "$1" >"$log" 2>&1; then
+        tail -n 60 "$log"
+        echo "fuzz: $2 failed (log: $log)"
+        exit 1
+      fi
+      local last
+      last=$(grep -E 'execs: [0-9]+' "$log" | tail -n 1 || true)
+      echo "fuzz: $2 done: ${last#*elapsed: }"
+    }
+    campaign ./fuzz FuzzAPI "{{TIME}}"
+    campaign ./apiserver FuzzTaskRequest 5s
+    campaign ./apiserver FuzzOpenAIRequest 5s
+    campaign ./engine FuzzCompletionDecoders 5s
 
 # Benchmarks against baselines in the same run, ending with a table of aims (results: bench/out/results.json).
 bench: tools

@@ -3,7 +3,10 @@ package apiclient
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -27,6 +30,17 @@ func New(baseURL, token string) (*Client, error) {
 		return nil, fmt.Errorf("%q: want http://host:port or https://host:port", baseURL)
 	}
 	return &Client{base: u.String(), token: token, hc: &http.Client{}}, nil
+}
+
+// SetTLS has the client verify the apiserver's certificate with cfg (its
+// RootCAs: a private CA); nil keeps the system's roots.
+func (c *Client) SetTLS(cfg *tls.Config) {
+	if cfg == nil {
+		return
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = cfg
+	c.hc = &http.Client{Transport: tr}
 }
 
 // Envelope is the body of every error response; the apiserver renders
@@ -62,7 +76,18 @@ type UnreachableError struct {
 }
 
 func (e *UnreachableError) Error() string {
-	return fmt.Sprintf("cannot reach the llorch apiserver at %s: %v", e.BaseURL, e.Err)
+	return fmt.Sprintf("cannot reach the llorch apiserver at %s: %v%s", e.BaseURL, e.Err, UntrustedHint(e.Err, "--api-ca or LLORCH_API_CA"))
+}
+
+// UntrustedHint says what to set (setting) when err is a server
+// certificate this client's roots do not verify; "" for other errors.
+func UntrustedHint(err error, setting string) string {
+	var unknown x509.UnknownAuthorityError
+	var verify *tls.CertificateVerificationError
+	if errors.As(err, &unknown) || errors.As(err, &verify) {
+		return " (the server's certificate is not signed by a CA this client trusts: set " + setting + " to the PEM of the CA that signed it)"
+	}
+	return ""
 }
 
 func (e *UnreachableError) Unwrap() error { return e.Err }

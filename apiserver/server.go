@@ -3,9 +3,12 @@ package apiserver
 import (
 	"cmp"
 	"context"
+	"crypto/tls"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"regexp"
 	"strconv"
 	"sync"
@@ -14,6 +17,7 @@ import (
 	"github.com/gofiber/fiber/v2"
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/valyala/fasthttp"
 
 	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/bearer"
@@ -30,8 +34,10 @@ type Config struct {
 	Addr  string
 	Token string
 	// AdvertiseURL is where nodes push token streams to this apiserver
-	// (default http://<the bound address>).
+	// (default http(s)://<the bound address>).
 	AdvertiseURL string
+	// TLS, when set, serves HTTPS (--tls-cert, --tls-key).
+	TLS *tls.Config
 }
 
 // Deps are the clients the API works through.
@@ -59,10 +65,13 @@ type Deps struct {
 	// Quotas admits the tasks of keys with limits and reads keys' usage;
 	// nil: limits are not enforced and usage answers UNAVAILABLE.
 	Quotas *control.Quotas
-	// LinkToken is presented to node links (--link-token).
+	// LinkToken is presented to node links (LLORCH_LINK_TOKEN).
 	LinkToken string
-	Registry  *prometheus.Registry
-	Logger    *slog.Logger
+	// LinkHTTP reaches node links (trusting --link-ca); nil:
+	// link.DefaultHTTP.
+	LinkHTTP *http.Client
+	Registry *prometheus.Registry
+	Logger   *slog.Logger
 	// Audit receives the audit trail (audit.go); nil: Logger.
 	Audit *slog.Logger
 }
@@ -101,7 +110,7 @@ const (
 // New builds the server; it does not listen yet.
 func New(cfg Config, d Deps) (*Server, error) {
 	if cfg.Token == "" && !bearer.Loopback(cfg.Addr) {
-		return nil, fmt.Errorf("refusing to listen on %s without a token: set LLORCH_API_TOKEN (or --api-token), or bind a loopback address", cfg.Addr)
+		return nil, fmt.Errorf("refusing to listen on %s without a token: set LLORCH_API_TOKEN (or LLORCH_API_TOKEN_FILE), or bind a loopback address", cfg.Addr)
 	}
 	s := &Server{cfg: cfg, deps: d, metrics: newMetrics(d.Registry), streamKey: streamKeyFor(cfg.Token), closing: make(chan struct{}),
 		key: bearer.NewKey(cfg.Token, "LLORCH_API_TOKEN"), identity: "anonymous"}
@@ -131,7 +140,7 @@ func New(cfg Config, d Deps) (*Server, error) {
 	if d.Scheduler != nil && d.Hub != nil && d.Tasks != nil {
 		s.follower = &tokenstream.Follower{Hub: d.Hub, Status: d.Tasks.Status, LinkURL: s.linkURL,
 			Subscribe: func(ctx context.Context, url, taskID string, after int, each func(task.Event) error) error {
-				return (&link.Client{URL: url, Token: d.LinkToken}).Events(ctx, taskID, after, each)
+				return (&link.Client{URL: url, Token: d.LinkToken, HTTP: d.LinkHTTP}).Events(ctx, taskID, after, each)
 			},
 			Ended: d.Scheduler.Finished, Seen: d.Tasks.Seen, Log: d.Logger, Metrics: tokenstream.NewFollowMetrics(d.Registry)}
 	}
@@ -140,7 +149,31 @@ func New(cfg Config, d Deps) (*Server, error) {
 	s.app.Use(s.audit)
 	s.routes()
 	s.auditor.learn(s.app)
+	s.refuseUnknownMethods()
 	return s, nil
+}
+
+// refuseUnknownMethods answers a method fiber does not know (it would
+// answer in plain text, before any middleware) with the envelope, as
+// every other refusal (found by FuzzAPI).
+func (s *Server) refuseUnknownMethods() {
+	known := map[string]bool{}
+	for _, m := range fiber.DefaultMethods {
+		known[m] = true
+	}
+	srv := s.app.Server()
+	next := srv.Handler
+	srv.Handler = func(ctx *fasthttp.RequestCtx) {
+		if known[string(ctx.Method())] {
+			next(ctx)
+			return
+		}
+		body, _ := json.Marshal(apiError(fiber.StatusMethodNotAllowed, CodeMethod, "no route %.32q %s", ctx.Method(), ctx.Path()).Envelope)
+		ctx.Response.Header.Set(headerCorrID, uuid.NewString())
+		ctx.SetContentType(fiber.MIMEApplicationJSON)
+		ctx.SetStatusCode(fiber.StatusMethodNotAllowed)
+		ctx.SetBody(body)
+	}
 }
 
 // linkURL is where node nodeID's link serves: from the cluster view, else
@@ -171,12 +204,16 @@ func (s *Server) Listen(addr string) error {
 		return fmt.Errorf("apiserver cannot listen on %s: %w (change it with --addr or LLORCH_API_ADDR)", addr, err)
 	}
 	s.ln = ln
+	served := ln
+	if s.cfg.TLS != nil {
+		served = tls.NewListener(ln, s.cfg.TLS)
+	}
 	go func() {
-		if err := s.app.Listener(ln); err != nil {
+		if err := s.app.Listener(served); err != nil {
 			s.deps.Logger.Error("apiserver stopped serving", "err", err)
 		}
 	}()
-	s.deps.Logger.Info("apiserver listening", "addr", ln.Addr().String())
+	s.deps.Logger.Info("apiserver listening", "addr", ln.Addr().String(), "tls", s.cfg.TLS != nil)
 	return nil
 }
 

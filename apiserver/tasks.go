@@ -692,10 +692,14 @@ func (s *Server) sinkURL() string {
 	if s.cfg.AdvertiseURL != "" {
 		return strings.TrimRight(s.cfg.AdvertiseURL, "/")
 	}
-	if s.ln != nil {
-		return "http://" + s.ln.Addr().String()
+	scheme := "http://"
+	if s.cfg.TLS != nil {
+		scheme = "https://"
 	}
-	return "http://" + s.cfg.Addr
+	if s.ln != nil {
+		return scheme + s.ln.Addr().String()
+	}
+	return scheme + s.cfg.Addr
 }
 
 // streamKeyFor derives the key of stream tokens from the API token (so it

@@ -21,6 +21,7 @@ package balancer
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -56,7 +57,11 @@ type Options struct {
 	// DialTimeout bounds connecting to one backend (default 2 s), so an
 	// unreachable host costs little more than a refused connection.
 	DialTimeout time.Duration
-	Logger      *slog.Logger
+	// BackendTLS verifies https backends (RootCAs: the CA of the
+	// apiservers' --tls-cert); nil: the system's roots. The balancer
+	// proxies each request, so it speaks TLS to each backend itself.
+	BackendTLS *tls.Config
+	Logger     *slog.Logger
 }
 
 // Balancer is an http.Handler; see the package doc.
@@ -113,6 +118,7 @@ func New(backends []string, opts Options) (*Balancer, error) {
 		MaxIdleConns:        256,
 		MaxIdleConnsPerHost: 64,
 		IdleConnTimeout:     90 * time.Second,
+		TLSClientConfig:     opts.BackendTLS,
 	}
 	b.proxy = &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {

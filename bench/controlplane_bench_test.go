@@ -176,10 +176,9 @@ func controlPlaneIdle(b *testing.B, nodes int) idleRun {
 	// and their CPU profiles over the window land there.
 	apiPprof, simPprof := pprofAddr(b), pprofAddr(b)
 	// The nodes serve links as workers do; the apiserver follows them all.
-	const linkToken = "bench-link-token"
+	// (spawn gives each process the link token, benchLinkToken.)
 	apiserver := spawn(b, apiOut, bin, "apiserver", "--addr", api, "--temporal-address", addr, "--home", home, "--pprof-addr", apiPprof,
-		"--link-token", linkToken,
-		"--s3-endpoint", env.S3.Endpoint, "--s3-access-key", env.S3.AccessKey, "--s3-secret-key", env.S3.SecretKey, "--s3-bucket", env.S3.Bucket)
+		"--s3-endpoint", env.S3.Endpoint, "--s3-bucket", env.S3.Bucket)
 	testenv.Eventually(b, time.Minute, "apiserver healthy", func() (bool, string) {
 		res, err := http.Get("http://" + api + "/health")
 		if err != nil {
@@ -199,7 +198,7 @@ func controlPlaneIdle(b *testing.B, nodes int) idleRun {
 		began := time.Now()
 		simulator = spawn(b, simOut, bin, "sim", "nodes", "--count", strconv.Itoa(nodes), "--temporal-address", addr, "--home", home,
 			"--heartbeat-interval", node.DefaultHeartbeatInterval.String(), "--start-rate", strconv.Itoa(idleStartRate), "--metrics-addr", metrics,
-			"--pprof-addr", simPprof, "--link-token", linkToken)
+			"--pprof-addr", simPprof)
 		pids["simulator"] = simulator.Process.Pid
 		bound := time.Duration(nodes/idleStartRate)*time.Second + idleOnlineSlack
 		for {

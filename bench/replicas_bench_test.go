@@ -278,7 +278,7 @@ func serveReplicas(b *testing.B, c *benchCluster, n int) {
 		require.NoError(b, err)
 		addr := fmt.Sprintf("127.0.0.1:%d", port)
 		c.spawn("apiserver", "--addr", addr, "--temporal-address", env.TemporalAddr, "--home", c.home,
-			"--s3-endpoint", env.S3.Endpoint, "--s3-access-key", env.S3.AccessKey, "--s3-secret-key", env.S3.SecretKey, "--s3-bucket", env.S3.Bucket)
+			"--s3-endpoint", env.S3.Endpoint, "--s3-bucket", env.S3.Bucket)
 		urls = append(urls, "http://"+addr)
 	}
 	for _, u := range urls {

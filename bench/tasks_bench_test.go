@@ -64,8 +64,7 @@ func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody strin
 	port, err := testenv.FreePort()
 	require.NoError(b, err)
 	c := &benchCluster{api: fmt.Sprintf("127.0.0.1:%d", port), home: home}
-	s3 := []string{"--temporal-address", env.TemporalAddr, "--home", home, "--s3-endpoint", env.S3.Endpoint,
-		"--s3-access-key", env.S3.AccessKey, "--s3-secret-key", env.S3.SecretKey, "--s3-bucket", env.S3.Bucket}
+	s3 := []string{"--temporal-address", env.TemporalAddr, "--home", home, "--s3-endpoint", env.S3.Endpoint, "--s3-bucket", env.S3.Bucket}
 	c.spawn = func(args ...string) *exec.Cmd { return spawn(b, io.Discard, bin, args...) }
 	// With LLORCH_BENCH_PROFILE, the apiserver and the first worker serve pprof.
 	apiArgs := append([]string{"apiserver", "--addr", c.api}, s3...)
@@ -124,12 +123,17 @@ func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody strin
 	return c
 }
 
+// benchLinkToken is the node links' secret of the benchmarks' clusters.
+const benchLinkToken = "bench-link-token"
+
 // spawn starts a llorch process of the benchmark, with its output to out;
-// it is killed when the benchmark ends.
+// it is killed when the benchmark ends. Secrets go in its environment,
+// never its command line.
 func spawn(b *testing.B, out io.Writer, bin string, args ...string) *exec.Cmd {
 	cmd := exec.Command(bin, args...)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + benchToken, "LLORCH_LOG_LEVEL=warn",
-		"LLORCH_TEMPORAL_GRPC_COMPRESSION=" + os.Getenv("LLORCH_TEMPORAL_GRPC_COMPRESSION")}
+		"LLORCH_TEMPORAL_GRPC_COMPRESSION=" + os.Getenv("LLORCH_TEMPORAL_GRPC_COMPRESSION"),
+		"LLORCH_S3_ACCESS_KEY=" + env.S3.AccessKey, "LLORCH_S3_SECRET_KEY=" + env.S3.SecretKey, "LLORCH_LINK_TOKEN=" + benchLinkToken}
 	cmd.Stdout, cmd.Stderr = out, out
 	require.NoError(b, cmd.Start())
 	b.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })

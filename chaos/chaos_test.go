@@ -87,8 +87,9 @@ func start(t *testing.T, name, bin string, args ...string) *proc {
 
 func (p *proc) start() {
 	p.cmd = exec.Command(p.bin, p.args...)
+	// Secrets in the environment: never on a command line.
 	p.cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + token,
-		"LLORCH_LINK_TOKEN=" + linkToken}
+		"LLORCH_LINK_TOKEN=" + linkToken, "LLORCH_S3_ACCESS_KEY=" + env.S3.AccessKey, "LLORCH_S3_SECRET_KEY=" + env.S3.SecretKey}
 	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
 	require.NoError(p.t, p.cmd.Start())
 }
@@ -177,8 +178,8 @@ func (a api) waitPool(poolID string, timeout time.Duration, cond func(map[string
 	return h
 }
 
-// s3Flags point a process at the test bucket through endpoint.
+// s3Flags point a process at the test bucket through endpoint (its keys
+// are in every process's environment: see proc.start).
 func s3Flags(endpoint string) []string {
-	return []string{"--s3-endpoint", endpoint, "--s3-access-key", env.S3.AccessKey,
-		"--s3-secret-key", env.S3.SecretKey, "--s3-bucket", env.S3.Bucket}
+	return []string{"--s3-endpoint", endpoint, "--s3-bucket", env.S3.Bucket}
 }

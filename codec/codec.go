@@ -8,7 +8,6 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
-	"os"
 	"strings"
 
 	commonpb "go.temporal.io/api/common/v1"
@@ -29,8 +28,7 @@ const (
 // is `id1:base64key,id2:base64key` (commas or newlines between keys); each
 // key is 32 bytes (AES-256); the first one encrypts, all decrypt.
 const (
-	EnvKeys     = "LLORCH_CODEC_KEYS"
-	EnvKeysFile = "LLORCH_CODEC_KEYS_FILE"
+	EnvKeys = "LLORCH_CODEC_KEYS"
 )
 
 // KeySize is the size of an AES-256 key.
@@ -103,34 +101,6 @@ func redact(ent string) string {
 		return ent[:4] + "…"
 	}
 	return ent
-}
-
-// FromEnv builds the codec from LLORCH_CODEC_KEYS or the file
-// LLORCH_CODEC_KEYS_FILE names; nil, nil when neither is set (no
-// encryption).
-func FromEnv(getenv func(string) string) (*Codec, error) {
-	spec, file := getenv(EnvKeys), getenv(EnvKeysFile)
-	switch {
-	case spec != "" && file != "":
-		return nil, fmt.Errorf("both %s and %s are set: give the keys one way", EnvKeys, EnvKeysFile)
-	case file != "":
-		b, err := os.ReadFile(file)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", EnvKeysFile, err)
-		}
-		c, err := Parse(string(b))
-		if err != nil {
-			return nil, fmt.Errorf("%s %s: %w", EnvKeysFile, file, err)
-		}
-		return c, nil
-	case spec != "":
-		c, err := Parse(spec)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", EnvKeys, err)
-		}
-		return c, nil
-	}
-	return nil, nil
 }
 
 // NewKey is a fresh `id:base64key` entry (what `llorch dev` puts in its

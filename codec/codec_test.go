@@ -5,8 +5,6 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -91,27 +89,6 @@ func TestParseRefusals(t *testing.T) {
 		require.ErrorContains(t, err, want, spec)
 		require.NotContains(t, err.Error(), strings.TrimPrefix(NewKey("a"), "a:"))
 	}
-}
-
-func TestFromEnv(t *testing.T) {
-	env := map[string]string{}
-	get := func(k string) string { return env[k] }
-	c, err := FromEnv(get)
-	require.NoError(t, err)
-	require.Nil(t, c, "no keys: no codec")
-	file := filepath.Join(t.TempDir(), "keys")
-	require.NoError(t, os.WriteFile(file, []byte("# rotated 2026-12\n"+NewKey("f2")+"\n"+NewKey("f1")+"\n"), 0o600))
-	env[EnvKeysFile] = file
-	c, err = FromEnv(get)
-	require.NoError(t, err)
-	require.Equal(t, []string{"f2", "f1"}, c.KeyIDs())
-	env[EnvKeys] = NewKey("e1")
-	_, err = FromEnv(get)
-	require.ErrorContains(t, err, "both")
-	delete(env, EnvKeysFile)
-	c, err = FromEnv(get)
-	require.NoError(t, err)
-	require.Equal(t, "e1", c.KeyID())
 }
 
 func TestServer(t *testing.T) {

@@ -27,16 +27,22 @@ func BindEnv(fs *pflag.FlagSet, renamed map[string]string, without ...string) {
 		mustLookup(fs, name)
 	}
 	fs.VisitAll(func(f *pflag.Flag) {
-		if skip[f.Name] {
-			return
+		if skip[f.Name] || SecretEnv(f) != "" {
+			return // a secret's flag is refused, its env var read by Apply
 		}
 		env, ok := renamed[f.Name]
 		if !ok {
-			env = "LLORCH_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+			env = envName(f.Name)
 		}
 		_ = fs.SetAnnotation(f.Name, envAnnotation, []string{env})
 		f.Usage += " (env " + env + ")"
 	})
+}
+
+// envName is the env var of the setting named name (gc-budget:
+// LLORCH_GC_BUDGET).
+func envName(name string) string {
+	return "LLORCH_" + strings.ToUpper(strings.ReplaceAll(name, "-", "_"))
 }
 
 func mustLookup(fs *pflag.FlagSet, name string) *pflag.Flag {
@@ -69,10 +75,14 @@ func EnvVar(f *pflag.Flag) string {
 
 // Apply fills every flag the command line left unset from its env var, then
 // from the dev state file (home/dev.env), so `llorch worker` with no flags joins
-// a `llorch dev` cluster on the same machine.
+// a `llorch dev` cluster on the same machine. It fills the secrets
+// (AddSecret) the same way, and refuses a secret given as a flag.
 func Apply(fs *pflag.FlagSet, home string) error {
 	devEnv, err := ReadDevEnv(home)
 	if err != nil {
+		return err
+	}
+	if err := applySecrets(fs, devEnv, home); err != nil {
 		return err
 	}
 	var firstErr error

@@ -27,9 +27,9 @@ type Temporal struct {
 	APIKey     string
 	// Compression of gRPC requests: gzip (the SDK's default) or none.
 	Compression string
-	// Getenv reads the payload codec's keys (codec.EnvKeys,
-	// codec.EnvKeysFile; never flags); nil: os.Getenv.
-	Getenv func(string) string
+	// CodecKeys are the payload codec's keys (LLORCH_CODEC_KEYS, a secret:
+	// env, file or dev.env, never a flag); empty: payloads in plaintext.
+	CodecKeys string
 }
 
 // AddTemporalFlags defines the Temporal connection flags on fs.
@@ -41,7 +41,8 @@ func AddTemporalFlags(fs *pflag.FlagSet, t *Temporal) {
 	fs.StringVar(&t.ClientCert, "temporal-tls-cert", "", "PEM client certificate for mTLS")
 	fs.StringVar(&t.ClientKey, "temporal-tls-key", "", "PEM client key for mTLS")
 	fs.StringVar(&t.ServerName, "temporal-tls-server-name", "", "server name to verify in the Temporal certificate")
-	fs.StringVar(&t.APIKey, "temporal-api-key", "", "Temporal Cloud API key (sent as a bearer credential over TLS)")
+	AddSecret(fs, &t.APIKey, "temporal-api-key", "Temporal Cloud API key (sent as a bearer credential over TLS)")
+	AddSecret(fs, &t.CodecKeys, "codec-keys", "payload codec keys, id:base64key,… (AES-256; the first encrypts, all decrypt; the same on every apiserver and worker)")
 	fs.StringVar(&t.Compression, "temporal-grpc-compression", "gzip", "compression of requests to Temporal: gzip (for slow links, Temporal Cloud) or none (saves CPU on both ends in one datacenter)")
 }
 
@@ -55,7 +56,7 @@ func (t Temporal) ClientOptions(logger *slog.Logger, identity string) (client.Op
 		Identity:  identity,
 		Logger:    tlog.NewStructuredLogger(logger.With("subsystem", "temporal-sdk")),
 	}
-	dc, err := PayloadConverter(logger, t.Getenv)
+	dc, err := PayloadConverter(logger, t.CodecKeys)
 	if err != nil {
 		return opts, err
 	}
@@ -80,23 +81,19 @@ func (t Temporal) ClientOptions(logger *slog.Logger, identity string) (client.Op
 }
 
 // PayloadConverter is the data converter of llorch's Temporal clients: the
-// payload codec (codec.EnvKeys or codec.EnvKeysFile, never a flag) over
-// the SDK's default, or the default alone without keys, which the log says
-// at start. getenv nil is os.Getenv.
-func PayloadConverter(logger *slog.Logger, getenv func(string) string) (converter.DataConverter, error) {
-	if getenv == nil {
-		getenv = os.Getenv
-	}
-	c, err := codec.FromEnv(getenv)
-	if err != nil {
-		return nil, err
-	}
-	if c == nil {
+// payload codec over the SDK's default, or the default alone without keys,
+// which the log says at start.
+func PayloadConverter(logger *slog.Logger, keys string) (converter.DataConverter, error) {
+	if keys == "" {
 		logger.Warn("no payload codec keys: workflow inputs, results and heartbeats go to Temporal in plaintext (set " +
-			codec.EnvKeys + " or " + codec.EnvKeysFile + ")")
-	} else {
-		logger.Info("payloads to Temporal are encrypted", "key_id", c.KeyID(), "keys", len(c.KeyIDs()))
+			codec.EnvKeys + " or " + codec.EnvKeys + FileSuffix + ")")
+		return codec.DataConverter(nil), nil
 	}
+	c, err := codec.Parse(keys)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", codec.EnvKeys, err)
+	}
+	logger.Info("payloads to Temporal are encrypted", "key_id", c.KeyID(), "keys", len(c.KeyIDs()))
 	return codec.DataConverter(c), nil
 }
 

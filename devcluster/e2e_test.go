@@ -89,6 +89,7 @@ func TestDevEndToEnd(t *testing.T) {
 		assert.Equal(t, http.StatusOK, resp.StatusCode, "worker metrics on --worker-metrics-port")
 
 		pids := d.childPIDs(t)
+		requireNoSecretInCmdline(t, env, d.cmd.Process.Pid, pids)
 		if run == 1 {
 			require.Len(t, pids, 4, "the banner lists temporal, s3, apiserver and worker")
 		} else {
@@ -257,6 +258,30 @@ func (d *devProc) waitExit(t *testing.T, timeout time.Duration) {
 var pidsLine = regexp.MustCompile(`pids: (.*)`)
 
 // childPIDs parses "pids: temporal 1, s3 2, apiserver 3, worker 4".
+// requireNoSecretInCmdline: no secret of dev.env is on the command line of
+// any part of the cluster (or of llorch dev), where every local user reads
+// it in ps and /proc/<pid>/cmdline; they pass in the environment.
+func requireNoSecretInCmdline(t *testing.T, env map[string]string, devPID int, pids map[string]int) {
+	t.Helper()
+	secrets := map[string]string{}
+	for _, k := range []string{envToken, envLinkToken, envS3Access, envS3Secret} {
+		require.NotEmpty(t, env[k], k)
+		secrets[k] = env[k]
+	}
+	procs := map[string]int{"llorch dev": devPID}
+	for tag, pid := range pids {
+		procs[tag] = pid
+	}
+	for tag, pid := range procs {
+		raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		require.NoError(t, err, tag)
+		require.NotEmpty(t, raw, "%s: a command line to check", tag)
+		for k, v := range secrets {
+			require.NotContains(t, string(raw), v, "%s (pid %d) has %s on its command line", tag, pid, k)
+		}
+	}
+}
+
 func (d *devProc) childPIDs(t *testing.T) map[string]int {
 	t.Helper()
 	m := pidsLine.FindStringSubmatch(d.output())

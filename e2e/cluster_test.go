@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -11,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -57,6 +59,26 @@ type cluster struct {
 	apiProc      *proc
 	replicas     []*proc
 	replicaAddrs []string
+	// replicaTLS, when set, is how to reach replicas that serve HTTPS
+	// (--tls-cert): its RootCAs trust their CA. c.api is then always the
+	// balancer, which speaks TLS to them.
+	replicaTLS *tls.Config
+}
+
+// replicaURL is the base URL of the replica at addr.
+func (c *cluster) replicaURL(addr string) string {
+	if c.replicaTLS != nil {
+		return "https://" + addr
+	}
+	return "http://" + addr
+}
+
+// replicaHTTP reaches the replicas directly.
+func (c *cluster) replicaHTTP() *http.Client {
+	if c.replicaTLS == nil {
+		return http.DefaultClient
+	}
+	return &http.Client{Transport: &http.Transport{TLSClientConfig: c.replicaTLS}}
 }
 
 // apiServers is how many apiserver replicas newCluster runs:
@@ -72,6 +94,9 @@ func apiServers(t *testing.T) int {
 	return n
 }
 
+// start runs llorch with args. Args of the form LLORCH_X=value go in its
+// environment instead: secrets are never on a command line (the
+// configuration refuses them there), so a test passes one that way.
 func start(t *testing.T, name string, args ...string) *proc {
 	t.Helper()
 	// Every process encrypts its payloads with the shared env's codec.
@@ -83,10 +108,20 @@ func start(t *testing.T, name string, args ...string) *proc {
 func startEnv(t *testing.T, name string, extra []string, args ...string) *proc {
 	t.Helper()
 	p := &proc{name: name, out: &testenv.Buffer{}, done: make(chan struct{})}
-	p.cmd = exec.Command(testenv.Llorch(t), args...)
-	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	// Nothing from the developer's shell or dev cluster leaks in.
-	p.cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + token}, extra...)
+	environ := []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LLORCH_API_TOKEN=" + token,
+		"LLORCH_S3_ACCESS_KEY=" + env.S3.AccessKey, "LLORCH_S3_SECRET_KEY=" + env.S3.SecretKey}
+	var argv []string
+	for _, a := range args {
+		if envArg.MatchString(a) {
+			environ = append(environ, a)
+		} else {
+			argv = append(argv, a)
+		}
+	}
+	p.cmd = exec.Command(testenv.Llorch(t), argv...)
+	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
+	p.cmd.Env = append(environ, extra...)
 	require.NoError(t, p.cmd.Start())
 	go func() { _ = p.cmd.Wait(); close(p.done) }()
 	t.Cleanup(func() {
@@ -143,10 +178,19 @@ func newCluster(t *testing.T, apiArgs ...string) *cluster {
 // round-robin to the next replica, as behind a Kubernetes Service.
 func newClusterN(t *testing.T, n int, apiArgs ...string) *cluster {
 	t.Helper()
+	return newClusterTLS(t, n, nil, apiArgs...)
+}
+
+// newClusterTLS is newClusterN whose replicas serve HTTPS (apiArgs give
+// them --tls-cert and --tls-key) with a certificate replicaTLS verifies;
+// nil: plain HTTP. With TLS the balancer always runs, on plain loopback
+// HTTP, so the tests' helpers work unchanged.
+func newClusterTLS(t *testing.T, n int, replicaTLS *tls.Config, apiArgs ...string) *cluster {
+	t.Helper()
 	port, err := testenv.FreePort()
 	require.NoError(t, err)
-	c := &cluster{t: t, home: t.TempDir(), api: fmt.Sprintf("127.0.0.1:%d", port)}
-	if n == 1 {
+	c := &cluster{t: t, home: t.TempDir(), api: fmt.Sprintf("127.0.0.1:%d", port), replicaTLS: replicaTLS}
+	if n == 1 && replicaTLS == nil {
 		c.replicaAddrs = []string{c.api}
 	} else {
 		for range n {
@@ -183,11 +227,12 @@ func newClusterN(t *testing.T, n int, apiArgs ...string) *cluster {
 func (c *cluster) serveBalancer() {
 	var urls []string
 	for _, a := range c.replicaAddrs {
-		urls = append(urls, "http://"+a)
+		urls = append(urls, c.replicaURL(a))
 	}
 	logs := &testenv.Buffer{}
 	b, err := balancer.New(urls, balancer.Options{
 		HealthInterval: 500 * time.Millisecond,
+		BackendTLS:     c.replicaTLS,
 		Logger:         slog.New(slog.NewTextHandler(logs, nil)),
 	})
 	require.NoError(c.t, err)
@@ -238,7 +283,7 @@ func (c *cluster) startReplica(i int) {
 	}
 	c.apiProc = c.replicas[0]
 	testenv.Eventually(c.t, 60*time.Second, name+" healthy", func() (bool, string) {
-		res, err := http.Get("http://" + addr + "/health")
+		res, err := c.replicaHTTP().Get(c.replicaURL(addr) + "/health")
 		if err != nil {
 			return false, err.Error() + "\n" + api.out.String()
 		}
@@ -257,7 +302,7 @@ func (c *cluster) extraAPI() string {
 	args := append(append([]string(nil), c.apiArgs...), "--addr", addr)
 	api := start(c.t, "apiserver "+addr, args...)
 	testenv.Eventually(c.t, 60*time.Second, "second apiserver healthy", func() (bool, string) {
-		res, err := http.Get("http://" + addr + "/health")
+		res, err := c.replicaHTTP().Get(c.replicaURL(addr) + "/health")
 		if err != nil {
 			return false, err.Error() + "\n" + api.out.String()
 		}
@@ -296,11 +341,13 @@ func (c *cluster) leave(w *proc, id string) {
 	c.waitState(id, node.Left, 20*time.Second)
 }
 
+// envArg is an argument of start that is an env var of the process.
+var envArg = regexp.MustCompile(`^LLORCH_[A-Z0-9_]+=`)
+
 // s3Flags point a process at the test bucket (through endpoint, which may
-// be a proxy).
+// be a proxy); start puts its keys in the environment.
 func s3Flags(endpoint string) []string {
-	return []string{"--s3-endpoint", endpoint, "--s3-access-key", env.S3.AccessKey,
-		"--s3-secret-key", env.S3.SecretKey, "--s3-bucket", env.S3.Bucket}
+	return []string{"--s3-endpoint", endpoint, "--s3-bucket", env.S3.Bucket}
 }
 
 func (c *cluster) get(path string) (int, map[string]any) {

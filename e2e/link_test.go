@@ -42,9 +42,9 @@ func follow(t *testing.T, c *link.Client, timeout time.Duration, what string, co
 // pool starts, its slots busy while generations run and free after, and an
 // idle node's long-poll answers at its bound, not at every heartbeat.
 func TestNodeLink(t *testing.T) {
-	c := newCluster(t, "--link-token", linkToken) // the scheduler follows the link too
+	c := newCluster(t, "LLORCH_LINK_TOKEN="+linkToken) // the scheduler follows the link too
 	id := "e2e-link"
-	w := c.onlineWorker(id, "--link-token", linkToken)
+	w := c.onlineWorker(id, "LLORCH_LINK_TOKEN="+linkToken)
 	inv, _ := c.node(id)["inventory"].(map[string]any)
 	url, _ := inv["link_url"].(string)
 	require.Regexp(t, `^http://127\.0\.0\.1:\d+$`, url, "GET /v2/nodes/{id} shows where the link is")

@@ -72,7 +72,7 @@ func (c *Client) get(ctx context.Context, query string, bound time.Duration) (no
 	}
 	res, err := hc.Do(req)
 	if err != nil {
-		return st, fmt.Errorf("node link %s: %w", c.URL, err)
+		return st, fmt.Errorf("node link %s: %w%s", c.URL, err, untrusted(err))
 	}
 	defer res.Body.Close()
 	raw, err := io.ReadAll(io.LimitReader(res.Body, 16<<20))
@@ -116,7 +116,7 @@ func (c *Client) Events(ctx context.Context, taskID string, after int, each func
 	defer silent.Stop()
 	res, err := c.http().Do(req)
 	if err != nil {
-		return fmt.Errorf("node link %s: task %s events: %w", c.URL, taskID, err)
+		return fmt.Errorf("node link %s: task %s events: %w%s", c.URL, taskID, err, untrusted(err))
 	}
 	defer res.Body.Close()
 	if res.StatusCode != http.StatusOK {
@@ -164,7 +164,7 @@ func (c *Client) Cancel(ctx context.Context, taskID, reason string) error {
 	c.auth(req)
 	res, err := c.http().Do(req)
 	if err != nil {
-		return fmt.Errorf("node link %s: cancel task %s: %w", c.URL, taskID, err)
+		return fmt.Errorf("node link %s: cancel task %s: %w%s", c.URL, taskID, err, untrusted(err))
 	}
 	defer res.Body.Close()
 	raw, _ := io.ReadAll(io.LimitReader(res.Body, 64<<10))
@@ -173,6 +173,10 @@ func (c *Client) Cancel(ctx context.Context, taskID, reason string) error {
 	}
 	return nil
 }
+
+// untrusted says how to trust a link's private CA when err is a certificate
+// the client could not verify.
+func untrusted(err error) string { return apiclient.UntrustedHint(err, "--link-ca or LLORCH_LINK_CA") }
 
 func (c *Client) auth(req *http.Request) {
 	if c.Token != "" {

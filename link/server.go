@@ -2,6 +2,7 @@ package link
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -61,7 +62,10 @@ type Options struct {
 	// Token every request must present as a bearer token; "" leaves the
 	// link open, which Listen allows on loopback addresses only.
 	Token string
-	Log   *slog.Logger
+	// TLS, when set, serves HTTPS (--link-tls-cert, --link-tls-key); URL
+	// then says https.
+	TLS *tls.Config
+	Log *slog.Logger
 	// MaxWaiters bounds concurrent long-polls; 0: DefaultMaxWaiters.
 	MaxWaiters int
 	// Streams holds the node's task event streams (the generations write
@@ -102,6 +106,7 @@ type Server struct {
 	streams *tokenstream.Hub
 	subs    chan struct{} // one element per event subscription
 	metrics *Metrics
+	tls     *tls.Config
 
 	srv    *http.Server
 	ln     net.Listener
@@ -123,7 +128,7 @@ func NewServer(src *Source, opts Options) *Server {
 		ns = DefaultMaxStreams
 	}
 	return &Server{source: src, key: bearer.NewKey(opts.Token, TokenEnv), log: log,
-		waiters: make(chan struct{}, n), streams: opts.Streams, subs: make(chan struct{}, ns), metrics: opts.Metrics}
+		waiters: make(chan struct{}, n), streams: opts.Streams, subs: make(chan struct{}, ns), metrics: opts.Metrics, tls: opts.TLS}
 }
 
 // Listen binds addr synchronously (a taken port fails at once) and serves
@@ -151,8 +156,12 @@ func (s *Server) Listen(addr string) error {
 	if s.key == nil {
 		s.log.Warn("no link token set: the node link is open to every local process (loopback only)", "addr", ln.Addr().String())
 	}
+	served := ln
+	if s.tls != nil {
+		served = tls.NewListener(ln, s.tls)
+	}
 	go func() {
-		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := s.srv.Serve(served); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			s.log.Error("node link stopped serving", "err", err)
 		}
 	}()
@@ -172,7 +181,17 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	return s.srv.Shutdown(ctx)
 }
 
-// URL is where other hosts reach a link bound at bound: the host of
+// URL is where other hosts reach this link (after Listen): URL's, with
+// https when it serves TLS.
+func (s *Server) URL(advertise string) string {
+	u := URL(advertise, s.Addr())
+	if s.tls != nil {
+		u = "https://" + strings.TrimPrefix(u, "http://")
+	}
+	return u
+}
+
+// URL is where other hosts reach a plain-HTTP link bound at bound: the host of
 // advertise (a host or host:port) when set, else the bound host.
 func URL(advertise string, bound net.Addr) string {
 	_, port, _ := net.SplitHostPort(bound.String())

@@ -161,7 +161,9 @@ func (e *Env) startS3() error {
 		Bucket: "llorch-models", Region: "us-east-1",
 	}
 	var out bytes.Buffer
-	e.s3 = exec.Command(bin, "--port", e.S3.Endpoint, "--access", e.S3.AccessKey, "--secret", e.S3.SecretKey, "--quiet", "posix", root)
+	e.s3 = exec.Command(bin, "--port", e.S3.Endpoint, "--quiet", "posix", root)
+	// The keys go in its environment: a command line is readable in ps.
+	e.s3.Env = append(os.Environ(), "ROOT_ACCESS_KEY_ID="+e.S3.AccessKey, "ROOT_SECRET_ACCESS_KEY="+e.S3.SecretKey)
 	e.s3.Stdout, e.s3.Stderr = &out, &out
 	// A test binary killed by its timeout must not leave the server behind.
 	e.s3.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

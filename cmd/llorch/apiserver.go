@@ -14,9 +14,11 @@ import (
 
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/apiserver"
+	"github.com/llorch/llorch/bearer"
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/keyring"
+	"github.com/llorch/llorch/link"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/tokenstream"
 	"github.com/llorch/llorch/workers"
@@ -51,6 +53,8 @@ type apiserverFlags struct {
 	autoPoolsOn        bool
 	s3                 config.S3
 	auditLog           string
+	tls                config.ServerTLS
+	linkCA             string
 }
 
 func (f *apiserverFlags) addFlags(fs *pflag.FlagSet) {
@@ -62,8 +66,10 @@ func (f *apiserverFlags) addFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&f.autoPools.Ctx, "auto-pool-ctx", 0, "context of a pool started for a task (0: the model's)")
 	fs.IntVar(&f.queueCap, "queue-capacity", 1024, "tasks that may wait per priority (interactive, batch); more get 429 ADMISSION_REJECT")
 	fs.StringVar(&f.policy, "admission-policy", scheduler.Reject, "when a queue is full: reject (429 ADMISSION_REJECT) or drop-lru (fail the longest-waiting task instead)")
-	fs.StringVar(&f.linkToken, "link-token", "", "cluster secret presented to the node links the scheduler follows (the workers' --link-token)")
-	fs.StringVar(&f.api.Token, "api-token", "", "bearer token every /v2 call must present; required to bind a non-loopback address")
+	config.AddSecret(fs, &f.linkToken, "link-token", "cluster secret presented to the node links the scheduler follows (the workers' LLORCH_LINK_TOKEN)")
+	config.AddSecret(fs, &f.api.Token, "api-token", "bearer token every /v2 call must present; required to bind a non-loopback address")
+	config.AddServerTLSFlags(fs, &f.tls, "tls", "the REST API")
+	fs.StringVar(&f.linkCA, "link-ca", "", "PEM CA that signed the node links' certificates (the workers' --link-tls-cert); empty: the system's roots")
 	fs.IntVar(&f.canAfter, "node-continue-as-new-events", 0, "continue node workflows as new after this many history events (0: when Temporal suggests)")
 	fs.StringVar(&f.auditLog, "audit-log", "", "also append the audit trail (JSON lines, stream=audit; always on stderr) to this file")
 	config.AddS3Flags(fs, &f.s3)
@@ -92,6 +98,18 @@ func runAPIServer(f *apiserverFlags) error {
 	if err != nil {
 		return err
 	}
+	if f.api.TLS, err = f.tls.Config(); err != nil {
+		return err
+	}
+	if f.api.TLS == nil && !bearer.Loopback(f.api.Addr) {
+		log.Warn("the REST API serves plain HTTP on a non-loopback address: tokens and prompts cross the network in clear "+
+			"unless a TLS-terminating proxy is in front (else set --tls-cert and --tls-key)", "addr", f.api.Addr)
+	}
+	linkTLS, err := config.ClientTLS("--link-ca", f.linkCA)
+	if err != nil {
+		return err
+	}
+	linkHTTP := config.WithClientTLS(link.DefaultHTTP, linkTLS)
 	identity := clientIdentity("apiserver", "", hostname(), os.Getpid())
 	tc, err := f.dial(log, identity)
 	if err != nil {
@@ -112,7 +130,7 @@ func runAPIServer(f *apiserverFlags) error {
 	}
 	pools, tasks := &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace, DataConverter: f.dc}, &control.Tasks{Temporal: tc}
 	sessions := &control.Sessions{Temporal: tc}
-	view := &scheduler.LinkView{Pools: pools, Nodes: nodes, Token: f.linkToken, Log: log, Metrics: scheduler.NewViewMetrics(reg),
+	view := &scheduler.LinkView{Pools: pools, Nodes: nodes, Token: f.linkToken, HTTP: linkHTTP, Log: log, Metrics: scheduler.NewViewMetrics(reg),
 		Suspect: nodes.Suspect, Identity: identity}
 	sched := &scheduler.Scheduler{Capacity: f.queueCap, Policy: f.policy, Log: log, Metrics: scheduler.NewMetrics(reg),
 		Source: view.Candidates, Fresh: view.Fresh, Tasks: tasks, Sessions: sessions}
@@ -132,7 +150,7 @@ func runAPIServer(f *apiserverFlags) error {
 	quotas := &control.Quotas{Temporal: tc, Metrics: control.NewQuotaMetrics(reg)}
 	srv, err := apiserver.New(f.api, apiserver.Deps{
 		Audit: audit, Keys: ring, KeyRegistry: keys,
-		Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub, Links: view, LinkToken: f.linkToken,
+		Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub, Links: view, LinkToken: f.linkToken, LinkHTTP: linkHTTP,
 		Models: &control.Models{Temporal: tc, Namespace: f.temporal.Namespace, Nodes: nodes, DataConverter: f.dc},
 		Pools:  pools, Tasks: tasks, Sessions: sessions, Quotas: quotas,
 	})

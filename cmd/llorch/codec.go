@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -21,16 +20,16 @@ import (
 // payloads to an operator who holds the codec server's token.
 func codecServerCmd() *cobra.Command {
 	var (
-		home, addr string
-		origins    []string
-		logs       logFlags
+		home, addr, keys, token string
+		origins                 []string
+		logs                    logFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "codec-server [--addr HOST:PORT] [--ui-origin URL]",
 		Short: "decode llorch's encrypted Temporal payloads for the Temporal UI and CLI",
 		Long: "Serves POST /encode and /decode (Temporal's codec-server protocol) with the keys of\n" +
-			codec.EnvKeys + " (or the file " + codec.EnvKeysFile + "; a `llorch dev` cluster's dev.env), behind the\n" +
-			"bearer token " + codec.EnvServerToken + " (env only: never a flag). See docs/security.md.",
+			codec.EnvKeys + " (or the file " + codec.EnvKeys + "_FILE names; a `llorch dev` cluster's dev.env), behind the\n" +
+			"bearer token " + codec.EnvServerToken + " (or its _FILE; never a flag). See docs/security.md.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := config.Apply(cmd.Flags(), home); err != nil {
@@ -40,25 +39,15 @@ func codecServerCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			dev, err := config.ReadDevEnv(home)
+			if keys == "" {
+				return fmt.Errorf("no codec keys: set %s or %s (the keys the cluster encrypts with)", codec.EnvKeys, codec.EnvKeys+config.FileSuffix)
+			}
+			c, err := codec.Parse(keys)
 			if err != nil {
-				return err
+				return fmt.Errorf("%s: %w", codec.EnvKeys, err)
 			}
-			c, err := codec.FromEnv(func(k string) string {
-				if os.Getenv(codec.EnvKeys) != "" || os.Getenv(codec.EnvKeysFile) != "" {
-					return os.Getenv(k)
-				}
-				return dev[k]
-			})
-			if err != nil {
-				return err
-			}
-			if c == nil {
-				return fmt.Errorf("no codec keys: set %s or %s (the keys the cluster encrypts with)", codec.EnvKeys, codec.EnvKeysFile)
-			}
-			token := os.Getenv(codec.EnvServerToken)
 			if token == "" {
-				return fmt.Errorf("no token: set %s; whoever holds it reads every prompt and output in Temporal", codec.EnvServerToken)
+				return fmt.Errorf("no token: set %s or %s; whoever holds it reads every prompt and output in Temporal", codec.EnvServerToken, codec.EnvServerToken+config.FileSuffix)
 			}
 			ln, err := net.Listen("tcp", addr)
 			if err != nil {
@@ -92,6 +81,8 @@ func codecServerCmd() *cobra.Command {
 	logs.addFlags(fs)
 	fs.StringVar(&addr, "addr", "127.0.0.1:8234", "listen address (loopback by default: the decoded payloads are every prompt and output)")
 	fs.StringSliceVar(&origins, "ui-origin", nil, "origin of a Temporal UI allowed to call from the browser (CORS), e.g. http://localhost:8233; repeatable")
+	config.AddSecret(fs, &keys, "codec-keys", "payload codec keys, id:base64key,… (the cluster's)")
+	config.AddSecret(fs, &token, "codec-server-token", "bearer token the Temporal UI and CLI present")
 	config.BindEnv(fs, map[string]string{"addr": "LLORCH_CODEC_ADDR", "ui-origin": "LLORCH_CODEC_UI_ORIGIN"})
 	return cmd
 }

@@ -19,7 +19,6 @@ import (
 	"go.uber.org/fx"
 	"go.uber.org/fx/fxevent"
 
-	"github.com/llorch/llorch/codec"
 	"github.com/llorch/llorch/config"
 	"github.com/llorch/llorch/logging"
 	"github.com/llorch/llorch/modelstore"
@@ -106,21 +105,6 @@ func (c *common) pprof(log *slog.Logger) fx.Option {
 // dial connects to Temporal, retrying while it starts (compose, systemd and
 // `llorch dev` may start us first).
 func (c *common) dial(log *slog.Logger, identity string) (client.Client, error) {
-	// The codec keys of a `llorch dev` cluster are in its dev.env, below
-	// the environment (they are no flag for config.Apply to fill).
-	dev, err := config.ReadDevEnv(c.home)
-	if err != nil {
-		return nil, err
-	}
-	c.temporal.Getenv = func(k string) string {
-		if v, ok := os.LookupEnv(k); ok || (k != codec.EnvKeys && k != codec.EnvKeysFile) {
-			return v
-		}
-		if os.Getenv(codec.EnvKeys) != "" || os.Getenv(codec.EnvKeysFile) != "" {
-			return "" // keys given one way in the environment: dev.env does not add the other
-		}
-		return dev[k]
-	}
 	opts, err := c.temporal.ClientOptions(log, identity)
 	if err != nil {
 		return nil, err

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -21,12 +22,17 @@ const homeFromEnv = "/llorch-home-from-env"
 
 // flagEnvTable is every flag of every command with the env var that sets it:
 // "command --flag ENV" lines, sorted; ENV is empty for a flag without one.
+// A secret, which no flag sets, is a "command secret ENV" line.
 func flagEnvTable(t *testing.T) []string {
 	t.Setenv("LLORCH_HOME", homeFromEnv)
 	var rows []string
 	var walk func(c *cobra.Command)
 	walk = func(c *cobra.Command) {
 		c.LocalNonPersistentFlags().VisitAll(func(f *pflag.Flag) {
+			if env := config.SecretEnv(f); env != "" {
+				rows = append(rows, strings.TrimPrefix(c.CommandPath(), "llorch ")+" secret "+env)
+				return
+			}
 			env := config.EnvVar(f)
 			if env == "" && f.DefValue == homeFromEnv {
 				env = "LLORCH_HOME (default)"
@@ -68,8 +74,13 @@ var readmeSections = map[string][]string{
 // Every env var in README.md's configuration table is the one of its flag in
 // a command of its section, and every env var a flag has is in the table.
 func TestREADMEConfigurationTable(t *testing.T) {
-	envOf := map[string]string{} // "command --flag": env
+	envOf := map[string]string{}       // "command --flag": env
+	secretsOf := map[string][]string{} // command: its secrets' env vars
 	for _, row := range flagEnvTable(t) {
+		if cmd, env, ok := strings.Cut(row, " secret "); ok {
+			secretsOf[cmd] = append(secretsOf[cmd], env)
+			continue
+		}
 		cmdFlag, env, _ := strings.Cut(strings.TrimSuffix(row, " (default)"), " LLORCH_")
 		if env != "" {
 			env = "LLORCH_" + env
@@ -83,7 +94,8 @@ func TestREADMEConfigurationTable(t *testing.T) {
 	table, _, _ = strings.Cut(table, "\n## ")
 	flagRE := regexp.MustCompile("`(--[a-z0-9-]+)`")
 	envRE := regexp.MustCompile("`(LLORCH_[A-Z0-9_]+)`")
-	documented := map[string]bool{} // "--flag ENV"
+	documented := map[string]bool{}       // "--flag ENV"
+	documentedSecret := map[string]bool{} // "command ENV"
 	var section []string
 	for _, line := range strings.Split(table, "\n") {
 		cells := strings.Split(strings.Trim(line, "|"), "|")
@@ -94,6 +106,21 @@ func TestREADMEConfigurationTable(t *testing.T) {
 			title = strings.TrimSuffix(title, "**")
 			section, ok = readmeSections[title]
 			require.True(t, ok, "README section %q: add it to readmeSections", title)
+			continue
+		}
+		if strings.TrimSpace(cells[0]) == "(secret)" {
+			// A secret's row names its env var and the _FILE one; no flag.
+			envs := envRE.FindAllStringSubmatch(cells[1], -1)
+			require.Len(t, envs, 2, "README.md secret row %q: want `LLORCH_X`, `LLORCH_X_FILE`", line)
+			env := envs[0][1]
+			require.Equal(t, env+config.FileSuffix, envs[1][1], line)
+			found := false
+			for _, cmd := range section {
+				if slices.Contains(secretsOf[cmd], env) {
+					documentedSecret[cmd+" "+env], found = true, true
+				}
+			}
+			require.True(t, found, "README.md: secret %s in a section of %v, which have no such secret", env, section)
 			continue
 		}
 		env := ""
@@ -112,6 +139,11 @@ func TestREADMEConfigurationTable(t *testing.T) {
 				}
 			}
 			require.True(t, matches, "README.md: %s with env %q; the code of %v has %v", flag, env, section, inCode)
+		}
+	}
+	for cmd, envs := range secretsOf {
+		for _, env := range envs {
+			require.True(t, documentedSecret[cmd+" "+env], "secret %s of %s is not in README.md's configuration table", env, cmd)
 		}
 	}
 	for cmdFlag, env := range envOf {

@@ -6,9 +6,12 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
+
+	"github.com/llorch/llorch/config"
 )
 
 func main() {
@@ -27,7 +30,29 @@ func rootCmd() *cobra.Command {
 		SilenceErrors: true,
 	}
 	root.AddCommand(apiserverCmd(), workerCmd(), devCmd(), modelsCmd(), engineCmd(), simCmd(), codecServerCmd(), versionCmd())
+	describeSecrets(root)
 	return root
+}
+
+// describeSecrets lists each command's secrets in its --help: they are no
+// flags (config.AddSecret), so cobra's flag list leaves them out.
+func describeSecrets(c *cobra.Command) {
+	if secrets := config.Secrets(c.LocalNonPersistentFlags()); len(secrets) > 0 {
+		var b strings.Builder
+		if c.Long == "" {
+			b.WriteString(c.Short)
+		} else {
+			b.WriteString(c.Long)
+		}
+		b.WriteString("\n\nSecrets (from the environment, or a file the _FILE variable names; never flags):\n")
+		for _, s := range secrets {
+			fmt.Fprintf(&b, "  %-26s %s\n", s.Env, s.Usage)
+		}
+		c.Long = strings.TrimRight(b.String(), "\n")
+	}
+	for _, sub := range c.Commands() {
+		describeSecrets(sub)
+	}
 }
 
 func versionCmd() *cobra.Command {

@@ -31,13 +31,15 @@ type modelsFlags struct {
 	home     string
 	apiURL   string
 	apiToken string
+	apiCA    string
 	s3       config.S3
 }
 
 func (f *modelsFlags) add(fs *pflag.FlagSet, withS3 bool) {
 	config.AddHomeFlag(fs, &f.home, homeUsage)
 	fs.StringVar(&f.apiURL, "api-url", "http://127.0.0.1:8080", "URL of the llorch apiserver")
-	fs.StringVar(&f.apiToken, "api-token", "", "bearer token of the llorch apiserver")
+	config.AddSecret(fs, &f.apiToken, "api-token", "bearer token of the llorch apiserver")
+	fs.StringVar(&f.apiCA, "api-ca", "", "PEM CA that signed the apiserver's certificate (an https --api-url with a private CA); empty: the system's roots")
 	if withS3 {
 		config.AddS3Flags(fs, &f.s3)
 	}
@@ -48,10 +50,15 @@ func (f *modelsFlags) client(cmd *cobra.Command) (*apiclient.Client, error) {
 	if err := config.Apply(cmd.Flags(), f.home); err != nil {
 		return nil, err
 	}
+	tlsCfg, err := config.ClientTLS("--api-ca", f.apiCA)
+	if err != nil {
+		return nil, err
+	}
 	api, err := apiclient.New(f.apiURL, f.apiToken)
 	if err != nil {
 		return nil, fmt.Errorf("--api-url %w", err) // err starts with the quoted URL
 	}
+	api.SetTLS(tlsCfg)
 	return api, nil
 }
 

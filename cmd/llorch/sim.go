@@ -66,7 +66,7 @@ func (f *simNodesFlags) addFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&f.heartbeat, "heartbeat-interval", node.DefaultHeartbeatInterval, "liveness heartbeat interval of every node")
 	fs.Float64Var(&f.startRate, "start-rate", 50, "registrations started per second while the nodes start")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve the agents' /metrics and /health here (off when empty)")
-	fs.StringVar(&f.linkToken, "link-token", "", "cluster secret the nodes' links check (the apiservers' --link-token)")
+	config.AddSecret(fs, &f.linkToken, "link-token", "cluster secret the nodes' links check (the apiservers' LLORCH_LINK_TOKEN)")
 }
 
 // runSimNodes runs the fleet until SIGINT or SIGTERM.

@@ -59,6 +59,7 @@ type workerFlags struct {
 	heartbeat                                                         time.Duration
 	canAfter                                                          int
 	s3                                                                config.S3
+	linkTLS                                                           config.ServerTLS
 	gc                                                                node.GCPolicy
 	gcBudget, diskMargin                                              string
 	gcEvery                                                           time.Duration
@@ -78,7 +79,8 @@ func (f *workerFlags) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.modelDir, "model-dir", "", "local model catalog dir (default <home>/nodes/<node-id>/models)")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "127.0.0.1:0", "listen address of the worker's /metrics (port 0: any free port, logged)")
 	fs.StringVar(&f.linkAddr, "link-addr", "127.0.0.1:0", "listen address of the node link, the live state apiservers follow (port 0: any free port; its URL is in the registration)")
-	fs.StringVar(&f.linkToken, "link-token", "", "cluster secret apiservers present to the node link; required to bind a non-loopback --link-addr")
+	config.AddSecret(fs, &f.linkToken, "link-token", "cluster secret apiservers present to the node link; required to bind a non-loopback --link-addr")
+	config.AddServerTLSFlags(fs, &f.linkTLS, "link-tls", "the node link")
 	fs.DurationVar(&f.heartbeat, "heartbeat-interval", node.DefaultHeartbeatInterval, "liveness heartbeat interval; the node is Offline after 3 missed beats")
 	fs.StringVar(&f.nvmlMock, "nvml-mock", "", "simulate GPUs with a go-nvml mock server (dgxa100, dgxh100, dgxh200): demos and tests only")
 	fs.IntVar(&f.canAfter, "node-continue-as-new-events", 0, "continue the node workflow as new after this many history events when this worker starts it (0: when Temporal suggests)")
@@ -107,7 +109,7 @@ func (f *workerFlags) check() error {
 		return fmt.Errorf("--node-id: %w", err)
 	}
 	if f.linkToken == "" && !bearer.Loopback(f.linkAddr) {
-		return fmt.Errorf("--link-addr %s: refusing a node link on a non-loopback address without a token: set --link-token (or LLORCH_LINK_TOKEN), or bind a loopback address", f.linkAddr)
+		return fmt.Errorf("--link-addr %s: refusing a node link on a non-loopback address without a token: set LLORCH_LINK_TOKEN (or LLORCH_LINK_TOKEN_FILE), or bind a loopback address", f.linkAddr)
 	}
 	if f.heartbeat < node.MinHeartbeatInterval || f.heartbeat > node.MaxHeartbeatInterval {
 		return fmt.Errorf("--heartbeat-interval %s: must be between %s and %s", f.heartbeat, node.MinHeartbeatInterval, node.MaxHeartbeatInterval)
@@ -171,8 +173,16 @@ func runWorker(f *workerFlags) error {
 	if a.Engines, err = f.engines(log, reg, host, local, engineCPUs); err != nil {
 		return err
 	}
+	linkTLS, err := f.linkTLS.Config()
+	if err != nil {
+		return err
+	}
+	if linkTLS == nil && !bearer.Loopback(f.linkAddr) {
+		log.Warn("the node link serves plain HTTP on a non-loopback address: its token and the task streams cross the network in clear "+
+			"(set --link-tls-cert and --link-tls-key)", "addr", f.linkAddr)
+	}
 	a.Link = &agent.Link{Source: link.NewSource(f.nodeID), Addr: f.linkAddr, Advertise: f.advertiseAddr}
-	a.Link.Server = link.NewServer(a.Link.Source, link.Options{Token: f.linkToken, Log: log,
+	a.Link.Server = link.NewServer(a.Link.Source, link.Options{Token: f.linkToken, TLS: linkTLS, Log: log,
 		Streams: a.Generate.Streams, Metrics: link.NewMetrics(reg)})
 	return runApp(log, f.pprof(log),
 		fx.Supply(log, a, reg, fx.Annotate(reg, fx.As(new(prometheus.Registerer)))),

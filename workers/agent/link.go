@@ -37,7 +37,7 @@ const linkPoolPoll = 250 * time.Millisecond
 func (a *Agent) startLink(hostname string) (string, error) {
 	l := a.Link
 	if err := l.Server.Listen(l.Addr); errors.Is(err, link.ErrOpen) {
-		return "", fmt.Errorf("node link: %w (set --link-token or LLORCH_LINK_TOKEN)", err)
+		return "", fmt.Errorf("node link: %w (set LLORCH_LINK_TOKEN or LLORCH_LINK_TOKEN_FILE)", err)
 	} else if err != nil {
 		return "", fmt.Errorf("node link cannot listen on %s: %w (change it with --link-addr or LLORCH_LINK_ADDR)", l.Addr, err)
 	}
@@ -47,7 +47,7 @@ func (a *Agent) startLink(hostname string) (string, error) {
 		a.Log.Warn("the node link listens on every address but --advertise-address is empty: publishing the hostname",
 			"hostname", advertise)
 	}
-	url := link.URL(advertise, l.Server.Addr())
+	url := l.Server.URL(advertise)
 	if a.Generate != nil {
 		// No engine is known before the feeder's first read: claims are
 		// refused (and placed again), never run beyond the slots.
