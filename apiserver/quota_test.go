@@ -23,6 +23,7 @@ import (
 	historypb "go.temporal.io/api/history/v1"
 	"go.temporal.io/api/serviceerror"
 	"go.temporal.io/sdk/activity"
+	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/worker"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -132,7 +133,7 @@ func startQuotaReplicas(t *testing.T, n int, keys staticKeys, gen *fakeGeneratio
 		go sched.Run(ctx)
 		quotas := &control.Quotas{Temporal: env.Temporal, Metrics: control.NewQuotaMetrics(reg)}
 		w := workers.NewControl(env.Temporal, nil, &scheduler.TaskControl{S: sched, Hub: hub, Metrics: sched.Metrics},
-			&workflows.Quotas{Counted: quotas.Metrics.Tokens})
+			&workflows.Quotas{Counted: quotas.Metrics.Released})
 		require.NoError(t, w.Start())
 		t.Cleanup(w.Stop)
 		s, err := apiserver.New(apiserver.Config{Addr: "127.0.0.1:0", Token: token}, apiserver.Deps{
@@ -319,15 +320,28 @@ func TestQuotaRacingReplicas(t *testing.T) {
 	require.Equal(t, "rate_limit_exceeded", e["code"], r.raw)
 	require.Contains(t, e["message"], quota.RequestsPerMinute)
 
-	// No limits: admitted without a quota workflow.
-	r = reps[0].do("POST", "/v2/tasks", "Bearer tok-free", map[string]any{"task_id": free + "-1", "model": quotaModel, "prompt": "x"})
+	// No limits: admitted without a quota round trip (no quota workflow
+	// while it runs), metered at its end: its report starts the key's
+	// quota workflow and counts its request and tokens.
+	freeTask := free + "-1"
+	r = reps[0].do("POST", "/v2/tasks", "Bearer tok-free", map[string]any{"task_id": freeTask, "model": quotaModel, "prompt": "x"})
 	require.Equal(t, 202, r.status, r.raw)
 	_, err := env.Temporal.DescribeWorkflowExecution(context.Background(), quota.WorkflowID(free), "")
 	var nf *serviceerror.NotFound
-	require.True(t, errors.As(err, &nf), "a key without limits has no quota workflow: %v", err)
-	require.Equal(t, 0.0, counter(t, reps, "llorch_key_requests_total", free))
+	require.True(t, errors.As(err, &nf), "a key without limits makes no quota round trip at admission: %v", err)
 	u = usageOf(t, reps[0], "tok-free", free)
 	require.False(t, u.Metered)
+	gen.ch(freeTask) <- nil
+	testenv.Eventually(t, 30*time.Second, "the unlimited key's task metered", func() (bool, string) {
+		u := usageOf(t, reps[1], "tok-free", free)
+		return u.Metered && u.Requests == 1, fmt.Sprintf("%+v", u)
+	})
+	u = usageOf(t, reps[1], "tok-free", free)
+	require.Equal(t, quota.Usage{KeyID: free, Metered: true, Requests: 1, RequestsLastMinute: 1, TokensIn: 5, TokensOut: 3,
+		TokensInLastMinute: 5, TokensOutLastMinute: 3}, u)
+	require.Equal(t, 1.0, counter(t, reps, "llorch_key_requests_total", free), "counted once, where the report was applied")
+	require.Equal(t, 3.0, counter(t, reps, "llorch_key_tokens_out_total", free))
+	recordHistory(t, task.WorkflowID(freeTask), "", "task-usage-reported")
 
 	// Who may read usage: the key itself, an admin; not another key.
 	requireError(t, reps[0].do("GET", "/v2/keys/"+conc+"/usage", "Bearer tok-free", nil), 403, "FORBIDDEN")
@@ -349,6 +363,8 @@ func recordHistory(t *testing.T, workflowID, runID, name string) {
 		require.NoError(t, err)
 		h.Events = append(h.Events, e)
 	}
+	// In plaintext, as e2e's recordRun: the replay tests hold no key.
+	require.NoError(t, env.Codec.DecodeMessage(context.Background(), h))
 	raw, err := protojson.MarshalOptions{Indent: "  "}.Marshal(h)
 	require.NoError(t, err)
 	path := filepath.Join(testenv.RepoRoot(), "replay_tests", "testdata", name+".json")
@@ -388,4 +404,47 @@ func TestQuotaAdmitRoundTrip(t *testing.T) {
 		require.NoError(t, err)
 		return u.ConcurrentTasks == n, fmt.Sprint(u.ConcurrentTasks)
 	})
+}
+
+// The sweep: admissions whose task never started, or whose workflow was
+// terminated by hand, are released a sweep later; a running task's stays.
+func TestQuotaSweepsOrphans(t *testing.T) {
+	w := workers.NewControl(env.Temporal, nil, nil)
+	require.NoError(t, w.Start())
+	t.Cleanup(w.Stop)
+	keyID := testenv.Unique("ks")
+	ctx := context.Background()
+	live, ended, never := testenv.Unique("sweep-live"), testenv.Unique("sweep-ended"), testenv.Unique("sweep-never")
+	// Task workflows no worker serves: one runs, one is terminated.
+	for _, id := range []string{live, ended} {
+		_, err := env.Temporal.ExecuteWorkflow(ctx, client.StartWorkflowOptions{ID: task.WorkflowID(id), TaskQueue: "quota-sweep-unserved"}, task.WorkflowType)
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = env.Temporal.TerminateWorkflow(ctx, task.WorkflowID(id), "", "test over") })
+	}
+	t.Cleanup(func() { _ = env.Temporal.TerminateWorkflow(ctx, quota.WorkflowID(keyID), "", "test over") })
+	q := &control.Quotas{Temporal: env.Temporal, SweepAfter: time.Second}
+	l := apikey.Limits{ConcurrentTasks: 3}
+	for _, id := range []string{never, live, ended} {
+		_, err := q.Admit(ctx, keyID, id, l)
+		require.NoError(t, err)
+	}
+	require.NoError(t, env.Temporal.TerminateWorkflow(ctx, task.WorkflowID(ended), "", "by hand"))
+	_, err := q.Admit(ctx, keyID, "one-more", l)
+	var ex *control.ExceededError
+	require.True(t, errors.As(err, &ex), "full: %v", err)
+	testenv.Eventually(t, 30*time.Second, "the orphans released", func() (bool, string) {
+		u, err := q.Usage(ctx, keyID)
+		require.NoError(t, err)
+		return u.ConcurrentTasks == 1, fmt.Sprintf("%+v", u)
+	})
+	v, err := env.Temporal.QueryWorkflow(ctx, quota.WorkflowID(keyID), "", quota.QueryState)
+	require.NoError(t, err)
+	var st quota.State
+	require.NoError(t, v.Get(&st))
+	require.True(t, st.Holds(live), "the running task keeps its unit: %+v", st.InFlight)
+	require.False(t, st.InFlight[0].Checked.IsZero(), "found running by a sweep")
+	isNew, err := q.Admit(ctx, keyID, "one-more", l)
+	require.NoError(t, err)
+	require.True(t, isNew)
+	recordHistory(t, quota.WorkflowID(keyID), "", "quota-swept-orphans")
 }

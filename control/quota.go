@@ -7,12 +7,14 @@ import (
 	"time"
 
 	enumspb "go.temporal.io/api/enums/v1"
+	"go.temporal.io/api/serviceerror"
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/quota"
+	"github.com/llorch/llorch/task"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
@@ -25,13 +27,29 @@ import (
 type Quotas struct {
 	Temporal client.Client
 	Metrics  *QuotaMetrics // nil: not counted
+	// SweepAfter is the quota workflows' sweep age and period, given to
+	// each it starts (0: quota.DefaultSweepAfter; tests shorten it).
+	SweepAfter time.Duration
+}
+
+// start is how a key's quota workflow is started where none runs: by an
+// admission (update-with-start) or by an unadmitted task's report
+// (signal-with-start).
+func (q *Quotas) start(keyID string) (client.StartWorkflowOptions, quota.Input) {
+	return client.StartWorkflowOptions{
+		ID: quota.WorkflowID(keyID), TaskQueue: node.ControlTaskQueue,
+		WorkflowIDConflictPolicy: enumspb.WORKFLOW_ID_CONFLICT_POLICY_USE_EXISTING,
+		WorkflowIDReusePolicy:    enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
+		StaticSummary:            "quota of API key " + keyID,
+	}, quota.Input{KeyID: keyID, SweepAfter: q.SweepAfter}
 }
 
 // QuotaMetrics are the per-key figures: requests and refusals where the
 // admission was decided (the replica that asked: once per request), tokens
 // where the quota workflow applied the task's release (once per task; see
-// workflows.Quotas). Their key_id labels are bounded by the number of keys
-// with limits.
+// workflows.Quotas); the requests of a key without limits where its tasks'
+// reports were applied (once per task). Their key_id labels are bounded by
+// the number of keys.
 type QuotaMetrics struct {
 	requests, refusals, tokensIn, tokensOut *prometheus.CounterVec
 	admit                                   prometheus.Histogram
@@ -55,13 +73,18 @@ func NewQuotaMetrics(reg prometheus.Registerer) *QuotaMetrics {
 	}
 }
 
-// Tokens counts a released task's tokens (the quota workflows' hook).
-func (m *QuotaMetrics) Tokens(keyID string, in, out int) {
+// Released counts a released task's tokens, and the request of an
+// unadmitted one (a key without limits: no admission counted it); the
+// quota workflows' hook.
+func (m *QuotaMetrics) Released(keyID string, r quota.Release) {
 	if m == nil {
 		return
 	}
-	m.tokensIn.WithLabelValues(keyID).Add(float64(max(in, 0)))
-	m.tokensOut.WithLabelValues(keyID).Add(float64(max(out, 0)))
+	if r.Unadmitted {
+		m.requests.WithLabelValues(keyID).Inc()
+	}
+	m.tokensIn.WithLabelValues(keyID).Add(float64(max(r.TokensIn, 0)))
+	m.tokensOut.WithLabelValues(keyID).Add(float64(max(r.TokensOut, 0)))
 }
 
 // ExceededError is an admission a key's quota refused: which limit, and
@@ -90,12 +113,8 @@ func (q *Quotas) Admit(ctx context.Context, keyID, taskID string, l apikey.Limit
 	wid := quota.WorkflowID(keyID)
 	var r quota.AdmitResult
 	for attempt := 1; ; attempt++ {
-		op := q.Temporal.NewWithStartWorkflowOperation(client.StartWorkflowOptions{
-			ID: wid, TaskQueue: node.ControlTaskQueue,
-			WorkflowIDConflictPolicy: enumspb.WORKFLOW_ID_CONFLICT_POLICY_USE_EXISTING,
-			WorkflowIDReusePolicy:    enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
-			StaticSummary:            "quota of API key " + keyID,
-		}, quota.WorkflowType, quota.Input{KeyID: keyID})
+		opts, in := q.start(keyID)
+		op := q.Temporal.NewWithStartWorkflowOperation(opts, quota.WorkflowType, in)
 		var h client.WorkflowUpdateHandle
 		h, err = q.Temporal.UpdateWithStartWorkflow(ctx, client.UpdateWithStartWorkflowOptions{
 			StartWorkflowOperation: op,
@@ -146,6 +165,44 @@ func (q *Quotas) Release(ctx context.Context, keyID, taskID string) error {
 		return fmt.Errorf("quota of key %s: release task %s: %w", keyID, taskID, err)
 	}
 	return nil
+}
+
+// Report counts the end of a task of a key without limits (r.Unadmitted),
+// starting the key's quota workflow where none runs (signal-with-start):
+// the task workflow's local activity at its end. A repeated report counts
+// once (quota.State.Reported).
+func (q *Quotas) Report(ctx context.Context, keyID string, r quota.Release) error {
+	opts, in := q.start(keyID)
+	if _, err := q.Temporal.SignalWithStartWorkflow(ctx, opts.ID, quota.SignalRelease, r, opts, quota.WorkflowType, in); err != nil {
+		return fmt.Errorf("quota of key %s: report task %s: %w", keyID, r.TaskID, err)
+	}
+	return nil
+}
+
+// Running says which of the tasks have a running workflow (task:<id>):
+// the quota sweep releases the rest (never started, or ended without a
+// release: terminated by hand). A task whose workflow cannot be described
+// now counts as running, so a Temporal hiccup frees nothing; err is the
+// last such failure when none could be described.
+func (q *Quotas) Running(ctx context.Context, taskIDs []string) (running []string, err error) {
+	failed := 0
+	for _, id := range taskIDs {
+		d, derr := q.Temporal.DescribeWorkflowExecution(ctx, task.WorkflowID(id), "")
+		var nf *serviceerror.NotFound
+		switch {
+		case errors.As(derr, &nf):
+		case derr != nil:
+			failed++
+			err = fmt.Errorf("describe task %s: %w", id, derr)
+			running = append(running, id)
+		case d.GetWorkflowExecutionInfo().GetStatus() == enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING:
+			running = append(running, id)
+		}
+	}
+	if failed < len(taskIDs) {
+		err = nil
+	}
+	return running, err
 }
 
 // Usage reads key keyID's figures now; a key that was never metered (no

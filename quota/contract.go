@@ -73,7 +73,20 @@ type Input struct {
 	// MaxEvents continues the run as new past this many history events
 	// (0: when Temporal suggests it, or at DefaultMaxEvents).
 	MaxEvents int `json:"max_events,omitempty"`
+	// SweepAfter is how old an admission is before the sweep asks whether
+	// its task still runs, and how often the sweep runs while tasks are in
+	// flight (0: DefaultSweepAfter; tests shorten it).
+	SweepAfter time.Duration `json:"sweep_after,omitempty"`
 }
+
+// DefaultSweepAfter: a task's workflow starts within moments of its
+// admission, so an admission a minute old whose task:<id> is not running
+// is an orphan (its replica died before the start, or the workflow was
+// terminated by hand).
+const DefaultSweepAfter = time.Minute
+
+// SweepBatch bounds one sweep's work: the tasks it asks about.
+const SweepBatch = 50
 
 // DefaultMaxEvents bounds one run's history: an admission takes about five
 // events, a release about four.
@@ -102,11 +115,18 @@ type Refusal struct {
 }
 
 // Release ends task TaskID's admission with the tokens it took in and
-// produced. A task released twice, or never admitted, changes nothing.
+// produced. A task released twice, or never admitted, changes nothing,
+// but for a task of a key without limits (Unadmitted): its request and
+// tokens count at its end, once.
 type Release struct {
 	TaskID    string `json:"task_id"`
 	TokensIn  int    `json:"tokens_in"`
 	TokensOut int    `json:"tokens_out"`
+	// Unadmitted: the task ran without an admission (its key had no
+	// limits, so it made no round trip at its start); the release counts
+	// its request too. The task workflow sends it with signal-with-start,
+	// which may repeat: State.Reported dedups it.
+	Unadmitted bool `json:"unadmitted,omitempty"`
 }
 
 // Bucket is one second of the window: admissions and the tokens of the
@@ -132,12 +152,25 @@ type State struct {
 	InFlight []Admitted `json:"in_flight"`
 	// Buckets are the window's seconds that saw something, oldest first.
 	Buckets []Bucket `json:"buckets"`
+	// Reported are the unadmitted tasks counted within the last
+	// ReportedFor, oldest first: a repeated report counts once.
+	Reported []Admitted `json:"reported,omitempty"`
 }
 
-// Admitted is a task in flight and when it was admitted.
+// ReportedFor is how long an unadmitted task's report is remembered (past
+// the retries of the local activity that sends it), and ReportedMax how
+// many at most (the state is a continue-as-new payload: it stays small).
+const (
+	ReportedFor = 2 * time.Minute
+	ReportedMax = 1000
+)
+
+// Admitted is a task in flight and when it was admitted; Checked is when
+// the sweep last found its task running (zero: never asked).
 type Admitted struct {
-	TaskID string    `json:"task_id"`
-	At     time.Time `json:"at"`
+	TaskID  string    `json:"task_id"`
+	At      time.Time `json:"at"`
+	Checked time.Time `json:"checked,omitzero"`
 }
 
 // Holds says whether task taskID is in flight.
@@ -158,12 +191,40 @@ func (s *State) Expire(cutoff time.Time) []string {
 	return gone
 }
 
+// Stale returns up to n tasks in flight that are due a sweep at now: admitted
+// more than after ago and not found running within the last after, the
+// longest unchecked first, so a sweep moves on past live long tasks.
+func (s State) Stale(now time.Time, after time.Duration, n int) []string {
+	cutoff := now.Add(-after)
+	var due []Admitted
+	for _, a := range s.InFlight {
+		if a.At.Before(cutoff) && a.Checked.Before(cutoff) {
+			due = append(due, a)
+		}
+	}
+	slices.SortStableFunc(due, func(a, b Admitted) int { return a.Checked.Compare(b.Checked) })
+	var ids []string
+	for _, a := range due[:min(n, len(due))] {
+		ids = append(ids, a.TaskID)
+	}
+	return ids
+}
+
+// Checked marks the tasks found running at now.
+func (s *State) Checked(now time.Time, taskIDs []string) {
+	for _, id := range taskIDs {
+		if i := s.index(id); i >= 0 {
+			s.InFlight[i].Checked = now
+		}
+	}
+}
+
 // Usage is a key's figures as the API shows them, at At.
 type Usage struct {
 	KeyID  string        `json:"key_id"`
 	Limits apikey.Limits `json:"limits"`
-	// Metered is false for a key whose admissions were never metered (no
-	// limits: its admissions make no quota round trip).
+	// Metered is false for a key none of whose tasks was admitted under
+	// limits or has ended yet (no quota workflow: zero figures).
 	Metered             bool      `json:"metered"`
 	Requests            int64     `json:"requests"`
 	RequestsLastMinute  int       `json:"requests_last_minute"`
@@ -200,7 +261,8 @@ func (s State) window(now time.Time) Bucket {
 // windowStart is the oldest second still in the window at now.
 func windowStart(now time.Time) int64 { return now.Unix() - int64(Window/time.Second) + 1 }
 
-// Prune drops the buckets that left the window.
+// Prune drops the buckets that left the window, and the reports older
+// than ReportedFor.
 func (s *State) Prune(now time.Time) {
 	from := windowStart(now)
 	i := 0
@@ -208,6 +270,19 @@ func (s *State) Prune(now time.Time) {
 		i++
 	}
 	s.Buckets = append(s.Buckets[:0], s.Buckets[i:]...)
+	i = 0
+	for i < len(s.Reported) && s.Reported[i].At.Before(now.Add(-ReportedFor)) {
+		i++
+	}
+	s.Reported = append(s.Reported[:0], s.Reported[i:]...)
+}
+
+// reported says whether an unadmitted task was counted already (Prune
+// keeps the list to ReportedFor).
+func (s State) reported(now time.Time, taskID string) bool {
+	return slices.ContainsFunc(s.Reported, func(a Admitted) bool {
+		return a.TaskID == taskID && !a.At.Before(now.Add(-ReportedFor))
+	})
 }
 
 // bucket is the bucket of now's second, added when missing.
@@ -277,13 +352,22 @@ func (s *State) Admit(now time.Time, taskID string, l apikey.Limits) bool {
 }
 
 // Release ends a task's admission at now: false when it was not in flight
-// (released already, or never admitted), and nothing is counted.
+// (released already, or never admitted), and nothing is counted. An
+// unadmitted task's release counts its request, at its end, unless it was
+// counted within ReportedFor.
 func (s *State) Release(now time.Time, r Release) bool {
-	i := s.index(r.TaskID)
-	if i < 0 {
+	if i := s.index(r.TaskID); i >= 0 {
+		s.InFlight = slices.Delete(s.InFlight, i, i+1)
+	} else if !r.Unadmitted || s.reported(now, r.TaskID) {
 		return false
+	} else {
+		if len(s.Reported) >= ReportedMax {
+			s.Reported = slices.Delete(s.Reported, 0, len(s.Reported)-ReportedMax+1)
+		}
+		s.Reported = append(s.Reported, Admitted{TaskID: r.TaskID, At: now})
+		s.Requests++
+		s.bucket(now).Requests++
 	}
-	s.InFlight = slices.Delete(s.InFlight, i, i+1)
 	in, out := max(r.TokensIn, 0), max(r.TokensOut, 0)
 	s.TokensIn += int64(in)
 	s.TokensOut += int64(out)

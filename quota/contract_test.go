@@ -1,6 +1,8 @@
 package quota
 
 import (
+	"slices"
+	"strconv"
 	"testing"
 	"time"
 
@@ -56,5 +58,58 @@ func TestWindow(t *testing.T) {
 	}
 	if id, ok := KeyIDFromWorkflowID(WorkflowID("k1")); !ok || id != "k1" {
 		t.Fatal("KeyIDFromWorkflowID")
+	}
+}
+
+// A task of a key without limits counts at its end, request and tokens,
+// once however often its report comes; a plain release of a task never
+// admitted still counts nothing.
+func TestUnadmittedRelease(t *testing.T) {
+	t0 := time.Unix(2000, 0)
+	var s State
+	r := Release{TaskID: "u1", TokensIn: 2, TokensOut: 9, Unadmitted: true}
+	if !s.Release(t0, r) || s.Release(t0.Add(time.Second), r) {
+		t.Fatal("want u1 counted once")
+	}
+	if s.Release(t0, Release{TaskID: "u2", TokensOut: 4}) {
+		t.Fatal("a release of a task never admitted counts nothing")
+	}
+	u := s.Usage(t0.Add(time.Second))
+	if u.Requests != 1 || u.RequestsLastMinute != 1 || u.TokensIn != 2 || u.TokensOut != 9 || u.ConcurrentTasks != 0 {
+		t.Fatalf("usage: %+v", u)
+	}
+	// The memory of reports is bounded in time and in size.
+	s.Prune(t0.Add(ReportedFor + time.Second))
+	if len(s.Reported) != 0 {
+		t.Fatalf("reports past ReportedFor: %+v", s.Reported)
+	}
+	for i := range ReportedMax + 5 {
+		s.Release(t0.Add(ReportedFor+2*time.Second), Release{TaskID: "m" + strconv.Itoa(i), Unadmitted: true})
+	}
+	if len(s.Reported) != ReportedMax || s.Reported[0].TaskID != "m5" {
+		t.Fatalf("reports: %d, first %+v", len(s.Reported), s.Reported[0])
+	}
+}
+
+// The sweep's picks: admissions older than after, at most n, those never
+// checked (or checked longest ago) first, so live long tasks do not hide
+// the orphans behind them.
+func TestStale(t *testing.T) {
+	t0 := time.Unix(3000, 0)
+	var s State
+	l := apikey.Limits{}
+	for i, id := range []string{"a", "b", "c", "d"} {
+		s.Admit(t0.Add(time.Duration(i)*time.Second), id, l)
+	}
+	now := t0.Add(62 * time.Second)
+	if got := s.Stale(now, time.Minute, 2); !slices.Equal(got, []string{"a", "b"}) {
+		t.Fatalf("first sweep: %v", got)
+	}
+	s.Checked(now, []string{"a", "b"})
+	if got := s.Stale(now.Add(time.Second), time.Minute, 2); !slices.Equal(got, []string{"c"}) {
+		t.Fatalf("second sweep: %v, want c (d is a minute old only at 63 s)", got)
+	}
+	if got := s.Stale(now.Add(61*time.Second), time.Minute, 10); !slices.Equal(got, []string{"c", "d", "a", "b"}) {
+		t.Fatalf("a minute on: %v", got)
 	}
 }

@@ -7,6 +7,7 @@ import (
 
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/apikey"
+	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
@@ -40,6 +41,7 @@ func NewControl(c client.Client, catalog *activities.CatalogActivities, tasks *s
 	}
 	w.RegisterActivity(&activities.StagingControl{Client: c})
 	w.RegisterActivity(&activities.ControlActivities{})
+	w.RegisterActivity(&activities.QuotaControl{Quotas: &control.Quotas{Temporal: c}})
 	if catalog != nil {
 		w.RegisterActivity(catalog)
 	}

@@ -2,11 +2,14 @@ package workflows
 
 import (
 	"fmt"
+	"slices"
 	"time"
 
 	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/workflow"
 
+	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/quota"
 )
 
@@ -16,12 +19,13 @@ import (
 // replica died between admission and start).
 const inFlightMax = 25 * time.Hour
 
-// Quotas runs the per-key quota workflows. Counted, when set, counts the
-// tokens of each release on the process whose worker first applies it (the
-// hook is skipped on replay, so each release counts once across replicas,
-// but for a workflow task that failed after applying it and was retried).
+// Quotas runs the per-key quota workflows. Counted, when set, counts each
+// release that changed the counters (its tokens; an unadmitted task's
+// request) on the process whose worker first applies it (the hook is
+// skipped on replay, so each release counts once across replicas, but for
+// a workflow task that failed after applying it and was retried).
 type Quotas struct {
-	Counted func(keyID string, tokensIn, tokensOut int)
+	Counted func(keyID string, r quota.Release)
 }
 
 // Quota decides every admission of one key (quota:<key id>): requests per
@@ -30,7 +34,11 @@ type Quotas struct {
 // update, so decisions are serial: two replicas racing cannot both take
 // the last unit. A refusal is the validator's and leaves no history. A
 // task's end (the task workflow's signal, or the apiserver's release of a
-// task that failed to start) frees its unit and counts its tokens. The run
+// task that failed to start) frees its unit and counts its tokens; the end
+// of a task of a key without limits (never admitted) counts its request
+// and tokens. While tasks are in flight a sweep asks, every SweepAfter,
+// whether the tasks of admissions older than that still run, and releases
+// those that do not (never started, or terminated by hand). The run
 // continues as new with its counters before its history grows long.
 func (q *Quotas) Quota(ctx workflow.Context, in quota.Input) (quota.State, error) {
 	w := &quotaWF{q: q, st: quota.State{KeyID: in.KeyID}}
@@ -46,6 +54,15 @@ func (q *Quotas) Quota(ctx workflow.Context, in quota.Input) (quota.State, error
 	}
 	release := workflow.GetSignalChannel(ctx, quota.SignalRelease)
 	w.details(ctx)
+	// Runs recorded before "quota-sweep" had no sweep: their admissions
+	// expire after inFlightMax only.
+	if workflow.GetVersion(ctx, "quota-sweep", workflow.DefaultVersion, 1) >= 1 {
+		after := in.SweepAfter
+		if after <= 0 {
+			after = quota.DefaultSweepAfter
+		}
+		workflow.Go(ctx, func(c workflow.Context) { w.sweep(c, release, after) })
+	}
 	for {
 		if err := workflow.Await(ctx, func() bool { return release.Len() > 0 || w.shouldContinueAsNew(ctx, in) }); err != nil {
 			return w.st, err
@@ -62,7 +79,8 @@ func (q *Quotas) Quota(ctx workflow.Context, in quota.Input) (quota.State, error
 			workflow.GetLogger(ctx).Info("quota continuing as new", "key_id", in.KeyID,
 				"history_length", workflow.GetInfo(ctx).GetCurrentHistoryLength(), "in_flight", len(w.st.InFlight))
 			carry := w.st
-			return w.st, workflow.NewContinueAsNewError(ctx, quota.WorkflowType, quota.Input{KeyID: in.KeyID, Carry: &carry, MaxEvents: in.MaxEvents})
+			return w.st, workflow.NewContinueAsNewError(ctx, quota.WorkflowType,
+				quota.Input{KeyID: in.KeyID, Carry: &carry, MaxEvents: in.MaxEvents, SweepAfter: in.SweepAfter})
 		}
 	}
 }
@@ -142,10 +160,51 @@ func (w *quotaWF) drain(ctx workflow.Context, ch workflow.ReceiveChannel) {
 		}
 		changed = true
 		if w.q.Counted != nil && !workflow.IsReplaying(ctx) {
-			w.q.Counted(w.st.KeyID, r.TokensIn, r.TokensOut)
+			w.q.Counted(w.st.KeyID, r)
 		}
 	}
 	if changed {
+		w.details(ctx)
+	}
+}
+
+// sweep releases the admissions whose task no longer runs, SweepBatch at a
+// time, every after while tasks are in flight. An activity asks Temporal
+// (task:<id> not found, or closed), so admissions go on meanwhile.
+func (w *quotaWF) sweep(ctx workflow.Context, release workflow.ReceiveChannel, after time.Duration) {
+	actx := workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+		TaskQueue: node.ControlTaskQueue, StartToCloseTimeout: time.Minute,
+		RetryPolicy: &temporal.RetryPolicy{InitialInterval: time.Second, MaximumAttempts: 3},
+	})
+	var a *activities.QuotaControl
+	for {
+		if err := workflow.Await(ctx, func() bool { return len(w.st.InFlight) > 0 }); err != nil {
+			return
+		}
+		if err := workflow.Sleep(ctx, after); err != nil {
+			return
+		}
+		ids := w.st.Stale(workflow.Now(ctx), after, quota.SweepBatch)
+		if len(ids) == 0 {
+			continue
+		}
+		var running []string
+		if err := workflow.ExecuteActivity(actx, a.RunningTasks, ids).Get(ctx, &running); err != nil {
+			workflow.GetLogger(ctx).Warn("quota sweep: tasks not described; trying at the next sweep", "key_id", w.st.KeyID, "tasks", len(ids), "err", err)
+			continue
+		}
+		// A task that ended normally signalled its release before its
+		// workflow closed: apply it first, so its tokens count.
+		w.drain(ctx, release)
+		now := workflow.Now(ctx)
+		w.st.Checked(now, running)
+		for _, id := range ids {
+			if slices.Contains(running, id) || !w.st.Release(now, quota.Release{TaskID: id}) {
+				continue
+			}
+			workflow.GetLogger(ctx).Warn("quota: released an admission whose task is not running (never started, or terminated)",
+				"key_id", w.st.KeyID, "task_id", id)
+		}
 		w.details(ctx)
 	}
 }

@@ -1,24 +1,37 @@
 package workflows
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/mock"
 	"github.com/stretchr/testify/require"
 	"go.temporal.io/sdk/converter"
 	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/testsuite"
 	"go.temporal.io/sdk/workflow"
 
+	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/quota"
 )
 
-func quotaEnv(q *Quotas) *testsuite.TestWorkflowEnvironment {
+// quotaEnv runs quota workflows; their sweep finds every task running
+// unless running says otherwise.
+func quotaEnv(q *Quotas, running ...func([]string) []string) *testsuite.TestWorkflowEnvironment {
 	env := sessionEnv()
 	env.RegisterWorkflowWithOptions(q.Quota, workflow.RegisterOptions{Name: quota.WorkflowType})
+	var qa *activities.QuotaControl
+	env.RegisterActivity(qa)
+	env.OnActivity(qa.RunningTasks, mock.Anything, mock.Anything).Return(func(_ context.Context, ids []string) ([]string, error) {
+		if len(running) > 0 {
+			return running[0](ids), nil
+		}
+		return ids, nil
+	})
 	return env
 }
 
@@ -56,7 +69,9 @@ func quotaState(t *testing.T, env *testsuite.TestWorkflowEnvironment) quota.Stat
 // tokens counted once, through the hook, at the release.
 func TestQuotaConcurrencyAndRelease(t *testing.T) {
 	var counted []string
-	env := quotaEnv(&Quotas{Counted: func(k string, in, out int) { counted = append(counted, fmt.Sprintf("%s %d %d", k, in, out)) }})
+	env := quotaEnv(&Quotas{Counted: func(k string, r quota.Release) {
+		counted = append(counted, fmt.Sprintf("%s %d %d", k, r.TokensIn, r.TokensOut))
+	}})
 	l := apikey.Limits{ConcurrentTasks: 2}
 	var results []quota.AdmitResult
 	ok := func(r quota.AdmitResult, err error) { require.NoError(t, err); results = append(results, r) }
@@ -183,4 +198,65 @@ func TestQuotaContinuesAsNewWithCounters(t *testing.T) {
 	require.Len(t, st.InFlight, n-1)
 	require.EqualValues(t, 3, st.TokensOut)
 	require.EqualValues(t, n, st.Requests)
+}
+
+// A task of a key without limits reports its end: its request and tokens
+// count once (the report may repeat), through the hook too, and it holds
+// no unit of concurrency.
+func TestQuotaCountsUnadmittedTasks(t *testing.T) {
+	var counted []quota.Release
+	env := quotaEnv(&Quotas{Counted: func(_ string, r quota.Release) { counted = append(counted, r) }})
+	r := quota.Release{TaskID: "u1", TokensIn: 3, TokensOut: 8, Unadmitted: true}
+	env.RegisterDelayedCallback(func() { env.SignalWorkflow(quota.SignalRelease, r) }, time.Second)
+	env.RegisterDelayedCallback(func() { env.SignalWorkflow(quota.SignalRelease, r) }, 2*time.Second)
+	var st quota.State
+	env.RegisterDelayedCallback(func() { st = quotaState(t, env) }, 3*time.Second)
+	env.RegisterDelayedCallback(env.CancelWorkflow, 4*time.Second)
+	env.ExecuteWorkflow(quota.WorkflowType, quota.Input{KeyID: "free"})
+	require.Equal(t, []quota.Release{r}, counted)
+	require.EqualValues(t, 1, st.Requests)
+	require.EqualValues(t, 3, st.TokensIn)
+	require.EqualValues(t, 8, st.TokensOut)
+	require.Empty(t, st.InFlight)
+}
+
+// The sweep: every SweepAfter while tasks are in flight, the admissions
+// older than that are asked about, SweepBatch at a time, those never
+// asked first; one whose task is not running is released (without
+// tokens, and not through the hook); the running ones are asked again only
+// a SweepAfter later, so the next sweep reaches the rest.
+func TestQuotaSweepReleasesOrphans(t *testing.T) {
+	var counted int
+	var calls [][]string
+	env := quotaEnv(&Quotas{Counted: func(string, quota.Release) { counted++ }}, func(ids []string) []string {
+		calls = append(calls, ids)
+		var running []string
+		for _, id := range ids {
+			if id != "gone" {
+				running = append(running, id)
+			}
+		}
+		return running
+	})
+	l := apikey.Limits{ConcurrentTasks: 100}
+	ok := func(_ quota.AdmitResult, err error) { require.NoError(t, err) }
+	admitAt(env, time.Second, "gone", l, ok)
+	for i := range quota.SweepBatch + 1 {
+		admitAt(env, time.Second, fmt.Sprint("live-", i), l, ok)
+	}
+	var before, after quota.State
+	env.RegisterDelayedCallback(func() { before = quotaState(t, env) }, 100*time.Second)
+	env.RegisterDelayedCallback(func() { after = quotaState(t, env) }, 190*time.Second)
+	env.RegisterDelayedCallback(env.CancelWorkflow, 200*time.Second)
+	env.ExecuteWorkflow(quota.WorkflowType, quota.Input{KeyID: "k-sweep"})
+
+	require.True(t, before.Holds("gone"), "not yet a sweep's age at the first sweep")
+	require.False(t, after.Holds("gone"), "released by the sweep")
+	require.Len(t, after.InFlight, quota.SweepBatch+1)
+	require.Len(t, calls, 2, "%v", calls)
+	require.Len(t, calls[0], quota.SweepBatch)
+	require.Equal(t, "gone", calls[0][0])
+	require.Equal(t, []string{fmt.Sprint("live-", quota.SweepBatch-1), fmt.Sprint("live-", quota.SweepBatch)}, calls[1])
+	require.Zero(t, counted, "a swept admission counts no tokens")
+	require.EqualValues(t, quota.SweepBatch+2, after.Requests)
 }

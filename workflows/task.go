@@ -10,6 +10,7 @@ import (
 	"go.temporal.io/sdk/workflow"
 
 	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/quota"
 	"github.com/llorch/llorch/scheduler"
@@ -91,20 +92,42 @@ func Task(ctx workflow.Context, req task.Request) (task.Status, error) {
 
 // releaseQuota tells the key's quota workflow the task ended, with its
 // tokens, so its unit of concurrency frees even when the replica that
-// admitted it is gone. Tasks without a quota key (and runs recorded before
-// "quota-release") send nothing.
+// admitted it is gone. A task admitted under limits (QuotaKey) signals its
+// key's quota workflow, which its admission started. A task of a key
+// without limits made no admission: since "quota-usage" it reports its end
+// (request and tokens) with a local activity that signal-with-starts the
+// key's quota workflow, so every key's usage is metered. The bootstrap
+// key's tasks, tasks of an older release (no Owner) and runs recorded
+// before those versions send nothing.
 func (t *taskWF) releaseQuota(ctx workflow.Context) {
-	if t.req.QuotaKey == "" || workflow.GetVersion(ctx, "quota-release", workflow.DefaultVersion, 1) < 1 {
-		return
-	}
 	// A canceled run still releases.
 	dctx, _ := workflow.NewDisconnectedContext(ctx)
 	out := max(t.st.TokensOut, len(t.prog.Tokens))
-	err := workflow.SignalExternalWorkflow(dctx, quota.WorkflowID(t.req.QuotaKey), "", quota.SignalRelease,
-		quota.Release{TaskID: t.req.TaskID, TokensIn: t.st.TokensIn, TokensOut: out}).Get(dctx, nil)
+	r := quota.Release{TaskID: t.req.TaskID, TokensIn: t.st.TokensIn, TokensOut: out}
+	key := t.req.QuotaKey
+	var err error
+	switch {
+	case key != "":
+		if workflow.GetVersion(ctx, "quota-release", workflow.DefaultVersion, 1) < 1 {
+			return
+		}
+		err = workflow.SignalExternalWorkflow(dctx, quota.WorkflowID(key), "", quota.SignalRelease, r).Get(dctx, nil)
+	case t.req.Owner != "" && t.req.Owner != apikey.BootstrapID:
+		if workflow.GetVersion(ctx, "quota-usage", workflow.DefaultVersion, 1) < 1 {
+			return
+		}
+		key, r.Unadmitted = t.req.Owner, true
+		lctx := workflow.WithLocalActivityOptions(dctx, workflow.LocalActivityOptions{StartToCloseTimeout: 10 * time.Second,
+			RetryPolicy: &temporal.RetryPolicy{InitialInterval: time.Second, MaximumAttempts: 5}})
+		var qa *activities.QuotaControl
+		err = workflow.ExecuteLocalActivity(lctx, qa.ReportUsage, activities.QuotaReport{KeyID: key, Release: r}).Get(dctx, nil)
+	default:
+		return
+	}
 	if err != nil {
-		// The key's quota workflow is gone (terminated): nothing holds the unit.
-		workflow.GetLogger(ctx).Warn("quota release not delivered", "task_id", t.req.TaskID, "key_id", t.req.QuotaKey,
+		// The key's quota workflow is gone (terminated), or Temporal did
+		// not take the report: the task's usage goes uncounted.
+		workflow.GetLogger(ctx).Warn("quota release not delivered", "task_id", t.req.TaskID, "key_id", key,
 			"correlation_id", t.req.CorrelationID, "err", err)
 	}
 }

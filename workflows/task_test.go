@@ -12,6 +12,7 @@ import (
 	"go.temporal.io/sdk/testsuite"
 
 	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/quota"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/task"
@@ -27,6 +28,7 @@ func taskEnv(t *testing.T) (*testsuite.TestWorkflowEnvironment, *scheduler.TaskC
 	env.OnActivity(tc.TryPlace, mock.Anything, mock.Anything).Return(scheduler.Granted{}, nil)
 	env.OnActivity(tc.Release, mock.Anything, mock.Anything).Return(nil)
 	env.OnActivity(tc.Finished, mock.Anything, mock.Anything).Return(nil)
+	env.RegisterActivity(&activities.QuotaControl{})
 	env.SetTestTimeout(30 * time.Second)
 	return env, tc, ga
 }
@@ -113,17 +115,25 @@ func TestTaskResumesFromWhatReadersSaw(t *testing.T) {
 }
 
 // A task admitted under a key's quota tells the key's quota workflow its
-// end, with its tokens, whether it completed or was canceled; one with no
-// quota key sends nothing.
+// end, with its tokens, whether it completed or was canceled (a signal);
+// a task of a key without limits reports its end with a local activity
+// (signal-with-start: its key's quota workflow may not exist yet); the
+// bootstrap key's tasks, and tasks of no key, send nothing.
 func TestTaskReleasesItsQuota(t *testing.T) {
 	for _, c := range []struct {
-		name, key string
-		cancel    bool
-		want      *quota.Release
+		name, key, owner string
+		cancel           bool
+		want             *quota.Release
+		report           *activities.QuotaReport
 	}{
-		{"completed", "k1", false, &quota.Release{TaskID: "t1", TokensIn: 4, TokensOut: 2}},
-		{"canceled", "k1", true, &quota.Release{TaskID: "t1"}},
-		{"no key", "", false, nil},
+		{"completed", "k1", "k1", false, &quota.Release{TaskID: "t1", TokensIn: 4, TokensOut: 2}, nil},
+		{"canceled", "k1", "k1", true, &quota.Release{TaskID: "t1"}, nil},
+		{"no limits", "", "k2", false, nil,
+			&activities.QuotaReport{KeyID: "k2", Release: quota.Release{TaskID: "t1", TokensIn: 4, TokensOut: 2, Unadmitted: true}}},
+		{"no limits, canceled", "", "k2", true, nil,
+			&activities.QuotaReport{KeyID: "k2", Release: quota.Release{TaskID: "t1", Unadmitted: true}}},
+		{"bootstrap", "", apikey.BootstrapID, false, nil, nil},
+		{"no key", "", "", false, nil, nil},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			env, tc, ga := taskEnv(t)
@@ -137,8 +147,19 @@ func TestTaskReleasesItsQuota(t *testing.T) {
 			var got []quota.Release
 			env.OnSignalExternalWorkflow(mock.Anything, quota.WorkflowID("k1"), "", quota.SignalRelease, mock.Anything).Return(
 				func(_, _, _, _ string, arg any) error { got = append(got, arg.(quota.Release)); return nil })
-			env.ExecuteWorkflow(Task, task.Request{TaskID: "t1", ModelID: "m", EnqueuedAt: env.Now(), QuotaKey: c.key})
+			var reports []activities.QuotaReport
+			var qa *activities.QuotaControl
+			env.OnActivity(qa.ReportUsage, mock.Anything, mock.Anything).Return(func(_ context.Context, r activities.QuotaReport) error {
+				reports = append(reports, r)
+				return nil
+			})
+			env.ExecuteWorkflow(Task, task.Request{TaskID: "t1", ModelID: "m", EnqueuedAt: env.Now(), QuotaKey: c.key, Owner: c.owner})
 			require.NoError(t, env.GetWorkflowError())
+			if c.report != nil {
+				require.Equal(t, []activities.QuotaReport{*c.report}, reports)
+			} else {
+				require.Empty(t, reports)
+			}
 			if c.want == nil {
 				require.Empty(t, got)
 				return

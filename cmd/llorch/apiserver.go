@@ -176,7 +176,7 @@ func runAPIServer(f *apiserverFlags) error {
 	return runApp(log, f.pprof(log),
 		fx.Supply(log, &activities.CatalogActivities{Store: store}, fx.Annotate(tc, fx.As(new(client.Client))),
 			&scheduler.TaskControl{S: sched, Hub: hub, Metrics: sched.Metrics},
-			&workflows.Quotas{Counted: quotas.Metrics.Tokens}),
+			&workflows.Quotas{Counted: quotas.Metrics.Released}),
 		workers.ControlModule,
 		fx.Invoke(func(lc fx.Lifecycle) {
 			lc.Append(fx.Hook{
