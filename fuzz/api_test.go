@@ -409,7 +409,8 @@ func malformed(r *request) bool {
 		if strings.IndexFunc(value, func(c rune) bool { return c < ' ' && c != '\t' || c == 0x7f }) >= 0 {
 			return true
 		}
-		if name != strings.TrimSpace(name) || strings.ContainsAny(name, " \t()<>@,;\\\"/[]?={}") {
+		if name != strings.TrimSpace(name) || strings.ContainsAny(name, " \t()<>@,;\\\"/[]?={}") ||
+			strings.IndexFunc(name, func(c rune) bool { return c <= ' ' || c >= 0x7f }) >= 0 {
 			return true
 		}
 	}
