@@ -413,6 +413,10 @@ func malformed(r *request) bool {
 			strings.IndexFunc(name, func(c rune) bool { return c <= ' ' || c >= 0x7f }) >= 0 {
 			return true
 		}
+		// A transfer coding other than chunked cannot be framed either.
+		if strings.EqualFold(name, "Transfer-Encoding") && !strings.EqualFold(strings.TrimSpace(value), "chunked") {
+			return true
+		}
 	}
 	return false
 }
