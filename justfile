@@ -85,29 +85,52 @@ test: tools lint vulncheck
     LLORCH_CHAOS=1 go test -count=1 -timeout 20m ./chaos
     just fuzz
 
-# The fuzz campaign: FuzzAPI against a running apiserver for TIME, then the parsers' fuzz targets 5 s each. New inputs go to Go's fuzz cache, not the repo; a failing one is written to the package's testdata/fuzz (commit it with the fix).
+# The fuzz campaign: the corpus once (fails fast, with the stack's logs, when the stack cannot start), then FuzzAPI against a running apiserver for TIME, then the parsers' fuzz targets 5 s each. New inputs go to Go's fuzz cache, not the repo; a failing one is written to the package's testdata/fuzz (commit it with the fix).
 fuzz TIME="60s": tools
     #!/usr/bin/env bash
     set -euo pipefail
     mkdir -p bench/out
+    # Each campaign's -timeout: its time plus 5 minutes (the stack's start and
+    # the minimisation of a crasher), 20m when TIME is a count of executions.
+    limit() {
+      local t=$1
+      case $t in
+        *[0-9]s) echo "$(( ${t%s} + 300 ))s" ;;
+        *[0-9]m) echo "$(( ${t%m} * 60 + 300 ))s" ;;
+        *[0-9]h) echo "$(( ${t%h} * 3600 + 300 ))s" ;;
+        *) echo 20m ;;
+      esac
+    }
+    start=$SECONDS
+    # Under -fuzz a worker whose stack cannot start is restarted by the
+    # coordinator again and again ("gathering baseline coverage: 0/N"): run
+    # the corpus once without -fuzz first, which fails at once.
+    echo "fuzz: FuzzAPI corpus (./fuzz)"
+    if ! go test -count=1 -run '^FuzzAPI$' -timeout 5m ./fuzz >bench/out/fuzz-corpus.log 2>&1; then
+      tail -n 80 bench/out/fuzz-corpus.log
+      echo "fuzz: the FuzzAPI corpus failed (log: bench/out/fuzz-corpus.log)"
+      exit 1
+    fi
+    echo "fuzz: FuzzAPI corpus passed in $(( SECONDS - start ))s"
     campaign() { # package, target, time
-      local log="bench/out/fuzz-$2.log"
+      local log="bench/out/fuzz-$2.log" t0=$SECONDS
       echo "fuzz: $2 ($1) for $3"
       # One worker: FuzzAPI's stack (Temporal, S3, apiserver, a node) runs once per worker.
       # Few minimising runs: the apiserver's own goroutines make most inputs look new.
-      if ! go test -run '^$' -fuzz "^$2\$" -fuzztime "$3" -fuzzminimizetime 20x -parallel 1 -timeout 30m "$1" >"$log" 2>&1; then
+      if ! go test -run '^$' -fuzz "^$2\$" -fuzztime "$3" -fuzzminimizetime 20x -parallel 1 -timeout "$(limit "$3")" "$1" >"$log" 2>&1; then
         tail -n 60 "$log"
         echo "fuzz: $2 failed (log: $log)"
         exit 1
       fi
       local last
       last=$(grep -E 'execs: [0-9]+' "$log" | tail -n 1 || true)
-      echo "fuzz: $2 done: ${last#*elapsed: }"
+      echo "fuzz: $2 done in $(( SECONDS - t0 ))s: ${last#*elapsed: }"
     }
     campaign ./fuzz FuzzAPI "{{TIME}}"
     campaign ./apiserver FuzzTaskRequest 5s
     campaign ./apiserver FuzzOpenAIRequest 5s
     campaign ./engine FuzzCompletionDecoders 5s
+    echo "fuzz: all done in $(( SECONDS - start ))s"
 
 # Benchmarks against baselines in the same run, ending with a table of aims (results: bench/out/results.json).
 bench: tools

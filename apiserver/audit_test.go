@@ -18,12 +18,12 @@ import (
 	"github.com/stretchr/testify/require"
 	enumspb "go.temporal.io/api/enums/v1"
 	historypb "go.temporal.io/api/history/v1"
-	"go.temporal.io/sdk/converter"
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/apiserver"
+	"github.com/llorch/llorch/codec"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
@@ -110,7 +110,8 @@ func memo(t *testing.T, workflowID, field string, v any) bool {
 	if !ok {
 		return false
 	}
-	require.NoError(t, converter.GetDefaultDataConverter().FromPayload(p, v))
+	// Memos are encrypted as every payload (the codec of env.Temporal).
+	require.NoError(t, codec.DataConverter(env.Codec).FromPayload(p, v))
 	return true
 }
 

@@ -14,22 +14,19 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 
-	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/apiserver"
+	"github.com/llorch/llorch/codec"
 	"github.com/llorch/llorch/control"
-	"github.com/llorch/llorch/keyring"
+	"github.com/llorch/llorch/controlplane"
 	"github.com/llorch/llorch/modelstore"
-	"github.com/llorch/llorch/placement"
-	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/session"
 	"github.com/llorch/llorch/testenv"
-	"github.com/llorch/llorch/tokenstream"
-	"github.com/llorch/llorch/workers"
 )
 
-// startKeyAPI runs an apiserver with every route (task routes with a
-// scheduler that has no pools), the key registry and a key cache polling
-// it, against the package's Temporal. Several share the registry.
+// startKeyAPI runs an apiserver as `llorch apiserver` builds it
+// (controlplane: every route, the key registry and a key cache polling
+// it, quotas, the control worker), against the package's Temporal.
+// Several share the registry.
 func startKeyAPI(t *testing.T) *api {
 	t.Helper()
 	logs := &bytes.Buffer{}
@@ -37,32 +34,21 @@ func startKeyAPI(t *testing.T) *api {
 	store, err := modelstore.New(env.S3)
 	require.NoError(t, err)
 	require.NoError(t, store.EnsureBucket(context.Background()))
-	w := workers.NewControl(env.Temporal, &activities.CatalogActivities{Store: store}, nil)
-	require.NoError(t, w.Start())
-	t.Cleanup(w.Stop)
-	reg := prometheus.NewRegistry()
-	nodes := &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace, Via: "rest", Metrics: control.NewNodeMetrics(reg)}
-	tasks := &control.Tasks{Temporal: env.Temporal}
-	sessions := &control.Sessions{Temporal: env.Temporal}
-	sched := &scheduler.Scheduler{Tasks: tasks, Sessions: sessions, Log: log, Metrics: scheduler.NewMetrics(reg),
-		Source: func(context.Context) ([]placement.Candidate, error) { return nil, nil }}
-	keys := &control.Keys{Temporal: env.Temporal}
-	ring := &keyring.Ring{Source: keys, Log: log}
-	ring.Metrics = keyring.NewMetrics(reg, ring)
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	require.NoError(t, ring.Load(ctx))
-	go ring.Run(ctx)
-	s, err := apiserver.New(apiserver.Config{Addr: "127.0.0.1:0", Token: token}, apiserver.Deps{
-		Nodes: nodes, Store: store, Registry: reg, Logger: log, Tasks: tasks, Scheduler: sched, Hub: &tokenstream.Hub{},
-		Sessions: sessions, Keys: ring, KeyRegistry: keys,
-		Pools:  &control.Pools{Temporal: env.Temporal, Namespace: env.Namespace},
-		Models: &control.Models{Temporal: env.Temporal, Namespace: env.Namespace, Nodes: nodes},
+	p, err := controlplane.New(controlplane.Config{
+		Temporal: env.Temporal, DataConverter: codec.DataConverter(env.Codec), Namespace: env.Namespace, Identity: "apiserver-test",
+		Store: store, API: apiserver.Config{Addr: "127.0.0.1:0", Token: token},
+		Logger: log, Registry: prometheus.NewRegistry(), Audit: io.Discard,
 	})
 	require.NoError(t, err)
-	require.NoError(t, s.Listen("127.0.0.1:0"))
-	t.Cleanup(func() { _ = s.Shutdown(context.Background()) })
-	return &api{t: t, base: "http://" + s.Addr(), logs: logs, routes: s.App().GetRoutes(true)}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	require.NoError(t, p.Start(ctx))
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		_ = p.Stop(ctx)
+	})
+	return &api{t: t, base: "http://" + p.API.Addr(), logs: logs, routes: p.API.App().GetRoutes(true)}
 }
 
 // newKey creates a key with the bootstrap token; its id and secret.

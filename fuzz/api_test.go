@@ -40,7 +40,7 @@ func init() {
 		POOL_NOT_FOUND POOL_EXISTS POOL_ENDED POOL_BUSY POOL_DRAINING POOL_UNAVAILABLE RELOAD_FAILED RELOAD_IN_PROGRESS INSUFFICIENT_VRAM INSUFFICIENT_RAM
 		TASK_NOT_FOUND TASK_EXISTS TASK_ENDED TASK_NOT_ON_NODE ADMISSION_REJECT DEADLINE_EXCEEDED STREAM_LIMIT STREAM_EXPIRED
 		SESSION_NOT_FOUND SESSION_TURN_LIMIT SESSION_ENDED INVALID_SESSION_MESSAGE
-		FORBIDDEN QUOTA_EXCEEDED KEY_NOT_FOUND`) {
+		NODE_NOT_ONLINE FORBIDDEN QUOTA_EXCEEDED KEY_NOT_FOUND KEY_EXISTS`) {
 		codes[c] = true
 	}
 }
@@ -48,21 +48,19 @@ func init() {
 // openAITypes are the error types of OpenAI's shape on /v1.
 var openAITypes = map[string]bool{"invalid_request_error": true, "server_error": true, "requests": true}
 
+// routeTable is the running apiserver's routes (set when the stack starts).
 var routeTable []string
 
 // FuzzAPI sends each input as one HTTP request over TCP to a running
 // apiserver. route picks a route of the table (exactly, else by hash);
 // params are its path parameters, one a line (empty: a fixture's id);
 // query is the raw query string; headers are "Name: value" lines
-// ($TOKEN and $SINK stand for the API token and the stream token of the
-// path's task; without an Authorization line the right one is sent);
+// ($TOKEN, $SINK and $KEY stand for the API token, the stream token of the
+// path's task and the fixture inference key's secret; without an
+// Authorization line the right one is sent);
 // body is the body, chunked when headers ask for it, with a declared
 // Content-Length when headers give one (then the write side closes).
 func FuzzAPI(f *testing.F) {
-	var err error
-	if routeTable, err = routes(); err != nil {
-		f.Fatal(err)
-	}
 	f.Fuzz(func(t *testing.T, route, params, query, headers string, body []byte) {
 		s := getStack(t)
 		in := build(route, params, query, headers, body)
@@ -141,6 +139,8 @@ func fixture(path, param string) string {
 		return fixPool
 	case strings.Contains(path, "/sessions/"):
 		return fixSession
+	case strings.Contains(path, "/keys/"):
+		return fixKeyID
 	default:
 		return fixTask
 	}
@@ -207,7 +207,7 @@ func build(route, params, query, headers string, body []byte) *request {
 		if !ok || name == "" {
 			continue
 		}
-		value = strings.ReplaceAll(strings.ReplaceAll(value, "$TOKEN", token), "$SINK", sink)
+		value = strings.NewReplacer("$TOKEN", token, "$SINK", sink, "$KEY", fixKeySecret).Replace(value)
 		lower := strings.ToLower(strings.TrimSpace(name))
 		has[lower] = true
 		switch lower {
@@ -242,13 +242,16 @@ func build(route, params, query, headers string, body []byte) *request {
 }
 
 // protected: an input that would deregister, drain, reload, retire or
-// delete a fixture, or register the worker's node over REST, is not sent
-// (the fixtures keep the task routes reaching the engine). Task, session
-// and OpenAI routes may use every fixture.
+// delete a fixture, revoke the fixture key, or register the worker's node
+// over REST, is not sent (the fixtures keep the task routes reaching the
+// engine). Task, session and OpenAI routes may use every fixture.
 func protected(method, pattern, path string, body []byte) bool {
 	if method == "GET" || method == "HEAD" || strings.HasPrefix(pattern, "/v1/") ||
 		strings.HasPrefix(pattern, "/v2/tasks") || strings.HasPrefix(pattern, "/v2/sessions") || strings.HasPrefix(pattern, "/internal/") {
 		return false
+	}
+	if method == "DELETE" && strings.HasPrefix(pattern, "/v2/keys/") && fixKeyID != "" && strings.Contains(path, fixKeyID) {
+		return true
 	}
 	for _, id := range []string{fixNode, fixPool, fixModel} {
 		// Staging the fixture model, or a GC of the node, changes nothing
@@ -406,7 +409,12 @@ func malformed(r *request) bool {
 		if strings.IndexFunc(value, func(c rune) bool { return c < ' ' && c != '\t' || c == 0x7f }) >= 0 {
 			return true
 		}
-		if name != strings.TrimSpace(name) || strings.ContainsAny(name, " \t()<>@,;\\\"/[]?={}") {
+		if name != strings.TrimSpace(name) || strings.ContainsAny(name, " \t()<>@,;\\\"/[]?={}") ||
+			strings.IndexFunc(name, func(c rune) bool { return c <= ' ' || c >= 0x7f }) >= 0 {
+			return true
+		}
+		// A transfer coding other than chunked cannot be framed either.
+		if strings.EqualFold(name, "Transfer-Encoding") && !strings.EqualFold(strings.TrimSpace(value), "chunked") {
 			return true
 		}
 	}
@@ -415,7 +423,7 @@ func malformed(r *request) bool {
 
 // tidy undoes what an accepted input created, so state stays bounded by
 // the fixtures: tasks are canceled, nodes deregistered, pools drained,
-// models deleted.
+// models deleted, keys revoked.
 func (s *stack) tidy(r *request, res *response) {
 	if res.none != "" || res.status >= 300 || r.method != "POST" {
 		return
@@ -436,6 +444,10 @@ func (s *stack) tidy(r *request, res *response) {
 	case pattern == "/v2/pools":
 		if p := id(in, "pool_id"); p != "" {
 			_, _, _ = s.call("POST", "/v2/pools/"+p+"/drain", `{"deadline_ms":0}`)
+		}
+	case pattern == "/v2/keys":
+		if k := id(out, "key_id"); k != "" && k != fixKeyID {
+			_, _, _ = s.call("DELETE", "/v2/keys/"+k, "")
 		}
 	case pattern == "/v2/catalog/models":
 		if m := id(out, "id"); m != "" && m != fixModel {

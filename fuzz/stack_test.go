@@ -3,6 +3,7 @@ package fuzz
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -20,25 +21,24 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/converter"
 
-	"github.com/llorch/llorch/activities"
-	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/apiserver"
 	"github.com/llorch/llorch/codec"
-	"github.com/llorch/llorch/control"
+	"github.com/llorch/llorch/controlplane"
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/testenv"
-	"github.com/llorch/llorch/tokenstream"
-	"github.com/llorch/llorch/workers"
 )
 
 const token = "fuzz-token"
 
 // The fixtures every input may read: a node run by a real worker, a model
 // in the catalog, a Ready pool of it on the built-in engine, a finished
-// task and a session.
+// task and a session, and an inference key with limits (its id is the
+// registry's choice).
 const (
 	fixNode    = "fz-node"
 	fixModel   = "fz-tiny"
@@ -46,6 +46,10 @@ const (
 	fixTask    = "fz-task"
 	fixSession = "fz-session"
 )
+
+// fixKeyID and fixKeySecret are the fixture key's, once the stack is up
+// ($KEY in an input's headers stands for its secret).
+var fixKeyID, fixKeySecret string
 
 // stack is the running system, started once per process that runs inputs
 // (a fuzzing worker, or plain `go test`), on the first input.
@@ -176,60 +180,49 @@ func tail(b *testenv.Buffer) string {
 	return out[max(0, len(out)-4096):]
 }
 
-// startAPI runs the apiserver in this process, wired as `llorch
-// apiserver` wires it (control worker, cluster view, scheduler), so the
-// fuzzing engine's coverage reaches into its handlers and a panic in any
-// of its goroutines is a crash the engine records with its input. Its
-// queue is small: the state inputs can create is bounded by the cluster's
-// own limits (docs/security.md, "Fuzzing").
-func (s *stack) startAPI() error {
-	port, err := testenv.FreePort()
-	if err != nil {
-		return err
+// planeConfig is the fuzzed apiserver's configuration: production's
+// assembly (controlplane, as `llorch apiserver` builds it) over the given
+// Temporal client, with a small queue: the state inputs can create is
+// bounded by the cluster's own limits (docs/security.md, "Fuzzing"). Its
+// audit trail is written and dropped.
+func planeConfig(tc client.Client, dc converter.DataConverter, ns string, store *modelstore.Store, log *slog.Logger) controlplane.Config {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return controlplane.Config{
+		Temporal: tc, DataConverter: dc, Namespace: ns, Identity: "fuzz-apiserver",
+		Store: store, API: apiserver.Config{Addr: "127.0.0.1:0", Token: token},
+		Logger: log, Registry: reg, Audit: io.Discard, MachineID: "fuzz",
+		QueueCapacity: 8, Policy: scheduler.Reject, OutputRetention: 7 * 24 * time.Hour,
 	}
-	s.addr = fmt.Sprintf("127.0.0.1:%d", port)
+}
+
+// startAPI runs the apiserver in this process, so the fuzzing engine's
+// coverage reaches into its handlers and a panic in any of its goroutines
+// is a crash the engine records with its input.
+func (s *stack) startAPI() error {
 	s.logs = &testenv.Buffer{}
 	log := slog.New(slog.NewTextHandler(s.logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	tc, ns := s.env.Temporal, s.env.Namespace
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector())
-	nodes := &control.Nodes{Temporal: tc, Namespace: ns, Via: "rest", Metrics: control.NewNodeMetrics(reg)}
 	store, err := modelstore.New(s.env.S3)
 	if err != nil {
 		return err
 	}
-	hub := &tokenstream.Hub{}
-	tokenstream.NewHubMetrics(reg, hub)
-	pools, tasks, sessions := &control.Pools{Temporal: tc, Namespace: ns}, &control.Tasks{Temporal: tc}, &control.Sessions{Temporal: tc}
-	view := &scheduler.LinkView{Pools: pools, Nodes: nodes, Log: log, Metrics: scheduler.NewViewMetrics(reg),
-		Suspect: nodes.Suspect, Identity: "fuzz-apiserver"}
-	sched := &scheduler.Scheduler{Capacity: 8, Policy: scheduler.Reject, Log: log, Metrics: scheduler.NewMetrics(reg),
-		Source: view.Candidates, Fresh: view.Fresh, Tasks: tasks, Sessions: sessions}
-	view.Changed = sched.Changed
-	srv, err := apiserver.New(apiserver.Config{Addr: s.addr, Token: token}, apiserver.Deps{
-		Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub, Links: view,
-		Models: &control.Models{Temporal: tc, Namespace: ns, Nodes: nodes},
-		Pools:  pools, Tasks: tasks, Sessions: sessions,
-	})
+	plane, err := controlplane.New(planeConfig(s.env.Temporal, codec.DataConverter(s.env.Codec), s.env.Namespace, store, log))
 	if err != nil {
 		return err
 	}
-	w := workers.NewControl(tc, &activities.CatalogActivities{Store: store}, &scheduler.TaskControl{S: sched, Hub: hub, Metrics: sched.Metrics})
-	if err := w.Start(); err != nil {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := plane.Start(ctx); err != nil {
 		return err
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	go view.Run(ctx)
-	go sched.Run(ctx)
 	s.stopAPI = func() {
-		_ = srv.Shutdown(context.Background())
-		cancel()
-		w.Stop()
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		_ = plane.Stop(ctx)
 	}
-	if err := srv.Listen(s.addr); err != nil {
-		return err
-	}
-	return s.until(60*time.Second, "apiserver healthy", func() (bool, string) {
+	s.addr = plane.API.Addr()
+	routeTable = routesOf(plane.API)
+	return s.until(30*time.Second, "apiserver healthy", func() (bool, string) {
 		st, body, err := s.call("GET", "/health", "")
 		return err == nil && st == 200, fmt.Sprint(st, body, err)
 	})
@@ -251,11 +244,15 @@ func (s *stack) until(timeout time.Duration, what string, cond func() (bool, str
 
 // call is an ordinary authenticated request of the harness itself.
 func (s *stack) call(method, path, body string) (int, string, error) {
+	return s.callAs("Bearer "+token, method, path, body)
+}
+
+func (s *stack) callAs(auth, method, path, body string) (int, string, error) {
 	req, err := http.NewRequest(method, "http://"+s.addr+path, strings.NewReader(body))
 	if err != nil {
 		return 0, "", err
 	}
-	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Authorization", auth)
 	if body != "" {
 		req.Header.Set("Content-Type", "application/json")
 	}
@@ -321,9 +318,35 @@ func (s *stack) fixtures() error {
 			return fmt.Errorf("POST /v2/tasks %s: %d %s %v", body, code, out, err)
 		}
 	}
-	return s.until(60*time.Second, "task "+fixTask+" done", func() (bool, string) {
+	err = s.until(60*time.Second, "task "+fixTask+" done", func() (bool, string) {
 		st, body, err := s.call("GET", "/v2/tasks/"+fixTask, "")
 		return err == nil && st == 200 && strings.Contains(body, `"state":"Completed"`), fmt.Sprint(st, body, err)
+	})
+	if err != nil {
+		return err
+	}
+	return s.fixtureKey()
+}
+
+// fixtureKey creates the inference key inputs may authenticate with, its
+// limits low enough that inputs reach the quota refusals, and waits until
+// the apiserver's key cache knows it.
+func (s *stack) fixtureKey() error {
+	code, body, err := s.call("POST", "/v2/keys", `{"name":"fz-key","scopes":["inference"],"limits":{"requests_per_minute":120,"concurrent_tasks":2}}`)
+	if err != nil || code != 201 {
+		return fmt.Errorf("POST /v2/keys: %d %s %v", code, body, err)
+	}
+	var k struct {
+		ID     string `json:"key_id"`
+		Secret string `json:"secret"`
+	}
+	if err := json.Unmarshal([]byte(body), &k); err != nil || k.ID == "" || k.Secret == "" {
+		return fmt.Errorf("POST /v2/keys: no key_id and secret in %s (%v)", body, err)
+	}
+	fixKeyID, fixKeySecret = k.ID, k.Secret
+	return s.until(10*time.Second, "key "+k.ID+" authenticates", func() (bool, string) {
+		st, body, err := s.callAs("Bearer "+k.Secret, "GET", "/v1/models", "")
+		return err == nil && st == 200, fmt.Sprint(st, body, err)
 	})
 }
 
@@ -376,22 +399,25 @@ func (s *stack) stop() {
 	s.env.Stop()
 }
 
-// routes is the apiserver's route table, read from an apiserver built
-// with every dependency set (some routes exist only with theirs), so a
-// route added to apiserver/routes.go is fuzzed with no edit here.
+// routes is the route table of the fuzzed apiserver, built as the stack
+// builds it over a Temporal client that never connects, so a route added
+// to apiserver/routes.go is checked for a seed (TestRoutesCovered) with
+// no stack and no edit here. FuzzAPI reads the running server's.
 func routes() ([]string, error) {
-	reg := prometheus.NewRegistry()
-	nodes := &control.Nodes{}
-	tasks := &control.Tasks{}
-	srv, err := apiserver.New(apiserver.Config{Addr: "127.0.0.1:0", Token: token}, apiserver.Deps{
-		Nodes: nodes, Models: &control.Models{Nodes: nodes}, Pools: &control.Pools{}, Tasks: tasks,
-		Store: &modelstore.Store{}, Scheduler: &scheduler.Scheduler{}, Hub: &tokenstream.Hub{},
-		Sessions: &control.Sessions{}, Keys: noKeys{}, Registry: reg,
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
-	})
+	tc, err := client.NewLazyClient(client.Options{HostPort: "127.0.0.1:1", Logger: quiet{}})
 	if err != nil {
 		return nil, err
 	}
+	defer tc.Close()
+	plane, err := controlplane.New(planeConfig(tc, nil, "default", &modelstore.Store{}, slog.New(slog.NewTextHandler(io.Discard, nil))))
+	if err != nil {
+		return nil, err
+	}
+	return routesOf(plane.API), nil
+}
+
+// routesOf lists a server's routes, "METHOD /path", each once.
+func routesOf(srv *apiserver.Server) []string {
 	var out []string
 	seen := map[string]bool{}
 	for _, r := range srv.App().GetRoutes(true) {
@@ -401,9 +427,13 @@ func routes() ([]string, error) {
 			out = append(out, k)
 		}
 	}
-	return out, nil
+	return out
 }
 
-type noKeys struct{}
+// quiet is the Temporal SDK's logger for a client that never connects.
+type quiet struct{}
 
-func (noKeys) Lookup(string) (apikey.Principal, bool) { return apikey.Principal{}, false }
+func (quiet) Debug(string, ...any) {}
+func (quiet) Info(string, ...any)  {}
+func (quiet) Warn(string, ...any)  {}
+func (quiet) Error(string, ...any) {}

@@ -11,39 +11,10 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"go.temporal.io/sdk/client"
 	"go.uber.org/fx"
 
-	"github.com/llorch/llorch/activities"
-	"github.com/llorch/llorch/node"
-	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/workers/agent"
-	"github.com/llorch/llorch/workflows"
 )
-
-// ControlModule runs the control worker for the life of the fx app.
-var ControlModule = fx.Module("control-worker",
-	fx.Invoke(func(lc fx.Lifecycle, c client.Client, catalog *activities.CatalogActivities, tasks *scheduler.TaskControl, log *slog.Logger, opt controlOptional) {
-		w := NewControl(c, catalog, tasks, opt.Quotas)
-		lc.Append(fx.Hook{
-			OnStart: func(context.Context) error {
-				if err := w.Start(); err != nil {
-					return fmt.Errorf("start control worker: %w", err)
-				}
-				log.Info("control worker polling", "task_queue", node.ControlTaskQueue)
-				return nil
-			},
-			OnStop: func(context.Context) error { w.Stop(); return nil },
-		})
-	}),
-)
-
-// controlOptional are what the control worker takes when supplied: the
-// quota workflows' token counter.
-type controlOptional struct {
-	fx.In
-	Quotas *workflows.Quotas `optional:"true"`
-}
 
 // NodeModule runs the node agent and its metrics endpoint.
 var NodeModule = fx.Module("node-agent",

@@ -1,30 +1,21 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
-	"go.temporal.io/sdk/client"
 	"go.uber.org/fx"
 
-	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/apiserver"
 	"github.com/llorch/llorch/bearer"
 	"github.com/llorch/llorch/config"
-	"github.com/llorch/llorch/control"
-	"github.com/llorch/llorch/keyring"
+	"github.com/llorch/llorch/controlplane"
 	"github.com/llorch/llorch/link"
-	"github.com/llorch/llorch/outputs"
 	"github.com/llorch/llorch/scheduler"
-	"github.com/llorch/llorch/tokenstream"
-	"github.com/llorch/llorch/workers"
-	"github.com/llorch/llorch/workflows"
 )
 
 func apiserverCmd() *cobra.Command {
@@ -80,24 +71,22 @@ func (f *apiserverFlags) addFlags(fs *pflag.FlagSet) {
 	config.AddS3Flags(fs, &f.s3)
 }
 
-// auditLogger is the audit trail's logger: JSON lines on stderr, where the
-// stream=audit attribute sets them apart, and appended to --audit-log when
-// set (replicas may share the file: O_APPEND writes of one line each).
-func (f *apiserverFlags) auditLogger() (*slog.Logger, func(), error) {
-	var w io.Writer = os.Stderr
-	closeFn := func() {}
-	if f.auditLog != "" {
-		file, err := os.OpenFile(f.auditLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
-		if err != nil {
-			return nil, nil, fmt.Errorf("--audit-log: %w", err)
-		}
-		w, closeFn = io.MultiWriter(os.Stderr, file), func() { _ = file.Close() }
+// auditWriter is where the audit trail goes: JSON lines on stderr, where
+// the stream=audit attribute sets them apart, and appended to --audit-log
+// when set (replicas may share the file: O_APPEND writes of one line each).
+func (f *apiserverFlags) auditWriter() (io.Writer, func(), error) {
+	if f.auditLog == "" {
+		return os.Stderr, func() {}, nil
 	}
-	return slog.New(slog.NewJSONHandler(w, nil)).With("component", "apiserver", "machine_id", hostname()), closeFn, nil
+	file, err := os.OpenFile(f.auditLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, nil, fmt.Errorf("--audit-log: %w", err)
+	}
+	return io.MultiWriter(os.Stderr, file), func() { _ = file.Close() }, nil
 }
 
 // runAPIServer serves the REST API and runs the control worker until
-// SIGINT or SIGTERM.
+// SIGINT or SIGTERM; controlplane wires the process.
 func runAPIServer(f *apiserverFlags) error {
 	log, err := f.logger("component", "apiserver", "machine_id", hostname())
 	if err != nil {
@@ -110,96 +99,43 @@ func runAPIServer(f *apiserverFlags) error {
 		log.Warn("the REST API serves plain HTTP on a non-loopback address: tokens and prompts cross the network in clear "+
 			"unless a TLS-terminating proxy is in front (else set --tls-cert and --tls-key)", "addr", f.api.Addr)
 	}
+	if f.policy != scheduler.Reject && f.policy != scheduler.DropLRU {
+		return fmt.Errorf("--admission-policy: want %s or %s, got %q", scheduler.Reject, scheduler.DropLRU, f.policy)
+	}
 	linkTLS, err := config.ClientTLS("--link-ca", f.linkCA)
 	if err != nil {
 		return err
 	}
-	linkHTTP := config.WithClientTLS(link.DefaultHTTP, linkTLS)
 	identity := clientIdentity("apiserver", "", hostname(), os.Getpid())
 	tc, err := f.dial(log, identity)
 	if err != nil {
 		return err
 	}
 	defer tc.Close()
-	reg := newRegistry()
-	nodes := &control.Nodes{Temporal: tc, Namespace: f.temporal.Namespace, ContinueAsNewAfterEvents: f.canAfter,
-		Via: "rest", Metrics: control.NewNodeMetrics(reg), DataConverter: f.dc}
 	store, err := openStore(f.s3, log)
 	if err != nil {
 		return err
 	}
-	hub := &tokenstream.Hub{}
-	tokenstream.NewHubMetrics(reg, hub)
-	if f.policy != scheduler.Reject && f.policy != scheduler.DropLRU {
-		return fmt.Errorf("--admission-policy: want %s or %s, got %q", scheduler.Reject, scheduler.DropLRU, f.policy)
-	}
-	pools, tasks := &control.Pools{Temporal: tc, Namespace: f.temporal.Namespace, DataConverter: f.dc}, &control.Tasks{Temporal: tc}
-	var pruner *outputs.Pruner
-	if store != nil {
-		outs := &outputs.Store{Bucket: store, DC: f.dc}
-		tasks.Outputs = outs
-		if f.outputRetention > 0 {
-			pruner = &outputs.Pruner{Store: outs, Retention: f.outputRetention, Log: log,
-				Every: min(max(f.outputRetention/4, time.Second), time.Hour)}
-		}
-	}
-	sessions := &control.Sessions{Temporal: tc}
-	view := &scheduler.LinkView{Pools: pools, Nodes: nodes, Token: f.linkToken, HTTP: linkHTTP, Log: log, Metrics: scheduler.NewViewMetrics(reg),
-		Suspect: nodes.Suspect, Identity: identity}
-	sched := &scheduler.Scheduler{Capacity: f.queueCap, Policy: f.policy, Log: log, Metrics: scheduler.NewMetrics(reg),
-		Source: view.Candidates, Fresh: view.Fresh, Tasks: tasks, Sessions: sessions}
-	view.Changed = sched.Changed
-	if f.autoPoolsOn {
-		f.autoPools.Pools, f.autoPools.Nodes = pools, nodes
-		sched.AutoPools = &f.autoPools
-	}
-	audit, closeAudit, err := f.auditLogger()
+	audit, closeAudit, err := f.auditWriter()
 	if err != nil {
 		return err
 	}
 	defer closeAudit()
-	keys := &control.Keys{Temporal: tc}
-	ring := &keyring.Ring{Source: keys, Log: log}
-	ring.Metrics = keyring.NewMetrics(reg, ring)
-	quotas := &control.Quotas{Temporal: tc, Metrics: control.NewQuotaMetrics(reg)}
-	srv, err := apiserver.New(f.api, apiserver.Deps{
-		Audit: audit, Keys: ring, KeyRegistry: keys,
-		Nodes: nodes, Store: store, Registry: reg, Logger: log, Scheduler: sched, Hub: hub, Links: view, LinkToken: f.linkToken, LinkHTTP: linkHTTP,
-		Models: &control.Models{Temporal: tc, Namespace: f.temporal.Namespace, Nodes: nodes, DataConverter: f.dc},
-		Pools:  pools, Tasks: tasks, Sessions: sessions, Quotas: quotas,
+	var auto *scheduler.AutoPools
+	if f.autoPoolsOn {
+		auto = &f.autoPools
+	}
+	plane, err := controlplane.New(controlplane.Config{
+		Temporal: tc, DataConverter: f.dc, Namespace: f.temporal.Namespace, Identity: identity,
+		Store: store, API: f.api, Logger: log, Registry: newRegistry(), Audit: audit, MachineID: hostname(),
+		QueueCapacity: f.queueCap, Policy: f.policy, AutoPools: auto, OutputRetention: f.outputRetention,
+		LinkToken: f.linkToken, LinkHTTP: config.WithClientTLS(link.DefaultHTTP, linkTLS),
+		NodeContinueAsNewEvents: f.canAfter,
 	})
 	if err != nil {
 		return err
 	}
-	schedCtx, stopSched := context.WithCancel(context.Background())
-	defer stopSched()
-	return runApp(log, f.pprof(log),
-		fx.Supply(log, &activities.CatalogActivities{Store: store}, fx.Annotate(tc, fx.As(new(client.Client))),
-			&scheduler.TaskControl{S: sched, Hub: hub, Metrics: sched.Metrics},
-			&workflows.Quotas{Counted: quotas.Metrics.Released}),
-		workers.ControlModule,
-		fx.Invoke(func(lc fx.Lifecycle) {
-			lc.Append(fx.Hook{
-				OnStart: func(context.Context) error {
-					go view.Run(schedCtx)
-					go sched.Run(schedCtx)
-					go ring.Run(schedCtx)
-					if pruner != nil {
-						go pruner.Run(schedCtx)
-					}
-					return nil
-				},
-				OnStop: func(context.Context) error { stopSched(); return nil },
-			})
-		}),
-		fx.Invoke(func(lc fx.Lifecycle) {
-			lc.Append(fx.Hook{
-				OnStart: func(ctx context.Context) error {
-					control.EnsureSearchAttributes(ctx, tc, f.temporal.Namespace, log)
-					return srv.Listen(f.api.Addr)
-				},
-				OnStop: srv.Shutdown,
-			})
-		}),
-	)
+	return runApp(log, f.pprof(log), fx.Invoke(func(lc fx.Lifecycle) {
+		lc.Append(fx.Hook{OnStart: plane.Start, OnStop: plane.Stop})
+	}))
 }
