@@ -13,7 +13,6 @@ import (
 	"github.com/llorch/llorch/task"
 )
 
-
 // admitQuota takes a unit of the caller's key's quota for req, before the
 // scheduler sees it: req carries the key so the task's workflow releases
 // it when it ends. release gives back a new admission at once (the task

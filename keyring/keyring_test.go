@@ -64,4 +64,3 @@ func TestLookupRefusals(t *testing.T) {
 		return reason == ReasonStale, reason
 	})
 }
-

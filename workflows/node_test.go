@@ -159,7 +159,9 @@ func (s *nodeSuite) TestSuspicionProbed() {
 	s.alive(2*time.Second, 1)
 	s.expectState(3*time.Second, node.Online)
 	suspect := func(d time.Duration) {
-		s.at(d, func() { s.env.SignalWorkflow(node.SignalSuspect, node.Suspicion{By: "apiserver@a", Reason: "connection refused"}) })
+		s.at(d, func() {
+			s.env.SignalWorkflow(node.SignalSuspect, node.Suspicion{By: "apiserver@a", Reason: "connection refused"})
+		})
 	}
 	suspect(4 * time.Second)
 	s.at(5*time.Second, func() {
