@@ -301,7 +301,7 @@ func TestStageModelSignalsProgress(t *testing.T) {
 		}
 		assert.Equal(t, model.SignalStageProgress, attr.GetSignalName())
 		var p model.StageProgressSignal
-		require.NoError(t, converter.GetDefaultDataConverter().FromPayloads(attr.GetInput(), &p))
+		require.NoError(t, env.DataConverter().FromPayloads(attr.GetInput(), &p))
 		got = append(got, p)
 	}
 	require.NotEmpty(t, got)

@@ -57,10 +57,10 @@ func startAPI(t *testing.T) *api {
 	require.NoError(t, w.Start())
 	t.Cleanup(w.Stop)
 	reg := prometheus.NewRegistry()
-	nodes := &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace, Via: "rest", Metrics: control.NewNodeMetrics(reg)}
+	nodes := &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace, DataConverter: env.DataConverter(), Via: "rest", Metrics: control.NewNodeMetrics(reg)}
 	s, err := apiserver.New(apiserver.Config{Addr: "127.0.0.1:0", Token: token}, apiserver.Deps{
-		Nodes: nodes, Store: store, Registry: reg, Logger: log, Pools: &control.Pools{Temporal: env.Temporal, Namespace: env.Namespace},
-		Models: &control.Models{Temporal: env.Temporal, Namespace: env.Namespace, Nodes: nodes},
+		Nodes: nodes, Store: store, Registry: reg, Logger: log, Pools: &control.Pools{Temporal: env.Temporal, Namespace: env.Namespace, DataConverter: env.DataConverter()},
+		Models: &control.Models{Temporal: env.Temporal, Namespace: env.Namespace, DataConverter: env.DataConverter(), Nodes: nodes},
 	})
 	require.NoError(t, err)
 	require.NoError(t, s.Listen("127.0.0.1:0"))
@@ -165,7 +165,7 @@ func TestAuth(t *testing.T) {
 }
 
 func TestRefusesPublicBindWithoutToken(t *testing.T) {
-	nodes := &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace}
+	nodes := &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace, DataConverter: env.DataConverter()}
 	for _, addr := range []string{"0.0.0.0:8080", ":8080", "10.1.2.3:8080"} {
 		_, err := apiserver.New(apiserver.Config{Addr: addr}, apiserver.Deps{Nodes: nodes, Registry: prometheus.NewRegistry(), Logger: slog.Default()})
 		require.ErrorContains(t, err, "without a token", addr)
@@ -343,7 +343,7 @@ func TestWorkerAgentNode(t *testing.T) {
 	id := "agent-api-1"
 	agent := &agent.Agent{
 		NodeID: id, Identity: "worker:" + id, HeartbeatInterval: 200 * time.Millisecond, Host: host,
-		Nodes:   &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace},
+		Nodes:   &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace, DataConverter: env.DataConverter()},
 		Log:     slog.New(slog.NewTextHandler(io.Discard, nil)),
 		Metrics: activities.NewNodeMetrics(prometheus.NewRegistry()),
 	}
@@ -367,7 +367,7 @@ func TestWorkerAgentNode(t *testing.T) {
 	require.NoError(t, err)
 	require.NotNil(t, desc.GetExecutionConfig().GetUserMetadata().GetSummary())
 	var summary string
-	require.NoError(t, json.Unmarshal(desc.GetExecutionConfig().GetUserMetadata().GetSummary().GetData(), &summary))
+	require.NoError(t, env.DataConverter().FromPayload(desc.GetExecutionConfig().GetUserMetadata().GetSummary(), &summary))
 	require.Equal(t, "node "+id+" · 8× NVIDIA H100 80GB HBM3", summary)
 
 	// Typed search attributes find it by state.
@@ -384,7 +384,7 @@ func TestWorkerAgentNode(t *testing.T) {
 // workflow; they never start a second.
 func TestRacingRegistrationsMakeOneWorkflow(t *testing.T) {
 	startAPI(t)
-	nodes := &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace}
+	nodes := &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace, DataConverter: env.DataConverter()}
 	id := fmt.Sprintf("race-%d", time.Now().UnixNano()%1e9) // fresh on every -count
 	ctx := context.Background()
 	var wg sync.WaitGroup

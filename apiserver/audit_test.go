@@ -76,7 +76,7 @@ func startAuditAPI(t *testing.T, nodeID, poolID, modelID string) (*api, *syncBuf
 	require.NoError(t, err)
 	require.NoError(t, store.EnsureBucket(context.Background()))
 	reg := prometheus.NewRegistry()
-	nodes := &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace, Via: "rest", Metrics: control.NewNodeMetrics(reg)}
+	nodes := &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace, DataConverter: env.DataConverter(), Via: "rest", Metrics: control.NewNodeMetrics(reg)}
 	tasks := &control.Tasks{Temporal: env.Temporal}
 	sessions := &control.Sessions{Temporal: env.Temporal}
 	hub := &tokenstream.Hub{}
@@ -91,8 +91,8 @@ func startAuditAPI(t *testing.T, nodeID, poolID, modelID string) (*api, *syncBuf
 	t.Cleanup(w.Stop)
 	s, err := apiserver.New(apiserver.Config{Addr: "127.0.0.1:0", Token: token}, apiserver.Deps{
 		Nodes: nodes, Store: store, Registry: reg, Logger: log, Tasks: tasks, Scheduler: sched, Hub: hub, Sessions: sessions,
-		Pools:  &control.Pools{Temporal: env.Temporal, Namespace: env.Namespace},
-		Models: &control.Models{Temporal: env.Temporal, Namespace: env.Namespace, Nodes: nodes},
+		Pools:  &control.Pools{Temporal: env.Temporal, Namespace: env.Namespace, DataConverter: env.DataConverter()},
+		Models: &control.Models{Temporal: env.Temporal, Namespace: env.Namespace, DataConverter: env.DataConverter(), Nodes: nodes},
 		Audit:  slog.New(slog.NewJSONHandler(audit, nil)),
 	})
 	require.NoError(t, err)

@@ -125,7 +125,7 @@ func startQuotaReplicas(t *testing.T, n int, keys staticKeys, gen *fakeGeneratio
 		logs := &bytes.Buffer{}
 		log := slog.New(slog.NewTextHandler(io.MultiWriter(logs, testWriter{t}), nil)).With("replica", i)
 		reg := prometheus.NewRegistry()
-		nodes := &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace, Via: "rest", Metrics: control.NewNodeMetrics(reg)}
+		nodes := &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace, DataConverter: env.DataConverter(), Via: "rest", Metrics: control.NewNodeMetrics(reg)}
 		tasks := &control.Tasks{Temporal: env.Temporal}
 		hub := &tokenstream.Hub{}
 		sched := &scheduler.Scheduler{Tasks: tasks, Log: log, Metrics: scheduler.NewMetrics(reg), Capacity: 1024,
@@ -138,7 +138,7 @@ func startQuotaReplicas(t *testing.T, n int, keys staticKeys, gen *fakeGeneratio
 		t.Cleanup(w.Stop)
 		s, err := apiserver.New(apiserver.Config{Addr: "127.0.0.1:0", Token: token}, apiserver.Deps{
 			Nodes: nodes, Registry: reg, Logger: log, Tasks: tasks, Scheduler: sched, Hub: hub, Store: store, Keys: keys, Quotas: quotas,
-			Models: &control.Models{Temporal: env.Temporal, Namespace: env.Namespace, Nodes: nodes},
+			Models: &control.Models{Temporal: env.Temporal, Namespace: env.Namespace, DataConverter: env.DataConverter(), Nodes: nodes},
 		})
 		require.NoError(t, err)
 		require.NoError(t, s.Listen("127.0.0.1:0"))

@@ -18,7 +18,6 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-	"go.temporal.io/sdk/converter"
 
 	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/cpuset"
@@ -165,8 +164,8 @@ func TestPoolLifecycle(t *testing.T) {
 	var actor apikey.Actor
 	var change string
 	memo := d.GetWorkflowExecutionInfo().GetMemo().GetFields()
-	require.NoError(t, converter.GetDefaultDataConverter().FromPayload(memo[apikey.MemoActor], &actor))
-	require.NoError(t, converter.GetDefaultDataConverter().FromPayload(memo[apikey.MemoLastChange], &change))
+	require.NoError(t, env.DataConverter().FromPayload(memo[apikey.MemoActor], &actor))
+	require.NoError(t, env.DataConverter().FromPayload(memo[apikey.MemoLastChange], &change))
 	require.Equal(t, apikey.Actor{KeyID: apikey.BootstrapID, KeyName: "bootstrap", Addr: "127.0.0.1"}, actor)
 	require.Equal(t, "drain", change)
 	recordHistory(t, pool.WorkflowID(id, "p1"), "pool-state-ready-restarted-drained")

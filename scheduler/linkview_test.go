@@ -140,7 +140,7 @@ func TestLinkViewFollowsNodes(t *testing.T) {
 				Inventory: node.Inventory{LinkURL: link.URL("", l.srv.Addr())}})
 		require.NoError(t, err)
 	}
-	pools := &control.Pools{Temporal: tc, Namespace: env.Namespace}
+	pools := &control.Pools{Temporal: tc, Namespace: env.Namespace, DataConverter: env.DataConverter()}
 	for _, s := range []pool.Spec{{PoolID: "v-p1", NodeID: "v-n1", ModelID: "m", Slots: 2, CtxSize: 4096, Engine: pool.Builtin},
 		{PoolID: "v-p2", NodeID: "v-n2", ModelID: "m", Slots: 2, CtxSize: 4096, Engine: pool.Builtin}} {
 		_, err := pools.Create(ctx, s)
@@ -149,7 +149,7 @@ func TestLinkViewFollowsNodes(t *testing.T) {
 	}
 
 	reg := prometheus.NewRegistry()
-	view := &LinkView{Pools: pools, Nodes: &control.Nodes{Temporal: tc, Namespace: env.Namespace}, Token: token,
+	view := &LinkView{Pools: pools, Nodes: &control.Nodes{Temporal: tc, Namespace: env.Namespace, DataConverter: env.DataConverter()}, Token: token,
 		Every: 200 * time.Millisecond, Stale: 1500 * time.Millisecond, Wait: 2 * time.Second, Metrics: NewViewMetrics(reg)}
 	go view.Run(ctx)
 

@@ -14,6 +14,7 @@ import (
 	"github.com/NVIDIA/go-nvml/pkg/nvml/mock"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/converter"
 
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/control"
@@ -27,8 +28,11 @@ import (
 // Options are the settings of a fleet of simulated nodes.
 type Options struct {
 	// Temporal is the one client (one connection) every node shares.
-	Temporal  client.Client
-	Namespace string
+	Temporal client.Client
+	// DataConverter is Temporal's converter (the payload codec's); nil:
+	// the SDK's default.
+	DataConverter converter.DataConverter
+	Namespace     string
 	// Prefix and Count name the nodes <Prefix>-0 … <Prefix>-<Count-1>.
 	Prefix            string
 	Count             int
@@ -96,7 +100,7 @@ func New(o Options) (*Fleet, error) {
 		o.Identity = func(id string) string { return id }
 	}
 	nodes := &control.Nodes{Temporal: o.Temporal, Namespace: o.Namespace, Via: "worker",
-		Metrics: control.NewNodeMetrics(o.Registry)}
+		Metrics: control.NewNodeMetrics(o.Registry), DataConverter: o.DataConverter}
 	metrics := activities.NewNodeMetrics(o.Registry)
 	quiet := slog.New(slog.DiscardHandler) // a line per node says nothing a fleet's one line does not
 	f := &Fleet{o: o, nodes: make([]*simNode, o.Count)}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/llorch/llorch/codec"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/sim"
@@ -36,7 +37,7 @@ func serveControl(t *testing.T) {
 // fleetStates lists the nodes named <prefix>-N through the control plane's
 // own reader, by state.
 func fleetStates(t *testing.T, prefix string) (map[node.State]int, []control.NodeView) {
-	nodes := &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace}
+	nodes := &control.Nodes{Temporal: env.Temporal, Namespace: env.Namespace, DataConverter: env.DataConverter()}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	views, err := nodes.List(ctx)
@@ -67,7 +68,7 @@ func TestFleetOnlineThenLeft(t *testing.T) {
 	serveControl(t)
 	const count = 20
 	quiet := slog.New(slog.DiscardHandler)
-	f, err := sim.New(sim.Options{Temporal: env.Temporal, Namespace: env.Namespace, Prefix: "fleet", Count: count,
+	f, err := sim.New(sim.Options{Temporal: env.Temporal, DataConverter: env.DataConverter(), Namespace: env.Namespace, Prefix: "fleet", Count: count,
 		HeartbeatInterval: time.Second, StartRate: 200, NVMLMock: "dgxh100", Dir: t.TempDir(), Log: quiet, NodeLog: quiet})
 	require.NoError(t, err)
 	f.Start()
@@ -129,7 +130,7 @@ func TestSimNodesCommand(t *testing.T) {
 		"--temporal-address", env.TemporalAddr, "--home", t.TempDir(), "--metrics-addr", fmt.Sprintf("127.0.0.1:%d", port))
 	out := &testenv.Buffer{}
 	cmd.Stdout, cmd.Stderr = out, out
-	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME")}
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), codec.EnvKeys + "=" + env.CodecKeys}
 	require.NoError(t, cmd.Start())
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()

@@ -24,6 +24,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"go.temporal.io/api/workflowservice/v1"
 	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/converter"
 	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/testsuite"
 
@@ -413,3 +414,8 @@ func Unique(base string) string {
 	}
 	return base
 }
+
+// DataConverter is the converter of the env's codec: what control's
+// clients need to read the payloads Temporal returns raw (memos, heartbeat
+// details), since every payload a test's processes write is encrypted.
+func (e *Env) DataConverter() converter.DataConverter { return codec.DataConverter(e.Codec) }

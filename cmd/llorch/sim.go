@@ -98,7 +98,7 @@ func runSimNodes(f *simNodesFlags) error {
 	defer tc.Close()
 	reg := newRegistry()
 	fleet, err := sim.New(sim.Options{
-		Temporal: tc, Namespace: f.temporal.Namespace,
+		Temporal: tc, DataConverter: f.dc, Namespace: f.temporal.Namespace,
 		Prefix: f.prefix, Count: f.count, HeartbeatInterval: f.heartbeat, StartRate: f.startRate, LinkToken: f.linkToken,
 		NVMLMock: f.nvmlMock, Dir: dir, Version: version(), Registry: reg,
 		Identity: func(id string) string { return clientIdentity("sim", id, host, pid) },
