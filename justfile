@@ -117,7 +117,10 @@ fuzz TIME="60s": tools
       echo "fuzz: $2 ($1) for $3"
       # One worker: FuzzAPI's stack (Temporal, S3, apiserver, a node) runs once per worker.
       # Few minimising runs: the apiserver's own goroutines make most inputs look new.
-      if ! go test -run '^$' -fuzz "^$2\$" -fuzztime "$3" -fuzzminimizetime 20x -parallel 1 -timeout "$(limit "$3")" "$1" >"$log" 2>&1; then
+      # timeout(1) as well as -timeout: go's fuzz coordinator can wait forever
+      # on a worker that is gone (-timeout does not fire there); QUIT dumps it.
+      if ! timeout --signal=QUIT --kill-after=30s "$(limit "$3")" \
+          go test -run '^$' -fuzz "^$2\$" -fuzztime "$3" -fuzzminimizetime 20x -parallel 1 -timeout "$(limit "$3")" "$1" >"$log" 2>&1; then
         tail -n 60 "$log"
         echo "fuzz: $2 failed (log: $log)"
         exit 1
