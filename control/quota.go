@@ -110,30 +110,10 @@ func (e *ExceededError) RetryAfter() time.Duration {
 // failed start.
 func (q *Quotas) Admit(ctx context.Context, keyID, taskID string, l apikey.Limits) (isNew bool, err error) {
 	start := time.Now()
-	wid := quota.WorkflowID(keyID)
 	var r quota.AdmitResult
-	for attempt := 1; ; attempt++ {
-		opts, in := q.start(keyID)
-		op := q.Temporal.NewWithStartWorkflowOperation(opts, quota.WorkflowType, in)
-		var h client.WorkflowUpdateHandle
-		h, err = q.Temporal.UpdateWithStartWorkflow(ctx, client.UpdateWithStartWorkflowOptions{
-			StartWorkflowOperation: op,
-			UpdateOptions: client.UpdateWorkflowOptions{WorkflowID: wid, UpdateName: quota.UpdateAdmit,
-				Args: []any{quota.AdmitRequest{TaskID: taskID, Limits: l}}, WaitForStage: client.WorkflowUpdateStageCompleted},
-		})
-		if err == nil {
-			err = h.Get(ctx, &r)
-		}
-		// A run continuing as new between the start and the update: the
-		// next attempt reaches the new run.
-		if err == nil || attempt == turnAttempts || !closedMeanwhile(err) || ctx.Err() != nil {
-			break
-		}
-		select {
-		case <-ctx.Done():
-		case <-time.After(time.Duration(attempt) * 20 * time.Millisecond):
-		}
-	}
+	opts, in := q.start(keyID)
+	err = updateWithStart(ctx, q.Temporal, opts, quota.WorkflowType, in, quota.UpdateAdmit,
+		quota.AdmitRequest{TaskID: taskID, Limits: l}, &r)
 	if q.Metrics != nil {
 		q.Metrics.admit.Observe(time.Since(start).Seconds())
 	}

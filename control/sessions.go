@@ -7,7 +7,6 @@ import (
 	"time"
 
 	enumspb "go.temporal.io/api/enums/v1"
-	"go.temporal.io/api/serviceerror"
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/temporal"
 
@@ -22,46 +21,22 @@ type Sessions struct {
 	Temporal client.Client
 }
 
-// turnAttempts bounds the retries of a turn that reached a session as it
-// closed (the next attempt starts a fresh one).
-const turnAttempts = 3
-
-// Turn takes a task's turn in a session, starting the session if it is not
-// running (update-with-start): ErrSessionFull when all its turns are taken.
-// A task that has its turn gets the same one back, New false.
+// Turn takes the turn of task turn.TaskID in session sessionID, starting
+// the session if none runs (update-with-start): ErrSessionFull when all its
+// turns are taken. A task that has its turn gets the same one back, New false.
 func (c *Sessions) Turn(ctx context.Context, sessionID string, turn session.TurnRequest) (session.TurnResult, error) {
 	taskID := turn.TaskID
-	wid := session.WorkflowID(sessionID)
 	var r session.TurnResult
-	var err error
-	for attempt := 1; ; attempt++ {
-		op := c.Temporal.NewWithStartWorkflowOperation(client.StartWorkflowOptions{
-			ID:        wid,
-			TaskQueue: node.ControlTaskQueue,
-			// A running session takes the turn; one that expired or ended
-			// is closed, and a turn starts it afresh under the same id.
-			WorkflowIDConflictPolicy: enumspb.WORKFLOW_ID_CONFLICT_POLICY_USE_EXISTING,
-			WorkflowIDReusePolicy:    enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
-			StaticSummary:            fmt.Sprintf("session %s (at most %d turns, kept %s after the last)", sessionID, session.MaxTurns, session.TTL),
-			Memo:                     ActorMemo(ctx, nil),
-		}, session.WorkflowType, session.Input{SessionID: sessionID})
-		var h client.WorkflowUpdateHandle
-		h, err = c.Temporal.UpdateWithStartWorkflow(ctx, client.UpdateWithStartWorkflowOptions{
-			StartWorkflowOperation: op,
-			UpdateOptions: client.UpdateWorkflowOptions{WorkflowID: wid, UpdateName: session.UpdateTurn,
-				Args: []any{turn}, WaitForStage: client.WorkflowUpdateStageCompleted},
-		})
-		if err == nil {
-			err = h.Get(ctx, &r)
-		}
-		if err == nil || attempt == turnAttempts || !closedMeanwhile(err) || ctx.Err() != nil {
-			break
-		}
-		select {
-		case <-ctx.Done():
-		case <-time.After(time.Duration(attempt) * 20 * time.Millisecond):
-		}
-	}
+	err := updateWithStart(ctx, c.Temporal, client.StartWorkflowOptions{
+		ID:        session.WorkflowID(sessionID),
+		TaskQueue: node.ControlTaskQueue,
+		// A running session takes the turn; one that expired or ended
+		// is closed, and a turn starts it afresh under the same id.
+		WorkflowIDConflictPolicy: enumspb.WORKFLOW_ID_CONFLICT_POLICY_USE_EXISTING,
+		WorkflowIDReusePolicy:    enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
+		StaticSummary:            fmt.Sprintf("session %s (at most %d turns, kept %s after the last)", sessionID, session.MaxTurns, session.TTL),
+		Memo:                     ActorMemo(ctx, nil),
+	}, session.WorkflowType, session.Input{SessionID: sessionID}, session.UpdateTurn, turn, &r)
 	var app *temporal.ApplicationError
 	if errors.As(err, &app) && app.Type() == session.ErrTurnLimit {
 		return r, fmt.Errorf("%w: %s", ErrSessionFull, app.Message())
@@ -73,15 +48,6 @@ func (c *Sessions) Turn(ctx context.Context, sessionID string, turn session.Turn
 		return r, fmt.Errorf("session %s: turn for task %s: %w", sessionID, taskID, err)
 	}
 	return r, nil
-}
-
-// closedMeanwhile says a turn met its session closing: the session refused
-// it as it closed, or it closed before the update was taken.
-func closedMeanwhile(err error) bool {
-	var app *temporal.ApplicationError
-	var nf *serviceerror.NotFound
-	var ab *serviceerror.Aborted
-	return errors.As(err, &app) && app.Type() == session.ErrEnded || errors.As(err, &nf) || errors.As(err, &ab)
 }
 
 // Release gives back the turn of a task whose workflow did not start; a
