@@ -1,17 +1,14 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"io"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/minio/minio-go/v7"
 	"github.com/stretchr/testify/require"
 	commonpb "go.temporal.io/api/common/v1"
 	enumspb "go.temporal.io/api/enums/v1"
@@ -94,7 +91,7 @@ func TestLargeOutputInBucket(t *testing.T) {
 	// checksum the one in history.
 	store, err := modelstore.New(env.S3)
 	require.NoError(t, err)
-	obj := readObject(t, store, ref.Key)
+	obj := testenv.ReadObject(t, store.Client, store.Bucket, ref.Key)
 	sum := sha256.Sum256(obj)
 	require.Equal(t, ref.SHA256, hex.EncodeToString(sum[:]))
 	require.NotContains(t, string(obj), snippet)
@@ -120,12 +117,12 @@ func TestLargeOutputInBucket(t *testing.T) {
 	// Tampered: one byte flipped in the ciphertext. Refused, never served.
 	bad := append([]byte(nil), obj...)
 	bad[len(bad)-1] ^= 1
-	putObject(t, store, ref.Key, bad)
+	testenv.PutObject(t, store.Client, store.Bucket, ref.Key, bad)
 	status, body = c.send("GET", "/v2/tasks/"+tid, "")
 	require.Equal(t, 500, status, body)
 	require.Equal(t, task.ErrOutputCorrupt, body["code"], body)
 	require.Contains(t, body["message"], "sha256")
-	putObject(t, store, v1Ref.Key, obj) // the first task's valid object in its place
+	testenv.PutObject(t, store.Client, store.Bucket, v1Ref.Key, obj) // the first task's valid object in its place
 	evs, _ = collect(t, testenvFollow(t, addr, v1Task), 60*time.Second)
 	last := evs[len(evs)-1]
 	require.Equal(t, "error", last.Name, "%v", evs)
@@ -175,20 +172,4 @@ func apiWith(t *testing.T, c *cluster, extra ...string) string {
 	c.apiArgs = append(append([]string(nil), saved...), extra...)
 	defer func() { c.apiArgs = saved }()
 	return c.extraAPI()
-}
-
-func readObject(t *testing.T, s *modelstore.Store, key string) []byte {
-	t.Helper()
-	o, err := s.Client.GetObject(context.Background(), s.Bucket, key, minio.GetObjectOptions{})
-	require.NoError(t, err)
-	defer o.Close()
-	b, err := io.ReadAll(o)
-	require.NoError(t, err)
-	return b
-}
-
-func putObject(t *testing.T, s *modelstore.Store, key string, b []byte) {
-	t.Helper()
-	_, err := s.Client.PutObject(context.Background(), s.Bucket, key, bytes.NewReader(b), int64(len(b)), minio.PutObjectOptions{})
-	require.NoError(t, err)
 }

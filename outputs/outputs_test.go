@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"strings"
 	"testing"
 	"time"
@@ -40,22 +39,6 @@ func sample(secret string) task.Output {
 	return out
 }
 
-func object(t *testing.T, b *modelstore.Store, key string) []byte {
-	t.Helper()
-	o, err := b.Client.GetObject(context.Background(), b.Bucket, key, minio.GetObjectOptions{})
-	require.NoError(t, err)
-	defer o.Close()
-	data, err := io.ReadAll(o)
-	require.NoError(t, err)
-	return data
-}
-
-func put(t *testing.T, b *modelstore.Store, key string, data []byte) {
-	t.Helper()
-	_, err := b.Client.PutObject(context.Background(), b.Bucket, key, bytes.NewReader(data), int64(len(data)), minio.PutObjectOptions{})
-	require.NoError(t, err)
-}
-
 func taskErr(t *testing.T, err error, code string) *task.Error {
 	t.Helper()
 	var te *task.Error
@@ -82,7 +65,7 @@ func TestOutputEncryptedRoundTrip(t *testing.T) {
 	require.Equal(t, key, ref.Key)
 	require.Equal(t, 50, ref.Tokens)
 
-	raw := object(t, b, key)
+	raw := testenv.ReadObject(t, b.Client, b.Bucket, key)
 	require.EqualValues(t, ref.Bytes, len(raw))
 	require.NotContains(t, string(raw), secret)
 	var p commonpb.Payload
@@ -128,13 +111,13 @@ func TestOutputTamperedOrMissing(t *testing.T) {
 	key := outputs.Key(testenv.Unique("t-tamper"), "5", 1)
 	ref, err := s.Write(ctx, key, sample("original"))
 	require.NoError(t, err)
-	raw := object(t, b, key)
+	raw := testenv.ReadObject(t, b.Client, b.Bucket, key)
 
 	flipped := append([]byte(nil), raw...)
 	i := bytes.Index(flipped, []byte("original"))
 	require.GreaterOrEqual(t, i, 0)
 	flipped[i] = 'O'
-	put(t, b, key, flipped)
+	testenv.PutObject(t, b.Client, b.Bucket, key, flipped)
 	_, err = s.Read(ctx, "t-tamper", ref)
 	te := taskErr(t, err, task.ErrOutputCorrupt)
 	require.Contains(t, te.Message, "sha256")
@@ -145,11 +128,11 @@ func TestOutputTamperedOrMissing(t *testing.T) {
 	_, err = s.Read(ctx, "t", ref)
 	taskErr(t, err, task.ErrOutputCorrupt)
 
-	put(t, b, key, raw[:len(raw)/2])
+	testenv.PutObject(t, b.Client, b.Bucket, key, raw[:len(raw)/2])
 	_, err = s.Read(ctx, "t", ref)
 	taskErr(t, err, task.ErrOutputCorrupt)
 
-	put(t, b, key, raw)
+	testenv.PutObject(t, b.Client, b.Bucket, key, raw)
 	_, err = s.Read(ctx, "t", ref)
 	require.NoError(t, err, "the original bytes read again")
 
@@ -172,7 +155,7 @@ func TestPrune(t *testing.T) {
 		keys = append(keys, k)
 	}
 	other := "catalog/prune-" + id + ".json"
-	put(t, b, other, []byte("{}"))
+	testenv.PutObject(t, b.Client, b.Bucket, other, []byte("{}"))
 	t.Cleanup(func() { _ = b.Client.RemoveObject(ctx, b.Bucket, other, minio.RemoveObjectOptions{}) })
 
 	n, err := s.Prune(ctx, time.Now().Add(-time.Hour))
