@@ -17,8 +17,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 	enumspb "go.temporal.io/api/enums/v1"
-	historypb "go.temporal.io/api/history/v1"
-	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/apikey"
@@ -273,27 +271,15 @@ func TestAuditTrail(t *testing.T) {
 }
 
 // recordAuditHistory saves a workflow's history for the replay tests when
-// LLORCH_RECORD_HISTORIES=1, as e2e's recordHistory does; it never
-// overwrites a recorded file.
+// LLORCH_RECORD_HISTORIES=1; it must hold the memo's upsert.
 func recordAuditHistory(t *testing.T, workflowID, name string) {
-	if os.Getenv("LLORCH_RECORD_HISTORIES") != "1" {
+	h := env.RecordHistory(t, workflowID, "", name)
+	if h == nil {
 		return
 	}
-	path := filepath.Join(testenv.RepoRoot(), "replay_tests", "testdata", name+".json")
-	if _, err := os.Stat(path); err == nil {
-		t.Logf("%s is recorded already: kept", path)
-		return
+	upserted := false
+	for _, e := range h.Events {
+		upserted = upserted || e.GetEventType() == enumspb.EVENT_TYPE_WORKFLOW_PROPERTIES_MODIFIED
 	}
-	it := env.Temporal.GetWorkflowHistory(context.Background(), workflowID, "", false, 0)
-	h := &historypb.History{}
-	for it.HasNext() {
-		e, err := it.Next()
-		require.NoError(t, err)
-		h.Events = append(h.Events, e)
-	}
-	raw, err := protojson.MarshalOptions{Indent: "  "}.Marshal(h)
-	require.NoError(t, err)
-	require.Contains(t, string(raw), "EVENT_TYPE_WORKFLOW_PROPERTIES_MODIFIED", "the history holds the memo's upsert")
-	require.NoError(t, os.WriteFile(path, raw, 0o644))
-	t.Logf("recorded %d events of %s to %s", len(h.Events), workflowID, path)
+	require.True(t, upserted, "the history of %s holds the memo's upsert", workflowID)
 }

@@ -8,8 +8,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"os"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -20,13 +18,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/stretchr/testify/require"
-	historypb "go.temporal.io/api/history/v1"
 	"go.temporal.io/api/serviceerror"
 	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/worker"
-	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/apiserver"
@@ -284,7 +280,7 @@ func TestQuotaRacingReplicas(t *testing.T) {
 	// Counted once, on whichever replica applied the release.
 	require.Equal(t, 5.0, counter(t, reps, "llorch_key_tokens_in_total", conc))
 	require.Equal(t, 3.0, counter(t, reps, "llorch_key_tokens_out_total", conc))
-	recordHistory(t, task.WorkflowID(admitted[0]), "", "task-quota-released")
+	env.RecordHistory(t, task.WorkflowID(admitted[0]), "", "task-quota-released")
 	// Freed: admitted again.
 	require.Equal(t, 202, reps[1].do("POST", "/v2/tasks", "Bearer tok-conc", map[string]any{"model": quotaModel, "prompt": "again"}).status)
 
@@ -341,35 +337,13 @@ func TestQuotaRacingReplicas(t *testing.T) {
 		TokensInLastMinute: 5, TokensOutLastMinute: 3}, u)
 	require.Equal(t, 1.0, counter(t, reps, "llorch_key_requests_total", free), "counted once, where the report was applied")
 	require.Equal(t, 3.0, counter(t, reps, "llorch_key_tokens_out_total", free))
-	recordHistory(t, task.WorkflowID(freeTask), "", "task-usage-reported")
+	env.RecordHistory(t, task.WorkflowID(freeTask), "", "task-usage-reported")
 
 	// Who may read usage: the key itself, an admin; not another key.
 	requireError(t, reps[0].do("GET", "/v2/keys/"+conc+"/usage", "Bearer tok-free", nil), 403, "FORBIDDEN")
 	require.Equal(t, 200, reps[0].do("GET", "/v2/keys/"+conc+"/usage", "Bearer "+token, nil).status)
 	requireError(t, reps[0].do("GET", "/v2/keys/..%2f/usage", "Bearer "+token, nil), 400, apiserver.CodeInvalidParams)
-	recordHistory(t, quota.WorkflowID(conc), "", "quota-admits-releases")
-}
-
-// recordHistory writes a workflow run's history into replay_tests/testdata
-// when LLORCH_RECORD_HISTORIES=1 (as the e2e tests do).
-func recordHistory(t *testing.T, workflowID, runID, name string) {
-	if os.Getenv("LLORCH_RECORD_HISTORIES") != "1" {
-		return
-	}
-	it := env.Temporal.GetWorkflowHistory(context.Background(), workflowID, runID, false, 0)
-	h := &historypb.History{}
-	for it.HasNext() {
-		e, err := it.Next()
-		require.NoError(t, err)
-		h.Events = append(h.Events, e)
-	}
-	// In plaintext, as e2e's recordRun: the replay tests hold no key.
-	require.NoError(t, env.Codec.DecodeMessage(context.Background(), h))
-	raw, err := protojson.MarshalOptions{Indent: "  "}.Marshal(h)
-	require.NoError(t, err)
-	path := filepath.Join(testenv.RepoRoot(), "replay_tests", "testdata", name+".json")
-	require.NoError(t, os.WriteFile(path, raw, 0o644))
-	t.Logf("recorded %d events of %s to %s", len(h.Events), workflowID, path)
+	env.RecordHistory(t, quota.WorkflowID(conc), "", "quota-admits-releases")
 }
 
 // The cost of a quota: one admit round trip (update-with-start on the
@@ -446,5 +420,5 @@ func TestQuotaSweepsOrphans(t *testing.T) {
 	isNew, err := q.Admit(ctx, keyID, "one-more", l)
 	require.NoError(t, err)
 	require.True(t, isNew)
-	recordHistory(t, quota.WorkflowID(keyID), "", "quota-swept-orphans")
+	env.RecordHistory(t, quota.WorkflowID(keyID), "", "quota-swept-orphans")
 }

@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"regexp"
 	"sort"
 	"strconv"
@@ -22,7 +21,6 @@ import (
 
 	"github.com/stretchr/testify/require"
 	historypb "go.temporal.io/api/history/v1"
-	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/llorch/llorch/balancer"
 	"github.com/llorch/llorch/bearer"
@@ -611,32 +609,13 @@ func TestHTTPAgentRecorded(t *testing.T) {
 
 // recordHistory saves the latest run's history for the replay tests when
 // LLORCH_RECORD_HISTORIES=1 (see `just record-histories`).
-func recordHistory(t *testing.T, workflowID, name string) { recordRun(t, workflowID, "", name) }
+func recordHistory(t *testing.T, workflowID, name string) { env.RecordHistory(t, workflowID, "", name) }
 
 func recordRun(t *testing.T, workflowID, runID, name string) {
-	if os.Getenv("LLORCH_RECORD_HISTORIES") != "1" {
-		return
-	}
-	// Recorded in plaintext: the replay tests hold no key, and decode
-	// plaintext the way histories from before the codec are.
-	h := history(t, workflowID, runID)
-	require.NoError(t, env.Codec.DecodeMessage(context.Background(), h))
-	raw, err := protojson.MarshalOptions{Indent: "  "}.Marshal(h)
-	require.NoError(t, err)
-	path := filepath.Join(testenv.RepoRoot(), "replay_tests", "testdata", name+".json")
-	require.NoError(t, os.WriteFile(path, raw, 0o644))
-	t.Logf("recorded %d events of %s to %s", len(h.Events), workflowID, path)
+	env.RecordHistory(t, workflowID, runID, name)
 }
 
 // history reads a workflow run's events (runID "" for the latest run).
 func history(t *testing.T, workflowID, runID string) *historypb.History {
-	t.Helper()
-	it := env.Temporal.GetWorkflowHistory(context.Background(), workflowID, runID, false, 0)
-	h := &historypb.History{}
-	for it.HasNext() {
-		e, err := it.Next()
-		require.NoError(t, err)
-		h.Events = append(h.Events, e)
-	}
-	return h
+	return env.History(t, workflowID, runID)
 }
