@@ -102,6 +102,9 @@ func runAPIServer(f *apiserverFlags) error {
 	if f.policy != scheduler.Reject && f.policy != scheduler.DropLRU {
 		return fmt.Errorf("--admission-policy: want %s or %s, got %q", scheduler.Reject, scheduler.DropLRU, f.policy)
 	}
+	if f.outputRetention < 0 {
+		return fmt.Errorf("--output-retention %s: want 0 (keep outputs) or a positive duration", f.outputRetention)
+	}
 	linkTLS, err := config.ClientTLS("--link-ca", f.linkCA)
 	if err != nil {
 		return err

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/url"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -34,6 +36,14 @@ func codecServerCmd() *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := config.Apply(cmd.Flags(), home); err != nil {
 				return err
+			}
+			for _, o := range origins {
+				// An origin is scheme://host[:port]; anything else would never
+				// match a browser's Origin header, so CORS would silently fail.
+				if u, err := url.Parse(o); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" ||
+					strings.TrimSuffix(u.Path, "/") != "" || u.RawQuery != "" || u.User != nil {
+					return fmt.Errorf("--ui-origin %q: want an origin, scheme://host[:port] (e.g. http://localhost:8233)", o)
+				}
 			}
 			log, err := logs.logger("component", "codec-server")
 			if err != nil {

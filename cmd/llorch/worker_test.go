@@ -2,6 +2,7 @@ package main
 
 import (
 	"io"
+	"strings"
 	"testing"
 
 	"github.com/spf13/cobra"
@@ -51,4 +52,15 @@ func execute(cmd *cobra.Command, args ...string) error {
 	cmd.SilenceUsage, cmd.SilenceErrors = true, true
 	cmd.SetArgs(args)
 	return cmd.Execute()
+}
+
+// Values that could only be ignored are refused before anything starts.
+func TestNonsenseValuesRefused(t *testing.T) {
+	home := t.TempDir()
+	require.ErrorContains(t, execute(apiserverCmd(), "--home", home, "--output-retention", "-1h"), "--output-retention -1h0m0s")
+	t.Setenv("LLORCH_CODEC_KEYS", "k1:"+strings.Repeat("A", 43)+"=")
+	t.Setenv("LLORCH_CODEC_SERVER_TOKEN", "t")
+	for _, o := range []string{"localhost:8233", "http://", "ftp://ui", "http://ui/path", "http://ui?x=1", "http://u@ui"} {
+		require.ErrorContains(t, execute(codecServerCmd(), "--home", home, "--ui-origin", o), "--ui-origin", o)
+	}
 }
