@@ -79,15 +79,7 @@ func (c *Keys) Create(ctx context.Context, req apikey.CreateRequest) (apikey.Rec
 	if err != nil {
 		return rec, err
 	}
-	op := c.Temporal.NewWithStartWorkflowOperation(c.startOptions(), apikey.RegistryWorkflowType, in)
-	h, err := c.Temporal.UpdateWithStartWorkflow(ctx, client.UpdateWithStartWorkflowOptions{
-		StartWorkflowOperation: op,
-		UpdateOptions: client.UpdateWorkflowOptions{WorkflowID: apikey.RegistryWorkflowID, UpdateName: apikey.UpdateCreate,
-			Args: []any{req}, WaitForStage: client.WorkflowUpdateStageCompleted},
-	})
-	if err == nil {
-		err = h.Get(ctx, &rec)
-	}
+	err = updateWithStart(ctx, c.Temporal, c.startOptions(), apikey.RegistryWorkflowType, in, apikey.UpdateCreate, req, &rec)
 	return rec, keyError(err, req.ID)
 }
 
