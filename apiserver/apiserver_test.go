@@ -518,3 +518,24 @@ func TestCatalogAPI(t *testing.T) {
 	requireError(t, a.call("POST", "/v2/nodes/ghost/gc", nil), 404, apiserver.CodeNodeNotFound)
 	requireError(t, a.call("POST", "/v2/nodes/ghost/models/..%2Fx", nil), 400, apiserver.CodeInvalidParams)
 }
+
+// A GC whose node does not take it at once (here an HTTP agent's node,
+// whose queue no worker polls) answers 202 with the run to follow after
+// the call's wait, instead of holding the request until the GC's
+// activities time out (FuzzAPI saw a GC call stall past 20 s).
+func TestGCCallAnswersWhileTheRunGoesOn(t *testing.T) {
+	a := startAPI(t)
+	id := "ext-gc-1"
+	r := a.call("POST", "/v2/nodes/register", map[string]any{"node_id": id, "machine_id": "machine-gc",
+		"address": "10.0.0.6:9200", "heartbeat_interval_ms": 60000})
+	require.Equal(t, 202, r.status, r.raw)
+	a.waitState(id, node.Online, 30*time.Second)
+	start := time.Now()
+	r = a.call("POST", "/v2/nodes/"+id+"/gc", nil)
+	took := time.Since(start)
+	require.Equal(t, 202, r.status, r.raw)
+	require.Equal(t, "running", r.body["state"])
+	require.Equal(t, "gc:"+id, r.body["workflow_id"])
+	require.Less(t, took, 30*time.Second, "answered after the call's wait, not the GC's timeouts")
+	t.Logf("GC call answered 202 after %s", took.Round(time.Millisecond))
+}

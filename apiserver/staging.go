@@ -1,6 +1,8 @@
 package apiserver
 
 import (
+	"context"
+	"fmt"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -62,6 +64,9 @@ func (s *Server) nodeModels(c *fiber.Ctx) error {
 
 // runGC runs the node's GC now (or plans it, with ?dry_run=true) and returns
 // what it deleted or would delete.
+// gcWait is how long POST /v2/nodes/{id}/gc waits for the GC's result.
+const gcWait = 10 * time.Second
+
 func (s *Server) runGC(c *fiber.Ctx) error {
 	v, err := s.liveNode(c)
 	if err != nil {
@@ -80,7 +85,18 @@ func (s *Server) runGC(c *fiber.Ctx) error {
 	if v.State != node.Online && v.State != node.Draining {
 		return apiError(fiber.StatusConflict, "NODE_NOT_ONLINE", "node %s is %s: GC runs on the node itself", v.NodeID, v.State)
 	}
-	res, err := s.deps.Models.RunGC(c.UserContext(), v.NodeID, v.Inventory.GC, dry, nil)
+	// The GC is a workflow on the node, bounded by its activities' timeouts
+	// (minutes on a busy node): the call waits gcWait for its result, then
+	// answers 202 with the run to follow, which goes on (found by FuzzAPI: a
+	// GC call stalled past 20 s under load).
+	ctx, cancel := context.WithTimeout(c.UserContext(), gcWait)
+	defer cancel()
+	res, err := s.deps.Models.RunGC(ctx, v.NodeID, v.Inventory.GC, dry, nil)
+	if err != nil && ctx.Err() == context.DeadlineExceeded && c.UserContext().Err() == nil {
+		id := model.GCRunWorkflowID(v.NodeID, dry)
+		return c.Status(fiber.StatusAccepted).JSON(fiber.Map{"node_id": v.NodeID, "dry_run": dry, "state": "running",
+			"workflow_id": id, "message": fmt.Sprintf("GC still running after %s: follow workflow %s", gcWait, id)})
+	}
 	if err != nil {
 		return err
 	}

@@ -177,10 +177,7 @@ func stagingFailure(err error) (code, reason string) {
 // one already running (gc:<node>); a dry run has its own id so it never
 // joins, or is mistaken for, one that deletes.
 func (c *Models) RunGC(ctx context.Context, nodeID string, policy node.GCPolicy, dryRun bool, inUse []string) (model.GCResult, error) {
-	id := model.GCWorkflowID(nodeID)
-	if dryRun {
-		id += ":dry-run"
-	}
+	id := model.GCRunWorkflowID(nodeID, dryRun)
 	run, err := c.Temporal.ExecuteWorkflow(ctx, client.StartWorkflowOptions{
 		ID:                       id,
 		TaskQueue:                node.ControlTaskQueue,

@@ -32,6 +32,15 @@ func StageWorkflowID(nodeID, sha256 string) string {
 // GCWorkflowID is a node's garbage collection.
 func GCWorkflowID(nodeID string) string { return "gc:" + nodeID }
 
+// GCRunWorkflowID is the id of a GC run the API starts: a dry run has its
+// own, so it never joins a real run.
+func GCRunWorkflowID(nodeID string, dryRun bool) string {
+	if dryRun {
+		return GCWorkflowID(nodeID) + ":dry-run"
+	}
+	return GCWorkflowID(nodeID)
+}
+
 // ModelIDKey is the typed search attribute that finds a model's workflows.
 var ModelIDKey = temporal.NewSearchAttributeKeyKeyword("ModelId")
 
