@@ -73,6 +73,10 @@ type Config struct {
 	// NodeContinueAsNewEvents continues node workflows as new after this
 	// many history events (0: when Temporal suggests).
 	NodeContinueAsNewEvents int
+	// FastStart sends an admitted task's generation over the node link to
+	// the node of its granted slot while the task's workflow starts
+	// (--fast-start): the first token need not wait for Temporal.
+	FastStart bool
 }
 
 // Plane is one apiserver process, built and not yet started.

@@ -49,6 +49,7 @@ type apiserverFlags struct {
 	tls                config.ServerTLS
 	linkCA             string
 	outputRetention    time.Duration
+	fastStart          bool
 }
 
 func (f *apiserverFlags) addFlags(fs *pflag.FlagSet) {
@@ -68,6 +69,8 @@ func (f *apiserverFlags) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.auditLog, "audit-log", "", "also append the audit trail (JSON lines, stream=audit; always on stderr) to this file")
 	fs.DurationVar(&f.outputRetention, "output-retention", 7*24*time.Hour,
 		"delete task outputs stored in the bucket (outputs/, those above the workers' --max-inline-output) this long after they were written (0: keep them)")
+	fs.BoolVar(&f.fastStart, "fast-start", true,
+		"send an admitted task's generation over the node link to its slot's node while its workflow starts (false: the node waits for the workflow's Generate activity)")
 	config.AddS3Flags(fs, &f.s3)
 }
 
@@ -133,7 +136,7 @@ func runAPIServer(f *apiserverFlags) error {
 		Store: store, API: f.api, Logger: log, Registry: newRegistry(), Audit: audit, MachineID: hostname(),
 		QueueCapacity: f.queueCap, Policy: f.policy, AutoPools: auto, OutputRetention: f.outputRetention,
 		LinkToken: f.linkToken, LinkHTTP: config.WithClientTLS(link.DefaultHTTP, linkTLS),
-		NodeContinueAsNewEvents: f.canAfter,
+		NodeContinueAsNewEvents: f.canAfter, FastStart: f.fastStart,
 	})
 	if err != nil {
 		return err
