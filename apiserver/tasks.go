@@ -259,19 +259,27 @@ func newTaskID() string {
 }
 
 // submit admits a task (the scheduler starts its workflow) and opens its
-// stream.
-func (s *Server) submit(c *fiber.Ctx, req task.Request) (scheduler.Admission, error) {
+// stream. ahead (a /v1 stream, whose client's leaving cancels the task)
+// does not wait for the workflow's start to be durable when the
+// generation was sent to its node ahead of it: a start that fails later
+// ends the task's stream with the error.
+func (s *Server) submit(c *fiber.Ctx, req task.Request, ahead bool) (scheduler.Admission, error) {
 	req, release, err := s.admitQuota(c, req)
 	if err != nil {
 		return scheduler.Admission{}, err
 	}
-	adm, err := s.deps.Scheduler.Admit(c.UserContext(), req)
+	admit := s.deps.Scheduler.Admit
+	if ahead {
+		admit = s.deps.Scheduler.AdmitAhead
+	}
+	adm, err := admit(c.UserContext(), req)
 	if err != nil {
 		release()
 	}
 	prepared := adm.Prepared
+	log := s.log(c)
 	if prepared != nil {
-		s.log(c).Info("pool started for a task", "pool_id", prepared.PoolID, "node_id", prepared.NodeID, "model_id", req.ModelID, "task_id", req.TaskID)
+		log.Info("pool started for a task", "pool_id", prepared.PoolID, "node_id", prepared.NodeID, "model_id", req.ModelID, "task_id", req.TaskID)
 	}
 	if err != nil {
 		return adm, admissionError(c, req, err)
@@ -282,6 +290,16 @@ func (s *Server) submit(c *fiber.Ctx, req task.Request) (scheduler.Admission, er
 			"preparing": "starting pool " + prepared.PoolID + " for model " + prepared.ModelID + " on node " + prepared.NodeID,
 			"pool_id":   prepared.PoolID, "node_id": prepared.NodeID}}})
 	}
+	if ahead {
+		go func() {
+			if err := adm.Durable(context.Background()); err != nil {
+				release()
+				log.Warn("task not started: its workflow did not start after its generation was sent ahead", "task_id", req.TaskID, "err", err)
+				st.Finish(task.Event{Type: "error", Error: &task.Error{Code: "INTERNAL", Retriable: true, RetryAfterMs: 1000,
+					Message: "task " + req.TaskID + " did not start: " + err.Error()}})
+			}
+		}()
+	}
 	if s.follower != nil {
 		// The granted slot says where the generation runs: the first token
 		// need not wait for a status read.
@@ -291,8 +309,8 @@ func (s *Server) submit(c *fiber.Ctx, req task.Request) (scheduler.Admission, er
 		}
 		s.follower.Start(req.TaskID, hint)
 	}
-	s.log(c).Info("task admitted", "task_id", req.TaskID, "model_id", req.ModelID, "priority", req.Priority,
-		"queue_position", adm.Position, "session_id", req.SessionID)
+	log.Info("task admitted", "task_id", req.TaskID, "model_id", req.ModelID, "priority", req.Priority,
+		"queue_position", adm.Position, "session_id", req.SessionID, "fast_start", adm.FastStart)
 	return adm, nil
 }
 
@@ -337,7 +355,7 @@ func (s *Server) createTask(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	adm, err := s.submit(c, req)
+	adm, err := s.submit(c, req, false)
 	if err != nil {
 		return err
 	}

@@ -75,6 +75,9 @@ type Options struct {
 	// DefaultMaxStreams.
 	MaxStreams int
 	Metrics    *Metrics
+	// Generator starts generations ahead of their workflows (the fast
+	// start: POST node.LinkTaskGeneratePath); nil: that route answers 404.
+	Generator Generator
 }
 
 // Metrics are the link's figures; nil: not counted.
@@ -107,6 +110,7 @@ type Server struct {
 	subs    chan struct{} // one element per event subscription
 	metrics *Metrics
 	tls     *tls.Config
+	gen     Generator
 
 	srv    *http.Server
 	ln     net.Listener
@@ -128,7 +132,8 @@ func NewServer(src *Source, opts Options) *Server {
 		ns = DefaultMaxStreams
 	}
 	return &Server{source: src, key: bearer.NewKey(opts.Token, TokenEnv), log: log,
-		waiters: make(chan struct{}, n), streams: opts.Streams, subs: make(chan struct{}, ns), metrics: opts.Metrics, tls: opts.TLS}
+		waiters: make(chan struct{}, n), streams: opts.Streams, subs: make(chan struct{}, ns), metrics: opts.Metrics, tls: opts.TLS,
+		gen: opts.Generator}
 }
 
 // Listen binds addr synchronously (a taken port fails at once) and serves
@@ -311,11 +316,11 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 
 func writeError(w http.ResponseWriter, status int, e apiclient.Envelope) { writeJSON(w, status, e) }
 
-// taskRoute serves rest = "<task id>/events" (GET) or "<task id>/cancel"
-// (POST).
+// taskRoute serves rest = "<task id>/events" (GET), "<task id>/cancel"
+// (POST) or "<task id>/generate" (POST).
 func (s *Server) taskRoute(w http.ResponseWriter, r *http.Request, rest string) {
 	id, verb, ok := strings.Cut(rest, "/")
-	method := map[string]string{"events": http.MethodGet, "cancel": http.MethodPost}[verb]
+	method := map[string]string{"events": http.MethodGet, "cancel": http.MethodPost, "generate": http.MethodPost}[verb]
 	if !ok || method == "" {
 		writeError(w, http.StatusNotFound, apiclient.Envelope{Code: codeNotFound, Message: "no node link path " + r.URL.Path})
 		return
@@ -329,8 +334,12 @@ func (s *Server) taskRoute(w http.ResponseWriter, r *http.Request, rest string) 
 		writeError(w, http.StatusMethodNotAllowed, apiclient.Envelope{Code: codeMethod, Message: r.Method + " " + r.URL.Path + ": only " + method})
 		return
 	}
-	if verb == "cancel" {
+	switch verb {
+	case "cancel":
 		s.cancelTask(w, r, id)
+		return
+	case "generate":
+		s.generate(w, r, id)
 		return
 	}
 	s.taskEvents(w, r, id)
@@ -349,18 +358,25 @@ func (s *Server) cancelTask(w http.ResponseWriter, r *http.Request, id string) {
 			Message: fmt.Sprintf("reason: want at most %d bytes of text", maxReason)})
 		return
 	}
+	msg := "canceled"
+	if reason := strings.TrimSpace(string(b)); reason != "" {
+		msg += ": " + reason
+	}
+	// A generation started ahead of its workflow that no activity took
+	// over stops here (a claimed one is stopped by the workflow's cancel).
+	early := s.gen != nil && s.gen.CancelEarly(id, msg)
 	var st *tokenstream.Stream
 	if s.streams != nil {
 		st = s.streams.Peek(id)
 	}
 	if st == nil {
+		if early {
+			w.WriteHeader(http.StatusNoContent)
+			return
+		}
 		writeError(w, http.StatusNotFound, apiclient.Envelope{Code: node.CodeTaskNotOnNode,
 			Message: "task " + id + " has no stream on node " + s.nodeID()})
 		return
-	}
-	msg := "canceled"
-	if reason := strings.TrimSpace(string(b)); reason != "" {
-		msg += ": " + reason
 	}
 	if st.Finish(task.Event{Type: "error", Error: &task.Error{Code: task.ErrCanceled, Message: msg}}) {
 		s.log.Info("task stream canceled on the link", "task_id", id, "reason", msg)
