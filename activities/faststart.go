@@ -70,10 +70,10 @@ func (r *run) progress() task.Progress {
 
 // runs is the node's registry of generations by task.
 type runs struct {
-	mu     sync.Mutex
-	m      map[string]*run
-	ended  map[string]time.Time // task -> when its last generation ended
-	swept  time.Time
+	mu    sync.Mutex
+	m     map[string]*run
+	ended map[string]time.Time // task -> when its last generation ended
+	swept time.Time
 }
 
 // sweep forgets tombstones, and runs ahead nobody claimed, older than

@@ -76,7 +76,9 @@ var (
 
 // LinkTaskGeneratePath is where a task's generation is started ahead of
 // its workflow.
-func LinkTaskGeneratePath(taskID string) string { return LinkTasksPrefix + taskID + LinkTaskGenerateSuffix }
+func LinkTaskGeneratePath(taskID string) string {
+	return LinkTasksPrefix + taskID + LinkTaskGenerateSuffix
+}
 
 // LinkTaskEventsPath streams a task's events as NDJSON (one task.Event per
 // line, an empty line as keep-alive) until the final event.
