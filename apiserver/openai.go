@@ -259,13 +259,14 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 		if chat {
 			_, _ = w.Write(sseData(chunk(fiber.Map{"role": "assistant", "content": ""}, "", nil)))
 		}
+		tokens := newTokenChunks(func(text string) any { return chunk(fiber.Map{"content": text}, text, nil) })
 		err := s.writeStream(w, stream, tokenstream.Cursor{}, func(ev task.Event) []byte {
 			switch ev.Type {
 			case "token":
 				if ev.T == "" {
 					return nil
 				}
-				return sseData(chunk(fiber.Map{"content": ev.T}, ev.T, nil))
+				return tokens.render(ev.T)
 			case "end":
 				out := sseData(chunk(fiber.Map{}, "", finishReason(ev.StopType)))
 				if includeUsage {
@@ -299,11 +300,6 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 		}
 	}))
 	return nil
-}
-
-func sseData(v any) []byte {
-	b, _ := json.Marshal(v)
-	return append(append([]byte("data: "), b...), "\n\n"...)
 }
 
 func usage(in, out int) fiber.Map {

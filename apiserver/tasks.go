@@ -644,6 +644,8 @@ func (s *Server) guardStream(log *slog.Logger, write func(*bufio.Writer)) func(*
 // writeStream copies a stream's events to w from cur, with keep-alives,
 // until the final event or a failed write (the client left).
 func (s *Server) writeStream(w *bufio.Writer, st *tokenstream.Stream, cur tokenstream.Cursor, render func(task.Event) []byte) error {
+	idle := time.NewTimer(keepAlive) // one per stream, not one per batch
+	defer idle.Stop()
 	for {
 		evs, next, changed := st.Read(cur)
 		cur = next
@@ -660,45 +662,17 @@ func (s *Server) writeStream(w *bufio.Writer, st *tokenstream.Stream, cur tokens
 		if cur.Done {
 			return nil
 		}
+		idle.Reset(keepAlive)
 		select {
 		case <-changed:
 		case <-s.closing:
 			return errShuttingDown
-		case <-time.After(keepAlive):
+		case <-idle.C:
 			if _, err := w.WriteString(": keep-alive\n\n"); err != nil {
 				return err
 			}
 		}
 	}
-}
-
-func sseV2(ev task.Event) []byte {
-	var data any
-	id := ""
-	switch ev.Type {
-	case "started":
-		data = map[string]any{"node_id": ev.NodeID, "pool_id": ev.PoolID}
-	case "token":
-		data = map[string]any{"t": ev.T, "i": ev.I}
-		id = strconv.Itoa(ev.I)
-	case "metrics":
-		data = ev.Metrics
-	case "end":
-		data = map[string]any{"tokens_out": ev.TokensOut, "decode_time_ms": ev.DecodeTimeMs}
-	case "error":
-		data = ev.Error
-	default:
-		return nil
-	}
-	b, _ := json.Marshal(data)
-	var sb strings.Builder
-	if id != "" {
-		sb.WriteString("id: " + id + "\n")
-	}
-	sb.WriteString("event: " + ev.Type + "\ndata: ")
-	sb.Write(b)
-	sb.WriteString("\n\n")
-	return []byte(sb.String())
 }
 
 // pushEvents receives a node's batch of a task's events: the older path,

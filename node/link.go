@@ -41,6 +41,12 @@ const (
 	// gone (a partition leaves the TCP connection open), reads where the
 	// task runs now and follows it there, seconds after its move.
 	LinkKeepAlive = 2 * time.Second
+	// LinkFlushInterval is how long an event stream holds back after a
+	// write that carried tokens, so the tokens of a burst go out in one
+	// write (one wakeup and syscall per hop for several tokens, not one
+	// each). A token after a quiet spell, started and metrics go out at
+	// once, and the final event is never held back.
+	LinkFlushInterval = 5 * time.Millisecond
 	// CodeTaskNotOnNode: the node holds no stream of the task (it never
 	// ran here, or ended longer ago than the node keeps streams).
 	CodeTaskNotOnNode = "TASK_NOT_ON_NODE"
