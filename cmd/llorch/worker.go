@@ -69,6 +69,7 @@ type workerFlags struct {
 	orphanTimeout                                                     time.Duration
 
 	maxInlineOutput string
+	fastStartClaim  time.Duration
 
 	// diskMarginBytes is --disk-margin, maxInlineBytes --max-inline-output,
 	// parsed by check.
@@ -97,6 +98,8 @@ func (f *workerFlags) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.diskMargin, "disk-margin", "1GiB", "free space staging keeps beyond a model's size")
 	fs.StringVar(&f.maxInlineOutput, "max-inline-output", "256KiB",
 		"a task's output above this size (tokens and pieces as JSON) is stored in the bucket under outputs/, its history holds a reference (Temporal refuses payloads over 2MiB); at most 1MiB")
+	fs.DurationVar(&f.fastStartClaim, "fast-start-claim", node.LinkFastStartClaim,
+		"a generation an apiserver started ahead of its workflow (--fast-start) that no Generate activity claims within this long is cancelled (a later activity resumes from its tokens)")
 	fs.StringVar(&f.runtimeDir, "runtime-dir", "", "engine handoff files and logs (default <home>/nodes/<node-id>/runtime)")
 	fs.StringVar(&f.libDir, "llama-lib-dir", "", "libllama for built-in engines (default ./bin/llama)")
 	fs.StringVar(&f.llamaServer, "llama-server", "", "llama-server binary for pools with engine llama-server")
@@ -134,6 +137,9 @@ func (f *workerFlags) check() error {
 	}
 	if f.maxInlineBytes < 1 || f.maxInlineBytes > 1<<20 {
 		return fmt.Errorf("--max-inline-output %s: want 1B to 1MiB", f.maxInlineOutput)
+	}
+	if f.fastStartClaim < 100*time.Millisecond || f.fastStartClaim > 10*time.Minute {
+		return fmt.Errorf("--fast-start-claim %s: want 100ms to 10m", f.fastStartClaim)
 	}
 	if !(0 < f.gc.LowWatermark && f.gc.LowWatermark < f.gc.HighWatermark && f.gc.HighWatermark <= 1) {
 		return fmt.Errorf("--gc-low-watermark %.2f and --gc-high-watermark %.2f: want 0 < low < high <= 1",
@@ -230,7 +236,7 @@ func (f *workerFlags) agent(log *slog.Logger, identity string, tc client.Client,
 	tokenstream.NewHubMetrics(reg, streams)
 	generate := &activities.GenerateActivities{NodeID: f.nodeID, Log: log, Metrics: activities.NewTaskMetrics(reg),
 		Running: &activities.Generations{NodeID: f.nodeID, Metrics: activities.NewSlotMetrics(reg)}, Streams: streams,
-		MaxInlineOutput: int(f.maxInlineBytes)}
+		MaxInlineOutput: int(f.maxInlineBytes), ClaimWithin: f.fastStartClaim}
 	if store != nil {
 		// Nodes write outputs/ alone in the bucket (docs/security.md).
 		generate.Outputs = &outputs.Store{Bucket: store, DC: f.dc}
