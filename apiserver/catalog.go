@@ -51,15 +51,25 @@ func (s *Server) store() (*modelstore.Store, error) {
 func modelID(c *fiber.Ctx) (string, error) { return idParam(c, model.ValidateID) }
 
 func (s *Server) entry(ctx context.Context, id string) (model.Entry, error) {
+	e, err := s.rawEntry(ctx, id)
+	if errors.Is(err, modelstore.ErrEntryNotFound) {
+		return e, s.entryNotFound(id)
+	}
+	return e, err
+}
+
+// rawEntry reads the entry from the bucket (modelstore.ErrEntryNotFound
+// when there is none).
+func (s *Server) rawEntry(ctx context.Context, id string) (model.Entry, error) {
 	st, err := s.store()
 	if err != nil {
 		return model.Entry{}, err
 	}
-	e, err := st.GetEntry(ctx, id)
-	if errors.Is(err, modelstore.ErrEntryNotFound) {
-		return e, apiError(fiber.StatusNotFound, CodeModelNotFound, "model %s is not in the catalog", id)
-	}
-	return e, err
+	return st.GetEntry(ctx, id)
+}
+
+func (s *Server) entryNotFound(id string) error {
+	return apiError(fiber.StatusNotFound, CodeModelNotFound, "model %s is not in the catalog", id)
 }
 
 // activeEntry checks that a model is in the catalog and takes new work.
@@ -145,6 +155,7 @@ func (s *Server) registerModel(c *fiber.Ctx) error {
 			Replace: req.Replace, SourceKey: req.SourceKey}
 	}
 	reg, err := st.Register(c.UserContext(), r)
+	s.forgetEntry(r.ID)
 	if err != nil {
 		return catalogError(err)
 	}
@@ -164,6 +175,7 @@ func (s *Server) deleteModel(c *fiber.Ctx) error {
 		return err
 	}
 	objErr, err := s.deps.Store.Delete(c.UserContext(), e, c.QueryBool("keep_object"))
+	s.forgetEntry(e.ID)
 	if err != nil {
 		return err
 	}
@@ -195,7 +207,9 @@ func (s *Server) setModelState(c *fiber.Ctx) error {
 	}
 	if e.Lifecycle != lc {
 		e.Lifecycle = lc
-		if err := s.deps.Store.PutEntry(c.UserContext(), e); err != nil {
+		err := s.deps.Store.PutEntry(c.UserContext(), e)
+		s.forgetEntry(id)
+		if err != nil {
 			return err
 		}
 		s.metrics.catalogChanges.WithLabelValues("state").Inc()

@@ -98,6 +98,8 @@ type Server struct {
 	// task routes.
 	follower *tokenstream.Follower
 	auditor  *auditor
+	// entryCache holds the catalog entries admission reads (entrycache.go).
+	entryCache entries
 }
 
 const (

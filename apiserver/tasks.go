@@ -216,7 +216,7 @@ func (s *Server) buildTask(c *fiber.Ctx, in taskInput, maxTokensField string) (t
 	if err != nil {
 		return req, model.Entry{}, err
 	}
-	e, err := s.entry(c.UserContext(), in.model)
+	e, err := s.admissionEntry(c.UserContext(), in.model)
 	if err != nil {
 		return req, e, err
 	}
