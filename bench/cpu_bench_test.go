@@ -109,6 +109,10 @@ func BenchmarkCPUPerToken(b *testing.B) {
 	for _, k := range kinds {
 		acc[k] = &cpuAcc{cpu: map[string]float64{}}
 	}
+	// With LLORCH_BENCH_PROFILE: the fast apiserver's and the worker's CPU
+	// while the streams run.
+	profiled := c.cpuProfile(b, "cpu-per-token-apiserver", 20)
+	profiledWorker := cpuProfileOf(b, c.workerPprof, "cpu-per-token-worker", 20)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		for j := range kinds {
@@ -126,6 +130,8 @@ func BenchmarkCPUPerToken(b *testing.B) {
 		}
 	}
 	b.StopTimer()
+	profiled()
+	profiledWorker()
 
 	r := map[string]any{"iterations": b.N, "short_tokens": short, "long_tokens": long, "idle_window_s": idleWall.Seconds()}
 	idleCores := map[string]float64{}

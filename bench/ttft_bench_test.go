@@ -129,6 +129,7 @@ func BenchmarkTimeToFirstToken(b *testing.B) {
 	}
 	profiled := c.cpuProfile(b, "ttft-apiserver", 20)
 	profiledSlow := cpuProfileOf(b, slowPprof, "ttft-apiserver-fast-off", 20)
+	profiledWorker := cpuProfileOf(b, c.workerPprof, "ttft-worker", 20)
 	cpu0, began := cpuSnapshot(c.home), time.Now()
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
@@ -157,6 +158,7 @@ func BenchmarkTimeToFirstToken(b *testing.B) {
 	b.Logf("CPU while measuring: %s", cpuTable(cpu))
 	profiled()
 	profiledSlow()
+	profiledWorker()
 	empty, one := temporalFloor(b, min(b.N, 50)+1)
 
 	r := map[string]any{
