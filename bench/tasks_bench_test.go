@@ -108,8 +108,15 @@ func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody strin
 	require.Contains(b, []int{200, 201}, code, body)
 	for i := range nodes {
 		b.Cleanup(func() { c.call("POST", "/v2/pools/"+poolID(i)+"/drain", "{}") })
-		code, body = c.call("POST", "/v2/pools", `{"pool_id":"`+poolID(i)+`","model_id":"bench-model","node_id":"`+nodeID(i)+`"`+poolBody+`}`)
-		require.Equal(b, 202, code, body)
+		// The previous run's node of the same id may still read Online above
+		// while this run's worker registers it anew: Registering is a 409.
+		testenv.Eventually(b, time.Minute, "pool created", func() (bool, string) {
+			code, body = c.call("POST", "/v2/pools", `{"pool_id":"`+poolID(i)+`","model_id":"bench-model","node_id":"`+nodeID(i)+`"`+poolBody+`}`)
+			if code != 202 && !strings.Contains(body, "NODE_NOT_ONLINE") {
+				require.Equal(b, 202, code, body)
+			}
+			return code == 202, body
+		})
 	}
 	for i := range nodes {
 		testenv.Eventually(b, 3*time.Minute, "pool ready", func() (bool, string) {
