@@ -40,8 +40,8 @@ type cpuAcc struct {
 // BenchmarkCPUPerToken: CPU per streamed token by process (node workers,
 // apiserver, Temporal server; the engine and the client beside them),
 // from /proc, through an apiserver with the fast path and one without on
-// the same cluster. First an idle window of the cluster gives each
-// process's idle rate. Then each iteration streams, one at a time and in
+// the same cluster. Idle windows of the cluster before and after the
+// streams give each process's idle rate. Each iteration streams, one at a time and in
 // an order that rotates, a short and a long /v2 task (-cpu-short,
 // -cpu-long tokens) through each apiserver; a stream's window runs from
 // the POST to its task workflow's close, so the task's own end (the slot's
@@ -97,14 +97,17 @@ func BenchmarkCPUPerToken(b *testing.B) {
 			require.NoError(b, err)
 		}
 	}
-	settle(b, pools)
-	cpu0, t0 := cpuSnapshot(c.home), time.Now()
-	time.Sleep(*cpuIdle) // a measurement window, not a wait for a condition
-	idle, idleWall := cpuSeconds(cpu0, cpuSnapshot(c.home)), time.Since(t0)
-	rate := map[string]float64{} // idle CPU seconds per second, by role
-	for role, s := range idle {
-		rate[role] = s / idleWall.Seconds()
+	// The idle rate of each process, measured before the streams and again
+	// after them: the Temporal server's moves by a few hundredths of a
+	// core between windows, which at about 1500 tokens/s is tens of µs per
+	// token, so the figure above idle takes the mean of both windows.
+	idleWindow := func() (map[string]float64, time.Duration) {
+		settle(b, pools)
+		cpu0, t0 := cpuSnapshot(c.home), time.Now()
+		time.Sleep(*cpuIdle) // a measurement window, not a wait for a condition
+		return cpuSeconds(cpu0, cpuSnapshot(c.home)), time.Since(t0)
 	}
+	idleBefore, wallBefore := idleWindow()
 	acc := map[kind]*cpuAcc{}
 	for _, k := range kinds {
 		acc[k] = &cpuAcc{cpu: map[string]float64{}}
@@ -132,13 +135,20 @@ func BenchmarkCPUPerToken(b *testing.B) {
 	b.StopTimer()
 	profiled()
 	profiledWorker()
+	idleAfter, wallAfter := idleWindow()
+	rate := map[string]float64{} // idle CPU seconds per second, by role
+	idleWall := wallBefore + wallAfter
+	for _, cr := range cpuRoles {
+		rate[cr.role] = (idleBefore[cr.role] + idleAfter[cr.role]) / idleWall.Seconds()
+	}
 
-	r := map[string]any{"iterations": b.N, "short_tokens": short, "long_tokens": long, "idle_window_s": idleWall.Seconds()}
-	idleCores := map[string]float64{}
+	r := map[string]any{"iterations": b.N, "short_tokens": short, "long_tokens": long, "idle_window_s": idleWall.Seconds() / 2}
+	idleCores, before, after := map[string]float64{}, map[string]float64{}, map[string]float64{}
 	for _, cr := range cpuRoles {
 		idleCores[cr.key] = rate[cr.role]
+		before[cr.key], after[cr.key] = idleBefore[cr.role]/wallBefore.Seconds(), idleAfter[cr.role]/wallAfter.Seconds()
 	}
-	r["idle_cores"] = idleCores
+	r["idle_cores"], r["idle_cores_before"], r["idle_cores_after"] = idleCores, before, after
 	for _, mode := range []string{"fast", "slow"} {
 		s, l := acc[kind{mode, short}], acc[kind{mode, long}]
 		per := func(a *cpuAcc, role string) float64 { return a.cpu[role] / float64(a.streams) }

@@ -68,7 +68,26 @@ func startCluster(b *testing.B, modelOpts modelstore.TinyOptions, poolBody strin
 	require.NoError(b, err)
 	c := &benchCluster{api: fmt.Sprintf("127.0.0.1:%d", port), home: home}
 	s3 := []string{"--temporal-address", env.TemporalAddr, "--home", home, "--s3-endpoint", env.S3.Endpoint, "--s3-bucket", env.S3.Bucket}
-	c.spawn = func(args ...string) *exec.Cmd { return spawn(b, io.Discard, bin, args...) }
+	// Each process logs (warnings and errors) to a file of its own, whose
+	// end a failed benchmark prints.
+	var logs []string
+	c.spawn = func(args ...string) *exec.Cmd {
+		path := filepath.Join(home, fmt.Sprintf("%s-%d.log", args[0], len(logs)))
+		f, err := os.Create(path)
+		require.NoError(b, err)
+		b.Cleanup(func() { f.Close() })
+		logs = append(logs, path)
+		return spawn(b, f, bin, args...)
+	}
+	b.Cleanup(func() {
+		if !b.Failed() {
+			return
+		}
+		for _, p := range logs {
+			raw, _ := os.ReadFile(p)
+			b.Logf("--- %s (its end) ---\n%s", filepath.Base(p), lastBytes(string(raw), 3000))
+		}
+	})
 	// With LLORCH_BENCH_PROFILE, the apiserver and the first worker serve pprof.
 	c.apiArgs = append([]string{"apiserver"}, s3...)
 	apiArgs := append(slices.Clone(c.apiArgs), "--addr", c.api)

@@ -116,13 +116,13 @@ func BenchmarkTimeToFirstToken(b *testing.B) {
 	for range 3 { // warm-up, connections included
 		for _, k := range kinds {
 			_, err := k.run()
-			require.NoError(b, err, k.name)
+			c.requireNoError(b, err, k.name)
 		}
 	}
 	for _, k := range kinds {
 		settle(b, pools)
 		_, _, err := wideRound(wide, k.run, pools)
-		require.NoError(b, err, k.name)
+		c.requireNoError(b, err, k.name)
 	}
 	narrow, wideS := map[string]*samples{}, map[string]*samples{}
 	deferred := map[string]int{} // the most requests the engine deferred during a wide round of the kind
@@ -142,7 +142,7 @@ func BenchmarkTimeToFirstToken(b *testing.B) {
 			level = "c1_"
 			mu.Unlock()
 			first, err := k.run()
-			require.NoError(b, err, k.name)
+			c.requireNoError(b, err, k.name)
 			*narrow[k.name] = append(*narrow[k.name], first)
 		}
 		if i%max(1, *ttftWideEvery) != 0 {
@@ -157,7 +157,7 @@ func BenchmarkTimeToFirstToken(b *testing.B) {
 			mu.Unlock()
 			b.StartTimer()
 			firsts, def, err := wideRound(wide, k.run, pools)
-			require.NoError(b, err, k.name)
+			c.requireNoError(b, err, k.name)
 			*wideS[k.name] = append(*wideS[k.name], firsts...)
 			deferred[k.name] = max(deferred[k.name], def)
 		}
@@ -317,3 +317,13 @@ func settle(b *testing.B, pools []enginePool) {
 // benchCompression is the benchmark's processes' gRPC compression to
 // Temporal: what spawn passes them ("" is the default, gzip).
 func benchCompression() string { return os.Getenv("LLORCH_TEMPORAL_GRPC_COMPRESSION") }
+
+// requireNoError fails the benchmark on err with the pools as the
+// apiserver sees them (an engine restarted mid-run shows as a new epoch).
+func (c *benchCluster) requireNoError(b *testing.B, err error, what string) {
+	b.Helper()
+	if err != nil {
+		_, pools := c.call("GET", "/v2/pools", "")
+		require.NoError(b, err, "%s; pools: %s", what, pools)
+	}
+}
