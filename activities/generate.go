@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"sync"
 	"time"
 
 	"go.temporal.io/sdk/activity"
@@ -41,6 +40,11 @@ type GenerateActivities struct {
 	// returned inline; 0: outputs.DefaultMaxInline. It bounds the tokens a
 	// WORKER_RESET carries too.
 	MaxInlineOutput int
+	// ClaimWithin bounds how long a generation started ahead of its
+	// workflow (StartEarly) runs unclaimed; 0: node.LinkFastStartClaim.
+	ClaimWithin time.Duration
+
+	runs runs // the node's generations by task (faststart.go)
 }
 
 // OutputWriter stores a generation's output (outputs.Store).
@@ -54,32 +58,100 @@ type GenerateInput struct {
 	Request task.Request
 	Where   task.Where
 	Resume  task.Progress
+	// Attach: the admitting replica sent this generation to the node ahead
+	// of the workflow (Request.FastStart): the activity takes over the one
+	// running (or ended) there rather than start another.
+	Attach bool
 }
 
-// Generate streams a completion from the pool's engine. Each token goes to
-// the task's sink out of band; the heartbeat carries only the count (the
-// tokens of a lost node come back from what readers saw, task.SignalSeen);
-// the result is the whole generation.
-func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ task.Result, err error) {
+// firstBeat is when a generation first heartbeats: most end before it and
+// cost Temporal no heartbeat at all; after it the SDK sends at most one per
+// 0.8 of the heartbeat timeout (the task workflow's is 5 s).
+const firstBeat = 2 * time.Second
+
+// Generate streams a completion from the pool's engine, or (in.Attach)
+// supervises the one the node link started ahead of the workflow. Each
+// token goes to the task's node stream out of band; the heartbeat carries
+// only the count (the tokens of a lost node come back from what readers
+// saw, task.SignalSeen); the result is the whole generation.
+func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (task.Result, error) {
+	r, attached, resumeFrom := g.runs.claim(in)
+	stop := heartbeats(ctx, r)
+	defer stop()
+	if attached {
+		g.Metrics.fastStart(g.NodeID, "claimed")
+		return g.supervise(ctx, r)
+	}
+	defer g.runs.end(r)
+	defer close(r.done)
+	if resumeFrom != nil {
+		// Started ahead and cancelled before this activity came: go on
+		// from its tokens, in its node stream (left open for this).
+		<-resumeFrom.done
+		if p := resumeFrom.progress(); len(p.Tokens) > len(r.in.Resume.Tokens) {
+			r.in.Resume = p
+		}
+		r.reuseStream = true
+		g.log().Info("generation started ahead was cancelled unclaimed: resuming from its tokens",
+			"task_id", in.Request.TaskID, "pool_id", in.Where.PoolID, "tokens", len(r.in.Resume.Tokens))
+	}
+	info := activity.GetInfo(ctx)
+	r.key = outputs.Key(in.Request.TaskID, info.ActivityID, info.Attempt)
+	r.res, r.err = g.generate(ctx, r)
+	return r.res, r.err
+}
+
+// supervise waits for a generation started ahead, heartbeating; the
+// activity's cancel stops it.
+func (g *GenerateActivities) supervise(ctx context.Context, r *run) (task.Result, error) {
+	defer g.runs.end(r)
+	select {
+	case <-r.done:
+	case <-ctx.Done():
+		r.cancel(context.Canceled)
+		<-r.done
+		return task.Result{}, ctx.Err()
+	}
+	return r.res, r.err
+}
+
+// heartbeats records r's progress count until stop.
+func heartbeats(ctx context.Context, r *run) (stop func()) {
+	hbCtx, cancel := context.WithCancel(ctx)
+	go func() {
+		t := time.NewTimer(firstBeat)
+		defer t.Stop()
+		for {
+			select {
+			case <-hbCtx.Done():
+				return
+			case <-t.C:
+				activity.RecordHeartbeat(ctx, task.Progress{Produced: r.produced()})
+				t.Reset(time.Second)
+			}
+		}
+	}()
+	return cancel
+}
+
+// generate runs r's generation on ctx: a slot of its engine, then the
+// completion, each event into the node stream. Its tokens are r.prog as
+// they come.
+func (g *GenerateActivities) generate(ctx context.Context, r *run) (_ task.Result, err error) {
+	in := r.in
 	req := in.Request
 	log := g.log().With("task_id", req.TaskID, "pool", in.Where.PoolID, "correlation_id", req.CorrelationID)
-	push := g.openSink(in)
+	push := g.openSink(in, r.reuseStream)
 	defer func() { push.close(ctx, err, log) }()
-	prog := task.Progress{Tokens: append([]int32(nil), in.Resume.Tokens...), Pieces: append([]string(nil), in.Resume.Pieces...)}
-	resumed := len(prog.Tokens)
+	r.mu.Lock()
+	r.prog = task.Progress{Tokens: append([]int32(nil), in.Resume.Tokens...), Pieces: append([]string(nil), in.Resume.Pieces...)}
+	r.mu.Unlock()
+	resumed := len(in.Resume.Tokens)
 	push.Send(task.Event{Type: "started", NodeID: in.Where.NodeID, PoolID: in.Where.PoolID})
 	if resumed > 0 {
 		push.Send(task.Event{Type: "metrics", Metrics: map[string]any{
 			"resumed_at_token": resumed, "node_id": in.Where.NodeID, "pool_id": in.Where.PoolID}})
 		push.resumed(in.Resume)
-	}
-
-	var mu sync.Mutex
-	beat := func() {
-		mu.Lock()
-		n := len(prog.Tokens)
-		mu.Unlock()
-		activity.RecordHeartbeat(ctx, task.Progress{Produced: n})
 	}
 	// A generation that broke off with its worker alive (its engine died)
 	// hands the workflow its tokens in the error: the move resumes from
@@ -87,24 +159,7 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ 
 	defer func() {
 		var app *temporal.ApplicationError
 		if errors.As(err, &app) && app.Type() == task.ErrWorkerReset && !app.HasDetails() {
-			mu.Lock()
-			p := task.Progress{Tokens: append([]int32(nil), prog.Tokens...), Pieces: append([]string(nil), prog.Pieces...)}
-			mu.Unlock()
-			err = temporal.NewApplicationErrorWithCause(app.Message(), task.ErrWorkerReset, app.Unwrap(), resetProgress(p, g.maxInline()))
-		}
-	}()
-	hbCtx, stopBeats := context.WithCancel(ctx)
-	defer stopBeats()
-	go func() {
-		t := time.NewTicker(500 * time.Millisecond)
-		defer t.Stop()
-		for {
-			select {
-			case <-hbCtx.Done():
-				return
-			case <-t.C:
-				beat()
-			}
+			err = temporal.NewApplicationErrorWithCause(app.Message(), task.ErrWorkerReset, app.Unwrap(), resetProgress(r.progress(), g.maxInline()))
 		}
 	}()
 	release, waited, err := g.Running.Claim(ctx, ClaimRequest{PoolID: in.Where.PoolID, URL: in.Where.URL, Epoch: in.Where.Epoch,
@@ -124,15 +179,16 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ 
 	res := task.Result{TokensIn: len(promptToks), WaitMs: waited.Milliseconds()}
 	nPredict := req.Params.MaxTokens - resumed
 	if nPredict <= 0 {
-		res.Tokens, res.Pieces, res.StopType = prog.Tokens, prog.Pieces, "limit"
-		if res, err = g.offload(ctx, req.TaskID, res, log); err != nil {
+		p := r.progress()
+		res.Tokens, res.Pieces, res.StopType = p.Tokens, p.Pieces, "limit"
+		if res, err = g.offload(ctx, req.TaskID, r.key, res, log); err != nil {
 			return task.Result{}, err
 		}
-		push.Send(task.Event{Type: "end", TokensOut: len(prog.Tokens), TokensIn: res.TokensIn, StopType: res.StopType})
+		push.Send(task.Event{Type: "end", TokensOut: len(p.Tokens), TokensIn: res.TokensIn, StopType: res.StopType})
 		return res, nil
 	}
 	body := protocol.CompletionRequest{
-		Prompt: append(promptToks, prog.Tokens...), NPredict: nPredict,
+		Prompt: append(promptToks, in.Resume.Tokens...), NPredict: nPredict,
 		Temperature: req.Params.Temperature, TopK: req.Params.TopK, TopP: req.Params.TopP,
 		Seed: req.Params.Seed, Stop: req.Params.Stop, Stream: true, ReturnTokens: true,
 	}
@@ -175,18 +231,18 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ 
 			g.Metrics.firstToken(g.NodeID, time.Since(start))
 			first = false
 		}
-		mu.Lock()
+		r.mu.Lock()
 		for j, tok := range ch.Tokens {
 			piece := ""
 			if j == len(ch.Tokens)-1 {
 				piece = ch.Content
 			}
-			i := len(prog.Tokens)
-			prog.Tokens = append(prog.Tokens, tok)
-			prog.Pieces = append(prog.Pieces, piece)
+			i := len(r.prog.Tokens)
+			r.prog.Tokens = append(r.prog.Tokens, tok)
+			r.prog.Pieces = append(r.prog.Pieces, piece)
 			push.Send(task.Event{Type: "token", I: i, T: piece, Tok: tok})
 		}
-		mu.Unlock()
+		r.mu.Unlock()
 		if ch.Stop {
 			res.StopType = ch.StopType
 			res.DecodeMs = int64(ch.Timings.PredictedMs)
@@ -196,20 +252,18 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (_ 
 	if res.StopType == "" {
 		return task.Result{}, g.engineErr(ctx, in, io.ErrUnexpectedEOF)
 	}
-	mu.Lock()
-	res.Tokens, res.Pieces = prog.Tokens, prog.Pieces
-	mu.Unlock()
+	p := r.progress()
+	res.Tokens, res.Pieces = p.Tokens, p.Pieces
 	produced := len(res.Tokens)
 	g.Metrics.generated(g.NodeID, len(promptToks), produced-resumed, time.Duration(res.DecodeMs)*time.Millisecond)
 	// Stored before the end event: a reader that sees the end may read
 	// the task's result at once.
-	if res, err = g.offload(ctx, req.TaskID, res, log); err != nil {
+	if res, err = g.offload(ctx, req.TaskID, r.key, res, log); err != nil {
 		return task.Result{}, err
 	}
 	push.Send(task.Event{Type: "end", TokensOut: produced, DecodeTimeMs: res.DecodeMs, TokensIn: res.TokensIn, StopType: res.StopType})
-	beat()
 	log.Info("generation done", "tokens_in", res.TokensIn, "tokens_out", produced, "resumed", resumed,
-		"first_token_ms", res.FirstTokenMs, "decode_ms", res.DecodeMs)
+		"first_token_ms", res.FirstTokenMs, "decode_ms", res.DecodeMs, "fast_start", r.ahead)
 	return res, nil
 }
 
@@ -235,14 +289,12 @@ func (g *GenerateActivities) maxInline() int {
 // returns the result with its reference instead of its tokens. A write
 // that keeps failing fails the generation (OUTPUT_UNSTORED): inline, the
 // result would be refused by Temporal anyway.
-func (g *GenerateActivities) offload(ctx context.Context, taskID string, res task.Result, log *slog.Logger) (task.Result, error) {
+func (g *GenerateActivities) offload(ctx context.Context, taskID, key string, res task.Result, log *slog.Logger) (task.Result, error) {
 	out := task.Output{Tokens: res.Tokens, Pieces: res.Pieces}
 	size := outputs.Size(out)
 	if g.Outputs == nil || size <= g.maxInline() {
 		return res, nil
 	}
-	info := activity.GetInfo(ctx)
-	key := outputs.Key(taskID, info.ActivityID, info.Attempt)
 	var err error
 	for try, wait := 1, 250*time.Millisecond; ; try, wait = try+1, 2*wait {
 		var ref task.OutputRef
@@ -278,9 +330,17 @@ type eventSink struct {
 	push   *tokenstream.Pusher // nil: no legacy sink
 }
 
-func (g *GenerateActivities) openSink(in GenerateInput) *eventSink {
+func (g *GenerateActivities) openSink(in GenerateInput, reuse bool) *eventSink {
 	e := &eventSink{taskID: in.Request.TaskID}
-	if g.Streams != nil {
+	var held *tokenstream.Stream
+	if g.Streams != nil && reuse {
+		held = g.Streams.Peek(in.Request.TaskID)
+	}
+	if st := held; st != nil && !st.Ended() && st.Tokens() == len(in.Resume.Tokens) {
+		// The stream of a generation cancelled unclaimed, which this one
+		// continues: its readers go on with no gap.
+		e.st, e.detach = st, st.Attach()
+	} else if g.Streams != nil {
 		// A moved task's stream holds the resumed tokens too (resumed
 		// seeds them), so a replica that saw fewer than the resume point
 		// gets the rest with no gap. Without their pieces it starts at the
@@ -326,7 +386,9 @@ func (e *eventSink) resumed(p task.Progress) {
 // close ends the node stream with the error the generation failed with
 // (a canceled one with CANCELED), and flushes the legacy sink.
 func (e *eventSink) close(ctx context.Context, err error, log *slog.Logger) {
-	if e.st != nil && err != nil {
+	// A generation cancelled unclaimed leaves its stream open: the
+	// activity that comes later continues it.
+	if e.st != nil && err != nil && !errors.Is(context.Cause(ctx), errUnclaimed) {
 		e.st.Finish(task.Event{Type: "error", Error: generationError(ctx, err)})
 	}
 	if e.detach != nil {

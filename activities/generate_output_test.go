@@ -47,12 +47,13 @@ func output(n int) task.Result {
 	return res
 }
 
-// offload runs g.offload inside an activity (it reads the activity's id).
+// offload runs g.offload inside an activity, with the key Generate gives it.
 func offload(t *testing.T, g *GenerateActivities, res task.Result) (task.Result, error) {
 	var s testsuite.WorkflowTestSuite
 	env := s.NewTestActivityEnvironment()
 	env.RegisterActivityWithOptions(func(ctx context.Context) (task.Result, error) {
-		return g.offload(ctx, "t-big", res, slog.Default())
+		info := activity.GetInfo(ctx)
+		return g.offload(ctx, "t-big", outputs.Key("t-big", info.ActivityID, info.Attempt), res, slog.Default())
 	}, activity.RegisterOptions{Name: "Offload"})
 	v, err := env.ExecuteActivity("Offload")
 	if err != nil {

@@ -19,7 +19,7 @@ import (
 func TestGenerationHoldsItsStream(t *testing.T) {
 	hub := &tokenstream.Hub{Keep: 20 * time.Millisecond}
 	g := &GenerateActivities{Streams: hub}
-	sink := g.openSink(GenerateInput{Request: task.Request{TaskID: "t-waiting"}})
+	sink := g.openSink(GenerateInput{Request: task.Request{TaskID: "t-waiting"}}, false)
 	sink.Send(task.Event{Type: "started", NodeID: "n1", PoolID: "p1"})
 	quiet := hub.Stream("t-quiet")
 	_, _ = quiet.Push([]task.Event{{Type: "started", NodeID: "n1"}})

@@ -15,6 +15,12 @@ type TaskMetrics struct {
 	Decode     *prometheus.HistogramVec
 	// Offloaded counts outputs stored in the bucket (above the inline bound).
 	Offloaded *prometheus.CounterVec
+	// FastStarts counts generations the node link started ahead of their
+	// workflows, by outcome: started, claimed (its Generate activity took
+	// it over), abandoned (none came within node.LinkFastStartClaim: it was
+	// cancelled), canceled (by the replica: its workflow did not start, or
+	// the task was canceled), refused (the node runs or ran one already).
+	FastStarts *prometheus.CounterVec
 }
 
 // NewTaskMetrics registers them on reg.
@@ -38,6 +44,15 @@ func NewTaskMetrics(reg prometheus.Registerer) *TaskMetrics {
 		Offloaded: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_task_outputs_offloaded_total", Help: "Outputs above --max-inline-output stored in the bucket, on this node.",
 		}, []string{"node_id"}),
+		FastStarts: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_node_fast_starts_total", Help: "Generations the node link started ahead of their workflows, by outcome (started, claimed, abandoned, canceled, refused).",
+		}, []string{"node_id", "outcome"}),
+	}
+}
+
+func (m *TaskMetrics) fastStart(nodeID, outcome string) {
+	if m != nil && m.FastStarts != nil {
+		m.FastStarts.WithLabelValues(nodeID, outcome).Inc()
 	}
 }
 

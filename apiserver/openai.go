@@ -12,6 +12,7 @@ import (
 	"github.com/gofiber/fiber/v2"
 
 	"github.com/llorch/llorch/model"
+	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/tokenstream"
 )
@@ -171,14 +172,15 @@ func (r openAIRequest) input(chat bool) (in taskInput, field string, err error) 
 	return in, field, nil
 }
 
-func (s *Server) openAITask(c *fiber.Ctx, chat bool) (task.Request, openAIRequest, error) {
+func (s *Server) openAITask(c *fiber.Ctx, chat bool) (task.Request, openAIRequest, scheduler.Admission, error) {
 	var r openAIRequest
+	var adm scheduler.Admission
 	if err := decodeLoose(c, &r); err != nil {
-		return task.Request{}, r, err
+		return task.Request{}, r, adm, err
 	}
 	in, field, err := r.input(chat)
 	if err != nil {
-		return task.Request{}, r, err
+		return task.Request{}, r, adm, err
 	}
 	req, _, err := s.buildTask(c, in, field)
 	if err != nil {
@@ -186,12 +188,14 @@ func (s *Server) openAITask(c *fiber.Ctx, chat bool) (task.Request, openAIReques
 		if errors.As(err, &e) && e.Code == CodeModelNotFound {
 			e.Code, e.Message = "MODEL_NOT_FOUND", fmt.Sprintf("The model `%s` does not exist", r.Model)
 		}
-		return req, r, err
+		return req, r, adm, err
 	}
-	if _, err := s.submit(c, req); err != nil {
-		return req, r, err
+	// A stream's first token need not wait for the workflow's start: a
+	// client that leaves cancels the task (after its start, see below).
+	if adm, err = s.submit(c, req, r.Stream); err != nil {
+		return req, r, adm, err
 	}
-	return req, r, nil
+	return req, r, adm, nil
 }
 
 func (s *Server) chatCompletions(c *fiber.Ctx) error { return s.openAIComplete(c, true) }
@@ -205,7 +209,7 @@ func finishReason(stopType string) string {
 }
 
 func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
-	req, r, err := s.openAITask(c, chat)
+	req, r, adm, err := s.openAITask(c, chat)
 	if err != nil {
 		return err
 	}
@@ -255,13 +259,14 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 		if chat {
 			_, _ = w.Write(sseData(chunk(fiber.Map{"role": "assistant", "content": ""}, "", nil)))
 		}
+		tokens := newTokenChunks(func(text string) any { return chunk(fiber.Map{"content": text}, text, nil) })
 		err := s.writeStream(w, stream, tokenstream.Cursor{}, func(ev task.Event) []byte {
 			switch ev.Type {
 			case "token":
 				if ev.T == "" {
 					return nil
 				}
-				return sseData(chunk(fiber.Map{"content": ev.T}, ev.T, nil))
+				return tokens.render(ev.T)
 			case "end":
 				out := sseData(chunk(fiber.Map{}, "", finishReason(ev.StopType)))
 				if includeUsage {
@@ -282,6 +287,11 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 			// The client left: as OpenAI clients expect, that cancels the task.
 			cctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer ccancel()
+			// Its workflow must exist to be canceled (its start may still
+			// be under way); one that did not start has nothing to cancel.
+			if adm.Durable(cctx) != nil {
+				return
+			}
 			if cerr := s.cancel(cctx, req.TaskID, "client disconnected"); cerr != nil {
 				log.Debug("cancel after disconnect", "err", cerr)
 			} else {
@@ -290,11 +300,6 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 		}
 	}))
 	return nil
-}
-
-func sseData(v any) []byte {
-	b, _ := json.Marshal(v)
-	return append(append([]byte("data: "), b...), "\n\n"...)
 }
 
 func usage(in, out int) fiber.Map {

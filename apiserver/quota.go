@@ -35,11 +35,12 @@ func (s *Server) admitQuota(c *fiber.Ctx, req task.Request) (task.Request, func(
 	req.QuotaKey = p.KeyID
 	release := func() {}
 	if isNew {
+		log := s.log(c) // release may run after the request (a start that failed later)
 		release = func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			if err := s.deps.Quotas.Release(ctx, p.KeyID, req.TaskID); err != nil {
-				s.log(c).Warn("quota not released after a failed start", "task_id", req.TaskID, "key_id", p.KeyID, "err", err)
+				log.Warn("quota not released after a failed start", "task_id", req.TaskID, "key_id", p.KeyID, "err", err)
 			}
 		}
 	}

@@ -142,6 +142,10 @@ func New(cfg Config, d Deps) (*Server, error) {
 			Subscribe: func(ctx context.Context, url, taskID string, after int, each func(task.Event) error) error {
 				return (&link.Client{URL: url, Token: d.LinkToken, HTTP: d.LinkHTTP}).Events(ctx, taskID, after, each)
 			},
+			// The events of one read in one push: readers wake once a batch.
+			SubscribeBatch: func(ctx context.Context, url, taskID string, after int, each func([]task.Event) error) error {
+				return (&link.Client{URL: url, Token: d.LinkToken, HTTP: d.LinkHTTP}).EventBatches(ctx, taskID, after, each)
+			},
 			Ended: d.Scheduler.Finished, Seen: d.Tasks.Seen, Log: d.Logger, Metrics: tokenstream.NewFollowMetrics(d.Registry)}
 	}
 	s.app.Use(s.correlate)

@@ -259,19 +259,27 @@ func newTaskID() string {
 }
 
 // submit admits a task (the scheduler starts its workflow) and opens its
-// stream.
-func (s *Server) submit(c *fiber.Ctx, req task.Request) (scheduler.Admission, error) {
+// stream. ahead (a /v1 stream, whose client's leaving cancels the task)
+// does not wait for the workflow's start to be durable when the
+// generation was sent to its node ahead of it: a start that fails later
+// ends the task's stream with the error.
+func (s *Server) submit(c *fiber.Ctx, req task.Request, ahead bool) (scheduler.Admission, error) {
 	req, release, err := s.admitQuota(c, req)
 	if err != nil {
 		return scheduler.Admission{}, err
 	}
-	adm, err := s.deps.Scheduler.Admit(c.UserContext(), req)
+	admit := s.deps.Scheduler.Admit
+	if ahead {
+		admit = s.deps.Scheduler.AdmitAhead
+	}
+	adm, err := admit(c.UserContext(), req)
 	if err != nil {
 		release()
 	}
 	prepared := adm.Prepared
+	log := s.log(c)
 	if prepared != nil {
-		s.log(c).Info("pool started for a task", "pool_id", prepared.PoolID, "node_id", prepared.NodeID, "model_id", req.ModelID, "task_id", req.TaskID)
+		log.Info("pool started for a task", "pool_id", prepared.PoolID, "node_id", prepared.NodeID, "model_id", req.ModelID, "task_id", req.TaskID)
 	}
 	if err != nil {
 		return adm, admissionError(c, req, err)
@@ -282,6 +290,16 @@ func (s *Server) submit(c *fiber.Ctx, req task.Request) (scheduler.Admission, er
 			"preparing": "starting pool " + prepared.PoolID + " for model " + prepared.ModelID + " on node " + prepared.NodeID,
 			"pool_id":   prepared.PoolID, "node_id": prepared.NodeID}}})
 	}
+	if ahead {
+		go func() {
+			if err := adm.Durable(context.Background()); err != nil {
+				release()
+				log.Warn("task not started: its workflow did not start after its generation was sent ahead", "task_id", req.TaskID, "err", err)
+				st.Finish(task.Event{Type: "error", Error: &task.Error{Code: "INTERNAL", Retriable: true, RetryAfterMs: 1000,
+					Message: "task " + req.TaskID + " did not start: " + err.Error()}})
+			}
+		}()
+	}
 	if s.follower != nil {
 		// The granted slot says where the generation runs: the first token
 		// need not wait for a status read.
@@ -291,8 +309,8 @@ func (s *Server) submit(c *fiber.Ctx, req task.Request) (scheduler.Admission, er
 		}
 		s.follower.Start(req.TaskID, hint)
 	}
-	s.log(c).Info("task admitted", "task_id", req.TaskID, "model_id", req.ModelID, "priority", req.Priority,
-		"queue_position", adm.Position, "session_id", req.SessionID)
+	log.Info("task admitted", "task_id", req.TaskID, "model_id", req.ModelID, "priority", req.Priority,
+		"queue_position", adm.Position, "session_id", req.SessionID, "fast_start", adm.FastStart)
 	return adm, nil
 }
 
@@ -337,7 +355,7 @@ func (s *Server) createTask(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	adm, err := s.submit(c, req)
+	adm, err := s.submit(c, req, false)
 	if err != nil {
 		return err
 	}
@@ -626,6 +644,8 @@ func (s *Server) guardStream(log *slog.Logger, write func(*bufio.Writer)) func(*
 // writeStream copies a stream's events to w from cur, with keep-alives,
 // until the final event or a failed write (the client left).
 func (s *Server) writeStream(w *bufio.Writer, st *tokenstream.Stream, cur tokenstream.Cursor, render func(task.Event) []byte) error {
+	idle := time.NewTimer(keepAlive) // one per stream, not one per batch
+	defer idle.Stop()
 	for {
 		evs, next, changed := st.Read(cur)
 		cur = next
@@ -642,45 +662,17 @@ func (s *Server) writeStream(w *bufio.Writer, st *tokenstream.Stream, cur tokens
 		if cur.Done {
 			return nil
 		}
+		idle.Reset(keepAlive)
 		select {
 		case <-changed:
 		case <-s.closing:
 			return errShuttingDown
-		case <-time.After(keepAlive):
+		case <-idle.C:
 			if _, err := w.WriteString(": keep-alive\n\n"); err != nil {
 				return err
 			}
 		}
 	}
-}
-
-func sseV2(ev task.Event) []byte {
-	var data any
-	id := ""
-	switch ev.Type {
-	case "started":
-		data = map[string]any{"node_id": ev.NodeID, "pool_id": ev.PoolID}
-	case "token":
-		data = map[string]any{"t": ev.T, "i": ev.I}
-		id = strconv.Itoa(ev.I)
-	case "metrics":
-		data = ev.Metrics
-	case "end":
-		data = map[string]any{"tokens_out": ev.TokensOut, "decode_time_ms": ev.DecodeTimeMs}
-	case "error":
-		data = ev.Error
-	default:
-		return nil
-	}
-	b, _ := json.Marshal(data)
-	var sb strings.Builder
-	if id != "" {
-		sb.WriteString("id: " + id + "\n")
-	}
-	sb.WriteString("event: " + ev.Type + "\ndata: ")
-	sb.Write(b)
-	sb.WriteString("\n\n")
-	return []byte(sb.String())
 }
 
 // pushEvents receives a node's batch of a task's events: the older path,

@@ -19,6 +19,7 @@ import (
 	"github.com/llorch/llorch/apiserver"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/keyring"
+	"github.com/llorch/llorch/link"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/outputs"
@@ -129,6 +130,9 @@ func New(cfg Config) (*Plane, error) {
 	sched := &scheduler.Scheduler{Capacity: cfg.QueueCapacity, Policy: cfg.Policy, Log: log, Metrics: scheduler.NewMetrics(reg),
 		Source: p.view.Candidates, Fresh: p.view.Fresh, Tasks: tasks, Sessions: sessions}
 	p.view.Changed = sched.Changed
+	if cfg.FastStart {
+		sched.FastStart = &link.Starter{URL: p.view.LinkURL, Token: cfg.LinkToken, HTTP: cfg.LinkHTTP}
+	}
 	if cfg.AutoPools != nil {
 		auto := *cfg.AutoPools
 		auto.Pools, auto.Nodes = pools, nodes

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/llorch/llorch/apiclient"
 	"github.com/llorch/llorch/node"
@@ -101,6 +102,21 @@ var ErrStreamCut = errors.New("task stream ended before its final event")
 // node that does not hold the task answers, after its wait, an
 // *apiclient.Error with code node.CodeTaskNotOnNode.
 func (c *Client) Events(ctx context.Context, taskID string, after int, each func(task.Event) error) error {
+	return c.EventBatches(ctx, taskID, after, func(evs []task.Event) error {
+		for _, ev := range evs {
+			if err := each(ev); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// EventBatches is Events handing over the events that arrived together
+// (the lines one read of the stream brought) in one call, so a follower
+// takes a burst of tokens in one push. each must not keep evs: the
+// slice is reused for the next batch.
+func (c *Client) EventBatches(ctx context.Context, taskID string, after int, each func([]task.Event) error) error {
 	u := strings.TrimRight(c.URL, "/") + node.LinkTaskEventsPath(taskID) + "?" + node.LinkEventsAfterParam + "=" + strconv.Itoa(after)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -123,32 +139,166 @@ func (c *Client) Events(ctx context.Context, taskID string, after int, each func
 		raw, _ := io.ReadAll(io.LimitReader(res.Body, 64<<10))
 		return apiclient.ErrorOf(http.MethodGet, u, res.StatusCode, raw)
 	}
-	sc := bufio.NewScanner(res.Body)
-	sc.Buffer(make([]byte, 0, 64<<10), 16<<20)
+	lines := newLineReader(res.Body)
+	var batch []task.Event
 	for {
 		silent.Reset(silentLimit)
-		if !sc.Scan() {
-			break
+		batch = batch[:0]
+		final := false
+		// The lines already received go in one batch; the batch ends
+		// when the next would wait for the network, or at the final
+		// event.
+		for !final && (len(batch) == 0 || lines.ready()) {
+			line, err := lines.next()
+			if err != nil {
+				if len(batch) > 0 {
+					if err := each(batch); err != nil {
+						return err
+					}
+				}
+				if err == io.EOF {
+					return fmt.Errorf("node link %s: task %s: %w", c.URL, taskID, ErrStreamCut)
+				}
+				return fmt.Errorf("node link %s: task %s events: %w", c.URL, taskID, err)
+			}
+			line = bytes.TrimSpace(line)
+			if len(line) == 0 || string(line) == "{}" {
+				if len(batch) == 0 {
+					silent.Reset(silentLimit) // keep-alive
+				}
+				continue
+			}
+			ev, ok := parseTokenLine(line)
+			if !ok {
+				ev = task.Event{}
+				if err := json.Unmarshal(line, &ev); err != nil {
+					return fmt.Errorf("node link %s: task %s: not an event: %w", c.URL, taskID, err)
+				}
+			}
+			batch = append(batch, ev)
+			final = ev.Type == "end" || ev.Type == "error"
 		}
-		line := bytes.TrimSpace(sc.Bytes())
-		if len(line) == 0 || string(line) == "{}" {
-			continue // keep-alive
-		}
-		var ev task.Event
-		if err := json.Unmarshal(line, &ev); err != nil {
-			return fmt.Errorf("node link %s: task %s: not an event: %w", c.URL, taskID, err)
-		}
-		if err := each(ev); err != nil {
+		if err := each(batch); err != nil {
 			return err
 		}
-		if ev.Type == "end" || ev.Type == "error" {
+		if final {
 			return nil
 		}
 	}
-	if err := sc.Err(); err != nil {
-		return fmt.Errorf("node link %s: task %s events: %w", c.URL, taskID, err)
+}
+
+// maxLine bounds one event's line.
+const maxLine = 16 << 20
+
+// lineReader reads NDJSON lines and says whether a whole line is already
+// received.
+type lineReader struct {
+	r    *bufio.Reader
+	long []byte // a line longer than r's buffer
+}
+
+func newLineReader(r io.Reader) *lineReader { return &lineReader{r: bufio.NewReaderSize(r, 64<<10)} }
+
+// next returns the next line, valid until the next call.
+func (l *lineReader) next() ([]byte, error) {
+	line, err := l.r.ReadSlice('\n')
+	if err != bufio.ErrBufferFull {
+		if err == io.EOF && len(line) > 0 {
+			return line, nil // a last line without its newline
+		}
+		return line, err
 	}
-	return fmt.Errorf("node link %s: task %s: %w", c.URL, taskID, ErrStreamCut)
+	l.long = append(l.long[:0], line...)
+	for err == bufio.ErrBufferFull {
+		if line, err = l.r.ReadSlice('\n'); len(l.long)+len(line) > maxLine {
+			return nil, fmt.Errorf("an event line longer than %d bytes", maxLine)
+		}
+		l.long = append(l.long, line...)
+	}
+	if err == io.EOF && len(l.long) > 0 {
+		err = nil
+	}
+	return l.long, err
+}
+
+// ready says whether a whole line is received: reading it does not wait.
+func (l *lineReader) ready() bool {
+	b, _ := l.r.Peek(l.r.Buffered())
+	return bytes.IndexByte(b, '\n') >= 0
+}
+
+// parseTokenLine reads a token event's line as the link writes it
+// (appendTokenLine) without encoding/json for the event, the cost of
+// nearly every line; ok is false for any other line, which json.Unmarshal
+// reads. What it reads is what json.Unmarshal reads from the same line.
+func parseTokenLine(line []byte) (ev task.Event, ok bool) {
+	rest, ok := bytes.CutPrefix(line, []byte(tokenLinePrefix))
+	if !ok {
+		return ev, false
+	}
+	i, rest, ok := cutInt(rest, 64)
+	if !ok {
+		return ev, false
+	}
+	if rest, ok = bytes.CutPrefix(rest, []byte(`,"t":`)); !ok || len(rest) == 0 || rest[0] != '"' {
+		return ev, false
+	}
+	// The string ends at the first quote no backslash escapes.
+	end, backslash, wide := 1, false, false
+	for ; end < len(rest) && rest[end] != '"'; end++ {
+		switch b := rest[end]; {
+		case b == '\\':
+			backslash = true
+			end++
+		case b < 0x20:
+			return ev, false // not JSON: json.Unmarshal says so
+		case b >= utf8.RuneSelf:
+			wide = true
+		}
+	}
+	if end >= len(rest) {
+		return ev, false
+	}
+	quoted := rest[:end+1]
+	if rest, ok = bytes.CutPrefix(rest[end+1:], []byte(`,"tok":`)); !ok {
+		return ev, false
+	}
+	tok, rest, ok := cutInt(rest, 32)
+	if !ok || string(rest) != "}" {
+		return ev, false
+	}
+	ev = task.Event{Type: "token", I: int(i), Tok: int32(tok)}
+	raw := quoted[1 : len(quoted)-1]
+	if !backslash && (!wide || utf8.Valid(raw)) {
+		ev.T = string(raw)
+	} else if json.Unmarshal(quoted, &ev.T) != nil {
+		return task.Event{}, false
+	}
+	return ev, true
+}
+
+// cutInt reads a JSON integer that fits in bits from the start of b (at
+// most 18 digits; longer ones are left to json.Unmarshal).
+func cutInt(b []byte, bits int) (n int64, rest []byte, ok bool) {
+	neg := len(b) > 0 && b[0] == '-'
+	if neg {
+		b = b[1:]
+	}
+	d := 0
+	for d < len(b) && d <= 18 && b[d] >= '0' && b[d] <= '9' {
+		n = n*10 + int64(b[d]-'0')
+		d++
+	}
+	if d == 0 || d > 18 || d > 1 && b[0] == '0' || d < len(b) && b[d] >= '0' && b[d] <= '9' {
+		return 0, nil, false
+	}
+	if neg {
+		n = -n
+	}
+	if n < -(1<<(bits-1)) || n > 1<<(bits-1)-1 {
+		return 0, nil, false
+	}
+	return n, b[d:], true
 }
 
 // Cancel ends the task's node stream with CANCELED (reason says why).

@@ -75,6 +75,9 @@ type Options struct {
 	// DefaultMaxStreams.
 	MaxStreams int
 	Metrics    *Metrics
+	// Generator starts generations ahead of their workflows (the fast
+	// start: POST node.LinkTaskGeneratePath); nil: that route answers 404.
+	Generator Generator
 }
 
 // Metrics are the link's figures; nil: not counted.
@@ -107,6 +110,9 @@ type Server struct {
 	subs    chan struct{} // one element per event subscription
 	metrics *Metrics
 	tls     *tls.Config
+	gen     Generator
+	// flushInterval: node.LinkFlushInterval; tests and benchmarks set it.
+	flushInterval time.Duration
 
 	srv    *http.Server
 	ln     net.Listener
@@ -128,7 +134,8 @@ func NewServer(src *Source, opts Options) *Server {
 		ns = DefaultMaxStreams
 	}
 	return &Server{source: src, key: bearer.NewKey(opts.Token, TokenEnv), log: log,
-		waiters: make(chan struct{}, n), streams: opts.Streams, subs: make(chan struct{}, ns), metrics: opts.Metrics, tls: opts.TLS}
+		waiters: make(chan struct{}, n), streams: opts.Streams, subs: make(chan struct{}, ns), metrics: opts.Metrics, tls: opts.TLS,
+		gen: opts.Generator, flushInterval: node.LinkFlushInterval}
 }
 
 // Listen binds addr synchronously (a taken port fails at once) and serves
@@ -311,11 +318,11 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 
 func writeError(w http.ResponseWriter, status int, e apiclient.Envelope) { writeJSON(w, status, e) }
 
-// taskRoute serves rest = "<task id>/events" (GET) or "<task id>/cancel"
-// (POST).
+// taskRoute serves rest = "<task id>/events" (GET), "<task id>/cancel"
+// (POST) or "<task id>/generate" (POST).
 func (s *Server) taskRoute(w http.ResponseWriter, r *http.Request, rest string) {
 	id, verb, ok := strings.Cut(rest, "/")
-	method := map[string]string{"events": http.MethodGet, "cancel": http.MethodPost}[verb]
+	method := map[string]string{"events": http.MethodGet, "cancel": http.MethodPost, "generate": http.MethodPost}[verb]
 	if !ok || method == "" {
 		writeError(w, http.StatusNotFound, apiclient.Envelope{Code: codeNotFound, Message: "no node link path " + r.URL.Path})
 		return
@@ -329,8 +336,12 @@ func (s *Server) taskRoute(w http.ResponseWriter, r *http.Request, rest string) 
 		writeError(w, http.StatusMethodNotAllowed, apiclient.Envelope{Code: codeMethod, Message: r.Method + " " + r.URL.Path + ": only " + method})
 		return
 	}
-	if verb == "cancel" {
+	switch verb {
+	case "cancel":
 		s.cancelTask(w, r, id)
+		return
+	case "generate":
+		s.generate(w, r, id)
 		return
 	}
 	s.taskEvents(w, r, id)
@@ -349,18 +360,25 @@ func (s *Server) cancelTask(w http.ResponseWriter, r *http.Request, id string) {
 			Message: fmt.Sprintf("reason: want at most %d bytes of text", maxReason)})
 		return
 	}
+	msg := "canceled"
+	if reason := strings.TrimSpace(string(b)); reason != "" {
+		msg += ": " + reason
+	}
+	// A generation started ahead of its workflow that no activity took
+	// over stops here (a claimed one is stopped by the workflow's cancel).
+	early := s.gen != nil && s.gen.CancelEarly(id, msg)
 	var st *tokenstream.Stream
 	if s.streams != nil {
 		st = s.streams.Peek(id)
 	}
 	if st == nil {
+		if early {
+			w.WriteHeader(http.StatusNoContent)
+			return
+		}
 		writeError(w, http.StatusNotFound, apiclient.Envelope{Code: node.CodeTaskNotOnNode,
 			Message: "task " + id + " has no stream on node " + s.nodeID()})
 		return
-	}
-	msg := "canceled"
-	if reason := strings.TrimSpace(string(b)); reason != "" {
-		msg += ": " + reason
 	}
 	if st.Finish(task.Event{Type: "error", Error: &task.Error{Code: task.ErrCanceled, Message: msg}}) {
 		s.log.Info("task stream canceled on the link", "task_id", id, "reason", msg)
@@ -370,7 +388,9 @@ func (s *Server) cancelTask(w http.ResponseWriter, r *http.Request, id string) {
 
 // taskEvents streams the task's events after the caller's last token as
 // NDJSON, flushed per batch, until the final event; an empty line every
-// node.LinkKeepAlive while idle.
+// node.LinkKeepAlive while idle. After a write that carried tokens it
+// holds back up to flushInterval, so the rest of a burst goes out in one
+// write; the stream's end, or the request's, cuts that short.
 func (s *Server) taskEvents(w http.ResponseWriter, r *http.Request, id string) {
 	after, wait, bad := parseEvents(r)
 	if bad != nil {
@@ -408,23 +428,45 @@ func (s *Server) taskEvents(w http.ResponseWriter, r *http.Request, id string) {
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(http.StatusOK)
-	enc := json.NewEncoder(w)
 	cur := tokenstream.Cursor{Next: after + 1}
 	idle := time.NewTimer(node.LinkKeepAlive)
 	defer idle.Stop()
-	for {
+	hold := time.NewTimer(s.flushInterval)
+	hold.Stop()
+	defer hold.Stop()
+	ended := st.Done()
+	var buf []byte
+	for first := true; ; first = false {
 		evs, next, changed := st.Read(cur)
 		cur = next
-		// A stream outlives the server's write timeout: each batch gets
-		// its own.
-		_ = rc.SetWriteDeadline(time.Now().Add(writeTimeout))
-		for _, ev := range evs {
-			if enc.Encode(ev) != nil {
+		if len(evs) > 0 || first {
+			var tokens bool
+			var err error
+			if buf, tokens, err = appendEvents(buf[:0], evs); err != nil {
 				return
 			}
-		}
-		if rc.Flush() != nil || cur.Done {
-			return
+			if len(buf) > 0 {
+				// A stream outlives the server's write timeout: each
+				// batch gets its own.
+				_ = rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+				if _, err := w.Write(buf); err != nil {
+					return
+				}
+			}
+			if rc.Flush() != nil || cur.Done {
+				return
+			}
+			if tokens && s.flushInterval > 0 {
+				hold.Reset(s.flushInterval)
+				select {
+				case <-hold.C:
+				case <-ended:
+					hold.Stop()
+				case <-r.Context().Done():
+					return
+				}
+				continue
+			}
 		}
 		idle.Reset(node.LinkKeepAlive)
 		select {
@@ -439,6 +481,41 @@ func (s *Server) taskEvents(w http.ResponseWriter, r *http.Request, id string) {
 			// The next Read returns nothing new: loop to wait again.
 		}
 	}
+}
+
+// appendEvents appends evs as NDJSON lines, as json.Encoder writes them
+// (older replicas decode them with encoding/json); token events, nearly
+// all of a stream, by appending bytes. tokens says whether evs held one.
+func appendEvents(buf []byte, evs []task.Event) (_ []byte, tokens bool, err error) {
+	for _, ev := range evs {
+		if ev.Type == "token" && ev.NodeID == "" && ev.PoolID == "" && ev.TokensOut == 0 && ev.DecodeTimeMs == 0 &&
+			ev.TokensIn == 0 && ev.StopType == "" && ev.Metrics == nil && ev.Error == nil {
+			buf, tokens = appendTokenLine(buf, ev), true
+			continue
+		}
+		b, err := json.Marshal(ev)
+		if err != nil {
+			return buf, tokens, err
+		}
+		buf = append(append(buf, b...), '\n')
+	}
+	return buf, tokens, nil
+}
+
+// tokenLinePrefix starts a token event's line; the fields follow in
+// task.Event's order, the others are empty and omitted.
+const tokenLinePrefix = `{"type":"token","i":`
+
+// appendTokenLine appends ev, a token event with no other field set, as
+// json.Encoder writes it.
+func appendTokenLine(buf []byte, ev task.Event) []byte {
+	buf = append(buf, tokenLinePrefix...)
+	buf = strconv.AppendInt(buf, int64(ev.I), 10)
+	buf = append(buf, `,"t":`...)
+	buf = tokenstream.AppendJSONString(buf, ev.T)
+	buf = append(buf, `,"tok":`...)
+	buf = strconv.AppendInt(buf, int64(ev.Tok), 10)
+	return append(buf, '}', '\n')
 }
 
 // parseEvents reads ?after=I&wait=D of an event subscription.

@@ -1,6 +1,9 @@
 package node
 
-import "time"
+import (
+	"errors"
+	"time"
+)
 
 // The node link (DESIGN.md decisions 5, 10, 11; docs/node-link.md): every
 // `llorch worker` serves its live state over authenticated HTTP at
@@ -38,10 +41,50 @@ const (
 	// gone (a partition leaves the TCP connection open), reads where the
 	// task runs now and follows it there, seconds after its move.
 	LinkKeepAlive = 2 * time.Second
+	// LinkFlushInterval is how long an event stream holds back after a
+	// write that carried tokens, so the tokens of a burst go out in one
+	// write (one wakeup and syscall per hop for several tokens, not one
+	// each). A token after a quiet spell, started and metrics go out at
+	// once, and the final event is never held back.
+	LinkFlushInterval = 5 * time.Millisecond
 	// CodeTaskNotOnNode: the node holds no stream of the task (it never
 	// ran here, or ended longer ago than the node keeps streams).
 	CodeTaskNotOnNode = "TASK_NOT_ON_NODE"
 )
+
+// The fast start (docs/tasks.md, "The fast start"): the replica that admits
+// a task sends its generation to the node of the granted slot while the
+// task's workflow starts, so the first token waits for no Temporal round
+// trip; the workflow's Generate activity attaches to it.
+const (
+	// LinkTaskGeneratePath (POST, body: the task.Request, its FastStart
+	// naming this node) starts the generation: 202 once it is under way
+	// (its events on LinkTaskEventsPath), 409 CodeGenerationExists when the
+	// node runs or ran one of the task.
+	LinkTaskGenerateSuffix = "/generate"
+	// LinkFastStartClaim bounds how long a generation started ahead of its
+	// workflow runs without its Generate activity: then the node cancels it
+	// (a replica that died before the workflow started, a start that
+	// failed). An activity that comes later resumes from what it produced.
+	LinkFastStartClaim = 15 * time.Second
+	// LinkMaxGenerateBody bounds the request body of LinkTaskGeneratePath.
+	LinkMaxGenerateBody = 2 << 20
+	// CodeGenerationExists: the node runs (or ran) a generation of the task.
+	CodeGenerationExists = "GENERATION_EXISTS"
+)
+
+// Refusals of a fast start, as the node's generator returns them and the
+// link answers them (409 CodeGenerationExists, 400).
+var (
+	ErrGenerationExists = errors.New("the node runs or ran a generation of this task")
+	ErrNotThisNode      = errors.New("the fast start names no slot of this node")
+)
+
+// LinkTaskGeneratePath is where a task's generation is started ahead of
+// its workflow.
+func LinkTaskGeneratePath(taskID string) string {
+	return LinkTasksPrefix + taskID + LinkTaskGenerateSuffix
+}
 
 // LinkTaskEventsPath streams a task's events as NDJSON (one task.Event per
 // line, an empty line as keep-alive) until the final event.

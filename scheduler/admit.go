@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"sync"
 	"time"
@@ -13,12 +14,21 @@ import (
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/placement"
 	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/session"
 	"github.com/llorch/llorch/task"
 )
 
 // TaskStarter starts an admitted task's workflow (control.Tasks).
 type TaskStarter interface {
 	Start(ctx context.Context, req task.Request) error
+}
+
+// FastStarter sends an admitted task's generation to the node of its
+// granted slot over the node link, ahead of its workflow (link.Starter),
+// and calls it off.
+type FastStarter interface {
+	Start(ctx context.Context, req task.Request) error
+	Cancel(ctx context.Context, where task.Where, taskID, reason string) error
 }
 
 // PoolCreator starts a pool's workflow (control.Pools).
@@ -67,8 +77,25 @@ func (e *QueueFullError) Unwrap() error { return ErrQueueFull }
 // room for with a QueueFullError; a workflow that cannot start (a task id
 // used before: control.ErrTaskExists) leaves no ticket behind, and a retry
 // of a task it holds is ErrTaskExists at once, its ticket untouched. Prepared is
-// set whenever a pool was started, even if admission then failed.
+// set whenever a pool was started, even if admission then failed. With
+// FastStart, a task granted a Ready pool's slot has its generation sent to
+// that node while its workflow starts; Admit returns once the start is
+// durable.
 func (s *Scheduler) Admit(ctx context.Context, req task.Request) (Admission, error) {
+	return s.admit(ctx, req, true)
+}
+
+// AdmitAhead admits as Admit does, for a client that reads the task's
+// stream at once and whose leaving cancels the task (/v1 streaming): with
+// a fast start it returns once the generation is on its way to its node,
+// not waiting for the workflow's start; Admission.Durable tells how that
+// went (a start that failed has called the generation off and given the
+// ticket and the session's turn back).
+func (s *Scheduler) AdmitAhead(ctx context.Context, req task.Request) (Admission, error) {
+	return s.admit(ctx, req, false)
+}
+
+func (s *Scheduler) admit(ctx context.Context, req task.Request, durable bool) (Admission, error) {
 	// A retry of a task this scheduler holds (a client retrying POST
 	// /v2/tasks with its task_id) must not touch the original's ticket: it
 	// is refused before any. The claim makes two racing admissions of one
@@ -108,14 +135,95 @@ func (s *Scheduler) Admit(ctx context.Context, req task.Request) (Admission, err
 		s.giveBack(ctx, req, turn)
 		return adm, &QueueFullError{Priority: req.Priority, Backoff: s.backoff()}
 	}
-	if err := s.Tasks.Start(ctx, req); err != nil {
-		// The ticket is this admission's own (no other held one, none
-		// racing): a workflow of this id elsewhere keeps its own.
-		s.Forget(req.TaskID)
-		s.giveBack(ctx, req, turn)
+	if s.FastStart != nil {
+		if w, ok := s.Granted(req.TaskID); ok {
+			req.FastStart, adm.FastStart = &w, true
+		}
+	}
+	if req.FastStart == nil || durable {
+		err = s.start(ctx, req, turn)
+		adm.durable = closed(err)
 		return adm, err
 	}
+	started := make(chan error, 1)
+	adm.durable = started
+	// The client's first token waits for none of it: the start goes on
+	// after the request's context (its values, the actor, stay).
+	bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), startTimeout)
+	go func() {
+		defer cancel()
+		started <- s.start(bg, req, turn)
+	}()
 	return adm, nil
+}
+
+// startTimeout bounds a workflow start that no request waits for.
+const startTimeout = 30 * time.Second
+
+// start starts the task's workflow, its generation sent ahead at the same
+// time when req.FastStart names a slot. A start that fails gives the
+// ticket and the session's turn back and calls the generation off (after
+// its sending returned, so the call-off cannot overtake it).
+func (s *Scheduler) start(ctx context.Context, req task.Request, turn session.TurnResult) error {
+	var sent chan error
+	if w := req.FastStart; w != nil {
+		sent = make(chan error, 1)
+		go func() {
+			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fastStartTimeout)
+			defer cancel()
+			err := s.FastStart.Start(sctx, req)
+			if err != nil {
+				// The workflow's Generate activity starts it on the node.
+				s.Metrics.fastStart("failed")
+				s.log().Info("fast start: the node did not take the generation; its workflow's activity will start it",
+					"task_id", req.TaskID, "node_id", w.NodeID, "pool_id", w.PoolID, "err", err)
+			} else {
+				s.Metrics.fastStart("sent")
+			}
+			sent <- err
+		}()
+	}
+	err := s.Tasks.Start(ctx, req)
+	if err == nil {
+		return nil
+	}
+	// The ticket is this admission's own (no other held one, none
+	// racing): a workflow of this id elsewhere keeps its own.
+	s.Forget(req.TaskID)
+	s.giveBack(ctx, req, turn)
+	if sent != nil {
+		go func() {
+			if <-sent != nil {
+				return
+			}
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fastStartTimeout)
+			defer cancel()
+			reason := "its workflow did not start: " + err.Error()
+			if cerr := s.FastStart.Cancel(cctx, *req.FastStart, req.TaskID, reason); cerr != nil {
+				s.log().Warn("fast start: the generation of a task that did not start was not called off; its node cancels it unclaimed",
+					"task_id", req.TaskID, "node_id", req.FastStart.NodeID, "err", cerr)
+				return
+			}
+			s.Metrics.fastStart("canceled")
+		}()
+	}
+	return err
+}
+
+// fastStartTimeout bounds sending a generation ahead, and calling it off.
+const fastStartTimeout = 10 * time.Second
+
+func (s *Scheduler) log() *slog.Logger {
+	if s.Log == nil {
+		return slog.Default()
+	}
+	return s.Log
+}
+
+func closed(err error) chan error {
+	ch := make(chan error, 1)
+	ch <- err
+	return ch
 }
 
 // admitting holds the task ids being admitted, per scheduler.

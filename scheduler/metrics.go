@@ -15,6 +15,11 @@ type Metrics struct {
 	Depth     *prometheus.GaugeVec
 	Finished  *prometheus.CounterVec
 	Started   *prometheus.CounterVec
+	// FastStarts counts generations sent to their nodes ahead of their
+	// workflows, by outcome: sent, failed (the node did not take it: the
+	// workflow's activity starts it there), canceled (the workflow did not
+	// start: the generation was called off).
+	FastStarts *prometheus.CounterVec
 }
 
 // NewMetrics registers the scheduler's metrics on reg.
@@ -39,6 +44,15 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Started: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_tasks_started_total", Help: "Tasks dispatched to a pool, by priority.",
 		}, []string{"priority"}),
+		FastStarts: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_fast_starts_total", Help: "Generations sent to their slot's node over the node link ahead of their workflows, by outcome (sent, failed, canceled).",
+		}, []string{"outcome"}),
+	}
+}
+
+func (m *Metrics) fastStart(outcome string) {
+	if m != nil && m.FastStarts != nil {
+		m.FastStarts.WithLabelValues(outcome).Inc()
 	}
 }
 

@@ -70,6 +70,11 @@ type Scheduler struct {
 
 	// Sessions takes the turns of tasks with a session (required for them).
 	Sessions Sessions
+	// FastStart, when set, sends a task granted a Ready pool's slot at
+	// admission to that node over its link while its workflow starts
+	// (--fast-start); nil: the node starts it when the workflow's Generate
+	// activity comes.
+	FastStart FastStarter
 
 	pokeOnce sync.Once
 	pokes    chan struct{} // Changed: refresh before the next tick
@@ -148,6 +153,26 @@ type Admission struct {
 	// when unknown (none observed, no Ready pool).
 	PredictedStartMs int64
 	Prepared         *pool.Spec // a pool started for the task (AutoPools)
+	// FastStart: the generation was sent to its slot's node ahead of the
+	// workflow.
+	FastStart bool
+	durable   chan error // the workflow's start (AdmitAhead)
+}
+
+// Durable waits for the task's workflow start: nil once it is durable, the
+// start's error if it failed (the ticket and the turn are given back, and
+// a generation sent ahead is called off). After Admit it answers at once.
+func (a Admission) Durable(ctx context.Context) error {
+	if a.durable == nil {
+		return nil
+	}
+	select {
+	case err := <-a.durable:
+		a.durable <- err // for another waiter
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // enqueue admits a task, or refuses it when its model's queue of its

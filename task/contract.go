@@ -85,6 +85,12 @@ type Request struct {
 	// QuotaKey is the API key whose quota admitted the task (quota:<key>
 	// is told its end); "" for a key without limits.
 	QuotaKey string `json:"quota_key,omitempty"`
+	// FastStart is the granted slot whose node the admitting replica sent
+	// the generation to over the node link while this workflow started
+	// (the fast path, --fast-start): the workflow's first generation runs
+	// there, and its Generate activity attaches to the generation already
+	// running. nil: none was sent.
+	FastStart *Where `json:"fast_start,omitempty"`
 }
 
 // Sink is the token stream's receiving end.

@@ -32,6 +32,11 @@ type Follower struct {
 	// Subscribe hands each event of the node's stream of the task after
 	// token index after to each, until the final event (link.Client.Events).
 	Subscribe func(ctx context.Context, linkURL, taskID string, after int, each func(task.Event) error) error
+	// SubscribeBatch, when set, is used instead of Subscribe: it hands
+	// over the events of one read of the node's stream at once
+	// (link.Client.EventBatches), which the local stream takes in one
+	// push, waking its readers once per batch rather than per token.
+	SubscribeBatch func(ctx context.Context, linkURL, taskID string, after int, each func([]task.Event) error) error
 	// Ended, when set, is told that a task's stream got its end event (the
 	// scheduler frees the slot without waiting for the workflow).
 	Ended func(taskID string)
@@ -279,30 +284,51 @@ func (f *Follower) run(ctx context.Context, taskID string, st *Stream, where *ta
 		}
 		var nodeErr *task.Event
 		startedPool, skip := "", metricsSeen[key]
-		err = f.Subscribe(ctx, url, taskID, st.Tokens()-1, func(ev task.Event) error {
-			switch ev.Type {
-			case "started":
-				startedPool = ev.PoolID
-			case "metrics":
-				if skip > 0 { // taken on an earlier subscription
-					skip--
-					return nil
+		var take []task.Event
+		batch := func(evs []task.Event) error {
+			take = take[:0] // Push copies what it takes
+			ended := false
+			for _, ev := range evs {
+				switch ev.Type {
+				case "started":
+					startedPool = ev.PoolID
+				case "metrics":
+					if skip > 0 { // taken on an earlier subscription
+						skip--
+						continue
+					}
+					metricsSeen[key]++
+				case "error":
+					// The workflow's record says what the task failed with
+					// (a cancel, a deadline, a move elsewhere): read it.
+					e := ev
+					nodeErr = &e
+					continue
+				case "end":
+					ended = true
 				}
-				metricsSeen[key]++
-			case "error":
-				// The workflow's record says what the task failed with
-				// (a cancel, a deadline, a move elsewhere): read it.
-				nodeErr = &ev
+				take = append(take, ev)
+			}
+			if len(take) == 0 {
 				return nil
 			}
-			if _, err := st.Push([]task.Event{ev}); err != nil {
-				return fmt.Errorf("token %d: %w", ev.I, errGap)
+			if have, err := st.Push(take); err != nil {
+				return fmt.Errorf("token %d: %w", gapAt(take, have), errGap)
 			}
-			if ev.Type == "end" && f.Ended != nil {
+			if ended && f.Ended != nil {
 				f.Ended(taskID)
 			}
 			return nil
-		})
+		}
+		if f.SubscribeBatch != nil {
+			err = f.SubscribeBatch(ctx, url, taskID, st.Tokens()-1, batch)
+		} else {
+			one := make([]task.Event, 1)
+			err = f.Subscribe(ctx, url, taskID, st.Tokens()-1, func(ev task.Event) error {
+				one[0] = ev
+				return batch(one)
+			})
+		}
 		switch {
 		case st.Ended() || ctx.Err() != nil:
 			return
@@ -332,6 +358,17 @@ func (f *Follower) run(ctx context.Context, taskID string, st *Stream, where *ta
 		}
 		where = nil
 	}
+}
+
+// gapAt is the index of the first token in evs past have, the one a push
+// that answered have refused as a gap.
+func gapAt(evs []task.Event, have int) int {
+	for _, ev := range evs {
+		if ev.Type == "token" && ev.I > have {
+			return ev.I
+		}
+	}
+	return have
 }
 
 // whereKey names one generation of a task: its pool and epoch, and the

@@ -39,8 +39,14 @@ func waitFor(t *testing.T, what string, ok func() bool) {
 
 // A replica follows a task on its node's link; the node is lost and the
 // task moves to another node, whose stream holds the resumed tokens: the
-// replica's stream has every token once, in order, then the end.
+// replica's stream has every token once, in order, then the end. The
+// same with events handed over one by one and in batches.
 func TestFollowerFollowsAMove(t *testing.T) {
+	t.Run("each", func(t *testing.T) { followAMove(t, false) })
+	t.Run("batches", func(t *testing.T) { followAMove(t, true) })
+}
+
+func followAMove(t *testing.T, batches bool) {
 	hub1, url1 := nodeLink(t, "n1")
 	hub2, url2 := nodeLink(t, "n2")
 	var mu sync.Mutex
@@ -61,6 +67,12 @@ func TestFollowerFollowsAMove(t *testing.T) {
 			return (&link.Client{URL: url, Token: "link-secret"}).Events(ctx, taskID, after, each)
 		},
 		Ended: func(string) { ended.Add(1) }}
+	if batches {
+		f.Subscribe = nil
+		f.SubscribeBatch = func(ctx context.Context, url, taskID string, after int, each func([]task.Event) error) error {
+			return (&link.Client{URL: url, Token: "link-secret"}).EventBatches(ctx, taskID, after, each)
+		}
+	}
 	defer f.Close()
 	st, release := f.Read("t-move")
 	defer release()
@@ -207,4 +219,67 @@ func TestFollowerCloseStopsAll(t *testing.T) {
 	_, r3 := f.Read("c")
 	defer r3()
 	require.Zero(t, f.Running())
+}
+
+// A batch is taken as its events one by one were: metrics seen on an
+// earlier subscription are skipped, tokens held are skipped, and a gap
+// breaks the subscription with what the batch held before it taken.
+func TestFollowerBatch(t *testing.T) {
+	local := &tokenstream.Hub{}
+	var mu sync.Mutex
+	var calls int
+	var ended atomic.Int32
+	w := task.Where{NodeID: "n1", PoolID: "p1"}
+	f := &tokenstream.Follower{Hub: local, Poll: 5 * time.Millisecond,
+		Status: func(context.Context, string) (task.Status, bool, error) {
+			return task.Status{State: task.Running, Where: &w}, true, nil
+		},
+		LinkURL: func(context.Context, string) (string, error) { return "http://n1", nil },
+		SubscribeBatch: func(ctx context.Context, _, _ string, after int, each func([]task.Event) error) error {
+			mu.Lock()
+			calls++
+			n := calls
+			mu.Unlock()
+			metrics := task.Event{Type: "metrics", Metrics: map[string]any{"waiting": true}}
+			switch n {
+			case 1: // the connection breaks after two tokens
+				if err := each([]task.Event{{Type: "started", NodeID: "n1", PoolID: "p1"}, metrics, tokEv(0), tokEv(1)}); err != nil {
+					return err
+				}
+				return link.ErrStreamCut
+			case 2: // a gap: token 3 without 2
+				if after != 1 {
+					return fmt.Errorf("after %d, want 1", after)
+				}
+				err := each([]task.Event{{Type: "started", NodeID: "n1", PoolID: "p1"}, metrics, tokEv(1), tokEv(3)})
+				if err == nil {
+					return fmt.Errorf("a gap was taken")
+				}
+				return err
+			default:
+				if err := each([]task.Event{{Type: "started", NodeID: "n1", PoolID: "p1"}, metrics, tokEv(2)}); err != nil {
+					return err
+				}
+				return each([]task.Event{tokEv(3), {Type: "end", TokensOut: 4}})
+			}
+		},
+		Ended: func(string) { ended.Add(1) }}
+	defer f.Close()
+	st, release := f.Read("t-batch")
+	defer release()
+	waitFor(t, "end", st.Ended)
+	evs, _, _ := st.Read(tokenstream.Cursor{})
+	var types []string
+	for _, ev := range evs {
+		types = append(types, ev.Type)
+		if ev.Type == "token" {
+			types[len(types)-1] += fmt.Sprint(ev.I)
+		}
+	}
+	// The same generation (n1/p1) each time: its metrics are taken once.
+	require.Equal(t, []string{"started", "metrics", "token0", "token1", "token2", "token3", "end"}, types)
+	require.EqualValues(t, 1, ended.Load())
+	mu.Lock()
+	defer mu.Unlock()
+	require.Equal(t, 3, calls, "a cut, a gap, then the rest")
 }

@@ -114,7 +114,8 @@ type Stream struct {
 	tokens   []piece
 	metrics  []task.Event
 	final    *task.Event
-	changed  chan struct{}
+	changed  chan struct{} // nil until a reader waits: a push nobody waits on allocates nothing
+	done     chan struct{} // nil until Done asks; closed at the final event
 	finished time.Time
 }
 
@@ -190,7 +191,7 @@ func (h *Hub) add(taskID string, base int) *Stream {
 	if h.streams == nil {
 		h.streams = map[string]*Stream{}
 	}
-	s := &Stream{hub: h, id: taskID, base: base, active: time.Now(), changed: make(chan struct{})}
+	s := &Stream{hub: h, id: taskID, base: base, active: time.Now()}
 	if len(h.streams) >= h.maxStreams() {
 		h.gc(true)
 		h.shed(func() bool { return len(h.streams) < h.maxStreams() })
@@ -325,9 +326,19 @@ func limitEvent(taskID, why string) task.Event {
 		Message: "the token stream of task " + taskID + " stopped: " + why + "; the task's result holds its whole output"}}
 }
 
+// notify wakes the readers waiting. Called with s.mu held.
 func (s *Stream) notify() {
-	close(s.changed)
-	s.changed = make(chan struct{})
+	if s.changed != nil {
+		close(s.changed)
+		s.changed = nil
+	}
+	if s.final != nil && s.done != nil {
+		select {
+		case <-s.done:
+		default:
+			close(s.done)
+		}
+	}
 }
 
 // take counts an event held. Called with s.mu held.
@@ -499,7 +510,25 @@ func (s *Stream) Read(c Cursor) ([]task.Event, Cursor, <-chan struct{}) {
 		out = append(out, *s.final)
 		c.Done = true
 	}
+	if s.changed == nil {
+		s.changed = make(chan struct{})
+	}
 	return out, c, s.changed
+}
+
+// Done is closed once the stream has its final event: a reader that holds
+// back between reads (the node link coalescing a burst of tokens) wakes
+// for the end at once.
+func (s *Stream) Done() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done == nil {
+		s.done = make(chan struct{})
+		if s.final != nil {
+			close(s.done)
+		}
+	}
+	return s.done
 }
 
 // Tokens is the index after the last token the stream holds (its base

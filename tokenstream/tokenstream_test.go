@@ -274,3 +274,42 @@ func TestPusherStopsAfterClose(t *testing.T) {
 	require.Error(t, p.Close(time.Second))
 	require.Equal(t, n, hits.Load(), "nothing sent after giving up")
 }
+
+// Done closes at the final event, however it came (a push, Finish, a
+// bound), also for one asked after it; a reader's channel closes on each
+// event taken, with none allocated for a push nobody waits on.
+func TestStreamDone(t *testing.T) {
+	closed := func(c <-chan struct{}) bool {
+		select {
+		case <-c:
+			return true
+		default:
+			return false
+		}
+	}
+	h := &Hub{}
+	s := h.Stream("t1")
+	done := s.Done()
+	_, _ = s.Push([]task.Event{{Type: "token", I: 0, T: "a"}})
+	require.False(t, closed(done))
+	_, cur, changed := s.Read(Cursor{})
+	require.False(t, closed(changed))
+	_, _ = s.Push([]task.Event{{Type: "token", I: 1, T: "b"}, {Type: "token", I: 2, T: "c"}})
+	require.True(t, closed(changed), "a push wakes the reader")
+	require.False(t, closed(done))
+	_, _ = s.Push([]task.Event{{Type: "end"}})
+	require.True(t, closed(done))
+	require.True(t, closed(s.Done()))
+	evs, _, _ := s.Read(cur)
+	require.Len(t, evs, 3)
+
+	s = h.Stream("t2")
+	done = s.Done()
+	s.Finish(task.Event{Type: "error", Error: &task.Error{Code: task.ErrCanceled}})
+	require.True(t, closed(done))
+
+	s = (&Hub{MaxTokens: 1}).Stream("t3")
+	done = s.Done()
+	_, _ = s.Push([]task.Event{{Type: "token", I: 0}, {Type: "token", I: 1}})
+	require.True(t, closed(done), "a stream ended at a bound is done")
+}

@@ -169,6 +169,10 @@ func (t *taskWF) run(ctx workflow.Context) error {
 	var ga *activities.GenerateActivities
 	var exclude []string
 	refusals := 0
+	// The admitting replica sent the first generation to its slot's node
+	// ahead of this workflow: it runs there (tasks recorded before
+	// "fast-start" replay as they ran).
+	fast := t.req.FastStart != nil
 	for {
 		// A slot. The scheduler lives in the apiserver: a restarted one is
 		// back for the retried activity after the heartbeat timeout.
@@ -181,10 +185,13 @@ func (t *taskWF) run(ctx workflow.Context) error {
 		var where task.Where
 		var err error
 		var g scheduler.Granted
-		// Most tasks were given a slot at admission: a local activity reads
-		// it without a server round trip (tasks recorded before replay as
-		// they ran).
-		if len(exclude) == 0 && workflow.GetVersion(ctx, "try-place-locally", workflow.DefaultVersion, 1) >= 1 {
+		attach := false
+		if fast && workflow.GetVersion(ctx, "fast-start", workflow.DefaultVersion, 1) >= 1 {
+			g, attach = scheduler.Granted{Where: *t.req.FastStart, OK: true}, true
+		} else if len(exclude) == 0 && workflow.GetVersion(ctx, "try-place-locally", workflow.DefaultVersion, 1) >= 1 {
+			// Most tasks were given a slot at admission: a local activity
+			// reads it without a server round trip (tasks recorded before
+			// replay as they ran).
 			lctx := workflow.WithLocalActivityOptions(ctx, workflow.LocalActivityOptions{StartToCloseTimeout: 5 * time.Second})
 			if workflow.ExecuteLocalActivity(lctx, tc.TryPlace, t.req.TaskID).Get(ctx, &g) != nil {
 				g.OK = false
@@ -230,7 +237,8 @@ func (t *taskWF) run(ctx workflow.Context) error {
 			Summary:             fmt.Sprintf("generate on %s/%s from token %d", where.NodeID, where.PoolID, len(t.prog.Tokens)),
 		})
 		var res task.Result
-		err = workflow.ExecuteActivity(gctx, ga.Generate, activities.GenerateInput{Request: t.req, Where: where, Resume: t.prog}).Get(ctx, &res)
+		err = workflow.ExecuteActivity(gctx, ga.Generate, activities.GenerateInput{Request: t.req, Where: where, Resume: t.prog, Attach: attach}).Get(ctx, &res)
+		fast = false
 		// The slot goes back whatever happened (on a context that a cancel
 		// does not stop).
 		rctx, _ := workflow.NewDisconnectedContext(ctx)

@@ -197,7 +197,7 @@ func runWorker(f *workerFlags) error {
 	}
 	a.Link = &agent.Link{Source: link.NewSource(f.nodeID), Addr: f.linkAddr, Advertise: f.advertiseAddr}
 	a.Link.Server = link.NewServer(a.Link.Source, link.Options{Token: f.linkToken, TLS: linkTLS, Log: log,
-		Streams: a.Generate.Streams, Metrics: link.NewMetrics(reg)})
+		Streams: a.Generate.Streams, Metrics: link.NewMetrics(reg), Generator: activities.FastStart{G: a.Generate}})
 	return runApp(log, f.pprof(log),
 		fx.Supply(log, a, reg, fx.Annotate(reg, fx.As(new(prometheus.Registerer)))),
 		fx.Invoke(func(lc fx.Lifecycle) { workers.MetricsServer(lc, f.metricsAddr, reg, log) }),
