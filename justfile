@@ -137,7 +137,8 @@ fuzz TIME="60s": tools
 
 # Benchmarks against baselines in the same run, ending with a table of aims (results: bench/out/results.json).
 bench: tools
-    go test -run '^$' -bench 'TimeToFirstToken' -benchtime 200x ./bench
+    go test -run '^$' -bench 'TimeToFirstToken' -benchtime 200x -timeout 20m ./bench
+    go test -run '^$' -bench 'CPUPerToken' -benchtime 20x -timeout 20m ./bench
     go test -run '^$' -bench 'StreamingThroughput' -benchtime 50x ./bench
     go test -run '^$' -bench 'Concurrency' -benchtime 3x -timeout 20m ./bench
     go test -run '^$' -bench 'DetectionAndHandoff' -benchtime 10x -timeout 20m ./bench
@@ -149,11 +150,16 @@ bench: tools
     @echo "results: bench/out/results.json"
     go run ./bench/table
 
-# Where the time goes: the first-token and concurrency benchmarks with CPU shares by process and apiserver CPU profiles.
+# Where the time goes: the first-token, CPU-per-token and concurrency benchmarks with CPU shares by process and CPU profiles of the apiservers (fast path on and off) and a worker.
 bench-profile: tools
-    LLORCH_BENCH_PROFILE="$PWD/bench/out/prof" go test -run '^$' -bench 'TimeToFirstToken' -benchtime 200x -v ./bench
+    LLORCH_BENCH_PROFILE="$PWD/bench/out/prof" go test -run '^$' -bench 'TimeToFirstToken' -benchtime 200x -timeout 20m -v ./bench
+    LLORCH_BENCH_PROFILE="$PWD/bench/out/prof" go test -run '^$' -bench 'CPUPerToken' -benchtime 20x -timeout 20m -v ./bench
     LLORCH_BENCH_PROFILE="$PWD/bench/out/prof" go test -run '^$' -bench 'Concurrency' -benchtime 3x -timeout 20m -v ./bench
     go tool pprof -top -nodecount 25 bench/out/prof/ttft-apiserver.pprof
+    go tool pprof -top -nodecount 25 bench/out/prof/ttft-apiserver-fast-off.pprof
+    go tool pprof -top -nodecount 25 bench/out/prof/ttft-worker.pprof
+    go tool pprof -top -nodecount 25 bench/out/prof/cpu-per-token-apiserver.pprof
+    go tool pprof -top -nodecount 25 bench/out/prof/cpu-per-token-worker.pprof
     go tool pprof -top -nodecount 25 bench/out/prof/concurrency-apiserver.pprof
 
 # (The e2e failure scenarios, then the chaos package, TRIALS times each.)

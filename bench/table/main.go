@@ -40,18 +40,30 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench table:", path+":", err)
 		os.Exit(1)
 	}
+	wide := 50 // BenchmarkTimeToFirstToken's -ttft-wide
+	if w, ok := r.num("ttft", "wide"); ok {
+		wide = int(w)
+	}
 	rows := []row{
-		{"first token /v2 (submit + SSE)", "ttft", []string{"v2_p50_ms", "v2_p99_ms", "direct_p50_ms", "v2_overhead_p50"},
-			func(v []float64) (string, string, string) {
-				return fmt.Sprintf("p50 %.1f ms, p99 %.1f ms", v[0], v[1]), fmt.Sprintf("engine direct p50 %.1f ms", v[2]), fmt.Sprintf("+%.1f ms", v[3])
-			}, "overhead p50 <= 50 ms", func(v []float64) bool { return v[3] <= 50 }},
-		{"first token /v1 streaming", "ttft", []string{"v1_p50_ms", "v1_p99_ms", "direct_p50_ms", "v1_overhead_p50"},
-			func(v []float64) (string, string, string) {
-				return fmt.Sprintf("p50 %.1f ms, p99 %.1f ms", v[0], v[1]), fmt.Sprintf("engine direct p50 %.1f ms", v[2]), fmt.Sprintf("+%.1f ms", v[3])
-			}, "overhead p50 <= 50 ms", func(v []float64) bool { return v[3] <= 50 }},
+		ttftRow("/v2 (submit + SSE)", "v2", 1), ttftRow("/v2 (submit + SSE)", "v2", wide),
+		ttftRow("/v1 streaming", "v1", 1), ttftRow("/v1 streaming", "v1", wide),
 		{"Temporal's own floor", "ttft", []string{"temporal_empty_wf", "temporal_1act_wf"},
 			func(v []float64) (string, string, string) {
 				return "", fmt.Sprintf("empty workflow %.1f ms, one activity %.1f ms", v[0], v[1]), ""
+			}, "", nil},
+		{"CPU per streamed token outside the engine (marginal above idle, long vs short streams)", "cpu_per_token",
+			[]string{"fast_marginal_above_idle_us_workers", "fast_marginal_above_idle_us_apiserver", "fast_marginal_above_idle_us_temporal",
+				"fast_marginal_above_idle_us_sum", "slow_marginal_above_idle_us_sum", "fast_marginal_us_sum", "fast_above_idle_us_sum", "long_tokens"},
+			func(v []float64) (string, string, string) {
+				return fmt.Sprintf("fast on: workers %.1f + apiserver %.1f + Temporal %.1f = %.1f µs", v[0], v[1], v[2], v[3]),
+					fmt.Sprintf("fast off: %.1f µs", v[4]),
+					fmt.Sprintf("fast on, idle included: %.1f µs; above idle over %.0f-token streams: %.1f µs", v[5], v[7], v[6])
+			}, "<= 50 µs (sum, fast on)", func(v []float64) bool { return v[3] <= 50 }},
+		{"CPU per task outside the engine (above idle, its tokens left out)", "cpu_per_token",
+			[]string{"fast_task_ms_workers", "fast_task_ms_apiserver", "fast_task_ms_temporal", "fast_task_ms_sum", "slow_task_ms_sum"},
+			func(v []float64) (string, string, string) {
+				return fmt.Sprintf("fast on: workers %.1f + apiserver %.1f + Temporal %.1f = %.1f ms", v[0], v[1], v[2], v[3]),
+					fmt.Sprintf("fast off: %.1f ms", v[4]), ""
 			}, "", nil},
 		{"streaming throughput, 256 tokens, engine on its own CPU (--engine-cpus)", "throughput_engine_cpus", []string{"llorch_tok_s", "direct_tok_s", "ratio"},
 			func(v []float64) (string, string, string) {
@@ -61,15 +73,15 @@ func main() {
 			func(v []float64) (string, string, string) {
 				return fmt.Sprintf("%.0f tok/s", v[0]), fmt.Sprintf("%.0f tok/s direct", v[1]),
 					fmt.Sprintf("%.2f (the engine's own decode rate: %.2f)", v[2], v[3]/v[4])
-			}, ">= 0.97", func(v []float64) bool { return v[2] >= 0.97 }},
+			}, ">= 0.95", func(v []float64) bool { return v[2] >= 0.95 }},
 		{"200 concurrent tasks, 10 node workers", "concurrency", []string{"tasks", "completed", "failed", "lost", "e2e_p50_ms", "e2e_p99_ms"},
 			func(v []float64) (string, string, string) {
 				return fmt.Sprintf("%.0f of %.0f completed, %.0f failed, %.0f lost; p50 %.2f s, p99 %.2f s", v[1], v[0], v[2], v[3], v[4]/1000, v[5]/1000), "", ""
 			}, "0 lost", func(v []float64) bool { return v[3] == 0 }},
-		{"task throughput", "concurrency", []string{"tasks_per_s", "bare_1act_wf_per_s", "throughput_ratio"},
+		{"task throughput, 200 concurrent tasks", "concurrency", []string{"tasks_per_s", "bare_1act_wf_per_s", "throughput_ratio", "lost"},
 			func(v []float64) (string, string, string) {
-				return fmt.Sprintf("%.1f tasks/s", v[0]), fmt.Sprintf("%.1f one-activity workflows/s", v[1]), fmt.Sprintf("%.2f (median of rounds)", v[2])
-			}, "", nil},
+				return fmt.Sprintf("%.1f tasks/s, %.0f lost", v[0], v[3]), fmt.Sprintf("%.1f one-activity workflows/s", v[1]), fmt.Sprintf("%.2f (median of rounds)", v[2])
+			}, ">= 1.0, 0 lost", func(v []float64) bool { return v[2] >= 1.0 && v[3] == 0 }},
 		{"node failure detection (kill -9)", "detection_handoff", []string{"detection_p50_s", "detection_max_s", "trials"},
 			func(v []float64) (string, string, string) {
 				return fmt.Sprintf("p50 %.2f s, max %.2f s (%.0f trials)", v[0], v[1], v[2]), "", ""
@@ -147,4 +159,34 @@ func idleRow(n int, aim string, met func(v []float64) bool) row {
 					v[0], v[1], v[2], v[3], v[4], v[8], v[9], v[7]),
 				fmt.Sprintf("0 nodes: %.3f cores", v[5]), fmt.Sprintf("+%.2f ms CPU/s per node", v[6])
 		}, aim, met}
+}
+
+// ttftRow is BenchmarkTimeToFirstToken's first token of path ("v2" or
+// "v1") at conc concurrent requests: the fast path on and off beside the
+// direct engine (and, for /v2, the bare StartWorkflow) of the same run.
+// The aim is issue 13's, on the fast path.
+func ttftRow(what, path string, conc int) row {
+	p := fmt.Sprintf("c%d_", conc)
+	on, off := p+path+"_fast", p+path+"_slow"
+	aim := "fast on: overhead p50 <= 5 ms, p99 <= 20 ms"
+	if path == "v2" {
+		aim = "fast on: overhead <= StartWorkflow + 2 ms (p50), + 5 ms (p99)"
+	}
+	keys := []string{on + "_p50_ms", on + "_p99_ms", off + "_p50_ms", off + "_p99_ms", p + "direct_p50_ms", p + "direct_p99_ms",
+		p + "start_wf_p50_ms", p + "start_wf_p99_ms", on + "_overhead_p50_ms", on + "_overhead_p99_ms",
+		off + "_overhead_p50_ms", off + "_overhead_p99_ms", on + "_aim_p50_ms", on + "_aim_p99_ms"}
+	if path == "v2" {
+		keys = append(keys, on+"_submit_p50_ms", off+"_submit_p50_ms")
+	}
+	return row{fmt.Sprintf("first token %s, %d concurrent", what, conc), "ttft", keys,
+		func(v []float64) (string, string, string) {
+			base := fmt.Sprintf("engine direct p50 %.1f, p99 %.1f ms", v[4], v[5])
+			llorch := fmt.Sprintf("fast on: p50 %.1f, p99 %.1f ms; off: p50 %.1f, p99 %.1f ms", v[0], v[1], v[2], v[3])
+			if path == "v2" {
+				base += fmt.Sprintf("; StartWorkflow p50 %.1f, p99 %.1f ms", v[6], v[7])
+				llorch += fmt.Sprintf(" (the 202: p50 %.1f and %.1f ms)", v[14], v[15])
+			}
+			return llorch, base,
+				fmt.Sprintf("on: %+.1f / %+.1f ms (aim %.1f / %.1f); off: %+.1f / %+.1f ms", v[8], v[9], v[12], v[13], v[10], v[11])
+		}, aim, func(v []float64) bool { return v[8] <= v[12] && v[9] <= v[13] }}
 }
