@@ -138,6 +138,9 @@ func BenchmarkTimeToFirstToken(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		for j := range kinds {
 			k := kinds[(i+j)%len(kinds)]
+			b.StopTimer()
+			settle(b, pools)
+			b.StartTimer()
 			mu.Lock()
 			level = "c1_"
 			mu.Unlock()
@@ -291,9 +294,11 @@ func wideRound(n int, run func() (time.Duration, error), pools []enginePool) ([]
 }
 
 // settle waits until no generation runs or waits on the pools, at their
-// engines and at their nodes: a round starts with every slot free.
+// engines and at their nodes, and no task workflow is still closing: a
+// round starts with every slot free and pays for no earlier task.
 func settle(b *testing.B, pools []enginePool) {
 	b.Helper()
+	waitTasksClosed(b)
 	for _, p := range pools {
 		testenv.Eventually(b, time.Minute, "pool "+p.id+" idle", func() (bool, string) {
 			proc, def, err := engineMetrics(p.url)
