@@ -57,7 +57,11 @@ func (s *Server) admissionEntry(ctx context.Context, id string) (model.Entry, er
 		return ce.e, nil
 	}
 	c.mu.Unlock()
-	return s.loadEntry(ctx, id)
+	e, err := s.loadEntry(ctx, id)
+	if errors.Is(err, modelstore.ErrEntryNotFound) {
+		return e, s.entryNotFound(id)
+	}
+	return e, err
 }
 
 func (ce *cachedEntry) result(s *Server, id string) (model.Entry, error) {

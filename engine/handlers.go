@@ -385,6 +385,8 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 			w.WriteHeader(http.StatusOK)
 		}
 	}
+	out := newTokenWriter(w)
+	defer out.stop()
 	o, err := s.run(r.Context(), prompt, p, func(text string, toks []llama.Token) error {
 		if text == "" && !req.ReturnTokens {
 			return nil
@@ -394,8 +396,9 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 		if req.ReturnTokens {
 			ev["tokens"] = tokenIDs(toks)
 		}
-		return writeSSE(w, ev)
+		return out.event(ev)
 	})
+	out.stop()
 	if err != nil {
 		s.generationError(w, r, err, started)
 		return
