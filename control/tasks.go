@@ -43,8 +43,10 @@ func (c *Tasks) Start(ctx context.Context, req task.Request) error {
 		// the first task's handle.
 		WorkflowExecutionErrorWhenAlreadyStarted: true,
 		// The apiserver runs the control worker: the first workflow task
-		// comes back with the start, no dispatch round trip.
-		EnableEagerStart:      true,
+		// comes back with the start, no dispatch round trip. With a fast
+		// start the generation is not waiting for that task, and a start
+		// without it answers sooner (the 202 waits for it).
+		EnableEagerStart:      req.FastStart == nil,
 		Memo:                  ActorMemo(ctx, map[string]any{"correlation_id": req.CorrelationID}),
 		TypedSearchAttributes: temporal.NewSearchAttributes(model.ModelIDKey.ValueSet(req.ModelID)),
 		StaticSummary:         fmt.Sprintf("task %s: %s, %s priority", req.TaskID, req.ModelID, req.Priority),
