@@ -295,7 +295,7 @@ func (s *Server) submit(c *fiber.Ctx, req task.Request, ahead bool) (scheduler.A
 			if err := adm.Durable(context.Background()); err != nil {
 				release()
 				log.Warn("task not started: its workflow did not start after its generation was sent ahead", "task_id", req.TaskID, "err", err)
-				st.Finish(task.Event{Type: "error", Error: &task.Error{Code: "INTERNAL", Retriable: true, RetryAfterMs: 1000,
+				st.Finish(task.Event{Type: "error", Error: &task.Error{Code: CodeUnavailable, Retriable: true, RetryAfterMs: 1000,
 					Message: "task " + req.TaskID + " did not start: " + err.Error()}})
 			}
 		}()
