@@ -188,8 +188,9 @@ func (s *Scheduler) start(ctx context.Context, req task.Request, turn session.Tu
 		return nil
 	}
 	// The ticket is this admission's own (no other held one, none
-	// racing): a workflow of this id elsewhere keeps its own.
-	s.Forget(req.TaskID)
+	// racing), granted or queued: a workflow of this id elsewhere keeps
+	// its own.
+	s.drop(req.TaskID)
 	s.giveBack(ctx, req, turn)
 	if sent != nil {
 		go func() {

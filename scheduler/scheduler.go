@@ -402,6 +402,18 @@ func (s *Scheduler) Forget(id string) {
 	delete(s.dropped, id)
 }
 
+// drop forgets a task whose workflow did not start, its dispatch
+// included.
+func (s *Scheduler) drop(id string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.init()
+	if t := s.tickets[id]; t != nil {
+		s.remove(t)
+	}
+	delete(s.dropped, id)
+}
+
 // remove takes t out of its queue (or its pending dispatch) and the index.
 // Called with s.mu held.
 func (s *Scheduler) remove(t *ticket) {
