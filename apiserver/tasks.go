@@ -268,11 +268,16 @@ func (s *Server) submit(c *fiber.Ctx, req task.Request, ahead bool) (scheduler.A
 	if err != nil {
 		return scheduler.Admission{}, err
 	}
-	admit := s.deps.Scheduler.Admit
+	var adm scheduler.Admission
 	if ahead {
-		admit = s.deps.Scheduler.AdmitAhead
+		// The workflow starts once the stream has its first token (or
+		// ended): its start's work does not compete with the first token.
+		first := make(chan struct{})
+		go firstToken(s.deps.Hub.Stream(req.TaskID), first)
+		adm, err = s.deps.Scheduler.AdmitAhead(c.UserContext(), req, first)
+	} else {
+		adm, err = s.deps.Scheduler.Admit(c.UserContext(), req)
 	}
-	adm, err := admit(c.UserContext(), req)
 	if err != nil {
 		release()
 	}
@@ -312,6 +317,25 @@ func (s *Server) submit(c *fiber.Ctx, req task.Request, ahead bool) (scheduler.A
 	log.Info("task admitted", "task_id", req.TaskID, "model_id", req.ModelID, "priority", req.Priority,
 		"queue_position", adm.Position, "session_id", req.SessionID, "fast_start", adm.FastStart)
 	return adm, nil
+}
+
+// firstToken closes first once st holds a token or has ended, or after a
+// while (the scheduler bounds its own wait).
+func firstToken(st *tokenstream.Stream, first chan struct{}) {
+	defer close(first)
+	limit := time.NewTimer(time.Second)
+	defer limit.Stop()
+	for {
+		_, _, changed := st.Read(tokenstream.Cursor{Done: true, Next: 1 << 30})
+		if st.Tokens() > 0 || st.Ended() {
+			return
+		}
+		select {
+		case <-changed:
+		case <-limit.C:
+			return
+		}
+	}
 }
 
 // admissionError is a refused admission as the API answers it.

@@ -82,20 +82,28 @@ func (e *QueueFullError) Unwrap() error { return ErrQueueFull }
 // that node while its workflow starts; Admit returns once the start is
 // durable.
 func (s *Scheduler) Admit(ctx context.Context, req task.Request) (Admission, error) {
-	return s.admit(ctx, req, true)
+	return s.admit(ctx, req, nil)
 }
 
 // AdmitAhead admits as Admit does, for a client that reads the task's
 // stream at once and whose leaving cancels the task (/v1 streaming): with
 // a fast start it returns once the generation is on its way to its node,
-// not waiting for the workflow's start; Admission.Durable tells how that
-// went (a start that failed has called the generation off and given the
-// ticket and the session's turn back).
-func (s *Scheduler) AdmitAhead(ctx context.Context, req task.Request) (Admission, error) {
-	return s.admit(ctx, req, false)
+// and starts the workflow once first closes (the stream's first token:
+// the durable start's work then does not compete with it for the CPUs)
+// or after aheadStartWait; Admission.Durable tells how that went (a start
+// that failed has called the generation off and given the ticket and the
+// session's turn back).
+func (s *Scheduler) AdmitAhead(ctx context.Context, req task.Request, first <-chan struct{}) (Admission, error) {
+	return s.admit(ctx, req, first)
 }
 
-func (s *Scheduler) admit(ctx context.Context, req task.Request, durable bool) (Admission, error) {
+// aheadStartWait bounds how long AdmitAhead defers the workflow's start
+// for the first token.
+const aheadStartWait = 250 * time.Millisecond
+
+// admit admits req; first nil: the start is durable when it returns.
+func (s *Scheduler) admit(ctx context.Context, req task.Request, first <-chan struct{}) (Admission, error) {
+	durable := first == nil
 	// A retry of a task this scheduler holds (a client retrying POST
 	// /v2/tasks with its task_id) must not touch the original's ticket: it
 	// is refused before any. The claim makes two racing admissions of one
@@ -141,7 +149,7 @@ func (s *Scheduler) admit(ctx context.Context, req task.Request, durable bool) (
 		}
 	}
 	if req.FastStart == nil || durable {
-		err = s.start(ctx, req, turn)
+		err = s.start(ctx, req, turn, nil)
 		adm.durable = closed(err)
 		return adm, err
 	}
@@ -152,7 +160,7 @@ func (s *Scheduler) admit(ctx context.Context, req task.Request, durable bool) (
 	bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), startTimeout)
 	go func() {
 		defer cancel()
-		started <- s.start(bg, req, turn)
+		started <- s.start(bg, req, turn, first)
 	}()
 	return adm, nil
 }
@@ -164,7 +172,9 @@ const startTimeout = 30 * time.Second
 // time when req.FastStart names a slot. A start that fails gives the
 // ticket and the session's turn back and calls the generation off (after
 // its sending returned, so the call-off cannot overtake it).
-func (s *Scheduler) start(ctx context.Context, req task.Request, turn session.TurnResult) error {
+// With first set the workflow starts once it closes, or after
+// aheadStartWait.
+func (s *Scheduler) start(ctx context.Context, req task.Request, turn session.TurnResult, first <-chan struct{}) error {
 	var sent chan error
 	if w := req.FastStart; w != nil {
 		sent = make(chan error, 1)
@@ -183,6 +193,26 @@ func (s *Scheduler) start(ctx context.Context, req task.Request, turn session.Tu
 			sent <- err
 		}()
 	}
+	var sentErr *error // the sending's outcome, once taken here
+	if first != nil {
+		// A generation the node did not take has no first token coming:
+		// start at once then.
+		wait := time.NewTimer(aheadStartWait)
+		for pending := sent; ; {
+			select {
+			case <-first:
+			case <-wait.C:
+			case <-ctx.Done():
+			case err := <-pending:
+				sentErr, pending = &err, nil
+				if err == nil {
+					continue
+				}
+			}
+			break
+		}
+		wait.Stop()
+	}
 	err := s.Tasks.Start(ctx, req)
 	if err == nil {
 		return nil
@@ -194,7 +224,11 @@ func (s *Scheduler) start(ctx context.Context, req task.Request, turn session.Tu
 	s.giveBack(ctx, req, turn)
 	if sent != nil {
 		go func() {
-			if <-sent != nil {
+			if sentErr == nil {
+				err := <-sent
+				sentErr = &err
+			}
+			if *sentErr != nil {
 				return
 			}
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fastStartTimeout)

@@ -72,7 +72,9 @@ func TestFastStart(t *testing.T) {
 
 	s3 := &Scheduler{Source: oneSlot(true), Tasks: &starter{err: failed}, FastStart: fs}
 	s3.refresh(context.Background())
-	adm, err = s3.AdmitAhead(context.Background(), taskReq("c"))
+	first := make(chan struct{})
+	close(first)
+	adm, err = s3.AdmitAhead(context.Background(), taskReq("c"), first)
 	require.NoError(t, err, "AdmitAhead does not wait for the start")
 	require.ErrorIs(t, adm.Durable(context.Background()), failed)
 	require.ErrorIs(t, adm.Durable(context.Background()), failed, "every waiter is told")
