@@ -35,8 +35,7 @@ const tombstoneKeep = 10 * time.Minute
 // run is one generation on the node.
 type run struct {
 	in    GenerateInput
-	ahead bool   // started by the node link, ahead of its workflow
-	key   string // where an output above the inline bound goes
+	ahead bool // started by the node link, ahead of its workflow
 	// reuseStream: continue the node stream a cancelled run ahead left.
 	reuseStream bool
 
@@ -130,25 +129,34 @@ func (rs *runs) claim(in GenerateInput) (r *run, attached bool, resumeFrom *run)
 	return r, false, resumeFrom
 }
 
-// start registers a run ahead, unless the task has a generation here.
-func (rs *runs) start(in GenerateInput) (*run, error) {
+// start registers a run ahead, unless the task has a generation here, with
+// its context and its claim bound: a run is never in the registry without
+// them (an activity may claim or replace it at once). unclaimed is told
+// when the bound cancelled it.
+func (rs *runs) start(in GenerateInput, within time.Duration, unclaimed func(*run)) (*run, context.Context, error) {
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
 	now := time.Now()
 	rs.sweep(now)
 	id := in.Request.TaskID
 	if rs.m[id] != nil {
-		return nil, node.ErrGenerationExists
+		return nil, nil, node.ErrGenerationExists
 	}
 	if at, ok := rs.ended[id]; ok && now.Sub(at) <= tombstoneKeep {
-		return nil, node.ErrGenerationExists
+		return nil, nil, node.ErrGenerationExists
 	}
 	if rs.m == nil {
 		rs.m = map[string]*run{}
 	}
-	r := &run{in: in, ahead: true, at: now, done: make(chan struct{})}
+	ctx, cancel := context.WithCancelCause(context.Background())
+	r := &run{in: in, ahead: true, at: now, done: make(chan struct{}), cancel: cancel}
+	r.timer = time.AfterFunc(within, func() {
+		if rs.abandon(r, errUnclaimed) {
+			unclaimed(r)
+		}
+	})
 	rs.m[id] = r
-	return r, nil
+	return r, ctx, nil
 }
 
 // end takes a run that returned out, leaving its tombstone. A run ahead
@@ -214,35 +222,28 @@ func (f FastStart) StartEarly(req task.Request) error {
 	if w == nil || w.NodeID != g.NodeID || w.PoolID == "" || w.URL == "" {
 		return fmt.Errorf("%w %s", node.ErrNotThisNode, g.NodeID)
 	}
-	in := GenerateInput{Request: req, Where: *w}
-	r, err := g.runs.start(in)
-	if err != nil {
-		g.Metrics.fastStart(g.NodeID, "refused")
-		return err
-	}
-	r.key = outputs.Key(req.TaskID, "fast-start", 1)
-	ctx, cancel := context.WithCancelCause(context.Background())
-	r.cancel = cancel
 	log := g.log().With("task_id", req.TaskID, "pool_id", w.PoolID, "correlation_id", req.CorrelationID)
 	within := g.ClaimWithin
 	if within <= 0 {
 		within = node.LinkFastStartClaim
 	}
-	g.runs.mu.Lock()
-	r.timer = time.AfterFunc(within, func() {
-		if g.runs.abandon(r, errUnclaimed) {
-			g.Metrics.fastStart(g.NodeID, "abandoned")
-			log.Warn("generation started ahead of its workflow: no Generate activity claimed it; cancelled (an activity that comes later resumes from its tokens)",
-				"within", within, "tokens", r.produced())
-		}
+	in := GenerateInput{Request: req, Where: *w}
+	r, ctx, err := g.runs.start(in, within, func(r *run) {
+		g.Metrics.fastStart(g.NodeID, "abandoned")
+		log.Warn("generation started ahead of its workflow: no Generate activity claimed it; cancelled (an activity that comes later resumes from its tokens)",
+			"within", within, "tokens", r.produced())
 	})
-	g.runs.mu.Unlock()
+	if err != nil {
+		g.Metrics.fastStart(g.NodeID, "refused")
+		return err
+	}
 	g.Metrics.fastStart(g.NodeID, "started")
 	log.Debug("generation started ahead of its workflow")
+	key := outputs.Key(req.TaskID, "fast-start", 1)
 	go func() {
 		defer close(r.done)
 		defer g.runs.end(r)
-		r.res, r.err = g.generate(ctx, r)
+		r.res, r.err = g.generate(ctx, r, key)
 	}()
 	return nil
 }

@@ -96,8 +96,7 @@ func (g *GenerateActivities) Generate(ctx context.Context, in GenerateInput) (ta
 			"task_id", in.Request.TaskID, "pool_id", in.Where.PoolID, "tokens", len(r.in.Resume.Tokens))
 	}
 	info := activity.GetInfo(ctx)
-	r.key = outputs.Key(in.Request.TaskID, info.ActivityID, info.Attempt)
-	r.res, r.err = g.generate(ctx, r)
+	r.res, r.err = g.generate(ctx, r, outputs.Key(in.Request.TaskID, info.ActivityID, info.Attempt))
 	return r.res, r.err
 }
 
@@ -136,8 +135,8 @@ func heartbeats(ctx context.Context, r *run) (stop func()) {
 
 // generate runs r's generation on ctx: a slot of its engine, then the
 // completion, each event into the node stream. Its tokens are r.prog as
-// they come.
-func (g *GenerateActivities) generate(ctx context.Context, r *run) (_ task.Result, err error) {
+// they come; an output above the inline bound goes to the bucket at key.
+func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (_ task.Result, err error) {
 	in := r.in
 	req := in.Request
 	log := g.log().With("task_id", req.TaskID, "pool", in.Where.PoolID, "correlation_id", req.CorrelationID)
@@ -181,7 +180,7 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run) (_ task.Resul
 	if nPredict <= 0 {
 		p := r.progress()
 		res.Tokens, res.Pieces, res.StopType = p.Tokens, p.Pieces, "limit"
-		if res, err = g.offload(ctx, req.TaskID, r.key, res, log); err != nil {
+		if res, err = g.offload(ctx, req.TaskID, key, res, log); err != nil {
 			return task.Result{}, err
 		}
 		push.Send(task.Event{Type: "end", TokensOut: len(p.Tokens), TokensIn: res.TokensIn, StopType: res.StopType})
@@ -258,7 +257,7 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run) (_ task.Resul
 	g.Metrics.generated(g.NodeID, len(promptToks), produced-resumed, time.Duration(res.DecodeMs)*time.Millisecond)
 	// Stored before the end event: a reader that sees the end may read
 	// the task's result at once.
-	if res, err = g.offload(ctx, req.TaskID, r.key, res, log); err != nil {
+	if res, err = g.offload(ctx, req.TaskID, key, res, log); err != nil {
 		return task.Result{}, err
 	}
 	push.Send(task.Event{Type: "end", TokensOut: produced, DecodeTimeMs: res.DecodeMs, TokensIn: res.TokensIn, StopType: res.StopType})
@@ -336,10 +335,10 @@ func (g *GenerateActivities) openSink(in GenerateInput, reuse bool) *eventSink {
 	if g.Streams != nil && reuse {
 		held = g.Streams.Peek(in.Request.TaskID)
 	}
-	if st := held; st != nil && !st.Ended() && st.Tokens() == len(in.Resume.Tokens) {
+	if held != nil && !held.Ended() && held.Tokens() == len(in.Resume.Tokens) {
 		// The stream of a generation cancelled unclaimed, which this one
 		// continues: its readers go on with no gap.
-		e.st, e.detach = st, st.Attach()
+		e.st, e.detach = held, held.Attach()
 	} else if g.Streams != nil {
 		// A moved task's stream holds the resumed tokens too (resumed
 		// seeds them), so a replica that saw fewer than the resume point
