@@ -1,6 +1,7 @@
 package link
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -87,7 +88,7 @@ func (c *Client) Generate(ctx context.Context, req task.Request) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, answerMargin)
 	defer cancel()
-	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, u, strings.NewReader(string(body)))
+	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(body))
 	if err != nil {
 		return fmt.Errorf("node link %s: %w", c.URL, err)
 	}

@@ -171,47 +171,28 @@ const startTimeout = 30 * time.Second
 // start starts the task's workflow, its generation sent ahead at the same
 // time when req.FastStart names a slot. A start that fails gives the
 // ticket and the session's turn back and calls the generation off (after
-// its sending returned, so the call-off cannot overtake it).
-// With first set the workflow starts once it closes, or after
-// aheadStartWait.
+// its sending returned, so the call-off cannot overtake it). With first
+// set the workflow starts once first closes (awaitFirst).
 func (s *Scheduler) start(ctx context.Context, req task.Request, turn session.TurnResult, first <-chan struct{}) error {
-	var sent chan error
+	var sent *sending
 	if w := req.FastStart; w != nil {
-		sent = make(chan error, 1)
+		sent = &sending{done: make(chan struct{})}
 		go func() {
+			defer close(sent.done)
 			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fastStartTimeout)
 			defer cancel()
-			err := s.FastStart.Start(sctx, req)
-			if err != nil {
+			if sent.err = s.FastStart.Start(sctx, req); sent.err != nil {
 				// The workflow's Generate activity starts it on the node.
 				s.Metrics.fastStart("failed")
 				s.log().Info("fast start: the node did not take the generation; its workflow's activity will start it",
-					"task_id", req.TaskID, "node_id", w.NodeID, "pool_id", w.PoolID, "err", err)
+					"task_id", req.TaskID, "node_id", w.NodeID, "pool_id", w.PoolID, "err", sent.err)
 			} else {
 				s.Metrics.fastStart("sent")
 			}
-			sent <- err
 		}()
 	}
-	var sentErr *error // the sending's outcome, once taken here
 	if first != nil {
-		// A generation the node did not take has no first token coming:
-		// start at once then.
-		wait := time.NewTimer(aheadStartWait)
-		for pending := sent; ; {
-			select {
-			case <-first:
-			case <-wait.C:
-			case <-ctx.Done():
-			case err := <-pending:
-				sentErr, pending = &err, nil
-				if err == nil {
-					continue
-				}
-			}
-			break
-		}
-		wait.Stop()
+		s.awaitFirst(ctx, first, sent)
 	}
 	err := s.Tasks.Start(ctx, req)
 	if err == nil {
@@ -224,11 +205,7 @@ func (s *Scheduler) start(ctx context.Context, req task.Request, turn session.Tu
 	s.giveBack(ctx, req, turn)
 	if sent != nil {
 		go func() {
-			if sentErr == nil {
-				err := <-sent
-				sentErr = &err
-			}
-			if *sentErr != nil {
+			if <-sent.done; sent.err != nil {
 				return
 			}
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fastStartTimeout)
@@ -243,6 +220,38 @@ func (s *Scheduler) start(ctx context.Context, req task.Request, turn session.Tu
 		}()
 	}
 	return err
+}
+
+// sending is a generation on its way to its node: err is set when done
+// closes.
+type sending struct {
+	done chan struct{}
+	err  error
+}
+
+// awaitFirst waits until first closes (the stream's first token), the
+// node refused the generation sent (no first token is coming then), or
+// aheadStartWait passed.
+func (s *Scheduler) awaitFirst(ctx context.Context, first <-chan struct{}, sent *sending) {
+	var refused <-chan struct{}
+	if sent != nil {
+		refused = sent.done
+	}
+	wait := time.NewTimer(aheadStartWait)
+	defer wait.Stop()
+	for {
+		select {
+		case <-first:
+		case <-wait.C:
+		case <-ctx.Done():
+		case <-refused:
+			if sent.err == nil {
+				refused = nil // sent: wait on for its first token
+				continue
+			}
+		}
+		return
+	}
 }
 
 // fastStartTimeout bounds sending a generation ahead, and calling it off.
