@@ -16,11 +16,15 @@ import (
 // fresh for entryFresh, then served while a reload runs in the background,
 // up to entryStale. A change through this replica (register, lifecycle,
 // delete) drops its entry at once; another replica's reaches admission
-// here within entryFresh and the next task or two. The catalog routes
-// read the bucket, never this.
+// here within entryFresh and the next task or two. A model the catalog
+// lacks is not kept (a client naming random models would grow the cache):
+// each such task reads the bucket. The catalog routes read the bucket,
+// never this.
 const (
 	entryFresh = time.Second
 	entryStale = 30 * time.Second
+	// entryReload bounds a background reload.
+	entryReload = 10 * time.Second
 )
 
 type entries struct {
@@ -30,7 +34,6 @@ type entries struct {
 
 type cachedEntry struct {
 	e       model.Entry
-	missing bool // the catalog had no such model (kept fresh only)
 	at      time.Time
 	loading bool
 }
@@ -47,11 +50,15 @@ func (s *Server) admissionEntry(ctx context.Context, id string) (model.Entry, er
 	switch {
 	case ce != nil && now.Sub(ce.at) < entryFresh:
 		c.mu.Unlock()
-		return ce.result(s, id)
-	case ce != nil && !ce.missing && now.Sub(ce.at) < entryStale:
+		return ce.e, nil
+	case ce != nil && now.Sub(ce.at) < entryStale:
 		if !ce.loading {
 			ce.loading = true
-			go s.loadEntry(context.WithoutCancel(ctx), id)
+			go func() {
+				rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), entryReload)
+				defer cancel()
+				_, _ = s.loadEntry(rctx, id)
+			}()
 		}
 		c.mu.Unlock()
 		return ce.e, nil
@@ -64,15 +71,9 @@ func (s *Server) admissionEntry(ctx context.Context, id string) (model.Entry, er
 	return e, err
 }
 
-func (ce *cachedEntry) result(s *Server, id string) (model.Entry, error) {
-	if ce.missing {
-		return model.Entry{}, s.entryNotFound(id)
-	}
-	return ce.e, nil
-}
-
-// loadEntry reads the entry from the bucket and keeps what it learned
-// (an error other than a missing model is not kept).
+// loadEntry reads the entry from the bucket and keeps it; a model the
+// catalog no longer has is dropped, and any other error keeps what was
+// there.
 func (s *Server) loadEntry(ctx context.Context, id string) (model.Entry, error) {
 	e, err := s.rawEntry(ctx, id)
 	c := &s.entryCache
@@ -82,7 +83,7 @@ func (s *Server) loadEntry(ctx context.Context, id string) (model.Entry, error) 
 	case err == nil:
 		c.m[id] = &cachedEntry{e: e, at: time.Now()}
 	case errors.Is(err, modelstore.ErrEntryNotFound):
-		c.m[id] = &cachedEntry{missing: true, at: time.Now()}
+		delete(c.m, id)
 	default:
 		if ce := c.m[id]; ce != nil {
 			ce.loading = false

@@ -386,7 +386,7 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	out := newTokenWriter(w)
-	defer out.stop()
+	defer out.stop() // also on a panic: no flush may follow the handler
 	o, err := s.run(r.Context(), prompt, p, func(text string, toks []llama.Token) error {
 		if text == "" && !req.ReturnTokens {
 			return nil
