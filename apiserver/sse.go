@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"strconv"
-	"strings"
 
 	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/tokenstream"
@@ -19,7 +18,6 @@ import (
 // carry.
 func sseV2(ev task.Event) []byte {
 	var data any
-	id := ""
 	switch ev.Type {
 	case "started":
 		data = map[string]any{"node_id": ev.NodeID, "pool_id": ev.PoolID}
@@ -35,14 +33,9 @@ func sseV2(ev task.Event) []byte {
 		return nil
 	}
 	b, _ := json.Marshal(data)
-	var sb strings.Builder
-	if id != "" {
-		sb.WriteString("id: " + id + "\n")
-	}
-	sb.WriteString("event: " + ev.Type + "\ndata: ")
-	sb.Write(b)
-	sb.WriteString("\n\n")
-	return []byte(sb.String())
+	out := make([]byte, 0, len(ev.Type)+len(b)+16)
+	out = append(append(append(out, "event: "...), ev.Type...), "\ndata: "...)
+	return append(append(out, b...), "\n\n"...)
 }
 
 // appendSSEToken appends a token event as /v2 carries it: its index as
