@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/llorch/llorch/link"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/pool"
@@ -341,6 +343,21 @@ func TestAdmissionPriorityPlacementDeadline(t *testing.T) {
 		}
 	}
 	require.True(t, waited, "B's stream reported its wait at the node")
+	// The refusal counts what the nodes' links show: wait until B's node
+	// counts it queued (the replicas follow that link).
+	lc := &link.Client{URL: c.node(id)["inventory"].(map[string]any)["link_url"].(string)}
+	testenv.Eventually(t, 10*time.Second, "B queued at its node", func() (bool, string) {
+		st, err := lc.State(context.Background())
+		if err != nil {
+			return false, err.Error()
+		}
+		for _, p := range st.Pools {
+			if p.PoolID == "ap1" && p.Queued >= 1 {
+				return true, ""
+			}
+		}
+		return false, fmt.Sprint(st.Pools)
+	})
 
 	req, _ := http.NewRequest("POST", "http://"+c.api+"/v2/tasks", strings.NewReader(task("t-c", "interactive", 8)))
 	req.Header.Set("Authorization", "Bearer "+token)
