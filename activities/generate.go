@@ -170,7 +170,11 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 	}
 	defer release()
 
-	eng := protocol.Client{URL: in.Where.URL, HTTP: g.Client}
+	hc := g.Client
+	if hc == nil {
+		hc = engineHTTP
+	}
+	eng := protocol.Client{URL: in.Where.URL, HTTP: hc}
 	promptToks, err := g.promptTokens(ctx, eng, in)
 	if err != nil {
 		return task.Result{}, err
@@ -469,3 +473,12 @@ func (g *GenerateActivities) log() *slog.Logger {
 	}
 	return g.Log.With("node_id", g.NodeID)
 }
+
+// engineHTTP reaches engines when GenerateActivities names no client. It
+// keeps up to 64 idle connections per engine (Go's default keeps 2): each
+// generation makes two requests (tokenize, complete), and a burst of them
+// would otherwise dial and accept a new connection per request while the
+// engine is busiest.
+var engineHTTP = &http.Client{Transport: &http.Transport{
+	Proxy: http.ProxyFromEnvironment, MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second,
+}}
