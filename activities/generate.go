@@ -23,7 +23,8 @@ type GenerateActivities struct {
 	NodeID  string
 	Log     *slog.Logger
 	Metrics *TaskMetrics
-	// Client talks to the engines and pushes tokens; nil: a default.
+	// Client talks to the engines; nil: engineHTTP. (Token pushes to a
+	// sink use the pusher's own client.)
 	Client *http.Client
 	// Running is the node's slot authority: each generation claims a slot
 	// of its engine there, waiting in the engine's queue (the counts the
