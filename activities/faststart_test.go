@@ -13,6 +13,7 @@ import (
 	"go.temporal.io/sdk/testsuite"
 
 	"github.com/llorch/llorch/activities"
+	"github.com/llorch/llorch/engine/protocol"
 	"github.com/llorch/llorch/link"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/task"
@@ -130,14 +131,24 @@ func TestFastStartClaimedRunsOnce(t *testing.T) {
 	require.ErrorIs(t, n.fs.StartEarly(other), node.ErrNotThisNode)
 }
 
+// promptLen is the prompt's length in tokens as the engine tokenizes it.
+func (n *fastNode) promptLen(t *testing.T, prompt string) int {
+	t.Helper()
+	toks, err := protocol.Client{URL: n.where.URL}.Tokenize(context.Background(), protocol.TokenizeRequest{Content: prompt, AddSpecial: true})
+	require.NoError(t, err)
+	return len(toks)
+}
+
 // An activity that comes before its fast start is the generation: the
-// start, arriving late, is refused and nothing runs twice.
+// start, arriving late, is refused and nothing runs twice. Its prompt
+// went as text, and its length came back with the end.
 func TestFastStartActivityFirst(t *testing.T) {
 	n := newFastNode(t, time.Minute)
 	req := n.request("t-first", 16)
 	res, err := n.generate(t, activities.GenerateInput{Request: req, Where: n.where, Attach: true})
 	require.NoError(t, err)
 	require.Len(t, res.Tokens, 16)
+	assert.Equal(t, n.promptLen(t, req.Prompt), res.TokensIn)
 	require.ErrorIs(t, n.fs.StartEarly(req), node.ErrGenerationExists)
 	assert.Equal(t, 16.0, n.generated())
 	assert.Zero(t, n.outcome("claimed"))
@@ -171,6 +182,8 @@ func TestFastStartAbandonedThenResumed(t *testing.T) {
 	res, err := n.generate(t, activities.GenerateInput{Request: req, Where: n.where, Attach: true})
 	require.NoError(t, err)
 	assert.Equal(t, ref.Pieces, res.Pieces, "resumed greedy output equals the uninterrupted one")
+	assert.Equal(t, ref.TokensIn, res.TokensIn, "the resumed run, sent as token ids, counts the same prompt")
+	assert.Equal(t, n.promptLen(t, req.Prompt), res.TokensIn)
 	assert.Equal(t, ref.Pieces, <-done, "the reader of the stream saw every token once, in order")
 	// The counter takes a generation's tokens when it ends: the reference's,
 	// and the resumed run's new ones (none of those the cancelled run made).

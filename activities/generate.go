@@ -176,12 +176,27 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 		hc = engineHTTP
 	}
 	eng := protocol.Client{URL: in.Where.URL, HTTP: hc}
-	promptToks, err := g.promptTokens(ctx, eng, in)
-	if err != nil {
-		return task.Result{}, err
-	}
-	res := task.Result{TokensIn: len(promptToks), WaitMs: waited.Milliseconds()}
+	res := task.Result{WaitMs: waited.Milliseconds()}
 	nPredict := req.Params.MaxTokens - resumed
+	// A fresh generation sends its prompt as text and learns its length
+	// from the engine's final event: no tokenize round trip before the
+	// first token. A resumed one sends the prompt's token ids and the
+	// produced ones, so it continues exactly where it broke off.
+	var prompt protocol.Prompt
+	if resumed > 0 || nPredict <= 0 {
+		toks, err := g.promptTokens(ctx, eng, in)
+		if err != nil {
+			return task.Result{}, err
+		}
+		res.TokensIn = len(toks)
+		prompt = protocol.Prompt{Tokens: append(toks, in.Resume.Tokens...)}
+	} else {
+		text, err := g.promptText(ctx, eng, in)
+		if err != nil {
+			return task.Result{}, err
+		}
+		prompt = protocol.Prompt{Text: text}
+	}
 	if nPredict <= 0 {
 		p := r.progress()
 		res.Tokens, res.Pieces, res.StopType = p.Tokens, p.Pieces, "limit"
@@ -192,7 +207,7 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 		return res, nil
 	}
 	body := protocol.CompletionRequest{
-		Prompt: append(promptToks, in.Resume.Tokens...), NPredict: nPredict,
+		Prompt: prompt, NPredict: nPredict,
 		Temperature: req.Params.Temperature, TopK: req.Params.TopK, TopP: req.Params.TopP,
 		Seed: req.Params.Seed, Stop: req.Params.Stop, Stream: true, ReturnTokens: true,
 	}
@@ -200,7 +215,7 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 		// The built-in engine decodes the produced tokens one by one, as
 		// they were generated: greedy output then continues exactly.
 		// llama-server ignores the field.
-		body.ResumeAt = len(promptToks)
+		body.ResumeAt = res.TokensIn
 	}
 	start := time.Now()
 	stream, err := eng.Complete(ctx, body)
@@ -250,6 +265,9 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 		if ch.Stop {
 			res.StopType = ch.StopType
 			res.DecodeMs = int64(ch.Timings.PredictedMs)
+			if prompt.Tokens == nil {
+				res.TokensIn = ch.TokensEvaluated
+			}
 			break
 		}
 	}
@@ -259,7 +277,7 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 	p := r.progress()
 	res.Tokens, res.Pieces = p.Tokens, p.Pieces
 	produced := len(res.Tokens)
-	g.Metrics.generated(g.NodeID, len(promptToks), produced-resumed, time.Duration(res.DecodeMs)*time.Millisecond)
+	g.Metrics.generated(g.NodeID, res.TokensIn, produced-resumed, time.Duration(res.DecodeMs)*time.Millisecond)
 	// Stored before the end event: a reader that sees the end may read
 	// the task's result at once.
 	if res, err = g.offload(ctx, req.TaskID, key, res, log); err != nil {
@@ -424,20 +442,30 @@ func generationError(ctx context.Context, err error) *task.Error {
 	return &task.Error{Code: task.ErrEngine, Message: err.Error()}
 }
 
-// promptTokens renders chat messages with the engine's template and
-// tokenizes the prompt there, so a resumed generation sends exactly the
-// same token ids as the first one.
+// promptText is the request's prompt, or the prompt the engine's chat
+// template renders from its messages.
+func (g *GenerateActivities) promptText(ctx context.Context, eng protocol.Client, in GenerateInput) (string, error) {
+	if len(in.Request.Messages) == 0 {
+		return in.Request.Prompt, nil
+	}
+	msgs := make([]protocol.Message, len(in.Request.Messages))
+	for i, m := range in.Request.Messages {
+		msgs[i] = protocol.Message(m)
+	}
+	prompt, err := eng.ApplyTemplate(ctx, msgs)
+	if err != nil {
+		return "", g.engineErr(ctx, in, err)
+	}
+	return prompt, nil
+}
+
+// promptTokens tokenizes the prompt on the engine, as its /completion
+// does a text prompt, so a resumed generation sends exactly the token ids
+// the first one read.
 func (g *GenerateActivities) promptTokens(ctx context.Context, eng protocol.Client, in GenerateInput) ([]int32, error) {
-	prompt := in.Request.Prompt
-	if len(in.Request.Messages) > 0 {
-		msgs := make([]protocol.Message, len(in.Request.Messages))
-		for i, m := range in.Request.Messages {
-			msgs[i] = protocol.Message(m)
-		}
-		var err error
-		if prompt, err = eng.ApplyTemplate(ctx, msgs); err != nil {
-			return nil, g.engineErr(ctx, in, err)
-		}
+	prompt, err := g.promptText(ctx, eng, in)
+	if err != nil {
+		return nil, err
 	}
 	toks, err := eng.Tokenize(ctx, protocol.TokenizeRequest{Content: prompt, AddSpecial: true})
 	if err != nil {
@@ -476,10 +504,9 @@ func (g *GenerateActivities) log() *slog.Logger {
 }
 
 // engineHTTP reaches engines when GenerateActivities names no client. It
-// keeps up to 64 idle connections per engine (Go's default keeps 2): each
-// generation makes two requests (tokenize, complete), and a burst of them
-// would otherwise dial and accept a new connection per request while the
-// engine is busiest.
+// keeps up to 64 idle connections per engine (Go's default keeps 2): a
+// burst of generations would otherwise dial and accept a new connection
+// per request while the engine is busiest.
 var engineHTTP = &http.Client{Transport: &http.Transport{
 	Proxy: http.ProxyFromEnvironment, MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second,
 }}

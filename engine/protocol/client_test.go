@@ -90,7 +90,7 @@ func TestClientStream(t *testing.T) {
 		"POST /completion": {200, ": keep-alive\n\ndata: {\"content\":\"a\",\"tokens\":[5]}\n\n" +
 			"data: {\"content\":\"\",\"stop\":true,\"stop_type\":\"limit\",\"timings\":{\"predicted_ms\":3.5}}\n\ndata: {oops\n\n"},
 	})
-	s, err := eng.Complete(ctx, protocol.CompletionRequest{Prompt: []int32{1}, NPredict: 4, Stream: true, ReturnTokens: true})
+	s, err := eng.Complete(ctx, protocol.CompletionRequest{Prompt: protocol.Prompt{Tokens: []int32{1}}, NPredict: 4, Stream: true, ReturnTokens: true})
 	require.NoError(t, err)
 	defer s.Close()
 	assert.JSONEq(t, `{"prompt":[1],"n_predict":4,"temperature":0,"top_k":0,"top_p":0,"seed":0,"stop":null,

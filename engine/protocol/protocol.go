@@ -1,5 +1,7 @@
 package protocol
 
+import "encoding/json"
+
 // Props is the part of GET /props llorch reads.
 type Props struct {
 	TotalSlots int    `json:"total_slots"`
@@ -40,10 +42,10 @@ type ApplyTemplateResponse struct {
 	Prompt string `json:"prompt"`
 }
 
-// CompletionRequest is the body of POST /completion as llorch sends it: a
-// tokenized prompt, streamed back with the token ids.
+// CompletionRequest is the body of POST /completion as llorch sends it,
+// streamed back with the token ids.
 type CompletionRequest struct {
-	Prompt       []int32  `json:"prompt"`
+	Prompt       Prompt   `json:"prompt"`
 	NPredict     int      `json:"n_predict"`
 	Temperature  float64  `json:"temperature"`
 	TopK         int      `json:"top_k"`
@@ -57,13 +59,30 @@ type CompletionRequest struct {
 	ResumeAt int `json:"resume_at,omitempty"`
 }
 
+// Prompt is a completion's prompt: text the engine tokenizes (with its
+// special tokens, as /tokenize with add_special), or token ids as they
+// are when Tokens is not nil.
+type Prompt struct {
+	Text   string
+	Tokens []int32
+}
+
+// MarshalJSON writes the prompt as llama-server reads it: a string or an
+// array of token ids.
+func (p Prompt) MarshalJSON() ([]byte, error) {
+	if p.Tokens != nil {
+		return json.Marshal(p.Tokens)
+	}
+	return json.Marshal(p.Text)
+}
+
 // Chunk is one event of the /completion stream.
 type Chunk struct {
 	Content         string  `json:"content"`
 	Tokens          []int32 `json:"tokens"`
 	Stop            bool    `json:"stop"`
 	StopType        string  `json:"stop_type"`
-	TokensEvaluated int     `json:"tokens_evaluated"`
+	TokensEvaluated int     `json:"tokens_evaluated"` // the prompt's tokens, in the final event
 	Timings         struct {
 		PredictedMs float64 `json:"predicted_ms"`
 	} `json:"timings"`
