@@ -264,6 +264,11 @@ func post(url, body string, auth bool) *http.Request {
 
 // direct streams from the engine itself: the baseline.
 func (c *benchCluster) direct(n int) (time.Duration, time.Duration, int, error) {
+	return c.directAt(c.engine, n)
+}
+
+// directAt is direct through the engine URL engine (a proxy of it).
+func (c *benchCluster) directAt(engine string, n int) (time.Duration, time.Duration, int, error) {
 	body := fmt.Sprintf(`{"prompt":"Once upon a time","n_predict":%d,"temperature":0,"stream":true}`, n)
 	isTok := func(l string) bool {
 		return strings.HasPrefix(l, `data: {"content":`) && !strings.Contains(l, `"stop":true`)
@@ -276,7 +281,7 @@ func (c *benchCluster) direct(n int) (time.Duration, time.Duration, int, error) 
 		}
 		return isTok(l)
 	}
-	return stream(post(c.engine+"/completion", body, false), time.Now(), isTok, keepStop)
+	return stream(post(engine+"/completion", body, false), time.Now(), isTok, keepStop)
 }
 
 // decodeMs is the engine's own decode time of the last direct request and

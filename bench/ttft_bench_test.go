@@ -1,11 +1,16 @@
 package bench
 
 import (
+	"bytes"
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	neturl "net/url"
 	"os"
 	"sync"
 	"testing"
@@ -50,7 +55,8 @@ type ttftKind struct {
 // BenchmarkTimeToFirstToken: one cluster with two apiservers on the same
 // Temporal and node, one with the fast path (--fast-start=true, the
 // default) and one without. Each iteration times, one request at a time,
-// the first token straight from the engine, of /v2 (the POST's round trip
+// the first token straight from the engine, through two streaming reverse
+// proxies (the floor of the path's two hops), of /v2 (the POST's round trip
 // and the SSE stream's first `event: token`) and /v1 streaming through each
 // apiserver, and a bare StartWorkflow on the same Temporal server (a
 // client like the apiserver's, a worker completing the trivial workflows,
@@ -101,8 +107,10 @@ func BenchmarkTimeToFirstToken(b *testing.B) {
 	v1 := func(api string) func() (time.Duration, error) {
 		return func() (time.Duration, error) { return checkFirst2(c.v1At(api, ttftTokens)) }
 	}
+	hops := proxyHops(b, c.engine, 2)
 	kinds := []ttftKind{
 		{"direct", func() (time.Duration, error) { return checkFirst2(c.direct(ttftTokens)) }},
+		{"two_hops", func() (time.Duration, error) { return checkFirst2(c.directAt(hops, ttftTokens)) }},
 		{"v2_fast", v2(fastAPI, "v2_fast")},
 		{"v2_slow", v2(slowAPI, "v2_slow")},
 		{"v1_fast", v1(fastAPI)},
@@ -187,6 +195,8 @@ func BenchmarkTimeToFirstToken(b *testing.B) {
 		for _, k := range kinds {
 			r[p+k.name+"_p50_ms"], r[p+k.name+"_p99_ms"] = ms(get(k.name, 0.5)), ms(get(k.name, 0.99))
 		}
+		r[p+"two_hops_overhead_p50_ms"] = ms(get("two_hops", 0.5) - get("direct", 0.5))
+		r[p+"two_hops_overhead_p99_ms"] = ms(get("two_hops", 0.99) - get("direct", 0.99))
 		for _, k := range []string{"v2_fast", "v2_slow", "v1_fast", "v1_slow"} {
 			o50, o99 := get(k, 0.5)-get("direct", 0.5), get(k, 0.99)-get("direct", 0.99)
 			// /v2's 202 waits for one durable start; /v1 waits for none.
@@ -208,6 +218,37 @@ func BenchmarkTimeToFirstToken(b *testing.B) {
 	report(b, "ttft", r)
 	b.ReportMetric(r["c1_v2_fast_overhead_p50_ms"].(float64), "v2-overhead-p50-ms")
 	b.ReportMetric(r["c1_v1_fast_overhead_p50_ms"].(float64), "v1-overhead-p50-ms")
+}
+
+// proxyHops chains n streaming reverse proxies in front of the engine at
+// url, each on its own loopback listener, and returns the first's URL: the
+// floor of n HTTP hops that do nothing but pass the stream on (llorch's
+// path has two, replica and node, on top of their work).
+func proxyHops(b *testing.B, url string, n int) string {
+	b.Helper()
+	for range n {
+		target, err := neturl.Parse(url)
+		require.NoError(b, err)
+		rp := httputil.NewSingleHostReverseProxy(target)
+		rp.FlushInterval = -1 // every write at once, as the path's hops do with a first token
+		rp.Transport = &http.Transport{MaxIdleConnsPerHost: 4 * *ttftWide, IdleConnTimeout: 90 * time.Second}
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			// Read whole, as the path's hops read theirs: a streamed
+			// request body lets the proxy's transport, finishing the
+			// write while the engine already answers, close the
+			// connection under the answer now and then.
+			body, err := io.ReadAll(r.Body)
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			r.Body, r.ContentLength = io.NopCloser(bytes.NewReader(body)), int64(len(body))
+			rp.ServeHTTP(w, r)
+		}))
+		b.Cleanup(srv.Close)
+		url = srv.URL
+	}
+	return url
 }
 
 // checkFirst turns a stream without a token into an error: a first-token

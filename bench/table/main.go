@@ -163,7 +163,8 @@ func idleRow(n int, aim string, met func(v []float64) bool) row {
 
 // ttftRow is BenchmarkTimeToFirstToken's first token of path ("v2" or
 // "v1") at conc concurrent requests: the fast path on and off beside the
-// direct engine (and, for /v2, the bare StartWorkflow) of the same run.
+// direct engine (and, for /v2, the bare StartWorkflow; for /v1, the
+// direct engine through two bare proxy hops) of the same run.
 // The aim is issue 13's, on the fast path.
 func ttftRow(what, path string, conc int) row {
 	p := fmt.Sprintf("c%d_", conc)
@@ -177,6 +178,8 @@ func ttftRow(what, path string, conc int) row {
 		off + "_overhead_p50_ms", off + "_overhead_p99_ms", on + "_aim_p50_ms", on + "_aim_p99_ms"}
 	if path == "v2" {
 		keys = append(keys, on+"_submit_p50_ms", off+"_submit_p50_ms")
+	} else {
+		keys = append(keys, p+"two_hops_overhead_p50_ms", p+"two_hops_overhead_p99_ms")
 	}
 	return row{fmt.Sprintf("first token %s, %d concurrent", what, conc), "ttft", keys,
 		func(v []float64) (string, string, string) {
@@ -185,6 +188,8 @@ func ttftRow(what, path string, conc int) row {
 			if path == "v2" {
 				base += fmt.Sprintf("; StartWorkflow p50 %.1f, p99 %.1f ms", v[6], v[7])
 				llorch += fmt.Sprintf(" (the 202: p50 %.1f and %.1f ms)", v[14], v[15])
+			} else {
+				base += fmt.Sprintf("; two bare proxy hops add %+.1f / %+.1f ms", v[14], v[15])
 			}
 			return llorch, base,
 				fmt.Sprintf("on: %+.1f / %+.1f ms (aim %.1f / %.1f); off: %+.1f / %+.1f ms", v[8], v[9], v[12], v[13], v[10], v[11])
