@@ -224,6 +224,9 @@ func (s *Server) audit(c *fiber.Ctx) error {
 	if len(target) > 0 {
 		attrs = append(attrs, slog.Any("target", target))
 	}
+	if u, _ := c.Locals(localEndUser).(string); u != "" {
+		attrs = append(attrs, "end_user", u)
+	}
 	a.log.Info("audit", attrs...)
 	return nil
 }

@@ -89,16 +89,6 @@ func decodeStrict(body []byte, dst any) error {
 	return nil
 }
 
-// decodeLoose reads a JSON body, leaving fields it does not know alone
-// (OpenAI clients send many); wrong types still name the field.
-func decodeLoose(c *fiber.Ctx, dst any) error {
-	raw, err := readBody(c, maxBodyBytes)
-	if err != nil {
-		return err
-	}
-	return decodeLooseBytes(bytes.TrimSpace(raw), dst)
-}
-
 // readBody reads a request body of at most limit bytes however it is
 // framed. Bodies stream (StreamRequestBody, for model uploads), so fiber's
 // BodyLimit bounds nothing here: a Content-Length above limit is refused
@@ -133,6 +123,9 @@ func bodyTooLarge(c *fiber.Ctx, msg string) error {
 	return e
 }
 
+// decodeLooseBytes reads a JSON body, leaving fields dst does not name
+// alone (/v1 checks those itself, checkOpenAIFields); wrong types name
+// the field.
 func decodeLooseBytes(body []byte, dst any) error {
 	if len(body) == 0 {
 		return invalidParam("body", "a JSON object is required")

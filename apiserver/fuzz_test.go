@@ -76,6 +76,8 @@ func FuzzOpenAIRequest(f *testing.F) {
 		`{"model":"m","messages":[{"role":"system","content":[{"type":"text","text":"a"}]}],"stop":"x","n":1,"user":"u"}`,
 		`{"model":"m","prompt":"once","max_completion_tokens":4,"temperature":0,"seed":7}`,
 		`{"model":"m","messages":[{"role":"tool","content":{}}]}`, `{"model":"","n":2}`, `{"stop":[1]}`,
+		`{"model":"m","prompt":"p","response_format":{"type":"json_object"},"tools":[{"type":"function"}],"logprobs":true}`,
+		`{"model":"m","messages":[{"role":"developer","content":"x","name":"a","tool_calls":[]}],"frequency_penalty":0,"top_k":3}`,
 	} {
 		f.Add([]byte(s), true)
 		f.Add([]byte(s), false)
@@ -83,6 +85,10 @@ func FuzzOpenAIRequest(f *testing.F) {
 	f.Fuzz(func(t *testing.T, body []byte, chat bool) {
 		var r openAIRequest
 		if err := decodeLooseBytes(body, &r); err != nil {
+			requireInvalid(t, err)
+			return
+		}
+		if err := checkOpenAIFields(body, chat); err != nil {
 			requireInvalid(t, err)
 			return
 		}

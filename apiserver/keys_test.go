@@ -195,6 +195,7 @@ func TestScopesOnEveryRoute(t *testing.T) {
 		{"POST", "/v1/chat/completions", map[string]any{}, I},
 		{"POST", "/v1/completions", map[string]any{}, I},
 		{"GET", "/v1/models", nil, I},
+		{"GET", "/v1/models/ghost", nil, I},
 	}
 	// The table covers every route the server has: a new route without a
 	// row fails here, not in production.

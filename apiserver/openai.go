@@ -1,6 +1,7 @@
 package apiserver
 
 import (
+	"bytes"
 	"bufio"
 	"context"
 	"encoding/json"
@@ -107,6 +108,9 @@ func (l *stopField) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
+// maxEndUser bounds a request's user, an end user's id for the audit trail.
+const maxEndUser = 256
+
 type openAIRequest struct {
 	Model               string          `json:"model"`
 	Messages            []openAIMessage `json:"messages"`
@@ -115,6 +119,8 @@ type openAIRequest struct {
 	MaxCompletionTokens *int            `json:"max_completion_tokens"`
 	Temperature         *float64        `json:"temperature"`
 	TopP                *float64        `json:"top_p"`
+	TopK                *int            `json:"top_k"` // llama.cpp's, beside OpenAI's
+	User                string          `json:"user"`
 	Seed                *int64          `json:"seed"`
 	Stop                stopField       `json:"stop"`
 	N                   *int            `json:"n"`
@@ -143,11 +149,15 @@ func (r openAIRequest) input(chat bool) (in taskInput, field string, err error) 
 			return in, "", invalidParam("messages", "a non-empty array is required")
 		}
 		for i, m := range r.Messages {
+			role, ok := openAIRole(m.Role)
+			if !ok {
+				return in, "", invalidParam(fmt.Sprintf("messages[%d].role", i), "want system, developer, user or assistant, got %q", m.Role)
+			}
 			text, err := m.text(i)
 			if err != nil {
 				return in, "", err
 			}
-			in.messages = append(in.messages, task.Message{Role: m.Role, Content: text})
+			in.messages = append(in.messages, task.Message{Role: role, Content: text})
 		}
 	} else {
 		var p string
@@ -164,7 +174,10 @@ func (r openAIRequest) input(chat bool) (in taskInput, field string, err error) 
 	if in.topP == nil {
 		in.topP = &one
 	}
-	in.topK = &zeroK
+	in.topK = r.TopK
+	if in.topK == nil {
+		in.topK = &zeroK
+	}
 	field = "max_tokens"
 	if r.MaxCompletionTokens != nil {
 		field = "max_completion_tokens"
@@ -175,8 +188,22 @@ func (r openAIRequest) input(chat bool) (in taskInput, field string, err error) 
 func (s *Server) openAITask(c *fiber.Ctx, chat bool) (task.Request, openAIRequest, scheduler.Admission, error) {
 	var r openAIRequest
 	var adm scheduler.Admission
-	if err := decodeLoose(c, &r); err != nil {
+	raw, err := readBody(c, maxBodyBytes)
+	if err != nil {
 		return task.Request{}, r, adm, err
+	}
+	body := bytes.TrimSpace(raw)
+	if err := decodeLooseBytes(body, &r); err != nil {
+		return task.Request{}, r, adm, err
+	}
+	if err := checkOpenAIFields(body, chat); err != nil {
+		return task.Request{}, r, adm, err
+	}
+	if len(r.User) > maxEndUser {
+		return task.Request{}, r, adm, invalidParam("user", "at most %d bytes", maxEndUser)
+	}
+	if r.User != "" {
+		c.Locals(localEndUser, r.User) // the audit trail records it
 	}
 	in, field, err := r.input(chat)
 	if err != nil {
@@ -336,7 +363,28 @@ func (s *Server) openAIModels(c *fiber.Ctx) error {
 		if e.Lifecycle != model.Active {
 			continue
 		}
-		data = append(data, fiber.Map{"id": e.ID, "object": "model", "created": e.CreatedAt.Unix(), "owned_by": "llorch"})
+		data = append(data, openAIModel(e))
 	}
 	return c.JSON(fiber.Map{"object": "list", "data": data})
+}
+
+// openAIModel is GET /v1/models/{id}: a model the list shows (in the
+// catalog and active), else OpenAI's model_not_found.
+func (s *Server) openAIModel(c *fiber.Ctx) error {
+	id := c.Params("id")
+	e, err := s.entry(c.UserContext(), id)
+	var ae *Error
+	if errors.As(err, &ae) && ae.Code == CodeModelNotFound || err == nil && e.Lifecycle != model.Active {
+		nf := apiError(fiber.StatusNotFound, CodeModelNotFound, "The model `%s` does not exist", id)
+		nf.Code = "MODEL_NOT_FOUND"
+		return nf
+	}
+	if err != nil {
+		return err
+	}
+	return c.JSON(openAIModel(e))
+}
+
+func openAIModel(e model.Entry) fiber.Map {
+	return fiber.Map{"id": e.ID, "object": "model", "created": e.CreatedAt.Unix(), "owned_by": "llorch"}
 }

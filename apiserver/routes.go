@@ -79,6 +79,7 @@ func (s *Server) routes() {
 		v1.Post("/chat/completions", s.chatCompletions)
 		v1.Post("/completions", s.completions)
 		v1.Get("/models", s.openAIModels)
+		v1.Get("/models/:id", s.openAIModel)
 
 		// Authenticated by the task's stream credential (a node's push
 		// for a task it runs), not by an API key.

@@ -105,6 +105,7 @@ type Server struct {
 const (
 	localIdentity    = "identity"
 	localCorrelation = "correlation_id"
+	localEndUser     = "end_user" // a /v1 request's user, for the audit trail
 	headerCorrID     = "X-Correlation-Id"
 	maxBodyBytes     = 1 << 20
 )

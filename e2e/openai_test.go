@@ -33,6 +33,10 @@ func TestOpenAICompatible(t *testing.T) {
 		ids = append(ids, m.ID)
 	}
 	require.Contains(t, ids, "oai-tiny")
+	one, err := cl.Models.Get(ctx, "oai-tiny")
+	require.NoError(t, err)
+	require.Equal(t, "oai-tiny", one.ID)
+	require.EqualValues(t, "model", one.Object)
 
 	params := openai.ChatCompletionNewParams{
 		Model:       "oai-tiny",
@@ -90,6 +94,17 @@ func TestOpenAICompatible(t *testing.T) {
 	require.Equal(t, 400, apiErr.StatusCode)
 	require.Equal(t, "temperature", apiErr.Param)
 	require.Equal(t, "invalid_request_error", apiErr.Type)
+	_, err = cl.Models.Get(ctx, "nope")
+	require.True(t, errors.As(err, &apiErr), "%v", err)
+	require.Equal(t, 404, apiErr.StatusCode)
+	require.Equal(t, "model_not_found", apiErr.Code)
+	// What llorch does not honour is refused naming it, never ignored.
+	_, err = cl.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "oai-tiny",
+		Messages:       []openai.ChatCompletionMessageParamUnion{openai.UserMessage("hi")},
+		ResponseFormat: openai.ChatCompletionNewParamsResponseFormatUnion{OfJSONObject: &openai.ResponseFormatJSONObjectParam{}}})
+	require.True(t, errors.As(err, &apiErr), "%v", err)
+	require.Equal(t, 400, apiErr.StatusCode)
+	require.Equal(t, "response_format", apiErr.Param)
 	bad := openai.NewClient(option.WithBaseURL("http://"+c.api+"/v1/"), option.WithAPIKey("wrong"), option.WithMaxRetries(0))
 	_, err = bad.Models.List(ctx)
 	require.True(t, errors.As(err, &apiErr), "%v", err)

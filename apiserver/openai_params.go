@@ -1,0 +1,187 @@
+package apiserver
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"strings"
+)
+
+// Every field of a /v1 request is honoured, accepted only at the value
+// that asks for nothing, or refused with a 400 naming it: a client is
+// never left believing a parameter took effect when it did not.
+// docs/openai.md tables them.
+
+// openAIHonoured are the fields the request types read (openAIRequest).
+var openAIHonoured = map[string]bool{
+	"model": true, "max_tokens": true, "temperature": true, "top_p": true, "top_k": true,
+	"seed": true, "stop": true, "n": true, "stream": true, "stream_options": true, "user": true,
+}
+
+// openAIHonouredBy are the fields one endpoint alone honours.
+var openAIHonouredBy = map[bool]map[string]bool{
+	true:  {"messages": true, "max_completion_tokens": true},
+	false: {"prompt": true},
+}
+
+// neutralRule accepts a field only at values that ask for nothing; why
+// says what other values would need.
+type neutralRule struct {
+	neutral func(raw json.RawMessage) bool
+	why     string
+}
+
+func isJSON(want ...string) func(json.RawMessage) bool {
+	return func(raw json.RawMessage) bool {
+		return slices.Contains(want, string(bytes.TrimSpace(raw)))
+	}
+}
+
+// zero: a number equal to 0.
+func zero(raw json.RawMessage) bool {
+	var f float64
+	return json.Unmarshal(raw, &f) == nil && f == 0
+}
+
+// emptyObject: {} or [] (OpenAI clients send empty maps and lists).
+func emptyObject(raw json.RawMessage) bool { return isJSON("{}", "[]")(raw) }
+
+func textFormat(raw json.RawMessage) bool {
+	var f struct {
+		Type string `json:"type"`
+	}
+	return json.Unmarshal(raw, &f) == nil && f.Type == "text" && isOnly(raw, "type")
+}
+
+func textModalities(raw json.RawMessage) bool {
+	var m []string
+	return json.Unmarshal(raw, &m) == nil && (len(m) == 0 || slices.Equal(m, []string{"text"}))
+}
+
+// isOnly: raw is an object with no key but keys.
+func isOnly(raw json.RawMessage, keys ...string) bool {
+	var m map[string]json.RawMessage
+	if json.Unmarshal(raw, &m) != nil {
+		return false
+	}
+	for k := range m {
+		if !slices.Contains(keys, k) {
+			return false
+		}
+	}
+	return true
+}
+
+// openAINeutral are OpenAI's fields llorch does not act on (yet), with
+// the values at which they ask for nothing.
+var openAINeutral = map[string]neutralRule{
+	"frequency_penalty":   {zero, "only 0 is supported (no frequency penalty)"},
+	"presence_penalty":    {zero, "only 0 is supported (no presence penalty)"},
+	"logprobs":            {isJSON("false", "0"), "log probabilities are not supported yet"},
+	"top_logprobs":        {zero, "log probabilities are not supported yet"},
+	"logit_bias":          {emptyObject, "logit bias is not supported"},
+	"response_format":     {textFormat, `only {"type":"text"} is supported: JSON output (json_object, json_schema) is not yet`},
+	"tools":               {emptyObject, "tool calls are not supported yet"},
+	"tool_choice":         {isJSON(`"none"`), `tool calls are not supported yet: only "none"`},
+	"parallel_tool_calls": {isJSON("true", "false"), "tool calls are not supported yet"},
+	"functions":           {emptyObject, "function calls are not supported"},
+	"function_call":       {isJSON(`"none"`), `function calls are not supported: only "none"`},
+	"store":               {isJSON("false"), "llorch stores no completions for later retrieval"},
+	"metadata":            {emptyObject, "llorch stores no completions, so no metadata"},
+	"service_tier":        {isJSON(`"auto"`, `"default"`), `service tiers are not offered: only "auto" or "default"`},
+	"modalities":          {textModalities, `only ["text"] is supported`},
+	"audio":               {isJSON("{}"), "audio output is not supported"},
+	"prediction":          {isJSON("{}"), "predicted outputs are not supported"},
+	"reasoning_effort":    {isJSON(), "reasoning effort is not supported"},
+	"verbosity":           {isJSON(), "verbosity is not supported"},
+	"web_search_options":  {isJSON("{}"), "web search is not supported"},
+	"prompt_cache_key":    {isJSON(`""`), "prompt cache keys are not supported yet"},
+	"safety_identifier":   {isJSON(`""`), "safety identifiers are not supported: pass user"},
+	"echo":                {isJSON("false"), "echoing the prompt is not supported"},
+	"best_of":             {isJSON("1"), "best_of above 1 is not supported"},
+	"suffix":              {isJSON(`""`), "suffixes (insertion) are not supported"},
+}
+
+// checkOpenAIFields refuses every field of body that the endpoint does
+// not honour, unless it has the value that asks for nothing; a field
+// OpenAI does not define is refused as OpenAI refuses it. null is absent.
+func checkOpenAIFields(body []byte, chat bool) error {
+	var fields map[string]json.RawMessage
+	if json.Unmarshal(body, &fields) != nil {
+		return nil // not an object: the typed decode names the problem
+	}
+	names := make([]string, 0, len(fields))
+	for k := range fields {
+		names = append(names, k)
+	}
+	slices.Sort(names) // the same body is refused for the same field
+	for _, k := range names {
+		raw := fields[k]
+		if openAIHonoured[k] || openAIHonouredBy[chat][k] || string(bytes.TrimSpace(raw)) == "null" {
+			continue
+		}
+		if openAIHonouredBy[!chat][k] {
+			other := "/v1/chat/completions"
+			if chat {
+				other = "/v1/completions"
+			}
+			return invalidParam(k, "is a field of %s", other)
+		}
+		rule, known := openAINeutral[k]
+		if !known {
+			return invalidParam(k, "unrecognized request argument")
+		}
+		if !rule.neutral(raw) {
+			return invalidParam(k, "%s", rule.why)
+		}
+	}
+	if chat {
+		return checkMessageFields(fields["messages"])
+	}
+	return nil
+}
+
+// checkMessageFields refuses fields of chat messages that llorch does not
+// honour: a message is its role and its content.
+func checkMessageFields(raw json.RawMessage) error {
+	var msgs []map[string]json.RawMessage
+	if json.Unmarshal(raw, &msgs) != nil {
+		return nil // the typed decode names the problem
+	}
+	for i, m := range msgs {
+		keys := make([]string, 0, len(m))
+		for k := range m {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		for _, k := range keys {
+			field := fmt.Sprintf("messages[%d].%s", i, k)
+			switch v := string(bytes.TrimSpace(m[k])); {
+			case k == "role" || k == "content" || v == "null":
+			case k == "name" && v == `""`:
+			case k == "name":
+				return invalidParam(field, "participant names are not supported")
+			case k == "tool_calls" || k == "tool_call_id" || k == "function_call":
+				return invalidParam(field, "tool calls are not supported yet")
+			default:
+				return invalidParam(field, "unrecognized message field")
+			}
+		}
+	}
+	return nil
+}
+
+// openAIRoles are the chat roles the engines' templates render; OpenAI's
+// developer role is its newer name for system.
+func openAIRole(role string) (string, bool) {
+	switch strings.ToLower(role) {
+	case "system", "developer":
+		return "system", true
+	case "user":
+		return "user", true
+	case "assistant":
+		return "assistant", true
+	}
+	return "", false
+}

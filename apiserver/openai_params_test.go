@@ -1,0 +1,98 @@
+package apiserver
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+// Every /v1 field is honoured, accepted at its neutral value, or refused
+// naming it: nothing a client sends is silently dropped.
+func TestOpenAIFieldsHonouredOrRefused(t *testing.T) {
+	chat := `"model":"m","messages":[{"role":"user","content":"hi"}]`
+	comp := `"model":"m","prompt":"once"`
+	cases := []struct {
+		chat  bool
+		extra string
+		field string // "" when accepted
+	}{
+		{true, `"max_completion_tokens":3,"top_k":4,"user":"u-1","stream_options":{"include_usage":true}`, ""},
+		{true, `"frequency_penalty":0,"presence_penalty":0.0,"logprobs":false,"top_logprobs":0,"logit_bias":{}`, ""},
+		{true, `"response_format":{"type":"text"},"tools":[],"tool_choice":"none","parallel_tool_calls":true,"store":false`, ""},
+		{true, `"service_tier":"auto","modalities":["text"],"metadata":{},"seed":null,"logprobs":null`, ""},
+		{false, `"echo":false,"best_of":1,"suffix":"","max_tokens":5`, ""},
+		{true, `"frequency_penalty":0.5`, "frequency_penalty"},
+		{true, `"presence_penalty":-1`, "presence_penalty"},
+		{true, `"logprobs":true`, "logprobs"},
+		{true, `"top_logprobs":3`, "top_logprobs"},
+		{true, `"logit_bias":{"42":-100}`, "logit_bias"},
+		{true, `"response_format":{"type":"json_object"}`, "response_format"},
+		{true, `"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{}}}`, "response_format"},
+		{true, `"response_format":{"type":"text","extra":1}`, "response_format"},
+		{true, `"tools":[{"type":"function","function":{"name":"f"}}]`, "tools"},
+		{true, `"tool_choice":"auto"`, "tool_choice"},
+		{true, `"functions":[{"name":"f"}]`, "functions"},
+		{true, `"store":true`, "store"},
+		{true, `"metadata":{"a":"b"}`, "metadata"},
+		{true, `"service_tier":"flex"`, "service_tier"},
+		{true, `"modalities":["text","audio"]`, "modalities"},
+		{true, `"audio":{"voice":"alloy"}`, "audio"},
+		{true, `"reasoning_effort":"low"`, "reasoning_effort"},
+		{true, `"prompt_cache_key":"k"`, "prompt_cache_key"},
+		{true, `"no_such_field":1`, "no_such_field"},
+		{true, `"prompt":"x"`, "prompt"},
+		{false, `"messages":[]`, "messages"},
+		{false, `"max_completion_tokens":3`, "max_completion_tokens"},
+		{false, `"echo":true`, "echo"},
+		{false, `"best_of":2`, "best_of"},
+		{false, `"suffix":"end"`, "suffix"},
+		// Within messages.
+		{true, `"messages":[{"role":"user","content":"a","name":"bob"}]`, "messages[0].name"},
+		{true, `"messages":[{"role":"user","content":"a"},{"role":"assistant","content":null,"tool_calls":[]}]`, "messages[1].tool_calls"},
+		{true, `"messages":[{"role":"user","content":"a","weight":1}]`, "messages[0].weight"},
+		{true, `"messages":[{"role":"user","content":"a","name":""}]`, ""},
+	}
+	for _, c := range cases {
+		base := comp
+		if c.chat {
+			base = chat
+		}
+		body := fmt.Sprintf("{%s,%s}", base, c.extra)
+		if c.chat && strings.HasPrefix(c.extra, `"messages":`) {
+			body = fmt.Sprintf(`{"model":"m",%s}`, c.extra)
+		}
+		err := checkOpenAIFields([]byte(body), c.chat)
+		if c.field == "" {
+			require.NoError(t, err, body)
+			continue
+		}
+		var e *Error
+		require.True(t, errors.As(err, &e), "%s: %v", body, err)
+		require.Equal(t, 400, e.Status, body)
+		require.Equal(t, CodeInvalidParams, e.Code, body)
+		require.Equal(t, c.field, e.Field, body)
+	}
+}
+
+// Roles: OpenAI's developer is system; a role no template renders is
+// refused naming the message.
+func TestOpenAIRoles(t *testing.T) {
+	for _, role := range []string{"system", "developer", "user", "assistant"} {
+		r := openAIRequest{Model: "m", Messages: []openAIMessage{{Role: role, Content: []byte(`"x"`)}}}
+		in, _, err := r.input(true)
+		require.NoError(t, err, role)
+		want := role
+		if role == "developer" {
+			want = "system"
+		}
+		require.Equal(t, want, in.messages[0].Role)
+	}
+	r := openAIRequest{Model: "m", Messages: []openAIMessage{{Role: "user", Content: []byte(`"x"`)}, {Role: "tool", Content: []byte(`"y"`)}}}
+	_, _, err := r.input(true)
+	var e *Error
+	require.True(t, errors.As(err, &e))
+	require.Equal(t, "messages[1].role", e.Field)
+}
