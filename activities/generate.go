@@ -209,7 +209,7 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 	body := protocol.CompletionRequest{
 		Prompt: prompt, NPredict: nPredict,
 		Temperature: req.Params.Temperature, TopK: req.Params.TopK, TopP: req.Params.TopP,
-		Seed: req.Params.Seed, Stop: req.Params.Stop, Stream: true, ReturnTokens: true,
+		Seed: req.Params.Seed, Stop: req.Params.Stop, Stream: true, ReturnTokens: true, Grammar: req.Params.Grammar,
 	}
 	if resumed > 0 {
 		// The built-in engine decodes the produced tokens one by one, as

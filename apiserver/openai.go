@@ -121,6 +121,7 @@ type openAIRequest struct {
 	TopP                *float64        `json:"top_p"`
 	TopK                *int            `json:"top_k"` // llama.cpp's, beside OpenAI's
 	User                string          `json:"user"`
+	ResponseFormat      json.RawMessage `json:"response_format"` // chat
 	Seed                *int64          `json:"seed"`
 	Stop                stopField       `json:"stop"`
 	N                   *int            `json:"n"`
@@ -141,6 +142,11 @@ func (r openAIRequest) input(chat bool) (in taskInput, field string, err error) 
 	}
 	in = taskInput{model: r.Model, maxTokens: r.MaxTokens, temperature: r.Temperature, topP: r.TopP, seed: r.Seed,
 		params: task.Params{Stop: r.Stop}}
+	if chat {
+		if in.params.Grammar, err = responseFormat(r.ResponseFormat); err != nil {
+			return in, "", err
+		}
+	}
 	if r.MaxCompletionTokens != nil {
 		in.maxTokens = r.MaxCompletionTokens
 	}

@@ -3,9 +3,12 @@ package apiserver
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
+
+	"github.com/llorch/llorch/grammar"
 )
 
 // Every field of a /v1 request is honoured, accepted only at the value
@@ -21,7 +24,7 @@ var openAIHonoured = map[string]bool{
 
 // openAIHonouredBy are the fields one endpoint alone honours.
 var openAIHonouredBy = map[bool]map[string]bool{
-	true:  {"messages": true, "max_completion_tokens": true},
+	true:  {"messages": true, "max_completion_tokens": true, "response_format": true},
 	false: {"prompt": true},
 }
 
@@ -46,13 +49,6 @@ func zero(raw json.RawMessage) bool {
 
 // emptyObject: {} or [] (OpenAI clients send empty maps and lists).
 func emptyObject(raw json.RawMessage) bool { return isJSON("{}", "[]")(raw) }
-
-func textFormat(raw json.RawMessage) bool {
-	var f struct {
-		Type string `json:"type"`
-	}
-	return json.Unmarshal(raw, &f) == nil && f.Type == "text" && isOnly(raw, "type")
-}
 
 func textModalities(raw json.RawMessage) bool {
 	var m []string
@@ -81,7 +77,6 @@ var openAINeutral = map[string]neutralRule{
 	"logprobs":            {isJSON("false", "0"), "log probabilities are not supported yet"},
 	"top_logprobs":        {zero, "log probabilities are not supported yet"},
 	"logit_bias":          {emptyObject, "logit bias is not supported"},
-	"response_format":     {textFormat, `only {"type":"text"} is supported: JSON output (json_object, json_schema) is not yet`},
 	"tools":               {emptyObject, "tool calls are not supported yet"},
 	"tool_choice":         {isJSON(`"none"`), `tool calls are not supported yet: only "none"`},
 	"parallel_tool_calls": {isJSON("true", "false"), "tool calls are not supported yet"},
@@ -184,4 +179,67 @@ func openAIRole(role string) (string, bool) {
 		return "assistant", true
 	}
 	return "", false
+}
+
+// responseFormat is the grammar a chat request's response_format holds
+// the output to: none for text, any JSON object for json_object, the
+// schema's documents for json_schema (package grammar). What the grammar
+// cannot enforce is refused naming where.
+func responseFormat(raw json.RawMessage) (string, error) {
+	if len(raw) == 0 || string(bytes.TrimSpace(raw)) == "null" {
+		return "", nil
+	}
+	var f struct {
+		Type       string          `json:"type"`
+		JSONSchema json.RawMessage `json:"json_schema"`
+	}
+	if err := decodeField(raw, &f, "response_format"); err != nil {
+		return "", err
+	}
+	var js struct {
+		Name        string          `json:"name"`
+		Description string          `json:"description"`
+		Schema      json.RawMessage `json:"schema"`
+		Strict      *bool           `json:"strict"`
+	}
+	if len(f.JSONSchema) > 0 {
+		if f.Type != "json_schema" {
+			return "", invalidParam("response_format.json_schema", "only with type json_schema")
+		}
+		if err := decodeField(f.JSONSchema, &js, "response_format.json_schema"); err != nil {
+			return "", err
+		}
+	}
+	switch f.Type {
+	case "text":
+		return "", nil
+	case "json_object":
+		return grammar.JSONObject(), nil
+	case "json_schema":
+		if len(js.Schema) == 0 {
+			return "", invalidParam("response_format.json_schema.schema", "is required with type json_schema")
+		}
+		// strict or not, the grammar enforces the schema: a schema it
+		// cannot enforce is refused either way.
+		g, err := grammar.FromSchema(js.Schema)
+		if err != nil {
+			return "", invalidParam("response_format.json_schema.schema", "%v", err)
+		}
+		return g, nil
+	}
+	return "", invalidParam("response_format.type", "want text, json_object or json_schema, got %q", f.Type)
+}
+
+// decodeField decodes the object raw strictly into dst, naming a refused
+// field below prefix.
+func decodeField(raw json.RawMessage, dst any, prefix string) error {
+	err := decodeStrict(raw, dst)
+	var e *Error
+	if !errors.As(err, &e) {
+		return err
+	}
+	if e.Field == "body" {
+		return invalidParam(prefix, "want a JSON object of its fields")
+	}
+	return invalidParam(prefix+"."+e.Field, "%s", strings.TrimPrefix(e.Message, e.Field+": "))
 }

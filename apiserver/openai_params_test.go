@@ -29,9 +29,7 @@ func TestOpenAIFieldsHonouredOrRefused(t *testing.T) {
 		{true, `"logprobs":true`, "logprobs"},
 		{true, `"top_logprobs":3`, "top_logprobs"},
 		{true, `"logit_bias":{"42":-100}`, "logit_bias"},
-		{true, `"response_format":{"type":"json_object"}`, "response_format"},
-		{true, `"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{}}}`, "response_format"},
-		{true, `"response_format":{"type":"text","extra":1}`, "response_format"},
+		{false, `"response_format":{"type":"json_object"}`, "response_format"},
 		{true, `"tools":[{"type":"function","function":{"name":"f"}}]`, "tools"},
 		{true, `"tool_choice":"auto"`, "tool_choice"},
 		{true, `"functions":[{"name":"f"}]`, "functions"},
@@ -95,4 +93,33 @@ func TestOpenAIRoles(t *testing.T) {
 	var e *Error
 	require.True(t, errors.As(err, &e))
 	require.Equal(t, "messages[1].role", e.Field)
+}
+
+// response_format: text is no grammar, json_object and json_schema hold
+// the output to JSON; what the grammar cannot enforce is refused naming
+// where.
+func TestOpenAIResponseFormat(t *testing.T) {
+	g, err := responseFormat([]byte(`{"type":"text"}`))
+	require.NoError(t, err)
+	require.Empty(t, g)
+	g, err = responseFormat([]byte(`{"type":"json_object"}`))
+	require.NoError(t, err)
+	require.Contains(t, g, "root ::= object")
+	g, err = responseFormat([]byte(`{"type":"json_schema","json_schema":{"name":"p","strict":true,"schema":{"type":"object","properties":{"a":{"type":"boolean"}},"required":["a"],"additionalProperties":false}}}`))
+	require.NoError(t, err)
+	require.Contains(t, g, `"\"a\""`)
+	for body, field := range map[string]string{
+		`{"type":"json"}`:                                    "response_format.type",
+		`{"type":"text","extra":1}`:                          "response_format.extra",
+		`{"type":"json_object","json_schema":{"schema":{}}}`: "response_format.json_schema",
+		`{"type":"json_schema"}`:                             "response_format.json_schema.schema",
+		`{"type":"json_schema","json_schema":{"schema":{"type":"string","pattern":"a"}}}`: "response_format.json_schema.schema",
+		`{"type":"json_schema","json_schema":{"schema":{},"nme":"x"}}`:                    "response_format.json_schema.nme",
+		`"json"`: "response_format",
+	} {
+		_, err := responseFormat([]byte(body))
+		var e *Error
+		require.True(t, errors.As(err, &e), "%s: %v", body, err)
+		require.Equal(t, field, e.Field, "%s: %v", body, err)
+	}
 }

@@ -157,6 +157,7 @@ func parseTask(in taskInput, maxTokensField string) (task.Request, error) {
 		}
 	}
 	p.Stop = in.params.Stop
+	p.Grammar = in.params.Grammar // made by this server (response_format), bounded there
 	prio := task.Priority(in.priority)
 	switch prio {
 	case "":

@@ -10,10 +10,23 @@ import (
 
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
+	"github.com/santhosh-tekuri/jsonschema/v6"
 	"github.com/stretchr/testify/require"
 
 	"github.com/llorch/llorch/testenv"
 )
+
+// requireValid: doc is JSON that schema accepts.
+func requireValid(t *testing.T, schema map[string]any, doc string) {
+	t.Helper()
+	c := jsonschema.NewCompiler()
+	require.NoError(t, c.AddResource("schema.json", schema))
+	sch, err := c.Compile("schema.json")
+	require.NoError(t, err)
+	v, err := jsonschema.UnmarshalJSON(strings.NewReader(doc))
+	require.NoError(t, err, doc)
+	require.NoError(t, sch.Validate(v), doc)
+}
 
 // The OpenAI-compatible API read by OpenAI's own Go SDK: models, chat
 // completions (plain and streamed with usage), completions, errors in
@@ -74,6 +87,32 @@ func TestOpenAICompatible(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, direct.Choices[0].Message.Content, whole)
 
+	// JSON output, held to a schema by the engine's grammar: it parses and
+	// validates, plain and streamed.
+	schema := map[string]any{"type": "object", "additionalProperties": false, "required": []any{"ok", "color"},
+		"properties": map[string]any{"ok": map[string]any{"type": "boolean"}, "color": map[string]any{"enum": []any{"red", "green"}},
+			"note": map[string]any{"type": "string", "maxLength": 5}}}
+	jsonParams := openai.ChatCompletionNewParams{Model: "oai-tiny", Temperature: openai.Float(1), Seed: openai.Int(3), MaxTokens: openai.Int(200),
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("Answer in JSON")},
+		ResponseFormat: openai.ChatCompletionNewParamsResponseFormatUnion{OfJSONSchema: &openai.ResponseFormatJSONSchemaParam{
+			JSONSchema: openai.ResponseFormatJSONSchemaJSONSchemaParam{Name: "answer", Strict: openai.Bool(true), Schema: schema}}}}
+	js, err := cl.Chat.Completions.New(ctx, jsonParams)
+	require.NoError(t, err)
+	require.Equal(t, "stop", string(js.Choices[0].FinishReason), js.Choices[0].Message.Content)
+	requireValid(t, schema, js.Choices[0].Message.Content)
+	jsStream := cl.Chat.Completions.NewStreaming(ctx, jsonParams)
+	jsAcc := openai.ChatCompletionAccumulator{}
+	for jsStream.Next() {
+		jsAcc.AddChunk(jsStream.Current())
+	}
+	require.NoError(t, jsStream.Err())
+	require.Equal(t, js.Choices[0].Message.Content, jsAcc.Choices[0].Message.Content, "the same seed streamed")
+	jsonParams.ResponseFormat = openai.ChatCompletionNewParamsResponseFormatUnion{OfJSONObject: &openai.ResponseFormatJSONObjectParam{}}
+	jsonParams.MaxTokens = openai.Int(60)
+	anyObj, err := cl.Chat.Completions.New(ctx, jsonParams)
+	require.NoError(t, err)
+	require.True(t, strings.HasPrefix(anyObj.Choices[0].Message.Content, "{"), anyObj.Choices[0].Message.Content)
+
 	comp, err := cl.Completions.New(ctx, openai.CompletionNewParams{
 		Model: "oai-tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("Once upon a time")},
 		MaxTokens: openai.Int(16), Temperature: openai.Float(0),
@@ -100,11 +139,19 @@ func TestOpenAICompatible(t *testing.T) {
 	require.Equal(t, "model_not_found", apiErr.Code)
 	// What llorch does not honour is refused naming it, never ignored.
 	_, err = cl.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "oai-tiny",
-		Messages:       []openai.ChatCompletionMessageParamUnion{openai.UserMessage("hi")},
-		ResponseFormat: openai.ChatCompletionNewParamsResponseFormatUnion{OfJSONObject: &openai.ResponseFormatJSONObjectParam{}}})
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("hi")},
+		Tools:    []openai.ChatCompletionToolUnionParam{openai.ChatCompletionFunctionTool(openai.FunctionDefinitionParam{Name: "f"})}})
 	require.True(t, errors.As(err, &apiErr), "%v", err)
 	require.Equal(t, 400, apiErr.StatusCode)
-	require.Equal(t, "response_format", apiErr.Param)
+	require.Equal(t, "tools", apiErr.Param)
+	_, err = cl.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "oai-tiny",
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("hi")},
+		ResponseFormat: openai.ChatCompletionNewParamsResponseFormatUnion{OfJSONSchema: &openai.ResponseFormatJSONSchemaParam{
+			JSONSchema: openai.ResponseFormatJSONSchemaJSONSchemaParam{Name: "p", Schema: map[string]any{"type": "string", "pattern": "^a"}}}}})
+	require.True(t, errors.As(err, &apiErr), "%v", err)
+	require.Equal(t, 400, apiErr.StatusCode)
+	require.Equal(t, "response_format.json_schema.schema", apiErr.Param)
+	require.Contains(t, apiErr.Message, "pattern")
 	bad := openai.NewClient(option.WithBaseURL("http://"+c.api+"/v1/"), option.WithAPIKey("wrong"), option.WithMaxRetries(0))
 	_, err = bad.Models.List(ctx)
 	require.True(t, errors.As(err, &apiErr), "%v", err)

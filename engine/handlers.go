@@ -147,6 +147,7 @@ type completionRequest struct {
 	// ResumeAt is llorch's: see promptInput.ResumeAt.
 	ResumeAt  int             `json:"resume_at"`
 	LogitBias json.RawMessage `json:"logit_bias"`
+	Grammar   string          `json:"grammar"` // GBNF, as llama-server takes it
 }
 
 // parsePrompt reads llama-server's prompt: a string or an array of token ids.
@@ -348,7 +349,7 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, errInvalidRequest, err.Error())
 		return
 	}
-	p := sampling{NPredict: req.NPredict, Temperature: req.Temperature, TopK: req.TopK, TopP: req.TopP, Seed: req.Seed, Stop: req.Stop, LogitBias: bias}
+	p := sampling{NPredict: req.NPredict, Temperature: req.Temperature, TopK: req.TopK, TopP: req.TopP, Seed: req.Seed, Stop: req.Stop, LogitBias: bias, Grammar: req.Grammar}
 	if err := p.check(); err != nil {
 		writeError(w, http.StatusBadRequest, errInvalidRequest, err.Error())
 		return

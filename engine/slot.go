@@ -27,6 +27,7 @@ type sampling struct {
 	Seed        int64
 	Stop        []string
 	LogitBias   []llama.LogitBias
+	Grammar     string // GBNF whose root rule the output must match
 }
 
 // promptInput is text to tokenize, or tokens as they are (llama-server's
@@ -109,6 +110,13 @@ func (s *slot) generate(ctx context.Context, in promptInput, p sampling, emit fu
 	if len(p.LogitBias) > 0 {
 		llama.SamplerChainAdd(chain, llama.SamplerInitLogitBias(nVocab, int32(len(p.LogitBias)), &p.LogitBias[0]))
 	}
+	if p.Grammar != "" {
+		g := llama.SamplerInitGrammar(s.vocab, p.Grammar, "root")
+		if g == 0 {
+			return out, &requestError{"the grammar does not parse (GBNF with a root rule)"}
+		}
+		llama.SamplerChainAdd(chain, g) // the chain owns it
+	}
 	if p.Temperature <= 0 {
 		llama.SamplerChainAdd(chain, llama.SamplerInitGreedy())
 	} else {
@@ -144,6 +152,11 @@ func (s *slot) generate(ctx context.Context, in promptInput, p sampling, emit fu
 			return out, fmt.Errorf("decoding the prompt: llama_decode returned %d (%v)", rc, err)
 		}
 		i = end
+	}
+	// The produced tokens of a resumed generation move the grammar (and
+	// any sampler with state) on as their sampling did.
+	for _, t := range tokens[resumeAt:] {
+		llama.SamplerAccept(chain, t)
 	}
 	genStart := time.Now()
 	out.PromptMs = float64(genStart.Sub(start).Microseconds()) / 1000

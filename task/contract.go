@@ -60,6 +60,10 @@ type Params struct {
 	TopP        float64  `json:"top_p"`
 	Seed        int64    `json:"seed"`
 	Stop        []string `json:"stop,omitempty"`
+	// Grammar (GBNF, root rule "root") holds the output to what it
+	// matches: JSON output is a grammar made from a schema (package
+	// grammar). Both engines take it in /completion.
+	Grammar string `json:"grammar,omitempty"`
 }
 
 // Request is a task as admitted: the workflow's input.

@@ -54,6 +54,7 @@ type CompletionRequest struct {
 	Stop         []string `json:"stop"`
 	Stream       bool     `json:"stream"`
 	ReturnTokens bool     `json:"return_tokens"`
+	Grammar      string   `json:"grammar,omitempty"` // GBNF
 	// ResumeAt is llorch's: where a resumed generation's own tokens start
 	// in Prompt. llama-server ignores it.
 	ResumeAt int `json:"resume_at,omitempty"`
