@@ -211,6 +211,9 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 		Temperature: req.Params.Temperature, TopK: req.Params.TopK, TopP: req.Params.TopP,
 		Seed: req.Params.Seed, Stop: req.Params.Stop, Stream: true, ReturnTokens: true, Grammar: req.Params.Grammar,
 	}
+	if req.Params.Logprobs {
+		body.NProbs = max(1, req.Params.TopLogprobs) // 0 asks for none at all
+	}
 	if resumed > 0 {
 		// The built-in engine decodes the produced tokens one by one, as
 		// they were generated: greedy output then continues exactly.
@@ -259,7 +262,11 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 			i := len(r.prog.Tokens)
 			r.prog.Tokens = append(r.prog.Tokens, tok)
 			r.prog.Pieces = append(r.prog.Pieces, piece)
-			push.Send(task.Event{Type: "token", I: i, T: piece, Tok: tok})
+			ev := task.Event{Type: "token", I: i, T: piece, Tok: tok}
+			if req.Params.Logprobs && j < len(ch.Probs) {
+				ev.LP = logprobOf(ch.Probs[j], req.Params.TopLogprobs)
+			}
+			push.Send(ev)
 		}
 		r.mu.Unlock()
 		if ch.Stop {
@@ -287,6 +294,16 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 	log.Info("generation done", "tokens_in", res.TokensIn, "tokens_out", produced, "resumed", resumed,
 		"first_token_ms", res.FirstTokenMs, "decode_ms", res.DecodeMs, "fast_start", r.ahead)
 	return res, nil
+}
+
+// logprobOf is the engine's probabilities of a token as an event carries
+// them, with at most top alternatives.
+func logprobOf(p protocol.TokenProb, top int) *task.Logprob {
+	lp := &task.Logprob{T: p.Token, B: p.Bytes, P: p.Logprob}
+	for _, t := range p.Top[:min(top, len(p.Top))] {
+		lp.Top = append(lp.Top, task.TopLogprob{Tok: t.ID, T: t.Token, B: t.Bytes, P: t.Logprob})
+	}
+	return lp
 }
 
 // resetProgress is what a WORKER_RESET carries: every token, unless they

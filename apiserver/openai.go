@@ -122,6 +122,8 @@ type openAIRequest struct {
 	TopK                *int            `json:"top_k"` // llama.cpp's, beside OpenAI's
 	User                string          `json:"user"`
 	ResponseFormat      json.RawMessage `json:"response_format"` // chat
+	Logprobs            json.RawMessage `json:"logprobs"`        // chat: a boolean; completions: a count
+	TopLogprobs         *int            `json:"top_logprobs"`    // chat
 	Seed                *int64          `json:"seed"`
 	Stop                stopField       `json:"stop"`
 	N                   *int            `json:"n"`
@@ -146,6 +148,9 @@ func (r openAIRequest) input(chat bool) (in taskInput, field string, err error) 
 		if in.params.Grammar, err = responseFormat(r.ResponseFormat); err != nil {
 			return in, "", err
 		}
+	}
+	if in.params.Logprobs, in.params.TopLogprobs, err = logprobsParams(chat, r.Logprobs, r.TopLogprobs); err != nil {
+		return in, "", err
 	}
 	if r.MaxCompletionTokens != nil {
 		in.maxTokens = r.MaxCompletionTokens
@@ -251,7 +256,12 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 		id, object = "chatcmpl-"+req.TaskID, "chat.completion"
 	}
 	created := time.Now().Unix()
+	wantLogprobs := req.Params.Logprobs
 	if !r.Stream {
+		var lps []*task.Logprob
+		if wantLogprobs {
+			lps = s.streamLogprobs(c.UserContext(), req.TaskID)
+		}
 		st, err := s.deps.Tasks.Result(c.UserContext(), req.TaskID)
 		if err != nil {
 			return outputError(err)
@@ -260,6 +270,12 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 			return taskFailure(st)
 		}
 		choice := fiber.Map{"index": 0, "finish_reason": finishReason(st.StopType), "logprobs": nil}
+		switch {
+		case wantLogprobs && chat:
+			choice["logprobs"] = chatLogprobs(lps)
+		case wantLogprobs:
+			choice["logprobs"] = completionLogprobs(lps, 0)
+		}
 		if chat {
 			choice["message"] = fiber.Map{"role": "assistant", "content": st.Text}
 		} else {
@@ -293,9 +309,21 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 			_, _ = w.Write(sseData(chunk(fiber.Map{"role": "assistant", "content": ""}, "", nil)))
 		}
 		tokens := newTokenChunks(func(text string) any { return chunk(fiber.Map{"content": text}, text, nil) })
+		offset := 0 // of the next token's text, for the legacy completions' logprobs
 		err := s.writeStream(w, stream, tokenstream.Cursor{}, func(ev task.Event) []byte {
 			switch ev.Type {
 			case "token":
+				if wantLogprobs && ev.LP != nil {
+					ch := chunk(fiber.Map{"content": ev.T}, ev.T, nil)
+					choice := ch["choices"].([]any)[0].(fiber.Map)
+					if chat {
+						choice["logprobs"] = chatLogprobs([]*task.Logprob{ev.LP})
+					} else {
+						choice["logprobs"] = completionLogprobs([]*task.Logprob{ev.LP}, offset)
+						offset += len(ev.LP.T)
+					}
+					return sseData(ch)
+				}
 				if ev.T == "" {
 					return nil
 				}

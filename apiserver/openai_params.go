@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/llorch/llorch/grammar"
+	"github.com/llorch/llorch/task"
 )
 
 // Every field of a /v1 request is honoured, accepted only at the value
@@ -19,12 +20,12 @@ import (
 // openAIHonoured are the fields the request types read (openAIRequest).
 var openAIHonoured = map[string]bool{
 	"model": true, "max_tokens": true, "temperature": true, "top_p": true, "top_k": true,
-	"seed": true, "stop": true, "n": true, "stream": true, "stream_options": true, "user": true,
+	"seed": true, "stop": true, "n": true, "stream": true, "stream_options": true, "user": true, "logprobs": true,
 }
 
 // openAIHonouredBy are the fields one endpoint alone honours.
 var openAIHonouredBy = map[bool]map[string]bool{
-	true:  {"messages": true, "max_completion_tokens": true, "response_format": true},
+	true:  {"messages": true, "max_completion_tokens": true, "response_format": true, "top_logprobs": true},
 	false: {"prompt": true},
 }
 
@@ -74,8 +75,6 @@ func isOnly(raw json.RawMessage, keys ...string) bool {
 var openAINeutral = map[string]neutralRule{
 	"frequency_penalty":   {zero, "only 0 is supported (no frequency penalty)"},
 	"presence_penalty":    {zero, "only 0 is supported (no presence penalty)"},
-	"logprobs":            {isJSON("false", "0"), "log probabilities are not supported yet"},
-	"top_logprobs":        {zero, "log probabilities are not supported yet"},
 	"logit_bias":          {emptyObject, "logit bias is not supported"},
 	"tools":               {emptyObject, "tool calls are not supported yet"},
 	"tool_choice":         {isJSON(`"none"`), `tool calls are not supported yet: only "none"`},
@@ -242,4 +241,34 @@ func decodeField(raw json.RawMessage, dst any, prefix string) error {
 		return invalidParam(prefix, "want a JSON object of its fields")
 	}
 	return invalidParam(prefix+"."+e.Field, "%s", strings.TrimPrefix(e.Message, e.Field+": "))
+}
+
+// logprobsParams reads what a request asks of log probabilities: chat's
+// logprobs (a boolean) with top_logprobs (0-20), or the legacy
+// completions' logprobs (the number of alternatives, 0-5).
+func logprobsParams(chat bool, logprobs json.RawMessage, top *int) (on bool, n int, err error) {
+	if chat {
+		if len(logprobs) > 0 && string(logprobs) != "null" {
+			if err := json.Unmarshal(logprobs, &on); err != nil {
+				return false, 0, invalidParam("logprobs", "want true or false")
+			}
+		}
+		if top != nil {
+			if !on {
+				return false, 0, invalidParam("top_logprobs", "needs logprobs: true")
+			}
+			if *top < 0 || *top > task.MaxTopLogprobs {
+				return false, 0, invalidParam("top_logprobs", "must be from 0 to %d", task.MaxTopLogprobs)
+			}
+			n = *top
+		}
+		return on, n, nil
+	}
+	if len(logprobs) == 0 || string(logprobs) == "null" {
+		return false, 0, nil
+	}
+	if err := json.Unmarshal(logprobs, &n); err != nil || n < 0 || n > 5 {
+		return false, 0, invalidParam("logprobs", "want the number of alternatives per token, 0 to 5")
+	}
+	return true, n, nil
 }

@@ -26,8 +26,9 @@ func TestOpenAIFieldsHonouredOrRefused(t *testing.T) {
 		{false, `"echo":false,"best_of":1,"suffix":"","max_tokens":5`, ""},
 		{true, `"frequency_penalty":0.5`, "frequency_penalty"},
 		{true, `"presence_penalty":-1`, "presence_penalty"},
-		{true, `"logprobs":true`, "logprobs"},
-		{true, `"top_logprobs":3`, "top_logprobs"},
+		{true, `"logprobs":true,"top_logprobs":3`, ""},
+		{false, `"logprobs":2`, ""},
+		{false, `"top_logprobs":2`, "top_logprobs"},
 		{true, `"logit_bias":{"42":-100}`, "logit_bias"},
 		{false, `"response_format":{"type":"json_object"}`, "response_format"},
 		{true, `"tools":[{"type":"function","function":{"name":"f"}}]`, "tools"},
@@ -121,5 +122,42 @@ func TestOpenAIResponseFormat(t *testing.T) {
 		var e *Error
 		require.True(t, errors.As(err, &e), "%s: %v", body, err)
 		require.Equal(t, field, e.Field, "%s: %v", body, err)
+	}
+}
+
+// logprobs: chat's boolean with top_logprobs 0-20, the legacy
+// completions' count 0-5; each refusal names its field.
+func TestOpenAILogprobs(t *testing.T) {
+	ptr := func(n int) *int { return &n }
+	for _, c := range []struct {
+		chat  bool
+		lp    string
+		top   *int
+		on    bool
+		n     int
+		field string
+	}{
+		{true, ``, nil, false, 0, ""},
+		{true, `false`, nil, false, 0, ""},
+		{true, `true`, nil, true, 0, ""},
+		{true, `true`, ptr(20), true, 20, ""},
+		{true, `true`, ptr(21), false, 0, "top_logprobs"},
+		{true, `false`, ptr(2), false, 0, "top_logprobs"},
+		{true, `3`, nil, false, 0, "logprobs"},
+		{false, `0`, nil, true, 0, ""},
+		{false, `5`, nil, true, 5, ""},
+		{false, `6`, nil, false, 0, "logprobs"},
+		{false, `true`, nil, false, 0, "logprobs"},
+	} {
+		on, n, err := logprobsParams(c.chat, []byte(c.lp), c.top)
+		if c.field != "" {
+			var e *Error
+			require.True(t, errors.As(err, &e), "%+v", c)
+			require.Equal(t, c.field, e.Field)
+			continue
+		}
+		require.NoError(t, err, "%+v", c)
+		require.Equal(t, c.on, on, "%+v", c)
+		require.Equal(t, c.n, n, "%+v", c)
 	}
 }

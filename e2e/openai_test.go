@@ -113,6 +113,45 @@ func TestOpenAICompatible(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, strings.HasPrefix(anyObj.Choices[0].Message.Content, "{"), anyObj.Choices[0].Message.Content)
 
+	// Log probabilities, the sampled token's and the likeliest others':
+	// greedy takes the likeliest; streamed they are the same.
+	lpParams := openai.ChatCompletionNewParams{Model: "oai-tiny", Temperature: openai.Float(0), MaxTokens: openai.Int(10),
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("Hello there")},
+		Logprobs: openai.Bool(true), TopLogprobs: openai.Int(3)}
+	lpResp, err := cl.Chat.Completions.New(ctx, lpParams)
+	require.NoError(t, err)
+	lps := lpResp.Choices[0].Logprobs.Content
+	require.Len(t, lps, 10)
+	joined := ""
+	for _, lp := range lps {
+		require.Len(t, lp.TopLogprobs, 3)
+		require.Equal(t, lp.TopLogprobs[0].Token, lp.Token, "greedy: the likeliest")
+		require.InDelta(t, lp.TopLogprobs[0].Logprob, lp.Logprob, 1e-6)
+		require.LessOrEqual(t, lp.Logprob, 0.0)
+		joined += lp.Token
+	}
+	require.Equal(t, lpResp.Choices[0].Message.Content, joined)
+	lpStream := cl.Chat.Completions.NewStreaming(ctx, lpParams)
+	var streamed []openai.ChatCompletionTokenLogprob
+	for lpStream.Next() {
+		if ch := lpStream.Current(); len(ch.Choices) > 0 {
+			streamed = append(streamed, ch.Choices[0].Logprobs.Content...)
+		}
+	}
+	require.NoError(t, lpStream.Err())
+	require.Len(t, streamed, len(lps))
+	for i := range lps {
+		require.Equal(t, lps[i].Token, streamed[i].Token)
+		require.InDelta(t, lps[i].Logprob, streamed[i].Logprob, 1e-6)
+	}
+	legacy, err := cl.Completions.New(ctx, openai.CompletionNewParams{
+		Model: "oai-tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("Once upon a time")},
+		MaxTokens: openai.Int(6), Temperature: openai.Float(0), Logprobs: openai.Int(2)})
+	require.NoError(t, err)
+	require.Len(t, legacy.Choices[0].Logprobs.Tokens, 6)
+	require.Len(t, legacy.Choices[0].Logprobs.TokenLogprobs, 6)
+	require.Equal(t, legacy.Choices[0].Text, strings.Join(legacy.Choices[0].Logprobs.Tokens, ""))
+
 	comp, err := cl.Completions.New(ctx, openai.CompletionNewParams{
 		Model: "oai-tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("Once upon a time")},
 		MaxTokens: openai.Int(16), Temperature: openai.Float(0),

@@ -91,14 +91,15 @@ func post(t *testing.T, url, body string) (int, []byte) {
 }
 
 type completion struct {
-	Content         string  `json:"content"`
-	Stop            bool    `json:"stop"`
-	StopType        string  `json:"stop_type"`
-	StoppingWord    string  `json:"stopping_word"`
-	TokensPredicted int     `json:"tokens_predicted"`
-	TokensEvaluated int     `json:"tokens_evaluated"`
-	Error           *apiErr `json:"error"`
-	Tokens          []int32 `json:"tokens"`
+	Content         string            `json:"content"`
+	Stop            bool              `json:"stop"`
+	StopType        string            `json:"stop_type"`
+	StoppingWord    string            `json:"stopping_word"`
+	TokensPredicted int               `json:"tokens_predicted"`
+	TokensEvaluated int               `json:"tokens_evaluated"`
+	Error           *apiErr           `json:"error"`
+	Tokens          []int32           `json:"tokens"`
+	Probs           []json.RawMessage `json:"completion_probabilities"`
 	Timings         struct {
 		PromptMs           float64 `json:"prompt_ms"`
 		PredictedMs        float64 `json:"predicted_ms"`

@@ -148,6 +148,7 @@ type completionRequest struct {
 	ResumeAt  int             `json:"resume_at"`
 	LogitBias json.RawMessage `json:"logit_bias"`
 	Grammar   string          `json:"grammar"` // GBNF, as llama-server takes it
+	NProbs    int             `json:"n_probs"`
 }
 
 // parsePrompt reads llama-server's prompt: a string or an array of token ids.
@@ -296,6 +297,8 @@ func (p *sampling) check() error {
 		return fmt.Errorf("\"top_p\" must be between 0 and 1, not %g", p.TopP)
 	case p.TopK < 0:
 		return fmt.Errorf("\"top_k\" must be at least 0, not %d", p.TopK)
+	case p.NProbs < 0 || p.NProbs > MaxProbs:
+		return fmt.Errorf("\"n_probs\" must be from 0 to %d, not %d", MaxProbs, p.NProbs)
 	case p.Temperature < 0:
 		p.Temperature = 0 // llama-server samples greedily for any temperature <= 0
 	}
@@ -349,7 +352,7 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, errInvalidRequest, err.Error())
 		return
 	}
-	p := sampling{NPredict: req.NPredict, Temperature: req.Temperature, TopK: req.TopK, TopP: req.TopP, Seed: req.Seed, Stop: req.Stop, LogitBias: bias, Grammar: req.Grammar}
+	p := sampling{NPredict: req.NPredict, Temperature: req.Temperature, TopK: req.TopK, TopP: req.TopP, Seed: req.Seed, Stop: req.Stop, LogitBias: bias, Grammar: req.Grammar, NProbs: req.NProbs}
 	if err := p.check(); err != nil {
 		writeError(w, http.StatusBadRequest, errInvalidRequest, err.Error())
 		return
@@ -363,7 +366,11 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 	}
 	if !req.Stream {
 		var all []llama.Token
-		o, err := s.run(r.Context(), prompt, p, func(_ string, toks []llama.Token) error { all = append(all, toks...); return nil })
+		var allProbs []tokenProbs
+		o, err := s.run(r.Context(), prompt, p, func(_ string, toks []llama.Token, probs []tokenProbs) error {
+			all, allProbs = append(all, toks...), append(allProbs, probs...)
+			return nil
+		})
 		if err != nil {
 			s.generationError(w, r, err, false)
 			return
@@ -371,6 +378,9 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 		body := final(o, o.Content)
 		if req.ReturnTokens {
 			body["tokens"] = tokenIDs(all)
+		}
+		if p.NProbs > 0 {
+			body["completion_probabilities"] = s.probsJSON(all, allProbs)
 		}
 		writeJSON(w, http.StatusOK, body)
 		return
@@ -388,14 +398,17 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 	}
 	out := newTokenWriter(w)
 	defer out.stop() // also on a panic: no flush may follow the handler
-	o, err := s.run(r.Context(), prompt, p, func(text string, toks []llama.Token) error {
-		if text == "" && !req.ReturnTokens {
+	o, err := s.run(r.Context(), prompt, p, func(text string, toks []llama.Token, probs []tokenProbs) error {
+		if text == "" && !req.ReturnTokens && len(probs) == 0 {
 			return nil
 		}
 		start()
 		ev := map[string]any{"content": text, "stop": false}
 		if req.ReturnTokens {
 			ev["tokens"] = tokenIDs(toks)
+		}
+		if len(probs) > 0 {
+			ev["completion_probabilities"] = s.probsJSON(toks, probs)
 		}
 		return out.event(ev)
 	})
@@ -505,7 +518,7 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		return map[string]any{"prompt_tokens": o.Evaluated, "completion_tokens": o.Predicted, "total_tokens": o.Evaluated + o.Predicted}
 	}
 	if !req.Stream {
-		o, err := s.run(r.Context(), promptInput{Text: prompt}, p, func(string, []llama.Token) error { return nil })
+		o, err := s.run(r.Context(), promptInput{Text: prompt}, p, func(string, []llama.Token, []tokenProbs) error { return nil })
 		if err != nil {
 			s.generationError(w, r, err, false)
 			return
@@ -537,7 +550,7 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusOK)
 		return writeSSE(w, chunk(map[string]any{"role": "assistant", "content": nil}, nil))
 	}
-	o, err := s.run(r.Context(), promptInput{Text: prompt}, p, func(text string, _ []llama.Token) error {
+	o, err := s.run(r.Context(), promptInput{Text: prompt}, p, func(text string, _ []llama.Token, _ []tokenProbs) error {
 		if text == "" {
 			return nil
 		}

@@ -278,7 +278,7 @@ func (s *Server) release(sl *slot) {
 }
 
 // run takes a slot and generates, keeping the metrics.
-func (s *Server) run(ctx context.Context, prompt promptInput, p sampling, emit func(string, []llama.Token) error) (outcome, error) {
+func (s *Server) run(ctx context.Context, prompt promptInput, p sampling, emit emitFunc) (outcome, error) {
 	sl, err := s.acquire(ctx)
 	if err != nil {
 		return outcome{}, err

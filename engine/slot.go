@@ -28,6 +28,7 @@ type sampling struct {
 	Stop        []string
 	LogitBias   []llama.LogitBias
 	Grammar     string // GBNF whose root rule the output must match
+	NProbs      int    // > 0: each token's log probability and this many alternatives
 }
 
 // promptInput is text to tokenize, or tokens as they are (llama-server's
@@ -71,11 +72,14 @@ type slot struct {
 	taskID atomic.Int64
 }
 
-// generate runs one completion on the slot. emit gets text as it becomes
-// final (whole UTF-8 characters, never part of a stop word) and the tokens
-// sampled since its last call; an emit error (the client went away) or ctx
-// ending stops generation.
-func (s *slot) generate(ctx context.Context, in promptInput, p sampling, emit func(string, []llama.Token) error) (outcome, error) {
+// emitFunc takes text as it becomes final (whole UTF-8 characters, never
+// part of a stop word), the tokens sampled since its last call and, when
+// the request asked (n_probs), their probabilities (else nil).
+type emitFunc func(text string, toks []llama.Token, probs []tokenProbs) error
+
+// generate runs one completion on the slot, handing its output to emit; an
+// emit error (the client went away) or ctx ending stops generation.
+func (s *slot) generate(ctx context.Context, in promptInput, p sampling, emit emitFunc) (outcome, error) {
 	var out outcome
 	mem, err := llama.GetMemory(s.ctx)
 	if err != nil {
@@ -169,6 +173,7 @@ func (s *slot) generate(ctx context.Context, in promptInput, p sampling, emit fu
 		maxStop  int
 		tokenBuf = []llama.Token{0}
 		pending  []llama.Token // sampled, not yet handed to emit
+		probs    []tokenProbs  // theirs, when asked
 	)
 	for _, w := range p.Stop {
 		maxStop = max(maxStop, len(w))
@@ -184,6 +189,13 @@ func (s *slot) generate(ctx context.Context, in promptInput, p sampling, emit fu
 		tok := llama.SamplerSample(chain, s.ctx, -1)
 		out.Predicted++
 		pending = append(pending, tok)
+		if p.NProbs > 0 {
+			logits, err := llama.GetLogitsIth(s.ctx, -1, int(nVocab))
+			if err != nil || logits == nil {
+				return out, fmt.Errorf("reading the logits of token %d: %v", out.Predicted, err)
+			}
+			probs = append(probs, logprobs(logits, tok, p.NProbs))
+		}
 		if llama.VocabIsEOG(s.vocab, tok) {
 			out.StopType = StopEOS
 			break
@@ -207,10 +219,10 @@ func (s *slot) generate(ctx context.Context, in promptInput, p sampling, emit fu
 		ready := len(text) - partialStop(text, p.Stop)
 		ready = sent + completeUTF8(text[sent:ready])
 		if ready > sent {
-			if err := emit(string(text[sent:ready]), pending); err != nil {
+			if err := emit(string(text[sent:ready]), pending, probs); err != nil {
 				return out, err
 			}
-			sent, pending = ready, nil
+			sent, pending, probs = ready, nil, nil
 		}
 
 		tokenBuf[0] = tok
@@ -220,7 +232,7 @@ func (s *slot) generate(ctx context.Context, in promptInput, p sampling, emit fu
 		nPast++
 	}
 	if sent < len(text) || len(pending) > 0 {
-		if err := emit(string(text[sent:]), pending); err != nil {
+		if err := emit(string(text[sent:]), pending, probs); err != nil {
 			return out, err
 		}
 	}

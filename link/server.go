@@ -489,7 +489,7 @@ func (s *Server) taskEvents(w http.ResponseWriter, r *http.Request, id string) {
 func appendEvents(buf []byte, evs []task.Event) (_ []byte, tokens bool, err error) {
 	for _, ev := range evs {
 		if ev.Type == "token" && ev.NodeID == "" && ev.PoolID == "" && ev.TokensOut == 0 && ev.DecodeTimeMs == 0 &&
-			ev.TokensIn == 0 && ev.StopType == "" && ev.Metrics == nil && ev.Error == nil {
+			ev.TokensIn == 0 && ev.StopType == "" && ev.Metrics == nil && ev.Error == nil && ev.LP == nil {
 			buf, tokens = appendTokenLine(buf, ev), true
 			continue
 		}

@@ -64,7 +64,14 @@ type Params struct {
 	// matches: JSON output is a grammar made from a schema (package
 	// grammar). Both engines take it in /completion.
 	Grammar string `json:"grammar,omitempty"`
+	// Logprobs asks each token's log probability, with TopLogprobs (0-20)
+	// of the most likely tokens at its position (Event.LP).
+	Logprobs    bool `json:"logprobs,omitempty"`
+	TopLogprobs int  `json:"top_logprobs,omitempty"`
 }
+
+// MaxTopLogprobs bounds Params.TopLogprobs, as OpenAI does.
+const MaxTopLogprobs = 20
 
 // Request is a task as admitted: the workflow's input.
 type Request struct {
@@ -274,6 +281,26 @@ type Event struct {
 	Metrics map[string]any `json:"metrics,omitempty"`
 	// error
 	Error *Error `json:"error,omitempty"`
+	// token, when the task asked (Params.Logprobs)
+	LP *Logprob `json:"lp,omitempty"`
+}
+
+// Logprob is a token's log probability under the model (before sampling)
+// with its own text and bytes (a token's text in T may sit on the last
+// token of an engine's chunk) and the most likely tokens at its position.
+type Logprob struct {
+	T   string       `json:"t"` // the valid UTF-8 part of its bytes
+	B   []int        `json:"b"`
+	P   float32      `json:"p"`
+	Top []TopLogprob `json:"top,omitempty"`
+}
+
+// TopLogprob is one of the most likely tokens at a position.
+type TopLogprob struct {
+	Tok int32   `json:"tok"`
+	T   string  `json:"t"`
+	B   []int   `json:"b"`
+	P   float32 `json:"p"`
 }
 
 // Cancel is the payload of SignalCancel: why, and who asked (for the

@@ -124,6 +124,19 @@ type Stream struct {
 type piece struct {
 	t   string
 	tok int32
+	lp  *task.Logprob // when the task asked for log probabilities
+}
+
+// logprobCost estimates the memory a token's log probabilities take.
+func logprobCost(lp *task.Logprob) int64 {
+	if lp == nil {
+		return 0
+	}
+	n := int64(unsafe.Sizeof(task.Logprob{})) + int64(len(lp.T)+8*len(lp.B))
+	for _, t := range lp.Top {
+		n += int64(unsafe.Sizeof(task.TopLogprob{})) + int64(len(t.T)+8*len(t.B))
+	}
+	return n
 }
 
 // Sizes behind the byte estimate of what a stream holds.
@@ -135,7 +148,7 @@ var (
 // eventCost estimates the memory an event takes once held.
 func eventCost(ev task.Event) int64 {
 	if ev.Type == "token" {
-		return pieceSize + int64(len(ev.T))
+		return pieceSize + int64(len(ev.T)) + logprobCost(ev.LP)
 	}
 	n := eventSize + int64(len(ev.Type)+len(ev.T)+len(ev.NodeID)+len(ev.PoolID)+len(ev.StopType))
 	n += int64(len(ev.Metrics)) * 64
@@ -427,7 +440,7 @@ func (s *Stream) Push(evs []task.Event) (have int, err error) {
 			case ev.I > next:
 				return next, ErrGap
 			}
-			s.tokens, changed = append(s.tokens, piece{t: ev.T, tok: ev.Tok}), true
+			s.tokens, changed = append(s.tokens, piece{t: ev.T, tok: ev.Tok, lp: ev.LP}), true
 			s.take(cost)
 		case "metrics":
 			s.metrics, changed = append(s.metrics, ev), true
@@ -504,7 +517,7 @@ func (s *Stream) Read(c Cursor) ([]task.Event, Cursor, <-chan struct{}) {
 	c.Next = max(c.Next, s.base)
 	for ; c.Next < s.base+len(s.tokens); c.Next++ {
 		p := s.tokens[c.Next-s.base]
-		out = append(out, task.Event{Type: "token", I: c.Next, T: p.t, Tok: p.tok})
+		out = append(out, task.Event{Type: "token", I: c.Next, T: p.t, Tok: p.tok, LP: p.lp})
 	}
 	if !c.Done && s.final != nil {
 		out = append(out, *s.final)

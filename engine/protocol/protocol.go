@@ -55,6 +55,7 @@ type CompletionRequest struct {
 	Stream       bool     `json:"stream"`
 	ReturnTokens bool     `json:"return_tokens"`
 	Grammar      string   `json:"grammar,omitempty"` // GBNF
+	NProbs       int      `json:"n_probs,omitempty"` // log probabilities, with this many alternatives
 	// ResumeAt is llorch's: where a resumed generation's own tokens start
 	// in Prompt. llama-server ignores it.
 	ResumeAt int `json:"resume_at,omitempty"`
@@ -84,10 +85,21 @@ type Chunk struct {
 	Stop            bool    `json:"stop"`
 	StopType        string  `json:"stop_type"`
 	TokensEvaluated int     `json:"tokens_evaluated"` // the prompt's tokens, in the final event
-	Timings         struct {
+	// Probs are the tokens' log probabilities (n_probs), one per token.
+	Probs   []TokenProb `json:"completion_probabilities"`
+	Timings struct {
 		PredictedMs float64 `json:"predicted_ms"`
 	} `json:"timings"`
 	Error *Error `json:"error"`
+}
+
+// TokenProb is a token's log probability, as llama-server reports it.
+type TokenProb struct {
+	ID      int32       `json:"id"`
+	Token   string      `json:"token"`
+	Bytes   []int       `json:"bytes"`
+	Logprob float32     `json:"logprob"`
+	Top     []TokenProb `json:"top_logprobs"`
 }
 
 // ErrorBody is llama-server's error answer, and the event a stream ends
