@@ -194,6 +194,7 @@ func TestScopesOnEveryRoute(t *testing.T) {
 		{"DELETE", "/v2/sessions/ghost", nil, I},
 		{"POST", "/v1/chat/completions", map[string]any{}, I},
 		{"POST", "/v1/completions", map[string]any{}, I},
+		{"POST", "/v1/responses", map[string]any{}, I},
 		{"GET", "/v1/models", nil, I},
 		{"GET", "/v1/models/ghost", nil, I},
 	}

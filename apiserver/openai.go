@@ -1,12 +1,13 @@
 package apiserver
 
 import (
-	"bytes"
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"time"
 
@@ -222,11 +223,7 @@ func (s *Server) openAITask(c *fiber.Ctx, chat bool) (task.Request, openAIReques
 	}
 	req, _, err := s.buildTask(c, in, field)
 	if err != nil {
-		var e *Error
-		if errors.As(err, &e) && e.Code == CodeModelNotFound {
-			e.Code, e.Message = "MODEL_NOT_FOUND", fmt.Sprintf("The model `%s` does not exist", r.Model)
-		}
-		return req, r, adm, err
+		return req, r, adm, modelNotFound(err, r.Model)
 	}
 	// A stream's first token need not wait for the workflow's start: a
 	// client that leaves cancels the task (after its start, see below).
@@ -234,6 +231,15 @@ func (s *Server) openAITask(c *fiber.Ctx, chat bool) (task.Request, openAIReques
 		return req, r, adm, err
 	}
 	return req, r, adm, nil
+}
+
+// modelNotFound is a catalog miss in OpenAI's words (model_not_found).
+func modelNotFound(err error, model string) error {
+	var e *Error
+	if errors.As(err, &e) && e.Code == CodeModelNotFound {
+		e.Code, e.Message = "MODEL_NOT_FOUND", fmt.Sprintf("The model `%s` does not exist", model)
+	}
+	return err
 }
 
 func (s *Server) chatCompletions(c *fiber.Ctx) error { return s.openAIComplete(c, true) }
@@ -285,9 +291,6 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 			"choices": []any{choice}, "usage": usage(st.TokensIn, st.TokensOut)})
 	}
 	includeUsage := r.StreamOptions != nil && r.StreamOptions.IncludeUsage
-	c.Set(fiber.HeaderContentType, "text/event-stream")
-	c.Set(fiber.HeaderCacheControl, "no-cache")
-	c.Set("X-Accel-Buffering", "no")
 	log := s.log(c).With("task_id", req.TaskID)
 	chunkObject := "text_completion"
 	if chat {
@@ -302,65 +305,78 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 		}
 		return fiber.Map{"id": id, "object": chunkObject, "created": created, "model": req.ModelID, "choices": []any{ch}}
 	}
-	c.Context().SetBodyStreamWriter(s.guardStream(log, func(w *bufio.Writer) {
-		stream, release := s.readStream(req.TaskID)
-		defer release()
-		if chat {
-			_, _ = w.Write(sseData(chunk(fiber.Map{"role": "assistant", "content": ""}, "", nil)))
+	var head []byte
+	if chat {
+		head = sseData(chunk(fiber.Map{"role": "assistant", "content": ""}, "", nil))
+	}
+	tokens := newTokenChunks(func(text string) any { return chunk(fiber.Map{"content": text}, text, nil) })
+	offset := 0 // of the next token's text, for the legacy completions' logprobs
+	s.openAIStream(c, req.TaskID, adm, log, head, func(ev task.Event) []byte {
+		switch ev.Type {
+		case "token":
+			if wantLogprobs && ev.LP != nil {
+				ch := chunk(fiber.Map{"content": ev.T}, ev.T, nil)
+				choice := ch["choices"].([]any)[0].(fiber.Map)
+				if chat {
+					choice["logprobs"] = chatLogprobs([]*task.Logprob{ev.LP})
+				} else {
+					choice["logprobs"] = completionLogprobs([]*task.Logprob{ev.LP}, offset)
+					offset += len(ev.LP.T)
+				}
+				return sseData(ch)
+			}
+			if ev.T == "" {
+				return nil
+			}
+			return tokens.render(ev.T)
+		case "end":
+			out := sseData(chunk(fiber.Map{}, "", finishReason(ev.StopType)))
+			if includeUsage {
+				u := chunk(nil, "", nil)
+				u["choices"] = []any{}
+				u["usage"] = usage(ev.TokensIn, ev.TokensOut)
+				out = append(out, sseData(u)...)
+			}
+			return append(out, "data: [DONE]\n\n"...)
+		case "error":
+			e := ev.Error
+			out := sseData(fiber.Map{"error": fiber.Map{"message": e.Message, "type": "server_error", "code": strings.ToLower(e.Code), "param": nil}})
+			return append(out, "data: [DONE]\n\n"...)
 		}
-		tokens := newTokenChunks(func(text string) any { return chunk(fiber.Map{"content": text}, text, nil) })
-		offset := 0 // of the next token's text, for the legacy completions' logprobs
-		err := s.writeStream(w, stream, tokenstream.Cursor{}, func(ev task.Event) []byte {
-			switch ev.Type {
-			case "token":
-				if wantLogprobs && ev.LP != nil {
-					ch := chunk(fiber.Map{"content": ev.T}, ev.T, nil)
-					choice := ch["choices"].([]any)[0].(fiber.Map)
-					if chat {
-						choice["logprobs"] = chatLogprobs([]*task.Logprob{ev.LP})
-					} else {
-						choice["logprobs"] = completionLogprobs([]*task.Logprob{ev.LP}, offset)
-						offset += len(ev.LP.T)
-					}
-					return sseData(ch)
-				}
-				if ev.T == "" {
-					return nil
-				}
-				return tokens.render(ev.T)
-			case "end":
-				out := sseData(chunk(fiber.Map{}, "", finishReason(ev.StopType)))
-				if includeUsage {
-					u := chunk(nil, "", nil)
-					u["choices"] = []any{}
-					u["usage"] = usage(ev.TokensIn, ev.TokensOut)
-					out = append(out, sseData(u)...)
-				}
-				return append(out, "data: [DONE]\n\n"...)
-			case "error":
-				e := ev.Error
-				out := sseData(fiber.Map{"error": fiber.Map{"message": e.Message, "type": "server_error", "code": strings.ToLower(e.Code), "param": nil}})
-				return append(out, "data: [DONE]\n\n"...)
-			}
-			return nil
-		})
-		if err != nil && !errors.Is(err, errShuttingDown) {
-			// The client left: as OpenAI clients expect, that cancels the task.
-			cctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer ccancel()
-			// Its workflow must exist to be canceled (its start may still
-			// be under way); one that did not start has nothing to cancel.
-			if adm.Durable(cctx) != nil {
-				return
-			}
-			if cerr := s.cancel(cctx, req.TaskID, "client disconnected"); cerr != nil {
-				log.Debug("cancel after disconnect", "err", cerr)
-			} else {
-				log.Info("client left the stream: task canceled")
-			}
+		return nil
+	})
+	return nil
+}
+
+// openAIStream streams a /v1 task's events as render makes them, after
+// head; a client that leaves cancels the task, as OpenAI clients expect.
+func (s *Server) openAIStream(c *fiber.Ctx, taskID string, adm scheduler.Admission, log *slog.Logger, head []byte, render func(task.Event) []byte) {
+	c.Set(fiber.HeaderContentType, "text/event-stream")
+	c.Set(fiber.HeaderCacheControl, "no-cache")
+	c.Set("X-Accel-Buffering", "no")
+	c.Context().SetBodyStreamWriter(s.guardStream(log, func(w *bufio.Writer) {
+		stream, release := s.readStream(taskID)
+		defer release()
+		if head != nil {
+			_, _ = w.Write(head)
+		}
+		err := s.writeStream(w, stream, tokenstream.Cursor{}, render)
+		if err == nil || errors.Is(err, errShuttingDown) {
+			return
+		}
+		cctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer ccancel()
+		// Its workflow must exist to be canceled (its start may still
+		// be under way); one that did not start has nothing to cancel.
+		if adm.Durable(cctx) != nil {
+			return
+		}
+		if cerr := s.cancel(cctx, taskID, "client disconnected"); cerr != nil {
+			log.Debug("cancel after disconnect", "err", cerr)
+		} else {
+			log.Info("client left the stream: task canceled")
 		}
 	}))
-	return nil
 }
 
 func usage(in, out int) fiber.Map {
@@ -409,9 +425,7 @@ func (s *Server) openAIModel(c *fiber.Ctx) error {
 	e, err := s.entry(c.UserContext(), id)
 	var ae *Error
 	if errors.As(err, &ae) && ae.Code == CodeModelNotFound || err == nil && e.Lifecycle != model.Active {
-		nf := apiError(fiber.StatusNotFound, CodeModelNotFound, "The model `%s` does not exist", id)
-		nf.Code = "MODEL_NOT_FOUND"
-		return nf
+		return modelNotFound(apiError(fiber.StatusNotFound, CodeModelNotFound, "not found"), id)
 	}
 	if err != nil {
 		return err

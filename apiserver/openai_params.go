@@ -105,12 +105,7 @@ func checkOpenAIFields(body []byte, chat bool) error {
 	if json.Unmarshal(body, &fields) != nil {
 		return nil // not an object: the typed decode names the problem
 	}
-	names := make([]string, 0, len(fields))
-	for k := range fields {
-		names = append(names, k)
-	}
-	slices.Sort(names) // the same body is refused for the same field
-	for _, k := range names {
+	for _, k := range sortedKeys(fields) { // the same body is refused for the same field
 		raw := fields[k]
 		if openAIHonoured[k] || openAIHonouredBy[chat][k] || string(bytes.TrimSpace(raw)) == "null" {
 			continue
@@ -144,12 +139,7 @@ func checkMessageFields(raw json.RawMessage) error {
 		return nil // the typed decode names the problem
 	}
 	for i, m := range msgs {
-		keys := make([]string, 0, len(m))
-		for k := range m {
-			keys = append(keys, k)
-		}
-		slices.Sort(keys)
-		for _, k := range keys {
+		for _, k := range sortedKeys(m) {
 			field := fmt.Sprintf("messages[%d].%s", i, k)
 			switch v := string(bytes.TrimSpace(m[k])); {
 			case k == "role" || k == "content" || v == "null":

@@ -78,6 +78,7 @@ func (s *Server) routes() {
 		}, inference)
 		v1.Post("/chat/completions", s.chatCompletions)
 		v1.Post("/completions", s.completions)
+		v1.Post("/responses", s.responses)
 		v1.Get("/models", s.openAIModels)
 		v1.Get("/models/:id", s.openAIModel)
 

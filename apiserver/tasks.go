@@ -157,7 +157,7 @@ func parseTask(in taskInput, maxTokensField string) (task.Request, error) {
 		}
 	}
 	p.Stop = in.params.Stop
-	p.Grammar = in.params.Grammar // made by this server (response_format), bounded there
+	p.Grammar = in.params.Grammar                                         // made by this server (response_format), bounded there
 	p.Logprobs, p.TopLogprobs = in.params.Logprobs, in.params.TopLogprobs // checked by the endpoint
 	prio := task.Priority(in.priority)
 	switch prio {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
+	"github.com/openai/openai-go/v3/responses"
 	"github.com/santhosh-tekuri/jsonschema/v6"
 	"github.com/stretchr/testify/require"
 
@@ -151,6 +152,45 @@ func TestOpenAICompatible(t *testing.T) {
 	require.Len(t, legacy.Choices[0].Logprobs.Tokens, 6)
 	require.Len(t, legacy.Choices[0].Logprobs.TokenLogprobs, 6)
 	require.Equal(t, legacy.Choices[0].Text, strings.Join(legacy.Choices[0].Logprobs.Tokens, ""))
+
+	// The Responses API, as a chat turn: the same text as chat, usage,
+	// incomplete at the token limit; streamed, its deltas make the text the
+	// completed event holds.
+	rp := responses.ResponseNewParams{Model: "oai-tiny", Instructions: openai.String("be brief"),
+		Input:           responses.ResponseNewParamsInputUnion{OfString: openai.String("Hello there")},
+		MaxOutputTokens: openai.Int(24), Temperature: openai.Float(0), Store: openai.Bool(false)}
+	rs, err := cl.Responses.New(ctx, rp)
+	require.NoError(t, err)
+	require.Equal(t, whole, rs.OutputText(), "the same turn as chat, greedy")
+	require.EqualValues(t, "incomplete", rs.Status)
+	require.Equal(t, "max_output_tokens", rs.IncompleteDetails.Reason)
+	require.EqualValues(t, 24, rs.Usage.OutputTokens)
+	require.Positive(t, rs.Usage.InputTokens)
+	rstream := cl.Responses.NewStreaming(ctx, rp)
+	var deltas strings.Builder
+	var final responses.Response
+	var types []string
+	for rstream.Next() {
+		ev := rstream.Current()
+		types = append(types, ev.Type)
+		switch ev.Type {
+		case "response.output_text.delta":
+			deltas.WriteString(ev.Delta)
+		case "response.completed", "response.incomplete":
+			final = ev.Response
+		}
+	}
+	require.NoError(t, rstream.Err())
+	require.Equal(t, whole, deltas.String())
+	require.Equal(t, whole, final.OutputText())
+	require.Equal(t, []string{"response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"}, types[:4])
+	require.Equal(t, []string{"response.output_text.done", "response.content_part.done", "response.output_item.done", "response.incomplete"}, types[len(types)-4:])
+	_, err = cl.Responses.New(ctx, responses.ResponseNewParams{Model: "oai-tiny",
+		Input: responses.ResponseNewParamsInputUnion{OfString: openai.String("hi")}, PreviousResponseID: openai.String("resp_x")})
+	var refused *openai.Error
+	require.True(t, errors.As(err, &refused), "%v", err)
+	require.Equal(t, 400, refused.StatusCode)
+	require.Equal(t, "previous_response_id", refused.Param)
 
 	comp, err := cl.Completions.New(ctx, openai.CompletionNewParams{
 		Model: "oai-tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("Once upon a time")},
