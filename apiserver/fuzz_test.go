@@ -47,6 +47,8 @@ func FuzzTaskRequest(f *testing.F) {
 		`{"model_ref":"m","prompt":"x","placement":{"mode":"pin","pin_pool_id":"p1"},"determinism":"strict"}`,
 		`{"model_ref":"m","prompt":"x","placement":{"mode":"prefer","prefer_pools":["a"],"avoid_pools":["b"],"allow_fallback":false}}`,
 		`{"model_ref":"../x","prompt":""}`, `{"prompt":1}`, `[]`, `{"max_tokens":-1}`, `{"task_id":"a/b"}`,
+		`{"model_ref":"m","prompt":"x","workload":"completion","engine":"llamacpp","ctx":2048,"max_tokens":64}`,
+		`{"model_ref":"m","prompt":"x","engine":"vllm","ctx":0,"kv_hint":"reuse","inputs":["a"]}`,
 	} {
 		f.Add([]byte(s))
 	}

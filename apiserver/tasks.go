@@ -71,7 +71,20 @@ type taskRequest struct {
 	Stop        []string        `json:"stop"`
 	Determinism string          `json:"determinism"`
 	Placement   *task.Placement `json:"placement"`
+	// The original contract's placement and workload fields.
+	Workload string `json:"workload"` // completion (the default)
+	Engine   string `json:"engine"`   // llamacpp (any), builtin, llama-server
+	Ctx      *int   `json:"ctx"`      // the slot context the task needs
+	// Fields of the original contract llorch does not act on yet: refused
+	// naming them when set, never dropped.
+	ExpectedTokens        json.RawMessage `json:"expected_tokens"`
+	KVHint                json.RawMessage `json:"kv_hint"`
+	SamplerProfileVersion json.RawMessage `json:"sampler_profile_version"`
+	Inputs                json.RawMessage `json:"inputs"`
 }
+
+// maxCtx bounds ctx: no model's slot holds more.
+const maxCtx = 1 << 20
 
 // newTask validates a request into the workflow's input. field names the
 // JSON field each check is about, in the caller's API's spelling.
@@ -405,6 +418,49 @@ func (r taskRequest) input() (taskInput, error) {
 		temperature: r.Temperature, topK: r.TopK, topP: r.TopP, seed: r.Seed}
 	if r.Placement != nil {
 		in.placement = *r.Placement
+		// One spelling each: the top-level fields.
+		if in.placement.Engine != "" {
+			return in, invalidParam("placement.engine", "set engine at the top level")
+		}
+		if in.placement.MinCtx != 0 {
+			return in, invalidParam("placement.min_ctx", "set ctx at the top level")
+		}
+	}
+	switch r.Workload {
+	case "", "completion":
+	case "embedding", "rerank":
+		return in, invalidParam("workload", "%s is not served yet: no pool runs an embedding or rerank engine", r.Workload)
+	default:
+		return in, invalidParam("workload", "want completion, embedding or rerank, got %q", r.Workload)
+	}
+	switch r.Engine {
+	case "", task.EngineAny, string(pool.Builtin), string(pool.LlamaServer):
+		in.placement.Engine = r.Engine
+	default:
+		return in, invalidParam("engine", "want %s (any llama.cpp pool), %s or %s, got %q", task.EngineAny, pool.Builtin, pool.LlamaServer, r.Engine)
+	}
+	if r.Ctx != nil {
+		if *r.Ctx < 1 || *r.Ctx > maxCtx {
+			return in, invalidParam("ctx", "must be from 1 to %d tokens", maxCtx)
+		}
+		if r.MaxTokens != nil && *r.MaxTokens > *r.Ctx {
+			return in, invalidParam("max_tokens", "%d is above ctx (%d), the slot context the task asks for", *r.MaxTokens, *r.Ctx)
+		}
+		in.placement.MinCtx = *r.Ctx
+	}
+	for _, f := range []struct {
+		name string
+		raw  json.RawMessage
+		why  string
+	}{
+		{"expected_tokens", r.ExpectedTokens, "predicted starts use the nodes' observed service times, not a task's estimate, yet"},
+		{"kv_hint", r.KVHint, "placement does not follow slot caches yet"},
+		{"sampler_profile_version", r.SamplerProfileVersion, "sampler profiles are not versioned yet: send the sampling fields"},
+		{"inputs", r.Inputs, "inputs belong to embedding and rerank workloads, which are not served yet"},
+	} {
+		if len(f.raw) > 0 && string(f.raw) != "null" {
+			return in, invalidParam(f.name, "is not supported yet: %s", f.why)
+		}
 	}
 	switch r.Determinism {
 	case "", "best_effort":

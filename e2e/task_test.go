@@ -139,6 +139,13 @@ func TestTasksV2(t *testing.T) {
 		{`{"model_ref":"nope","prompt":"x"}`, "MODEL_NOT_FOUND", "", 404},
 		{`{"model_ref":"task-tiny","prompt":"x","placement":{"mode":"pin","pin_pool_id":"ghost"}}`, "POOL_UNAVAILABLE", "", 503},
 		{`{"task_id":"t-one","model_ref":"task-tiny","prompt":"x"}`, "TASK_EXISTS", "", 409},
+		// The original contract's constraints: tp1 is a built-in pool whose
+		// slots hold 4096 tokens.
+		{`{"model_ref":"task-tiny","prompt":"x","engine":"llama-server"}`, "POOL_UNAVAILABLE", "", 503},
+		{`{"model_ref":"task-tiny","prompt":"x","ctx":4097}`, "POOL_UNAVAILABLE", "", 503},
+		{`{"model_ref":"task-tiny","prompt":"x","engine":"vllm"}`, "INVALID_PARAMS", "engine", 400},
+		{`{"model_ref":"task-tiny","prompt":"x","workload":"rerank"}`, "INVALID_PARAMS", "workload", 400},
+		{`{"model_ref":"task-tiny","prompt":"x","kv_hint":"reuse"}`, "INVALID_PARAMS", "kv_hint", 400},
 	} {
 		status, body := c.submit(tc.body)
 		require.Equal(t, tc.status, status, "%s: %v", tc.body, body)
@@ -150,6 +157,12 @@ func TestTasksV2(t *testing.T) {
 	status, body = c.get("/v2/tasks/ghost")
 	require.Equal(t, 404, status, body)
 	require.Equal(t, "TASK_NOT_FOUND", body["code"])
+	status, body = c.submit(`{"task_id":"t-contract","model_ref":"task-tiny","prompt":"x","max_tokens":3,"workload":"completion","engine":"llamacpp","ctx":4096}`)
+	require.Equal(t, 202, status, body)
+	testenv.Eventually(t, 60*time.Second, "the constrained task completed", func() (bool, string) {
+		_, rec := c.get("/v2/tasks/t-contract")
+		return rec["state"] == "Completed", fmt.Sprint(rec)
+	})
 
 	// Sessions: metadata of up to 8 turns.
 	for i := range 8 {

@@ -25,6 +25,7 @@ type Candidate struct {
 	NodeOnline bool
 	SlotsTotal int
 	CtxPerSlot int // tokens a slot holds (0: unknown, the model's)
+	Engine     pool.Engine
 	// SlotsBusy is the generations running on the engine, as its node's
 	// link shows them.
 	SlotsBusy int
@@ -69,6 +70,15 @@ var (
 
 func (c *Candidate) free() int { return c.SlotsTotal - c.SlotsBusy }
 
+// engine is c's engine; a pool whose record names none runs the built-in
+// one (the default since pools had engines).
+func (c *Candidate) engine() pool.Engine {
+	if c.Engine == "" {
+		return pool.Builtin
+	}
+	return c.Engine
+}
+
 // may says whether c could serve r at all (now or once it is ready).
 func may(c *Candidate, r *Request) bool {
 	if c.ModelID != r.ModelID || !c.NodeOnline || c.Draining {
@@ -81,6 +91,13 @@ func may(c *Candidate, r *Request) bool {
 	}
 	p := &r.Placement
 	if p.NodeID != "" && c.NodeID != p.NodeID {
+		return false
+	}
+	if p.Engine != "" && p.Engine != task.EngineAny && string(c.engine()) != p.Engine {
+		return false
+	}
+	// A slot of unknown size cannot be shown to hold what the task needs.
+	if p.MinCtx > 0 && c.CtxPerSlot < p.MinCtx {
 		return false
 	}
 	return !slices.Contains(p.AvoidPools, c.PoolID) && !slices.Contains(r.Exclude, c.PoolID)
@@ -129,8 +146,8 @@ func Choose(cands []Candidate, r Request) (*Candidate, error) {
 				continue
 			}
 			if !may(c, &r) {
-				return nil, fmt.Errorf("%w: pinned pool %s cannot serve model %s (state %s, draining %v, node online %v)",
-					ErrNoPool, c.PoolID, r.ModelID, c.State, c.Draining, c.NodeOnline)
+				return nil, fmt.Errorf("%w: pinned pool %s cannot serve model %s (state %s, draining %v, node online %v, engine %s, ctx per slot %d)",
+					ErrNoPool, c.PoolID, r.ModelID, c.State, c.Draining, c.NodeOnline, c.Engine, c.CtxPerSlot)
 			}
 			if c.State != pool.Ready {
 				return nil, fmt.Errorf("%w: pinned pool %s is %s", ErrNoPool, c.PoolID, c.State)

@@ -114,3 +114,32 @@ func BenchmarkChoose1000Nodes(b *testing.B) {
 		}
 	}
 }
+
+// engine and min ctx hold a task to the pools that meet them; a pool that
+// names no engine runs the built-in one; a slot of unknown size meets no
+// min ctx; a pinned pool that does not meet them is refused, not waited for.
+func TestChooseEngineAndCtx(t *testing.T) {
+	a, b, c := cand("a", "n1", 30, 0), cand("b", "n2", 20, 0), cand("c", "n3", 10, 0)
+	a.Engine, a.CtxPerSlot = pool.LlamaServer, 4096
+	b.Engine, b.CtxPerSlot = pool.Builtin, 1024
+	c.CtxPerSlot = 8192 // no engine named: built-in
+	cands := []Candidate{a, b, c}
+	pick := func(p task.Placement) string {
+		got, err := Choose(cands, Request{ModelID: "m", Placement: p})
+		if err != nil {
+			return err.Error()
+		}
+		return got.PoolID
+	}
+	require.Equal(t, "a", pick(task.Placement{Engine: task.EngineAny}))
+	require.Equal(t, "a", pick(task.Placement{Engine: "llama-server"}))
+	require.Equal(t, "b", pick(task.Placement{Engine: "builtin"}))
+	require.Equal(t, "a", pick(task.Placement{MinCtx: 2048}))
+	require.Equal(t, "c", pick(task.Placement{MinCtx: 2048, Engine: "builtin"}))
+	require.Contains(t, pick(task.Placement{MinCtx: 9000}), ErrNoPool.Error())
+	unknown := cand("u", "n4", 99, 0)
+	_, err := Choose([]Candidate{unknown}, Request{ModelID: "m", Placement: task.Placement{MinCtx: 1}})
+	require.ErrorIs(t, err, ErrNoPool)
+	_, err = Choose(cands, Request{ModelID: "m", Placement: task.Placement{Mode: "pin", PinPoolID: "b", MinCtx: 2048}})
+	require.ErrorIs(t, err, ErrNoPool)
+}

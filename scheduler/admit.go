@@ -302,7 +302,7 @@ func (s *Scheduler) startPool(ctx context.Context, req task.Request) (*pool.Spec
 		return nil, err
 	}
 	s.announce(placement.Candidate{PoolID: spec.PoolID, NodeID: nodeID, ModelID: spec.ModelID,
-		State: pool.Starting, NodeOnline: true, SlotsTotal: spec.Slots, CtxPerSlot: spec.CtxSize / spec.Slots})
+		State: pool.Starting, NodeOnline: true, SlotsTotal: spec.Slots, CtxPerSlot: spec.CtxSize / spec.Slots, Engine: spec.Engine})
 	return &spec, nil
 }
 

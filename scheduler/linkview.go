@@ -280,7 +280,7 @@ func (v *LinkView) Refresh(ctx context.Context) error {
 		}
 		read[p.PoolID] = placement.Candidate{PoolID: h.PoolID, NodeID: h.NodeID, ModelID: h.ModelID, URL: h.URL,
 			Epoch: h.Epoch, State: h.State, Draining: h.Draining,
-			SlotsTotal: h.SlotsTotal, CtxPerSlot: h.CtxSize / max(h.SlotsTotal, 1)}
+			SlotsTotal: h.SlotsTotal, CtxPerSlot: h.CtxSize / max(h.SlotsTotal, 1), Engine: h.Engine}
 	}
 	v.mu.Lock()
 	kept := make(map[string]placement.Candidate, len(old))
@@ -579,6 +579,9 @@ func (v *LinkView) Candidates(context.Context) ([]placement.Candidate, error) {
 			c.State = pool.Unready
 		}
 		c.CtxPerSlot = p.CtxSize / max(c.SlotsTotal, 1)
+		if p.Engine != "" {
+			c.Engine = p.Engine
+		}
 		out = append(out, c)
 	}
 	return out, nil

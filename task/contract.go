@@ -44,7 +44,16 @@ type Placement struct {
 	AvoidPools    []string `json:"avoid_pools,omitempty"`
 	NodeID        string   `json:"node_id,omitempty"`
 	AllowFallback *bool    `json:"allow_fallback,omitempty"` // prefer: may run elsewhere (default true)
+	// Engine: only pools of this engine ("builtin", "llama-server"; "" or
+	// "llamacpp": any llama.cpp pool, which every pool is).
+	Engine string `json:"engine,omitempty"`
+	// MinCtx: only pools whose slots hold at least this many tokens.
+	MinCtx int `json:"min_ctx,omitempty"`
 }
+
+// EngineAny is the engine constraint every pool meets: both engines run
+// llama.cpp.
+const EngineAny = "llamacpp"
 
 // Message is one chat message.
 type Message struct {
