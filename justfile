@@ -133,6 +133,7 @@ fuzz TIME="60s": tools
     campaign ./apiserver FuzzTaskRequest 5s
     campaign ./apiserver FuzzOpenAIRequest 5s
     campaign ./engine FuzzCompletionDecoders 5s
+    campaign ./grammar FuzzFromSchema 5s
     echo "fuzz: all done in $(( SECONDS - start ))s"
 
 # Benchmarks against baselines in the same run, ending with a table of aims (results: bench/out/results.json).

@@ -260,6 +260,9 @@ func typesOf(s map[string]any, path string) ([]string, error) {
 	default:
 		return nil, &SchemaError{Path: path, Keyword: "type", Reason: "must be a type name or a list of them"}
 	}
+	if len(types) == 0 {
+		return nil, &SchemaError{Path: path, Keyword: "type", Reason: "lists no type: no document is valid"}
+	}
 	if n, _ := s["nullable"].(bool); n && !slices.Contains(types, "null") {
 		types = append(types, "null")
 	}

@@ -65,3 +65,27 @@ func TestLiteralEscapes(t *testing.T) {
 	require.Equal(t, `"null"`, literal(nil))
 	require.Equal(t, `"true"`, literal(true))
 }
+
+// A schema is a client's input: whatever it is, FromSchema answers a
+// grammar or an error, and a grammar has its root first and no empty rule.
+func FuzzFromSchema(f *testing.F) {
+	for _, s := range []string{
+		`{"type":"object","properties":{"a":{"type":"string","maxLength":3}},"required":["a"]}`,
+		`{"$defs":{"n":{"type":"array","items":{"$ref":"#/$defs/n"},"maxItems":2}},"$ref":"#/$defs/n"}`,
+		`{"anyOf":[{"type":"integer"},{"enum":["x\"",null,1.5]}]}`, `{"type":["string","null"],"format":"date-time"}`,
+		`true`, `false`, `{"pattern":"a"}`, `{"minItems":2,"maxItems":1}`, `{"$ref":"#/$defs/x"}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, schema []byte) {
+		g, err := FromSchema(schema)
+		if err != nil {
+			return
+		}
+		require.True(t, strings.HasPrefix(g, "root ::= "), g)
+		for _, rule := range strings.Split(strings.TrimSpace(g), "\n") {
+			_, body, ok := strings.Cut(rule, " ::= ")
+			require.True(t, ok && strings.TrimSpace(body) != "", "rule %q in\n%s", rule, g)
+		}
+	})
+}
