@@ -64,11 +64,13 @@ var readmeSections = map[string][]string{
 	"S3 (apiserver, worker, `models push`)": {"apiserver", "worker", "models push"},
 	"`llorch apiserver`":                    {"apiserver"},
 	"`llorch worker`":                       {"worker"},
-	"`llorch models`":                       {"models push", "models ls", "models rm"},
-	"`llorch engine`":                       {"engine"},
-	"`llorch dev`":                          {"dev"},
-	"`llorch sim nodes`":                    {"sim nodes"},
-	"`llorch codec-server`":                 {"codec-server"},
+	"API clients (`llorch models`, `tasks`, `nodes`, `pools`)": {"models push", "models ls", "models rm",
+		"tasks submit", "tasks get", "tasks cancel", "nodes ls", "nodes get", "nodes drain", "nodes undrain",
+		"pools ls", "pools create", "pools health", "pools drain", "pools reload"},
+	"`llorch engine`":       {"engine"},
+	"`llorch dev`":          {"dev"},
+	"`llorch sim nodes`":    {"sim nodes"},
+	"`llorch codec-server`": {"codec-server"},
 }
 
 // Every env var in README.md's configuration table is the one of its flag in

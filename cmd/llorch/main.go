@@ -3,6 +3,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -17,6 +18,9 @@ import (
 func main() {
 	signal.Notify(stopSignals, syscall.SIGINT, syscall.SIGTERM)
 	if err := rootCmd().Execute(); err != nil {
+		if errors.Is(err, errInterrupted) {
+			os.Exit(130) // as a shell reports Ctrl-C
+		}
 		fmt.Fprintln(os.Stderr, "llorch:", err)
 		os.Exit(1)
 	}
@@ -29,7 +33,8 @@ func rootCmd() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(apiserverCmd(), workerCmd(), devCmd(), modelsCmd(), engineCmd(), simCmd(), codecServerCmd(), versionCmd())
+	root.AddCommand(apiserverCmd(), workerCmd(), devCmd(), modelsCmd(), tasksCmd(), nodesCmd(), poolsCmd(), engineCmd(), simCmd(),
+		codecServerCmd(), versionCmd())
 	describeSecrets(root)
 	return root
 }

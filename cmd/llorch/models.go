@@ -25,9 +25,10 @@ func modelsCmd() *cobra.Command {
 	return cmd
 }
 
-// modelsFlags are the flags the `llorch models` commands share. With a
-// `llorch dev` cluster running, its dev.env supplies all of them.
-type modelsFlags struct {
+// apiFlags are the flags the commands that call the API share (`llorch
+// models`, `tasks`, `nodes`, `pools`). With a `llorch dev` cluster
+// running, its dev.env supplies all of them.
+type apiFlags struct {
 	home     string
 	apiURL   string
 	apiToken string
@@ -35,7 +36,7 @@ type modelsFlags struct {
 	s3       config.S3
 }
 
-func (f *modelsFlags) add(fs *pflag.FlagSet, withS3 bool) {
+func (f *apiFlags) add(fs *pflag.FlagSet, withS3 bool) {
 	config.AddHomeFlag(fs, &f.home, homeUsage)
 	fs.StringVar(&f.apiURL, "api-url", "http://127.0.0.1:8080", "URL of the llorch apiserver")
 	config.AddSecret(fs, &f.apiToken, "api-token", "bearer token of the llorch apiserver")
@@ -46,7 +47,7 @@ func (f *modelsFlags) add(fs *pflag.FlagSet, withS3 bool) {
 }
 
 // client applies env and dev.env defaults and returns the API client.
-func (f *modelsFlags) client(cmd *cobra.Command) (*apiclient.Client, error) {
+func (f *apiFlags) client(cmd *cobra.Command) (*apiclient.Client, error) {
 	if err := config.Apply(cmd.Flags(), f.home); err != nil {
 		return nil, err
 	}
@@ -72,9 +73,9 @@ func apiHint(err error) error {
 	return err
 }
 
-// modelsContext ends on Ctrl-C or SIGTERM, so an upload stops and cleans
-// up, and after timeout unless it is 0.
-func modelsContext(cmd *cobra.Command, timeout time.Duration) (context.Context, context.CancelFunc) {
+// apiContext ends on Ctrl-C or SIGTERM, so an upload stops and cleans
+// up (a streamed task is canceled), and after timeout unless it is 0.
+func apiContext(cmd *cobra.Command, timeout time.Duration) (context.Context, context.CancelFunc) {
 	ctx := cmd.Context()
 	if ctx == nil {
 		ctx = context.Background()

@@ -15,7 +15,7 @@ import (
 
 func modelsLsCmd() *cobra.Command {
 	var (
-		f      modelsFlags
+		f      apiFlags
 		asJSON bool
 	)
 	cmd := &cobra.Command{
@@ -27,7 +27,7 @@ func modelsLsCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ctx, cancel := modelsContext(cmd, 30*time.Second)
+			ctx, cancel := apiContext(cmd, 30*time.Second)
 			defer cancel()
 			list, err := api.ListModels(ctx)
 			if err != nil {

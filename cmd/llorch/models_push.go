@@ -22,7 +22,7 @@ import (
 
 func modelsPushCmd() *cobra.Command {
 	var (
-		f          modelsFlags
+		f          apiFlags
 		id, key    string
 		replace    bool
 		regTimeout time.Duration
@@ -52,7 +52,7 @@ func modelsPushCmd() *cobra.Command {
 			if err := model.ValidateKey(key); err != nil {
 				return fmt.Errorf("--key: %w", err)
 			}
-			ctx, stop := modelsContext(cmd, 0)
+			ctx, stop := apiContext(cmd, 0)
 			defer stop()
 			p := modelPusher{out: cmd.OutOrStdout(), errOut: cmd.ErrOrStderr(), api: api, s3: f.s3,
 				id: id, key: key, replace: replace, regTimeout: regTimeout}

@@ -12,7 +12,7 @@ import (
 )
 
 func modelsRmCmd() *cobra.Command {
-	var f modelsFlags
+	var f apiFlags
 	cmd := &cobra.Command{
 		Use:   "rm ID",
 		Short: "remove a model from the catalog",
@@ -26,7 +26,7 @@ func modelsRmCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ctx, cancel := modelsContext(cmd, 60*time.Second)
+			ctx, cancel := apiContext(cmd, 60*time.Second)
 			defer cancel()
 			err = api.DeleteModel(ctx, id)
 			if apiclient.IsNotFound(err) {

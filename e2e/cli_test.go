@@ -1,0 +1,126 @@
+package e2e
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/llorch/modelstore"
+	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/testenv"
+)
+
+// The resource commands against a running cluster: a pool made with
+// `pools create`, the nodes and pools listed and shown, a task submitted
+// with its tokens streamed to stdout (the greedy text), one detached then
+// read and canceled, one interrupted with Ctrl-C (the task is canceled),
+// a node drained and undrained, errors with the API's code.
+func TestResourcesCLI(t *testing.T) {
+	c := newCluster(t)
+	bin := testenv.Llorch(t)
+	id := "e2e-cli"
+	w := c.onlineWorker(id)
+	command := func(args ...string) *exec.Cmd {
+		cmd := exec.Command(bin, append(args, "--home", c.home)...)
+		cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"),
+			"LLORCH_API_URL=http://" + c.api, "LLORCH_API_TOKEN=" + token}
+		return cmd
+	}
+	run := func(args ...string) (string, string, error) {
+		var out, errOut bytes.Buffer
+		cmd := command(args...)
+		cmd.Stdout, cmd.Stderr = &out, &errOut
+		err := cmd.Run()
+		return out.String(), errOut.String(), err
+	}
+	must := func(args ...string) string {
+		out, errOut, err := run(args...)
+		require.NoError(t, err, "llorch %v: %s%s", args, out, errOut)
+		return out
+	}
+
+	path, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 91})
+	c.push("cli-tiny", path)
+	out := must("pools", "create", "--node", id, "--model", "cli-tiny", "--id", "cp1", "--slots", "2", "--ctx", "8192")
+	require.Contains(t, out, "pool cp1 starting on node "+id)
+	h := c.waitPool("cp1", pool.Ready, 90*time.Second)
+
+	out = must("nodes", "ls")
+	require.Regexp(t, `(?m)^NODE\s+STATE`, out)
+	require.Regexp(t, `(?m)^`+id+`\s+Online\s`, out)
+	var n map[string]any
+	require.NoError(t, json.Unmarshal([]byte(must("nodes", "get", id, "--json")), &n))
+	require.Equal(t, id, n["node_id"])
+	require.Regexp(t, `(?m)^cp1\s+`+id+`\s+cli-tiny\s+Ready\s+builtin\s+2\s`, must("pools", "ls"))
+	require.Regexp(t, `(?m)^state:\s+Ready$`, must("pools", "health", "cp1"))
+
+	// Streamed: the tokens are stdout, the end is stderr.
+	out, errOut, err := run("tasks", "submit", "--model", "cli-tiny", "--max-tokens", "12", "--temperature", "0", "Once upon a time")
+	require.NoError(t, err, errOut)
+	require.Equal(t, greedy(t, h["url"].(string), "Once upon a time", 12)+"\n", out)
+	require.Contains(t, errOut, "end: 12 tokens, stop limit")
+
+	// Detached, read back, canceled (idempotent on an ended task: 409).
+	taskID := strings.TrimSpace(must("tasks", "submit", "--model", "cli-tiny", "--max-tokens", "4", "--detach", "hello"))
+	require.True(t, strings.HasPrefix(taskID, "t-"), taskID)
+	testenv.Eventually(t, 60*time.Second, "the detached task completed", func() (bool, string) {
+		var st map[string]any
+		_ = json.Unmarshal([]byte(must("tasks", "get", taskID, "--json")), &st)
+		return st["state"] == "Completed", fmt.Sprint(st)
+	})
+	require.Regexp(t, `(?m)^state:\s+Completed$`, must("tasks", "get", taskID))
+	_, errOut, err = run("tasks", "cancel", taskID)
+	require.Error(t, err)
+	require.Contains(t, errOut, "TASK_ENDED")
+
+	// Ctrl-C while tokens stream: the command exits 130, the task is canceled.
+	var streamed bytes.Buffer
+	long := command("tasks", "submit", "--model", "cli-tiny", "--max-tokens", "3500", "go on")
+	pr, pw, err := os.Pipe()
+	require.NoError(t, err)
+	long.Stdout, long.Stderr = pw, &streamed
+	require.NoError(t, long.Start())
+	pw.Close()
+	first := make([]byte, 1)
+	_, err = pr.Read(first)
+	require.NoError(t, err, "the first token: %s", streamed.String())
+	require.NoError(t, long.Process.Signal(syscall.SIGINT))
+	go func() { _, _ = bytes.NewBuffer(nil).ReadFrom(pr) }()
+	err = long.Wait()
+	var exit *exec.ExitError
+	require.True(t, errors.As(err, &exit), "%v: %s", err, streamed.String())
+	require.Equal(t, 130, exit.ExitCode(), streamed.String())
+	canceled := strings.TrimPrefix(strings.Split(streamed.String(), "\n")[0], "task ")
+	require.Contains(t, streamed.String(), "task "+canceled+" canceled")
+	testenv.Eventually(t, 60*time.Second, "the interrupted task canceled", func() (bool, string) {
+		_, rec := c.get("/v2/tasks/" + canceled)
+		return rec["state"] == "Canceled", fmt.Sprint(rec)
+	})
+
+	must("nodes", "drain", id)
+	_, body := c.get("/v2/nodes/" + id)
+	require.Equal(t, true, body["draining"], body)
+	must("nodes", "undrain", id)
+	_, body = c.get("/v2/nodes/" + id)
+	require.Equal(t, false, body["draining"], body)
+
+	_, errOut, err = run("tasks", "get", "t-ghost")
+	require.Error(t, err)
+	require.Contains(t, errOut, "TASK_NOT_FOUND")
+	_, errOut, err = run("pools", "create", "--node", id)
+	require.Error(t, err)
+	require.Contains(t, errOut, "--model")
+
+	must("pools", "drain", "cp1")
+	c.waitPool("cp1", pool.Stopped, 60*time.Second)
+	c.leave(w, id)
+}
