@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -253,5 +254,47 @@ func TestOpenAICompatible(t *testing.T) {
 		return rec["state"] == "Canceled", fmt.Sprint(rec)
 	})
 	testenv.Eventually(t, 30*time.Second, "engine slot freed", func() (bool, string) { return engineIdle(slow["url"].(string)) })
+	c.leave(w, id)
+}
+
+// The same OpenAI features on a llama-server pool (LLORCH_LLAMA_SERVER):
+// JSON output held to a schema, log probabilities, the Responses API, and
+// tokens_in from a text prompt.
+func TestOpenAIOnLlamaServer(t *testing.T) {
+	bin := os.Getenv("LLORCH_LLAMA_SERVER")
+	if bin == "" {
+		t.Skip("SKIP (visible on purpose): LLORCH_LLAMA_SERVER is not set, so /v1 is not tried on a llama-server pool")
+	}
+	c := newCluster(t)
+	id := "e2e-oai-ls"
+	w := c.onlineWorker(id, "--llama-server", bin)
+	c.readyPool(id, "ls1", "ls-tiny", 82, `,"engine":"llama-server","slots":1,"ctx":2048`)
+	ctx := context.Background()
+	cl := openai.NewClient(option.WithBaseURL("http://"+c.api+"/v1/"), option.WithAPIKey(token), option.WithMaxRetries(0))
+	schema := map[string]any{"type": "object", "required": []any{"ok", "color"},
+		"properties": map[string]any{"ok": map[string]any{"type": "boolean"}, "color": map[string]any{"enum": []any{"red", "green"}}}}
+	js, err := cl.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "ls-tiny", Temperature: openai.Float(1), Seed: openai.Int(3),
+		MaxTokens: openai.Int(200), Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("Answer in JSON")},
+		ResponseFormat: openai.ChatCompletionNewParamsResponseFormatUnion{OfJSONSchema: &openai.ResponseFormatJSONSchemaParam{
+			JSONSchema: openai.ResponseFormatJSONSchemaJSONSchemaParam{Name: "answer", Schema: schema}}}})
+	require.NoError(t, err)
+	require.Equal(t, "stop", string(js.Choices[0].FinishReason), js.Choices[0].Message.Content)
+	requireValid(t, schema, js.Choices[0].Message.Content)
+	require.Positive(t, js.Usage.PromptTokens, "tokens_in from llama-server's tokens_evaluated")
+
+	lp, err := cl.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "ls-tiny", Temperature: openai.Float(0), MaxTokens: openai.Int(6),
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("Hello there")}, Logprobs: openai.Bool(true), TopLogprobs: openai.Int(2)})
+	require.NoError(t, err)
+	require.NotEmpty(t, lp.Choices[0].Logprobs.Content)
+	for _, e := range lp.Choices[0].Logprobs.Content {
+		require.Len(t, e.TopLogprobs, 2)
+		require.InDelta(t, e.TopLogprobs[0].Logprob, e.Logprob, 1e-5, "greedy: the likeliest")
+	}
+
+	rs, err := cl.Responses.New(ctx, responses.ResponseNewParams{Model: "ls-tiny",
+		Input: responses.ResponseNewParamsInputUnion{OfString: openai.String("Hello there")}, MaxOutputTokens: openai.Int(8), Temperature: openai.Float(0)})
+	require.NoError(t, err)
+	require.NotEmpty(t, rs.OutputText())
+	require.EqualValues(t, 8, rs.Usage.OutputTokens)
 	c.leave(w, id)
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llorch/llorch/engine"
+	"github.com/llorch/llorch/grammar"
 	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/testenv"
 )
@@ -440,15 +441,14 @@ func TestClientDisconnectCancels(t *testing.T) {
 	assert.Equal(t, 4, c.TokensPredicted)
 }
 
-// With LLORCH_LLAMA_SERVER naming a llama-server binary, greedy decoding of
-// the built-in engine must give llama-server's tokens on the same model.
-func TestGreedyMatchesLlamaServer(t *testing.T) {
+// llamaServer starts LLORCH_LLAMA_SERVER on model with one slot and
+// returns its URL; it skips the test, visibly, when the variable is unset.
+func llamaServer(t *testing.T, model string) string {
+	t.Helper()
 	bin := os.Getenv("LLORCH_LLAMA_SERVER")
 	if bin == "" {
 		t.Skip("SKIP (visible on purpose): LLORCH_LLAMA_SERVER is not set, so the built-in engine is not compared with llama-server")
 	}
-	model := tinyModel(t)
-	ours := loadedEngine(t, engine.Options{})
 	port := freePort(t)
 	cmd := exec.Command(bin, "-m", model, "--host", "127.0.0.1", "--port", fmt.Sprint(port), "-c", "256", "-np", "1", "-t", "1", "--no-webui")
 	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
@@ -467,16 +467,71 @@ func TestGreedyMatchesLlamaServer(t *testing.T) {
 		require.True(t, time.Now().Before(deadline), "llama-server not healthy within 60s")
 		time.Sleep(50 * time.Millisecond)
 	}
-	body := `{"prompt":"the","n_predict":24,"temperature":0,"seed":1}`
-	get := func(base string) string {
+	return theirs
+}
+
+// With LLORCH_LLAMA_SERVER naming a llama-server binary, greedy decoding of
+// the built-in engine must give llama-server's tokens on the same model,
+// and what the worker reads of a completion must mean the same on both: a
+// text prompt's length (tokens_evaluated, as /tokenize counts it), the
+// output under a grammar, and the tokens' log probabilities (n_probs).
+func TestGreedyMatchesLlamaServer(t *testing.T) {
+	model := tinyModel(t)
+	theirs := llamaServer(t, model)
+	ours := loadedEngine(t, engine.Options{})
+	complete := func(base, body string) completion {
 		res, err := client.Post(base+"/completion", "application/json", strings.NewReader(body))
 		require.NoError(t, err)
 		defer res.Body.Close()
-		var out struct{ Content string }
-		require.NoError(t, json.NewDecoder(res.Body).Decode(&out))
-		return out.Content
+		raw, _ := io.ReadAll(res.Body)
+		require.Equal(t, 200, res.StatusCode, string(raw))
+		var out completion
+		require.NoError(t, json.Unmarshal(raw, &out), string(raw))
+		return out
 	}
-	require.Equal(t, get(theirs), get(ours.URL()))
+	body := `{"prompt":"the","n_predict":24,"temperature":0,"seed":1}`
+	a, b := complete(theirs, body), complete(ours.URL(), body)
+	require.Equal(t, a.Content, b.Content)
+	require.Equal(t, a.TokensEvaluated, b.TokensEvaluated, "a text prompt's length")
+	code, raw := post(t, theirs+"/tokenize", `{"content":"the","add_special":true}`)
+	require.Equal(t, 200, code)
+	var tk struct{ Tokens []int32 }
+	require.NoError(t, json.Unmarshal(raw, &tk))
+	require.Equal(t, len(tk.Tokens), a.TokensEvaluated, "tokens_evaluated counts the prompt as /tokenize does")
+
+	g, err := grammar.FromSchema([]byte(`{"type":"object","properties":{"ok":{"type":"boolean"},"c":{"enum":["red","blue"]}},"required":["ok","c"]}`))
+	require.NoError(t, err)
+	q, _ := json.Marshal(g)
+	body = `{"prompt":"the","n_predict":64,"temperature":0,"grammar":` + string(q) + `}`
+	a, b = complete(theirs, body), complete(ours.URL(), body)
+	require.Equal(t, a.Content, b.Content, "greedy under the same grammar")
+	var v map[string]any
+	require.NoError(t, json.Unmarshal([]byte(a.Content), &v), a.Content)
+
+	type probs struct {
+		Probs []struct {
+			ID      int32   `json:"id"`
+			Logprob float64 `json:"logprob"`
+			Top     []struct {
+				ID      int32   `json:"id"`
+				Logprob float64 `json:"logprob"`
+			} `json:"top_logprobs"`
+		} `json:"completion_probabilities"`
+	}
+	body = `{"prompt":"the","n_predict":6,"temperature":0,"n_probs":3}`
+	var pa, pb probs
+	for base, p := range map[string]*probs{theirs: &pa, ours.URL(): &pb} {
+		res, err := client.Post(base+"/completion", "application/json", strings.NewReader(body))
+		require.NoError(t, err)
+		require.NoError(t, json.NewDecoder(res.Body).Decode(p))
+		res.Body.Close()
+	}
+	require.Len(t, pb.Probs, len(pa.Probs))
+	for i := range pa.Probs {
+		require.Equal(t, pa.Probs[i].ID, pb.Probs[i].ID, "token %d", i)
+		require.InDelta(t, pa.Probs[i].Logprob, pb.Probs[i].Logprob, 1e-3, "token %d", i)
+		require.Len(t, pb.Probs[i].Top, len(pa.Probs[i].Top))
+	}
 }
 
 func freePort(t *testing.T) int {
