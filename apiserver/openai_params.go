@@ -101,34 +101,51 @@ var openAINeutral = map[string]neutralRule{
 // not honour, unless it has the value that asks for nothing; a field
 // OpenAI does not define is refused as OpenAI refuses it. null is absent.
 func checkOpenAIFields(body []byte, chat bool) error {
+	other := "/v1/chat/completions"
+	if chat {
+		other = "/v1/completions"
+	}
+	fields, err := checkFields(body, func(k string) bool { return openAIHonoured[k] || openAIHonouredBy[chat][k] },
+		openAINeutral, func(k string) error {
+			if openAIHonouredBy[!chat][k] {
+				return invalidParam(k, "is a field of %s", other)
+			}
+			return nil
+		})
+	if err != nil || !chat {
+		return err
+	}
+	return checkMessageFields(fields["messages"])
+}
+
+// checkFields checks each field of the object body, in name order (the
+// same body is refused for the same field): honoured, or null, passes;
+// misplaced may refuse it first; then neutral's rule, and a field no rule
+// names is refused as OpenAI refuses it. It returns the fields.
+func checkFields(body []byte, honoured func(string) bool, neutral map[string]neutralRule, misplaced func(string) error) (map[string]json.RawMessage, error) {
 	var fields map[string]json.RawMessage
 	if json.Unmarshal(body, &fields) != nil {
-		return nil // not an object: the typed decode names the problem
+		return nil, nil // not an object: the typed decode names the problem
 	}
-	for _, k := range sortedKeys(fields) { // the same body is refused for the same field
+	for _, k := range sortedKeys(fields) {
 		raw := fields[k]
-		if openAIHonoured[k] || openAIHonouredBy[chat][k] || string(bytes.TrimSpace(raw)) == "null" {
+		if honoured(k) || string(bytes.TrimSpace(raw)) == "null" {
 			continue
 		}
-		if openAIHonouredBy[!chat][k] {
-			other := "/v1/chat/completions"
-			if chat {
-				other = "/v1/completions"
+		if misplaced != nil {
+			if err := misplaced(k); err != nil {
+				return nil, err
 			}
-			return invalidParam(k, "is a field of %s", other)
 		}
-		rule, known := openAINeutral[k]
+		rule, known := neutral[k]
 		if !known {
-			return invalidParam(k, "unrecognized request argument")
+			return nil, invalidParam(k, "unrecognized request argument")
 		}
 		if !rule.neutral(raw) {
-			return invalidParam(k, "%s", rule.why)
+			return nil, invalidParam(k, "%s", rule.why)
 		}
 	}
-	if chat {
-		return checkMessageFields(fields["messages"])
-	}
-	return nil
+	return fields, nil
 }
 
 // checkMessageFields refuses fields of chat messages that llorch does not

@@ -62,24 +62,8 @@ type responsesRequest struct {
 
 // checkResponsesFields refuses what /v1/responses does not honour.
 func checkResponsesFields(body []byte) error {
-	var fields map[string]json.RawMessage
-	if json.Unmarshal(body, &fields) != nil {
-		return nil // the typed decode names the problem
-	}
-	for _, k := range sortedKeys(fields) {
-		raw := fields[k]
-		if responsesHonoured[k] || string(bytes.TrimSpace(raw)) == "null" {
-			continue
-		}
-		rule, known := responsesNeutral[k]
-		if !known {
-			return invalidParam(k, "unrecognized request argument")
-		}
-		if !rule.neutral(raw) {
-			return invalidParam(k, "%s", rule.why)
-		}
-	}
-	return nil
+	_, err := checkFields(body, func(k string) bool { return responsesHonoured[k] }, responsesNeutral, nil)
+	return err
 }
 
 // chat is the request as the chat turn it maps onto.
