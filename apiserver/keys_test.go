@@ -187,6 +187,7 @@ func TestScopesOnEveryRoute(t *testing.T) {
 		{"DELETE", "/v2/keys/k0123456789abcdef", nil, A},
 		{"GET", "/v2/keys/k0123456789abcdef/usage", nil, A}, // a key's own: its own key id (TestQuota*)
 		{"POST", "/v2/tasks", map[string]any{}, I},
+		{"GET", "/v2/tasks", nil, I},
 		{"GET", "/v2/tasks/ghost", nil, I},
 		{"GET", "/v2/tasks/ghost/events", nil, I},
 		{"POST", "/v2/tasks/ghost/cancel", nil, I},

@@ -60,6 +60,7 @@ func (s *Server) routes() {
 
 	if s.deps.Scheduler != nil && s.deps.Hub != nil {
 		v2.Post("/tasks", inference, s.createTask)
+		v2.Get("/tasks", inference, s.listTasks)
 		v2.Get("/tasks/:id", inference, s.getTask)
 		v2.Get("/tasks/:id/events", inference, s.taskEvents)
 		v2.Post("/tasks/:id/cancel", inference, s.cancelTask)

@@ -5,10 +5,12 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"go.temporal.io/api/serviceerror"
 	"log/slog"
 	"runtime/debug"
 	"strconv"
@@ -813,4 +815,86 @@ func streamKeyFor(apiToken string) []byte {
 	}
 	sum := sha256.Sum256([]byte("llorch token stream\x00" + apiToken))
 	return sum[:]
+}
+
+// Bounds of GET /v2/tasks.
+const (
+	defaultTaskPage = 20
+	maxTaskPage     = 100
+)
+
+// listTasks is GET /v2/tasks: a page of tasks, newest first, filtered by
+// state, model, session and since, the next page's token with it. A key
+// that is not admin lists its own tasks only.
+func (s *Server) listTasks(c *fiber.Ctx) error {
+	var f control.TaskFilter
+	for k := range c.Queries() {
+		switch k {
+		case "state", "model", "session", "since", "page_size", "page_token":
+		default:
+			return invalidParam(k, "unknown parameter (want state, model, session, since, page_size, page_token)")
+		}
+	}
+	switch st := strings.ToLower(c.Query("state")); st {
+	case "":
+	case "running", "queued":
+		f.State = task.Running // visibility tells a waiting task from a generating one not
+	case "completed", "failed", "canceled":
+		f.State = task.State(strings.ToUpper(st[:1]) + st[1:])
+	default:
+		return invalidParam("state", "want running, completed, failed or canceled, got %q", c.Query("state"))
+	}
+	if m := c.Query("model"); m != "" {
+		if err := model.ValidateID(m); err != nil {
+			return invalidParam("model", "%v", err)
+		}
+		f.ModelID = m
+	}
+	if sess := c.Query("session"); sess != "" {
+		if err := task.ValidateID(sess); err != nil {
+			return invalidParam("session", "%v", err)
+		}
+		f.SessionID = sess
+	}
+	if v := c.Query("since"); v != "" {
+		t, err := time.Parse(time.RFC3339, v)
+		if err != nil {
+			return invalidParam("since", "want an RFC 3339 time, e.g. 2026-12-01T10:00:00Z")
+		}
+		f.Since = t
+	}
+	f.PageSize = defaultTaskPage
+	if v := c.Query("page_size"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > maxTaskPage {
+			return invalidParam("page_size", "want 1 to %d", maxTaskPage)
+		}
+		f.PageSize = n
+	}
+	if v := c.Query("page_token"); v != "" {
+		tok, err := base64.RawURLEncoding.DecodeString(v)
+		if err != nil || len(tok) > 4096 {
+			return invalidParam("page_token", "not a token of this list (pass next_page_token as it came)")
+		}
+		f.PageToken = tok
+	}
+	if p := principalOf(c); !p.IsAdmin() {
+		f.Owner = p.KeyID
+	}
+	list, next, err := s.deps.Tasks.List(c.UserContext(), f)
+	if errors.Is(err, control.ErrNotIndexed) {
+		return apiError(fiber.StatusServiceUnavailable, CodeUnavailable, "tasks cannot be listed: %v; register them (see README) and restart the apiserver", err)
+	}
+	var bad *serviceerror.InvalidArgument
+	if errors.As(err, &bad) && f.PageToken != nil {
+		return invalidParam("page_token", "not a token of this list: %s", bad.Message)
+	}
+	if err != nil {
+		return err
+	}
+	var nextTok any
+	if len(next) > 0 {
+		nextTok = base64.RawURLEncoding.EncodeToString(next)
+	}
+	return c.JSON(fiber.Map{"tasks": list, "count": len(list), "next_page_token": nextTok})
 }

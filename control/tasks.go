@@ -4,13 +4,18 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"go.temporal.io/api/workflowservice/v1"
+	"sort"
 	"strings"
+	"sync/atomic"
+	"time"
 
 	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/api/serviceerror"
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/temporal"
 
+	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/model"
 	"github.com/llorch/llorch/node"
 	"github.com/llorch/llorch/task"
@@ -20,10 +25,22 @@ import (
 // cancel them.
 type Tasks struct {
 	Temporal client.Client
+	// Namespace is where List looks (the client's).
+	Namespace string
 	// Outputs reads outputs a node stored in the bucket (a status with
 	// Output set); nil: such a task's text cannot be read here.
 	Outputs OutputReader
+	// indexed: the namespace has the task search attributes (SetIndexed).
+	indexed atomic.Bool
 }
+
+// SetIndexed says whether the namespace has the task search attributes
+// (EnsureSearchAttributes): tasks started after it carry them, and List
+// filters on them.
+func (c *Tasks) SetIndexed(ok bool) { c.indexed.Store(ok) }
+
+// Indexed reports SetIndexed's last word.
+func (c *Tasks) Indexed() bool { return c.indexed.Load() }
 
 // OutputReader fetches an output from the bucket, checking it against its
 // reference (outputs.Store); a missing or corrupt one is a *task.Error.
@@ -34,6 +51,20 @@ type OutputReader interface {
 // Start starts an admitted task's workflow. A task id is used once: a
 // second submission is ErrTaskExists, not the first task's handle.
 func (c *Tasks) Start(ctx context.Context, req task.Request) error {
+	attrs := []temporal.SearchAttributeUpdate{model.ModelIDKey.ValueSet(req.ModelID)}
+	if c.Indexed() {
+		// Only where the namespace has them: a start with an unknown
+		// search attribute is refused.
+		req.Indexed = true
+		owner := req.Owner
+		if owner == "" {
+			owner = apikey.BootstrapID
+		}
+		attrs = append(attrs, task.OwnerKey.ValueSet(owner))
+		if req.SessionID != "" {
+			attrs = append(attrs, task.SessionKey.ValueSet(req.SessionID))
+		}
+	}
 	_, err := c.Temporal.ExecuteWorkflow(ctx, client.StartWorkflowOptions{
 		ID:                       task.WorkflowID(req.TaskID),
 		TaskQueue:                node.ControlTaskQueue,
@@ -48,7 +79,7 @@ func (c *Tasks) Start(ctx context.Context, req task.Request) error {
 		// without it answers sooner (the 202 waits for it).
 		EnableEagerStart:      req.FastStart == nil,
 		Memo:                  ActorMemo(ctx, map[string]any{"correlation_id": req.CorrelationID}),
-		TypedSearchAttributes: temporal.NewSearchAttributes(model.ModelIDKey.ValueSet(req.ModelID)),
+		TypedSearchAttributes: temporal.NewSearchAttributes(attrs...),
 		StaticSummary:         fmt.Sprintf("task %s: %s, %s priority", req.TaskID, req.ModelID, req.Priority),
 	}, task.WorkflowType, req)
 	var started *serviceerror.WorkflowExecutionAlreadyStarted
@@ -145,4 +176,88 @@ func notFound(err, sentinel error) error {
 		return sentinel
 	}
 	return err
+}
+
+// TaskFilter selects the tasks List returns; zero fields select all.
+type TaskFilter struct {
+	// State: Running (queued or generating), Completed, Failed, Canceled.
+	State              task.State
+	ModelID, SessionID string
+	Owner              string // the submitting key's id
+	Since              time.Time
+	PageSize           int
+	PageToken          []byte
+}
+
+// TaskEntry is a task as a list shows it (from visibility: no read of the
+// task's workflow).
+type TaskEntry struct {
+	TaskID     string     `json:"task_id"`
+	ModelID    string     `json:"model_id"`
+	SessionID  string     `json:"session_id,omitempty"`
+	Owner      string     `json:"owner,omitempty"`
+	State      task.State `json:"state"`
+	StartedAt  time.Time  `json:"started_at"`
+	FinishedAt *time.Time `json:"finished_at,omitempty"`
+}
+
+// ErrNotIndexed: the namespace lacks the task search attributes, so tasks
+// cannot be listed by them.
+var ErrNotIndexed = errors.New("the Temporal namespace lacks the task search attributes (TaskState, TaskOwner, SessionId)")
+
+// List is one page of the tasks f selects, newest first as visibility
+// orders them, and the token of the next page (nil: the last).
+func (c *Tasks) List(ctx context.Context, f TaskFilter) ([]TaskEntry, []byte, error) {
+	if !c.Indexed() {
+		return nil, nil, ErrNotIndexed
+	}
+	q := []string{fmt.Sprintf("WorkflowType = '%s'", task.WorkflowType)}
+	switch f.State {
+	case "":
+	case task.Running:
+		q = append(q, "ExecutionStatus = 'Running'")
+	default:
+		q = append(q, fmt.Sprintf("%s = '%s'", task.StateKey.GetName(), f.State))
+	}
+	for key, v := range map[string]string{model.ModelIDKey.GetName(): f.ModelID, task.SessionKey.GetName(): f.SessionID,
+		task.OwnerKey.GetName(): f.Owner} {
+		if v != "" {
+			q = append(q, fmt.Sprintf("%s = '%s'", key, strings.ReplaceAll(v, "'", "")))
+		}
+	}
+	if !f.Since.IsZero() {
+		q = append(q, fmt.Sprintf("StartTime >= '%s'", f.Since.UTC().Format(time.RFC3339Nano)))
+	}
+	sort.Strings(q[1:]) // one query for one filter: visibility caches nothing, but logs read better
+	resp, err := c.Temporal.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{
+		Namespace: c.Namespace, PageSize: int32(f.PageSize), NextPageToken: f.PageToken, Query: strings.Join(q, " AND "),
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	out := make([]TaskEntry, 0, len(resp.GetExecutions()))
+	for _, e := range resp.GetExecutions() {
+		id, ok := strings.CutPrefix(e.GetExecution().GetWorkflowId(), task.WorkflowID(""))
+		if !ok {
+			continue
+		}
+		sa := e.GetSearchAttributes()
+		en := TaskEntry{TaskID: id, ModelID: keyword(sa, model.ModelIDKey.GetName()), SessionID: keyword(sa, task.SessionKey.GetName()),
+			Owner: keyword(sa, task.OwnerKey.GetName()), State: task.State(keyword(sa, task.StateKey.GetName())),
+			StartedAt: e.GetStartTime().AsTime()}
+		switch st := e.GetStatus(); {
+		case st == enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING:
+			en.State = task.Running
+		case en.State == "" && st == enumspb.WORKFLOW_EXECUTION_STATUS_COMPLETED:
+			en.State = task.Completed // an older task's: its record has the state
+		case en.State == "":
+			en.State = task.Failed // terminated or timed out
+		}
+		if ct := e.GetCloseTime(); ct != nil && en.State != task.Running {
+			t := ct.AsTime()
+			en.FinishedAt = &t
+		}
+		out = append(out, en)
+	}
+	return out, resp.GetNextPageToken(), nil
 }

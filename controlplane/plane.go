@@ -90,6 +90,7 @@ type Plane struct {
 	cfg    Config
 	worker worker.Worker
 	view   *scheduler.LinkView
+	tasks  *control.Tasks
 	ring   *keyring.Ring
 	pruner *outputs.Pruner // nil: outputs are kept
 	cancel context.CancelFunc
@@ -114,8 +115,8 @@ func New(cfg Config) (*Plane, error) {
 		Via: "rest", Metrics: control.NewNodeMetrics(reg), DataConverter: dc}
 	hub := &tokenstream.Hub{}
 	tokenstream.NewHubMetrics(reg, hub)
-	pools, tasks := &control.Pools{Temporal: tc, Namespace: ns, DataConverter: dc}, &control.Tasks{Temporal: tc}
-	p := &Plane{cfg: cfg}
+	pools, tasks := &control.Pools{Temporal: tc, Namespace: ns, DataConverter: dc}, &control.Tasks{Temporal: tc, Namespace: ns}
+	p := &Plane{cfg: cfg, tasks: tasks}
 	if cfg.Store != nil {
 		outs := &outputs.Store{Bucket: cfg.Store, DC: dc}
 		tasks.Outputs = outs
@@ -191,7 +192,7 @@ func (p *Plane) Start(ctx context.Context) error {
 		}
 		close(p.loops)
 	}()
-	control.EnsureSearchAttributes(ctx, p.cfg.Temporal, p.cfg.Namespace, p.cfg.Logger)
+	p.tasks.SetIndexed(control.EnsureSearchAttributes(ctx, p.cfg.Temporal, p.cfg.Namespace, p.cfg.Logger))
 	if err := p.API.Listen(p.cfg.API.Addr); err != nil {
 		cancel()
 		p.worker.Stop()

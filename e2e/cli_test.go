@@ -78,6 +78,7 @@ func TestResourcesCLI(t *testing.T) {
 		return st["state"] == "Completed", fmt.Sprint(st)
 	})
 	require.Regexp(t, `(?m)^state:\s+Completed$`, must("tasks", "get", taskID))
+	recordHistory(t, "task:"+taskID, "task-completed-indexed")
 	_, errOut, err = run("tasks", "cancel", taskID)
 	require.Error(t, err)
 	require.Contains(t, errOut, "TASK_ENDED")
@@ -105,6 +106,37 @@ func TestResourcesCLI(t *testing.T) {
 		_, rec := c.get("/v2/tasks/" + canceled)
 		return rec["state"] == "Canceled", fmt.Sprint(rec)
 	})
+
+	// Lists by end state, model and time, a page at a time; the states
+	// come from the TaskState the workflows recorded.
+	testenv.Eventually(t, 30*time.Second, "the ended tasks listed by state", func() (bool, string) {
+		done, gone := must("tasks", "ls", "--state", "completed", "--model", "cli-tiny"), must("tasks", "ls", "--state", "canceled")
+		return strings.Contains(done, taskID) && strings.Contains(gone, canceled) && !strings.Contains(done, canceled), done + gone
+	})
+	recordHistory(t, "task:"+canceled, "task-canceled-indexed") // closed: its TaskState is in
+	var page struct {
+		Tasks []struct {
+			TaskID string `json:"task_id"`
+		} `json:"tasks"`
+		Next *string `json:"next_page_token"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(must("tasks", "ls", "--model", "cli-tiny", "--page-size", "1", "--json")), &page))
+	require.Len(t, page.Tasks, 1)
+	require.NotNil(t, page.Next, "three tasks, pages of one")
+	seen := map[string]bool{page.Tasks[0].TaskID: true}
+	for page.Next != nil {
+		tok := *page.Next
+		page.Next = nil
+		require.NoError(t, json.Unmarshal([]byte(must("tasks", "ls", "--model", "cli-tiny", "--page-size", "1", "--page-token", tok, "--json")), &page))
+		for _, x := range page.Tasks {
+			seen[x.TaskID] = true
+		}
+	}
+	require.Len(t, seen, 3, "every task once, over the pages")
+	require.Contains(t, must("tasks", "ls", "--since", time.Now().Add(time.Hour).UTC().Format(time.RFC3339)), "TASK", "a header, no rows")
+	_, errOut, err = run("tasks", "ls", "--state", "lost")
+	require.Error(t, err)
+	require.Contains(t, errOut, "state")
 
 	must("nodes", "drain", id)
 	_, body := c.get("/v2/nodes/" + id)

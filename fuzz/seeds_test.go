@@ -58,6 +58,7 @@ var seeds = []seed{
 	{name: "key-admin-route", route: "POST /v2/pools/:id/drain", params: "fz-ghost", headers: "Authorization: Bearer $KEY", body: `{}`},
 	{name: "tasks-create", route: "POST /v2/tasks", body: `{"model_ref":"fz-tiny","prompt":"Once upon","max_tokens":8,"priority":"batch"}`},
 	{name: "tasks-get", route: "GET /v2/tasks/:id"},
+	{name: "tasks-list", route: "GET /v2/tasks", query: "state=completed&model=fz-tiny&page_size=2&page_token=AAAA"},
 	{name: "tasks-events", route: "GET /v2/tasks/:id/events", headers: "Last-Event-ID: 2"},
 	{name: "tasks-cancel", route: "POST /v2/tasks/:id/cancel", params: "fz-ghost"},
 	{name: "sessions-get", route: "GET /v2/sessions/:id"},

@@ -9,11 +9,22 @@ import (
 	"regexp"
 	"time"
 
+	"go.temporal.io/sdk/temporal"
+
 	"github.com/llorch/llorch/apikey"
 )
 
 // WorkflowType is the registered name of the task workflow.
 const WorkflowType = "Task"
+
+// The search attributes of a task's workflow (Keyword): its end state
+// (Completed, Failed, Canceled; a running one has none), the API key that
+// submitted it and its session. GET /v2/tasks filters on them.
+var (
+	StateKey   = temporal.NewSearchAttributeKeyKeyword("TaskState")
+	OwnerKey   = temporal.NewSearchAttributeKeyKeyword("TaskOwner")
+	SessionKey = temporal.NewSearchAttributeKeyKeyword("SessionId")
+)
 
 // WorkflowID is the readable id of a task's workflow.
 func WorkflowID(taskID string) string { return "task:" + taskID }
@@ -99,6 +110,10 @@ type Request struct {
 	// is not admin sees its own tasks only. "" (a task of an older
 	// release): the bootstrap key's.
 	Owner string `json:"owner,omitempty"`
+	// Indexed: the namespace has the task search attributes (StateKey,
+	// OwnerKey, SessionKey); the workflow records its end state in
+	// StateKey, so lists can filter on it.
+	Indexed bool `json:"indexed,omitempty"`
 	// Sink is where the node pushes the task's events (the apiserver that
 	// admitted it), and the credential it pushes with.
 	Sink Sink `json:"sink"`

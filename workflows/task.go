@@ -84,6 +84,13 @@ func Task(ctx workflow.Context, req task.Request) (task.Status, error) {
 	t.takeSeen(ctx) // late reports of what readers saw: nothing to resume now
 	t.st.FinishedAt = workflow.Now(ctx)
 	t.details(ctx)
+	// Lists filter on the end state (GET /v2/tasks): in the namespace's
+	// TaskState, where it has the attribute (req.Indexed).
+	if req.Indexed && workflow.GetVersion(ctx, "task-state-attribute", workflow.DefaultVersion, 1) >= 1 {
+		if err := workflow.UpsertTypedSearchAttributes(ctx, task.StateKey.ValueSet(string(t.st.State))); err != nil {
+			workflow.GetLogger(ctx).Warn("task state not recorded for lists", "err", err)
+		}
+	}
 	var tc *scheduler.TaskControl
 	_ = t.controlStep(ctx, tc.Finished, scheduler.FinishInput{TaskID: req.TaskID, State: t.st.State, Code: errCode(t.st.Error)})
 	t.releaseQuota(ctx)

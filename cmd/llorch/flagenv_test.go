@@ -65,7 +65,7 @@ var readmeSections = map[string][]string{
 	"`llorch apiserver`":                    {"apiserver"},
 	"`llorch worker`":                       {"worker"},
 	"API clients (`llorch models`, `tasks`, `nodes`, `pools`)": {"models push", "models ls", "models rm",
-		"tasks submit", "tasks get", "tasks cancel", "nodes ls", "nodes get", "nodes drain", "nodes undrain",
+		"tasks submit", "tasks ls", "tasks get", "tasks cancel", "nodes ls", "nodes get", "nodes drain", "nodes undrain",
 		"pools ls", "pools create", "pools health", "pools drain", "pools reload"},
 	"`llorch engine`":       {"engine"},
 	"`llorch dev`":          {"dev"},

@@ -5,13 +5,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/url"
+	"strconv"
 	"strings"
 
 	"github.com/spf13/cobra"
 )
 
 func tasksCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "tasks", Short: "inference tasks: submit (streaming its tokens), show, cancel"}
+	cmd := &cobra.Command{Use: "tasks", Short: "inference tasks: submit (streaming its tokens), list, show, cancel"}
 	show := resourceCmd("get ID [--json]", "show a task", cobra.ExactArgs(1), get("v2", "tasks"), fields, nil)
 	cancel := resourceCmd("cancel ID", "cancel a task", cobra.ExactArgs(1), withID("tasks", "cancel", nil),
 		func(w io.Writer, _ map[string]any) error { return nil }, nil)
@@ -19,7 +21,45 @@ func tasksCmd() *cobra.Command {
 		_, err := fmt.Fprintf(cmd.OutOrStdout(), "task %s canceled\n", args[0])
 		return err
 	}
-	cmd.AddCommand(tasksSubmitCmd(), show, cancel)
+	var q struct{ state, model, session, since, token string }
+	var size int
+	ls := resourceCmd("ls [--state S] [--model M] [--session S] [--since T] [--json]", "list tasks, newest first (a page at a time)", cobra.NoArgs,
+		func([]string) (string, string, any, error) {
+			v := url.Values{}
+			for k, x := range map[string]string{"state": q.state, "model": q.model, "session": q.session, "since": q.since, "page_token": q.token} {
+				if x != "" {
+					v.Set(k, x)
+				}
+			}
+			if size > 0 {
+				v.Set("page_size", strconv.Itoa(size))
+			}
+			p := "/v2/tasks"
+			if len(v) > 0 {
+				p += "?" + v.Encode()
+			}
+			return "GET", p, nil, nil
+		},
+		func(w io.Writer, v map[string]any) error {
+			if err := table(w, v["tasks"], []string{"TASK", "MODEL", "STATE", "SESSION", "STARTED", "FINISHED"},
+				[]string{"task_id", "model_id", "state", "session_id", "started_at", "finished_at"}); err != nil {
+				return err
+			}
+			if next, ok := v["next_page_token"].(string); ok && next != "" {
+				_, err := fmt.Fprintf(w, "more: --page-token %s\n", next)
+				return err
+			}
+			return nil
+		}, func(c *cobra.Command) {
+			fs := c.Flags()
+			fs.StringVar(&q.state, "state", "", "running, completed, failed or canceled")
+			fs.StringVar(&q.model, "model", "", "only tasks of this model")
+			fs.StringVar(&q.session, "session", "", "only turns of this session")
+			fs.StringVar(&q.since, "since", "", "only tasks submitted at or after this RFC 3339 time")
+			fs.IntVar(&size, "page-size", 0, "tasks per page, 1-100 (default: the server's, 20)")
+			fs.StringVar(&q.token, "page-token", "", "the page a former ls named (more: --page-token ...)")
+		})
+	cmd.AddCommand(tasksSubmitCmd(), ls, show, cancel)
 	return cmd
 }
 
