@@ -46,7 +46,7 @@ func EnsureSearchAttributes(ctx context.Context, c client.Client, namespace stri
 	}
 	if _, err := c.OperatorService().AddSearchAttributes(ctx, &operatorservice.AddSearchAttributesRequest{
 		Namespace: namespace, SearchAttributes: want,
-	}); err != nil {
+	}); err != nil && !registered(ctx, c, namespace, want) { // another replica may have added them meanwhile
 		names := make([]string, 0, len(SearchAttributes))
 		for _, k := range SearchAttributes {
 			names = append(names, k.GetName())
@@ -55,5 +55,19 @@ func EnsureSearchAttributes(ctx context.Context, c client.Client, namespace stri
 		return false
 	}
 	log.Info("registered search attributes", "namespace", namespace)
+	return true
+}
+
+// registered says whether the namespace has every attribute of want.
+func registered(ctx context.Context, c client.Client, namespace string, want map[string]enumspb.IndexedValueType) bool {
+	have, err := c.OperatorService().ListSearchAttributes(ctx, &operatorservice.ListSearchAttributesRequest{Namespace: namespace})
+	if err != nil {
+		return false
+	}
+	for name := range want {
+		if _, ok := have.GetCustomAttributes()[name]; !ok {
+			return false
+		}
+	}
 	return true
 }
