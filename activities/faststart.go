@@ -55,16 +55,25 @@ type run struct {
 	prog task.Progress
 }
 
-func (r *run) produced() int {
+// beat is what a heartbeat carries: counts, not tokens.
+func (r *run) beat() task.Progress {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return len(r.prog.Tokens)
+	return task.Progress{Produced: len(r.prog.Tokens), TokensIn: r.prog.TokensIn}
 }
 
 func (r *run) progress() task.Progress {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return task.Progress{Tokens: append([]int32(nil), r.prog.Tokens...), Pieces: append([]string(nil), r.prog.Pieces...)}
+	return task.Progress{Tokens: append([]int32(nil), r.prog.Tokens...), Pieces: append([]string(nil), r.prog.Pieces...),
+		TokensIn: r.prog.TokensIn}
+}
+
+// promptLen records the prompt's length in tokens, once known.
+func (r *run) promptLen(n int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.prog.TokensIn = n
 }
 
 // runs is the node's registry of generations by task.
@@ -231,7 +240,7 @@ func (f FastStart) StartEarly(req task.Request) error {
 	r, ctx, err := g.runs.start(in, within, func(r *run) {
 		g.Metrics.fastStart(g.NodeID, "abandoned")
 		log.Warn("generation started ahead of its workflow: no Generate activity claimed it; cancelled (an activity that comes later resumes from its tokens)",
-			"within", within, "tokens", r.produced())
+			"within", within, "tokens", r.beat().Produced)
 	})
 	if err != nil {
 		g.Metrics.fastStart(g.NodeID, "refused")

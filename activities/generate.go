@@ -126,7 +126,7 @@ func heartbeats(ctx context.Context, r *run) (stop func()) {
 			case <-hbCtx.Done():
 				return
 			case <-t.C:
-				activity.RecordHeartbeat(ctx, task.Progress{Produced: r.produced()})
+				activity.RecordHeartbeat(ctx, r.beat())
 				t.Reset(time.Second)
 			}
 		}
@@ -144,7 +144,8 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 	push := g.openSink(in, r.reuseStream)
 	defer func() { push.close(ctx, err, log) }()
 	r.mu.Lock()
-	r.prog = task.Progress{Tokens: append([]int32(nil), in.Resume.Tokens...), Pieces: append([]string(nil), in.Resume.Pieces...)}
+	r.prog = task.Progress{Tokens: append([]int32(nil), in.Resume.Tokens...), Pieces: append([]string(nil), in.Resume.Pieces...),
+		TokensIn: in.Resume.TokensIn}
 	r.mu.Unlock()
 	resumed := len(in.Resume.Tokens)
 	push.Send(task.Event{Type: "started", NodeID: in.Where.NodeID, PoolID: in.Where.PoolID})
@@ -189,6 +190,7 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 			return task.Result{}, err
 		}
 		res.TokensIn = len(toks)
+		r.promptLen(res.TokensIn)
 		prompt = protocol.Prompt{Tokens: append(toks, in.Resume.Tokens...)}
 	} else {
 		text, err := g.promptText(ctx, eng, in)
@@ -248,6 +250,11 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 			return task.Result{}, temporal.NewNonRetryableApplicationError(
 				fmt.Sprintf("engine %s: %s", in.Where.URL, ch.Error.Message), task.ErrEngine, nil)
 		}
+		if prompt.Tokens == nil && res.TokensIn == 0 && ch.TokensEvaluated > 0 {
+			// Both engines say it with the first event.
+			res.TokensIn = ch.TokensEvaluated
+			r.promptLen(res.TokensIn)
+		}
 		if len(ch.Tokens) > 0 && first {
 			res.FirstTokenMs = time.Since(start).Milliseconds()
 			g.Metrics.firstToken(g.NodeID, time.Since(start))
@@ -272,7 +279,7 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 		if ch.Stop {
 			res.StopType = ch.StopType
 			res.DecodeMs = int64(ch.Timings.PredictedMs)
-			if prompt.Tokens == nil {
+			if prompt.Tokens == nil && ch.TokensEvaluated > 0 {
 				res.TokensIn = ch.TokensEvaluated
 			}
 			break
@@ -312,7 +319,7 @@ func logprobOf(p protocol.TokenProb, top int) *task.Logprob {
 // readers saw (task.SignalSeen).
 func resetProgress(p task.Progress, bound int) task.Progress {
 	if outputs.Size(task.Output{Tokens: p.Tokens, Pieces: p.Pieces}) > bound {
-		return task.Progress{Produced: len(p.Tokens)}
+		return task.Progress{Produced: len(p.Tokens), TokensIn: p.TokensIn}
 	}
 	return p
 }

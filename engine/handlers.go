@@ -367,8 +367,8 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 	if !req.Stream {
 		var all []llama.Token
 		var allProbs []tokenProbs
-		o, err := s.run(r.Context(), prompt, p, func(_ string, toks []llama.Token, probs []tokenProbs) error {
-			all, allProbs = append(all, toks...), append(allProbs, probs...)
+		o, err := s.run(r.Context(), prompt, p, func(e emitted) error {
+			all, allProbs = append(all, e.Tokens...), append(allProbs, e.Probs...)
 			return nil
 		})
 		if err != nil {
@@ -398,17 +398,18 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 	}
 	out := newTokenWriter(w)
 	defer out.stop() // also on a panic: no flush may follow the handler
-	o, err := s.run(r.Context(), prompt, p, func(text string, toks []llama.Token, probs []tokenProbs) error {
-		if text == "" && !req.ReturnTokens && len(probs) == 0 {
+	o, err := s.run(r.Context(), prompt, p, func(e emitted) error {
+		if e.Text == "" && !req.ReturnTokens && len(e.Probs) == 0 {
 			return nil
 		}
 		start()
-		ev := map[string]any{"content": text, "stop": false}
+		// As llama-server's partial events: the prompt's length with each.
+		ev := map[string]any{"content": e.Text, "stop": false, "tokens_evaluated": e.Evaluated}
 		if req.ReturnTokens {
-			ev["tokens"] = tokenIDs(toks)
+			ev["tokens"] = tokenIDs(e.Tokens)
 		}
-		if len(probs) > 0 {
-			ev["completion_probabilities"] = s.probsJSON(toks, probs)
+		if len(e.Probs) > 0 {
+			ev["completion_probabilities"] = s.probsJSON(e.Tokens, e.Probs)
 		}
 		return out.event(ev)
 	})
@@ -518,7 +519,7 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		return map[string]any{"prompt_tokens": o.Evaluated, "completion_tokens": o.Predicted, "total_tokens": o.Evaluated + o.Predicted}
 	}
 	if !req.Stream {
-		o, err := s.run(r.Context(), promptInput{Text: prompt}, p, func(string, []llama.Token, []tokenProbs) error { return nil })
+		o, err := s.run(r.Context(), promptInput{Text: prompt}, p, func(emitted) error { return nil })
 		if err != nil {
 			s.generationError(w, r, err, false)
 			return
@@ -550,14 +551,14 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusOK)
 		return writeSSE(w, chunk(map[string]any{"role": "assistant", "content": nil}, nil))
 	}
-	o, err := s.run(r.Context(), promptInput{Text: prompt}, p, func(text string, _ []llama.Token, _ []tokenProbs) error {
-		if text == "" {
+	o, err := s.run(r.Context(), promptInput{Text: prompt}, p, func(e emitted) error {
+		if e.Text == "" {
 			return nil
 		}
 		if err := start(); err != nil {
 			return err
 		}
-		return writeSSE(w, chunk(map[string]any{"content": text}, nil))
+		return writeSSE(w, chunk(map[string]any{"content": e.Text}, nil))
 	})
 	if err != nil {
 		s.generationError(w, r, err, started)

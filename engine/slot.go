@@ -72,10 +72,18 @@ type slot struct {
 	taskID atomic.Int64
 }
 
-// emitFunc takes text as it becomes final (whole UTF-8 characters, never
-// part of a stop word), the tokens sampled since its last call and, when
-// the request asked (n_probs), their probabilities (else nil).
-type emitFunc func(text string, toks []llama.Token, probs []tokenProbs) error
+// emitted is one piece of a generation's output: text as it became final
+// (whole UTF-8 characters, never part of a stop word), the tokens sampled
+// since the last piece and, when the request asked (n_probs), their
+// probabilities (else nil); Evaluated is the prompt's length in tokens.
+type emitted struct {
+	Text      string
+	Tokens    []llama.Token
+	Probs     []tokenProbs
+	Evaluated int
+}
+
+type emitFunc func(emitted) error
 
 // generate runs one completion on the slot, handing its output to emit; an
 // emit error (the client went away) or ctx ending stops generation.
@@ -219,7 +227,7 @@ func (s *slot) generate(ctx context.Context, in promptInput, p sampling, emit em
 		ready := len(text) - partialStop(text, p.Stop)
 		ready = sent + completeUTF8(text[sent:ready])
 		if ready > sent {
-			if err := emit(string(text[sent:ready]), pending, probs); err != nil {
+			if err := emit(emitted{string(text[sent:ready]), pending, probs, out.Evaluated}); err != nil {
 				return out, err
 			}
 			sent, pending, probs = ready, nil, nil
@@ -232,7 +240,7 @@ func (s *slot) generate(ctx context.Context, in promptInput, p sampling, emit em
 		nPast++
 	}
 	if sent < len(text) || len(pending) > 0 {
-		if err := emit(string(text[sent:]), pending, probs); err != nil {
+		if err := emit(emitted{string(text[sent:]), pending, probs, out.Evaluated}); err != nil {
 			return out, err
 		}
 	}

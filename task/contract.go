@@ -282,6 +282,10 @@ type Progress struct {
 	Pieces []string `json:"pieces"`
 	// Produced is how many tokens the generation has (heartbeats).
 	Produced int `json:"produced,omitempty"`
+	// TokensIn is the prompt's length in tokens, once the engine told
+	// (heartbeats, a reset's details): a move needs a slot that holds it
+	// and max_tokens.
+	TokensIn int `json:"tokens_in,omitempty"`
 }
 
 // Event is one event of a task's stream, as the node pushes it and as SSE

@@ -204,11 +204,17 @@ func (t *taskWF) run(ctx workflow.Context) error {
 				g.OK = false
 			}
 		}
+		// A moved task goes on where a slot holds its prompt and all it
+		// may generate: a smaller one would end it early at the limit.
+		pl := t.req.Placement
+		if len(exclude) > 0 && t.prog.TokensIn > 0 {
+			pl.MinCtx = max(pl.MinCtx, t.prog.TokensIn+t.req.Params.MaxTokens)
+		}
 		if g.OK {
 			where = g.Where
 		} else {
 			err = workflow.ExecuteActivity(pctx, tc.Place, scheduler.PlaceInput{TaskID: t.req.TaskID, ModelID: t.req.ModelID,
-				Priority: t.req.Priority, Placement: t.req.Placement, Exclude: exclude, EnqueuedAt: t.req.EnqueuedAt}).Get(ctx, &where)
+				Priority: t.req.Priority, Placement: pl, Exclude: exclude, EnqueuedAt: t.req.EnqueuedAt}).Get(ctx, &where)
 		}
 		// No other pool: the lost one may come back (a Temporal outage or a
 		// network blip looks like a lost node too). Wait for any pool, the
@@ -217,7 +223,7 @@ func (t *taskWF) run(ctx workflow.Context) error {
 		if err != nil && len(exclude) > 0 && isType(err, task.ErrPoolUnavailable) &&
 			workflow.GetVersion(ctx, "lost-pool-may-return", workflow.DefaultVersion, 1) >= 1 {
 			err = workflow.ExecuteActivity(pctx, tc.Place, scheduler.PlaceInput{TaskID: t.req.TaskID, ModelID: t.req.ModelID,
-				Priority: t.req.Priority, Placement: t.req.Placement, EnqueuedAt: t.req.EnqueuedAt,
+				Priority: t.req.Priority, Placement: pl, EnqueuedAt: t.req.EnqueuedAt,
 				NoPoolGrace: lostPoolGrace}).Get(ctx, &where)
 		}
 		if err != nil {
@@ -294,18 +300,26 @@ func (t *taskWF) run(ctx workflow.Context) error {
 // engine), what replicas' readers had when the node's link broke off
 // (SignalSeen), and what the answering apiserver's stream holds.
 func (t *taskWF) recoverProgress(ctx workflow.Context, err error) {
+	tokensIn := t.prog.TokensIn // the prompt's length, whichever source told
+	defer func() { t.prog.TokensIn = max(t.prog.TokensIn, tokensIn) }()
 	var timeout *temporal.TimeoutError
 	if errors.As(err, &timeout) && timeout.HasLastHeartbeatDetails() {
 		var p task.Progress
-		if timeout.LastHeartbeatDetails(&p) == nil && len(p.Tokens) > len(t.prog.Tokens) {
-			t.prog = p
+		if timeout.LastHeartbeatDetails(&p) == nil {
+			tokensIn = max(tokensIn, p.TokensIn)
+			if len(p.Tokens) > len(t.prog.Tokens) {
+				t.prog = p
+			}
 		}
 	}
 	var app *temporal.ApplicationError
 	if errors.As(err, &app) && app.Type() == task.ErrWorkerReset && app.HasDetails() {
 		var p task.Progress
-		if app.Details(&p) == nil && len(p.Tokens) > len(t.prog.Tokens) && len(p.Tokens) == len(p.Pieces) {
-			t.prog = p
+		if app.Details(&p) == nil {
+			tokensIn = max(tokensIn, p.TokensIn)
+			if len(p.Tokens) > len(t.prog.Tokens) && len(p.Tokens) == len(p.Pieces) {
+				t.prog = p
+			}
 		}
 	}
 	t.takeSeen(ctx)

@@ -234,3 +234,34 @@ func TestTaskRecordsOutputReference(t *testing.T) {
 	require.NoError(t, v.Get(&q))
 	require.Equal(t, ref, q.Output)
 }
+
+// A moved task is placed where a slot holds its prompt (as the lost
+// generation's heartbeat told it) and all it may generate; its first
+// placement asks nothing of the slot.
+func TestTaskMovesToARoomySlot(t *testing.T) {
+	env, ctl, ga := taskEnv(t)
+	env.OnActivity(ctl.StreamProgress, mock.Anything, mock.Anything).Return(task.Progress{}, nil)
+	where2 := task.Where{NodeID: "n2", PoolID: "p2", URL: "http://e2", Epoch: 1}
+	var asked []int
+	env.OnActivity(ctl.Place, mock.Anything, mock.Anything).Return(func(_ context.Context, in scheduler.PlaceInput) (task.Where, error) {
+		asked = append(asked, in.Placement.MinCtx)
+		if len(asked) == 1 {
+			return where1, nil
+		}
+		return where2, nil
+	})
+	calls := 0
+	env.OnActivity(ga.Generate, mock.Anything, mock.Anything).Return(func(_ context.Context, in activities.GenerateInput) (task.Result, error) {
+		if calls++; calls == 1 {
+			return task.Result{}, temporal.NewTimeoutError(enumspb.TIMEOUT_TYPE_HEARTBEAT, nil, task.Progress{Produced: 3, TokensIn: 100})
+		}
+		require.Equal(t, 100, in.Resume.TokensIn, "the resumed generation knows the prompt's length")
+		return task.Result{Tokens: []int32{1}, Pieces: []string{"x"}, StopType: "limit", TokensIn: 100}, nil
+	})
+	env.ExecuteWorkflow(Task, task.Request{TaskID: "t1", ModelID: "m", EnqueuedAt: env.Now(), Params: task.Params{MaxTokens: 50}})
+	require.NoError(t, env.GetWorkflowError())
+	var st task.Status
+	require.NoError(t, env.GetWorkflowResult(&st))
+	require.Equal(t, task.Completed, st.State, st.Error)
+	require.Equal(t, []int{0, 150}, asked, "the move asks for a slot of prompt + max_tokens")
+}
