@@ -155,9 +155,9 @@ func TestLinkViewFollowsNodes(t *testing.T) {
 
 	want := map[string]placement.Candidate{
 		"v-p1": {PoolID: "v-p1", NodeID: "v-n1", ModelID: "m", URL: "http://engine-v-p1", Epoch: 1, State: pool.Ready,
-			NodeOnline: true, SlotsTotal: 2, CtxPerSlot: 2048, FreeVRAM: 40 << 30},
+			NodeOnline: true, SlotsTotal: 2, CtxPerSlot: 2048, Engine: pool.Builtin, FreeVRAM: 40 << 30},
 		"v-p2": {PoolID: "v-p2", NodeID: "v-n2", ModelID: "m", URL: "http://engine-v-p2", Epoch: 1, State: pool.Ready,
-			NodeOnline: true, SlotsTotal: 2, CtxPerSlot: 2048, FreeVRAM: 60 << 30},
+			NodeOnline: true, SlotsTotal: 2, CtxPerSlot: 2048, Engine: pool.Builtin, FreeVRAM: 60 << 30},
 	}
 	view1 := func() map[string]placement.Candidate {
 		cands, err := view.Candidates(ctx)
