@@ -422,6 +422,9 @@ func (s *Server) openAIModels(c *fiber.Ctx) error {
 // catalog and active), else OpenAI's model_not_found.
 func (s *Server) openAIModel(c *fiber.Ctx) error {
 	id := c.Params("id")
+	if model.ValidateID(id) != nil { // no model has such an id
+		return modelNotFound(apiError(fiber.StatusNotFound, CodeModelNotFound, "not found"), id)
+	}
 	e, err := s.entry(c.UserContext(), id)
 	var ae *Error
 	if errors.As(err, &ae) && ae.Code == CodeModelNotFound || err == nil && e.Lifecycle != model.Active {
