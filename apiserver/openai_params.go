@@ -138,6 +138,9 @@ func checkFields(body []byte, honoured func(string) bool, neutral map[string]neu
 			}
 		}
 		rule, known := neutral[k]
+		if !known && k == "" {
+			return nil, invalidParam("body", `unrecognized request argument ""`)
+		}
 		if !known {
 			return nil, invalidParam(k, "unrecognized request argument")
 		}
