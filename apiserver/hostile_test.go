@@ -177,3 +177,22 @@ func TestHostilePoolParams(t *testing.T) {
 		require.Equal(t, "device_mask", r.body["field"], "device_mask %q: %s", mask, r.raw)
 	}
 }
+
+// A /v1 request refused for a field is counted by endpoint and field; a
+// field OpenAI does not define counts as unrecognized, whatever its name.
+func TestOpenAIRefusalsCounted(t *testing.T) {
+	a, _ := startTaskAPI(t)
+	for _, body := range []string{
+		`{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}`,
+		`{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}`,
+		`{"model":"m","messages":[{"role":"user","content":"hi"}],"no_such_` + strings.Repeat("x", 40) + `":1}`,
+	} {
+		r := a.do("POST", "/v1/chat/completions", "Bearer "+token, body)
+		require.Equal(t, 400, r.status, r.raw)
+	}
+	require.Equal(t, 400, a.do("POST", "/v1/responses", "Bearer "+token, `{"model":"m","input":"x","store":true}`).status)
+	m := a.do("GET", "/metrics", "", nil).raw
+	require.Contains(t, m, `llorch_api_openai_refused_total{endpoint="chat.completions",param="tools"} 2`)
+	require.Contains(t, m, `llorch_api_openai_refused_total{endpoint="chat.completions",param="unrecognized"} 1`)
+	require.Contains(t, m, `llorch_api_openai_refused_total{endpoint="responses",param="store"} 1`)
+}

@@ -20,6 +20,7 @@ type metrics struct {
 	catalogChanges *prometheus.CounterVec
 	heartbeats     *prometheus.CounterVec
 	streamPanics   prometheus.Counter
+	openAIRefused  *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -44,6 +45,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		catalogChanges: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_catalog_changes_total", Help: "Catalog changes made through the API, by operation.",
 		}, []string{"op"}),
+		openAIRefused: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_api_openai_refused_total",
+			Help: "/v1 requests refused for a field llorch does not honour (or not at that value), by endpoint and field (unrecognized: a field OpenAI does not define).",
+		}, []string{"endpoint", "param"}),
 	}
 }
 

@@ -209,6 +209,11 @@ func (s *Server) openAITask(c *fiber.Ctx, chat bool) (task.Request, openAIReques
 		return task.Request{}, r, adm, err
 	}
 	if err := checkOpenAIFields(body, chat); err != nil {
+		endpoint := "completions"
+		if chat {
+			endpoint = "chat.completions"
+		}
+		s.metrics.openAIRefused.WithLabelValues(endpoint, refusedParam(err)).Inc()
 		return task.Request{}, r, adm, err
 	}
 	if len(r.User) > maxEndUser {

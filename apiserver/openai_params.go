@@ -282,3 +282,20 @@ func logprobsParams(chat bool, logprobs json.RawMessage, top *int) (on bool, n i
 	}
 	return true, n, nil
 }
+
+// refusedParam is the metric label of a refusal by checkFields: the
+// field's name where a table of ours names it (bounded), else
+// "unrecognized" (a client may send any name).
+func refusedParam(err error) string {
+	e, ok := err.(*Error)
+	if !ok {
+		return "unrecognized"
+	}
+	k, _, _ := strings.Cut(e.Field, "[") // messages[3].name: messages
+	_, neutral := openAINeutral[k]
+	_, respNeutral := responsesNeutral[k]
+	if neutral || respNeutral || openAIHonoured[k] || openAIHonouredBy[true][k] || openAIHonouredBy[false][k] || responsesHonoured[k] {
+		return k
+	}
+	return "unrecognized"
+}

@@ -218,6 +218,7 @@ func (s *Server) responses(c *fiber.Ctx) error {
 		return err
 	}
 	if err := checkResponsesFields(body); err != nil {
+		s.metrics.openAIRefused.WithLabelValues("responses", refusedParam(err)).Inc()
 		return err
 	}
 	r, err := rr.chat()
