@@ -180,7 +180,7 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 	res := task.Result{WaitMs: waited.Milliseconds()}
 	nPredict := req.Params.MaxTokens - resumed
 	// A fresh generation sends its prompt as text and learns its length
-	// from the engine's final event: no tokenize round trip before the
+	// from the engine's first event: no tokenize round trip before the
 	// first token. A resumed one sends the prompt's token ids and the
 	// produced ones, so it continues exactly where it broke off.
 	var prompt protocol.Prompt
@@ -279,9 +279,6 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 		if ch.Stop {
 			res.StopType = ch.StopType
 			res.DecodeMs = int64(ch.Timings.PredictedMs)
-			if prompt.Tokens == nil && ch.TokensEvaluated > 0 {
-				res.TokensIn = ch.TokensEvaluated
-			}
 			break
 		}
 	}

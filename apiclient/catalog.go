@@ -44,7 +44,7 @@ func modelPath(id string) string { return modelsPath + "/" + url.PathEscape(id) 
 
 // Model is GET /v2/catalog/models/{id}; a 404 is found == false.
 func (c *Client) Model(ctx context.Context, id string) (e model.Entry, found bool, err error) {
-	raw, err := c.call(ctx, http.MethodGet, modelPath(id), nil)
+	raw, err := c.Call(ctx, http.MethodGet, modelPath(id), nil)
 	if IsNotFound(err) {
 		return model.Entry{}, false, nil
 	}
@@ -58,7 +58,7 @@ func (c *Client) Model(ctx context.Context, id string) (e model.Entry, found boo
 // RegisterModel is POST /v2/catalog/models; the apiserver hashes the object
 // before it answers with the entry, so give ctx time for that.
 func (c *Client) RegisterModel(ctx context.Context, r RegisterRequest) (model.Entry, error) {
-	raw, err := c.call(ctx, http.MethodPost, modelsPath, r)
+	raw, err := c.Call(ctx, http.MethodPost, modelsPath, r)
 	if err != nil {
 		return model.Entry{}, err
 	}
@@ -67,7 +67,7 @@ func (c *Client) RegisterModel(ctx context.Context, r RegisterRequest) (model.En
 
 // ListModels is GET /v2/catalog/models.
 func (c *Client) ListModels(ctx context.Context) (ModelList, error) {
-	raw, err := c.call(ctx, http.MethodGet, modelsPath, nil)
+	raw, err := c.Call(ctx, http.MethodGet, modelsPath, nil)
 	if err != nil {
 		return ModelList{}, err
 	}
@@ -81,7 +81,7 @@ func (c *Client) ListModels(ctx context.Context) (ModelList, error) {
 
 // DeleteModel is DELETE /v2/catalog/models/{id}.
 func (c *Client) DeleteModel(ctx context.Context, id string) error {
-	_, err := c.call(ctx, http.MethodDelete, modelPath(id), nil)
+	_, err := c.Call(ctx, http.MethodDelete, modelPath(id), nil)
 	return err
 }
 

@@ -93,10 +93,29 @@ func UntrustedHint(err error, setting string) string {
 
 func (e *UnreachableError) Unwrap() error { return e.Err }
 
-// call sends a request and returns the body of a 2xx answer; any other
-// answer is an *Error (a body that is no envelope becomes one with the HTTP
-// status as its code).
-func (c *Client) call(ctx context.Context, method, path string, body any) ([]byte, error) {
+// Call sends a request to path with body as JSON (nil: none) and returns
+// the body of a 2xx answer; any other answer is an *Error (a body that is
+// no envelope becomes one with the HTTP status as its code).
+func (c *Client) Call(ctx context.Context, method, path string, body any) ([]byte, error) {
+	resp, err := c.send(ctx, method, path, body, "application/json")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	u := c.base + path
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: reading the answer: %w", method, u, err)
+	}
+	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
+		return raw, nil
+	}
+	return raw, ErrorOf(method, u, resp.StatusCode, raw)
+}
+
+// send sends a request with the client's token, body as JSON (nil: none),
+// accepting accept. No answer is an *UnreachableError, or ctx's cause.
+func (c *Client) send(ctx context.Context, method, path string, body any, accept string) (*http.Response, error) {
 	u := c.base + path
 	var rd io.Reader
 	if body != nil {
@@ -113,7 +132,7 @@ func (c *Client) call(ctx context.Context, method, path string, body any) ([]byt
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	req.Header.Set("Accept", "application/json")
+	req.Header.Set("Accept", accept)
 	if c.token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.token)
 	}
@@ -124,15 +143,7 @@ func (c *Client) call(ctx context.Context, method, path string, body any) ([]byt
 		}
 		return nil, &UnreachableError{BaseURL: c.base, Err: err}
 	}
-	defer resp.Body.Close()
-	raw, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
-	if err != nil {
-		return nil, fmt.Errorf("%s %s: reading the answer: %w", method, u, err)
-	}
-	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
-		return raw, nil
-	}
-	return raw, ErrorOf(method, u, resp.StatusCode, raw)
+	return resp, nil
 }
 
 // ErrorOf is the *Error of an answer other than 2xx to method url: its
@@ -157,33 +168,16 @@ func truncate(s string, n int) string {
 	return s[:n] + "..."
 }
 
-// Call sends a request to path with body as JSON (nil: none) and returns
-// the body of a 2xx answer; any other answer is an *Error.
-func (c *Client) Call(ctx context.Context, method, path string, body any) ([]byte, error) {
-	return c.call(ctx, method, path, body)
-}
-
 // Events reads the server-sent events at path (a task's stream), calling
 // each with every event's name and data until the stream or ctx ends, or
 // each returns an error (io.EOF: stop, no error).
 func (c *Client) Events(ctx context.Context, path string, each func(event string, data []byte) error) error {
-	u := c.base + path
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	resp, err := c.send(ctx, http.MethodGet, path, nil, "text/event-stream")
 	if err != nil {
 		return err
 	}
-	req.Header.Set("Accept", "text/event-stream")
-	if c.token != "" {
-		req.Header.Set("Authorization", "Bearer "+c.token)
-	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		if ctx.Err() != nil {
-			return context.Cause(ctx)
-		}
-		return &UnreachableError{BaseURL: c.base, Err: err}
-	}
 	defer resp.Body.Close()
+	u := c.base + path
 	if resp.StatusCode != http.StatusOK {
 		raw, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 		return ErrorOf(http.MethodGet, u, resp.StatusCode, raw)

@@ -200,27 +200,15 @@ func (r openAIRequest) input(chat bool) (in taskInput, field string, err error) 
 func (s *Server) openAITask(c *fiber.Ctx, chat bool) (task.Request, openAIRequest, scheduler.Admission, error) {
 	var r openAIRequest
 	var adm scheduler.Admission
-	raw, err := readBody(c, maxBodyBytes)
-	if err != nil {
+	endpoint := "completions"
+	if chat {
+		endpoint = "chat.completions"
+	}
+	if err := s.openAIBody(c, endpoint, &r, func(body []byte) error { return checkOpenAIFields(body, chat) }); err != nil {
 		return task.Request{}, r, adm, err
 	}
-	body := bytes.TrimSpace(raw)
-	if err := decodeLooseBytes(body, &r); err != nil {
+	if err := endUser(c, r.User); err != nil {
 		return task.Request{}, r, adm, err
-	}
-	if err := checkOpenAIFields(body, chat); err != nil {
-		endpoint := "completions"
-		if chat {
-			endpoint = "chat.completions"
-		}
-		s.metrics.openAIRefused.WithLabelValues(endpoint, refusedParam(err)).Inc()
-		return task.Request{}, r, adm, err
-	}
-	if len(r.User) > maxEndUser {
-		return task.Request{}, r, adm, invalidParam("user", "at most %d bytes", maxEndUser)
-	}
-	if r.User != "" {
-		c.Locals(localEndUser, r.User) // the audit trail records it
 	}
 	in, field, err := r.input(chat)
 	if err != nil {
@@ -236,6 +224,35 @@ func (s *Server) openAITask(c *fiber.Ctx, chat bool) (task.Request, openAIReques
 		return req, r, adm, err
 	}
 	return req, r, adm, nil
+}
+
+// openAIBody reads a /v1 body into dst and checks its fields with check;
+// a refusal is counted under endpoint.
+func (s *Server) openAIBody(c *fiber.Ctx, endpoint string, dst any, check func([]byte) error) error {
+	raw, err := readBody(c, maxBodyBytes)
+	if err != nil {
+		return err
+	}
+	body := bytes.TrimSpace(raw)
+	if err := decodeLooseBytes(body, dst); err != nil {
+		return err
+	}
+	if err := check(body); err != nil {
+		s.metrics.openAIRefused.WithLabelValues(endpoint, refusedParam(err)).Inc()
+		return err
+	}
+	return nil
+}
+
+// endUser keeps a request's user (bounded) for the audit trail.
+func endUser(c *fiber.Ctx, user string) error {
+	if len(user) > maxEndUser {
+		return invalidParam("user", "at most %d bytes", maxEndUser)
+	}
+	if user != "" {
+		c.Locals(localEndUser, user)
+	}
+	return nil
 }
 
 // modelNotFound is a catalog miss in OpenAI's words (model_not_found).

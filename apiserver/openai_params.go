@@ -56,20 +56,6 @@ func textModalities(raw json.RawMessage) bool {
 	return json.Unmarshal(raw, &m) == nil && (len(m) == 0 || slices.Equal(m, []string{"text"}))
 }
 
-// isOnly: raw is an object with no key but keys.
-func isOnly(raw json.RawMessage, keys ...string) bool {
-	var m map[string]json.RawMessage
-	if json.Unmarshal(raw, &m) != nil {
-		return false
-	}
-	for k := range m {
-		if !slices.Contains(keys, k) {
-			return false
-		}
-	}
-	return true
-}
-
 // openAINeutral are OpenAI's fields llorch does not act on (yet), with
 // the values at which they ask for nothing.
 var openAINeutral = map[string]neutralRule{

@@ -208,28 +208,16 @@ func sortedKeys[V any](m map[string]V) []string {
 }
 
 func (s *Server) responses(c *fiber.Ctx) error {
-	raw, err := readBody(c, maxBodyBytes)
-	if err != nil {
-		return err
-	}
-	body := bytes.TrimSpace(raw)
 	var rr responsesRequest
-	if err := decodeLooseBytes(body, &rr); err != nil {
-		return err
-	}
-	if err := checkResponsesFields(body); err != nil {
-		s.metrics.openAIRefused.WithLabelValues("responses", refusedParam(err)).Inc()
+	if err := s.openAIBody(c, "responses", &rr, checkResponsesFields); err != nil {
 		return err
 	}
 	r, err := rr.chat()
 	if err != nil {
 		return rr.mapField(err)
 	}
-	if len(r.User) > maxEndUser {
-		return invalidParam("user", "at most %d bytes", maxEndUser)
-	}
-	if r.User != "" {
-		c.Locals(localEndUser, r.User)
+	if err := endUser(c, r.User); err != nil {
+		return err
 	}
 	in, _, err := r.input(true)
 	if err != nil {

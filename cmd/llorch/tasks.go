@@ -132,7 +132,10 @@ func tasksSubmitCmd() *cobra.Command {
 			var failed error
 			err = api.Events(ctx, path("v2", "tasks", sub.TaskID, "events"), func(event string, data []byte) error {
 				if asJSON {
-					line, _ := json.Marshal(map[string]json.RawMessage{"event": jsonText(event), "data": data})
+					line, _ := json.Marshal(struct {
+						Event string          `json:"event"`
+						Data  json.RawMessage `json:"data"`
+					}{event, data})
 					fmt.Fprintf(out, "%s\n", line)
 				}
 				var ev struct {
@@ -187,11 +190,6 @@ func tasksSubmitCmd() *cobra.Command {
 	fs.BoolVar(&detach, "detach", false, "print the task id and return without streaming")
 	bindAPIEnv(fs)
 	return cmd
-}
-
-func jsonText(s string) json.RawMessage {
-	b, _ := json.Marshal(s)
-	return b
 }
 
 // errInterrupted ends a command the user interrupted; main exits 130.
