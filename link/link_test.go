@@ -40,7 +40,10 @@ func serve(t *testing.T, opts Options) *fixture {
 	f.srv = NewServer(f.src, opts)
 	require.NoError(t, f.srv.Listen("127.0.0.1:0"))
 	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		// Longer than net/http's 5 s: Shutdown closes a connection that
+		// never carried a request (one a client's transport dialed and
+		// did not use) only once it is 5 s old.
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 		defer cancel()
 		require.NoError(t, f.srv.Shutdown(ctx))
 	})
