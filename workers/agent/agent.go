@@ -101,6 +101,11 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	if a.Generate != nil {
 		a.worker.RegisterActivity(a.Generate)
 	}
+	var watcher *HandoffWatcher
+	if a.Engines != nil && a.Pools != nil {
+		watcher = &HandoffWatcher{NodeID: a.NodeID, Engines: a.Engines.Table, Pools: a.Pools, Log: a.Log, BeforeReport: a.syncLink}
+		watcher.Claim()
+	}
 	if err := a.worker.Start(); err != nil {
 		return fmt.Errorf("start worker on %s: %w", node.TaskQueue(a.NodeID), err)
 	}
@@ -130,14 +135,14 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 			}
 		}()
 	}
-	if a.Engines != nil && a.Pools != nil {
-		// After polling starts: an adopted engine's supervisor runs here.
+	if watcher != nil {
+		// Reports after polling starts: an adopted engine's supervisor
+		// runs here.
 		wctx, cancel := context.WithCancel(context.Background())
 		a.stopWatcher, a.watcherDone = cancel, make(chan struct{})
-		w := &HandoffWatcher{NodeID: a.NodeID, Engines: a.Engines.Table, Pools: a.Pools, Log: a.Log, BeforeReport: a.syncLink}
 		go func() {
 			defer close(a.watcherDone)
-			if err := w.Run(wctx); err != nil {
+			if err := watcher.Run(wctx); err != nil {
 				a.Log.Error("handoff watcher stopped", "err", err)
 			}
 		}()

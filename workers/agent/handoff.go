@@ -30,6 +30,9 @@ type HandoffWatcher struct {
 	// BeforeReport, when set, runs before each handoff is reported: the
 	// agent brings its node link up to date with it.
 	BeforeReport func(context.Context)
+
+	claimed []pool.Handoff
+	live    map[string]bool
 }
 
 const handoffUpdateTimeout = 15 * time.Second
@@ -69,12 +72,15 @@ func (w *HandoffWatcher) Run(ctx context.Context) error {
 	}
 }
 
-// recover reports every engine of this node still running from an earlier
-// worker; one no handoff names (it never became ready) is fenced at once.
-func (w *HandoffWatcher) recover(ctx context.Context) {
-	live := map[string]bool{}
+// Claim takes over the engines an earlier worker of this node left
+// running, before the worker polls its queue: a supervisor the dead worker
+// never picked up then runs here on the engine, instead of failing for want
+// of it (a restart the pool would count). One no handoff names (it never
+// became ready) is fenced at once. Run reports the claimed ones.
+func (w *HandoffWatcher) Claim() {
+	w.live = map[string]bool{}
 	for _, e := range w.Engines.Live() {
-		live[fmt.Sprintf("%s@%d/%d", e.PoolID, e.Epoch, e.PID)] = true
+		w.live[engineKey(e.PoolID, e.Epoch, e.PID)] = true
 		h, err := engines.ReadHandoff(pool.HandoffPath(w.Engines.RuntimeDir, e.PoolID))
 		if err != nil || h.Epoch != e.Epoch || h.PID != e.PID {
 			w.Log.Info("fencing an engine no handoff names", "pool", e.PoolID, "epoch", e.Epoch, "pid", e.PID)
@@ -86,14 +92,29 @@ func (w *HandoffWatcher) recover(ctx context.Context) {
 			w.Engines.StopEpoch(e.PoolID, e.Epoch)
 			continue
 		}
+		w.claimed = append(w.claimed, h)
+	}
+}
+
+func engineKey(poolID string, epoch int64, pid int) string {
+	return fmt.Sprintf("%s@%d/%d", poolID, epoch, pid)
+}
+
+// recover reports the claimed engines to their pools (Claim runs first if
+// the caller did not), then the handoffs whose engine died while no worker
+// watched: their pools restart them now instead of after the supervisor's
+// timeout.
+func (w *HandoffWatcher) recover(ctx context.Context) {
+	if w.live == nil {
+		w.Claim()
+	}
+	for _, h := range w.claimed {
 		w.report(ctx, h, true)
 	}
-	// Handoffs whose engine died while no worker watched: their pools
-	// restart them now instead of after the supervisor's timeout.
 	files, _ := filepath.Glob(filepath.Join(w.Engines.Dir(), "*.json"))
 	for _, f := range files {
 		h, err := engines.ReadHandoff(f)
-		if err != nil || h.PoolID == "" || live[fmt.Sprintf("%s@%d/%d", h.PoolID, h.Epoch, h.PID)] {
+		if err != nil || h.PoolID == "" || w.live[engineKey(h.PoolID, h.Epoch, h.PID)] {
 			continue
 		}
 		uctx, cancel := context.WithTimeout(ctx, handoffUpdateTimeout)
