@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"strings"
 	"time"
 
 	"go.temporal.io/sdk/activity"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/llorch/llorch/engine/protocol"
 	"github.com/llorch/llorch/outputs"
+	"github.com/llorch/llorch/prefix"
 	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/tokenstream"
 )
@@ -171,6 +173,14 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 		return task.Result{}, g.claimErr(ctx, in, err)
 	}
 	defer release()
+	// The slot whose cache holds the longest prefix of the prompt (package
+	// prefix); a resumed generation decodes its whole prompt again, as the
+	// first did, and a cold one asked to.
+	reuse := req.Placement.KVHint != task.KVCold && resumed == 0
+	chain := prefix.Hashes(prefix.Of(req))
+	slot := g.Running.TakeSlot(in.Where.PoolID, in.Where.URL, chain, reuse)
+	var held []uint64 // what the slot's cache holds at the end (nil: unknown)
+	defer func() { g.Running.PutSlot(in.Where.PoolID, in.Where.URL, slot, held) }()
 
 	hc := g.Client
 	if hc == nil {
@@ -212,6 +222,10 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 		Prompt: prompt, NPredict: nPredict,
 		Temperature: req.Params.Temperature, TopK: req.Params.TopK, TopP: req.Params.TopP,
 		Seed: req.Params.Seed, Stop: req.Params.Stop, Stream: true, ReturnTokens: true, Grammar: req.Params.Grammar,
+		CachePrompt: reuse,
+	}
+	if slot >= 0 {
+		body.IDSlot = &slot
 	}
 	if req.Params.Logprobs {
 		body.NProbs = max(1, req.Params.TopLogprobs) // 0 asks for none at all
@@ -259,6 +273,7 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 			res.FirstTokenMs = time.Since(start).Milliseconds()
 			g.Metrics.firstToken(g.NodeID, time.Since(start))
 			first = false
+			held = chain // the prompt is in the cache now
 		}
 		r.mu.Lock()
 		for j, tok := range ch.Tokens {
@@ -279,6 +294,7 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 		if ch.Stop {
 			res.StopType = ch.StopType
 			res.DecodeMs = int64(ch.Timings.PredictedMs)
+			res.TokensCached = ch.Timings.CacheN
 			break
 		}
 	}
@@ -288,14 +304,16 @@ func (g *GenerateActivities) generate(ctx context.Context, r *run, key string) (
 	p := r.progress()
 	res.Tokens, res.Pieces = p.Tokens, p.Pieces
 	produced := len(res.Tokens)
+	held = prefix.Hashes(prefix.After(req, strings.Join(res.Pieces, "")))
 	g.Metrics.generated(g.NodeID, res.TokensIn, produced-resumed, time.Duration(res.DecodeMs)*time.Millisecond)
+	g.Metrics.cached(g.NodeID, res.TokensCached)
 	// Stored before the end event: a reader that sees the end may read
 	// the task's result at once.
 	if res, err = g.offload(ctx, req.TaskID, key, res, log); err != nil {
 		return task.Result{}, err
 	}
-	push.Send(task.Event{Type: "end", TokensOut: produced, DecodeTimeMs: res.DecodeMs, TokensIn: res.TokensIn, StopType: res.StopType})
-	log.Info("generation done", "tokens_in", res.TokensIn, "tokens_out", produced, "resumed", resumed,
+	push.Send(task.Event{Type: "end", TokensOut: produced, DecodeTimeMs: res.DecodeMs, TokensIn: res.TokensIn, TokensCached: res.TokensCached, StopType: res.StopType})
+	log.Info("generation done", "tokens_in", res.TokensIn, "tokens_cached", res.TokensCached, "slot", slot, "tokens_out", produced, "resumed", resumed,
 		"first_token_ms", res.FirstTokenMs, "decode_ms", res.DecodeMs, "fast_start", r.ahead)
 	return res, nil
 }

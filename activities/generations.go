@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
 
+	"github.com/llorch/llorch/prefix"
 	"github.com/llorch/llorch/task"
 )
 
@@ -53,6 +55,17 @@ type engineSlots struct {
 	// serviceMs: EWMA of how long a generation held a slot (0: none yet).
 	serviceMs float64
 	claims    uint64 // claims ever taken or queued on this engine
+	// caches are the engine's slots as the node hands them out (managed
+	// engines): which are in use and the prompt chain each one's cache
+	// holds (package prefix).
+	caches []slotCache
+	uses   uint64
+}
+
+type slotCache struct {
+	busy     bool
+	chain    []uint64
+	lastUsed uint64
 }
 
 // claim is one waiting generation.
@@ -86,6 +99,8 @@ type EngineStats struct {
 	Running, Queued, QueuedInteractive int
 	ServiceMs                          int64
 	Claims                             uint64
+	// Prefixes are the chain hashes the engine's slot caches hold, sorted.
+	Prefixes []uint64
 }
 
 // EngineSlots names an engine the node runs and its slots.
@@ -289,6 +304,9 @@ func (g *Generations) SetEngines(es []EngineSlots) {
 		if e.known && e.slots == s.Slots && e.epoch == s.Epoch {
 			continue
 		}
+		if e.slots != s.Slots || e.epoch != s.Epoch {
+			e.caches = make([]slotCache, s.Slots) // another engine: empty caches
+		}
 		e.known, e.slots, e.epoch = true, s.Slots, s.Epoch
 		g.grant(e)
 		g.changedLocked(k, e)
@@ -322,6 +340,11 @@ func (g *Generations) Stats(poolID, url string) EngineStats {
 	}
 	st := EngineStats{Running: e.running, Queued: len(e.waiting), QueuedInteractive: e.interactive,
 		ServiceMs: int64(e.serviceMs + 0.5), Claims: e.claims}
+	for _, c := range e.caches {
+		st.Prefixes = append(st.Prefixes, c.chain...)
+	}
+	slices.Sort(st.Prefixes)
+	st.Prefixes = slices.Compact(st.Prefixes)
 	if e.serviceMs > 0 {
 		st.ServiceMs = max(st.ServiceMs, 1) // known, if under a millisecond
 	}
@@ -425,4 +448,58 @@ func (m *SlotMetrics) refused(nodeID, _, reason string) {
 	if m != nil {
 		m.Refused.WithLabelValues(nodeID, reason).Inc()
 	}
+}
+
+// TakeSlot picks the engine slot a claimed generation runs on: with reuse,
+// the idle one whose cache holds the longest part of chain (the prompt's
+// hashes), else the least recently used, whose cache is the one least
+// likely to be asked for. The slot then holds chain. -1: the node does
+// not know the engine's slots (the engine picks). Call it after Claim
+// granted the slot, PutSlot before its release.
+func (g *Generations) TakeSlot(poolID, url string, chain []uint64, reuse bool) int {
+	if g == nil {
+		return -1
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	e := g.engines[engineKey{poolID, url}]
+	if e == nil {
+		return -1
+	}
+	best, shared := -1, 0
+	for i, c := range e.caches {
+		if c.busy {
+			continue
+		}
+		n := 0
+		if reuse {
+			n = prefix.Shared(c.chain, chain)
+		}
+		if best < 0 || n > shared || (n == shared && c.lastUsed < e.caches[best].lastUsed) {
+			best, shared = i, n
+		}
+	}
+	if best >= 0 {
+		e.caches[best].busy, e.caches[best].chain = true, chain
+		g.changedLocked(engineKey{poolID, url}, e)
+	}
+	return best
+}
+
+// PutSlot gives slot back with the chain its cache holds now (nil:
+// unknown, nothing is matched against it).
+func (g *Generations) PutSlot(poolID, url string, slot int, chain []uint64) {
+	if g == nil || slot < 0 {
+		return
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	k := engineKey{poolID, url}
+	e := g.engines[k]
+	if e == nil || slot >= len(e.caches) {
+		return
+	}
+	e.uses++
+	e.caches[slot] = slotCache{chain: chain, lastUsed: e.uses}
+	g.changedLocked(k, e)
 }

@@ -247,3 +247,34 @@ func TestGenerationsCancelAndRefusals(t *testing.T) {
 	g.mu.Unlock()
 	require.False(t, kept, "a gone engine is forgotten once idle")
 }
+
+// The node hands out its engine's slots: a prompt goes to the idle slot
+// whose cache holds the longest part of its chain (reuse), else the least
+// recently used; the link's Prefixes are what the caches hold.
+func TestGenerationsSlotCaches(t *testing.T) {
+	g := &Generations{NodeID: "n1"}
+	g.SetEngines([]EngineSlots{{PoolID: "p", URL: "http://a", Epoch: 1, Slots: 2}})
+	require.Equal(t, -1, g.TakeSlot("p", "http://other", []uint64{1}, true), "an engine the node does not know: the engine picks")
+
+	s0 := g.TakeSlot("p", "http://a", []uint64{1, 2}, true)
+	s1 := g.TakeSlot("p", "http://a", []uint64{7}, true)
+	require.ElementsMatch(t, []int{0, 1}, []int{s0, s1})
+	require.Equal(t, -1, g.TakeSlot("p", "http://a", []uint64{1}, true), "both busy")
+	require.Equal(t, []uint64{1, 2, 7}, g.Stats("p", "http://a").Prefixes, "a busy slot holds its prompt")
+	g.PutSlot("p", "http://a", s0, []uint64{1, 2, 3})
+	g.PutSlot("p", "http://a", s1, []uint64{7, 8})
+	require.Equal(t, []uint64{1, 2, 3, 7, 8}, g.Stats("p", "http://a").Prefixes)
+
+	// The next turn of the first prompt finds its slot, though it was not
+	// the least recently used.
+	require.Equal(t, s0, g.TakeSlot("p", "http://a", []uint64{1, 2, 3, 4}, true))
+	g.PutSlot("p", "http://a", s0, nil) // it failed: its cache is unknown
+	require.Equal(t, []uint64{7, 8}, g.Stats("p", "http://a").Prefixes)
+	// Cold: the least recently used slot (s1), whatever it holds.
+	require.Equal(t, s1, g.TakeSlot("p", "http://a", []uint64{7, 8, 9}, false))
+	g.PutSlot("p", "http://a", s1, []uint64{7, 8, 9})
+
+	// Another epoch of the engine: its caches start empty.
+	g.SetEngines([]EngineSlots{{PoolID: "p", URL: "http://a", Epoch: 2, Slots: 2}})
+	require.Empty(t, g.Stats("p", "http://a").Prefixes)
+}

@@ -21,6 +21,9 @@ type TaskMetrics struct {
 	// cancelled), canceled (by the replica: its workflow did not start, or
 	// the task was canceled), refused (the node runs or ran one already).
 	FastStarts *prometheus.CounterVec
+	// TokensCached counts prompt tokens the engines took from a slot's
+	// cache instead of decoding them (kv_hint reuse).
+	TokensCached *prometheus.CounterVec
 }
 
 // NewTaskMetrics registers them on reg.
@@ -47,6 +50,15 @@ func NewTaskMetrics(reg prometheus.Registerer) *TaskMetrics {
 		FastStarts: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "llorch_node_fast_starts_total", Help: "Generations the node link started ahead of their workflows, by outcome (started, claimed, abandoned, canceled, refused).",
 		}, []string{"node_id", "outcome"}),
+		TokensCached: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_task_tokens_cached_total", Help: "Prompt tokens of generations on this node the engine reused from a slot's cache rather than decoding them.",
+		}, []string{"node_id"}),
+	}
+}
+
+func (m *TaskMetrics) cached(nodeID string, n int) {
+	if m != nil && m.TokensCached != nil {
+		m.TokensCached.WithLabelValues(nodeID).Add(float64(n))
 	}
 }
 

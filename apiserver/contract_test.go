@@ -5,10 +5,12 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/llorch/llorch/task"
 )
 
-// The original contract's fields: workload, engine and ctx are honoured
-// (engine and ctx as placement constraints); those not acted on yet are
+// The original contract's fields: workload, engine, ctx and kv_hint are
+// honoured (as placement constraints and hints); those not acted on yet are
 // refused naming them, never dropped.
 func TestTaskContractFields(t *testing.T) {
 	ok := func(body string) taskInput {
@@ -25,6 +27,8 @@ func TestTaskContractFields(t *testing.T) {
 	require.Equal(t, "llamacpp", in.placement.Engine)
 	require.Equal(t, []string{"a"}, in.placement.PreferPools)
 	ok(`{"model_ref":"m","prompt":"x","expected_tokens":null,"kv_hint":null}`)
+	require.Equal(t, task.KVCold, ok(`{"model_ref":"m","prompt":"x","kv_hint":"cold"}`).placement.KVHint)
+	require.Equal(t, task.KVReuse, ok(`{"model_ref":"m","prompt":"x","kv_hint":"reuse"}`).placement.KVHint)
 
 	for body, field := range map[string]string{
 		`{"model_ref":"m","prompt":"x","workload":"embedding"}`:           "workload",
@@ -36,7 +40,8 @@ func TestTaskContractFields(t *testing.T) {
 		`{"model_ref":"m","prompt":"x","placement":{"engine":"builtin"}}`: "placement.engine",
 		`{"model_ref":"m","prompt":"x","placement":{"min_ctx":9}}`:        "placement.min_ctx",
 		`{"model_ref":"m","prompt":"x","expected_tokens":40}`:             "expected_tokens",
-		`{"model_ref":"m","prompt":"x","kv_hint":"reuse"}`:                "kv_hint",
+		`{"model_ref":"m","prompt":"x","kv_hint":"warm"}`:                 "kv_hint",
+		`{"model_ref":"m","prompt":"x","placement":{"kv_hint":"cold"}}`:   "placement.kv_hint",
 		`{"model_ref":"m","prompt":"x","sampler_profile_version":"v1"}`:   "sampler_profile_version",
 		`{"model_ref":"m","prompt":"x","inputs":["a","b"]}`:               "inputs",
 	} {

@@ -310,7 +310,7 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 			choice["text"] = st.Text
 		}
 		return c.JSON(fiber.Map{"id": id, "object": object, "created": created, "model": req.ModelID,
-			"choices": []any{choice}, "usage": usage(st.TokensIn, st.TokensOut)})
+			"choices": []any{choice}, "usage": usage(st.TokensIn, st.TokensOut, st.TokensCached)})
 	}
 	includeUsage := r.StreamOptions != nil && r.StreamOptions.IncludeUsage
 	log := s.log(c).With("task_id", req.TaskID)
@@ -356,7 +356,7 @@ func (s *Server) openAIComplete(c *fiber.Ctx, chat bool) error {
 			if includeUsage {
 				u := chunk(nil, "", nil)
 				u["choices"] = []any{}
-				u["usage"] = usage(ev.TokensIn, ev.TokensOut)
+				u["usage"] = usage(ev.TokensIn, ev.TokensOut, ev.TokensCached)
 				out = append(out, sseData(u)...)
 			}
 			return append(out, "data: [DONE]\n\n"...)
@@ -401,8 +401,10 @@ func (s *Server) openAIStream(c *fiber.Ctx, taskID string, adm scheduler.Admissi
 	}))
 }
 
-func usage(in, out int) fiber.Map {
-	return fiber.Map{"prompt_tokens": in, "completion_tokens": out, "total_tokens": in + out}
+// usage is OpenAI's, with the prompt tokens a slot's cache held.
+func usage(in, out, cached int) fiber.Map {
+	return fiber.Map{"prompt_tokens": in, "completion_tokens": out, "total_tokens": in + out,
+		"prompt_tokens_details": fiber.Map{"cached_tokens": cached}}
 }
 
 // taskFailure is a failed task as an API error.

@@ -26,7 +26,7 @@ func sseV2(ev task.Event) []byte {
 	case "metrics":
 		data = ev.Metrics
 	case "end":
-		data = map[string]any{"tokens_out": ev.TokensOut, "decode_time_ms": ev.DecodeTimeMs, "tokens_in": ev.TokensIn, "stop_type": ev.StopType}
+		data = map[string]any{"tokens_out": ev.TokensOut, "decode_time_ms": ev.DecodeTimeMs, "tokens_in": ev.TokensIn, "tokens_cached": ev.TokensCached, "stop_type": ev.StopType}
 	case "error":
 		data = ev.Error
 	default:

@@ -79,8 +79,8 @@ type taskRequest struct {
 	Ctx      *int   `json:"ctx"`      // the slot context the task needs
 	// Fields of the original contract llorch does not act on yet: refused
 	// naming them when set, never dropped.
+	KVHint                *string         `json:"kv_hint"` // reuse (the default) or cold
 	ExpectedTokens        json.RawMessage `json:"expected_tokens"`
-	KVHint                json.RawMessage `json:"kv_hint"`
 	SamplerProfileVersion json.RawMessage `json:"sampler_profile_version"`
 	Inputs                json.RawMessage `json:"inputs"`
 }
@@ -427,6 +427,9 @@ func (r taskRequest) input() (taskInput, error) {
 		if in.placement.MinCtx != 0 {
 			return in, invalidParam("placement.min_ctx", "set ctx at the top level")
 		}
+		if in.placement.KVHint != "" {
+			return in, invalidParam("placement.kv_hint", "set kv_hint at the top level")
+		}
 	}
 	switch r.Workload {
 	case "", "completion":
@@ -456,12 +459,19 @@ func (r taskRequest) input() (taskInput, error) {
 		why  string
 	}{
 		{"expected_tokens", r.ExpectedTokens, "predicted starts use the nodes' observed service times, not a task's estimate, yet"},
-		{"kv_hint", r.KVHint, "placement does not follow slot caches yet"},
 		{"sampler_profile_version", r.SamplerProfileVersion, "sampler profiles are not versioned yet: send the sampling fields"},
 		{"inputs", r.Inputs, "inputs belong to embedding and rerank workloads, which are not served yet"},
 	} {
 		if len(f.raw) > 0 && string(f.raw) != "null" {
 			return in, invalidParam(f.name, "is not supported yet: %s", f.why)
+		}
+	}
+	if r.KVHint != nil {
+		switch *r.KVHint {
+		case task.KVReuse, task.KVCold:
+			in.placement.KVHint = *r.KVHint
+		default:
+			return in, invalidParam("kv_hint", "want %s (the slot holding the prompt's prefix) or %s (load alone, the whole prompt decoded), got %q", task.KVReuse, task.KVCold, *r.KVHint)
 		}
 	}
 	switch r.Determinism {

@@ -145,7 +145,7 @@ func TestTasksV2(t *testing.T) {
 		{`{"model_ref":"task-tiny","prompt":"x","ctx":4097}`, "POOL_UNAVAILABLE", "", 503},
 		{`{"model_ref":"task-tiny","prompt":"x","engine":"vllm"}`, "INVALID_PARAMS", "engine", 400},
 		{`{"model_ref":"task-tiny","prompt":"x","workload":"rerank"}`, "INVALID_PARAMS", "workload", 400},
-		{`{"model_ref":"task-tiny","prompt":"x","kv_hint":"reuse"}`, "INVALID_PARAMS", "kv_hint", 400},
+		{`{"model_ref":"task-tiny","prompt":"x","kv_hint":"hot"}`, "INVALID_PARAMS", "kv_hint", 400},
 	} {
 		status, body := c.submit(tc.body)
 		require.Equal(t, tc.status, status, "%s: %v", tc.body, body)

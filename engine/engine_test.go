@@ -98,10 +98,14 @@ type completion struct {
 	StoppingWord    string            `json:"stopping_word"`
 	TokensPredicted int               `json:"tokens_predicted"`
 	TokensEvaluated int               `json:"tokens_evaluated"`
+	TokensCached    int               `json:"tokens_cached"`
+	IDSlot          int               `json:"id_slot"`
 	Error           *apiErr           `json:"error"`
 	Tokens          []int32           `json:"tokens"`
 	Probs           []json.RawMessage `json:"completion_probabilities"`
 	Timings         struct {
+		CacheN             int     `json:"cache_n"`
+		PromptN            int     `json:"prompt_n"`
 		PromptMs           float64 `json:"prompt_ms"`
 		PredictedMs        float64 `json:"predicted_ms"`
 		PredictedPerSecond float64 `json:"predicted_per_second"`
@@ -590,3 +594,44 @@ func TestLogitBiasBansToken(t *testing.T) {
 	require.Equal(t, 200, code, string(b))
 	require.Contains(t, string(b), "hi")
 }
+
+// A slot keeps the tokens of its last request: the next one that shares a
+// prefix decodes only the rest (cache_prompt, llama-server's default), on
+// the slot that holds it unless id_slot names another; the output is the
+// uncached run's.
+func TestPromptCacheReusesPrefix(t *testing.T) {
+	s := loadedEngine(t, engine.Options{ModelPath: tinyModel(t), CtxSize: 1024, Parallel: 2, Threads: 1})
+	history := strings.Repeat("the quick brown fox jumps over the lazy dog. ", 4)
+	first := complete(t, s, `{"prompt":`+quote(history)+`,"n_predict":8,"temperature":0,"id_slot":1}`)
+	assert.Equal(t, 1, first.IDSlot)
+	assert.Zero(t, first.Timings.CacheN)
+	require.Equal(t, "limit", first.StopType)
+	assert.Equal(t, first.TokensEvaluated+first.TokensPredicted, first.TokensCached, "the prompt and the reply")
+	assert.Equal(t, first.TokensEvaluated, first.Timings.PromptN)
+
+	// The next turn: the history, the reply, a new question.
+	turn := history + first.Content + " and then?"
+	warm := complete(t, s, `{"prompt":`+quote(turn)+`,"n_predict":8,"temperature":0}`)
+	assert.Equal(t, 1, warm.IDSlot, "the slot that holds the longest prefix")
+	// Slot 1 holds the history and the reply: the reply's tokens as the
+	// new prompt spells them may differ.
+	assert.GreaterOrEqual(t, warm.Timings.CacheN, first.TokensEvaluated)
+	assert.Less(t, warm.Timings.CacheN, warm.TokensEvaluated)
+	assert.Equal(t, warm.TokensEvaluated-warm.Timings.CacheN, warm.Timings.PromptN)
+	cold := complete(t, s, `{"prompt":`+quote(turn)+`,"n_predict":8,"temperature":0,"cache_prompt":false,"id_slot":0}`)
+	assert.Zero(t, cold.Timings.CacheN, "cache_prompt false decodes it all")
+	assert.Equal(t, cold.Content, warm.Content, "the cached prefix continues as the decoded one")
+	t.Logf("turn 2: %d of %d prompt tokens from the cache", warm.Timings.CacheN, warm.TokensEvaluated)
+
+	// The same prompt again: all but its last token reused.
+	again := complete(t, s, `{"prompt":`+quote(turn)+`,"n_predict":8,"temperature":0}`)
+	assert.Equal(t, again.TokensEvaluated-1, again.Timings.CacheN)
+	assert.Equal(t, cold.Content, again.Content)
+
+	for _, body := range []string{`{"prompt":"x","id_slot":2}`, `{"prompt":"x","id_slot":-2}`} {
+		code, b := post(t, s.URL()+"/completion", body)
+		assert.Equal(t, http.StatusBadRequest, code, body)
+		assert.Contains(t, string(b), "id_slot", body)
+	}
+}
+

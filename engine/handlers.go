@@ -149,6 +149,10 @@ type completionRequest struct {
 	LogitBias json.RawMessage `json:"logit_bias"`
 	Grammar   string          `json:"grammar"` // GBNF, as llama-server takes it
 	NProbs    int             `json:"n_probs"`
+	// CachePrompt and IDSlot are llama-server's, with its defaults: reuse
+	// the cache, on the idle slot that shares the longest prefix.
+	CachePrompt *bool `json:"cache_prompt"`
+	IDSlot      *int  `json:"id_slot"`
 }
 
 // parsePrompt reads llama-server's prompt: a string or an array of token ids.
@@ -307,9 +311,10 @@ func (p *sampling) check() error {
 
 func timings(o outcome) map[string]any {
 	return map[string]any{
-		"prompt_n":               o.Evaluated,
+		"cache_n":                o.Cached,
+		"prompt_n":               o.Evaluated - o.Cached,
 		"prompt_ms":              o.PromptMs,
-		"prompt_per_second":      perSecond(o.Evaluated, o.PromptMs),
+		"prompt_per_second":      perSecond(o.Evaluated-o.Cached, o.PromptMs),
 		"predicted_n":            o.Predicted,
 		"predicted_ms":           o.PredictedMs,
 		"predicted_per_token_ms": o.PredictedMs / float64(max(o.Predicted, 1)),
@@ -347,6 +352,15 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	prompt.ResumeAt = req.ResumeAt
+	prompt.CachePrompt = req.CachePrompt == nil || *req.CachePrompt
+	prompt.Slot = -1
+	if req.IDSlot != nil {
+		if *req.IDSlot < -1 {
+			writeError(w, http.StatusBadRequest, errInvalidRequest, fmt.Sprintf("\"id_slot\" must be a slot id or -1 (any), not %d", *req.IDSlot))
+			return
+		}
+		prompt.Slot = *req.IDSlot
+	}
 	bias, err := parseLogitBias(req.LogitBias)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, errInvalidRequest, err.Error())
@@ -360,7 +374,7 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 	final := func(o outcome, content string) map[string]any {
 		return map[string]any{
 			"content": content, "stop": true, "stop_type": o.StopType, "stopping_word": o.StoppingWord,
-			"tokens_predicted": o.Predicted, "tokens_evaluated": o.Evaluated, "tokens_cached": 0,
+			"tokens_predicted": o.Predicted, "tokens_evaluated": o.Evaluated, "tokens_cached": o.Held, "id_slot": o.Slot,
 			"truncated": false, "model": s.modelName(), "timings": timings(o),
 		}
 	}
@@ -519,7 +533,7 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		return map[string]any{"prompt_tokens": o.Evaluated, "completion_tokens": o.Predicted, "total_tokens": o.Evaluated + o.Predicted}
 	}
 	if !req.Stream {
-		o, err := s.run(r.Context(), promptInput{Text: prompt}, p, func(emitted) error { return nil })
+		o, err := s.run(r.Context(), promptInput{Text: prompt, CachePrompt: true, Slot: -1}, p, func(emitted) error { return nil })
 		if err != nil {
 			s.generationError(w, r, err, false)
 			return
@@ -551,7 +565,7 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusOK)
 		return writeSSE(w, chunk(map[string]any{"role": "assistant", "content": nil}, nil))
 	}
-	o, err := s.run(r.Context(), promptInput{Text: prompt}, p, func(e emitted) error {
+	o, err := s.run(r.Context(), promptInput{Text: prompt, CachePrompt: true, Slot: -1}, p, func(e emitted) error {
 		if e.Text == "" {
 			return nil
 		}

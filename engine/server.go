@@ -54,8 +54,12 @@ type Server struct {
 	vocab     llama.Vocab
 	tmpl      string
 	slots     []*slot
-	free      chan *slot
 	slotCtx   int
+	// slotMu guards which slots are idle and their caches while idle;
+	// released is closed (and replaced) whenever a slot turns idle.
+	slotMu   sync.Mutex
+	released chan struct{}
+	uses     uint64
 	nCtxTrain int
 
 	nextTask   atomic.Int64
@@ -187,10 +191,7 @@ func (s *Server) Load() error {
 	s.model, s.vocab, s.slots, s.slotCtx = model, llama.ModelGetVocab(model), slots, slots[0].nCtx
 	s.tmpl = llama.ModelChatTemplate(model, "")
 	s.nCtxTrain = int(llama.ModelNCtxTrain(model))
-	s.free = make(chan *slot, len(slots))
-	for _, sl := range slots {
-		s.free <- sl
-	}
+	s.released = make(chan struct{})
 	s.ready.Store(true)
 	s.log.Info("model loaded", "model", path, "slots", len(slots), "n_ctx_slot", s.slotCtx,
 		"threads", s.opts.Threads, "took", time.Since(t0).Round(time.Millisecond), "url", s.URL())
@@ -237,10 +238,8 @@ func (s *Server) Close() error {
 	if s.ready.Load() {
 		// Handlers have returned (or Shutdown timed out): take every slot back
 		// so no generation still uses a context being freed.
-		for range s.slots {
-			select {
-			case <-s.free:
-			case <-ctx.Done():
+		for i := range s.slots {
+			if _, err := s.acquire(ctx, i, nil); err != nil {
 				return errors.New("engine close: a generation did not stop within 5s")
 			}
 		}
@@ -253,37 +252,106 @@ func (s *Server) Close() error {
 	return err
 }
 
-// acquire waits for a free slot, as llama-server defers a request while all
-// slots are busy.
-func (s *Server) acquire(ctx context.Context) (*slot, error) {
-	select {
-	case sl := <-s.free:
-		return sl, nil
-	default:
-	}
-	s.deferred.Add(1)
-	defer s.deferred.Add(-1)
-	select {
-	case sl := <-s.free:
-		return sl, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
+// acquire takes slot want (-1: any) as soon as it is idle; llama-server
+// too defers a request while the slot it needs is busy. Of the idle slots,
+// any request takes the one whose cache shares the longest prefix with
+// its tokens, the least recently used when none shares any: other
+// sessions' caches live on as long as they can.
+func (s *Server) acquire(ctx context.Context, want int, tokens []llama.Token) (*slot, error) {
+	counted := false
+	for {
+		s.slotMu.Lock()
+		sl := s.pick(want, tokens)
+		if sl != nil {
+			sl.busy.Store(true)
+		}
+		released := s.released
+		s.slotMu.Unlock()
+		if sl != nil {
+			return sl, nil
+		}
+		if !counted {
+			counted = true
+			s.deferred.Add(1)
+			defer s.deferred.Add(-1)
+		}
+		select {
+		case <-released:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 	}
 }
 
+// pick is the idle slot acquire takes, or nil; slotMu is held.
+func (s *Server) pick(want int, tokens []llama.Token) *slot {
+	if want >= 0 {
+		if sl := s.slots[want]; !sl.busy.Load() {
+			return sl
+		}
+		return nil
+	}
+	var best *slot
+	bestPrefix := 0
+	for _, sl := range s.slots {
+		if sl.busy.Load() {
+			continue
+		}
+		n := commonPrefix(sl.cached, tokens)
+		if best == nil || n > bestPrefix || (n == bestPrefix && sl.lastUsed < best.lastUsed) {
+			best, bestPrefix = sl, n
+		}
+	}
+	return best
+}
+
 func (s *Server) release(sl *slot) {
-	sl.busy.Store(false)
 	sl.taskID.Store(-1)
-	s.free <- sl
+	s.slotMu.Lock()
+	s.uses++
+	sl.lastUsed = s.uses
+	sl.busy.Store(false)
+	close(s.released)
+	s.released = make(chan struct{})
+	s.slotMu.Unlock()
+}
+
+// tokens is the prompt as token ids, checked against the vocabulary and
+// the slots' context: a request that cannot run fails before it waits.
+func (s *Server) tokens(in promptInput) ([]llama.Token, error) {
+	tokens := in.Tokens
+	if tokens == nil {
+		tokens = llama.Tokenize(s.vocab, in.Text, true, true)
+	}
+	nVocab := llama.VocabNTokens(s.vocab)
+	for _, t := range tokens {
+		if t < 0 || int32(t) >= nVocab {
+			return nil, &requestError{fmt.Sprintf("the prompt has token %d, outside the vocabulary (0-%d)", t, nVocab-1)}
+		}
+	}
+	if len(tokens) == 0 {
+		return nil, &requestError{"the prompt is empty"}
+	}
+	if len(tokens) >= s.slotCtx {
+		return nil, &requestError{fmt.Sprintf("the request exceeds the available context size (%d tokens), try increasing it: the prompt has %d tokens", s.slotCtx, len(tokens))}
+	}
+	return tokens, nil
 }
 
 // run takes a slot and generates, keeping the metrics.
 func (s *Server) run(ctx context.Context, prompt promptInput, p sampling, emit emitFunc) (outcome, error) {
-	sl, err := s.acquire(ctx)
+	toks, err := s.tokens(prompt)
 	if err != nil {
 		return outcome{}, err
 	}
-	sl.busy.Store(true)
+	prompt.Tokens = toks
+	if prompt.Slot >= len(s.slots) {
+		return outcome{}, &requestError{fmt.Sprintf("\"id_slot\" %d does not exist: the engine has %d slots (0-%d)", prompt.Slot, len(s.slots), len(s.slots)-1)}
+	}
+	sl, err := s.acquire(ctx, prompt.Slot, toks)
+	if err != nil {
+		return outcome{}, err
+	}
 	sl.taskID.Store(s.nextTask.Add(1))
 	s.processing.Add(1)
 	defer func() {
@@ -291,13 +359,14 @@ func (s *Server) run(ctx context.Context, prompt promptInput, p sampling, emit e
 		s.release(sl)
 	}()
 	out, err := sl.generate(ctx, prompt, p, emit)
+	out.Slot, out.Held = sl.id, len(sl.cached)
 	s.tokensPredicted.Add(int64(out.Predicted))
-	s.promptTokens.Add(int64(out.Evaluated))
+	s.promptTokens.Add(int64(out.Evaluated - out.Cached))
 	s.promptMicros.Add(int64(out.PromptMs * 1000))
 	s.predictedMicros.Add(int64(out.PredictedMs * 1000))
 	if err == nil {
 		s.requestsFinished.Add(1)
-		s.log.Debug("completion", "slot", sl.id, "prompt_tokens", out.Evaluated, "predicted", out.Predicted,
+		s.log.Debug("completion", "slot", sl.id, "prompt_tokens", out.Evaluated, "cached", out.Cached, "predicted", out.Predicted,
 			"stop_type", out.StopType, "predicted_per_second", perSecond(out.Predicted, out.PredictedMs))
 	}
 	return out, err

@@ -43,6 +43,14 @@ type promptInput struct {
 	// run's (a batched decode rounds differently and greedy output can
 	// drift).
 	ResumeAt int
+	// CachePrompt reuses the longest prefix of the prompt the slot's cache
+	// holds from its last request, decoding only the rest (llama-server's
+	// cache_prompt). A resumed generation never does: its prompt must be
+	// decoded as it first was.
+	CachePrompt bool
+	// Slot is the slot to run on (llama-server's id_slot); -1: the idle one
+	// whose cache shares the longest prefix with the prompt.
+	Slot int
 }
 
 // outcome is what a finished generation reports.
@@ -50,6 +58,9 @@ type outcome struct {
 	Content      string
 	Predicted    int
 	Evaluated    int
+	Cached       int // prompt tokens reused from the slot's cache
+	Slot         int // the slot it ran on
+	Held         int // tokens the slot's cache holds after it (llama-server's tokens_cached)
 	StopType     string
 	StoppingWord string
 	PromptMs     float64
@@ -70,6 +81,21 @@ type slot struct {
 	nCtx   int
 	busy   atomic.Bool
 	taskID atomic.Int64
+	// Guarded by the server's slotMu while idle; the generation owns them
+	// while busy.
+	cached   []llama.Token // the tokens the context's memory holds, from position 0
+	lastUsed uint64        // when it was last released (a counter): LRU order
+}
+
+// commonPrefix is the length of the prefix a and b share.
+func commonPrefix(a, b []llama.Token) int {
+	n := min(len(a), len(b))
+	for i := range n {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return n
 }
 
 // emitted is one piece of a generation's output: text as it became final
@@ -93,29 +119,32 @@ func (s *slot) generate(ctx context.Context, in promptInput, p sampling, emit em
 	if err != nil {
 		return out, err
 	}
-	// Each request starts from an empty cache: no prompt reuse, but no state
-	// leaks from one client to the next either.
-	if err := llama.MemoryClear(mem, true); err != nil {
-		return out, err
+	tokens := in.Tokens // run tokenized and checked them
+	out.Evaluated = len(tokens)
+	// Keep the longest prefix the cache shares with the prompt; anything
+	// else (no reuse asked, or a resume) starts from an empty cache, so no
+	// state leaks from one request into the next. At least the prompt's
+	// last token is decoded again: its logits are the first sample's.
+	keep := 0
+	if in.CachePrompt && in.ResumeAt == 0 {
+		keep = min(commonPrefix(s.cached, tokens), len(tokens)-1)
 	}
-
-	tokens := in.Tokens
-	if tokens == nil {
-		tokens = llama.Tokenize(s.vocab, in.Text, true, true)
-	}
-	nVocab := llama.VocabNTokens(s.vocab)
-	for _, t := range tokens {
-		if t < 0 || int32(t) >= nVocab {
-			return out, &requestError{fmt.Sprintf("the prompt has token %d, outside the vocabulary (0-%d)", t, nVocab-1)}
+	if keep > 0 {
+		if ok, err := llama.MemorySeqRm(mem, 0, llama.Pos(keep), -1); err != nil || !ok {
+			keep = 0
 		}
 	}
-	if len(tokens) == 0 {
-		return out, &requestError{"the prompt is empty"}
+	if keep == 0 {
+		if err := llama.MemoryClear(mem, true); err != nil {
+			s.cached = nil
+			return out, err
+		}
 	}
-	if len(tokens) >= s.nCtx {
-		return out, &requestError{fmt.Sprintf("the request exceeds the available context size (%d tokens), try increasing it: the prompt has %d tokens", s.nCtx, len(tokens))}
-	}
-	out.Evaluated = len(tokens)
+	out.Cached = keep
+	// s.cached follows what the memory holds as decoding goes on; a failed
+	// decode leaves it unknown (nil), and the next request clears it.
+	s.cached = s.cached[:keep]
+	nVocab := llama.VocabNTokens(s.vocab)
 
 	chain := llama.SamplerChainInit(llama.SamplerChainDefaultParams())
 	defer llama.SamplerFree(chain)
@@ -152,7 +181,7 @@ func (s *slot) generate(ctx context.Context, in promptInput, p sampling, emit em
 	if in.ResumeAt > 0 && in.ResumeAt < len(tokens) {
 		resumeAt = in.ResumeAt
 	}
-	for i := 0; i < len(tokens); {
+	for i := keep; i < len(tokens); {
 		if ctx.Err() != nil {
 			return out, ctx.Err()
 		}
@@ -161,8 +190,10 @@ func (s *slot) generate(ctx context.Context, in promptInput, p sampling, emit em
 			end = i + 1
 		}
 		if rc, err := llama.Decode(s.ctx, llama.BatchGetOne(tokens[i:end])); err != nil || rc != 0 {
+			s.cached = nil
 			return out, fmt.Errorf("decoding the prompt: llama_decode returned %d (%v)", rc, err)
 		}
+		s.cached = append(s.cached, tokens[i:end]...)
 		i = end
 	}
 	// The produced tokens of a resumed generation move the grammar (and
@@ -235,8 +266,10 @@ func (s *slot) generate(ctx context.Context, in promptInput, p sampling, emit em
 
 		tokenBuf[0] = tok
 		if rc, err := llama.Decode(s.ctx, llama.BatchGetOne(tokenBuf)); err != nil || rc != 0 {
+			s.cached = nil
 			return out, fmt.Errorf("decoding token %d: llama_decode returned %d (%v)", out.Predicted, rc, err)
 		}
+		s.cached = append(s.cached, tok)
 		nPast++
 	}
 	if sent < len(text) || len(pending) > 0 {

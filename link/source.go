@@ -89,7 +89,7 @@ func (s *Source) Wait(ctx context.Context, after uint64) node.LinkState {
 // field of a pool (its engine, readiness, slots busy and queued, service
 // time, claims: a replica places by them).
 func moved(a, b node.LinkFacts) bool {
-	if !slices.Equal(a.Pools, b.Pools) {
+	if !slices.EqualFunc(a.Pools, b.Pools, node.LinkPool.Same) {
 		return true
 	}
 	if !slices.EqualFunc(a.Models, b.Models, func(x, y node.ModelCopy) bool {

@@ -2,6 +2,7 @@ package node
 
 import (
 	"errors"
+	"slices"
 	"time"
 )
 
@@ -143,4 +144,16 @@ type LinkPool struct {
 	// Claims counts the claims the engine has taken or queued since it
 	// started: a replica knows its dispatches reached the node.
 	Claims uint64 `json:"claims"`
+	// Prefixes are the prompt chain hashes the engine's slot caches hold
+	// (package prefix), sorted: placement sends a task where its prompt's
+	// longest prefix is.
+	Prefixes []uint64 `json:"prefixes,omitempty"`
+}
+
+// Same says whether p and q are equal in every field.
+func (p LinkPool) Same(q LinkPool) bool {
+	return p.PoolID == q.PoolID && p.ModelID == q.ModelID && p.Epoch == q.Epoch && p.URL == q.URL &&
+		p.Ready == q.Ready && p.SlotsTotal == q.SlotsTotal && p.SlotsBusy == q.SlotsBusy && p.Queued == q.Queued &&
+		p.QueuedInteractive == q.QueuedInteractive && p.ServiceMs == q.ServiceMs && p.Claims == q.Claims &&
+		slices.Equal(p.Prefixes, q.Prefixes)
 }

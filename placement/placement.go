@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/prefix"
 	"github.com/llorch/llorch/task"
 )
 
@@ -42,6 +43,9 @@ type Candidate struct {
 	// does not show yet.
 	Pending  int
 	FreeVRAM uint64 // the node's, from its last heartbeat
+	// Prefixes are the prompt chain hashes its slot caches hold (its
+	// node's link; sorted).
+	Prefixes []uint64
 }
 
 // Request is what a task asks of placement.
@@ -58,7 +62,18 @@ type Request struct {
 	// then means no pool that may serve is Ready yet. Without it only a
 	// pool with a free slot serves.
 	Queue bool
+	// Prefix is the chain of the task's prompt (package prefix). Unless
+	// Placement.KVHint is cold, the pool whose caches hold the longest
+	// prefix of it serves, while its expected wait stays within
+	// CacheSlack of the least loaded pool's.
+	Prefix []prefix.Link
 }
+
+// CacheSlack is how much longer a pool's queue may be, in generations per
+// slot, than the least loaded pool's for a task to still go where its
+// prompt's prefix is cached: a cached prefix saves its decode, a queue
+// costs whole generations, so beyond one per slot load wins.
+const CacheSlack = 1
 
 var (
 	// ErrNoPool: no pool could serve the task now or later (none holds the
@@ -178,16 +193,48 @@ func Choose(cands []Candidate, r Request) (*Candidate, error) {
 		}
 	}
 	if bestPreferred != nil {
-		return bestPreferred, nil
+		return cached(cands, &r, bestPreferred, func(c *Candidate) bool { return slices.Contains(p.PreferPools, c.PoolID) }), nil
 	}
 	if len(p.PreferPools) > 0 && p.AllowFallback != nil && !*p.AllowFallback {
 		best = nil
 	}
 	switch {
 	case best != nil:
-		return best, nil
+		return cached(cands, &r, best, func(*Candidate) bool { return true }), nil
 	case servable:
 		return nil, ErrBusy
 	}
 	return nil, fmt.Errorf("%w: %s", ErrNoPool, r.ModelID)
+}
+
+// cached is the pool among those in that serves r now and holds the
+// longest prefix of its prompt, when its wait is within CacheSlack of
+// base's (the least loaded); else base.
+func cached(cands []Candidate, r *Request, base *Candidate, in func(*Candidate) bool) *Candidate {
+	if r.Placement.KVHint == task.KVCold || len(r.Prefix) == 0 {
+		return base
+	}
+	pick, held := base, prefix.Held(r.Prefix, base.Prefixes)
+	for i := range cands {
+		c := &cands[i]
+		if c == base || !in(c) || !may(c, r) || !now(c, r) || !withinSlack(c, base, r) {
+			continue
+		}
+		if n := prefix.Held(r.Prefix, c.Prefixes); n > held || (n == held && n > 0 && better(c, pick, r)) {
+			pick, held = c, n
+		}
+	}
+	return pick
+}
+
+// withinSlack: c's expected wait ((load) per slot) is at most CacheSlack
+// generations longer than base's. Without queueing every pool that serves
+// now has a free slot: no wait.
+func withinSlack(c, base *Candidate, r *Request) bool {
+	if !r.Queue {
+		return true
+	}
+	cs, bs := max(c.SlotsTotal, 1), max(base.SlotsTotal, 1)
+	// c.Load/cs <= base.Load/bs + CacheSlack, in integers.
+	return c.Load()*bs <= base.Load()*cs+CacheSlack*cs*bs
 }

@@ -3,11 +3,13 @@ package placement
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/prefix"
 	"github.com/llorch/llorch/task"
 )
 
@@ -142,4 +144,44 @@ func TestChooseEngineAndCtx(t *testing.T) {
 	require.ErrorIs(t, err, ErrNoPool)
 	_, err = Choose(cands, Request{ModelID: "m", Placement: task.Placement{Mode: "pin", PinPoolID: "b", MinCtx: 2048}})
 	require.ErrorIs(t, err, ErrNoPool)
+}
+
+// A task goes to the pool whose slot caches hold the longest prefix of its
+// prompt, unless kv_hint is cold or that pool's queue is more than
+// CacheSlack generations per slot longer than the least loaded one's.
+func TestChooseFollowsCachedPrefix(t *testing.T) {
+	sys := task.Message{Role: "system", Content: "you are terse"}
+	turn1 := []task.Message{sys, {Role: "user", Content: "hi"}}
+	turn2 := append(append([]task.Message{}, turn1...), task.Message{Role: "assistant", Content: "hello"},
+		task.Message{Role: "user", Content: "more"})
+	held := func(msgs []task.Message) []uint64 {
+		h := prefix.Hashes(prefix.Messages(msgs))
+		slices.Sort(h)
+		return h
+	}
+	a, b, c := cand("a", "n1", 30, 0), cand("b", "n2", 10, 0), cand("c", "n3", 10, 0)
+	b.Prefixes = held(turn2[:3])                                         // the session's last turn
+	c.Prefixes = held([]task.Message{sys, {Role: "user", Content: "x"}}) // another session, same system prompt
+	r := Request{ModelID: "m", Prefix: prefix.Messages(turn2)}
+	pick := func(r Request, cs ...Candidate) string {
+		got, err := Choose(cs, r)
+		require.NoError(t, err)
+		return got.PoolID
+	}
+	require.Equal(t, "b", pick(r, a, b, c), "the pool holding the session's history")
+	require.Equal(t, "c", pick(Request{ModelID: "m", Prefix: prefix.Messages([]task.Message{sys, {Role: "user", Content: "new"}})}, a, c),
+		"a new session goes where its system prompt is")
+	cold := r
+	cold.Placement.KVHint = task.KVCold
+	require.Equal(t, "a", pick(cold, a, b, c), "cold: load (most free VRAM) alone")
+	require.Equal(t, "a", pick(Request{ModelID: "m"}, a, b, c), "no prompt chain: load alone")
+
+	// Queueing: b's queue within one generation per slot of a's keeps the
+	// task on b; beyond, a wins.
+	r.Queue = true
+	b.SlotsBusy, b.Queued = 2, 2 // 4 per 2 slots: 2 each
+	a.SlotsBusy, a.Queued = 2, 0 // 1 each
+	require.Equal(t, "b", pick(r, a, b))
+	b.Queued = 3 // 2.5 each: 1.5 more than a
+	require.Equal(t, "a", pick(r, a, b), "load wins past the slack")
 }

@@ -10,6 +10,7 @@ import (
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/llorch/llorch/placement"
+	"github.com/llorch/llorch/prefix"
 	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/tokenstream"
 )
@@ -33,6 +34,9 @@ type PlaceInput struct {
 	// NoPoolGrace: wait this long for a pool to come (back) before
 	// failing with POOL_UNAVAILABLE (0: a few seconds).
 	NoPoolGrace time.Duration
+	// Prefix is the chain of the task's prompt: placement looks for the
+	// pool whose slot caches hold it (nil in histories from before).
+	Prefix []prefix.Link `json:",omitempty"`
 }
 
 // Place waits for a slot, heartbeating; a restarted apiserver's scheduler
@@ -57,7 +61,7 @@ func (a *TaskControl) Place(ctx context.Context, in PlaceInput) (task.Where, err
 		}
 	}()
 	where, err := a.S.Wait(wctx, in.TaskID, in.Priority,
-		placement.Request{ModelID: in.ModelID, Placement: in.Placement, Exclude: in.Exclude, NoPoolGrace: in.NoPoolGrace}, in.EnqueuedAt)
+		placement.Request{ModelID: in.ModelID, Placement: in.Placement, Exclude: in.Exclude, NoPoolGrace: in.NoPoolGrace, Prefix: in.Prefix}, in.EnqueuedAt)
 	switch {
 	case errors.Is(err, placement.ErrNoPool):
 		return where, temporal.NewNonRetryableApplicationError(err.Error(), task.ErrPoolUnavailable, nil)

@@ -14,6 +14,7 @@ import (
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/placement"
 	"github.com/llorch/llorch/pool"
+	"github.com/llorch/llorch/prefix"
 	"github.com/llorch/llorch/session"
 	"github.com/llorch/llorch/task"
 )
@@ -116,7 +117,7 @@ func (s *Scheduler) admit(ctx context.Context, req task.Request, first <-chan st
 	if s.holds(req.TaskID) {
 		return Admission{}, control.ErrTaskExists
 	}
-	pr := placement.Request{ModelID: req.ModelID, Placement: req.Placement}
+	pr := placement.Request{ModelID: req.ModelID, Placement: req.Placement, Prefix: prefix.Of(req)}
 	err := s.servable(pr)
 	if err != nil {
 		// The snapshot may predate a pool just created: look again.

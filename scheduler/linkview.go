@@ -564,7 +564,7 @@ func (v *LinkView) Candidates(context.Context) ([]placement.Candidate, error) {
 			c.URL, c.Epoch, c.SlotsTotal = lp.URL, lp.Epoch, lp.SlotsTotal
 			// The node is the authority on its slots: what runs and waits.
 			c.SlotsBusy, c.Queued, c.QueuedInteractive = lp.SlotsBusy, lp.Queued, lp.QueuedInteractive
-			c.ServiceMs, c.Claims = lp.ServiceMs, lp.Claims
+			c.ServiceMs, c.Claims, c.Prefixes = lp.ServiceMs, lp.Claims, lp.Prefixes
 			// The node's handoff is the readiness event; PoolState
 			// shows it once visibility catches up.
 			if lp.Ready && c.State == pool.Starting {

@@ -3,6 +3,7 @@ package scheduler
 import (
 	"context"
 	"fmt"
+	"reflect"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -168,7 +169,7 @@ func TestLinkViewFollowsNodes(t *testing.T) {
 	}
 	testenv.Eventually(t, 10*time.Second, "both pools in the view", func() (bool, string) {
 		got := view1()
-		return got["v-p1"] == want["v-p1"] && got["v-p2"] == want["v-p2"], stringOf(got)
+		return reflect.DeepEqual(got["v-p1"], want["v-p1"]) && reflect.DeepEqual(got["v-p2"], want["v-p2"]), stringOf(got)
 	})
 	require.Equal(t, 2.0, testutil.ToFloat64(view.Metrics.links))
 	require.Equal(t, 2.0, testutil.ToFloat64(view.Metrics.nodeReads), "one Get per node, to learn its link")
@@ -210,8 +211,8 @@ func TestLinkViewFollowsNodes(t *testing.T) {
 	require.NoError(t, env.Temporal.SignalWorkflow(ctx, pool.WorkflowID("v-n1", "v-old"), "", "state", pool.Ready))
 	testenv.Eventually(t, 15*time.Second, "old pool read by query", func() (bool, string) {
 		c := view1()["v-old"]
-		return c == placement.Candidate{PoolID: "v-old", NodeID: "v-n1", ModelID: "m", URL: "http://old-engine", Epoch: 7,
-			State: pool.Ready, NodeOnline: true, SlotsTotal: 3, CtxPerSlot: 1000, FreeVRAM: 40 << 30}, stringOf(view1())
+		return reflect.DeepEqual(c, placement.Candidate{PoolID: "v-old", NodeID: "v-n1", ModelID: "m", URL: "http://old-engine", Epoch: 7,
+			State: pool.Ready, NodeOnline: true, SlotsTotal: 3, CtxPerSlot: 1000, FreeVRAM: 40 << 30}), stringOf(view1())
 	})
 	tc.queries.Store(0)
 	before = testutil.ToFloat64(view.Metrics.lists)

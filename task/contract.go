@@ -60,7 +60,17 @@ type Placement struct {
 	Engine string `json:"engine,omitempty"`
 	// MinCtx: only pools whose slots hold at least this many tokens.
 	MinCtx int `json:"min_ctx,omitempty"`
+	// KVHint: KVReuse ("", the default) places the task on the pool, and
+	// runs it on the slot, whose cache holds the longest prefix of its
+	// prompt; KVCold places by load alone and decodes the whole prompt.
+	KVHint string `json:"kv_hint,omitempty"`
 }
+
+// KV hints (the original contract's kv_hint).
+const (
+	KVReuse = "reuse"
+	KVCold  = "cold"
+)
 
 // EngineAny is the engine constraint every pool meets: both engines run
 // llama.cpp.
@@ -171,6 +181,7 @@ type Status struct {
 	Text          string      `json:"text,omitempty"`
 	Pieces        []string    `json:"pieces,omitempty"` // token texts, to replay a finished stream
 	TokensIn      int         `json:"tokens_in"`
+	TokensCached  int         `json:"tokens_cached,omitempty"` // of TokensIn, reused from a slot's cache
 	TokensOut     int         `json:"tokens_out"`
 	StopType      string      `json:"stop_type,omitempty"`
 	QueueMs       int64       `json:"queue_ms"`
@@ -247,6 +258,9 @@ type Result struct {
 	// WaitMs is how long the generation waited at the node for a slot
 	// (0 in histories from before node-side slots).
 	WaitMs int64 `json:"wait_ms,omitempty"`
+	// TokensCached is the prompt's tokens the engine reused from the slot's
+	// cache (kv_hint reuse) rather than decoding them.
+	TokensCached int `json:"tokens_cached,omitempty"`
 	// Output, when set, holds Tokens and Pieces instead (they are empty):
 	// an output above the node's inline bound is written to the bucket, as
 	// a payload past Temporal's limit (2 MiB) would fail the task.
@@ -304,7 +318,8 @@ type Event struct {
 	TokensOut    int    `json:"tokens_out,omitempty"`
 	DecodeTimeMs int64  `json:"decode_time_ms,omitempty"`
 	TokensIn     int    `json:"tokens_in,omitempty"`
-	StopType     string `json:"stop_type,omitempty"` // limit, eos, word`
+	TokensCached int    `json:"tokens_cached,omitempty"` // of TokensIn, reused from the slot's cache
+	StopType     string `json:"stop_type,omitempty"`     // limit, eos, word`
 	// metrics
 	Metrics map[string]any `json:"metrics,omitempty"`
 	// error

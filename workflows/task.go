@@ -12,6 +12,7 @@ import (
 	"github.com/llorch/llorch/activities"
 	"github.com/llorch/llorch/apikey"
 	"github.com/llorch/llorch/node"
+	"github.com/llorch/llorch/prefix"
 	"github.com/llorch/llorch/quota"
 	"github.com/llorch/llorch/scheduler"
 	"github.com/llorch/llorch/task"
@@ -213,8 +214,12 @@ func (t *taskWF) run(ctx workflow.Context) error {
 		if g.OK {
 			where = g.Where
 		} else {
-			err = workflow.ExecuteActivity(pctx, tc.Place, scheduler.PlaceInput{TaskID: t.req.TaskID, ModelID: t.req.ModelID,
-				Priority: t.req.Priority, Placement: pl, Exclude: exclude, EnqueuedAt: t.req.EnqueuedAt}).Get(ctx, &where)
+			in := scheduler.PlaceInput{TaskID: t.req.TaskID, ModelID: t.req.ModelID,
+				Priority: t.req.Priority, Placement: pl, Exclude: exclude, EnqueuedAt: t.req.EnqueuedAt}
+			if len(exclude) == 0 { // a moved task decodes its whole prompt again: no cache to find
+				in.Prefix = prefix.Of(t.req)
+			}
+			err = workflow.ExecuteActivity(pctx, tc.Place, in).Get(ctx, &where)
 		}
 		// No other pool: the lost one may come back (a Temporal outage or a
 		// network blip looks like a lost node too). Wait for any pool, the
@@ -351,7 +356,7 @@ func (t *taskWF) done(res task.Result) {
 	t.st.State = task.Completed
 	t.st.Text = strings.Join(res.Pieces, "")
 	t.st.Pieces = res.Pieces
-	t.st.TokensIn, t.st.TokensOut = res.TokensIn, len(res.Tokens)
+	t.st.TokensIn, t.st.TokensOut, t.st.TokensCached = res.TokensIn, len(res.Tokens), res.TokensCached
 	if res.Output != nil {
 		// The output is in the bucket: the status (query and result) holds
 		// its reference, and readers fetch it (control.Tasks). State only,

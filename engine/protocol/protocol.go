@@ -59,6 +59,11 @@ type CompletionRequest struct {
 	// ResumeAt is llorch's: where a resumed generation's own tokens start
 	// in Prompt. llama-server ignores it.
 	ResumeAt int `json:"resume_at,omitempty"`
+	// CachePrompt reuses the prefix the slot's cache shares with the prompt
+	// (llama-server's default is true). IDSlot runs it on that slot (nil:
+	// the engine picks one).
+	CachePrompt bool `json:"cache_prompt"`
+	IDSlot      *int `json:"id_slot,omitempty"`
 }
 
 // Prompt is a completion's prompt: text the engine tokenizes (with its
@@ -85,9 +90,11 @@ type Chunk struct {
 	Stop            bool    `json:"stop"`
 	StopType        string  `json:"stop_type"`
 	TokensEvaluated int     `json:"tokens_evaluated"` // the prompt's tokens, in the final event
+	IDSlot          int     `json:"id_slot"`          // the slot it ran on, in the final event
 	// Probs are the tokens' log probabilities (n_probs), one per token.
 	Probs   []TokenProb `json:"completion_probabilities"`
 	Timings struct {
+		CacheN      int     `json:"cache_n"` // prompt tokens reused from the slot's cache
 		PredictedMs float64 `json:"predicted_ms"`
 	} `json:"timings"`
 	Error *Error `json:"error"`

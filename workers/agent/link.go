@@ -194,7 +194,7 @@ func (a *Agent) linkPools(handoffs []pool.Handoff) []node.LinkPool {
 	for i := range out {
 		st := g.Stats(out[i].PoolID, out[i].URL)
 		out[i].SlotsBusy, out[i].Queued, out[i].QueuedInteractive = st.Running, st.Queued, st.QueuedInteractive
-		out[i].ServiceMs, out[i].Claims = st.ServiceMs, st.Claims
+		out[i].ServiceMs, out[i].Claims, out[i].Prefixes = st.ServiceMs, st.Claims, st.Prefixes
 	}
 	return out
 }
