@@ -3,12 +3,14 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/llorch/llorch/modelstore"
 	"github.com/llorch/llorch/pool"
 	"github.com/llorch/llorch/task"
 	"github.com/llorch/llorch/testenv"
@@ -22,13 +24,39 @@ import (
 // system prompt goes where that prompt is cached. kv_hint cold places by
 // load and decodes everything.
 func TestSessionTurnsFollowTheirCache(t *testing.T) {
+	sessionTurnsFollowTheirCache(t, "")
+}
+
+// The same on llama-server pools (LLORCH_LLAMA_SERVER): its id_slot and
+// cache_prompt.
+func TestSessionTurnsFollowTheirCacheOnLlamaServer(t *testing.T) {
+	bin := os.Getenv("LLORCH_LLAMA_SERVER")
+	if bin == "" {
+		t.Skip("SKIP (visible on purpose): LLORCH_LLAMA_SERVER is not set, so cache-aware routing is not tried on llama-server pools")
+	}
+	sessionTurnsFollowTheirCache(t, bin)
+}
+
+func sessionTurnsFollowTheirCache(t *testing.T, llamaServer string) {
 	c := newCluster(t)
 	id := "e2e-cache"
-	c.onlineWorker(id)
-	c.readyPool(id, "kc-a", "cache-tiny", 91, `,"slots":2,"ctx":4096`)
-	status, body := c.send("POST", "/v2/pools", `{"pool_id":"kc-b","model_id":"cache-tiny","node_id":"`+id+`","slots":2,"ctx":4096}`)
-	require.Equal(t, 202, status, body)
-	c.waitPool("kc-b", pool.Ready, 90*time.Second)
+	spec := `,"slots":2,"ctx":8192`
+	if llamaServer != "" {
+		c.onlineWorker(id, "--llama-server", llamaServer)
+		spec += `,"engine":"llama-server"`
+	} else {
+		c.onlineWorker(id)
+	}
+	// Trained for 4096 tokens: llama-server gives a slot no more.
+	path, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 91, Context: 4096})
+	c.push("cache-tiny", path)
+	for _, p := range []string{"kc-a", "kc-b"} {
+		status, body := c.send("POST", "/v2/pools", `{"pool_id":"`+p+`","model_id":"cache-tiny","node_id":"`+id+`"`+spec+`}`)
+		require.Equal(t, 202, status, body)
+	}
+	for _, p := range []string{"kc-a", "kc-b"} {
+		c.waitPool(p, pool.Ready, 90*time.Second)
+	}
 
 	system := task.Message{Role: "system", Content: strings.Repeat("You answer in one short line. ", 6)}
 	// turn runs one turn of session sid: its pool and the end event.
