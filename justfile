@@ -12,6 +12,7 @@ temporal_version := "v1.5.1"
 versitygw_version := "v1.8.0"
 govulncheck_version := "v1.9.0"
 llama_npm_version := "3.21.1"
+openai_npm_version := "6.30.1"
 # The e2e tests that are failure scenarios too (`just chaos` reruns them).
 # The e2e tests `just test` runs again through 3 apiserver replicas behind the balancer.
 replicas_e2e := "TestTasksV2|TestOpenAICompatible|TestAdmissionPriorityPlacementDeadline|TestTaskMovesOffLostNode|TestReplicaKillMidStream"
@@ -55,6 +56,12 @@ tools:
       ln -s libllama.v0.4.0.so bin/llama/libllama.so
       ln -s libggml.v0.4.0.so bin/llama/libggml.so
       touch bin/.llama-npm-{{llama_npm_version}}
+    fi
+    # The official OpenAI npm client, which e2e/npm/openai.cjs drives (TestOpenAINPMClient).
+    if [ ! -f bin/.openai-npm-{{openai_npm_version}} ] || [ ! -d bin/openai-npm/node_modules/openai ]; then
+      echo "installing openai@{{openai_npm_version}} (npm) into ./bin/openai-npm"
+      npm install --silent --no-audit --no-fund --no-save --prefix bin/openai-npm openai@{{openai_npm_version}} >/dev/null
+      touch bin/.openai-npm-{{openai_npm_version}}
     fi
 
 # Build the llorch binary into ./bin.
@@ -146,6 +153,7 @@ bench: tools
     go test -run '^$' -bench 'Staging' -benchtime 3x ./bench
     go test -run '^$' -bench 'ControlPlaneIdle' -benchtime 1x -timeout 20m ./bench
     go test -run '^$' -bench 'Replicas' -benchtime 1x -timeout 20m ./bench
+    go test -run '^$' -bench 'SessionRouting' -benchtime 1x -timeout 20m ./bench
     go test -run '^$' -bench . ./placement
     go test -run '^$' -bench Admit1000Nodes -benchtime 2000x ./scheduler
     @echo "results: bench/out/results.json"

@@ -29,21 +29,23 @@ func TestTaskContractFields(t *testing.T) {
 	ok(`{"model_ref":"m","prompt":"x","expected_tokens":null,"kv_hint":null}`)
 	require.Equal(t, task.KVCold, ok(`{"model_ref":"m","prompt":"x","kv_hint":"cold"}`).placement.KVHint)
 	require.Equal(t, task.KVReuse, ok(`{"model_ref":"m","prompt":"x","kv_hint":"reuse"}`).placement.KVHint)
+	require.Equal(t, task.KVCold, ok(`{"model_ref":"m","prompt":"x","determinism":"strict"}`).placement.KVHint, "strict decodes the whole prompt")
 
 	for body, field := range map[string]string{
-		`{"model_ref":"m","prompt":"x","workload":"embedding"}`:           "workload",
-		`{"model_ref":"m","prompt":"x","workload":"chat"}`:                "workload",
-		`{"model_ref":"m","prompt":"x","engine":"vllm"}`:                  "engine",
-		`{"model_ref":"m","prompt":"x","ctx":0}`:                          "ctx",
-		`{"model_ref":"m","prompt":"x","ctx":2000000}`:                    "ctx",
-		`{"model_ref":"m","prompt":"x","ctx":64,"max_tokens":65}`:         "max_tokens",
-		`{"model_ref":"m","prompt":"x","placement":{"engine":"builtin"}}`: "placement.engine",
-		`{"model_ref":"m","prompt":"x","placement":{"min_ctx":9}}`:        "placement.min_ctx",
-		`{"model_ref":"m","prompt":"x","expected_tokens":40}`:             "expected_tokens",
-		`{"model_ref":"m","prompt":"x","kv_hint":"warm"}`:                 "kv_hint",
-		`{"model_ref":"m","prompt":"x","placement":{"kv_hint":"cold"}}`:   "placement.kv_hint",
-		`{"model_ref":"m","prompt":"x","sampler_profile_version":"v1"}`:   "sampler_profile_version",
-		`{"model_ref":"m","prompt":"x","inputs":["a","b"]}`:               "inputs",
+		`{"model_ref":"m","prompt":"x","workload":"embedding"}`:                   "workload",
+		`{"model_ref":"m","prompt":"x","workload":"chat"}`:                        "workload",
+		`{"model_ref":"m","prompt":"x","engine":"vllm"}`:                          "engine",
+		`{"model_ref":"m","prompt":"x","ctx":0}`:                                  "ctx",
+		`{"model_ref":"m","prompt":"x","ctx":2000000}`:                            "ctx",
+		`{"model_ref":"m","prompt":"x","ctx":64,"max_tokens":65}`:                 "max_tokens",
+		`{"model_ref":"m","prompt":"x","placement":{"engine":"builtin"}}`:         "placement.engine",
+		`{"model_ref":"m","prompt":"x","placement":{"min_ctx":9}}`:                "placement.min_ctx",
+		`{"model_ref":"m","prompt":"x","expected_tokens":40}`:                     "expected_tokens",
+		`{"model_ref":"m","prompt":"x","kv_hint":"warm"}`:                         "kv_hint",
+		`{"model_ref":"m","prompt":"x","placement":{"kv_hint":"cold"}}`:           "placement.kv_hint",
+		`{"model_ref":"m","prompt":"x","kv_hint":"reuse","determinism":"strict"}`: "kv_hint",
+		`{"model_ref":"m","prompt":"x","sampler_profile_version":"v1"}`:           "sampler_profile_version",
+		`{"model_ref":"m","prompt":"x","inputs":["a","b"]}`:                       "inputs",
 	} {
 		var r taskRequest
 		require.NoError(t, decodeStrict([]byte(body), &r), body)

@@ -479,6 +479,12 @@ func (r taskRequest) input() (taskInput, error) {
 	case "strict": // greedy decoding: the same tokens on any pool, and after a move
 		zero := 0.0
 		in.temperature = &zero
+		// A prompt partly taken from a cache is decoded in other batches,
+		// whose rounding can change greedy output: strict decodes it all.
+		if in.placement.KVHint == task.KVReuse {
+			return in, invalidParam("kv_hint", "reuse cannot go with determinism strict: a cached prefix may change greedy output; send cold or leave it out")
+		}
+		in.placement.KVHint = task.KVCold
 	default:
 		return in, invalidParam("determinism", "want strict or best_effort, got %q", r.Determinism)
 	}

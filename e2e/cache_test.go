@@ -41,12 +41,12 @@ func sessionTurnsFollowTheirCache(t *testing.T, llamaServer string) {
 	c := newCluster(t)
 	id := "e2e-cache"
 	spec := `,"slots":2,"ctx":8192`
+	var args []string
 	if llamaServer != "" {
-		c.onlineWorker(id, "--llama-server", llamaServer)
+		args = []string{"--llama-server", llamaServer}
 		spec += `,"engine":"llama-server"`
-	} else {
-		c.onlineWorker(id)
 	}
+	w := c.onlineWorker(id, args...)
 	// Trained for 4096 tokens: llama-server gives a slot no more.
 	path, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 91, Context: 4096})
 	c.push("cache-tiny", path)
@@ -62,7 +62,7 @@ func sessionTurnsFollowTheirCache(t *testing.T, llamaServer string) {
 	// turn runs one turn of session sid: its pool and the end event.
 	turn := func(sid string, msgs []task.Message, extra string) (string, map[string]any, string) {
 		m, _ := json.Marshal(msgs)
-		status, body := c.submit(fmt.Sprintf(`{"session_id":%q,"model_ref":"cache-tiny","messages":%s,"max_tokens":12,"determinism":"strict"%s}`, sid, m, extra))
+		status, body := c.submit(fmt.Sprintf(`{"session_id":%q,"model_ref":"cache-tiny","messages":%s,"max_tokens":12,"temperature":0%s}`, sid, m, extra))
 		require.Equal(t, 202, status, body)
 		ch, stop := c.events(body["task_id"].(string), "")
 		defer stop()
@@ -107,4 +107,5 @@ func sessionTurnsFollowTheirCache(t *testing.T, llamaServer string) {
 	t.Logf("cold: pools %v, prompt tokens from the cache %v", pools, cached)
 	require.Equal(t, []string{"kc-b", "kc-a", "kc-a", "kc-a"}, pools, "cold: load alone")
 	require.Equal(t, []float64{0, 0, 0, 0}, cached)
+	c.leave(w, id)
 }

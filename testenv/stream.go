@@ -125,7 +125,8 @@ func CheckOrder(t testing.TB, evs []Event, from int) int {
 // reference text for strict tasks.
 func Greedy(t testing.TB, url, prompt string, n int) string {
 	t.Helper()
-	body, _ := json.Marshal(map[string]any{"prompt": prompt, "n_predict": n, "temperature": 0})
+	// No slot cache: the whole prompt decoded, as a strict task does.
+	body, _ := json.Marshal(map[string]any{"prompt": prompt, "n_predict": n, "temperature": 0, "cache_prompt": false})
 	res, err := http.Post(url+"/completion", "application/json", strings.NewReader(string(body)))
 	require.NoError(t, err)
 	defer res.Body.Close()
