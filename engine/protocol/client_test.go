@@ -94,7 +94,7 @@ func TestClientStream(t *testing.T) {
 	require.NoError(t, err)
 	defer s.Close()
 	assert.JSONEq(t, `{"prompt":[1],"n_predict":4,"temperature":0,"top_k":0,"top_p":0,"seed":0,"stop":null,
-		"stream":true,"return_tokens":true}`, got("POST /completion"), "resume_at only on a resume")
+		"stream":true,"return_tokens":true,"cache_prompt":false}`, got("POST /completion"), "resume_at only on a resume, id_slot only when chosen; cache_prompt always (llama-server's default is true)")
 	ch, err := s.Next()
 	require.NoError(t, err)
 	assert.Equal(t, "a", ch.Content)
