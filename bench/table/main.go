@@ -100,6 +100,19 @@ func main() {
 			}, "", nil},
 		idleRow(100, "", nil),
 		idleRow(1000, "apiserver + Temporal < 1 core at 1000 nodes, all Online", func(v []float64) bool { return v[2] < 1 && v[8] == v[4] }),
+		{"multi-turn chat over 2 pools, first token: cache-aware (kv_hint reuse) vs load-only (cold)", "sessions",
+			[]string{"reuse_ttft_p50_ms", "reuse_ttft_p99_ms", "cold_ttft_p50_ms", "cold_ttft_p99_ms", "ttft_p50_ratio", "ttft_p99_ratio", "sessions", "turns", "reuse_history_tokens_max", "reuse_cached_share"},
+			func(v []float64) (string, string, string) {
+				return fmt.Sprintf("p50 %.0f, p99 %.0f ms, %.0f%% of prompt tokens cached (%.0f sessions of %.0f turns, history up to %.0f tokens)",
+						v[0], v[1], 100*v[9], v[6], v[7], v[8]),
+					fmt.Sprintf("load-only p50 %.0f, p99 %.0f ms", v[2], v[3]), fmt.Sprintf("p50 %.2f, p99 %.2f", v[4], v[5])
+			}, "p50 <= 0.33", func(v []float64) bool { return v[4] <= 0.33 }},
+		{"multi-turn chat over 2 pools, workload throughput", "sessions",
+			[]string{"reuse_tok_out_s", "reuse_tok_in_s", "cold_tok_out_s", "cold_tok_in_s", "throughput_ratio", "reuse_wall_s", "cold_wall_s"},
+			func(v []float64) (string, string, string) {
+				return fmt.Sprintf("%.1f generated tok/s, %.0f prompt tok/s (%.0f s)", v[0], v[1], v[5]),
+					fmt.Sprintf("load-only %.1f generated tok/s, %.0f prompt tok/s (%.0f s)", v[2], v[3], v[6]), fmt.Sprintf("%.2f", v[4])
+			}, ">= 1.5", func(v []float64) bool { return v[4] >= 1.5 }},
 		{"over-commit: 3 replicas admit 200 tasks, most generations at once per pool", "replicas", []string{"max_in_flight", "max_processing", "max_link_busy", "slots", "samples", "lost", "tasks"},
 			func(v []float64) (string, string, string) {
 				return fmt.Sprintf("%.0f sent to an engine, %.0f processing (/slots), %.0f busy (node link); %.0f of %.0f lost", v[0], v[1], v[2], v[5], v[6]),
