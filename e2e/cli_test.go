@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -69,6 +70,20 @@ func TestResourcesCLI(t *testing.T) {
 	require.Equal(t, greedy(t, h["url"].(string), "Once upon a time", 12)+"\n", out)
 	require.Contains(t, errOut, "end: 12 tokens, stop limit")
 
+	// The same long prompt again reuses the slot that holds it; a kv_hint
+	// the API does not know is refused naming it.
+	repeated := strings.Repeat("the cat sat on the mat. ", 30)
+	_, errOut, err = run("tasks", "submit", "--model", "cli-tiny", "--max-tokens", "4", "--kv-hint", "reuse", repeated)
+	require.NoError(t, err, errOut)
+	_, errOut, err = run("tasks", "submit", "--model", "cli-tiny", "--max-tokens", "4", repeated)
+	require.NoError(t, err, errOut)
+	m := regexp.MustCompile(`prompt (\d+) tokens, (\d+) from a slot's cache`).FindStringSubmatch(errOut)
+	require.NotNil(t, m, errOut)
+	require.NotEqual(t, "0", m[2], "the second run reuses the first one's cache: %s", errOut)
+	_, errOut, err = run("tasks", "submit", "--model", "cli-tiny", "--kv-hint", "warm", "x")
+	require.Error(t, err)
+	require.Contains(t, errOut, "kv_hint")
+
 	// Detached, read back, canceled (idempotent on an ended task: 409).
 	taskID := strings.TrimSpace(must("tasks", "submit", "--model", "cli-tiny", "--max-tokens", "4", "--detach", "hello"))
 	require.True(t, strings.HasPrefix(taskID, "t-"), taskID)
@@ -122,7 +137,7 @@ func TestResourcesCLI(t *testing.T) {
 	}
 	require.NoError(t, json.Unmarshal([]byte(must("tasks", "ls", "--model", "cli-tiny", "--page-size", "1", "--json")), &page))
 	require.Len(t, page.Tasks, 1)
-	require.NotNil(t, page.Next, "three tasks, pages of one")
+	require.NotNil(t, page.Next, "five tasks, pages of one")
 	seen := map[string]bool{page.Tasks[0].TaskID: true}
 	for page.Next != nil {
 		tok := *page.Next
@@ -132,7 +147,7 @@ func TestResourcesCLI(t *testing.T) {
 			seen[x.TaskID] = true
 		}
 	}
-	require.Len(t, seen, 3, "every task once, over the pages")
+	require.Len(t, seen, 5, "every task once, over the pages")
 	require.Contains(t, must("tasks", "ls", "--since", time.Now().Add(time.Hour).UTC().Format(time.RFC3339)), "TASK", "a header, no rows")
 	_, errOut, err = run("tasks", "ls", "--state", "lost")
 	require.Error(t, err)

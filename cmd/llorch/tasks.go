@@ -76,6 +76,7 @@ func tasksSubmitCmd() *cobra.Command {
 		priority  string
 		session   string
 		engine    string
+		kvHint    string
 		detach    bool
 	)
 	cmd := &cobra.Command{
@@ -100,7 +101,7 @@ func tasksSubmitCmd() *cobra.Command {
 			if cmd.Flags().Changed("seed") {
 				body["seed"] = seed
 			}
-			for k, v := range map[string]string{"priority": priority, "session_id": session, "engine": engine} {
+			for k, v := range map[string]string{"priority": priority, "session_id": session, "engine": engine, "kv_hint": kvHint} {
 				if v != "" {
 					body[k] = v
 				}
@@ -139,11 +140,13 @@ func tasksSubmitCmd() *cobra.Command {
 					fmt.Fprintf(out, "%s\n", line)
 				}
 				var ev struct {
-					T         string `json:"t"`
-					TokensOut int    `json:"tokens_out"`
-					StopType  string `json:"stop_type"`
-					Code      string `json:"code"`
-					Message   string `json:"message"`
+					T            string `json:"t"`
+					TokensOut    int    `json:"tokens_out"`
+					TokensIn     int    `json:"tokens_in"`
+					TokensCached int    `json:"tokens_cached"`
+					StopType     string `json:"stop_type"`
+					Code         string `json:"code"`
+					Message      string `json:"message"`
 				}
 				_ = json.Unmarshal(data, &ev)
 				switch event {
@@ -154,7 +157,8 @@ func tasksSubmitCmd() *cobra.Command {
 				case "end":
 					if !asJSON {
 						fmt.Fprintf(out, "\n")
-						fmt.Fprintf(errOut, "end: %d tokens, stop %s\n", ev.TokensOut, ev.StopType)
+						fmt.Fprintf(errOut, "end: %d tokens, stop %s (prompt %d tokens, %d from a slot's cache)\n",
+							ev.TokensOut, ev.StopType, ev.TokensIn, ev.TokensCached)
 					}
 					return io.EOF
 				case "error":
@@ -187,6 +191,7 @@ func tasksSubmitCmd() *cobra.Command {
 	fs.StringVar(&priority, "priority", "", "interactive or batch (default: interactive)")
 	fs.StringVar(&session, "session", "", "session id: the task is a turn of it")
 	fs.StringVar(&engine, "engine", "", "run only on pools of this engine: builtin, llama-server, llamacpp (any)")
+	fs.StringVar(&kvHint, "kv-hint", "", "reuse (the default: the pool and slot caching the prompt's prefix) or cold (load alone, the whole prompt decoded)")
 	fs.BoolVar(&detach, "detach", false, "print the task id and return without streaming")
 	bindAPIEnv(fs)
 	return cmd
