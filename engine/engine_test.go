@@ -447,7 +447,7 @@ func TestClientDisconnectCancels(t *testing.T) {
 
 // llamaServer starts LLORCH_LLAMA_SERVER on model with one slot and
 // returns its URL; it skips the test, visibly, when the variable is unset.
-func llamaServer(t *testing.T, model string) string {
+func llamaServer(t *testing.T, model string, extra ...string) string {
 	t.Helper()
 	bin := os.Getenv("LLORCH_LLAMA_SERVER")
 	if bin == "" {
@@ -455,6 +455,7 @@ func llamaServer(t *testing.T, model string) string {
 	}
 	port := freePort(t)
 	cmd := exec.Command(bin, "-m", model, "--host", "127.0.0.1", "--port", fmt.Sprint(port), "-c", "256", "-np", "1", "-t", "1", "--no-webui")
+	cmd.Args = append(cmd.Args, extra...)
 	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
 	require.NoError(t, cmd.Start())
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })

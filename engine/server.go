@@ -35,6 +35,10 @@ type Options struct {
 	Seed      int64  // default seed of requests that send none; -1: random
 	LibDir    string // see LibDir
 	Logger    *slog.Logger
+	// Embeddings serves /v1/embeddings (and /embedding) instead of
+	// generations, mean-pooled and L2-normalized, as llama-server does with
+	// --embeddings --pooling mean.
+	Embeddings bool
 }
 
 // Server is a running engine host. Start binds it and answers 503 until Load
@@ -55,6 +59,8 @@ type Server struct {
 	tmpl      string
 	slots     []*slot
 	slotCtx   int
+	nEmbd     int
+	ubatch    int // tokens of one physical batch
 	// slotMu guards which slots are idle and their caches while idle;
 	// released is closed (and replaced) whenever a slot turns idle.
 	slotMu   sync.Mutex
@@ -166,6 +172,10 @@ func (s *Server) Load() error {
 		cp.NBatch = uint32(min(perSlot, 512))
 		cp.NUbatch = cp.NBatch
 		cp.NSeqMax = 1
+		if s.opts.Embeddings {
+			cp.Embeddings = 1
+			cp.PoolingType = llama.PoolingTypeMean
+		}
 		cp.NThreads = int32(s.opts.Threads)
 		cp.NThreadsBatch = int32(s.opts.Threads)
 		lctx, err := llama.InitFromModel(model, cp)
@@ -189,6 +199,7 @@ func (s *Server) Load() error {
 		return errors.New("engine closed while loading")
 	}
 	s.model, s.vocab, s.slots, s.slotCtx = model, llama.ModelGetVocab(model), slots, slots[0].nCtx
+	s.nEmbd, s.ubatch = int(llama.ModelNEmbd(model)), int(llama.NBatch(slots[0].ctx)) // n_ubatch is n_batch here
 	s.tmpl = llama.ModelChatTemplate(model, "")
 	s.nCtxTrain = int(llama.ModelNCtxTrain(model))
 	s.released = make(chan struct{})

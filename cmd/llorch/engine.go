@@ -42,6 +42,7 @@ func engineCmd() *cobra.Command {
 		Use:   "engine --model PATH [--host H] [--port N] [-c N] [-np N] [-t N] [-a ALIAS]",
 		Short: "serve a GGUF model over llama-server's HTTP API, on the CPU through libllama",
 		Long: "Serves /health, /completion, /v1/chat/completions, /props, /slots, /metrics and /v1/models\n" +
+			"(with --embeddings, /v1/embeddings instead of the generations)\n" +
 			"in llama-server's shapes. The port answers 503 while the model loads. libllama comes from\n" +
 			"--lib-dir (env " + engine.LibDirEnv + "), else ./bin/llama, which `just tools` installs.",
 		// pflag cannot parse -np or -ngl: RunE rewrites them, then parses.
@@ -74,6 +75,9 @@ func engineCmd() *cobra.Command {
 				return err
 			}
 			o.Logger = log
+			if p, _ := fs.GetString("pooling"); p != "mean" {
+				return fmt.Errorf("--pooling %s: the built-in engine pools embeddings by mean only", p)
+			}
 			if ngl > 0 {
 				log.Warn("llorch engine runs on the CPU: --n-gpu-layers is ignored", "n_gpu_layers", ngl)
 			}
@@ -132,6 +136,8 @@ func engineCmd() *cobra.Command {
 	fs.StringVarP(&o.Alias, "alias", "a", "", "model name reported by the API (default: the file name)")
 	fs.Int64Var(&o.Seed, "seed", -1, "default sampling seed of requests that send none (-1: random)")
 	fs.StringVar(&o.LibDir, "lib-dir", "", "directory with libllama.so and libggml*.so (default ./bin/llama)")
+	fs.BoolVar(&o.Embeddings, "embeddings", false, "serve /v1/embeddings (mean-pooled, L2-normalized) instead of generations, as llama-server --embeddings --pooling mean")
+	fs.String("pooling", "mean", "accepted for llama-server compatibility: mean only (the pooling of --embeddings)")
 	fs.IntVar(&ngl, "n-gpu-layers", 0, "accepted for llama-server compatibility (-ngl); ignored: CPU only")
 	fs.Bool("metrics", true, "accepted for llama-server compatibility; /metrics is always on")
 	fs.Bool("no-ui", true, "accepted for llama-server compatibility; there is no UI")
@@ -142,6 +148,6 @@ func engineCmd() *cobra.Command {
 	// llama-server's own flags and those the worker sets take no env var.
 	config.BindEnv(fs, map[string]string{"lib-dir": engine.LibDirEnv},
 		"model", "host", "port", "ctx-size", "parallel", "threads", "alias", "seed",
-		"n-gpu-layers", "metrics", "no-ui", "help", "supervisor-lease", "supervisor-timeout")
+		"n-gpu-layers", "metrics", "no-ui", "embeddings", "pooling", "help", "supervisor-lease", "supervisor-timeout")
 	return cmd
 }
