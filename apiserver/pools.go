@@ -69,6 +69,7 @@ type createPoolRequest struct {
 	Ctx        int    `json:"ctx"`
 	Slots      int    `json:"slots"`
 	NGPULayers int    `json:"n_gpu_layers"`
+	Embeddings bool   `json:"embeddings"` // serve embeddings, no generations
 }
 
 func (s *Server) createPool(c *fiber.Ctx) error {
@@ -139,7 +140,7 @@ func (s *Server) createPool(c *fiber.Ctx) error {
 		}
 	}
 	spec := pool.Spec{PoolID: req.PoolID, NodeID: nodeID, ModelID: req.ModelID, Engine: engine,
-		DeviceMask: req.DeviceMask, CtxSize: req.Ctx, Slots: req.Slots, NGPULayers: req.NGPULayers}
+		DeviceMask: req.DeviceMask, CtxSize: req.Ctx, Slots: req.Slots, NGPULayers: req.NGPULayers, Embeddings: req.Embeddings}
 	run, err := s.deps.Pools.Create(c.UserContext(), spec)
 	if errors.Is(err, control.ErrPoolExists) {
 		return apiError(fiber.StatusConflict, CodePoolExists, "pool %s exists", req.PoolID)

@@ -224,6 +224,7 @@ type PoolEntry struct {
 	State                   pool.State
 	Slots, CtxSize          int
 	Engine                  pool.Engine
+	Embeddings              bool
 	Listed                  bool
 }
 
@@ -249,6 +250,9 @@ func (c *Pools) Running(ctx context.Context) ([]PoolEntry, error) {
 				_ = dc.FromPayload(f[pool.MemoSlots], &p.Slots)
 				_ = dc.FromPayload(f[pool.MemoCtxSize], &p.CtxSize)
 				_ = dc.FromPayload(f[pool.MemoEngine], &p.Engine)
+				if e, ok := f[pool.MemoEmbeddings]; ok {
+					_ = dc.FromPayload(e, &p.Embeddings)
+				}
 			}
 			out = append(out, p)
 		})

@@ -27,6 +27,8 @@ type Candidate struct {
 	SlotsTotal int
 	CtxPerSlot int // tokens a slot holds (0: unknown, the model's)
 	Engine     pool.Engine
+	// Embeddings: the pool serves embeddings only.
+	Embeddings bool
 	// SlotsBusy is the generations running on the engine, as its node's
 	// link shows them.
 	SlotsBusy int
@@ -62,6 +64,9 @@ type Request struct {
 	// then means no pool that may serve is Ready yet. Without it only a
 	// pool with a free slot serves.
 	Queue bool
+	// Embeddings asks for a pool that serves embeddings; without it only
+	// pools that generate serve.
+	Embeddings bool
 	// Prefix is the chain of the task's prompt (package prefix). Unless
 	// Placement.KVHint is cold, the pool whose caches hold the longest
 	// prefix of it serves, while its expected wait stays within
@@ -96,7 +101,7 @@ func (c *Candidate) engine() pool.Engine {
 
 // may says whether c could serve r at all (now or once it is ready).
 func may(c *Candidate, r *Request) bool {
-	if c.ModelID != r.ModelID || !c.NodeOnline || c.Draining {
+	if c.ModelID != r.ModelID || !c.NodeOnline || c.Draining || c.Embeddings != r.Embeddings {
 		return false
 	}
 	switch c.State {

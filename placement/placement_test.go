@@ -185,3 +185,18 @@ func TestChooseFollowsCachedPrefix(t *testing.T) {
 	b.Queued = 3 // 2.5 each: 1.5 more than a
 	require.Equal(t, "a", pick(r, a, b), "load wins past the slack")
 }
+
+// A pool that serves embeddings takes no generations, and an embeddings
+// request goes only to such a pool.
+func TestChooseKeepsEmbeddingsApart(t *testing.T) {
+	gen, emb := cand("gen", "n1", 10, 0), cand("emb", "n2", 30, 0)
+	emb.Embeddings = true
+	got, err := Choose([]Candidate{gen, emb}, Request{ModelID: "m"})
+	require.NoError(t, err)
+	require.Equal(t, "gen", got.PoolID, "a generation never lands on an embeddings pool, however free")
+	got, err = Choose([]Candidate{gen, emb}, Request{ModelID: "m", Embeddings: true})
+	require.NoError(t, err)
+	require.Equal(t, "emb", got.PoolID)
+	_, err = Choose([]Candidate{emb}, Request{ModelID: "m"})
+	require.ErrorIs(t, err, ErrNoPool)
+}

@@ -44,11 +44,17 @@ const (
 	MemoSlots   = "slots"
 	MemoCtxSize = "ctx_size"
 	MemoEngine  = "engine"
+	// MemoEmbeddings is set (true) on a pool that serves embeddings.
+	MemoEmbeddings = "embeddings"
 )
 
 // Memo is what Create puts in a pool workflow's memo.
 func (s Spec) Memo() map[string]any {
-	return map[string]any{MemoSlots: s.Slots, MemoCtxSize: s.CtxSize, MemoEngine: string(s.Engine)}
+	m := map[string]any{MemoSlots: s.Slots, MemoCtxSize: s.CtxSize, MemoEngine: string(s.Engine)}
+	if s.Embeddings {
+		m[MemoEmbeddings] = true
+	}
+	return m
 }
 
 var idPattern = regexp.MustCompile(`^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$`)
@@ -91,6 +97,9 @@ type Spec struct {
 	CtxSize    int    `json:"ctx"`
 	Slots      int    `json:"slots"`
 	NGPULayers int    `json:"n_gpu_layers"`
+	// Embeddings: the engine serves embeddings (mean-pooled) and no
+	// generations, as llama-server --embeddings.
+	Embeddings bool `json:"embeddings,omitempty"`
 }
 
 // HandoffModel is the model part of a handoff record.
@@ -137,6 +146,7 @@ type Health struct {
 	SlotsFree     int       `json:"slots_free"`
 	LastError     string    `json:"last_error,omitempty"`
 	Engine        Engine    `json:"engine"`
+	Embeddings    bool      `json:"embeddings,omitempty"` // serves embeddings, no generations
 	EngineVersion string    `json:"engine_version,omitempty"`
 	URL           string    `json:"url,omitempty"`
 	PID           int       `json:"pid,omitempty"`

@@ -280,7 +280,7 @@ func (v *LinkView) Refresh(ctx context.Context) error {
 		}
 		read[p.PoolID] = placement.Candidate{PoolID: h.PoolID, NodeID: h.NodeID, ModelID: h.ModelID, URL: h.URL,
 			Epoch: h.Epoch, State: h.State, Draining: h.Draining,
-			SlotsTotal: h.SlotsTotal, CtxPerSlot: h.CtxSize / max(h.SlotsTotal, 1), Engine: h.Engine}
+			SlotsTotal: h.SlotsTotal, CtxPerSlot: h.CtxSize / max(h.SlotsTotal, 1), Engine: h.Engine, Embeddings: h.Embeddings}
 	}
 	v.mu.Lock()
 	kept := make(map[string]placement.Candidate, len(old))
@@ -582,6 +582,7 @@ func (v *LinkView) Candidates(context.Context) ([]placement.Candidate, error) {
 		if p.Engine != "" {
 			c.Engine = p.Engine
 		}
+		c.Embeddings = c.Embeddings || p.Embeddings
 		out = append(out, c)
 	}
 	return out, nil

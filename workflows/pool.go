@@ -31,7 +31,7 @@ func Pool(ctx workflow.Context, in pool.Input) (pool.Health, error) {
 		adoptCh:  workflow.NewBufferedChannel(ctx, 1),
 		reloadCh: workflow.NewBufferedChannel(ctx, 1)}
 	p.h = pool.Health{PoolID: in.Spec.PoolID, NodeID: in.Spec.NodeID, ModelID: in.Spec.ModelID,
-		Engine: in.Spec.Engine, State: pool.Starting, StateSince: workflow.Now(ctx), CtxSize: in.Spec.CtxSize}
+		Engine: in.Spec.Engine, Embeddings: in.Spec.Embeddings, State: pool.Starting, StateSince: workflow.Now(ctx), CtxSize: in.Spec.CtxSize}
 	if c := in.Carry; c != nil {
 		p.h, p.entry, p.failures, p.backoff, p.lastEpoch = c.Health, c.Entry, c.Failures, c.Backoff, c.LastEpoch
 	}

@@ -239,6 +239,7 @@ func poolsCmd() *cobra.Command {
 	var spec struct {
 		id, node, model, engine, devices string
 		slots, ctx, ngl                  int
+		embeddings                       bool
 	}
 	create := resourceCmd("create --node N --model M [--id P] [--engine E] [--slots N] [--ctx N] [--json]", "start a pool of a model on a node",
 		cobra.NoArgs, func([]string) (string, string, any, error) {
@@ -246,7 +247,8 @@ func poolsCmd() *cobra.Command {
 				return "", "", nil, fmt.Errorf("--node and --model are required")
 			}
 			return "POST", "/v2/pools", map[string]any{"pool_id": spec.id, "node_id": spec.node, "model_id": spec.model,
-				"engine": spec.engine, "slots": spec.slots, "ctx": spec.ctx, "device_mask": spec.devices, "n_gpu_layers": spec.ngl}, nil
+				"engine": spec.engine, "slots": spec.slots, "ctx": spec.ctx, "device_mask": spec.devices, "n_gpu_layers": spec.ngl,
+				"embeddings": spec.embeddings}, nil
 		}, func(w io.Writer, v map[string]any) error {
 			_, err := fmt.Fprintf(w, "pool %s starting on node %s (model %s); follow it with `llorch pools health %s`\n",
 				cell(at(v, "pool.pool_id")), cell(at(v, "pool.node_id")), cell(at(v, "pool.model_id")), cell(at(v, "pool.pool_id")))
@@ -261,6 +263,7 @@ func poolsCmd() *cobra.Command {
 			fs.IntVar(&spec.ctx, "ctx", 0, "context in tokens, split across the slots (default: the server's)")
 			fs.StringVar(&spec.devices, "device-mask", "", "GPUs it may use, as CUDA_VISIBLE_DEVICES (default: none, CPU)")
 			fs.IntVar(&spec.ngl, "n-gpu-layers", 0, "layers offloaded to the GPUs")
+			fs.BoolVar(&spec.embeddings, "embeddings", false, "serve embeddings (mean-pooled) instead of generations")
 		})
 	health := resourceCmd("health ID [--json]", "show a pool's health", cobra.ExactArgs(1),
 		func(args []string) (string, string, any, error) {

@@ -49,6 +49,9 @@ func (t *Table) Spawn(spec pool.Spec, modelPath string, epoch int64) (*Proc, err
 		"-t", strconv.Itoa(threads),
 		"--alias", spec.ModelID,
 	}
+	if spec.Embeddings {
+		common = append(common, "--embeddings", "--pooling", "mean")
+	}
 	var bin string
 	var args []string
 	detached := false
