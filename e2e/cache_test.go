@@ -3,7 +3,6 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -30,22 +29,14 @@ func TestSessionTurnsFollowTheirCache(t *testing.T) {
 // The same on llama-server pools (LLORCH_LLAMA_SERVER): its id_slot and
 // cache_prompt.
 func TestSessionTurnsFollowTheirCacheOnLlamaServer(t *testing.T) {
-	bin := os.Getenv("LLORCH_LLAMA_SERVER")
-	if bin == "" {
-		t.Skip("SKIP (visible on purpose): LLORCH_LLAMA_SERVER is not set, so cache-aware routing is not tried on llama-server pools")
-	}
-	sessionTurnsFollowTheirCache(t, bin)
+	sessionTurnsFollowTheirCache(t, llamaServerOrSkip(t, "cache-aware routing is not tried on llama-server pools"))
 }
 
 func sessionTurnsFollowTheirCache(t *testing.T, llamaServer string) {
 	c := newCluster(t)
 	id := "e2e-cache"
-	spec := `,"slots":2,"ctx":8192`
-	var args []string
-	if llamaServer != "" {
-		args = []string{"--llama-server", llamaServer}
-		spec += `,"engine":"llama-server"`
-	}
+	args, engine := engineOf(llamaServer)
+	spec := `,"slots":2,"ctx":8192` + engine
 	w := c.onlineWorker(id, args...)
 	// Trained for 4096 tokens: llama-server gives a slot no more.
 	path, _, _ := tinyModel(t, modelstore.TinyOptions{Seed: 91, Context: 4096})

@@ -619,3 +619,23 @@ func recordRun(t *testing.T, workflowID, runID, name string) {
 func history(t *testing.T, workflowID, runID string) *historypb.History {
 	return env.History(t, workflowID, runID)
 }
+
+// llamaServerOrSkip is the llama-server binary LLORCH_LLAMA_SERVER names;
+// without it the test skips with a visible line saying what is not tried.
+func llamaServerOrSkip(t *testing.T, notTried string) string {
+	t.Helper()
+	bin := os.Getenv("LLORCH_LLAMA_SERVER")
+	if bin == "" {
+		t.Skip("SKIP (visible on purpose): LLORCH_LLAMA_SERVER is not set, so " + notTried)
+	}
+	return bin
+}
+
+// engineOf is a worker's arguments and a pool spec's engine field for the
+// built-in engine (llamaServer "") or llama-server.
+func engineOf(llamaServer string) (workerArgs []string, spec string) {
+	if llamaServer == "" {
+		return nil, ""
+	}
+	return []string{"--llama-server", llamaServer}, `,"engine":"llama-server"`
+}

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
-	"os"
 	"strings"
 	"testing"
 
@@ -22,22 +21,14 @@ func TestEmbeddingsPool(t *testing.T) {
 // The same with a llama-server pool (LLORCH_LLAMA_SERVER): --embeddings
 // --pooling mean.
 func TestEmbeddingsPoolOnLlamaServer(t *testing.T) {
-	bin := os.Getenv("LLORCH_LLAMA_SERVER")
-	if bin == "" {
-		t.Skip("SKIP (visible on purpose): LLORCH_LLAMA_SERVER is not set, so an embeddings pool is not tried on llama-server")
-	}
-	embeddingsPool(t, bin)
+	embeddingsPool(t, llamaServerOrSkip(t, "an embeddings pool is not tried on llama-server"))
 }
 
 func embeddingsPool(t *testing.T, llamaServer string) {
 	c := newCluster(t)
 	id := "e2e-embed"
-	spec := `,"embeddings":true,"slots":2,"ctx":512`
-	var args []string
-	if llamaServer != "" {
-		args = []string{"--llama-server", llamaServer}
-		spec += `,"engine":"llama-server"`
-	}
+	args, engine := engineOf(llamaServer)
+	spec := `,"embeddings":true,"slots":2,"ctx":512` + engine
 	w := c.onlineWorker(id, args...)
 	h := c.readyPool(id, "ep1", "embed-tiny", 95, spec)
 	require.Equal(t, true, h["embeddings"], h)
