@@ -42,6 +42,8 @@ type proc struct {
 	cmd  *exec.Cmd
 	out  *testenv.Buffer
 	done chan struct{}
+	// exit is how the process ended, set before done closes.
+	exit string
 }
 
 type cluster struct {
@@ -121,10 +123,23 @@ func startEnv(t *testing.T, name string, extra []string, args ...string) *proc {
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	p.cmd.Env = append(environ, extra...)
 	require.NoError(t, p.cmd.Start())
-	go func() { _ = p.cmd.Wait(); close(p.done) }()
+	go func() {
+		err := p.cmd.Wait()
+		p.exit = fmt.Sprintf("%v at %s", err, time.Now().UTC().Format("15:04:05.000"))
+		if err == nil {
+			p.exit = "exit status 0 at " + time.Now().UTC().Format("15:04:05.000")
+		}
+		close(p.done)
+	}()
 	t.Cleanup(func() {
+		// A process that ended on its own says how: a silent death
+		// (SIGKILL) leaves nothing in its log.
+		ended := p.exited()
 		_ = p.cmd.Process.Kill()
 		<-p.done
+		if t.Failed() && ended {
+			t.Logf("--- %s had ended before the test's cleanup: %s", name, p.exit)
+		}
 		if t.Failed() {
 			out := p.out.String()
 			var problems []string
