@@ -91,15 +91,11 @@ func (s *Server) embed(r *http.Request, text string) ([]float32, int, error) {
 	if len(toks) > s.ubatch {
 		return nil, 0, &requestError{fmt.Sprintf("input is too large to process. increase the physical batch size (%d tokens, the batch holds %d)", len(toks), s.ubatch)}
 	}
-	sl, err := s.acquire(r.Context(), -1, toks)
+	sl, done, err := s.hold(r.Context(), -1, toks)
 	if err != nil {
 		return nil, 0, err
 	}
-	s.processing.Add(1)
-	defer func() {
-		s.processing.Add(-1)
-		s.release(sl)
-	}()
+	defer done()
 	v, err := sl.embed(toks, s.nEmbd)
 	if err == nil {
 		s.promptTokens.Add(int64(len(toks)))

@@ -635,4 +635,3 @@ func TestPromptCacheReusesPrefix(t *testing.T) {
 		assert.Contains(t, string(b), "id_slot", body)
 	}
 }
-

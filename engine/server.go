@@ -35,8 +35,8 @@ type Options struct {
 	Seed      int64  // default seed of requests that send none; -1: random
 	LibDir    string // see LibDir
 	Logger    *slog.Logger
-	// Embeddings serves /v1/embeddings (and /embedding) instead of
-	// generations, mean-pooled and L2-normalized, as llama-server does with
+	// Embeddings serves /v1/embeddings instead of generations,
+	// mean-pooled and L2-normalized, as llama-server does with
 	// --embeddings --pooling mean.
 	Embeddings bool
 }
@@ -59,6 +59,7 @@ type Server struct {
 	tmpl      string
 	slots     []*slot
 	slotCtx   int
+	nCtxTrain int
 	nEmbd     int
 	ubatch    int // tokens of one physical batch
 	// slotMu guards which slots are idle and their caches while idle;
@@ -66,7 +67,6 @@ type Server struct {
 	slotMu   sync.Mutex
 	released chan struct{}
 	uses     uint64
-	nCtxTrain int
 
 	nextTask   atomic.Int64
 	processing atomic.Int64
@@ -349,6 +349,19 @@ func (s *Server) tokens(in promptInput) ([]llama.Token, error) {
 	return tokens, nil
 }
 
+// hold takes a slot as acquire does and counts the request processing
+// until done gives the slot back.
+func (s *Server) hold(ctx context.Context, want int, tokens []llama.Token) (sl *slot, done func(), err error) {
+	if sl, err = s.acquire(ctx, want, tokens); err != nil {
+		return nil, nil, err
+	}
+	s.processing.Add(1)
+	return sl, func() {
+		s.processing.Add(-1)
+		s.release(sl)
+	}, nil
+}
+
 // run takes a slot and generates, keeping the metrics.
 func (s *Server) run(ctx context.Context, prompt promptInput, p sampling, emit emitFunc) (outcome, error) {
 	toks, err := s.tokens(prompt)
@@ -359,16 +372,12 @@ func (s *Server) run(ctx context.Context, prompt promptInput, p sampling, emit e
 	if prompt.Slot >= len(s.slots) {
 		return outcome{}, &requestError{fmt.Sprintf("\"id_slot\" %d does not exist: the engine has %d slots (0-%d)", prompt.Slot, len(s.slots), len(s.slots)-1)}
 	}
-	sl, err := s.acquire(ctx, prompt.Slot, toks)
+	sl, done, err := s.hold(ctx, prompt.Slot, toks)
 	if err != nil {
 		return outcome{}, err
 	}
+	defer done()
 	sl.taskID.Store(s.nextTask.Add(1))
-	s.processing.Add(1)
-	defer func() {
-		s.processing.Add(-1)
-		s.release(sl)
-	}()
 	out, err := sl.generate(ctx, prompt, p, emit)
 	out.Slot, out.Held = sl.id, len(sl.cached)
 	s.tokensPredicted.Add(int64(out.Predicted))

@@ -550,7 +550,7 @@ func (v *LinkView) Candidates(context.Context) ([]placement.Candidate, error) {
 			continue
 		}
 		c := placement.Candidate{PoolID: p.PoolID, NodeID: p.NodeID, ModelID: p.ModelID, State: p.State,
-			Draining: p.State == pool.Draining, NodeOnline: online, FreeVRAM: f.freeVRAM(now)}
+			Draining: p.State == pool.Draining, NodeOnline: online, FreeVRAM: f.freeVRAM(now), Embeddings: p.Embeddings}
 		var lp *node.LinkPool
 		if f.current(now) {
 			for i := range f.state.Pools {
@@ -582,7 +582,6 @@ func (v *LinkView) Candidates(context.Context) ([]placement.Candidate, error) {
 		if p.Engine != "" {
 			c.Engine = p.Engine
 		}
-		c.Embeddings = c.Embeddings || p.Embeddings
 		out = append(out, c)
 	}
 	return out, nil
